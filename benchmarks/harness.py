@@ -1,0 +1,74 @@
+"""A small benchmark harness: warm-up, median of N timed runs, JSON with device and versions.
+
+Every benchmark compares against an in-repo baseline measured in the same run and writes
+`benchmarks/results/NAME-DEVICE.json` via `write_result`.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def block(x):
+    """Waits for every array in a pytree."""
+    return jax.tree_util.tree_map(
+        lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
+
+
+def time_fn(fn: Callable[[], Any], *, warmup: int = 2, runs: int = 5) -> dict:
+    """Median wall time of `fn()` (which must return arrays to wait on) in seconds."""
+    for _ in range(warmup):
+        block(fn())
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        block(fn())
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "runs": runs,
+            "times_s": times}
+
+
+def device_info() -> dict:
+    d = jax.devices()[0]
+    return {
+        "platform": d.platform,
+        "device_kind": d.device_kind,
+        "device_count": jax.device_count(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def device_tag() -> str:
+    d = jax.devices()[0]
+    kind = d.device_kind if d.platform != "cpu" else "cpu"
+    return "".join(c if c.isalnum() else "_" for c in kind.lower()).strip("_")
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_result(name: str, payload: dict, *, out_dir: pathlib.Path | None = None) -> pathlib.Path:
+    out_dir = pathlib.Path(out_dir or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}-{device_tag()}.json"
+    doc = {"benchmark": name, "device": device_info(), "versions": versions(),
+           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **payload}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(json.dumps(doc))
+    return path

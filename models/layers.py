@@ -1,0 +1,223 @@
+"""Shared layers: embeddings, norms, MLPs, RoPE, dense causal attention.
+
+Layouts: activations x [B, T, D]; attention heads [B, T, H, Dh]. Every parameter carries logical axis
+names (see `train/sharding.py` for the rules that map them onto the mesh).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+# The value used for masked-out attention scores: finite, so an all-masked row gives a uniform
+# (not NaN) softmax that the caller can zero out.
+MASK_VALUE = -1e30
+
+default_init = nn.initializers.normal(stddev=0.02)
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE
+# ---------------------------------------------------------------------------------------------
+def rope_frequencies(dim: int, base: float = 10000.0) -> jax.Array:
+    """inv_freq [dim/2] = base^(-2i/dim), computed in float32 as the official landmark code does."""
+    if dim % 2:
+        raise ValueError(f"head_dim={dim} must be even for RoPE")
+    exponent = jnp.arange(0, dim, 2, dtype=jnp.float32) / jnp.float32(dim)
+    return jnp.float32(base) ** (-exponent)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, *, base: float = 10000.0,
+               interleaved: bool = True) -> jax.Array:
+    """Rotates x [B, T, H, D] by positions [T] or [B, T].
+
+    `interleaved=True` rotates pairs (x0, x1), (x2, x3), ... (GPT-NeoX-J / official landmark code);
+    `interleaved=False` rotates (x_i, x_{i+D/2}) (half rotation, as Llama). Frequencies are float32,
+    then cast to x's dtype, so float64 runs match the official code bit for bit in the angles.
+    """
+    chex.assert_rank(x, 4)
+    B, T, H, D = x.shape
+    positions = jnp.asarray(positions)
+    if positions.ndim == 1:
+        positions = positions[None, :]
+    if positions.shape[-1] != T:
+        raise ValueError(f"positions has length {positions.shape[-1]}, x has T={T}")
+    inv_freq = rope_frequencies(D, base).astype(x.dtype)                 # [D/2]
+    angles = positions.astype(x.dtype)[..., None] * inv_freq              # [B|1, T, D/2]
+    sin = jnp.sin(angles)[:, :, None, :]                                  # [B|1, T, 1, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        r1 = x1 * cos - x2 * sin
+        r2 = x1 * sin + x2 * cos
+        return jnp.stack([r1, r2], axis=-1).reshape(x.shape)
+    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Norms, embeddings, MLPs
+# ---------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale; statistics in float32."""
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.promote_types(jnp.float32, x.dtype))
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * scale).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a weight and no bias (the official landmark GPT's); statistics in float32."""
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.promote_types(jnp.float32, x.dtype))
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale).astype(self.dtype)
+
+
+def make_norm(kind: str, *, eps: float, dtype, param_dtype, name: str) -> nn.Module:
+    if kind == "rmsnorm":
+        return RMSNorm(eps=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+    if kind == "layernorm":
+        return LayerNorm(eps=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+    raise ValueError(f"norm={kind!r} is not allowed; use 'rmsnorm' or 'layernorm'")
+
+
+class Embed(nn.Module):
+    """Token embedding table [V, D]; `attend` gives the tied output projection."""
+    vocab_size: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(default_init, ("vocab", "embed")),
+            (self.vocab_size, self.features), self.param_dtype)
+
+    def __call__(self, tokens_BxT):
+        return jnp.take(self.embedding, tokens_BxT, axis=0).astype(self.dtype)
+
+    def attend(self, x_BxTxD):
+        return jnp.einsum("btd,vd->btv", x_BxTxD, self.embedding.astype(self.dtype))
+
+
+def gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+class MLP(nn.Module):
+    """GELU (x → W2 gelu(W1 x)) or SwiGLU (x → W2 (silu(Wg x) ⊙ W1 x)); no biases."""
+    hidden: int
+    kind: str = "gelu"            # 'gelu' (exact), 'gelu_tanh' or 'swiglu'
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxTxD):
+        D = x_BxTxD.shape[-1]
+        dense = lambda n, shape_names, name: nn.DenseGeneral(  # noqa: E731
+            n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+            kernel_init=nn.with_logical_partitioning(default_init, shape_names))
+        h = dense(self.hidden, ("embed", "mlp"), "fc_in")(x_BxTxD)
+        if self.kind == "gelu":
+            h = gelu_exact(h)
+        elif self.kind == "gelu_tanh":
+            h = jax.nn.gelu(h, approximate=True)
+        elif self.kind == "swiglu":
+            g = dense(self.hidden, ("embed", "mlp"), "fc_gate")(x_BxTxD)
+            h = jax.nn.silu(g) * h
+        else:
+            raise ValueError(f"mlp={self.kind!r} is not allowed; use 'gelu', 'gelu_tanh' or 'swiglu'")
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        return dense(D, ("mlp", "embed"), "fc_out")(h)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense causal attention (the baseline every attention is compared against)
+# ---------------------------------------------------------------------------------------------
+def causal_mask(q_len: int, k_len: int, *, offset: int = 0) -> jax.Array:
+    """[q_len, k_len] bool: query i (at absolute index offset+i) sees keys j ≤ offset+i."""
+    qi = jnp.arange(q_len)[:, None] + offset
+    kj = jnp.arange(k_len)[None, :]
+    return kj <= qi
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                          causal: bool = True,
+                          segment_ids: Optional[jax.Array] = None,
+                          prefix_k: Optional[jax.Array] = None,
+                          prefix_v: Optional[jax.Array] = None,
+                          prefix_mask: Optional[jax.Array] = None) -> jax.Array:
+    """Softmax attention, q, k, v [B, T, H, Dh] → [B, T, H, Dh]; scores and softmax in float32.
+
+    segment_ids [B, T]: packed samples attend only within their segment.
+    prefix_k/prefix_v [B, P, H, Dh] with prefix_mask [B, P] (True = visible): extra keys every query
+    sees (P-tuning v2 prefixes for MAC). A row with no visible key returns zeros.
+    """
+    chex.assert_rank([q, k, v], 4)
+    B, T, H, Dh = q.shape
+    scale = 1.0 / math.sqrt(Dh)
+    acc = jnp.promote_types(jnp.float32, q.dtype)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=acc) * scale
+    mask = jnp.ones((B, 1, T, k.shape[1]), bool)
+    if causal:
+        mask = mask & causal_mask(T, k.shape[1])[None, None]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    if prefix_k is not None:
+        if prefix_v is None or prefix_mask is None:
+            raise ValueError("prefix_k needs prefix_v and prefix_mask")
+        sp = jnp.einsum("bqhd,bkhd->bhqk", q, prefix_k, preferred_element_type=acc) * scale
+        s = jnp.concatenate([sp, s], axis=-1)
+        pm = jnp.broadcast_to(prefix_mask[:, None, None, :], (B, 1, T, prefix_k.shape[1]))
+        mask = jnp.concatenate([pm, mask], axis=-1)
+        v = jnp.concatenate([prefix_v, v], axis=1)
+    s = jnp.where(mask, s, MASK_VALUE)
+    p = jax.nn.softmax(s, axis=-1)
+    p = jnp.where(mask.any(-1, keepdims=True), p, 0.0)
+    y = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)
+    return y.astype(q.dtype)
+
+
+# Attention registry: the transformer calls ATTENTION[config.attention](q, k, v, **kwargs), where
+# kwargs come from the model call (`segment_ids`, prefixes, and whatever a family passes in
+# `attention_kwargs`, e.g. landmark flags). Families register their functions here.
+AttentionFn = Callable[..., jax.Array]
+ATTENTION: dict[str, AttentionFn] = {"dense": dot_product_attention}
+
+
+def register_attention(name: str, fn: AttentionFn) -> AttentionFn:
+    ATTENTION[name] = fn
+    return fn
+
+
+def get_attention(name: str) -> AttentionFn:
+    if name not in ATTENTION:
+        # Landmark attention registers itself on import.
+        if name.startswith("landmark"):
+            import models.landmark  # noqa: F401
+    if name not in ATTENTION:
+        raise ValueError(f"attention={name!r} is not allowed; registered: {sorted(ATTENTION)}")
+    return ATTENTION[name]

@@ -1,0 +1,201 @@
+"""Decoder-only transformer LM with a pluggable attention.
+
+The baseline for every comparison in mnemax, the body of the landmark LM (attention="landmark") and
+MAC's frozen base LM (per-layer prefix keys/values). Pre-norm blocks, RoPE, no biases.
+
+    cfg = TransformerConfig(vocab_size=320, width=64, num_layers=2, num_heads=4)
+    model = Transformer(cfg)
+    params = model.init(key, tokens_BxT)["params"]
+    logits_BxTxV = model.apply({"params": params}, tokens_BxT)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models import layers
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
+           "float64": jnp.float64}
+
+
+def as_dtype(d: Any) -> Any:
+    if isinstance(d, str):
+        if d not in _DTYPES:
+            raise ValueError(f"dtype={d!r} is not allowed; use one of {sorted(_DTYPES)}")
+        return _DTYPES[d]
+    return d
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int                    # V: byte vocabulary 320 by default (train/data/tokenizer.py)
+    width: int = 64                    # D: residual width
+    num_layers: int = 2                # L
+    num_heads: int = 4                 # H
+    head_dim: Optional[int] = None     # Dh: defaults to D // H
+    mlp_hidden: Optional[int] = None   # defaults to 4·D
+    mlp: str = "gelu"                  # 'gelu' (exact) | 'gelu_tanh' | 'swiglu'
+    norm: str = "rmsnorm"              # 'rmsnorm' | 'layernorm' (weight only, no bias)
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True        # lm head = embedding table transposed
+    rope_base: float = 10000.0
+    rope_interleaved: bool = True      # pairs (x0,x1),(x2,x3)… ; False = half rotation
+    attention: str = "dense"           # key into models.layers.ATTENTION
+    dtype: Any = jnp.float32           # compute dtype (bfloat16 on accelerators)
+    param_dtype: Any = jnp.float32     # parameters stay float32 (float64 for parity runs)
+    remat: bool = False                # rematerialise each block in the backward pass
+
+    def __post_init__(self):
+        for name in ("vocab_size", "width", "num_layers", "num_heads"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+        if self.head_dim is None and self.width % self.num_heads:
+            raise ValueError(f"width={self.width} must be divisible by num_heads={self.num_heads} "
+                             "(or set head_dim)")
+        if self.hd % 2:
+            raise ValueError(f"head_dim={self.hd} must be even (RoPE rotates pairs)")
+        if self.mlp not in ("gelu", "gelu_tanh", "swiglu"):
+            raise ValueError(f"mlp={self.mlp!r} is not allowed; use 'gelu', 'gelu_tanh' or 'swiglu'")
+        if self.norm not in ("rmsnorm", "layernorm"):
+            raise ValueError(f"norm={self.norm!r} is not allowed; use 'rmsnorm' or 'layernorm'")
+        object.__setattr__(self, "dtype", as_dtype(self.dtype))
+        object.__setattr__(self, "param_dtype", as_dtype(self.param_dtype))
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.width // self.num_heads
+
+    @property
+    def hidden(self) -> int:
+        return self.mlp_hidden or 4 * self.width
+
+    def replace(self, **kw) -> "TransformerConfig":
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TransformerConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"model config has unknown fields {unknown}; allowed: {sorted(names)}")
+        return cls(**d)
+
+
+def num_params(params) -> int:
+    return sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: x [B,T,D] → [B,T,D]; projections [D,H,Dh] without biases."""
+    cfg: TransformerConfig
+
+    def setup(self):
+        c = self.cfg
+        proj = lambda names, name: nn.DenseGeneral(  # noqa: E731
+            (c.num_heads, c.hd), use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
+            kernel_init=nn.with_logical_partitioning(layers.default_init, names), name=name)
+        self.query = proj(("embed", "heads", "kv"), "query")
+        self.key = proj(("embed", "heads", "kv"), "key")
+        self.value = proj(("embed", "heads", "kv"), "value")
+        self.out = nn.DenseGeneral(
+            c.width, axis=(-2, -1), use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
+            kernel_init=nn.with_logical_partitioning(layers.default_init, ("heads", "kv", "embed")),
+            name="out")
+
+    def qkv(self, x_BxTxD, positions):
+        """Projected heads [B,T,H,Dh]; q and k rotated at `positions`, v not."""
+        c = self.cfg
+        q, k, v = self.query(x_BxTxD), self.key(x_BxTxD), self.value(x_BxTxD)
+        rope = lambda t: layers.apply_rope(t, positions, base=c.rope_base,  # noqa: E731
+                                           interleaved=c.rope_interleaved)
+        return rope(q), rope(k), v
+
+    def __call__(self, x_BxTxD, positions, *, segment_ids=None, prefix_k=None, prefix_v=None,
+                 prefix_mask=None, attention_kwargs=None):
+        c = self.cfg
+        q, k, v = self.qkv(x_BxTxD, positions)
+        names = ("batch", "length", "heads", "kv")
+        q, k, v = (nn.with_logical_constraint(t, names) for t in (q, k, v))
+        kwargs = dict(attention_kwargs or {})
+        if segment_ids is not None:
+            kwargs["segment_ids"] = segment_ids
+        if prefix_k is not None:
+            kwargs.update(prefix_k=prefix_k, prefix_v=prefix_v, prefix_mask=prefix_mask)
+        y = layers.get_attention(c.attention)(q, k, v, **kwargs)
+        y = nn.with_logical_constraint(y, names)
+        return self.out(y)
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(norm x), then x + mlp(norm x)."""
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids=None, prefix_k=None, prefix_v=None,
+                 prefix_mask=None, attention_kwargs=None):
+        c = self.cfg
+        norm = lambda name: layers.make_norm(c.norm, eps=c.norm_eps, dtype=c.dtype,  # noqa: E731
+                                             param_dtype=c.param_dtype, name=name)
+        h = norm("ln_1")(x)
+        x = x + Attention(c, name="attn")(h, positions, segment_ids=segment_ids,
+                                          prefix_k=prefix_k, prefix_v=prefix_v,
+                                          prefix_mask=prefix_mask,
+                                          attention_kwargs=attention_kwargs)
+        h = norm("ln_2")(x)
+        x = x + layers.MLP(c.hidden, c.mlp, dtype=c.dtype, param_dtype=c.param_dtype,
+                           name="mlp")(h)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class Transformer(nn.Module):
+    """tokens [B,T] → logits [B,T,V] (float32).
+
+    positions [T] or [B,T] (default 0..T-1), segment_ids [B,T] for packed rows,
+    prefix_kv [L, 2, B, P, H, Dh] with prefix_mask [B, P]: per-layer prefix keys/values (not rotated),
+    attention_kwargs: passed to the attention function (e.g. {"is_landmark": [B,T] bool}).
+    """
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT, *, positions=None, segment_ids=None, prefix_kv=None,
+                 prefix_mask=None, attention_kwargs=None, return_hidden: bool = False):
+        c = self.cfg
+        chex.assert_rank(tokens_BxT, 2)
+        B, T = tokens_BxT.shape
+        if positions is None:
+            positions = jnp.arange(T, dtype=jnp.int32)
+        if prefix_kv is not None:
+            chex.assert_shape(prefix_kv, (c.num_layers, 2, B, None, c.num_heads, c.hd))
+            if prefix_mask is None:
+                prefix_mask = jnp.ones(prefix_kv.shape[2:4], bool)
+        embed = layers.Embed(c.vocab_size, c.width, dtype=c.dtype, param_dtype=c.param_dtype,
+                             name="embed")
+        x = embed(tokens_BxT)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        block_cls = nn.remat(Block) if c.remat else Block
+        for i in range(c.num_layers):
+            pk = pv = None
+            if prefix_kv is not None:
+                pk, pv = prefix_kv[i, 0], prefix_kv[i, 1]
+            x = block_cls(c, name=f"block_{i}")(x, positions, segment_ids, pk, pv, prefix_mask,
+                                               attention_kwargs)
+        x = layers.make_norm(c.norm, eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
+                             name="ln_f")(x)
+        if return_hidden:
+            return x
+        if c.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.DenseGeneral(
+                c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
+                kernel_init=nn.with_logical_partitioning(layers.default_init, ("embed", "vocab")),
+                name="lm_head")(x)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        return logits.astype(jnp.promote_types(jnp.float32, logits.dtype))

@@ -1,0 +1,36 @@
+"""Test-wide set-up: 8 fake CPU devices, float32 defaults, the compilation cache.
+
+XLA_FLAGS must be set before jax is imported anywhere, so this file does it at import time.
+"""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pathlib  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# The reference vectors live beside the checkout (../shared/reference); MNEMAX_REFERENCE overrides.
+REFERENCE = pathlib.Path(os.environ.get("MNEMAX_REFERENCE", REPO.parent / "shared" / "reference"))
+
+if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> pathlib.Path:
+    if not REFERENCE.exists():
+        pytest.fail(f"reference vectors not found at {REFERENCE}; set MNEMAX_REFERENCE")
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> pathlib.Path:
+    return REPO
