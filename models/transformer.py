@@ -98,21 +98,26 @@ class Attention(nn.Module):
 
     def setup(self):
         c = self.cfg
-        proj = lambda names, name: nn.DenseGeneral(  # noqa: E731
-            (c.num_heads, c.hd), use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
-            kernel_init=nn.with_logical_partitioning(layers.default_init, names), name=name)
-        self.query = proj(("embed", "heads", "kv"), "query")
-        self.key = proj(("embed", "heads", "kv"), "key")
-        self.value = proj(("embed", "heads", "kv"), "value")
-        self.out = nn.DenseGeneral(
-            c.width, axis=(-2, -1), use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
-            kernel_init=nn.with_logical_partitioning(layers.default_init, ("heads", "kv", "embed")),
-            name="out")
+        proj = lambda shape, names, name: self.param(  # noqa: E731
+            name, nn.with_logical_partitioning(layers.default_init, names), shape, c.param_dtype)
+        hd = (c.width, c.num_heads, c.hd)
+        self.w_query = proj(hd, ("embed", "heads", "kv"), "query")
+        self.w_key = proj(hd, ("embed", "heads", "kv"), "key")
+        self.w_value = proj(hd, ("embed", "heads", "kv"), "value")
+        self.w_out = proj((c.num_heads, c.hd, c.width), ("heads", "kv", "embed"), "out")
+
+    def _proj(self, x_BxTxD, w_DxHxK):
+        c = self.cfg
+        return jnp.einsum("btd,dhk->bthk", x_BxTxD.astype(c.dtype), w_DxHxK.astype(c.dtype))
+
+    def out(self, y_BxTxHxK):
+        c = self.cfg
+        return jnp.einsum("bthk,hkd->btd", y_BxTxHxK.astype(c.dtype), self.w_out.astype(c.dtype))
 
     def qkv(self, x_BxTxD, positions):
         """Projected heads [B,T,H,Dh]; q and k rotated at `positions`, v not."""
         c = self.cfg
-        q, k, v = self.query(x_BxTxD), self.key(x_BxTxD), self.value(x_BxTxD)
+        q, k, v = (self._proj(x_BxTxD, w) for w in (self.w_query, self.w_key, self.w_value))
         rope = lambda t: layers.apply_rope(t, positions, base=c.rope_base,  # noqa: E731
                                            interleaved=c.rope_interleaved)
         return rope(q), rope(k), v

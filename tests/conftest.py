@@ -3,14 +3,13 @@
 XLA_FLAGS must be set before jax is imported anywhere, so this file does it at import time.
 """
 import os
+import pathlib
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-import pathlib  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -19,9 +18,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # The reference vectors live beside the checkout (../shared/reference); MNEMAX_REFERENCE overrides.
 REFERENCE = pathlib.Path(os.environ.get("MNEMAX_REFERENCE", REPO.parent / "shared" / "reference"))
 
-if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+# The persistent compilation cache (on in .ci/run; on here by default too, so reruns and the
+# subprocesses that tests start reuse compiled steps). Subprocesses inherit it via the env vars.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(pathlib.Path.home() / ".cache" / "mnemax" / "jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 @pytest.fixture(scope="session")

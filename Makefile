@@ -1,0 +1,36 @@
+# mnemax: `make demo` and `make test` each set up everything on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= $(shell .ci/find-python)
+STAMP := $(VENV)/.installed
+FIG_OUT ?= figures
+SEED ?= 0
+
+.PHONY: demo test figures bench venv clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+# Every figure at --size quick (about 15 minutes on 2 CPU cores), written to $(FIG_OUT)/.
+demo: $(STAMP)
+	$(PY) -m eval.figures --size quick --seed $(SEED) --out $(FIG_OUT)
+
+# The test suite (under 10 minutes on 2 CPU cores; 8 fake CPU devices set in tests/conftest.py).
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+
+# The figures at --size cpu (about an hour on 2 CPU cores).
+figures: $(STAMP)
+	$(PY) -m eval.figures --size cpu --seed $(SEED) --out $(FIG_OUT)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.trainer
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,275 @@
+"""The trainer: sharded vs single-device, resume, signals, NaN, checkpoints, bad configs."""
+import json
+import logging
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from train import checkpoint as ckpt_lib
+from train import sharding as shd
+from train import trainer
+from train.configs import lm as lm_config
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def tiny_config(**overrides):
+    c = lm_config.get_config("tiny")
+    c.model.width = 32
+    c.model.num_heads = 4
+    c.seq_len = 16
+    c.batch_size = 8
+    c.num_steps = 3
+    c.log_every = 1
+    c.eval_every = 0
+    c.checkpoint_every = 0
+    c.progress = False
+    c.data.source = "memory"
+    c.data.num_pairs = 4
+    c.data.num_queries = 4
+    c.optim.warmup_steps = 1
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def run_steps(config, devices, n=3):
+    """Losses and final params of n steps on a mesh over `devices`."""
+    run = trainer.setup(config, devices=devices)
+    state = trainer.init_state(run)
+    step = trainer.make_train_step(run)
+    it = iter(trainer.make_data(config, "train"))
+    losses = []
+    for _ in range(n):
+        state, m = step(state, trainer.to_device(next(it), run.batch_sharding))
+        losses.append(float(m["loss"]))
+    return losses, state, run
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+    return run_steps(tiny_config(), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=1, model=4), dict(data=1, fsdp=8, model=1)])
+def test_sharded_matches_single_device(single_device_run, mesh):
+    losses1, state1, _ = single_device_run
+    c = tiny_config()
+    c.mesh.update(mesh)
+    losses8, state8, run = run_steps(c, jax.devices())
+    # Same maths, different reduction order across devices: float32 rounding only.
+    np.testing.assert_allclose(losses8, losses1, rtol=0, atol=1e-5)
+    leaf = state8.params["block_0"]["mlp"]["fc_in"]["kernel"]
+    assert len(leaf.sharding.device_set) == 8
+
+
+def test_sharded_init_holds_no_full_replica():
+    c = tiny_config()
+    c.mesh.update(dict(data=1, fsdp=8, model=1))
+    run = trainer.setup(c, devices=jax.devices())
+    state = trainer.init_state(run)
+    total = shd.tree_bytes(state.params)
+    # Every weight has an 'embed' axis split 8 ways (norm scales are tiny and also split).
+    assert shd.per_device_bytes(state.params) <= total / 8 + 1024
+
+
+def test_same_seed_same_run_bitwise(single_device_run):
+    losses1, state1, _ = single_device_run
+    losses2, state2, _ = run_steps(tiny_config(), jax.devices()[:1])
+    assert losses1 == losses2
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                           state1.params, state2.params)
+
+
+def test_grad_accumulation_equals_full_batch(single_device_run):
+    losses1, state1, _ = single_device_run
+    losses2, state2, _ = run_steps(tiny_config(**{"optim.grad_accum": 4}), jax.devices()[:1])
+    np.testing.assert_allclose(losses2, losses1, atol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+                           state1.params, state2.params)
+
+
+def test_truncated_latest_checkpoint_falls_back_with_warning(tmp_path, caplog):
+    c = tiny_config(num_steps=4, checkpoint_every=2)
+    c.async_checkpoints = False
+    trainer.train(c, tmp_path)
+    ckpt = ckpt_lib.Checkpointer(tmp_path)
+    assert ckpt.all_steps() == [2, 4]
+    # Truncate every data file of the newest checkpoint's state.
+    for f in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[: max(0, f.stat().st_size // 3)])
+    run = trainer.setup(c, devices=jax.devices()[:1])
+    with caplog.at_level(logging.WARNING):
+        state, step = ckpt.restore_latest(trainer.abstract_state(run))
+    ckpt.close()
+    assert step == 2 and int(state.step) == 2
+    assert any("step 4" in r.getMessage() and "unreadable" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_restore_onto_different_mesh(tmp_path):
+    c = tiny_config(num_steps=2)
+    c.mesh.update(dict(data=2, fsdp=1, model=4))
+    out = trainer.train(c, tmp_path, devices=jax.devices())
+    saved = jax.device_get(out["state"].params)
+    cfg, params, model = ckpt_lib.restore_for_eval(tmp_path)
+    leaf = params["block_0"]["attn"]["query"]
+    assert leaf.sharding.device_set == {jax.devices()[0]}
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)),
+                           saved, params)
+    logits = model.apply({"params": params}, jnp.zeros((1, 16), jnp.int32))
+    assert logits.shape == (1, 16, 320)
+
+
+def test_nan_loss_stops_naming_step_and_keeps_checkpoint(tmp_path):
+    c = tiny_config(num_steps=6, checkpoint_every=2)
+    c.debug.nan_at_step = 3
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        trainer.train(c, tmp_path)
+    ckpt = ckpt_lib.Checkpointer(tmp_path)
+    assert ckpt.all_steps() == [2]
+    run = trainer.setup(c, devices=jax.devices()[:1])
+    state, step = ckpt.restore_latest(trainer.abstract_state(run))
+    ckpt.close()
+    assert step == 2
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(jax.device_get(state.params)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Subprocess runs: SIGKILL resume, SIGTERM.
+# ---------------------------------------------------------------------------------------------
+CLI_OVERRIDES = ["--config.model.width=32", "--config.model.num_heads=4", "--config.seq_len=16",
+                 "--config.batch_size=8", "--config.log_every=1", "--config.eval_every=0",
+                 "--config.progress=False", "--config.data.source=memory",
+                 "--config.data.num_pairs=4", "--config.data.num_queries=4",
+                 "--config.optim.warmup_steps=1"]
+
+
+def cli(workdir, *extra, devices=1, **kw):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = str(REPO)
+    cmd = [sys.executable, "-m", "train.main", "--config", "train/configs/lm.py:tiny",
+           "--workdir", str(workdir), *CLI_OVERRIDES, *extra]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def metrics(workdir):
+    return [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_state(workdir, config):
+    run = trainer.setup(config, devices=jax.devices()[:1])
+    ckpt = ckpt_lib.Checkpointer(workdir)
+    state, step = ckpt.restore_latest(trainer.abstract_state(run))
+    data_state = json.loads((pathlib.Path(workdir) / "checkpoints" / str(step) / "data" /
+                             "process_0-of-1.json").read_text())
+    ckpt.close()
+    return state, step, data_state
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    common = ["--config.num_steps=6", "--config.checkpoint_every=3"]
+    p1 = cli(straight, *common)
+    p2 = cli(killed, *common, "--config.debug.sigkill_at_step=4")
+    assert p1.wait(timeout=180) == 0, p1.stderr.read()
+    assert p2.wait(timeout=180) == -signal.SIGKILL
+    p3 = cli(killed, *common)
+    assert p3.wait(timeout=180) == 0, p3.stderr.read()
+    starts = [m for m in metrics(killed) if m.get("event") == "start"]
+    assert [s["resumed_from"] for s in starts] == [0, 3]
+    c = tiny_config(num_steps=6)
+    s1, step1, d1 = final_state(straight, c)
+    s2, step2, d2 = final_state(killed, c)
+    assert step1 == step2 == 6
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                           s1.params, s2.params)
+    assert d1 == d2  # the data iterator is at the same position: same data order
+    # Steps 4-6 saw the same batches: identical losses.
+    loss = lambda w: {m["step"]: m["loss"] for m in metrics(w) if "loss" in m}  # noqa: E731
+    assert loss(straight) == {k: v for k, v in loss(killed).items()}
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
+    p = cli(tmp_path, "--config.num_steps=100000", "--config.checkpoint_every=0")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        f = tmp_path / "metrics.jsonl"
+        if f.exists() and sum(1 for m in metrics(tmp_path) if "loss" in m) >= 3:
+            break
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 0, p.stderr.read()
+    saved = ckpt_lib.Checkpointer(tmp_path)
+    steps = saved.all_steps()
+    saved.close()
+    assert len(steps) == 1 and steps[0] >= 3
+    stopped = steps[0]
+    p = cli(tmp_path, f"--config.num_steps={stopped + 2}", "--config.checkpoint_every=0")
+    assert p.wait(timeout=180) == 0, p.stderr.read()
+    starts = [m for m in metrics(tmp_path) if m.get("event") == "start"]
+    assert starts[-1]["resumed_from"] == stopped
+    assert max(m["step"] for m in metrics(tmp_path)) == stopped + 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad configs and inputs: a ValueError naming the field and what is allowed.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("override, match", [
+    ({"mesh.data": 3}, "mesh="),
+    ({"mesh.data": -1, "mesh.model": -1}, "at most one axis may be -1"),
+    ({"mesh.model": 0}, "mesh.model=0"),
+    ({"batch_size": 6}, "batch_size=6 must be a positive multiple"),
+    ({"num_steps": -1}, "num_steps=-1"),
+    ({"optim.grad_accum": 3}, "optim.grad_accum=3"),
+    ({"optim.lr": 0.0}, "optim.lr=0.0"),
+    ({"model.norm": "batchnorm"}, "norm='batchnorm'"),
+    ({"model.mlp": "relu"}, "mlp='relu'"),
+    ({"model.num_heads": 3}, "divisible by num_heads=3"),
+    ({"model.num_heads": 2, "mesh.model": 4, "mesh.data": 2}, r"not divisible by mesh axes \('model',\)"),
+    ({"model.family": "rnn"}, "model.family='rnn'"),
+    ({"objective": "contrastive"}, "objective='contrastive'"),
+    ({"seq_len": 0}, "seq_len=0"),
+])
+def test_bad_config_raises_value_error(override, match):
+    c = tiny_config()
+    c.mesh.update(dict(data=-1, fsdp=1, model=1))
+    for k, v in override.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    with pytest.raises(ValueError, match=match):
+        trainer.setup(c, devices=jax.devices())
+
+
+def test_unknown_config_field_raises():
+    c = tiny_config()
+    c.unlock()
+    c.learning_rate = 1.0
+    with pytest.raises(ValueError, match=r"unknown fields \['learning_rate'\]"):
+        trainer.setup(c, devices=jax.devices()[:1])
+
+
+def test_unknown_model_field_raises():
+    c = tiny_config()
+    c.model.unlock()
+    c.model.depth = 3
+    with pytest.raises(ValueError, match=r"unknown fields \['depth'\]"):
+        trainer.setup(c, devices=jax.devices()[:1])

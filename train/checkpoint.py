@@ -1,0 +1,110 @@
+"""Orbax checkpoints of a run: {train state, memory state, data-iterator state, config}.
+
+One checkpoint per saved step under `WORKDIR/checkpoints/STEP/`, with items
+  state   params, optimizer state, step, RNG and memory state (a pytree; restored onto any mesh
+          by passing an abstract target whose leaves carry the new shardings),
+  data    the grain iterator state, one JSON file per process,
+  config  the run's config as JSON.
+Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it when the
+save is complete), so a crash mid-save leaves the previous checkpoint as the latest good one.
+An unreadable latest checkpoint (truncated, corrupted) is skipped with a warning and the one
+before it is restored.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Any, Optional
+
+import grain.python as grain
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """Thin wrapper over ocp.CheckpointManager with the items above."""
+
+    def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int = 3,
+                 async_save: bool = True):
+        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": grain.PyGrainCheckpointHandler(),
+                           "config": ocp.JsonCheckpointHandler()})
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, *, data_iter: Any = None,
+             config: Optional[dict] = None, force: bool = True) -> bool:
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iter is not None:
+            items["data"] = grain.PyGrainCheckpointSave(data_iter)
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(config)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int, abstract_state: Any, *, data_iter: Any = None) -> Any:
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+            items["data"] = grain.PyGrainCheckpointRestore(data_iter)
+        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def restore_latest(self, abstract_state: Any, *, data_iter: Any = None):
+        """(state, step) from the newest readable checkpoint, or (None, None) if there is none.
+
+        A checkpoint that fails to restore is skipped with a warning, newest first."""
+        for step in reversed(self.all_steps()):
+            try:
+                return self.restore(step, abstract_state, data_iter=data_iter), step
+            except Exception as e:  # truncated files, missing items, corrupted metadata
+                log.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying the "
+                            "previous one", step, self.directory, type(e).__name__, e)
+        return None, None
+
+    def read_config(self, step: Optional[int] = None) -> Optional[dict]:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        path = self.directory / str(step) / "config"
+        files = sorted(path.glob("*")) if path.exists() else []
+        for f in files:
+            try:
+                return json.loads(f.read_text())
+            except (ValueError, UnicodeDecodeError):
+                continue
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree` carrying `shardings` (the restore target for a new mesh)."""
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore_for_eval(workdir: str | pathlib.Path, *, step: Optional[int] = None):
+    """(config, params, model) of a run's latest (or given) checkpoint, on the local devices.
+
+    The config is the ConfigDict the run was trained with; `model` is the Flax module, so
+    `model.apply({"params": params}, tokens)` gives logits.
+    """
+    from train import trainer  # trainer imports this module; import lazily
+
+    return trainer.load_for_eval(workdir, step=step)

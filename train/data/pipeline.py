@@ -1,0 +1,435 @@
+"""grain input pipelines: random-access source -> shard -> shuffle -> tokenize -> pack/pad -> batch.
+
+`make_dataset(data_config, split=..., seed=..., global_batch_size=..., seq_len=...)` is what the
+trainer calls. It returns a grain `DatasetIterator` over process-local batches
+
+    {"inputs": int32 [B, T], "targets": int32 [B, T], "weights": float32 [B, T]}
+
+with B = global_batch_size // process_count, targets[:, t] the token after inputs[:, t] (for MQAR
+too), and weights 0 wherever the target is padding (MQAR: 1 only at the answer positions). Feed
+a batch to a jitted step with `to_global_array(batch, mesh)`.
+
+The pipeline (grain 0.2.18 "Dataset" API: `grain.MapDataset` / `grain.IterDataset`):
+
+1. source: an `ArrayRecordDataSource` from a TFDS array_record build (`source="tfds"`), or an
+   in-memory random-access list (`source="memory"`); see `make_source`;
+2. shard by process: process p keeps records p, p + P, p + 2P, ... of the first
+   floor(N / P) * P (`grain.sharding.ShardOptions` semantics with drop_remainder=True, taken from
+   `ShardByJaxProcess` unless process_index/process_count are given), so shards are disjoint
+   and equally long;
+3. shuffle with `seed` (a bijective index shuffle, reseeded per epoch), repeat `num_epochs`
+   times (None: forever);
+4. text: byte-tokenize each document and append EOS (BOS first if `add_bos`); then either pack
+   (`grain.experimental.ConcatThenSplitIterDataset`: the document stream is concatenated and cut
+   into windows of T + 1 tokens, a document may span windows; only the very end of a finite
+   stream is padded) or pad (each document cut/padded to T + 1 tokens on its own);
+5. window [T + 1] -> inputs = window[:-1], targets = window[1:]; batch B rows, dropping a last
+   incomplete batch (so an epoch of evaluation may skip up to B - 1 rows; pick sizes that
+   divide when every row matters);
+6. `worker_count > 0` moves everything into grain worker processes (`mp_prefetch`); the default
+   0 runs in the calling process (no multiprocessing).
+
+`data_config` may be a full `default_data_config(name)` or only the fields that differ from it
+(`resolve_data_config` fills in the rest and rejects unknown fields).
+
+Determinism and checkpointing. Given the same config, seed, split and process layout the batches
+are identical on every run. The returned iterator has `get_state() -> dict` (JSON-serialisable)
+and `set_state(dict)`; restoring a state into a fresh iterator from the same `make_dataset`
+call continues with exactly the batches the saved iterator would have produced next. With Orbax
+(orbax-checkpoint 0.12.8 + grain 0.2.18) the handler that works is
+`grain.checkpoint.CheckpointHandler` (the same class as `grain.python.PyGrainCheckpointHandler`),
+with args `grain.checkpoint.CheckpointSave(iterator)` / `grain.checkpoint.CheckpointRestore(iterator)`
+(aliases `grain.python.PyGrainCheckpointSave/Restore`). They are registered with Orbax at import,
+so inside a `CheckpointManager` the data item is simply
+
+    manager.save(step, args=ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointSave(it)))
+    manager.restore(step, args=ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointRestore(it)))
+
+The handler writes one JSON file per process, `process_{i}-of-{n}.json`, with i, n from
+`jax.process_index()/process_count()` (so every process saves and restores its own iterator);
+restore calls `set_state` on the iterator passed in and returns it. A state belongs to one
+pipeline layout: restore it into an iterator made with the same data config (in particular the
+same `worker_count`: with workers the state is that of grain's multiprocess prefetcher), seed,
+batch size, seq_len and process layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from absl import flags
+
+from train.data import catalog, mqar, text_corpus, tokenizer
+
+DATASET_NAMES = ("mqar", "text", "tfds")
+SOURCES = ("tfds", "memory")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs.
+
+
+def default_data_config(name: str) -> ml_collections.ConfigDict:
+    """The data config of dataset `name` ("mqar", "text" or "tfds"), every field commented."""
+    if name not in DATASET_NAMES:
+        raise ValueError(f"data_config.name={name!r} is unknown; allowed: {DATASET_NAMES}")
+    c = ml_collections.ConfigDict()
+    # Which dataset: "mqar" (synthetic associative recall), "text" (Python docs prose, offline)
+    # or "tfds" (any TFDS catalog dataset with a text feature, e.g. pg19, read as array_record).
+    c.name = name
+    # Where TFDS array_record builds live. "" means $MNEMAX_DATA_DIR or ~/.cache/mnemax/tfds for
+    # the local builders (mqar, text), and TFDS's own default (~/tensorflow_datasets) for "tfds".
+    c.data_dir = ""
+    # Shuffle records (with the seed given to make_dataset; reshuffled every epoch).
+    c.shuffle = True
+    # grain worker processes; 0 = produce batches in the calling process.
+    c.worker_count = 0
+    # How processes split the data. "rows": every process reads the global stream and keeps its
+    # rows of each global batch, so the run sees the same batches whatever the process count
+    # (small and synthetic data, reproducibility across topologies); "records": each process
+    # reads a disjoint 1/P of the records (large corpora; batches then depend on P).
+    c.shard_mode = "rows"
+    # Threads reading records from the source, and how many records they read ahead.
+    c.read_threads = 1
+    c.read_buffer = 64
+    if name == "mqar":
+        # "tfds": build an array_record TFDS dataset once into data_dir and read it;
+        # "memory": generate example i on the fly when read (same records, nothing written).
+        c.source = "tfds"
+        # P: key-value pairs at the start of each sequence (Zoology's num_kv_pairs).
+        c.num_pairs = 8
+        # Q: queries after the pairs (1 <= Q <= P); weights are 1 at these Q positions.
+        c.num_queries = 8
+        # Keys are ids in [lo, hi); values in the disjoint [lo, hi) below. Both inside the byte
+        # range by default, so the byte tokenizer's vocabulary (320) fits every task.
+        c.key_range = (1, 128)
+        c.value_range = (128, 256)
+        # Id between queries; outside both ranges.
+        c.fill_token = 0
+        # Examples in the "train" and "test" splits.
+        c.num_train = 2048
+        c.num_test = 256
+        # Seed of the dataset's content (which keys, values, queries); the shuffle seed is
+        # make_dataset's `seed`.
+        c.data_seed = 0
+    elif name == "text":
+        # "tfds": the "python_docs" TFDS build in data_dir; "memory": the same documents as a list.
+        c.source = "tfds"
+        # Percent of documents (chosen by hash of their id) in split "validation".
+        c.validation_percent = 10
+        # True: concatenate documents (EOS-separated) into full windows; False: one document per
+        # row, cut or padded to seq_len + 1.
+        c.pack = True
+        # Put BOS before every document (EOS always follows one).
+        c.add_bos = False
+    else:
+        # TFDS catalog name, with optional config/version ("pg19", "wiki40b/en").
+        c.tfds_name = "pg19"
+        # Feature holding the text ("book_text" for pg19, "text" for most others).
+        c.text_key = "book_text"
+        # Let TFDS download and prepare the dataset if missing (never in tests or demos).
+        c.download = False
+        # As for "text": pack documents into full windows, or one per row.
+        c.pack = True
+        c.add_bos = False
+    return c
+
+
+def resolve_data_config(data_config: ml_collections.ConfigDict | Mapping[str, Any]):
+    """`default_data_config(data_config.name)` overridden by the fields `data_config` sets.
+
+    A config may set only the fields it changes; a field that the dataset does not have (a typo,
+    or a field of another dataset) is a ValueError rather than silently ignored.
+    """
+    given = dict(data_config.items())
+    if "name" not in given:
+        raise ValueError(f"data_config has no field 'name'; allowed names: {DATASET_NAMES}")
+    full = default_data_config(given["name"])
+    unknown = sorted(set(given) - set(full.keys()))
+    if unknown:
+        raise ValueError(
+            f"data_config fields {unknown} are unknown for name={given['name']!r}; "
+            f"allowed: {sorted(full.keys())}"
+        )
+    for key, value in given.items():
+        full[key] = tuple(value) if isinstance(full[key], tuple) else value
+    return full
+
+
+def vocab_size(data_config: ml_collections.ConfigDict) -> int:
+    """Smallest vocabulary (V) that holds every id the dataset produces: at least 320 (bytes + specials)."""
+    data_config = resolve_data_config(data_config)
+    if data_config.name == "mqar":
+        return max(
+            tokenizer.VOCAB_SIZE,
+            int(data_config.key_range[1]),
+            int(data_config.value_range[1]),
+            int(data_config.fill_token) + 1,
+        )
+    return tokenizer.VOCAB_SIZE
+
+
+def splits(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The split names of the dataset ("tfds": whatever the catalog has, not checked here)."""
+    if data_config.name == "mqar":
+        return mqar.SPLITS
+    if data_config.name == "text":
+        return text_corpus.SPLITS
+    return ()
+
+
+def mqar_spec(data_config: ml_collections.ConfigDict, seq_len: int) -> mqar.MqarSpec:
+    """The `MqarSpec` (content definition) of an mqar data config at sequence length T."""
+    return mqar.MqarSpec(
+        seq_len=seq_len,
+        num_pairs=data_config.num_pairs,
+        num_queries=data_config.num_queries,
+        key_range=tuple(data_config.key_range),
+        value_range=tuple(data_config.value_range),
+        fill_token=data_config.fill_token,
+        num_train=data_config.num_train,
+        num_test=data_config.num_test,
+        seed=data_config.data_seed,
+    )
+
+
+def _check_choice(field: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r} is not allowed; allowed: {tuple(allowed)}")
+
+
+def make_source(
+    data_config: ml_collections.ConfigDict, *, split: str, seq_len: int
+) -> tuple[Sequence[Mapping[str, Any]], str]:
+    """The random-access source of `split` and its kind.
+
+    Returns (source, kind): kind "examples" means records are already
+    {inputs [T], targets [T], weights [T]} (mqar); kind "text" means records are {"text": bytes}
+    (possibly with other fields) to be tokenized.
+    """
+    data_config = resolve_data_config(data_config)
+    name = data_config.name
+    if name in ("mqar", "text"):
+        _check_choice("data_config.source", data_config.source, SOURCES)
+        _check_choice("split", split, splits(data_config))
+    data_dir = data_config.data_dir or None
+    if name == "mqar":
+        spec = mqar_spec(data_config, seq_len)
+        if data_config.source == "memory":
+            return mqar.MqarSource(spec, split), "examples"
+        return mqar.data_source(spec, split, data_dir), "examples"
+    if name == "text":
+        pct = data_config.validation_percent
+        if data_config.source == "memory":
+            return text_corpus.documents(split, pct), "text"
+        return text_corpus.data_source(split, pct, data_dir), "text"
+    source = catalog.catalog_data_source(
+        data_config.tfds_name, split=split, data_dir=data_dir, download=data_config.download
+    )
+    return catalog.TextFieldSource(source, data_config.text_key), "text"
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-record transforms (module-level so that grain workers can pickle them).
+
+
+class _Tokenize(grain.transforms.Map):
+    """{"text": bytes} -> {"tokens": int32 [L]}: bytes, then EOS (BOS first if asked)."""
+
+    def __init__(self, add_bos: bool):
+        self._add_bos = add_bos
+
+    def map(self, record):
+        return {"tokens": tokenizer.encode(record["text"], add_bos=self._add_bos, add_eos=True)}
+
+
+class _PadWindow(grain.transforms.Map):
+    """{"tokens": [L]} -> {inputs, targets, weights} [T]: cut/pad one document to T + 1 tokens."""
+
+    def __init__(self, seq_len: int):
+        self._seq_len = seq_len
+
+    def map(self, record):
+        tokens = record["tokens"][: self._seq_len + 1]
+        window = np.full(self._seq_len + 1, tokenizer.PAD, dtype=np.int32)
+        window[: len(tokens)] = tokens
+        weights = (np.arange(self._seq_len) < len(tokens) - 1).astype(np.float32)
+        return {"inputs": window[:-1], "targets": window[1:], "weights": weights}
+
+
+class _PackedWindow(grain.transforms.Map):
+    """ConcatThenSplit output (tokens, tokens_segment_ids [T+1]) -> {inputs, targets, weights} [T]."""
+
+    def map(self, record):
+        valid = record["tokens_segment_ids"] != 0  # 0 marks padding at the end of the stream
+        window = np.where(valid, record["tokens"], tokenizer.PAD).astype(np.int32)
+        weights = (valid[:-1] & valid[1:]).astype(np.float32)
+        return {"inputs": window[:-1], "targets": window[1:], "weights": weights}
+
+
+class _CheckExample(grain.transforms.Map):
+    """Casts an mqar record to int32/int32/float32 and checks its length is T."""
+
+    def __init__(self, seq_len: int):
+        self._seq_len = seq_len
+
+    def map(self, record):
+        out = {
+            "inputs": np.asarray(record["inputs"], np.int32),
+            "targets": np.asarray(record["targets"], np.int32),
+            "weights": np.asarray(record["weights"], np.float32),
+        }
+        for key, value in out.items():
+            if value.shape != (self._seq_len,):
+                raise ValueError(
+                    f"record[{key!r}] has shape {value.shape}; the pipeline's seq_len needs "
+                    f"({self._seq_len},)"
+                )
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point.
+
+
+class _Rows(grain.transforms.Map):
+    """Keeps rows [start, start + size) of a global batch (shard_mode="rows")."""
+
+    def __init__(self, start: int, size: int):
+        self._start, self._size = start, size
+
+    def map(self, batch):
+        return {k: v[self._start : self._start + self._size] for k, v in batch.items()}
+
+
+def make_dataset(
+    data_config: ml_collections.ConfigDict,
+    *,
+    split: str,
+    seed: int,
+    global_batch_size: int,
+    seq_len: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_epochs: int | None = None,
+) -> grain.DatasetIterator:
+    """A checkpointable iterator of this process's batches (see the module docstring).
+
+    Args:
+      data_config: a config from `default_data_config(name)` (possibly overridden).
+      split: "train"/"test" (mqar), "train"/"validation" (text), any TFDS split string (tfds).
+      seed: shuffle seed, 0 <= seed < 2**32.
+      global_batch_size: rows per step over all processes; must divide by process_count.
+      seq_len: T, tokens per row.
+      process_index, process_count: this process's shard; both None -> from
+        `grain.sharding.ShardByJaxProcess` (jax.process_index(), jax.process_count()).
+      num_epochs: passes over the split; None repeats forever.
+
+    Returns:
+      `grain.DatasetIterator` yielding {"inputs": int32 [B, T], "targets": int32 [B, T],
+      "weights": float32 [B, T]} with B = global_batch_size // process_count.
+    """
+    if (process_index is None) != (process_count is None):
+        raise ValueError(
+            f"process_index={process_index} and process_count={process_count} must both be "
+            "given or both be None"
+        )
+    if process_index is None:
+        shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    else:
+        shard = grain.sharding.ShardOptions(
+            shard_index=process_index, shard_count=process_count, drop_remainder=True
+        )
+    if shard.shard_count < 1 or not 0 <= shard.shard_index < shard.shard_count:
+        raise ValueError(
+            f"process_index={shard.shard_index} must be in 0..process_count-1 with "
+            f"process_count={shard.shard_count} >= 1"
+        )
+    if global_batch_size < 1 or global_batch_size % shard.shard_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be a positive multiple of "
+            f"process_count={shard.shard_count}"
+        )
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be >= 1")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed={seed} must be in 0..2**32-1")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs={num_epochs} must be >= 1 or None (forever)")
+    data_config = resolve_data_config(data_config)
+    if data_config.worker_count < 0:
+        raise ValueError(f"data_config.worker_count={data_config.worker_count} must be >= 0")
+    _check_choice("data_config.shard_mode", data_config.shard_mode, ("rows", "records"))
+    batch_size = global_batch_size // shard.shard_count
+    by_rows = data_config.shard_mode == "rows"
+
+    source, kind = make_source(data_config, split=split, seq_len=seq_len)
+    ds = grain.MapDataset.source(source)
+    if not by_rows:
+        per_shard = len(ds) // shard.shard_count
+        if per_shard == 0:
+            raise ValueError(
+                f"split {split!r} has {len(ds)} records, fewer than "
+                f"process_count={shard.shard_count}"
+            )
+        ds = ds[shard.shard_index : per_shard * shard.shard_count : shard.shard_count]
+    if data_config.shuffle:
+        ds = ds.shuffle(seed)
+    ds = ds.repeat(num_epochs)
+
+    pack = kind == "text" and bool(data_config.pack)
+    if kind == "examples":
+        ds = ds.map(_CheckExample(seq_len))
+    else:
+        ds = ds.map(_Tokenize(bool(data_config.add_bos)))
+        if not pack:
+            ds = ds.map(_PadWindow(seq_len))
+    read_options = grain.ReadOptions(
+        num_threads=max(int(data_config.read_threads), 0),
+        prefetch_buffer_size=max(int(data_config.read_buffer), 1),
+    )
+    it = ds.to_iter_dataset(read_options)
+    if pack:
+        it = grain.experimental.ConcatThenSplitIterDataset(
+            it, length_struct={"tokens": seq_len + 1}
+        )
+        it = it.map(_PackedWindow())
+    if by_rows:
+        it = it.batch(global_batch_size, drop_remainder=True)
+        it = it.map(_Rows(shard.shard_index * batch_size, batch_size))
+    else:
+        it = it.batch(batch_size, drop_remainder=True)
+    if data_config.worker_count > 0:
+        # grain's worker start-up reads absl flags; outside an absl app (tests, notebooks) they
+        # were never parsed, so accept the defaults (train/main.py parses them itself).
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))
+    return iter(it)
+
+
+def to_global_array(
+    batch: Mapping[str, np.ndarray],
+    mesh: jax.sharding.Mesh,
+    sharding: jax.sharding.Sharding | jax.sharding.PartitionSpec | None = None,
+) -> dict[str, jax.Array]:
+    """Process-local batch [B_local, ...] -> global jax.Arrays [B_local * process_count, ...].
+
+    `sharding` is a `jax.sharding.Sharding`, a `PartitionSpec` on `mesh`, or None: rows split
+    over the mesh's batch axes ('data' and 'fsdp', those present), the rest replicated. Each
+    process passes its own rows, in process order, via `jax.make_array_from_process_local_data`.
+    """
+    if sharding is None:
+        batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+        sharding = jax.sharding.PartitionSpec(batch_axes or None)
+    if isinstance(sharding, jax.sharding.PartitionSpec):
+        sharding = jax.sharding.NamedSharding(mesh, sharding)
+    return {
+        key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+        for key, value in batch.items()
+    }

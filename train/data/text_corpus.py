@@ -1,0 +1,186 @@
+"""A small corpus of real English prose that every machine has offline: Python's own documentation.
+
+Documents, in a fixed order:
+
+1. every topic of the interactive help (`pydoc_data.topics.topics`, the Language Reference
+   sections that `help("assert")` prints), sorted by topic name; id "pydoc/<topic>";
+2. for each module of `STDLIB_MODULES` (a fixed list, in that order): the module docstring
+   followed by the docstrings of its public functions and classes (sorted by name), each under a
+   "name:" heading; id "module/<module>".
+
+Sizes on CPython 3.13: 79 topics (~0.51 MB) and ~0.3 MB of docstrings. The text differs between
+Python versions, so the TFDS config name carries the version ("py3.13") and builds made by one
+interpreter are never read by another.
+
+The train/validation split is fixed by a hash of the document id (SHA-256, not Python's salted
+`hash`): `validation_percent` of ids land in "validation", independent of order and of which
+other documents exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import inspect
+import sys
+import warnings
+from typing import Any, ClassVar
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from train.data import catalog
+
+SPLITS = ("train", "validation")
+
+# Chosen for long, prose-rich docstrings; order is part of the dataset definition.
+STDLIB_MODULES = (
+    "abc", "argparse", "array", "ast", "asyncio", "base64", "bisect", "calendar", "collections",
+    "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "enum",
+    "fractions", "functools", "gzip", "hashlib", "heapq", "html", "http.client", "inspect", "io",
+    "itertools", "json", "logging", "math", "operator", "os", "pathlib", "pickle", "pprint",
+    "queue", "random", "re", "shutil", "socket", "sqlite3", "statistics", "string", "struct",
+    "subprocess", "tempfile", "textwrap", "threading", "time", "timeit", "typing", "unittest",
+    "urllib.parse", "uuid", "warnings", "weakref", "zipfile", "zlib",
+)  # fmt: skip
+
+# Extension modules whose members report another __module__ (e.g. "_struct"); take them all.
+_ANY_MEMBER_MODULE = frozenset(
+    {"array", "itertools", "math", "operator", "struct", "time", "zlib", "heapq", "bisect"}
+)
+
+
+def python_version_tag() -> str:
+    return f"py{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _module_document(name: str) -> str | None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = importlib.import_module(name)
+    except ImportError:  # e.g. sqlite3 on a stripped-down Python build
+        return None
+    parts = []
+    doc = inspect.getdoc(module)
+    if doc:
+        parts.append(doc)
+    public = getattr(module, "__all__", None) or [n for n in dir(module) if not n.startswith("_")]
+    for member_name in sorted(set(public)):
+        member = getattr(module, member_name, None)
+        if not (inspect.isclass(member) or inspect.isroutine(member)):
+            continue
+        if name not in _ANY_MEMBER_MODULE and getattr(member, "__module__", None) != name:
+            continue  # re-exported from elsewhere: its docstring belongs to that module
+        member_doc = inspect.getdoc(member)
+        if member_doc:
+            parts.append(f"{member_name}:\n{member_doc}")
+    return "\n\n".join(parts) if parts else None
+
+
+def python_docs_documents() -> list[tuple[str, str]]:
+    """All documents as (doc_id, text), in the fixed order described in the module docstring."""
+    from pydoc_data.topics import topics
+
+    docs = [(f"pydoc/{k}", topics[k].strip()) for k in sorted(topics) if topics[k].strip()]
+    for name in STDLIB_MODULES:
+        text = _module_document(name)
+        if text:
+            docs.append((f"module/{name}", text))
+    return docs
+
+
+def split_of(doc_id: str, validation_percent: int) -> str:
+    """'validation' for a fixed `validation_percent`% of ids (by SHA-256 of the id), else 'train'."""
+    if not 0 <= validation_percent <= 100:
+        raise ValueError(f"validation_percent={validation_percent} must be in 0..100")
+    bucket = int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big") % 100
+    return "validation" if bucket < validation_percent else "train"
+
+
+def documents(split: str, validation_percent: int = 10) -> list[dict[str, Any]]:
+    """In-memory records {"id": bytes, "text": bytes} of `split` (same as the TFDS build's)."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not a corpus split; allowed: {SPLITS}")
+    return [
+        {"id": doc_id.encode("utf-8"), "text": text.encode("utf-8")}
+        for doc_id, text in python_docs_documents()
+        if split_of(doc_id, validation_percent) == split
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS builder (array_record; TensorFlow not needed).
+
+
+@dataclasses.dataclass(eq=False)
+class PythonDocsConfig(tfds.core.BuilderConfig):
+    """Config: the percentage of documents in "validation" (name also carries the Python version)."""
+
+    validation_percent: int = 10
+
+
+def _config_name(validation_percent: int) -> str:
+    return f"{python_version_tag()}_val{validation_percent}"
+
+
+class PythonDocs(catalog.LocalBuilder):
+    """TFDS dataset "python_docs": splits train/validation, records {"id": text, "text": text}."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS: ClassVar[list[PythonDocsConfig]] = [
+        PythonDocsConfig(name=_config_name(10), validation_percent=10)
+    ]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            features=tfds.features.FeaturesDict(
+                {"id": tfds.features.Text(), "text": tfds.features.Text()}
+            ),
+            disable_shuffling=True,  # keep the documented document order
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download
+        return {split: self._generate_examples(split) for split in SPLITS}
+
+    def _generate_examples(self, split: str):
+        pct = self.builder_config.validation_percent
+        for record in documents(split, pct):
+            yield record["id"].decode("utf-8"), record
+
+
+def builder(validation_percent: int = 10, data_dir: str | None = None) -> PythonDocs:
+    """The (unbuilt) array_record builder in `data_dir` (None -> default_data_dir())."""
+    if not 0 <= validation_percent <= 100:
+        raise ValueError(f"validation_percent={validation_percent} must be in 0..100")
+    name = _config_name(validation_percent)
+    config = (
+        name
+        if name == PythonDocs.BUILDER_CONFIGS[0].name
+        else PythonDocsConfig(name=name, validation_percent=validation_percent)
+    )
+    return PythonDocs(
+        config=config, data_dir=catalog.resolve_data_dir(data_dir), file_format="array_record"
+    )
+
+
+def build(validation_percent: int = 10, data_dir: str | None = None) -> PythonDocs:
+    """Builds the corpus once into data_dir (reused afterwards); returns the prepared builder."""
+    return catalog.prepare(lambda: builder(validation_percent, data_dir))
+
+
+def data_source(split: str, validation_percent: int = 10, data_dir: str | None = None) -> Any:
+    """Random-access array_record source of `split` ({"id": bytes, "text": bytes}), built if needed."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not a corpus split; allowed: {SPLITS}")
+    return build(validation_percent, data_dir).as_data_source(split=split)
+
+
+def token_count(split: str, validation_percent: int = 10) -> int:
+    """Bytes (= byte-level tokens, without EOS) in `split`."""
+    return int(np.sum([len(r["text"]) for r in documents(split, validation_percent)]))

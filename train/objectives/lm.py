@@ -1,0 +1,32 @@
+"""Next-token cross-entropy on {"inputs", "targets", "weights"} batches.
+
+An objective is `loss(apply_fn, params, batch, rng) -> (loss_sum, aux)`: the *sum* of weighted
+per-token losses (so gradient accumulation over micro-batches divides once, by the total weight)
+and aux sums {"weight", "correct"} from which the trainer derives mean loss and accuracy.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def token_losses(logits_BxTxV, targets_BxT, *, label_smoothing: float = 0.0):
+    """Per-token cross-entropy in float32, and whether the argmax is right."""
+    logits = logits_BxTxV.astype(jnp.float32)
+    V = logits.shape[-1]
+    onehot = jax.nn.one_hot(targets_BxT, V, dtype=jnp.float32)
+    if label_smoothing:
+        onehot = onehot * (1.0 - label_smoothing) + label_smoothing / V
+    ce = optax.softmax_cross_entropy(logits, onehot)
+    correct = (jnp.argmax(logits, -1) == targets_BxT).astype(jnp.float32)
+    return ce, correct
+
+
+def loss(apply_fn, params, batch, rng):
+    """Weighted next-token loss of a model called as apply_fn({'params': p}, inputs)."""
+    del rng  # deterministic models; kept for objectives that sample
+    logits = apply_fn({"params": params}, batch["inputs"])
+    ce, correct = token_losses(logits, batch["targets"])
+    w = batch["weights"].astype(jnp.float32)
+    return jnp.sum(ce * w), {"weight": jnp.sum(w), "correct": jnp.sum(correct * w)}

@@ -1,0 +1,484 @@
+"""The one training loop every family uses.
+
+    train(config, workdir) -> summary dict
+
+config (an ml_collections.ConfigDict, see train/configs/lm.py for every field) →
+mesh (train/sharding.py) → data (train/data/) → model + memory state + objective →
+sharded init → jitted step (in/out shardings, donated state) → eval hooks → Orbax checkpoints →
+WORKDIR/metrics.jsonl and TensorBoard events.
+
+Guarantees: resumes from the newest readable checkpoint in `workdir` (params, optimizer, step,
+RNG, memory, data-iterator position); SIGTERM saves and returns normally; a NaN/inf loss raises
+`FloatingPointError` naming the step, after the last good checkpoint is safely on disk; two runs
+with one seed give bit-identical results on CPU.
+
+A family plugs in by adding entries to MODELS (a builder from the model config to a Linen
+module), OBJECTIVES (a loss, see train/objectives/lm.py) and, if it keeps a memory, MEMORIES.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import math
+import os
+import pathlib
+import signal
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from train import checkpoint as ckpt_lib
+from train import sharding as shd
+
+log = logging.getLogger(__name__)
+
+# name → "module:function". Builders take the model config as a dict and return a Linen module
+# called as module.apply({"params": p}, inputs_BxT, ...).
+MODELS: dict[str, str] = {
+    "transformer": "train.trainer:build_transformer",
+    "landmark": "models.landmark:build_from_config",
+    "ssm": "models.ssm:build_from_config",
+}
+# name → "module:function" with loss(apply_fn, params, batch, rng) -> (loss_sum, aux sums).
+OBJECTIVES: dict[str, str] = {
+    "lm": "train.objectives.lm:loss",
+    "landmark": "models.landmark:landmark_lm_loss",
+    "birdie": "train.objectives.birdie:trainer_loss",
+}
+
+REQUIRED_FIELDS = ("seed", "num_steps", "batch_size", "checkpoint_every", "eval_every", "mesh")
+KNOWN_FIELDS = set(REQUIRED_FIELDS) | {
+    "seq_len", "log_every", "keep_checkpoints", "async_checkpoints", "sharding_rules", "model",
+    "data", "optim", "eval", "objective", "debug", "progress", "name"}
+
+
+def _resolve(table: dict[str, str], name: str, what: str) -> Callable:
+    if name not in table:
+        raise ValueError(f"{what}={name!r} is not allowed; registered: {sorted(table)}")
+    mod, fn = table[name].split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def build_transformer(model_cfg: dict) -> nn.Module:
+    from models.transformer import Transformer, TransformerConfig
+    cfg = {k: v for k, v in model_cfg.items() if k != "family"}
+    return Transformer(TransformerConfig.from_dict(cfg))
+
+
+def build_model(model_cfg: Any) -> nn.Module:
+    d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
+    return _resolve(MODELS, d.get("family", "transformer"), "model.family")(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config checks
+# ---------------------------------------------------------------------------------------------
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Fails early with a ValueError naming the field, its value and what is allowed."""
+    missing = [f for f in REQUIRED_FIELDS if f not in config]
+    if missing:
+        raise ValueError(f"config is missing required fields {missing}")
+    unknown = sorted(set(config.keys()) - KNOWN_FIELDS)
+    if unknown:
+        raise ValueError(f"config has unknown fields {unknown}; allowed: {sorted(KNOWN_FIELDS)}")
+    for f in ("num_steps", "checkpoint_every", "eval_every"):
+        v = config[f]
+        if not isinstance(v, int) or v < 0:
+            raise ValueError(f"{f}={v!r} must be an integer ≥ 0")
+    if not isinstance(config.batch_size, int) or config.batch_size <= 0:
+        raise ValueError(f"batch_size={config.batch_size!r} must be a positive integer")
+    if config.get("seq_len", 1) <= 0:
+        raise ValueError(f"seq_len={config.seq_len!r} must be positive")
+    o = config.optim
+    if o.lr <= 0:
+        raise ValueError(f"optim.lr={o.lr!r} must be positive")
+    if not 0 <= o.warmup_steps:
+        raise ValueError(f"optim.warmup_steps={o.warmup_steps!r} must be ≥ 0")
+    if o.grad_accum < 1 or config.batch_size % o.grad_accum:
+        raise ValueError(f"optim.grad_accum={o.grad_accum!r} must be ≥ 1 and divide "
+                         f"batch_size={config.batch_size}")
+    if o.clip_norm is not None and o.clip_norm <= 0:
+        raise ValueError(f"optim.clip_norm={o.clip_norm!r} must be positive or None")
+
+
+def make_optimizer(o: ml_collections.ConfigDict, num_steps: int):
+    """AdamW with linear warmup then cosine decay to lr·min_lr_ratio, global-norm clipping."""
+    decay_steps = max(num_steps, o.warmup_steps + 1)
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=o.lr, warmup_steps=o.warmup_steps,
+        decay_steps=decay_steps, end_value=o.lr * o.min_lr_ratio)
+    chain = []
+    if o.clip_norm:
+        chain.append(optax.clip_by_global_norm(o.clip_norm))
+    chain.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    return optax.chain(*chain), schedule
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+# ---------------------------------------------------------------------------------------------
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array          # int32 scalar: optimizer steps done
+    params: Any
+    opt_state: Any
+    rng: jax.Array           # uint32 [2]: raw PRNG key data (checkpointable)
+    memory: Any              # a family's memory pytree; {} when it keeps none
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything train() builds; exposed for tests, notebooks and evaluators."""
+    config: ml_collections.ConfigDict
+    mesh: Any
+    rules: Any
+    model: nn.Module
+    tx: Any
+    schedule: Any
+    state_shardings: Any
+    batch_sharding: Any
+    init_fn: Callable
+    objective: Callable
+
+
+def _dummy_inputs(config) -> jax.Array:
+    return jnp.zeros((1, config.get("seq_len", 8)), jnp.int32)
+
+
+def setup(config: ml_collections.ConfigDict, *, devices=None) -> Run:
+    validate_config(config)
+    mesh = shd.make_mesh(config.mesh, devices)
+    rules = shd.rules_from_config(config)
+    shd.check_batch(config.batch_size, mesh, rules)
+    shd.check_batch(config.batch_size // config.optim.grad_accum, mesh, rules,
+                    field="batch_size/optim.grad_accum")
+    model = build_model(config.model)
+    tx, schedule = make_optimizer(config.optim, config.num_steps)
+    objective = _resolve(OBJECTIVES, config.get("objective", "lm"), "objective")
+    dummy = _dummy_inputs(config)
+
+    def init_fn(seed_key):
+        init_key, run_key = jax.random.split(seed_key)
+        params = model.init(init_key, dummy)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), rng=jax.random.key_data(run_key),
+                          memory={})
+
+    seed_key = jax.random.key(config.seed)
+    abstract = jax.eval_shape(init_fn, seed_key)
+    shardings = shd.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+    shd.check_divisible(nn.unbox(abstract), shardings)
+    return Run(config=config, mesh=mesh, rules=rules, model=model, tx=tx, schedule=schedule,
+               state_shardings=shardings, batch_sharding=shd.batch_sharding(mesh, rules),
+               init_fn=init_fn, objective=objective)
+
+
+def init_state(run: Run) -> TrainState:
+    """Sharded init: each leaf is created directly in its sharding (jit out_shardings)."""
+    seed_key = jax.random.key(run.config.seed)
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+        boxed = jax.jit(run.init_fn, out_shardings=run.state_shardings)(seed_key)
+    return nn.unbox(boxed)
+
+
+def abstract_state(run: Run) -> TrainState:
+    abstract = nn.unbox(jax.eval_shape(run.init_fn, jax.random.key(run.config.seed)))
+    return ckpt_lib.abstract_like(abstract, run.state_shardings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------
+def _global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                        for x in jax.tree_util.tree_leaves(tree)))
+
+
+def make_train_step(run: Run):
+    cfg = run.config
+    accum = cfg.optim.grad_accum
+    nan_at = cfg.get("debug", {}).get("nan_at_step", -1)
+
+    def micro_loss(params, micro, rng):
+        loss_sum, aux = run.objective(run.model.apply, params, micro, rng)
+        return loss_sum, aux
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step_fn(state: TrainState, batch):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        if accum == 1:
+            (loss_sum, aux), grads = grad_fn(state.params, batch, rng)
+        else:
+            # [B, ...] → [A, B/A, ...]; sum losses and gradients over micro-batches, then divide
+            # once by the total weight so the update equals the un-accumulated one.
+            micro = jax.tree_util.tree_map(
+                lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+            def body(carry, xs):
+                i, mb = xs
+                (l, a), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+                return jax.tree_util.tree_map(jnp.add, carry, (l, a, g)), None
+
+            zeros = jax.tree_util.tree_map(
+                jnp.zeros_like, (jnp.float32(0), {"weight": jnp.float32(0),
+                                                  "correct": jnp.float32(0)}, state.params))
+            (loss_sum, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+        denom = jnp.maximum(aux["weight"], 1.0)
+        loss = loss_sum / denom
+        if nan_at >= 0:  # fault injection for tests: poison the loss at one step
+            loss = loss * jnp.where(state.step + 1 == nan_at, jnp.nan, 1.0)
+            grads = jax.tree_util.tree_map(
+                lambda g: g * jnp.where(state.step + 1 == nan_at, jnp.nan, 1.0), grads)
+        grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+        updates, opt_state = run.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "accuracy": aux["correct"] / denom,
+                   "grad_norm": _global_norm(grads), "lr": run.schedule(state.step)}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def wrapped(state, batch):
+        with nn.logical_axis_rules(run.rules):
+            return step_fn(state, batch)
+
+    rep = shd.replicated(run.mesh)
+    return jax.jit(
+        wrapped,
+        # state: sharded by its logical rules; batch: rows over the batch-parallel axes.
+        in_shardings=(run.state_shardings, run.batch_sharding),
+        # the new state keeps the same shardings; scalar metrics are replicated.
+        out_shardings=(run.state_shardings, rep),
+        # the old state's buffers are reused for the new one.
+        donate_argnums=(0,))
+
+
+def make_eval_step(run: Run):
+    def eval_fn(params, batch):
+        with nn.logical_axis_rules(run.rules):
+            loss_sum, aux = run.objective(run.model.apply, params, batch, jax.random.key(0))
+        return {"loss_sum": loss_sum, **aux}
+
+    return jax.jit(eval_fn, in_shardings=(run.state_shardings.params, run.batch_sharding),
+                   out_shardings=shd.replicated(run.mesh))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def make_data(config, split: str, *, seed_offset: int = 0):
+    from train.data import pipeline
+    return pipeline.make_dataset(
+        config.data, split=split, seed=config.seed + seed_offset,
+        global_batch_size=config.batch_size, seq_len=config.seq_len,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def to_device(batch: dict, sharding) -> dict:
+    """Process-local numpy rows → one global array per field, rows on the batch axes."""
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        spec = jax.sharding.PartitionSpec(sharding.spec[0], *([None] * (v.ndim - 1)))
+        s = jax.sharding.NamedSharding(sharding.mesh, spec)
+        out[k] = jax.make_array_from_process_local_data(s, v)
+    return out
+
+
+def eval_split(config) -> str:
+    from train.data import pipeline
+    names = pipeline.splits(config.data)
+    return "validation" if "validation" in names or not names else "test"
+
+
+def evaluate(run: Run, eval_step, params, *, num_batches: int) -> dict:
+    it = iter(make_data(run.config, eval_split(run.config), seed_offset=10_000))
+    tot = {"loss_sum": 0.0, "weight": 0.0, "correct": 0.0}
+    for _ in range(num_batches):
+        out = jax.device_get(eval_step(params, to_device(next(it), run.batch_sharding)))
+        for k in tot:
+            tot[k] += float(out[k])
+    w = max(tot["weight"], 1.0)
+    loss = tot["loss_sum"] / w
+    return {"eval_loss": loss, "eval_accuracy": tot["correct"] / w,
+            "eval_perplexity": float(math.exp(min(loss, 50.0)))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------------------
+class MetricsWriter:
+    """metrics.jsonl (one JSON object per line) + TensorBoard events, on process 0 only."""
+
+    def __init__(self, workdir: pathlib.Path):
+        self.enabled = jax.process_index() == 0
+        self.path = workdir / "metrics.jsonl"
+        self.tb = None
+        if self.enabled:
+            try:
+                from tensorboardX import SummaryWriter
+                self.tb = SummaryWriter(str(workdir / "tb"))
+            except Exception as e:  # TensorBoard is optional at run time
+                log.warning("TensorBoard disabled: %s", e)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: (float(v) if np.ndim(v) == 0 and not isinstance(v, str)
+                                         else v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, float):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+class _Stop:
+    """Set by SIGTERM: the loop saves a checkpoint and returns."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint and stopping")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+          devices=None) -> dict:
+    """Trains (or resumes) a run in `workdir`; returns a summary dict."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    run = setup(config, devices=devices)
+    cfg = run.config
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+
+    ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=cfg.get("keep_checkpoints", 3),
+                                 async_save=cfg.get("async_checkpoints", True))
+    data_iter = iter(make_data(cfg, "train"))
+    state, start = ckpt.restore_latest(abstract_state(run), data_iter=data_iter)
+    if state is None:
+        state, start = init_state(run), 0
+    else:
+        log.info("resumed from step %d in %s", start, workdir)
+    writer = MetricsWriter(workdir)
+    writer.write(start, {"event": "start", "resumed_from": start,
+                         "mesh": shd.describe(run.mesh), "processes": jax.process_count()})
+
+    train_step = make_train_step(run)
+    eval_step = make_eval_step(run)
+    tokens_per_step = cfg.batch_size * cfg.get("seq_len", 0)
+    log_every = max(1, cfg.get("log_every", 10))
+    debug = cfg.get("debug", {})
+    summary: dict[str, Any] = {"start_step": start}
+    config_dict = json.loads(cfg.to_json_best_effort())
+
+    bar = None
+    if cfg.get("progress", True) and jax.process_index() == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.num_steps, initial=start, desc="train", dynamic_ncols=True)
+
+    step = start
+    last_saved = start if start else None
+    t_last, tok_since = time.perf_counter(), 0
+    with _Stop() as stop:
+        try:
+            while step < cfg.num_steps:
+                batch = to_device(next(data_iter), run.batch_sharding)
+                state, metrics = train_step(state, batch)
+                step += 1
+                m = jax.device_get(metrics)
+                loss = float(m["loss"])
+                if not math.isfinite(loss):
+                    ckpt.wait()
+                    raise FloatingPointError(
+                        f"loss is {loss} at step {step}; stopping. The last good checkpoint "
+                        f"(step {ckpt.latest_step()}) in {ckpt.directory} is kept.")
+                tok_since += tokens_per_step
+                if step % log_every == 0 or step == cfg.num_steps:
+                    now = time.perf_counter()
+                    tps = tok_since / max(now - t_last, 1e-9)
+                    t_last, tok_since = now, 0
+                    writer.write(step, {**{k: float(v) for k, v in m.items()},
+                                        "tokens_per_s": tps})
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+                if bar is not None:
+                    bar.update(1)
+                summary["final_loss"] = loss
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    ev = evaluate(run, eval_step, state.params,
+                                  num_batches=cfg.eval.num_batches)
+                    writer.write(step, ev)
+                    summary.update(ev)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    ckpt.save(step, state, data_iter=data_iter, config=config_dict)
+                    last_saved = step
+                if debug.get("sigkill_at_step", -1) == step:
+                    # Fault injection for tests: die without any clean-up, once the checkpoints
+                    # already requested are on disk.
+                    ckpt.wait()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if stop.requested:
+                    summary["stopped_by_signal"] = True
+                    break
+            if last_saved != step:
+                ckpt.save(step, state, data_iter=data_iter, config=config_dict)
+        finally:
+            ckpt.close()
+            writer.close()
+            if bar is not None:
+                bar.close()
+    summary["step"] = step
+    summary["state"] = state
+    summary["run"] = run
+    return summary
+
+
+def load_for_eval(workdir, *, step: Optional[int] = None, devices=None):
+    """(config, params, model) of a finished or running run, restored onto `devices`
+    (default: one device)."""
+    workdir = pathlib.Path(workdir)
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "model": 1})
+    config.batch_size = config.optim.grad_accum
+    run = setup(config, devices=devices or jax.devices()[:1])
+    ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+    try:
+        if step is None:
+            state, step = ckpt.restore_latest(abstract_state(run))
+        else:
+            state = ckpt.restore(step, abstract_state(run))
+    finally:
+        ckpt.close()
+    if state is None:
+        raise ValueError(f"workdir={str(workdir)!r} holds no readable checkpoint")
+    return config, state.params, run.model
