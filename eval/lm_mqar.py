@@ -1,0 +1,124 @@
+"""MQAR accuracy of a trained LM, and the `lm_mqar` figure.
+
+    python -m eval.lm_mqar --workdir RUN [--seed S] [--examples N]
+
+prints one JSON line {"accuracy": ..., "examples": N}: the fraction of queried keys whose value the
+model predicts (argmax at the answer positions) on MQAR's held-out "test" split.
+
+The figure (`python -m eval.figures --only lm_mqar`) trains the baseline LM on MQAR with the
+shared trainer, then draws its loss curve and reports the test accuracy:
+JSON {"accuracy": acc, "final_loss": v}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eval import figures
+
+# Figure sizes: overrides of train/configs/lm.py:tiny.
+SIZES = {
+    "quick": dict(num_steps=500, batch_size=32, seq_len=64, width=64, num_pairs=8),
+    "cpu": dict(num_steps=1500, batch_size=32, seq_len=128, width=64, num_pairs=16),
+    "paper": dict(num_steps=20000, batch_size=256, seq_len=512, width=256, num_pairs=64),
+}
+
+
+def mqar_accuracy(model, params, data_config, *, seq_len: int, num_examples: int = 256,
+                  batch_size: int = 32, seed: int = 0) -> float:
+    """Answer-position accuracy on the MQAR 'test' split (weights mark the answers)."""
+    from train.data import pipeline
+    it = pipeline.make_dataset(data_config, split="test", seed=seed, global_batch_size=batch_size,
+                               seq_len=seq_len, process_index=0, process_count=1, num_epochs=1)
+    apply = jax.jit(lambda p, x: jnp.argmax(model.apply({"params": p}, x), -1))
+    correct = total = 0.0
+    seen = 0
+    for batch in it:
+        pred = np.asarray(apply(params, batch["inputs"]))
+        w = batch["weights"]
+        correct += float(((pred == batch["targets"]) * w).sum())
+        total += float(w.sum())
+        seen += len(w)
+        if seen >= num_examples:
+            break
+    if total == 0:
+        raise ValueError("the MQAR test split produced no answer positions")
+    return correct / total
+
+
+def figure_config(size: str, seed: int):
+    from train.configs import lm
+    s = SIZES[size]
+    c = lm.get_config("tiny")
+    c.seed = seed
+    c.num_steps = s["num_steps"]
+    c.batch_size = s["batch_size"]
+    c.seq_len = s["seq_len"]
+    c.model.width = s["width"]
+    c.data.source = "memory"          # examples generated on the fly: no build step
+    c.data.num_pairs = s["num_pairs"]
+    c.data.num_queries = s["num_pairs"]
+    c.data.num_train = 1_000_000      # effectively never repeats: recall, not memorisation
+    c.data.data_seed = seed
+    c.checkpoint_every = 0
+    c.eval_every = max(100, s["num_steps"] // 5)
+    c.log_every = 10
+    return c
+
+
+@figures.register("lm_mqar")
+def lm_mqar_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from train import trainer
+    c = figure_config(size, seed)
+    workdir = pathlib.Path(out) / "runs" / f"lm_mqar-{size}-seed{seed}"
+    summary = trainer.train(c, workdir)
+    params = summary["state"].params
+    acc = mqar_accuracy(summary["run"].model, jax.device_get(params), c.data, seq_len=c.seq_len,
+                        num_examples=512, seed=seed)
+    rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["step"], r["loss"], r["accuracy"]) for r in rows if "loss" in r]
+    figures.write_csv(out / "lm_mqar.csv", ["step", "train_loss", "train_answer_accuracy"], curve)
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    steps, losses, accs = zip(*curve)
+    ax[0].plot(steps, losses)
+    ax[0].set(xlabel="step", ylabel="train loss (answer tokens)", title="tiny LM on MQAR")
+    ax[1].plot(steps, accs, label="train batch")
+    ax[1].axhline(acc, color="k", ls="--", label=f"test: {acc:.3f}")
+    ax[1].axhline(1 / (c.data.value_range[1] - c.data.value_range[0]), color="r", ls=":",
+                  label="chance")
+    ax[1].set(xlabel="step", ylabel="answer accuracy", ylim=(0, 1.02))
+    ax[1].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "lm_mqar.png", dpi=120)
+    plt.close(fig)
+    return {"accuracy": acc, "final_loss": float(summary["final_loss"])}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="MQAR accuracy of a trained run")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--examples", type=int, default=512)
+    a = p.parse_args(argv)
+    from train import checkpoint
+    config, params, model = checkpoint.restore_for_eval(a.workdir)
+    if config.data.name != "mqar":
+        raise ValueError(f"run {a.workdir} trained on data.name={config.data.name!r}, not 'mqar'")
+    acc = mqar_accuracy(model, params, config.data, seq_len=config.seq_len,
+                        num_examples=a.examples, seed=a.seed)
+    print(json.dumps({"accuracy": acc, "examples": a.examples, "workdir": a.workdir}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
