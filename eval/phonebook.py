@@ -1,0 +1,242 @@
+"""The phone-book lookup (Birdie, Blouir et al. 2024, Fig. 1; after Jelassi et al. 2024).
+
+    What are the phone numbers for A, B, and C? Find them in the phonebook below.
+    Phonebook:
+    Name Surname : XXX-XXX-XXXX
+    ...
+    What are the phone numbers for A, B, and C?
+→ target "n_A, n_B, n_C" (query order), scored by digit accuracy: the fraction of the target's
+digits reproduced at their position among the generated digits.
+
+    python -m eval.phonebook --workdir RUN --seed S --entries N --queries Q [--examples E]
+
+prints one JSON line {"digit_accuracy", "exact_match", "entries", "queries", "examples", ...}.
+The book is deterministic per seed, with unique names and unique numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from train.data import tokenizer as tok
+
+FIRST_NAMES = (
+    "Alice", "Bruno", "Chloe", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jamal",
+    "Keiko", "Liam", "Maya", "Nikolai", "Olga", "Pablo", "Quinn", "Rosa", "Sanjay", "Tara",
+    "Umar", "Vera", "Wei", "Ximena", "Yusuf", "Zara", "Amara", "Boris", "Carmen", "Dev",
+    "Esther", "Felix", "Gita", "Hugo", "Ivy", "Jonas", "Kira", "Lucas", "Mina", "Noah",
+)
+LAST_NAMES = (
+    "Abbott", "Bauer", "Castillo", "Dubois", "Eriksen", "Fischer", "Garcia", "Haddad", "Ito",
+    "Jensen", "Kowalski", "Larsen", "Moreau", "Nakamura", "Okafor", "Petrov", "Quispe", "Rossi",
+    "Schmidt", "Tanaka", "Usman", "Varga", "Weber", "Xu", "Yilmaz", "Zhang", "Alvarez", "Becker",
+    "Chen", "Dalton", "Evans", "Ferreira", "Gupta", "Horvat", "Ivanova", "Johansson", "Kim",
+    "Lopez", "Mensah", "Novak",
+)
+MAX_ENTRIES = len(FIRST_NAMES) * len(LAST_NAMES)
+DIGITS_PER_NUMBER = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class PhonebookExample:
+    prompt: str
+    target: str
+    book: tuple        # ((name, number), ...) in the order listed
+    queried: tuple     # names asked, in query order
+
+
+def make_book(rng: np.random.Generator, entries: int) -> list[tuple[str, str]]:
+    """`entries` (name, number) pairs: unique names (first × last), unique numbers."""
+    if not 1 <= entries <= MAX_ENTRIES:
+        raise ValueError(f"entries={entries} is not allowed; use 1..{MAX_ENTRIES}")
+    picks = rng.choice(MAX_ENTRIES, entries, replace=False)
+    names = [f"{FIRST_NAMES[i // len(LAST_NAMES)]} {LAST_NAMES[i % len(LAST_NAMES)]}"
+             for i in picks]
+    numbers: list[str] = []
+    seen = set()
+    while len(numbers) < entries:
+        d = "".join(str(x) for x in rng.integers(0, 10, DIGITS_PER_NUMBER))
+        if d not in seen:
+            seen.add(d)
+            numbers.append(f"{d[:3]}-{d[3:6]}-{d[6:]}")
+    return list(zip(names, numbers))
+
+
+def _name_list(names: Sequence[str]) -> str:
+    if len(names) == 1:
+        return names[0]
+    if len(names) == 2:
+        return f"{names[0]} and {names[1]}"
+    return ", ".join(names[:-1]) + f", and {names[-1]}"
+
+
+def make_example(seed: int, entries: int, queries: int, index: int = 0) -> PhonebookExample:
+    """Example `index` of book family `seed`: deterministic in (seed, entries, queries, index)."""
+    if not 1 <= queries <= entries:
+        raise ValueError(f"queries={queries} is not allowed with entries={entries}; "
+                         f"use 1..{entries}")
+    rng = np.random.default_rng([seed, entries, queries, index])
+    book = make_book(rng, entries)
+    asked = [book[i] for i in rng.choice(entries, queries, replace=False)]
+    question = f"What are the phone numbers for {_name_list([n for n, _ in asked])}?"
+    lines = "".join(f"{n} : {p}\n" for n, p in book)
+    prompt = (f"{question} Find them in the phonebook below.\nPhonebook:\n{lines}"
+              f"{question}\n")
+    target = ", ".join(p for _, p in asked)
+    return PhonebookExample(prompt, target, tuple(book), tuple(n for n, _ in asked))
+
+
+def digit_accuracy(prediction: str, target: str) -> float:
+    """Fraction of the target's digits matched, position by position, by the prediction's digits
+    (missing digits count as wrong; extra ones are ignored)."""
+    t = [c for c in target if c.isdigit()]
+    if not t:
+        raise ValueError(f"target={target!r} has no digits")
+    p = [c for c in prediction if c.isdigit()]
+    return sum(a == b for a, b in zip(p, t)) / len(t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation and evaluation
+# ---------------------------------------------------------------------------------------------
+# (params, tokens [B,T], segment_ids [B,T], prefix [B,T]) → logits [B,T,V]
+ModelFn = Callable[..., jax.Array]
+
+
+def left_pad(prompts: Sequence[np.ndarray], length: Optional[int] = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [B,P], segment_ids [B,P]): prompts right-aligned, PAD in segment 0 before them.
+    P = length (≥ the longest prompt) or the longest prompt."""
+    P = max(len(p) for p in prompts)
+    if length is not None:
+        if length < P:
+            raise ValueError(f"length={length} is shorter than the longest prompt ({P})")
+        P = length
+    toks = np.full((len(prompts), P), tok.PAD, np.int32)
+    seg = np.zeros((len(prompts), P), np.int32)
+    for i, p in enumerate(prompts):
+        toks[i, P - len(p):] = p
+        seg[i, P - len(p):] = 1
+    return toks, seg
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _greedy_full(model_fn, params, buf, seg, prefix, start: int, num_new: int):
+    """Generated tokens [B, num_new]: the argmax at start−1+i is written to start+i."""
+    B, L = buf.shape
+
+    def body(i, carry):
+        buf, out = carry
+        logits = model_fn(params, buf, seg, prefix)
+        nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, start - 1 + i, 1, False), -1)
+        nxt = nxt.astype(buf.dtype)
+        buf = jax.lax.dynamic_update_index_in_dim(buf, nxt, jnp.minimum(start + i, L - 1), 1)
+        return buf, out.at[:, i].set(nxt)
+
+    _, out = jax.lax.fori_loop(0, num_new, body, (buf, jnp.zeros((B, num_new), buf.dtype)))
+    return out
+
+
+def greedy_generate(model_fn: ModelFn, params, prompts: Sequence[np.ndarray], num_new: int,
+                    *, start_token: int, pad_to: Optional[int] = None) -> np.ndarray:
+    """Greedy continuation by full forward passes (works for any model): tokens [B, num_new]
+    generated after prompt ++ [start_token]; the prompt is the prefix, left padding its own
+    segment (pad_to: the prompt length to pad to, so batches share one compilation). Each step
+    reruns the model on the whole buffer (O(T) per token; evaluation only)."""
+    toks, seg = left_pad([np.concatenate([p, [start_token]]) for p in prompts],
+                         None if pad_to is None else pad_to + 1)
+    B, L = toks.shape
+    prefix = (seg == 1) & (np.arange(L)[None] < L - 1)
+    extra = num_new - 1  # room for the generated tokens that are fed back
+    toks = np.concatenate([toks, np.full((B, extra), tok.PAD, np.int32)], axis=1)
+    seg = np.concatenate([seg, np.ones((B, extra), np.int32)], axis=1)
+    prefix = np.concatenate([prefix, np.zeros((B, extra), bool)], axis=1)
+    return np.asarray(_greedy_full(model_fn, params, jnp.asarray(toks), jnp.asarray(seg),
+                                   jnp.asarray(prefix), L, num_new))
+
+
+def evaluate(model_fn: ModelFn, params, *, seed: int = 0, entries: int = 16, queries: int = 4,
+             examples: int = 16, batch_size: int = 8, prompt_prefix: Sequence[int] = (),
+             start_token: Optional[int] = None,
+             generate_fn: Optional[Callable[[Sequence[np.ndarray], int], np.ndarray]] = None
+             ) -> dict:
+    """Digit accuracy of greedy answers on `examples` phone books.
+
+    model_fn(params, tokens, segment_ids, prefix) → logits (see `model_fn_for`); prompt_prefix:
+    tokens put before each encoded prompt (e.g. a paradigm token); start_token: the token after
+    the prompt (default Birdie's start-generating token); generate_fn(prompts, num_new) → tokens
+    [B, num_new] replaces the default greedy decoder (e.g. SSM recurrent decoding).
+    """
+    if start_token is None:
+        from train.objectives.birdie import START_GENERATING
+        start_token = START_GENERATING
+    exs = [make_example(seed, entries, queries, i) for i in range(examples)]
+    num_new = len(tok.encode(exs[0].target)) + 1
+    all_prompts = [np.concatenate([np.asarray(prompt_prefix, np.int32), tok.encode(e.prompt)])
+                   for e in exs]
+    pad_to = max(len(p) for p in all_prompts)
+    accs, exact = [], []
+    for s in range(0, examples, batch_size):
+        chunk = exs[s: s + batch_size]
+        prompts = all_prompts[s: s + batch_size]
+        if generate_fn is None:
+            # A short last batch is filled with copies so every batch has one shape.
+            filled = prompts + [prompts[-1]] * (batch_size - len(prompts))
+            gen = greedy_generate(model_fn, params, filled, num_new, start_token=start_token,
+                                  pad_to=pad_to)[: len(prompts)]
+        else:
+            gen = np.asarray(generate_fn(prompts, num_new))
+        for e, g in zip(chunk, gen):
+            text = tok.decode(g)
+            accs.append(digit_accuracy(text, e.target))
+            exact.append(text[: len(e.target)] == e.target)
+    return {"digit_accuracy": float(np.mean(accs)), "exact_match": float(np.mean(exact)),
+            "entries": entries, "queries": queries, "examples": examples, "seed": seed}
+
+
+def model_fn_for(model) -> ModelFn:
+    """model_fn(params, tokens, segment_ids, prefix) for a Flax LM: BiSSMLM reads the prefix,
+    other LMs (Transformer) get segment_ids only."""
+    from models.ssm import BiSSMLM
+
+    if isinstance(model, BiSSMLM):
+        return lambda p, t, s, pre: model.apply({"params": p}, t, segment_ids=s, prefix=pre)
+    return lambda p, t, s, pre: model.apply({"params": p}, t, segment_ids=s)
+
+
+def load_run(workdir: str):
+    """(config, params, model) of a trained run (train.checkpoint.restore_for_eval)."""
+    from train.checkpoint import restore_for_eval
+
+    return restore_for_eval(workdir)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", required=True, help="run directory with checkpoints")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--entries", type=int, default=16)
+    ap.add_argument("--queries", type=int, default=4)
+    ap.add_argument("--examples", type=int, default=16)
+    ap.add_argument("--batch_size", type=int, default=8)
+    args = ap.parse_args(argv)
+    config, params, model = load_run(args.workdir)
+    prefix_tokens = tuple(getattr(config, "phonebook_prompt_prefix", ()) or ())
+    out = evaluate(model_fn_for(model), params, seed=args.seed, entries=args.entries,
+                   queries=args.queries, examples=args.examples, batch_size=args.batch_size,
+                   prompt_prefix=prefix_tokens)
+    out["workdir"] = str(args.workdir)
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

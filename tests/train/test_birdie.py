@@ -1,0 +1,333 @@
+"""train/objectives/birdie.py and birdie_controller.py: objective invariants, packing, reward,
+the controller."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from train.data import tokenizer as tok
+from train.objectives import birdie as b
+from train.objectives import birdie_controller as bc
+
+KEYS = range(6)
+SG = b.START_GENERATING
+
+
+def _unique_text(n=200, seed=0):
+    """n ≤ 256 distinct byte tokens, so a window of them is located by its first token."""
+    return np.random.default_rng(seed).permutation(256)[:n].astype(np.int32)
+
+
+def _is_window(part, text):
+    if part.size == 0:
+        return True
+    where = np.flatnonzero(text == part[0])
+    return where.size == 1 and np.array_equal(text[where[0]: where[0] + part.size], part)
+
+
+def _check_layout(ex: b.Example, paradigm=None):
+    L = ex.inputs.size
+    assert ex.labels.shape == ex.prefix.shape == (L,)
+    p = int(ex.prefix.sum())
+    assert ex.prefix[:p].all() and not ex.prefix[p:].any(), "prefix must be the leading run"
+    assert (ex.labels[:p] == b.IGNORE).all() and (ex.labels[p:] != b.IGNORE).all()
+    assert ex.inputs[p] == SG
+    # labels equal the next input inside the label region
+    np.testing.assert_array_equal(ex.labels[p:-1], ex.inputs[p + 1:])
+    if paradigm is not None:
+        assert ex.inputs[0] == paradigm
+
+
+# ------------------------------------------------------------------------------------------
+# Reward
+# ------------------------------------------------------------------------------------------
+def test_reward_matches_the_paper_checks():
+    assert b.reward(4.5, 4.2) == pytest.approx(0.95180, abs=5e-6)
+    assert b.reward(0.6, 0.5207) == pytest.approx(0.95350, abs=5e-6)
+    assert b.reward(2, 2) == 0.0
+    assert b.reward(2.0, 3.0) == -1.0 and b.reward(3.0, 1.0) == 1.0   # clipped
+    olds, news = np.array([4.5, 0.6, 2.0, 1.0]), np.array([4.2, 0.5207, 2.0, 1.01])
+    np.testing.assert_allclose(b.reward_jnp(olds, news), [b.reward(o, n) for o, n in
+                                                          zip(olds, news)], atol=1e-5)
+    with pytest.raises(ValueError, match="old_loss"):
+        b.reward(0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------
+# Objectives
+# ------------------------------------------------------------------------------------------
+def test_token_table_fits_the_tokenizer():
+    ids = list(b.BIRDIE_TOKENS.values())
+    assert len(set(ids)) == len(ids)
+    for name, i in b.BIRDIE_TOKENS.items():
+        assert tok.NUM_BYTES <= i < tok.VOCAB_SIZE, name
+        assert i not in (tok.PAD, tok.BOS, tok.LANDMARK) and i not in b.SENTINELS, name
+
+
+def test_make_example_layout():
+    ex = b.make_example([7, 1, 2], [5, 6, 9])
+    np.testing.assert_array_equal(ex.inputs, [7, 1, 2, SG, 5, 6])
+    np.testing.assert_array_equal(ex.labels, [-1, -1, -1, 5, 6, 9])
+    np.testing.assert_array_equal(ex.prefix, [1, 1, 1, 0, 0, 0])
+    with pytest.raises(ValueError, match="target"):
+        b.make_example([1], [])
+
+
+ALL = b.birdie_objectives() + b.ul2_objectives() + b.ntp_objectives()
+
+
+@pytest.mark.parametrize("obj", ALL, ids=[o.name for o in ALL])
+def test_every_objective_is_pure_fits_and_is_laid_out(obj):
+    text = _unique_text(240)
+    for k in KEYS:
+        ex = obj(text, jax.random.key(k), max_length=180)
+        again = obj(text, jax.random.key(k), max_length=180)
+        for x, y in zip(ex, again):
+            np.testing.assert_array_equal(x, y)
+        assert ex.inputs.size <= 180
+        _check_layout(ex)
+        if obj.name == "plain_ntp":
+            assert ex.prefix.sum() == 0 and ex.inputs[0] == SG
+        else:
+            assert tok.FIRST_PARADIGM <= ex.inputs[0] < tok.FIRST_RESERVED
+    outs = {obj(text, k, max_length=180).inputs.tobytes() for k in KEYS}
+    assert len(outs) > 1, "different keys must give different examples"
+
+
+def _splice(prompt, target):
+    """Replaces each sentinel of the prompt by the target's span after that sentinel."""
+    spans, cur = [], None
+    for t in target:
+        if t in b.SENTINELS:
+            cur = []
+            spans.append((t, cur))
+        else:
+            cur.append(t)
+    out, i = [], 0
+    for t in prompt:
+        if t in b.SENTINELS:
+            assert spans[i][0] == t
+            out.extend(spans[i][1])
+            i += 1
+        else:
+            out.append(t)
+    assert i == len(spans)
+    return np.asarray(out, np.int32)
+
+
+@pytest.mark.parametrize("rate, span", [(0.05, 3), (0.15, 8), (0.5, 3), (0.5, 32)])
+def test_infilling_targets_splice_back_into_the_original(rate, span):
+    text = _unique_text(256)
+    for k in KEYS:
+        ex = b.infilling(text, k, corruption_rate=rate, mean_span=span)
+        _check_layout(ex, b.BIRDIE_TOKENS["INFILLING"])
+        prompt, target = b.split_example(ex)
+        np.testing.assert_array_equal(_splice(prompt[1:], target), text)
+        n_noise = sum(t not in b.SENTINELS for t in target)
+        assert n_noise == int(round(256 * rate))
+        # fitted to a budget and cut to a length bin: a window of the original
+        ex = b.infilling(text, k, corruption_rate=rate, mean_span=span, max_length=100,
+                         length_bins=(64, 128))
+        assert ex.inputs.size <= 100
+        prompt, target = b.split_example(ex)
+        spliced = _splice(prompt[1:], target)
+        assert spliced.size <= 128 and _is_window(spliced, text)
+
+
+@pytest.mark.parametrize("deshuffle", [False, True])
+def test_autoencoding_target_equals_the_original(deshuffle):
+    text = _unique_text(200)
+    reordered = 0
+    for k in KEYS:
+        ex = b.autoencoding(text, k, corruption_rate=0.5, mean_span=8, deshuffle=deshuffle,
+                            max_length=300)
+        _check_layout(ex)
+        prompt, target = b.split_example(ex)
+        assert _is_window(target, text) and target.size >= 100
+        clean = np.array([t for t in prompt[1:] if t not in b.SENTINELS])
+        assert set(clean.tolist()) < set(target.tolist())
+        # the clean tokens in order are the original (unshuffled) or a reordering of its chunks
+        in_order = np.array([t for t in target if t in set(clean.tolist())])
+        assert sorted(clean.tolist()) == sorted(in_order.tolist())
+        reordered += not np.array_equal(clean, in_order)
+        sentinels = [t for t in prompt if t in b.SENTINELS]
+        assert sentinels == [b.sentinel(i) for i in range(len(sentinels))]
+    assert reordered == 0 if not deshuffle else reordered >= len(KEYS) - 1
+
+
+def test_deshuffling_input_is_a_permutation_of_the_target():
+    text = _unique_text(120)
+    moved = 0
+    for k in KEYS:
+        ex = b.deshuffling(text, k, mean_chunk=8)
+        _check_layout(ex, b.BIRDIE_TOKENS["DESHUFFLING"])
+        prompt, target = b.split_example(ex)
+        np.testing.assert_array_equal(target, text)
+        assert sorted(prompt[1:].tolist()) == sorted(target.tolist())
+        moved += not np.array_equal(prompt[1:], target)
+    assert moved == len(KEYS)
+
+
+def test_copying_and_prefix_lm():
+    text = _unique_text(100)
+    for k in KEYS:
+        prompt, target = b.split_example(b.copying(text, k))
+        np.testing.assert_array_equal(prompt[1:], target)
+        ex = b.prefix_lm(text, k)
+        prompt, target = b.split_example(ex)
+        np.testing.assert_array_equal(np.concatenate([prompt[1:], target]), text)
+        assert 50 <= prompt.size - 1 <= 96 and target.size >= 4
+    with pytest.raises(ValueError, match="prefix_lm"):
+        b.prefix_lm(text[:7], 0)
+
+
+def test_selective_copying_spans_sit_between_their_delimiters():
+    text = _unique_text(256)
+    counts = set()
+    S, E, C = (b.BIRDIE_TOKENS[n] for n in ("SC_START", "SC_END", "SC_CONTEXT"))
+    for k in range(20):
+        ex = b.selective_copying(text, k, max_length=230)
+        _check_layout(ex, b.BIRDIE_TOKENS["SELECTIVE_COPYING"])
+        prompt, target = b.split_example(ex)
+        assert target[-1] == b.BIRDIE_TOKENS["SC_DONE"]
+        spans = np.split(target[:-1], np.flatnonzero(target[:-1] == b.BIRDIE_TOKENS["SC_SEP"]))
+        spans = [s[1:] if s.size and s[0] == b.BIRDIE_TOKENS["SC_SEP"] else s for s in spans]
+        c = int(np.flatnonzero(prompt == C)[0])
+        context, query = prompt[c + 1:], prompt[1:c]
+        assert _is_window(context, text)
+        starts = np.flatnonzero(query == S)
+        assert 1 <= len(starts) == len(spans) <= 4
+        counts.add(len(spans))
+        for i, st in enumerate(starts):
+            end = st + 1 + int(np.flatnonzero(query[st + 1:] == E)[0])
+            nxt = starts[i + 1] if i + 1 < len(starts) else query.size
+            pre, post = query[st + 1:end], query[end + 1:nxt]
+            assert pre.size >= 2 and post.size >= 2 and spans[i].size >= 2
+            assert _is_window(np.concatenate([pre, spans[i], post]), context)
+    assert len(counts) >= 3, counts
+
+
+def test_objective_errors_name_the_field():
+    with pytest.raises(ValueError, match="corruption_rate"):
+        b.infilling(_unique_text(50), 0, corruption_rate=1.5)
+    with pytest.raises(ValueError, match="max_length"):
+        b.copying(_unique_text(50), 0, max_length=2)
+    with pytest.raises(ValueError, match="fn="):
+        b.Objective("x", "nope", "x")
+    with pytest.raises(ValueError, match="tokens"):
+        b.copying(np.zeros((2, 3), np.int32), 0)
+
+
+def test_mixtures_and_sampling():
+    objs = b.birdie_objectives()
+    sizes = b.group_sizes(objs)
+    assert len(objs) == 18 and len({o.name for o in objs}) == 18
+    assert sizes[[o.name for o in objs].index("infilling_r15_s8")] == 9
+    u = b.uniform_mixture(objs)
+    assert u.sum() == pytest.approx(1.0)
+    groups = {o.group for o in objs}
+    assert len(groups) == 7
+    for g in groups:  # each class gets 1/7
+        assert sum(p for p, o in zip(u, objs) if o.group == g) == pytest.approx(1 / 7)
+    one_hot = np.eye(len(objs))[4]
+    text = _unique_text(100)
+    for k in KEYS:
+        i, ex = b.sample_example(objs, one_hot, text, jax.random.key(k), max_length=150)
+        assert i == 4 and ex.inputs.size <= 150
+    with pytest.raises(ValueError, match="mixture"):
+        b.sample_example(objs, np.ones(3), text, 0)
+
+
+# ------------------------------------------------------------------------------------------
+# Packing
+# ------------------------------------------------------------------------------------------
+def test_pack_rows_segments_and_weights():
+    text = _unique_text(100)
+    exs = [b.copying(text[:n], 0) for n in (10, 20, 5, 25, 12)]  # lengths 21, 41, 11, 51, 25
+    out = b.pack(exs, 64, objective_ids=[0, 1, 2, 3, 4])
+    assert out["inputs"].shape == (3, 64)
+    np.testing.assert_array_equal(out["segment_ids"][0, :62],
+                                  np.repeat([1, 2], [21, 41]))
+    assert (out["segment_ids"][0, 62:] == 0).all() and (out["inputs"][0, 62:] == tok.PAD).all()
+    row_of = [0, 0, 1, 1, 2]
+    for j, ex in enumerate(exs):
+        r = row_of[j]
+        sel = out["objective_ids"][r] == j
+        np.testing.assert_array_equal(out["inputs"][r, sel], ex.inputs)
+        np.testing.assert_array_equal(out["prefix"][r, sel], ex.prefix)
+        lab = ex.labels != b.IGNORE
+        np.testing.assert_array_equal(out["weights"][r, sel], lab)
+        np.testing.assert_array_equal(out["targets"][r, sel][lab], ex.labels[lab])
+    assert out["weights"].sum() == sum((e.labels != b.IGNORE).sum() for e in exs)
+    with pytest.raises(ValueError, match="row_length"):
+        b.pack(exs, 40)
+    assert b.pack(exs, 64, num_rows=5)["inputs"].shape == (5, 64)
+
+
+def test_trainer_loss_passes_packing_to_the_model():
+    seen = {}
+
+    def apply_fn(variables, inputs, *, segment_ids, prefix):
+        seen.update(segment_ids=segment_ids, prefix=prefix)
+        return jnp.zeros(inputs.shape + (tok.VOCAB_SIZE,))
+
+    text = _unique_text(40)
+    batch = {k: jnp.asarray(v) for k, v in b.pack([b.copying(text[:9], 0)], 32).items()}
+    total, aux = b.trainer_loss(apply_fn, {}, batch, None)
+    assert aux["weight"] == 9
+    assert float(total) == pytest.approx(9 * np.log(tok.VOCAB_SIZE), rel=1e-5)
+    np.testing.assert_array_equal(seen["prefix"], batch["prefix"])
+    logits = jax.nn.one_hot(batch["targets"], tok.VOCAB_SIZE) * 50.0
+    mean, cnt = b.per_objective_losses(logits, batch, 3)
+    assert cnt.tolist() == [9, 0, 0] and float(mean[0]) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------
+# Controller
+# ------------------------------------------------------------------------------------------
+def _controller_cfg(**kw):
+    base = dict(group_sizes=(1, 1, 1, 1), total_steps=2000, eval_every=100, history=32,
+                hidden=32, train_steps=150, num_candidates=512, explore_start=0.3,
+                explore_end=0.3)
+    base.update(kw)
+    return bc.ControllerConfig(**base)
+
+
+def test_controller_schedule_and_exploration():
+    cfg = _controller_cfg(explore_start=0.5, explore_end=0.2, first_eval=50)
+    assert [s for s in range(0, 400) if bc.should_update(cfg, s)] == [50, 150, 250, 350]
+    assert float(bc.exploration(cfg, 0)) == pytest.approx(0.5)
+    assert float(bc.exploration(cfg, 500)) == pytest.approx(0.35)
+    assert float(bc.exploration(cfg, 1000)) == pytest.approx(0.2)
+    assert float(bc.exploration(cfg, 2000)) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="explore_start"):
+        _controller_cfg(explore_start=0.1, explore_end=0.2)
+    with pytest.raises(ValueError, match="top_k"):
+        _controller_cfg(num_candidates=4)
+
+
+def test_controller_learns_which_objective_pays():
+    """Only objective 0's loss falls, faster the more it is sampled: the mixture moves to it."""
+    cfg = _controller_cfg()
+    state = bc.controller_init(cfg, jax.random.key(0))
+    np.testing.assert_allclose(state.mixture, 0.25)
+    losses = np.full(4, 3.0, np.float32)
+    share = []
+    for i in range(10):
+        state = bc.controller_update(cfg, state, losses, (i + 1) * 100)
+        if i < 2:  # uniform until min_history rewards exist
+            np.testing.assert_allclose(state.mixture, 0.25, atol=1e-6)
+        m = np.asarray(state.mixture)
+        share.append(float(m[0]))
+        losses = losses.copy()
+        # small relative drops, so the reward (which saturates at ±1) still grades the share
+        losses[0] *= 1.0 - 0.05 * m[0]
+    assert int(state.count) == 9 and int(state.num_updates) == 10
+    assert float(state.mixture.sum()) == pytest.approx(1.0, abs=1e-5)
+    # Uniform is 0.25; exploration (ε = 0.3) caps the share near 0.8.
+    assert np.mean(share[-5:]) > 0.5, share
+    # The state is a pytree of arrays: it round-trips through tree_map (checkpointable).
+    leaves = jax.tree_util.tree_leaves(state)
+    assert all(isinstance(x, jax.Array) for x in leaves)
+    same = jax.tree_util.tree_map(lambda x: x, state)
+    assert isinstance(same, bc.ControllerState)

@@ -1,0 +1,560 @@
+"""Birdie's objectives, the UL2 and next-token baselines, packing, the reward, the trainer loss.
+
+Blouir et al. 2024, "Birdie: Advancing State Space Models with Reward-Driven Objectives and
+Curricula". Every objective is a pure function of (tokens, key) → `Example(inputs, labels,
+prefix)`: it builds a (prompt, target) pair, both starting with the objective's paradigm token
+in the prompt, and `make_example` lays it out as
+
+    inputs  = prompt ++ [START_GENERATING] ++ target[:-1]
+    labels  = [IGNORE] * len(prompt) ++ target          (labels[t] is the token after inputs[t])
+    prefix  = [True] * len(prompt) ++ [False] * len(target)
+
+so a bidirectional model reads the prompt both ways and generates the target causally. `pack`
+puts several examples in each row with segment ids; `trainer_loss` is the trainer's objective
+(train/trainer.py OBJECTIVES['birdie']).
+
+Keys: a JAX PRNG key (typed or raw uint32), or an int seed. Objectives run on the host in numpy
+(their outputs have data-dependent lengths); the key seeds a numpy Generator, so one key gives one
+output.
+
+    ex = infilling(tokens, jax.random.key(0), corruption_rate=0.15, mean_span=3)
+    batch = pack([ex, ...], row_length=512)   # {"inputs","targets","weights","prefix",...} [R,T]
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from train.data import tokenizer as tok
+
+# ---------------------------------------------------------------------------------------------
+# Token ids: the one table of Birdie's special tokens (all in the tokenizer's PARADIGM range
+# 293..308, except the sentinels, SEP and EOS which the tokenizer names itself).
+# ---------------------------------------------------------------------------------------------
+BIRDIE_TOKENS: dict[str, int] = {
+    # paradigm tokens, the first token of every prompt
+    "NTP": tok.paradigm(0),
+    "PREFIX_LM": tok.paradigm(1),
+    "INFILLING": tok.paradigm(2),
+    "AUTOENCODING": tok.paradigm(3),
+    "AUTOENCODING_DESHUFFLING": tok.paradigm(4),
+    "DESHUFFLING": tok.paradigm(5),
+    "COPYING": tok.paradigm(6),
+    "SELECTIVE_COPYING": tok.paradigm(7),
+    "UL2_R": tok.paradigm(8),
+    "UL2_X": tok.paradigm(9),
+    "UL2_S": tok.paradigm(10),
+    # structure
+    "START_GENERATING": tok.paradigm(11),   # [SG]: first non-prefix input of every example
+    "SC_START": tok.paradigm(12),           # selective copying: [START] pre [END] post ...
+    "SC_END": tok.paradigm(13),
+    "SC_CONTEXT": tok.paradigm(14),
+    "SC_SEP": tok.SEP,                      # between copied spans
+    "SC_DONE": tok.EOS,                     # after the last copied span
+}
+START_GENERATING = BIRDIE_TOKENS["START_GENERATING"]
+IGNORE = -1  # label of positions that carry no loss (the prompt)
+
+
+def sentinel(i: int) -> int:
+    """Span i's sentinel; ids cycle through the tokenizer's 32 sentinels for longer inputs."""
+    return tok.sentinel(i % tok.NUM_SENTINELS)
+
+
+SENTINELS = frozenset(range(tok.FIRST_SENTINEL, tok.FIRST_SENTINEL + tok.NUM_SENTINELS))
+
+
+class Example(NamedTuple):
+    """One laid-out example, all [L]: inputs int32, labels int32 (IGNORE on the prompt),
+    prefix bool (True on the prompt)."""
+    inputs: np.ndarray
+    labels: np.ndarray
+    prefix: np.ndarray
+
+
+def make_example(prompt, target) -> Example:
+    """prompt ++ [SG] ++ target[:-1] as inputs, target aligned as labels (prompt ignored)."""
+    prompt = np.asarray(prompt, np.int32).reshape(-1)
+    target = np.asarray(target, np.int32).reshape(-1)
+    if target.size == 0:
+        raise ValueError("target is empty; an example needs at least one target token")
+    inputs = np.concatenate([prompt, [START_GENERATING], target[:-1]]).astype(np.int32)
+    labels = np.concatenate([np.full(prompt.size, IGNORE), target]).astype(np.int32)
+    prefix = np.concatenate([np.ones(prompt.size, bool), np.zeros(target.size, bool)])
+    return Example(inputs, labels, prefix)
+
+
+def split_example(ex: Example) -> tuple[np.ndarray, np.ndarray]:
+    """The (prompt, target) an example was made from."""
+    p = int(ex.prefix.sum())
+    return ex.inputs[:p], ex.labels[p:]
+
+
+def _rng(key) -> np.random.Generator:
+    if isinstance(key, (int, np.integer)):
+        return np.random.default_rng(int(key))
+    key = jnp.asarray(key) if not isinstance(key, np.ndarray) else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.random.default_rng(np.asarray(key, np.uint32).ravel().tolist())
+
+
+def _text(tokens) -> np.ndarray:
+    t = np.asarray(tokens)
+    if t.ndim != 1:
+        raise ValueError(f"tokens has shape {t.shape}; allowed: rank 1 [L]")
+    return t.astype(np.int32)
+
+
+def _largest_fit(n_max: int, n_min: int, length_fn: Callable[[int], int],
+                 max_length: Optional[int], what: str) -> int:
+    """The largest n in [n_min, n_max] with length_fn(n) <= max_length (length_fn nondecreasing)."""
+    if n_max < n_min:
+        raise ValueError(f"{what}: tokens has {n_max} tokens; needs at least {n_min}")
+    if max_length is None or length_fn(n_max) <= max_length:
+        return n_max
+    if length_fn(n_min) > max_length:
+        raise ValueError(f"{what}: max_length={max_length} is too small; the shortest example "
+                         f"needs {length_fn(n_min)} tokens")
+    lo, hi = n_min, n_max  # length_fn(lo) fits, length_fn(hi) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if length_fn(mid) <= max_length:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _window(text: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """A random contiguous window of n tokens."""
+    start = int(rng.integers(0, text.size - n + 1))
+    return text[start: start + n]
+
+
+# ---------------------------------------------------------------------------------------------
+# Span masks (T5's random_spans_noise_mask)
+# ---------------------------------------------------------------------------------------------
+def _span_counts(n: int, corruption_rate: float, mean_span: float) -> tuple[int, int]:
+    num_noise = int(np.clip(round(n * corruption_rate), 1, n - 1))
+    num_spans = int(np.clip(round(num_noise / mean_span), 1, min(num_noise, n - num_noise)))
+    return num_noise, num_spans
+
+
+def _random_partition(total: int, parts: int, rng) -> np.ndarray:
+    """`parts` positive integers summing to `total`, uniformly among such compositions."""
+    cuts = np.sort(rng.choice(np.arange(1, total), parts - 1, replace=False)) if parts > 1 else []
+    return np.diff(np.concatenate([[0], cuts, [total]])).astype(int)
+
+
+def span_segments(n: int, corruption_rate: float, mean_span: float, rng):
+    """[(start, end, is_noise)] covering 0..n: clean, noise, clean, noise, ... (T5's layout)."""
+    num_noise, num_spans = _span_counts(n, corruption_rate, mean_span)
+    noise = _random_partition(num_noise, num_spans, rng)
+    clean = _random_partition(n - num_noise, num_spans, rng)
+    segs, pos = [], 0
+    for c, z in zip(clean, noise):
+        segs.append((pos, pos + c, False))
+        segs.append((pos + c, pos + c + z, True))
+        pos += c + z
+    return segs
+
+
+# ---------------------------------------------------------------------------------------------
+# The objectives: (tokens [L], key) → Example
+# ---------------------------------------------------------------------------------------------
+def next_token_prediction(tokens, key, *, max_length: Optional[int] = None,
+                          paradigm: Optional[int] = BIRDIE_TOKENS["NTP"]) -> Example:
+    """The whole text is the target. paradigm=None: plain NTP (empty prompt: inputs start at SG)."""
+    text = _text(tokens)
+    head = [] if paradigm is None else [paradigm]
+    n = _largest_fit(text.size, 1, lambda n: n + len(head), max_length, "next_token_prediction")
+    return make_example(head, _window(text, n, _rng(key)))
+
+
+def prefix_lm(tokens, key, *, max_length: Optional[int] = None, low: float = 0.5,
+              high: float = 1.0, min_side: int = 4,
+              paradigm: int = BIRDIE_TOKENS["PREFIX_LM"]) -> Example:
+    """Prompt = text[:s], target = text[s:], s uniform in [low, high]·L, ≥ min_side each side."""
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"prefix_lm low={low}, high={high}: need 0 <= low <= high <= 1")
+    text = _text(tokens)
+    rng = _rng(key)
+    n = _largest_fit(text.size, 2 * min_side, lambda n: n + 1, max_length, "prefix_lm")
+    text = _window(text, n, rng)
+    s = int(round(rng.uniform(low, high) * n))
+    s = int(np.clip(s, min_side, n - min_side))
+    return make_example(np.concatenate([[paradigm], text[:s]]), text[s:])
+
+
+def _pick_length_bin(n: int, length_bins, rng) -> int:
+    if not length_bins:
+        return n
+    return min(n, int(length_bins[int(rng.integers(len(length_bins)))]))
+
+
+def infilling(tokens, key, *, corruption_rate: float = 0.15, mean_span: float = 3.0,
+              length_bins: Sequence[int] = (), max_length: Optional[int] = None,
+              paradigm: int = BIRDIE_TOKENS["INFILLING"]) -> Example:
+    """Span corruption: each noise span becomes a sentinel in the prompt; the target lists
+    sentinel_i span_i in order (T5). length_bins: the text is first cut to a random bin's length."""
+    _check_rate(corruption_rate, mean_span, "infilling")
+    text = _text(tokens)
+    rng = _rng(key)
+    n_max = _pick_length_bin(text.size, length_bins, rng)
+
+    def length(n):
+        return n + 2 * _span_counts(n, corruption_rate, mean_span)[1] + 1
+
+    n = _largest_fit(n_max, 2, length, max_length, "infilling")
+    text = _window(text, n, rng)
+    prompt, target, k = [paradigm], [], 0
+    for s, e, noisy in span_segments(n, corruption_rate, mean_span, rng):
+        if noisy:
+            prompt.append(sentinel(k))
+            target.append(sentinel(k))
+            target.extend(text[s:e])
+            k += 1
+        else:
+            prompt.extend(text[s:e])
+    return make_example(prompt, target)
+
+
+def autoencoding(tokens, key, *, corruption_rate: float = 0.15, mean_span: float = 3.0,
+                 deshuffle: bool = False, max_length: Optional[int] = None,
+                 paradigm: Optional[int] = None) -> Example:
+    """Masked spans (one sentinel each) in the prompt; the target is the whole original text.
+    deshuffle=True also shuffles the clean chunks (each with the sentinel after it):
+    autoencoding + deshuffling. Sentinels are numbered in prompt order after shuffling."""
+    _check_rate(corruption_rate, mean_span, "autoencoding")
+    if paradigm is None:
+        paradigm = BIRDIE_TOKENS["AUTOENCODING_DESHUFFLING" if deshuffle else "AUTOENCODING"]
+    text = _text(tokens)
+    rng = _rng(key)
+
+    def length(n):
+        noise, spans = _span_counts(n, corruption_rate, mean_span)
+        return 1 + (n - noise + spans) + n
+
+    n = _largest_fit(text.size, 2, length, max_length, "autoencoding")
+    text = _window(text, n, rng)
+    segs = span_segments(n, corruption_rate, mean_span, rng)
+    pieces = [text[s:e] for s, e, noisy in segs if not noisy]   # clean chunk i, then span i
+    order = rng.permutation(len(pieces)) if deshuffle else np.arange(len(pieces))
+    prompt = [paradigm]
+    for k, i in enumerate(order):
+        prompt.extend(pieces[i])
+        prompt.append(sentinel(k))
+    return make_example(prompt, text)
+
+
+def deshuffling(tokens, key, *, mean_chunk: float = 8.0, max_length: Optional[int] = None,
+                paradigm: int = BIRDIE_TOKENS["DESHUFFLING"]) -> Example:
+    """The text cut in chunks (mean length mean_chunk) and shuffled; the target is the original."""
+    if mean_chunk < 1:
+        raise ValueError(f"deshuffling mean_chunk={mean_chunk} must be >= 1")
+    text = _text(tokens)
+    rng = _rng(key)
+    n = _largest_fit(text.size, 2, lambda n: 2 * n + 1, max_length, "deshuffling")
+    text = _window(text, n, rng)
+    k = int(np.clip(round(n / mean_chunk), 2, n))
+    sizes = _random_partition(n, k, rng)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    order = rng.permutation(k)
+    shuffled = np.concatenate([text[bounds[i]:bounds[i + 1]] for i in order])
+    return make_example(np.concatenate([[paradigm], shuffled]), text)
+
+
+def copying(tokens, key, *, max_length: Optional[int] = None,
+            paradigm: int = BIRDIE_TOKENS["COPYING"]) -> Example:
+    """[COPY] text → text."""
+    text = _text(tokens)
+    n = _largest_fit(text.size, 1, lambda n: 2 * n + 1, max_length, "copying")
+    text = _window(text, n, _rng(key))
+    return make_example(np.concatenate([[paradigm], text]), text)
+
+
+def selective_copying(tokens, key, *, max_spans: int = 4, delimiter_length: tuple = (2, 6),
+                      span_length: tuple = (2, 16), max_length: Optional[int] = None,
+                      paradigm: int = BIRDIE_TOKENS["SELECTIVE_COPYING"]) -> Example:
+    """[SC] ([START] pre [END] post)* [CONTEXT] text → span1 [SEP] span2 ... [DONE].
+
+    1..max_spans spans of the text (non-overlapping, each with its pre/post delimiters) are asked
+    in random order; span_i is the text between pre_i and post_i.
+    """
+    dmin, dmax = delimiter_length
+    smin, smax = span_length
+    if not (1 <= dmin <= dmax and 1 <= smin <= smax and max_spans >= 1):
+        raise ValueError(f"selective_copying delimiter_length={delimiter_length}, span_length="
+                         f"{span_length}, max_spans={max_spans}: need 1 <= min <= max, "
+                         "max_spans >= 1")
+    text = _text(tokens)
+    rng = _rng(key)
+    worst = max_spans * (3 + 2 * dmax + smax) + 2   # query, separators, [CONTEXT], paradigm
+    n = _largest_fit(text.size, 2 * dmin + smin, lambda n: n + worst, max_length,
+                     "selective_copying")
+    text = _window(text, n, rng)
+    # Place windows pre|span|post left to right with random gaps, up to k of them.
+    k = int(rng.integers(1, max_spans + 1))
+    wins = [(int(rng.integers(dmin, dmax + 1)), int(rng.integers(smin, smax + 1)),
+             int(rng.integers(dmin, dmax + 1))) for _ in range(k)]
+    while wins and sum(map(sum, wins)) > n:
+        wins.pop()
+    if not wins:  # the text is too short for the drawn sizes: the smallest window fits
+        wins = [(dmin, smin, dmin)]
+    slack = n - sum(map(sum, wins))
+    gaps = np.sort(rng.integers(0, slack + 1, len(wins)))
+    spans, pos, used = [], 0, 0
+    for (lp, ls, lq), g in zip(wins, gaps):
+        start = pos + (int(g) - used)
+        used = int(g)
+        pre = text[start: start + lp]
+        span = text[start + lp: start + lp + ls]
+        post = text[start + lp + ls: start + lp + ls + lq]
+        spans.append((pre, span, post))
+        pos = start + lp + ls + lq
+    order = rng.permutation(len(spans))
+    prompt, target = [paradigm], []
+    for j, i in enumerate(order):
+        pre, span, post = spans[i]
+        prompt += [BIRDIE_TOKENS["SC_START"], *pre, BIRDIE_TOKENS["SC_END"], *post]
+        if j:
+            target.append(BIRDIE_TOKENS["SC_SEP"])
+        target.extend(span)
+    target.append(BIRDIE_TOKENS["SC_DONE"])
+    prompt.append(BIRDIE_TOKENS["SC_CONTEXT"])
+    prompt.extend(text)
+    return make_example(prompt, target)
+
+
+def _check_rate(rate, span, what):
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"{what} corruption_rate={rate} must be in (0, 1)")
+    if span < 1:
+        raise ValueError(f"{what} mean_span={span} must be >= 1")
+
+
+OBJECTIVE_FNS: dict[str, Callable[..., Example]] = {
+    "next_token_prediction": next_token_prediction,
+    "prefix_lm": prefix_lm,
+    "infilling": infilling,
+    "autoencoding": autoencoding,
+    "deshuffling": deshuffling,
+    "copying": copying,
+    "selective_copying": selective_copying,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Objective configurations and mixtures
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """One configuration of one objective: `fn` is a key of OBJECTIVE_FNS, `group` the class the
+    controller scales by 1/(its size), `kwargs` the function's keyword arguments."""
+    name: str
+    fn: str
+    group: str
+    kwargs: tuple = ()
+
+    def __post_init__(self):
+        if self.fn not in OBJECTIVE_FNS:
+            raise ValueError(f"objective fn={self.fn!r} is not allowed; use one of "
+                             f"{sorted(OBJECTIVE_FNS)}")
+
+    def __call__(self, tokens, key, *, max_length: Optional[int] = None) -> Example:
+        return OBJECTIVE_FNS[self.fn](tokens, key, max_length=max_length, **dict(self.kwargs))
+
+
+INFILL_LENGTH_BINS = (64, 128, 256, 512, 1024)
+
+
+def birdie_objectives(*, length_bins: Sequence[int] = INFILL_LENGTH_BINS) -> tuple[Objective, ...]:
+    """Birdie's action space: 7 objective classes, 18 configurations."""
+    objs = [Objective("next_token_prediction", "next_token_prediction", "next_token_prediction"),
+            Objective("prefix_lm", "prefix_lm", "prefix_lm")]
+    for rate in (0.05, 0.15, 0.5):
+        for span in (3, 8, 32):
+            objs.append(Objective(f"infilling_r{int(rate * 100)}_s{span}", "infilling", "infilling",
+                                  (("corruption_rate", rate), ("mean_span", float(span)),
+                                   ("length_bins", tuple(length_bins)))))
+    for deshuffle in (False, True):
+        for rate, span in ((0.15, 3), (0.5, 8)):
+            tag = "autoencoding_deshuffling" if deshuffle else "autoencoding"
+            objs.append(Objective(f"{tag}_r{int(rate * 100)}_s{span}", "autoencoding",
+                                  "autoencoding", (("corruption_rate", rate),
+                                                   ("mean_span", float(span)),
+                                                   ("deshuffle", deshuffle))))
+    objs += [Objective("deshuffling", "deshuffling", "deshuffling"),
+             Objective("copying", "copying", "copying"),
+             Objective("selective_copying", "selective_copying", "selective_copying")]
+    return tuple(objs)
+
+
+def ul2_objectives() -> tuple[Objective, ...]:
+    """UL2's mixture of denoisers (Tay et al. 2022): R (rate 15%, spans 3, 8), X (50% with spans
+    3, 8, 64; 15% with span 64), S (prefix-LM). Sampled uniformly over the 7 (`uniform_mixture`)."""
+    R, X, S = (BIRDIE_TOKENS[k] for k in ("UL2_R", "UL2_X", "UL2_S"))
+    objs = []
+    for tag, paradigm, rate, span in (("r", R, 0.15, 3), ("r", R, 0.15, 8), ("x", X, 0.5, 3),
+                                      ("x", X, 0.5, 8), ("x", X, 0.5, 64), ("x", X, 0.15, 64)):
+        objs.append(Objective(f"ul2_{tag}_r{int(rate * 100)}_s{span}", "infilling", f"ul2_{tag}",
+                              (("corruption_rate", rate), ("mean_span", float(span)),
+                               ("paradigm", paradigm))))
+    objs.append(Objective("ul2_s", "prefix_lm", "ul2_s", (("low", 0.0), ("paradigm", S))))
+    return tuple(objs)
+
+
+def ntp_objectives() -> tuple[Objective, ...]:
+    """The plain next-token baseline: no paradigm token, no prefix."""
+    return (Objective("plain_ntp", "next_token_prediction", "plain_ntp", (("paradigm", None),)),)
+
+
+def group_sizes(objectives: Sequence[Objective]) -> np.ndarray:
+    """[K] number of configurations in each objective's class."""
+    groups = [o.group for o in objectives]
+    return np.array([groups.count(g) for g in groups], np.int32)
+
+
+def uniform_mixture(objectives: Sequence[Objective], *, by_group: bool = True) -> np.ndarray:
+    """[K] probabilities: equal per class, split evenly inside a class (by_group), else equal."""
+    K = len(objectives)
+    if not by_group:
+        return np.full(K, 1.0 / K)
+    sizes = group_sizes(objectives)
+    p = 1.0 / sizes
+    return p / p.sum()
+
+
+def sample_example(objectives: Sequence[Objective], mixture, tokens, key, *,
+                   max_length: Optional[int] = None) -> tuple[int, Example]:
+    """Draws an objective from `mixture` [K] and applies it: (objective index, example)."""
+    mixture = np.asarray(mixture, np.float64)
+    if mixture.shape != (len(objectives),) or (mixture < 0).any() or mixture.sum() <= 0:
+        raise ValueError(f"mixture has shape {mixture.shape} (sum {mixture.sum():.3g}); needs "
+                         f"[{len(objectives)}] non-negative weights with a positive sum")
+    rng = _rng(key)
+    i = int(rng.choice(len(objectives), p=mixture / mixture.sum()))
+    sub = int(rng.integers(0, 2**31 - 1))
+    return i, objectives[i](tokens, sub, max_length=max_length)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing
+# ---------------------------------------------------------------------------------------------
+def pack(examples: Iterable[Example], row_length: int, *, objective_ids: Optional[Iterable[int]]
+         = None, num_rows: Optional[int] = None) -> dict[str, np.ndarray]:
+    """Packs examples, in order, into rows of `row_length` (next-fit) → arrays [R, T]:
+
+    inputs int32 (PAD after the last sample), targets int32 (labels; PAD where ignored),
+    weights float32 (1 on label positions), prefix bool, segment_ids int32 (1, 2, ... per row;
+    0 on padding), objective_ids int32 (-1 on padding; given ids, else 0).
+    num_rows: pad with empty rows to (or fail above) this many.
+    """
+    if row_length <= 0:
+        raise ValueError(f"row_length={row_length} must be positive")
+    ids = None if objective_ids is None else list(objective_ids)
+    rows: list[list[tuple[Example, int]]] = [[]]
+    used = 0
+    for j, ex in enumerate(examples):
+        L = ex.inputs.size
+        if L > row_length:
+            raise ValueError(f"example {j} has length {L} > row_length={row_length}; pass "
+                             "max_length=row_length to the objective")
+        if used + L > row_length:
+            rows.append([])
+            used = 0
+        rows[-1].append((ex, 0 if ids is None else ids[j]))
+        used += L
+    if not rows[-1]:
+        rows.pop()
+    R = len(rows) if num_rows is None else num_rows
+    if len(rows) > R:
+        raise ValueError(f"{len(rows)} rows needed; num_rows={num_rows}")
+    out = {
+        "inputs": np.full((R, row_length), tok.PAD, np.int32),
+        "targets": np.full((R, row_length), tok.PAD, np.int32),
+        "weights": np.zeros((R, row_length), np.float32),
+        "prefix": np.zeros((R, row_length), bool),
+        "segment_ids": np.zeros((R, row_length), np.int32),
+        "objective_ids": np.full((R, row_length), -1, np.int32),
+    }
+    for r, row in enumerate(rows):
+        pos = 0
+        for s, (ex, oid) in enumerate(row, start=1):
+            sl = slice(pos, pos + ex.inputs.size)
+            labelled = ex.labels != IGNORE
+            out["inputs"][r, sl] = ex.inputs
+            out["targets"][r, sl] = np.where(labelled, ex.labels, tok.PAD)
+            out["weights"][r, sl] = labelled
+            out["prefix"][r, sl] = ex.prefix
+            out["segment_ids"][r, sl] = s
+            out["objective_ids"][r, sl] = oid
+            pos = sl.stop
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward (Birdie §3.2)
+# ---------------------------------------------------------------------------------------------
+def reward(old_loss: float, new_loss: float) -> float:
+    """r = clip(−100·e·tanh(e·S·ΔL³), −1, 1), ΔL = (new − old)/old, S = √(old·new).
+
+    A loss that falls gives a positive reward, saturating for large relative drops.
+    """
+    old, new = float(old_loss), float(new_loss)
+    if not (old > 0 and new > 0 and math.isfinite(old) and math.isfinite(new)):
+        raise ValueError(f"reward(old_loss={old_loss}, new_loss={new_loss}): losses must be "
+                         "finite and > 0")
+    d = (new - old) / old
+    s = math.sqrt(old * new)
+    r = float(np.clip(-100.0 * math.e * math.tanh(math.e * s * d ** 3), -1.0, 1.0))
+    return r + 0.0  # −0.0 → 0.0
+
+
+def reward_jnp(old_BxK, new_BxK) -> jax.Array:
+    """`reward` elementwise on arrays (float32), for jitted controller updates."""
+    old = jnp.asarray(old_BxK, jnp.float32)
+    new = jnp.asarray(new_BxK, jnp.float32)
+    d = (new - old) / old
+    s = jnp.sqrt(old * new)
+    return jnp.clip(-100.0 * math.e * jnp.tanh(math.e * s * d ** 3), -1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's loss
+# ---------------------------------------------------------------------------------------------
+def trainer_loss(apply_fn, params, batch, rng):
+    """Weighted next-token loss on packed Birdie batches (train/trainer.py OBJECTIVES['birdie']).
+
+    Calls apply_fn({'params': p}, inputs, segment_ids=..., prefix=...) with the keys the batch
+    has; returns (sum of weighted losses, {"weight", "correct"} sums) as train/objectives/lm.py.
+    """
+    del rng
+    from train.objectives.lm import token_losses
+
+    kwargs: dict[str, Any] = {}
+    for name in ("segment_ids", "prefix"):
+        if name in batch:
+            kwargs[name] = batch[name]
+    logits = apply_fn({"params": params}, batch["inputs"], **kwargs)
+    ce, correct = token_losses(logits, batch["targets"])
+    w = batch["weights"].astype(jnp.float32)
+    return jnp.sum(ce * w), {"weight": jnp.sum(w), "correct": jnp.sum(correct * w)}
+
+
+def per_objective_losses(logits_BxTxV, batch, num_objectives: int) -> tuple[jax.Array, jax.Array]:
+    """(mean loss [K], weight [K]) per objective id, for the controller's validation losses."""
+    from train.objectives.lm import token_losses
+
+    ce, _ = token_losses(logits_BxTxV, batch["targets"])
+    w = batch["weights"].astype(jnp.float32)
+    onehot = jax.nn.one_hot(batch["objective_ids"], num_objectives, dtype=jnp.float32)
+    tot = jnp.einsum("bt,btk->k", ce * w, onehot)
+    cnt = jnp.einsum("bt,btk->k", w, onehot)
+    return tot / jnp.maximum(cnt, 1.0), cnt

@@ -1,0 +1,219 @@
+"""Birdie's reward-driven controller (Blouir et al. 2024, §3.2) as a pytree and pure functions.
+
+At each evaluation the controller receives the validation loss of every objective configuration
+[K] and
+
+1. turns the change since the last evaluation into rewards (`birdie.reward`, per objective) and
+   stores ([log losses ‖ action], rewards) in a fixed-size history;
+2. fits a small reward model (an MLP of `num_layers` layers) on that history by MSE for
+   `train_steps` AdamW steps (warm-started from the previous fit);
+3. picks the next mixture: scores `num_candidates` random points of the simplex with the model,
+   each objective's predicted reward scaled by 1/(number of configurations in its class), and
+   averages the `top_k` best; then mixes in exploration (a random simplex point) with weight ε,
+   decaying linearly from `explore_start` to `explore_end` over the first half of training.
+
+Until `min_history` rewards are known the mixture is uniform per class. The state is a
+`flax.struct.dataclass` of arrays, so it goes into jit and is checkpointed with the train state.
+
+    cfg = ControllerConfig(group_sizes=tuple(birdie.group_sizes(objs)), total_steps=10_000)
+    state = controller_init(cfg, jax.random.key(0))
+    mixture = state.mixture                                  # [K], sample objectives with it
+    if should_update(cfg, step):
+        state = controller_update(cfg, state, val_losses_K, step)   # jit with static cfg
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from train.objectives.birdie import reward_jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class ControllerConfig:
+    group_sizes: tuple            # [K] configurations in each objective's class
+    total_steps: int              # training steps: exploration decays over the first half
+    eval_every: int = 250         # steps between controller updates (validation losses)
+    first_eval: int = 0           # first update step (0: eval_every)
+    history: int = 64             # M: (state, action) → reward pairs kept (ring buffer)
+    hidden: int = 64              # reward-model width
+    num_layers: int = 4           # reward-model layers (MLP)
+    train_steps: int = 300        # AdamW steps per update
+    learning_rate: float = 3e-3
+    weight_decay: float = 1e-4
+    num_candidates: int = 2048    # random simplex points scored per update
+    top_k: int = 8                # best candidates averaged into the next mixture
+    explore_start: float = 0.5
+    explore_end: float = 0.2
+    min_history: int = 2          # rewards needed before the controller replaces the uniform mix
+
+    def __post_init__(self):
+        object.__setattr__(self, "group_sizes", tuple(int(g) for g in self.group_sizes))
+        if not self.group_sizes or min(self.group_sizes) < 1:
+            raise ValueError(f"group_sizes={self.group_sizes} must be non-empty positive counts")
+        for name in ("total_steps", "eval_every", "history", "hidden", "num_layers",
+                     "num_candidates", "top_k", "min_history"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+        if self.train_steps < 0 or self.first_eval < 0:
+            raise ValueError(f"train_steps={self.train_steps}, first_eval={self.first_eval} "
+                             "must be >= 0")
+        if self.top_k > self.num_candidates:
+            raise ValueError(f"top_k={self.top_k} must be <= num_candidates={self.num_candidates}")
+        if not 0.0 <= self.explore_end <= self.explore_start <= 1.0:
+            raise ValueError(f"explore_start={self.explore_start}, explore_end={self.explore_end}: "
+                             "need 0 <= explore_end <= explore_start <= 1")
+
+    @property
+    def num_objectives(self) -> int:
+        return len(self.group_sizes)
+
+
+@flax.struct.dataclass
+class ControllerState:
+    mixture: jax.Array        # [K] float32: the sampling mixture to use now
+    last_losses: jax.Array    # [K] float32: validation losses at the last update
+    has_losses: jax.Array     # [] bool: last_losses is set
+    inputs: jax.Array         # [M, 2K] float32: [log losses ‖ action] history
+    rewards: jax.Array        # [M, K] float32: rewards observed after each action
+    count: jax.Array          # [] int32: history entries written (ring buffer index = count % M)
+    model: dict               # reward-model parameters
+    key: jax.Array            # [2] uint32 raw PRNG key (checkpoint friendly)
+    num_updates: jax.Array    # [] int32
+
+
+def uniform_mixture(cfg: ControllerConfig) -> jax.Array:
+    """[K]: each class equally likely, split evenly inside a class."""
+    p = 1.0 / jnp.asarray(cfg.group_sizes, jnp.float32)
+    return p / p.sum()
+
+
+def exploration(cfg: ControllerConfig, step) -> jax.Array:
+    """ε(step): explore_start → explore_end linearly over the first half of training."""
+    frac = jnp.clip(jnp.asarray(step, jnp.float32) / (0.5 * cfg.total_steps), 0.0, 1.0)
+    return cfg.explore_start + (cfg.explore_end - cfg.explore_start) * frac
+
+
+def should_update(cfg: ControllerConfig, step: int) -> bool:
+    """Whether `step` is an evaluation step of the controller's schedule."""
+    first = cfg.first_eval or cfg.eval_every
+    return step >= first and (step - first) % cfg.eval_every == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The reward model: MLP [.., 2K] → [.., K]
+# ---------------------------------------------------------------------------------------------
+def _model_init(cfg: ControllerConfig, key) -> dict:
+    K = cfg.num_objectives
+    sizes = [2 * K] + [cfg.hidden] * (cfg.num_layers - 1) + [K]
+    params = {}
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        key, sub = jax.random.split(key)
+        params[f"w{i}"] = jax.random.normal(sub, (a, b), jnp.float32) / math.sqrt(a)
+        params[f"b{i}"] = jnp.zeros((b,), jnp.float32)
+    return params
+
+
+def reward_model(params: dict, x_NxI) -> jax.Array:
+    """Predicted rewards [N, K] of inputs [N, 2K] = [log losses ‖ action]."""
+    n = len(params) // 2
+    h = x_NxI
+    for i in range(n):
+        h = h @ params[f"w{i}"] + params[f"b{i}"]
+        if i < n - 1:
+            h = jax.nn.gelu(h)
+    return h
+
+
+def controller_init(cfg: ControllerConfig, key) -> ControllerState:
+    if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    key = jnp.asarray(key, jnp.uint32)
+    key, sub = jax.random.split(key)
+    K, M = cfg.num_objectives, cfg.history
+    return ControllerState(
+        mixture=uniform_mixture(cfg),
+        last_losses=jnp.zeros((K,), jnp.float32),
+        has_losses=jnp.zeros((), bool),
+        inputs=jnp.zeros((M, 2 * K), jnp.float32),
+        rewards=jnp.zeros((M, K), jnp.float32),
+        count=jnp.zeros((), jnp.int32),
+        model=_model_init(cfg, sub),
+        key=key,
+        num_updates=jnp.zeros((), jnp.int32),
+    )
+
+
+def _features(losses_K, action_K):
+    return jnp.concatenate([jnp.log(jnp.maximum(losses_K, 1e-6)), action_K], axis=-1)
+
+
+def fit_reward_model(cfg: ControllerConfig, params: dict, inputs_MxI, rewards_MxK, valid_M):
+    """`train_steps` AdamW steps of masked MSE on the history; returns (params, final loss)."""
+    opt = optax.adamw(cfg.learning_rate, weight_decay=cfg.weight_decay)
+    w = valid_M.astype(jnp.float32)[:, None]
+
+    def mse(p):
+        err = reward_model(p, inputs_MxI) - rewards_MxK
+        return jnp.sum(w * err ** 2) / jnp.maximum(w.sum() * rewards_MxK.shape[-1], 1.0)
+
+    def body(_, carry):
+        p, o = carry
+        g = jax.grad(mse)(p)
+        upd, o = opt.update(g, o, p)
+        return optax.apply_updates(p, upd), o
+
+    params, _ = jax.lax.fori_loop(0, cfg.train_steps, body, (params, opt.init(params)))
+    return params, mse(params)
+
+
+def propose_mixture(cfg: ControllerConfig, params: dict, losses_K, key) -> jax.Array:
+    """Greedy mixture [K]: mean of the top_k random simplex points by scaled predicted reward."""
+    K = cfg.num_objectives
+    cand = jax.random.dirichlet(key, jnp.ones((K,), jnp.float32), (cfg.num_candidates,))
+    x = _features(jnp.broadcast_to(losses_K, cand.shape), cand)
+    pred = reward_model(params, x) / jnp.asarray(cfg.group_sizes, jnp.float32)
+    score = pred.sum(-1)
+    _, top = jax.lax.top_k(score, cfg.top_k)
+    return cand[top].mean(0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def controller_update(cfg: ControllerConfig, state: ControllerState, val_losses_K,
+                      step) -> ControllerState:
+    """One evaluation: record rewards, refit the reward model, choose the next mixture."""
+    K, M = cfg.num_objectives, cfg.history
+    losses = jnp.asarray(val_losses_K, jnp.float32).reshape(K)
+    key, k_cand, k_explore = jax.random.split(state.key, 3)
+
+    # 1. rewards of the action taken since the last evaluation
+    r = reward_jnp(jnp.where(state.has_losses, state.last_losses, losses), losses)
+    x = _features(state.last_losses, state.mixture)
+    slot = state.count % M
+    write = state.has_losses
+    inputs = jnp.where(write, state.inputs.at[slot].set(x), state.inputs)
+    rewards = jnp.where(write, state.rewards.at[slot].set(r), state.rewards)
+    count = state.count + write.astype(jnp.int32)
+
+    # 2. refit the reward model on the filled history
+    valid = jnp.arange(M) < jnp.minimum(count, M)
+    model, _ = fit_reward_model(cfg, state.model, inputs, rewards, valid)
+
+    # 3. the next mixture
+    greedy = propose_mixture(cfg, model, losses, k_cand)
+    eps = exploration(cfg, step)
+    explore = jax.random.dirichlet(k_explore, jnp.ones((K,), jnp.float32))
+    mixture = (1.0 - eps) * greedy + eps * explore
+    mixture = jnp.where(count >= cfg.min_history, mixture, uniform_mixture(cfg))
+    mixture = mixture / mixture.sum()
+    return ControllerState(mixture=mixture, last_losses=losses, has_losses=jnp.ones((), bool),
+                           inputs=inputs, rewards=rewards, count=count, model=model, key=key,
+                           num_updates=state.num_updates + 1)
