@@ -1,0 +1,225 @@
+"""Tokens/s and MFU of the baseline LM's train step, against a matmul peak measured in the same run.
+
+    python -m benchmarks.trainer                      # size "small", float32 on CPU
+    python -m benchmarks.trainer --size tiny --steps 5
+    python -m benchmarks.trainer --size medium --devices 0     # accelerators: all local chips
+
+What is timed: one jitted, donated train step of `train.trainer` (forward, backward, AdamW update)
+on a fixed batch already on the device, median of `--steps` runs after warm-up
+(`benchmarks.harness.time_fn`). Data loading is not timed.
+
+Peak: the median time of a jitted [n, n] @ [n, n] matmul in the compute dtype on one device,
+FLOP/s = 2n³ / t (n = `--peak-n`: 2048 on a CPU; on an accelerator 8192, chained 10 times in one
+call so dispatch does not count), measured before and after the train step (the higher kept). MFU = model FLOP/s / (peak × devices).
+
+Model FLOPs per token (forward + backward), the standard estimate (Kaplan et al. 2020; PaLM,
+Chowdhery et al. 2022, appendix B):
+
+    6·N + 12·L·T·D
+
+N counts the parameters that take part in a matmul per token: every parameter except the input
+embedding table when embeddings are untied (a lookup, not a matmul); with tied embeddings the table
+is the LM head and is counted once. 12·L·T·D is attention's QKᵀ and AV, counted without the
+causal-mask saving. Norm scales are counted in N (a negligible overcount).
+
+Writes `benchmarks/results/trainer-DEVICE.json` (device, versions, shapes, times, ratio).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import harness
+
+# Sizes: the model and batch of each. "tiny" is train/configs/lm.py:tiny; "small" is large enough
+# that the step is matmul-bound on a CPU and still runs in about a minute on 2 cores; "medium" is
+# for accelerators (GPT-2-small shape at a short sequence).
+SIZES = {
+    "tiny": dict(width=64, num_layers=2, num_heads=4, seq_len=64, batch_size=32),
+    "small": dict(width=256, num_layers=4, num_heads=4, seq_len=256, batch_size=8),
+    "medium": dict(width=768, num_layers=12, num_heads=12, seq_len=1024, batch_size=16),
+}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def make_config(size: str, *, dtype: str, num_devices: int):
+    """The lm.py config at `size`: data-parallel over `num_devices`, no checkpoints or evals."""
+    from train.configs import lm as lm_config
+
+    if size not in SIZES:
+        raise ValueError(f"size={size!r} is not allowed; use one of {sorted(SIZES)}")
+    s = SIZES[size]
+    c = lm_config.get_config("tiny")
+    c.model.width = s["width"]
+    c.model.num_layers = s["num_layers"]
+    c.model.num_heads = s["num_heads"]
+    c.model.dtype = dtype
+    c.model.remat = False
+    c.seq_len = s["seq_len"]
+    c.batch_size = s["batch_size"] * num_devices
+    c.num_steps = 1000          # only shapes the LR schedule; steps are driven here
+    c.checkpoint_every = 0
+    c.eval_every = 0
+    c.progress = False
+    c.data.source = "memory"    # never read: the batch is synthetic
+    c.mesh.update(dict(data=num_devices, fsdp=1, model=1))
+    return c
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def matmul_flops_per_token(config, params) -> dict:
+    """6·N + 12·L·T·D with N as in the module docstring."""
+    m = config.model
+    n_total = count_params(params)
+    n_embed_lookup = 0 if m.tie_embeddings else m.vocab_size * m.width
+    n = n_total - n_embed_lookup
+    L, T, D = m.num_layers, config.seq_len, m.width
+    dense = 6 * n
+    attention = 12 * L * T * D
+    return {"n_params_total": n_total, "n_params_matmul": n, "dense_flops_per_token": dense,
+            "attention_flops_per_token": attention, "flops_per_token": dense + attention}
+
+
+def measure_peak(n: int, dtype, device, *, reps: int = 1, runs: int = 5) -> dict:
+    """Matmul FLOP/s of one device in `dtype`: median of `runs` calls of one jitted chain of
+    `reps` [n,n]@[n,n] products (a chain, so that on an accelerator the time is the matmuls'
+    and not the dispatch of one call). w is scaled by 1/√n so the chain stays finite."""
+    ka, kb = jax.random.split(jax.random.key(0))
+    x = jax.device_put(jax.random.normal(ka, (n, n), jnp.float32).astype(dtype), device)
+    w = jax.device_put((jax.random.normal(kb, (n, n), jnp.float32) / math.sqrt(n)).astype(dtype),
+                       device)
+
+    @jax.jit
+    def chain(x, w):
+        return jax.lax.fori_loop(
+            0, reps, lambda i, y: jnp.dot(y, w, preferred_element_type=dtype), x)
+
+    t = harness.time_fn(lambda: chain(x, w), warmup=2, runs=runs)
+    flops = 2 * n ** 3 * reps
+    return {"n": n, "reps": reps, "dtype": jnp.dtype(dtype).name, "flops": flops,
+            "flops_per_s": flops / t["median_s"], "time": t}
+
+
+def synthetic_batch(config, rng: np.random.Generator) -> dict:
+    """{"inputs", "targets", "weights"} [B, T] of random byte tokens (the shapes of the pipeline)."""
+    B, T = config.batch_size, config.seq_len
+    tokens = rng.integers(0, 256, size=(B, T + 1), dtype=np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "weights": np.ones((B, T), np.float32)}
+
+
+def run(size: str = "small", *, steps: int = 5, warmup: int = 2, devices: int = 1,
+        dtype: str | None = None, peak_n: int | None = None, out_dir=None) -> dict:
+    """Measures and writes the benchmark; returns the JSON payload (without harness fields)."""
+    from train import trainer
+
+    all_devices = jax.devices()
+    if devices < 0 or devices > len(all_devices):
+        raise ValueError(f"devices={devices} is not allowed; use 0 (all) or 1..{len(all_devices)}")
+    devs = all_devices if devices == 0 else all_devices[:devices]
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be ≥ 1")
+    if dtype is None:  # the compute dtype an accelerator user trains in
+        dtype = "float32" if devs[0].platform == "cpu" else "bfloat16"
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not allowed; use one of {sorted(_DTYPES)}")
+    # A 2048³ product saturates a CPU; an accelerator needs bigger ones, chained, to reach its
+    # peak (a single 2048³ bf16 product on an H200 measures ~120 of its ~800 TFLOP/s).
+    on_cpu = devs[0].platform == "cpu"
+    peak_n = peak_n or (2048 if on_cpu else 8192)
+    peak_reps = 1 if on_cpu else 10
+
+    # The peak is measured before and after the train step and the faster of the two kept: on a
+    # shared machine contention only ever lowers a measurement.
+    peak_before = measure_peak(peak_n, _DTYPES[dtype], devs[0], reps=peak_reps)
+
+    config = make_config(size, dtype=dtype, num_devices=len(devs))
+    t0 = time.perf_counter()
+    r = trainer.setup(config, devices=devs)
+    state = trainer.init_state(r)
+    step_fn = trainer.make_train_step(r)
+    batch = trainer.to_device(synthetic_batch(config, np.random.default_rng(0)), r.batch_sharding)
+    flops = matmul_flops_per_token(config, state.params)
+
+    box = {"state": state}
+
+    def one_step():
+        # The step donates its state, so each call consumes the previous call's output.
+        box["state"], metrics = step_fn(box["state"], batch)
+        return metrics
+
+    jax.block_until_ready(one_step())   # compile
+    compile_s = time.perf_counter() - t0
+    t = harness.time_fn(one_step, warmup=warmup, runs=steps)
+    loss = float(one_step()["loss"])
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"benchmark train step produced loss={loss}")
+
+    peak_after = measure_peak(peak_n, _DTYPES[dtype], devs[0], reps=peak_reps)
+    peak = max(peak_before, peak_after, key=lambda p: p["flops_per_s"])
+    peak = {**peak, "flops_per_s_before": peak_before["flops_per_s"],
+            "flops_per_s_after": peak_after["flops_per_s"]}
+
+    tokens_per_step = config.batch_size * config.seq_len
+    tokens_per_s = tokens_per_step / t["median_s"]
+    model_flops_per_s = tokens_per_s * flops["flops_per_token"]
+    peak_total = peak["flops_per_s"] * len(devs)
+    m = config.model
+    payload = {
+        "size": size,
+        "shapes": {"batch_size": config.batch_size, "seq_len": config.seq_len,
+                   "width": m.width, "num_layers": m.num_layers, "num_heads": m.num_heads,
+                   "mlp": m.mlp, "vocab_size": m.vocab_size, "tie_embeddings": m.tie_embeddings,
+                   "compute_dtype": dtype, "param_dtype": "float32",
+                   "devices_used": len(devs), "mesh": dict(config.mesh)},
+        "flops_formula": ("6*N + 12*L*T*D per token (forward+backward; N = parameters in "
+                          "matmuls, input embedding excluded when untied; attention counted "
+                          "without the causal saving)"),
+        **flops,
+        "peak": peak,
+        "step_time": t,
+        "compile_and_init_s": compile_s,
+        "tokens_per_step": tokens_per_step,
+        "tokens_per_s": tokens_per_s,
+        "model_flops_per_s": model_flops_per_s,
+        "peak_flops_per_s_total": peak_total,
+        # The ratio: model FLOP/s over the matmul peak measured above.
+        "mfu": model_flops_per_s / peak_total,
+        "last_loss": loss,
+    }
+    harness.write_result("trainer", payload, out_dir=out_dir)
+    return payload
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", default="small", choices=sorted(SIZES))
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--devices", type=int, default=1, help="devices to use (0: all local)")
+    p.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
+                   help="compute dtype (default float32 on CPU, bfloat16 elsewhere)")
+    p.add_argument("--peak-n", type=int, default=None,
+                   help="matmul size for the peak (default 2048 on CPU, 8192 elsewhere)")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    a = p.parse_args(argv)
+    res = run(a.size, steps=a.steps, warmup=a.warmup, devices=a.devices, dtype=a.dtype,
+              peak_n=a.peak_n, out_dir=a.out)
+    print(f"{res['size']}: {res['tokens_per_s']:,.0f} tokens/s, "
+          f"{res['model_flops_per_s'] / 1e9:.2f} model GFLOP/s, peak "
+          f"{res['peak_flops_per_s_total'] / 1e9:.2f} GFLOP/s ({res['peak']['dtype']}), "
+          f"MFU {100 * res['mfu']:.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,77 @@
+"""The benchmark harness and `benchmarks.trainer` at a tiny size (a smoke test: no time asserted)."""
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import harness
+from benchmarks import trainer as bench
+
+
+def test_time_fn_calls_warmup_plus_runs():
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return jax.numpy.ones(3)
+
+    t = harness.time_fn(fn, warmup=2, runs=3)
+    assert len(calls) == 5
+    assert t["runs"] == 3 and len(t["times_s"]) == 3
+    assert t["min_s"] <= t["median_s"]
+    assert t["median_s"] == sorted(t["times_s"])[1]
+
+
+def test_write_result(tmp_path):
+    path = harness.write_result("unit", {"x": 1}, out_dir=tmp_path)
+    doc = json.loads(path.read_text())
+    assert path.name == f"unit-{harness.device_tag()}.json"
+    assert doc["x"] == 1 and doc["benchmark"] == "unit"
+    assert doc["device"]["platform"] == jax.devices()[0].platform
+    assert "jax" in doc["versions"] and "python" in doc["versions"]
+
+
+def test_flops_per_token_formula():
+    """6·N + 12·L·T·D, with the input table left out of N only when embeddings are untied."""
+    c = bench.make_config("tiny", dtype="float32", num_devices=1)
+    V, D, L, T = c.model.vocab_size, c.model.width, c.model.num_layers, c.seq_len
+    params = {"embed": np.zeros((V, D)), "w": np.zeros((D, 3 * D))}
+    tied = bench.matmul_flops_per_token(c, params)
+    assert tied["n_params_matmul"] == V * D + 3 * D * D
+    assert tied["flops_per_token"] == 6 * (V * D + 3 * D * D) + 12 * L * T * D
+    c.model.tie_embeddings = False
+    untied = bench.matmul_flops_per_token(c, {**params, "head": np.zeros((D, V))})
+    assert untied["n_params_total"] == 2 * V * D + 3 * D * D
+    assert untied["n_params_matmul"] == V * D + 3 * D * D
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="size="):
+        bench.make_config("huge", dtype="float32", num_devices=1)
+    with pytest.raises(ValueError, match="steps="):
+        bench.run("tiny", steps=0)
+    with pytest.raises(ValueError, match="dtype="):
+        bench.run("tiny", dtype="int8")
+
+
+def test_trainer_benchmark_tiny(tmp_path):
+    res = bench.run("tiny", steps=2, warmup=1, devices=1, peak_n=256, out_dir=tmp_path)
+    doc = json.loads((tmp_path / f"trainer-{harness.device_tag()}.json").read_text())
+    for key in ("device", "versions", "shapes", "step_time", "peak", "tokens_per_s", "mfu",
+                "flops_per_token", "flops_formula"):
+        assert key in doc, key
+    s = doc["shapes"]
+    assert (s["batch_size"], s["seq_len"], s["width"], s["devices_used"]) == (32, 64, 64, 1)
+    # The tiny LM (train/configs/lm.py:tiny): tied 320×64 table, 2 blocks of 4·D² attention,
+    # 2·D·4D GELU MLP and two norm scales, then a final norm.
+    D = 64
+    assert doc["n_params_total"] == 320 * D + 2 * (4 * D * D + 8 * D * D + 2 * D) + D
+    assert doc["tokens_per_step"] == 32 * 64
+    assert math.isclose(doc["tokens_per_s"], 32 * 64 / doc["step_time"]["median_s"])
+    assert math.isclose(doc["mfu"], doc["model_flops_per_s"] / doc["peak_flops_per_s_total"])
+    assert doc["mfu"] > 0 and math.isfinite(doc["mfu"])
+    assert doc["peak"]["dtype"] == "float32" and doc["peak"]["n"] == 256
+    assert doc["peak"]["reps"] == 1  # one product per call on a CPU
+    assert math.isfinite(res["last_loss"])
