@@ -14,14 +14,23 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
 from typing import Any, Optional
 
 import grain.python as grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
+
+
+def as_path(workdir: str | pathlib.Path | epath.Path) -> epath.Path:
+    """A run directory as an epath: local paths made absolute, gs:// and other URLs kept
+    (cloud paths need the matching filesystem package, e.g. gcsfs, installed)."""
+    s = str(workdir)
+    return epath.Path(s if "://" in s else os.path.abspath(s))
 
 
 class Checkpointer:
@@ -29,7 +38,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int = 3,
                  async_save: bool = True):
-        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self.directory = as_path(workdir) / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True)

@@ -335,7 +335,7 @@ class MetricsWriter:
             return
         row = {"step": int(step), **{k: (float(v) if np.ndim(v) == 0 and not isinstance(v, str)
                                          else v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
+        with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
             for k, v in row.items():
@@ -374,7 +374,7 @@ class _Stop:
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
           devices=None) -> dict:
     """Trains (or resumes) a run in `workdir`; returns a summary dict."""
-    workdir = pathlib.Path(workdir)
+    workdir = ckpt_lib.as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     run = setup(config, devices=devices)
     cfg = run.config
@@ -466,7 +466,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 def load_for_eval(workdir, *, step: Optional[int] = None, devices=None):
     """(config, params, model) of a finished or running run, restored onto `devices`
     (default: one device)."""
-    workdir = pathlib.Path(workdir)
+    workdir = ckpt_lib.as_path(workdir)
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "model": 1})
     config.batch_size = config.optim.grad_accum
