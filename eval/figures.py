@@ -28,7 +28,9 @@ SIZES = ("quick", "cpu", "paper")
 FIGURE_MODULES = (
     "eval.lm_mqar",
     "eval.passkey",
+    "eval.landmark_perplexity",
     "eval.phonebook",
+    "eval.birdie_recall",
     "eval.class_incremental",
     "eval.streaming_qa",
 )
@@ -110,4 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the importable module, so the figures register into the registry it reads
+    # (under `python -m`, this file is `__main__`, a second copy with an empty registry).
+    from eval import figures as _figures
+    sys.exit(_figures.main())
