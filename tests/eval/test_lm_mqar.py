@@ -40,3 +40,12 @@ def test_figure_registry_rejects_unknown_names_and_sizes(tmp_path):
     with pytest.raises(ValueError, match="size='huge' is not allowed"):
         figures.run_figure("lm_mqar", size="huge", out=tmp_path)
     assert "lm_mqar" in figures.load_all()
+
+
+def test_figures_cli_sees_registered_figures(repo_root):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "eval.figures", "--only", "nope"], cwd=repo_root,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "unknown figure 'nope'" in r.stderr and "lm_mqar" in r.stderr
