@@ -1,0 +1,387 @@
+"""Online adaptation evaluation for MAC (Tack et al. 2024, §4.1 and Table 1; retention, Fig. 4).
+
+Test documents are streamed into a modulation bank (`memory/bank.py`) one amortization forward
+pass each, with no gradients; then every question aggregates the bank and the frozen LM decodes
+the answer greedily. EM/F1 with SQuAD normalisation (`eval/metrics.py`).
+
+Baselines: the frozen LM without memory; MAC with the answer's document removed from the bank
+("gold removed"); uniform fine-tuning (one Adam step per document on the base LM's next-token
+loss, learning rate picked from a small sweep on a validation stream).
+
+    python -m eval.streaming_qa --workdir RUN --seed S --documents N
+
+reads RUN/mac.msgpack (written by `save_run`) and prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from eval import metrics
+from memory import bank as bank_lib
+from models.mac import MAC, MACConfig, modulated_logits, slot_keys
+from models.transformer import TransformerConfig
+from train.data import facts
+from train.data import tokenizer as tok
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming documents into the bank
+# ---------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _amortize_one(cfg: MACConfig, params, doc_1xS):
+    return MAC(cfg).apply({"params": params}, doc_1xS, method=MAC.amortize)[0]
+
+
+@jax.jit
+def _write(bank, phi_TxD):
+    return bank_lib.write(bank, slot_keys(phi_TxD[None]), phi_TxD[None])
+
+
+def init_bank(cfg: MACConfig, capacity: int) -> bank_lib.Bank:
+    """An empty modulation bank: keys [N, D] (unit mean-pooled φ), values [N, T, D]."""
+    return bank_lib.init(capacity, cfg.width, (cfg.num_tokens, cfg.width))
+
+
+def stream_documents(cfg: MACConfig, params, docs_NxS, bank: bank_lib.Bank) -> bank_lib.Bank:
+    """Appends each document's modulation to the bank: one g forward per document, no grads."""
+    for i in range(docs_NxS.shape[0]):
+        bank = _write(bank, _amortize_one(cfg, params, jnp.asarray(docs_NxS[i:i + 1])))
+    return bank
+
+
+# ---------------------------------------------------------------------------------------------
+# Answering
+# ---------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new", "window", "topk", "use_memory"))
+def _answer(cfg: MACConfig, params, lm_params, questions_BxQ, prompts_BxL, prompt_len_B,
+            memory_NxTxD, valid_BxN, *, max_new: int, window: int, topk: int,
+            use_memory: bool):
+    """Greedy decoding after `question SEP`: tokens [B, L + max_new] with the answers filled in."""
+    B, L = prompts_BxL.shape
+    buf = jnp.concatenate([prompts_BxL, jnp.full((B, max_new), tok.PAD, jnp.int32)], axis=1)
+    if use_memory:
+        mac = MAC(cfg)
+        z = mac.apply({"params": params}, questions_BxQ, memory_NxTxD, valid_BxN,
+                      window=window, topk=topk, method=MAC.aggregate)
+        prefix_kv = mac.apply({"params": params}, z, method=MAC.prefix)
+    else:
+        prefix_kv = None
+    rows = jnp.arange(B)
+
+    def body(i, buf):
+        logits = modulated_logits(cfg, lm_params, buf, prefix_kv)
+        pos = prompt_len_B + i - 1                      # the last filled position
+        nxt = jnp.argmax(logits[rows, pos], -1).astype(jnp.int32)
+        done = (jnp.arange(buf.shape[1])[None] < prompt_len_B[:, None] + i) & (buf == tok.EOS)
+        nxt = jnp.where(done.any(-1), tok.PAD, nxt)
+        return buf.at[rows, prompt_len_B + i].set(nxt)
+
+    return jax.lax.fori_loop(0, max_new, body, buf)
+
+
+def answer(cfg: MACConfig, params, lm_params, questions: Sequence[str], *,
+           memory=None, valid=None, max_new: int = 12, window: Optional[int] = None,
+           topk: Optional[int] = None, q_len: int = 32, batch: int = 64) -> list[str]:
+    """Greedy answers to `questions` (strings), with memory [N, T, D] (+ valid [N] or [B, N]) or
+    without (memory=None: the frozen LM alone, at the same position offset)."""
+    prompts = facts.encode_prompts(questions, q_len)
+    qtok = facts.encode_questions(questions, q_len)
+    plen = (prompts != tok.PAD).sum(-1).astype(np.int32)
+    use_memory = memory is not None
+    if not use_memory:
+        memory = jnp.zeros((1, cfg.num_tokens, cfg.width))
+    n = len(questions)
+    if valid is None:
+        valid = np.ones((n, memory.shape[0]), bool)
+    valid = np.broadcast_to(np.asarray(valid, bool), (n, memory.shape[0]))
+    out = []
+    for s in range(0, n, batch):
+        e = min(n, s + batch)
+        pad = batch - (e - s) if n > batch else 0   # keep one compiled shape across batches
+        sl = lambda a: np.concatenate([a[s:e], np.repeat(a[s:s + 1], pad, 0)])  # noqa: E731
+        buf = _answer(cfg, params, lm_params, jnp.asarray(sl(qtok)), jnp.asarray(sl(prompts)),
+                      jnp.asarray(sl(plen)), jnp.asarray(memory), jnp.asarray(sl(valid)),
+                      max_new=max_new, window=window or 0, topk=topk or 0,
+                      use_memory=use_memory)
+        buf = np.asarray(buf)
+        for b in range(e - s):
+            gen = buf[b, plen[s + b]:]
+            stop = np.flatnonzero(gen >= tok.NUM_BYTES)
+            gen = gen[: stop[0]] if stop.size else gen
+            out.append(tok.decode(gen))
+    return out
+
+
+def score(preds: Sequence[str], answers, *, lenient: bool = False) -> dict:
+    return metrics.squad_scores(list(preds), list(answers), lenient=lenient)
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines: uniform fine-tuning
+# ---------------------------------------------------------------------------------------------
+def _ft_optimizer():
+    # The learning rate lives in the optimizer state, so one compiled step serves the sweep.
+    return optax.inject_hyperparams(optax.adam)(learning_rate=0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _ft_step(cfg: MACConfig, lm_params, opt_state, doc_1xS):
+    from train.objectives.mac import lm_loss
+    batch = {"inputs": doc_1xS[:, :-1], "targets": doc_1xS[:, 1:],
+             "weights": (doc_1xS[:, 1:] != tok.PAD).astype(jnp.float32)}
+    g = jax.grad(lambda q: lm_loss(cfg.lm, q, batch))(lm_params)
+    u, opt_state = _ft_optimizer().update(g, opt_state, lm_params)
+    return optax.apply_updates(lm_params, u), opt_state
+
+
+def uniform_finetune(cfg: MACConfig, lm_params, docs_NxS, *, lr: float):
+    """One Adam step per document (in stream order) on the base LM's next-token loss."""
+    state = _ft_optimizer().init(lm_params)
+    state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
+    p = lm_params
+    for i in range(docs_NxS.shape[0]):
+        p, state = _ft_step(cfg, p, state, jnp.asarray(docs_NxS[i:i + 1]))
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# The full evaluation
+# ---------------------------------------------------------------------------------------------
+def _stream(split: str, n: int, seed: int, doc_len: int):
+    docs = facts.fact_stream(split, n, seed)
+    recs = facts.qa_records(docs, questions_per_doc=None)
+    return docs, recs, facts.encode_documents([d["document"] for d in docs], doc_len)
+
+
+def evaluate(cfg: MACConfig, params, lm_params, *, documents: int = 16, seed: int = 0,
+             doc_len: int = 112, q_len: int = 32, window: Optional[int] = None,
+             topk: Optional[int] = None, baselines: bool = True,
+             ft_lrs: Sequence[float] = (1e-4, 1e-3, 1e-2), lenient: bool = False) -> dict:
+    """EM/F1 on a test stream of `documents` documents (all their questions).
+
+    Keys: mac_flat, mac_hierarchical (window W or N/4), mac_topk (k or N/4), gold_removed,
+    no_memory, uniform_ft (best lr of the sweep on a validation stream), and adapt_seconds.
+    """
+    docs, recs, dtok = _stream("test", documents, seed, doc_len)
+    qs = [r["question"] for r in recs]
+    ans = [r["answer"] for r in recs]
+    gold = np.array([r["doc_id"] for r in recs])
+    bank = init_bank(cfg, documents)
+    jax.block_until_ready(_amortize_one(cfg, params, jnp.asarray(dtok[:1])))  # compile first
+    t0 = time.perf_counter()
+    bank = stream_documents(cfg, params, dtok, bank)
+    jax.block_until_ready(bank.values)
+    adapt_s = (time.perf_counter() - t0) / documents
+    mem, valid = bank.values, np.asarray(bank.valid)
+    w = window or max(2, documents // 4)
+    k = topk or max(1, documents // 4)
+    res: dict[str, Any] = {"documents": documents, "questions": len(qs)}
+    run = lambda **kw: score(answer(cfg, params, lm_params, qs, q_len=q_len, **kw), ans,  # noqa
+                             lenient=lenient)
+    res["mac_flat"] = run(memory=mem, valid=valid, window=0, topk=0)
+    res["mac_hierarchical"] = run(memory=mem, valid=valid, window=w, topk=0)
+    res["mac_topk"] = run(memory=mem, valid=valid, window=0, topk=k)
+    if baselines:
+        no_gold = valid[None, :] & (np.arange(documents)[None, :] != gold[:, None])
+        res["gold_removed"] = run(memory=mem, valid=no_gold, window=0, topk=0)
+        res["no_memory"] = run(memory=None)
+        vdocs, vrecs, vtok = _stream("validation", documents, seed + 1, doc_len)
+        sweep = {}
+        for lr in ft_lrs:
+            p = uniform_finetune(cfg, lm_params, vtok, lr=lr)
+            sweep[lr] = score(answer(cfg, params, p, [r["question"] for r in vrecs],
+                                     q_len=q_len), [r["answer"] for r in vrecs])["f1"]
+        best = max(sweep, key=sweep.get)
+        p = uniform_finetune(cfg, lm_params, dtok, lr=best)
+        res["uniform_ft"] = score(answer(cfg, params, p, qs, q_len=q_len), ans,
+                                  lenient=lenient)
+        res["uniform_ft"]["lr"] = best
+        res["uniform_ft_sweep"] = {str(k_): v for k_, v in sweep.items()}
+    res["adapt_seconds_per_document"] = adapt_s
+    return res
+
+
+def retention(cfg: MACConfig, params, lm_params, *, first: int = 16,
+              bank_sizes: Sequence[int] = (16, 32, 48, 64), seed: int = 0,
+              doc_len: int = 112, q_len: int = 32, window: Optional[int] = None) -> dict:
+    """F1 on the first `first` documents' questions as the bank grows, relative to its value
+    when the bank holds only them (paper Fig. 4)."""
+    n = max(bank_sizes)
+    docs, recs, dtok = _stream("test", n, seed, doc_len)
+    first_recs = [r for r in recs if r["doc_id"] < first]
+    qs = [r["question"] for r in first_recs]
+    ans = [r["answer"] for r in first_recs]
+    bank = init_bank(cfg, n)
+    f1, done = {}, 0
+    for size in sorted(bank_sizes):
+        bank = stream_documents(cfg, params, dtok[done:size], bank)
+        done = size
+        f1[size] = score(answer(cfg, params, lm_params, qs, memory=bank.values, valid=bank.valid,
+                                window=window or 0, q_len=q_len), ans)["f1"]
+    base = f1[min(bank_sizes)]
+    return {"f1": f1, "relative_f1": {s: (v / base if base > 0 else 0.0) for s, v in f1.items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs on disk
+# ---------------------------------------------------------------------------------------------
+def save_run(workdir, cfg: MACConfig, params, lm_params, extra: Optional[dict] = None) -> None:
+    """RUN/mac.msgpack (params + base LM params) and RUN/mac_config.json."""
+    import dataclasses
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "mac.msgpack").write_bytes(
+        flax.serialization.msgpack_serialize({"mac": params, "lm": lm_params}))
+    c = dataclasses.asdict(cfg)
+    c.pop("dtype"), c.pop("param_dtype")
+    c["lm"].pop("dtype"), c["lm"].pop("param_dtype")
+    (workdir / "mac_config.json").write_text(json.dumps({"config": c, **(extra or {})},
+                                                        indent=2))
+
+
+def load_run(workdir) -> tuple[MACConfig, Any, Any]:
+    workdir = pathlib.Path(workdir)
+    if not (workdir / "mac.msgpack").exists():
+        raise FileNotFoundError(f"no MAC run in {workdir}: expected mac.msgpack (save_run)")
+    c = json.loads((workdir / "mac_config.json").read_text())["config"]
+    lm = TransformerConfig(**c.pop("lm"))
+    cfg = MACConfig(lm=lm, **c)
+    state = flax.serialization.msgpack_restore((workdir / "mac.msgpack").read_bytes())
+    to_jnp = lambda t: jax.tree_util.tree_map(jnp.asarray, t)  # noqa: E731
+    return cfg, to_jnp(state["mac"]), to_jnp(state["lm"])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description="MAC streaming QA evaluation (one JSON line)")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--documents", type=int, default=16)
+    p.add_argument("--window", type=int, default=0)
+    p.add_argument("--topk", type=int, default=0)
+    p.add_argument("--lenient", action="store_true")
+    p.add_argument("--no_baselines", action="store_true")
+    a = p.parse_args(argv)
+    cfg, params, lm_params = load_run(a.workdir)
+    res = evaluate(cfg, params, lm_params, documents=a.documents, seed=a.seed,
+                   window=a.window or None, topk=a.topk or None, baselines=not a.no_baselines,
+                   lenient=a.lenient)
+    print(json.dumps(res, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures: `python -m eval.figures --only mac_online_adaptation|mac_retention --size S`
+# ---------------------------------------------------------------------------------------------
+def figure_settings(size: str) -> dict:
+    """Model and training sizes per figure size (quick: `make demo`, cpu: `make figures`)."""
+    from train.configs import mac as mac_configs
+    variant = {"quick": "quick", "cpu": "tiny", "paper": "paper"}[size]
+    return mac_configs.get_config(variant)
+
+
+def train_or_load(size: str, seed: int, out: pathlib.Path):
+    """The MAC run a figure needs: reused from out/mac_run-SIZE-sSEED if present, else trained
+    (stage 1 base LM, stage 2 meta-training on the train split) and saved there."""
+    from train.configs import mac as mac_configs
+    from train.objectives import mac as obj
+    workdir = pathlib.Path(out) / f"mac_run-{size}-s{seed}"
+    if (workdir / "mac.msgpack").exists():
+        return load_run(workdir)
+    c = figure_settings(size)
+    cfg = mac_configs.mac_config(c)
+    lengths = obj.Lengths(**c.lengths)
+    key = jax.random.key(seed)
+    k_lm, k_mac = jax.random.split(key)
+    train_docs = facts.fact_stream("train", c.data.train_documents, seed)
+    t0 = time.time()
+    lm_params, lm_losses = obj.train_base_lm(
+        cfg.lm, obj.lm_batches(train_docs, c.stage1.batch_size, lengths.lm, seed),
+        num_steps=c.stage1.num_steps, key=k_lm, lr=c.stage1.lr,
+        warmup_steps=c.stage1.warmup_steps, log_every=c.log_every)
+    enc = obj.encode_docs(train_docs, lengths)
+    params, hist = obj.meta_train(
+        cfg, lm_params, obj.meta_batches(enc, c.batch_size, seed + 1), num_steps=c.num_steps,
+        key=k_mac, lr=c.stage2.lr, warmup_steps=c.stage2.warmup_steps, clip=c.stage2.clip,
+        rho=c.stage2.rho, curriculum_steps=c.stage2.curriculum_steps, log_every=c.log_every)
+    save_run(workdir, cfg, params, lm_params,
+             {"size": size, "seed": seed, "train_seconds": round(time.time() - t0, 1),
+              "stage1_final_loss": float(np.mean(lm_losses[-50:])),
+              "stage2_final_loss": float(np.mean([h["loss"] for h in hist[-50:]]))})
+    return cfg, params, lm_params
+
+
+METHODS = ("no_memory", "gold_removed", "uniform_ft", "mac_flat", "mac_hierarchical", "mac_topk")
+
+
+def _register_figures():
+    from eval.figures import register, write_csv
+
+    @register("mac_online_adaptation")
+    def mac_online_adaptation(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        c = figure_settings(size)
+        cfg, params, lm_params = train_or_load(size, seed, out)
+        res = evaluate(cfg, params, lm_params, documents=c.eval.documents, seed=seed + 1000)
+        em = {m: res[m]["em"] for m in METHODS}
+        f1 = {m: res[m]["f1"] for m in METHODS}
+        write_csv(out / "mac_online_adaptation.csv", ["method", "em", "f1"],
+                  [(m, em[m], f1[m]) for m in METHODS])
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        x = np.arange(len(METHODS))
+        ax.bar(x - 0.2, [em[m] for m in METHODS], 0.4, label="EM")
+        ax.bar(x + 0.2, [f1[m] for m in METHODS], 0.4, label="F1")
+        ax.set_xticks(x, METHODS, rotation=20)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"MAC online adaptation, {c.eval.documents} held-out documents ({size})")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "mac_online_adaptation.png", dpi=120)
+        plt.close(fig)
+        return {"em": em, "f1": f1, "documents": c.eval.documents,
+                "uniform_ft_lr": res["uniform_ft"]["lr"],
+                "adapt_seconds_per_document": res["adapt_seconds_per_document"]}
+
+    @register("mac_retention")
+    def mac_retention(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        c = figure_settings(size)
+        cfg, params, lm_params = train_or_load(size, seed, out)
+        first = c.eval.documents
+        sizes = tuple(first * m for m in (1, 2, 3, 4))
+        r = retention(cfg, params, lm_params, first=first, bank_sizes=sizes, seed=seed + 2000)
+        write_csv(out / "mac_retention.csv", ["bank_size", "f1", "relative_f1"],
+                  [(s, r["f1"][s], r["relative_f1"][s]) for s in sizes])
+        fig, ax = plt.subplots(figsize=(4.5, 3.5))
+        ax.plot(sizes, [r["relative_f1"][s] for s in sizes], "o-")
+        ax.set_xlabel("documents in the bank")
+        ax.set_ylabel(f"F1 on the first {first} documents (relative)")
+        ax.set_ylim(0, 1.1)
+        ax.set_title(f"MAC retention ({size})")
+        fig.tight_layout()
+        fig.savefig(out / "mac_retention.png", dpi=120)
+        plt.close(fig)
+        return {"relative_f1": {str(s): r["relative_f1"][s] for s in sizes},
+                "f1": {str(s): r["f1"][s] for s in sizes}}
+
+
+_register_figures()

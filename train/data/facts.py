@@ -1,0 +1,345 @@
+"""Synthetic fact stream for MAC (offline stand-in for StreamingQA), plus real QA loaders.
+
+Each document states facts about one invented entity among distractor sentences:
+
+    "Bodaku lives in Lisbon. The river was calm that morning. Bodaku works as a painter."
+
+and each question asks one of the facts ("Where does Bodaku live?" → "Lisbon"), so its answer
+can only be read from that document. Entity names are two- or three-syllable inventions split
+into train / validation / test sets by a fixed permutation (independent of the stream seed), so
+the splits never share an entity. Streams are deterministic per (split, seed).
+
+Real data, same record format ({"document", "question", "answer", "doc_id"}):
+- SQuAD through `tfds.data_source("squad")` (needs the prepared TFDS dataset; nothing is
+  downloaded at run time);
+- StreamingQA / ArchivalQA from local CSV or JSONL in the official column format
+  (question, answer, text).
+
+Token layout (train/data/tokenizer.py bytes): documents are right-padded with PAD to S; a QA row
+is `question SEP answer EOS` padded to Q, with the loss on the answer and EOS only.
+The TFDS builder `FactStream` writes the same records as array_record files (no TensorFlow).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import pathlib
+from typing import Any, ClassVar, Iterator, Optional, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from train.data import catalog
+from train.data import tokenizer as tok
+
+SPLITS = ("train", "validation", "test")
+
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "h", "j")
+_VOWELS = ("a", "e", "i", "o", "u")
+_SPLIT_SEED = 20240607  # fixed: the entity split does not depend on the stream seed
+
+# Relations: (question template, fact template, closed answer set). Answers are one token-word,
+# so EM and F1 agree; the sets are large enough that guessing scores ≤ 1/16.
+RELATIONS = (
+    ("Where does {e} live?", "{e} lives in {a}.",
+     ("Lisbon", "Oslo", "Cairo", "Lima", "Dakar", "Quito", "Hanoi", "Perth", "Tunis", "Riga",
+      "Sofia", "Kyoto", "Bern", "Accra", "Minsk", "Dublin", "Nairobi", "Havana", "Manila",
+      "Zagreb")),
+    ("What does {e} work as?", "{e} works as a {a}.",
+     ("painter", "baker", "pilot", "nurse", "farmer", "tailor", "judge", "miner", "sailor",
+      "dentist", "poet", "chef", "clerk", "guard", "singer", "potter", "lawyer", "butcher",
+      "weaver", "plumber")),
+    ("What does {e} collect?", "{e} collects {a}.",
+     ("stamps", "coins", "shells", "maps", "clocks", "masks", "kites", "bells", "fossils",
+      "feathers", "buttons", "spoons", "tickets", "records", "lamps", "bottles", "rocks",
+      "postcards", "keys", "cards")),
+)
+
+DISTRACTORS = (
+    "The river was calm that morning.", "A light rain fell over the hills.",
+    "The market opened late.", "Nobody remembered the old bridge.", "The train left on time.",
+    "Bread was cheap that year.", "The museum closed for repairs.", "Birds sang in the park.",
+    "A storm passed to the north.", "The library bought new shelves.",
+    "Tea was served at noon.", "The festival drew a large crowd.", "Snow covered the roofs.",
+    "The harbor was quiet.", "A new road was built.", "The school held a concert.",
+)
+
+
+def _all_names() -> list[str]:
+    syll = [o + v for o in _ONSETS for v in _VOWELS]
+    names = [a + b for a in syll for b in syll] + [a + b + c for a in syll[::3]
+                                                  for b in syll[1::3] for c in syll[2::3]]
+    return sorted(set(n.capitalize() for n in names))
+
+
+def entity_names(split: str) -> list[str]:
+    """The entity names of a split (train 80%, validation 10%, test 10%; pairwise disjoint)."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not allowed; use one of {SPLITS}")
+    names = _all_names()
+    order = np.random.default_rng(_SPLIT_SEED).permutation(len(names))
+    n = len(names)
+    bounds = {"train": (0, int(0.8 * n)), "validation": (int(0.8 * n), int(0.9 * n)),
+              "test": (int(0.9 * n), n)}
+    lo, hi = bounds[split]
+    return [names[i] for i in order[lo:hi]]
+
+
+def make_document(rng: np.random.Generator, entity: str, *, num_distractors: int = 1) -> dict:
+    """One document about `entity`: every relation's fact, in random order, with distractors."""
+    answers = [rel[2][rng.integers(len(rel[2]))] for rel in RELATIONS]
+    sentences = [rel[1].format(e=entity, a=a) for rel, a in zip(RELATIONS, answers)]
+    order = list(rng.permutation(len(sentences)))
+    sentences = [sentences[i] for i in order]
+    for _ in range(num_distractors):
+        pos = int(rng.integers(len(sentences) + 1))
+        sentences.insert(pos, DISTRACTORS[rng.integers(len(DISTRACTORS))])
+    qas = [{"question": rel[0].format(e=entity), "answer": a}
+           for rel, a in zip(RELATIONS, answers)]
+    return {"document": " ".join(sentences), "entity": entity, "qas": qas}
+
+
+def fact_stream(split: str, num_documents: int, seed: int, *,
+                num_distractors: int = 1) -> list[dict]:
+    """`num_documents` documents about distinct entities of `split`, deterministic per seed.
+
+    Each item: {"doc_id", "document", "entity", "qas": [{"question", "answer"}, ...]}.
+    """
+    names = entity_names(split)
+    if not 0 < num_documents <= len(names):
+        raise ValueError(f"num_documents={num_documents} is not allowed for split={split!r}: "
+                         f"use 1..{len(names)} (one entity per document)")
+    salt = SPLITS.index(split)
+    rng = np.random.default_rng([seed, salt])
+    picks = rng.choice(len(names), size=num_documents, replace=False)
+    out = []
+    for i, j in enumerate(picks):
+        d = make_document(rng, names[j], num_distractors=num_distractors)
+        d["doc_id"] = i
+        out.append(d)
+    return out
+
+
+def qa_records(docs: Sequence[dict], *, questions_per_doc: Optional[int] = 1) -> list[dict]:
+    """Flat {"doc_id", "document", "question", "answer"} records (the first k questions per doc)."""
+    out = []
+    for d in docs:
+        qas = d["qas"] if questions_per_doc is None else d["qas"][:questions_per_doc]
+        for qa in qas:
+            out.append({"doc_id": d["doc_id"], "document": d["document"],
+                        "question": qa["question"], "answer": qa["answer"]})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens
+# ---------------------------------------------------------------------------------------------
+def encode_documents(texts: Sequence[str], length: int) -> np.ndarray:
+    """int32 [N, S=length]: document bytes, right-padded with PAD (cut at S)."""
+    return tok.encode_batch(texts, length=length)
+
+
+def encode_prompts(questions: Sequence[str], length: int) -> np.ndarray:
+    """int32 [B, Q]: `question SEP`, right-padded with PAD; the decoder continues after SEP."""
+    rows = [np.concatenate([tok.encode(q), [tok.SEP]]) for q in questions]
+    out = np.full((len(rows), length), tok.PAD, np.int32)
+    for i, r in enumerate(rows):
+        if len(r) > length:
+            raise ValueError(f"question {questions[i]!r} needs {len(r)} tokens > length={length}")
+        out[i, :len(r)] = r
+    return out
+
+
+def encode_questions(questions: Sequence[str], length: int) -> np.ndarray:
+    """int32 [B, Q]: question bytes only (the aggregation network's input), PAD-padded."""
+    return tok.encode_batch(questions, length=length)
+
+
+def encode_qa(questions: Sequence[str], answers: Sequence[str], length: int):
+    """`question SEP answer EOS` rows: tokens [B, Q] int32 and loss weights [B, Q] float32.
+
+    weights[b, t] = 1 where tokens[b, t] is an answer byte or the EOS, i.e. the positions whose
+    *prediction* (from position t-1) is scored.
+    """
+    tokens = np.full((len(questions), length), tok.PAD, np.int32)
+    weights = np.zeros((len(questions), length), np.float32)
+    for i, (q, a) in enumerate(zip(questions, answers)):
+        qi = np.concatenate([tok.encode(q), [tok.SEP]])
+        ai = np.concatenate([tok.encode(a), [tok.EOS]])
+        row = np.concatenate([qi, ai])
+        if len(row) > length:
+            raise ValueError(f"question+answer {q!r}/{a!r} needs {len(row)} tokens > "
+                             f"length={length}")
+        tokens[i, :len(row)] = row
+        weights[i, len(qi):len(row)] = 1.0
+    return tokens, weights
+
+
+# ---------------------------------------------------------------------------------------------
+# Real data
+# ---------------------------------------------------------------------------------------------
+def load_qa_file(path, *, limit: Optional[int] = None) -> list[dict]:
+    """StreamingQA / ArchivalQA rows from a local .csv or .jsonl with columns question, answer,
+    text; documents are de-duplicated into doc_ids in order of first appearance.
+
+    `answer` may hold several answers separated by '|' or (JSONL) a list; records keep a list.
+    """
+    path = pathlib.Path(path)
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    elif path.suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    else:
+        raise ValueError(f"path={str(path)!r} is not allowed: use a .csv or .jsonl file")
+    out, doc_ids = [], {}
+    for n, r in enumerate(rows):
+        missing = {"question", "answer", "text"} - set(r)
+        if missing:
+            raise ValueError(f"{path}: row {n} lacks columns {sorted(missing)}; the official "
+                             "format has question, answer, text")
+        ans = r["answer"]
+        answers = list(ans) if isinstance(ans, list) else [a.strip() for a in str(ans).split("|")]
+        did = doc_ids.setdefault(r["text"], len(doc_ids))
+        out.append({"doc_id": did, "document": r["text"], "question": r["question"],
+                    "answer": answers})
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def load_squad(split: str = "validation", *, limit: Optional[int] = None,
+               data_dir: Optional[str] = None) -> list[dict]:
+    """SQuAD v1.1 records through `tfds.data_source` (the prepared TFDS dataset; no download)."""
+    source = tfds.data_source("squad", split=split, data_dir=data_dir, download=False)
+    out, doc_ids = [], {}
+    n = len(source) if limit is None else min(limit, len(source))
+    for i in range(n):
+        ex = source[i]
+        ctx = _text(ex["context"])
+        answers = [_text(a) for a in ex["answers"]["text"]]
+        did = doc_ids.setdefault(ctx, len(doc_ids))
+        out.append({"doc_id": did, "document": ctx, "question": _text(ex["question"]),
+                    "answer": answers})
+    return out
+
+
+def _text(x) -> str:
+    if isinstance(x, bytes):
+        return x.decode("utf-8")
+    if hasattr(x, "item") and not isinstance(x, str):
+        x = x.item()
+        return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+    return str(x)
+
+
+def iterate_records(records: Sequence[dict], batch: int, seed: int) -> Iterator[list[dict]]:
+    """Endless shuffled batches of records (each epoch a fresh permutation), deterministic."""
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(len(records))
+        for s in range(0, len(order) - batch + 1, batch):
+            yield [records[i] for i in order[s:s + batch]]
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS builder (array_record; TensorFlow not needed), following train/data/mqar.py
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class FactSpec:
+    """What a built fact stream holds: documents per split, the seed, distractors per doc."""
+    train_documents: int = 16000
+    validation_documents: int = 512
+    test_documents: int = 512
+    seed: int = 0
+    num_distractors: int = 1
+
+    def __post_init__(self):
+        for s in SPLITS:
+            n = getattr(self, f"{s}_documents")
+            if not isinstance(n, int) or not 0 < n <= len(entity_names(s)):
+                raise ValueError(f"{s}_documents={n!r} is not allowed; use 1.."
+                                 f"{len(entity_names(s))} (one entity per document)")
+
+    @property
+    def config_name(self) -> str:
+        return (f"n{self.train_documents}-{self.validation_documents}-{self.test_documents}"
+                f"_s{self.seed}_d{self.num_distractors}")
+
+    def documents(self, split: str) -> list[dict]:
+        return fact_stream(split, getattr(self, f"{split}_documents"), self.seed,
+                           num_distractors=self.num_distractors)
+
+
+@dataclasses.dataclass(eq=False)
+class FactStreamConfig(tfds.core.BuilderConfig):
+    spec: FactSpec = dataclasses.field(default_factory=FactSpec)
+
+
+class FactStream(catalog.LocalBuilder):
+    """The fact stream as TFDS dataset "fact_stream": one record per document with
+    {doc_id, entity, document, question_r, answer_r for each relation r}."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS: ClassVar[list[FactStreamConfig]] = [
+        FactStreamConfig(name=FactSpec().config_name, spec=FactSpec())]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        feats = {"doc_id": tfds.features.Scalar(dtype=np.int32),
+                 "entity": tfds.features.Text(), "document": tfds.features.Text()}
+        for r in range(len(RELATIONS)):
+            feats[f"question_{r}"] = tfds.features.Text()
+            feats[f"answer_{r}"] = tfds.features.Text()
+        return tfds.core.DatasetInfo(builder=self, description=__doc__,
+                                     features=tfds.features.FeaturesDict(feats),
+                                     disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download
+        return {split: self._generate_examples(split) for split in SPLITS}
+
+    def _generate_examples(self, split: str):
+        for d in self.builder_config.spec.documents(split):
+            yield d["doc_id"], record_of(d)
+
+
+def record_of(doc: dict) -> dict[str, Any]:
+    """The flat TFDS record of a `fact_stream` document."""
+    rec = {"doc_id": np.int32(doc["doc_id"]), "entity": doc["entity"],
+           "document": doc["document"]}
+    for r, qa in enumerate(doc["qas"]):
+        rec[f"question_{r}"] = qa["question"]
+        rec[f"answer_{r}"] = qa["answer"]
+    return rec
+
+
+def document_of(record: dict) -> dict:
+    """Inverse of `record_of` (accepts bytes or str text fields, as TFDS returns either)."""
+    t = lambda x: x.decode("utf-8") if isinstance(x, bytes) else str(x)  # noqa: E731
+    return {"doc_id": int(record["doc_id"]), "entity": t(record["entity"]),
+            "document": t(record["document"]),
+            "qas": [{"question": t(record[f"question_{r}"]), "answer": t(record[f"answer_{r}"])}
+                    for r in range(len(RELATIONS))]}
+
+
+def builder(spec: FactSpec = FactSpec(), data_dir: Optional[str] = None) -> FactStream:
+    default = FactStream.BUILDER_CONFIGS[0]
+    config = (default.name if spec == default.spec
+              else FactStreamConfig(name=spec.config_name, spec=spec))
+    return FactStream(config=config, data_dir=catalog.resolve_data_dir(data_dir),
+                      file_format="array_record")
+
+
+def build(spec: FactSpec = FactSpec(), data_dir: Optional[str] = None) -> FactStream:
+    """Builds `spec` once into data_dir (reused afterwards); returns the prepared builder."""
+    return catalog.prepare(lambda: builder(spec, data_dir))
+
+
+def data_source(spec: FactSpec, split: str, data_dir: Optional[str] = None):
+    """Random-access array_record source of `split` (records as `record_of`), building first."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not allowed; use one of {SPLITS}")
+    return build(spec, data_dir).as_data_source(split=split)

@@ -1,0 +1,312 @@
+"""MAC training (Tack et al. 2024, §3.2): stage 1 trains the base LM, stage 2 meta-trains g, h and
+the prefix FFN with the base LM frozen.
+
+Stage 2's batch is K documents and one question per document; the documents of the batch are the
+bank for every question (the other K-1 act as distractors). Backpropagation dropout (§3.3): only
+the first ⌊ρ·K⌋ documents are amortized with gradients (the rest under stop_gradient), and only
+their questions are scored; the bank still holds all K modulations. The loss is next-token
+cross-entropy on the answer tokens (and the EOS after them) only. Adam, constant learning rate
+after a linear warm-up, global-norm clipping.
+
+Batches are dicts of numpy/jax arrays:
+    docs       [K, S] int32   document bytes, PAD-padded
+    questions  [K, Q] int32   question bytes (h's input), PAD-padded
+    qa         [K, L] int32   `question SEP answer EOS`, PAD-padded (the LM's input)
+    qa_weights [K, L] float32 1 on the answer bytes and EOS
+Stage 1 batches: {"inputs", "targets", "weights"} [B, T] as `train/objectives/lm.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from models.mac import MAC, MACConfig, modulated_logits
+from models.transformer import Transformer, TransformerConfig
+from train.data import facts
+from train.data import tokenizer as tok
+from train.objectives.lm import token_losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser
+# ---------------------------------------------------------------------------------------------
+def make_optimizer(lr: float, *, warmup_steps: int = 100, clip: float = 1.0,
+                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """Adam(W) with a linear warm-up to a constant `lr` and global-norm clipping (paper: Adam,
+    constant lr, clipping)."""
+    if lr <= 0:
+        raise ValueError(f"lr={lr} must be positive")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
+    sched = (optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps
+             else optax.constant_schedule(lr))
+    sched = optax.join_schedules([sched, optax.constant_schedule(lr)], [warmup_steps])
+    opt = (optax.adamw(sched, weight_decay=weight_decay) if weight_decay
+           else optax.adam(sched))
+    return optax.chain(optax.clip_by_global_norm(clip), opt)
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Plain state for the small self-contained loops here (params, opt_state, step)."""
+    params: Any
+    opt_state: Any
+    step: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: the base LM
+# ---------------------------------------------------------------------------------------------
+def lm_rows(records: Sequence[dict], length: int) -> dict:
+    """Stage-1 rows `document EOS question SEP answer EOS` (loss on every real token).
+
+    Teaches the base LM the QA format and how to read an answer from context in front of it,
+    which is what the prefix later supplies.
+    """
+    rows = []
+    for r in records:
+        ans = r["answer"] if isinstance(r["answer"], str) else r["answer"][0]
+        ids = np.concatenate([tok.encode(r["document"]), [tok.EOS], tok.encode(r["question"]),
+                              [tok.SEP], tok.encode(ans), [tok.EOS]])
+        rows.append(ids[: length + 1])
+    arr = np.full((len(rows), length + 1), tok.PAD, np.int32)
+    for i, r in enumerate(rows):
+        arr[i, :len(r)] = r
+    inputs, targets = arr[:, :-1], arr[:, 1:]
+    return {"inputs": inputs, "targets": targets,
+            "weights": (targets != tok.PAD).astype(np.float32)}
+
+
+def lm_loss(lm_cfg: TransformerConfig, lm_params, batch) -> jax.Array:
+    """Mean next-token cross-entropy over weighted positions."""
+    logits = Transformer(lm_cfg).apply({"params": lm_params}, batch["inputs"])
+    ce, _ = token_losses(logits, batch["targets"])
+    w = batch["weights"].astype(jnp.float32)
+    return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def init_lm(lm_cfg: TransformerConfig, key: jax.Array):
+    """Unboxed base-LM params."""
+    return nn.unbox(Transformer(lm_cfg).init(key, jnp.zeros((1, 8), jnp.int32))["params"])
+
+
+def train_base_lm(lm_cfg: TransformerConfig, batches: Iterator[dict], *, num_steps: int,
+                  key: jax.Array, lr: float = 3e-3, warmup_steps: int = 100,
+                  log_every: int = 0, params=None) -> tuple[Any, list[float]]:
+    """Stage 1: trains (or continues) the base LM on `batches`; returns (params, losses)."""
+    params = init_lm(lm_cfg, key) if params is None else params
+    opt = make_optimizer(lr, warmup_steps=warmup_steps)
+    opt_state = opt.init(params)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(lambda p: lm_loss(lm_cfg, p, batch))(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    losses = []
+    for i in range(num_steps):
+        params, opt_state, loss = step(params, opt_state, next(batches))
+        losses.append(float(loss))
+        if log_every and (i + 1) % log_every == 0:
+            print(f"[mac stage 1] step {i + 1} loss {np.mean(losses[-log_every:]):.4f}",
+                  flush=True)
+    return params, losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: meta-training g, h and the prefix FFN
+# ---------------------------------------------------------------------------------------------
+def num_scored(rho: float, k: int) -> int:
+    """⌊ρ·K⌋ documents get gradients (at least one)."""
+    if not 0.0 < rho <= 1.0:
+        raise ValueError(f"rho={rho} is not allowed; backpropagation dropout needs 0 < ρ ≤ 1")
+    return max(1, int(math.floor(rho * k + 1e-9)))
+
+
+def qa_loss(cfg: MACConfig, lm_params, logits_BxLxV, qa_BxL, weights_BxL):
+    """Answer-token cross-entropy: logits at t predict qa[t+1] where weights[t+1] = 1."""
+    ce, correct = token_losses(logits_BxLxV[:, :-1], qa_BxL[:, 1:])
+    w = weights_BxL[:, 1:].astype(jnp.float32)
+    denom = jnp.maximum(jnp.sum(w), 1.0)
+    return jnp.sum(ce * w) / denom, {"token_accuracy": jnp.sum(correct * w) / denom}
+
+
+def curriculum_valid(k: int, K: int, bank_size) -> jax.Array:
+    """[k, K] bool: question i sees its own document and the next bank_size-1 (cyclically).
+
+    bank_size may be traced; bank_size ≥ K gives the whole batch (the paper's setting).
+    """
+    i = jnp.arange(k)[:, None]
+    j = jnp.arange(K)[None, :]
+    return ((j - i) % K) < bank_size
+
+
+def loss_from_modulations(cfg: MACConfig, params, lm_params, phi_KxTxD, batch, rho: float,
+                          bank_size=None):
+    """Stage-2 loss given the batch's modulations [K, T, D] (gradients only through the first
+    ⌊ρK⌋ of them; the rest are under stop_gradient but stay in the bank).
+
+    bank_size (optional, may be traced): each question sees only its own document and the next
+    bank_size-1 of the batch — a curriculum that first teaches the write/read path on small
+    banks; None = all K documents.
+    """
+    K = phi_KxTxD.shape[0]
+    k = num_scored(rho, K)
+    phi = jnp.concatenate([phi_KxTxD[:k], jax.lax.stop_gradient(phi_KxTxD[k:])], axis=0)
+    mac = MAC(cfg)
+    valid = None if bank_size is None else curriculum_valid(k, K, bank_size)
+    z = mac.apply({"params": params}, batch["questions"][:k], phi, valid, method=MAC.aggregate)
+    prefix_kv = mac.apply({"params": params}, z, method=MAC.prefix)
+    logits = modulated_logits(cfg, lm_params, batch["qa"][:k], prefix_kv)
+    return qa_loss(cfg, lm_params, logits, batch["qa"][:k], batch["qa_weights"][:k])
+
+
+def meta_loss(cfg: MACConfig, params, lm_params, batch, rho: float, bank_size=None):
+    """Stage-2 loss: amortize the K documents (the last K-⌊ρK⌋ without gradients), score the
+    first ⌊ρK⌋ questions against the whole bank."""
+    K = batch["docs"].shape[0]
+    k = num_scored(rho, K)
+    mac = MAC(cfg)
+    phi_head = mac.apply({"params": params}, batch["docs"][:k], method=MAC.amortize)
+    if k < K:
+        phi_tail = mac.apply({"params": jax.lax.stop_gradient(params)}, batch["docs"][k:],
+                             method=MAC.amortize)
+        phi = jnp.concatenate([phi_head, jax.lax.stop_gradient(phi_tail)], axis=0)
+    else:
+        phi = phi_head
+    return loss_from_modulations(cfg, params, jax.lax.stop_gradient(lm_params), phi, batch, rho,
+                                 bank_size)
+
+
+def init_mac(cfg: MACConfig, key: jax.Array, *, doc_len: int = 16, q_len: int = 8):
+    """Unboxed MAC params."""
+    docs = jnp.zeros((2, doc_len), jnp.int32)
+    qs = jnp.zeros((2, q_len), jnp.int32)
+    return nn.unbox(MAC(cfg).init(key, docs, qs)["params"])
+
+
+def _global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
+
+
+@functools.lru_cache(maxsize=8)
+def cached_meta_step(cfg: MACConfig, lr: float, warmup_steps: int, clip: float,
+                     rho: float) -> tuple[optax.GradientTransformation, Callable]:
+    """(optimizer, jitted step) shared by runs with the same settings (one compilation)."""
+    opt = make_optimizer(lr, warmup_steps=warmup_steps, clip=clip)
+    return opt, make_meta_step(cfg, opt, rho)
+
+
+def make_meta_step(cfg: MACConfig, opt: optax.GradientTransformation, rho: float) -> Callable:
+    """jitted (params, opt_state, lm_params, batch, bank_size) → (params, opt_state, metrics)."""
+
+    @jax.jit
+    def step(params, opt_state, lm_params, batch, bank_size):
+        (loss, aux), grads = jax.value_and_grad(
+            lambda p: meta_loss(cfg, p, lm_params, batch, rho, bank_size), has_aux=True)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "grad_norm": _global_norm(grads),
+                                   "bank_size": bank_size, **aux}
+
+    return step
+
+
+def meta_train(cfg: MACConfig, lm_params, batches: Iterator[dict], *, num_steps: int,
+               key: jax.Array, lr: float = 1e-3, warmup_steps: int = 100, clip: float = 1.0,
+               rho: float = 1.0, curriculum_steps: int = 0, log_every: int = 0, params=None,
+               on_log: Optional[Callable[[int, dict], None]] = None) -> tuple[Any, list[dict]]:
+    """Stage 2: meta-trains MAC against the frozen `lm_params`; returns (params, history).
+
+    curriculum_steps > 0 grows each question's bank linearly from 1 document to the whole
+    batch over that many steps (see `loss_from_modulations`); 0 = whole batch from the start.
+    """
+    first = next(batches)
+    if params is None:
+        params = init_mac(cfg, key, doc_len=first["docs"].shape[1],
+                          q_len=first["questions"].shape[1])
+    opt, step = cached_meta_step(cfg, float(lr), int(warmup_steps), float(clip), float(rho))
+    opt_state = opt.init(params)
+    history, t0 = [], time.time()
+    batch = first
+    K = first["docs"].shape[0]
+    for i in range(num_steps):
+        frac = min(1.0, i / curriculum_steps) if curriculum_steps else 1.0
+        bank_size = jnp.int32(1 + round((K - 1) * frac))
+        params, opt_state, m = step(params, opt_state, lm_params, batch, bank_size)
+        history.append({k: float(v) for k, v in m.items()})
+        if log_every and (i + 1) % log_every == 0:
+            mean = {k: float(np.mean([h[k] for h in history[-log_every:]])) for k in history[-1]}
+            mean["seconds"] = round(time.time() - t0, 1)
+            print(f"[mac stage 2] step {i + 1} " + " ".join(f"{k} {v:.4f}" for k, v in
+                                                          mean.items()), flush=True)
+            if on_log is not None:
+                on_log(i + 1, mean)
+        if i + 1 < num_steps:
+            batch = next(batches)
+    return params, history
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches from the fact stream (or any records with document/question/answer)
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Lengths:
+    doc: int = 112        # S: document bytes
+    question: int = 32    # Q: question bytes (h's input)
+    qa: int = 40          # L: `question SEP answer EOS`
+    lm: int = 160         # stage-1 row length
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"lengths.{f.name}={v!r} must be a positive integer")
+
+
+def encode_docs(docs: Sequence[dict], lengths: Lengths) -> dict:
+    """Pre-encoded fact-stream documents: docs [N, S], and per relation r questions [N, R, Q],
+    qa [N, R, L], qa_weights [N, R, L]."""
+    n_rel = len(docs[0]["qas"])
+    doc_tok = facts.encode_documents([d["document"] for d in docs], lengths.doc)
+    qs = [qa["question"] for d in docs for qa in d["qas"]]
+    ans = [qa["answer"] for d in docs for qa in d["qas"]]
+    q_tok = facts.encode_questions(qs, lengths.question).reshape(len(docs), n_rel, -1)
+    qa_tok, qa_w = facts.encode_qa(qs, ans, lengths.qa)
+    return {"docs": doc_tok, "questions": q_tok,
+            "qa": qa_tok.reshape(len(docs), n_rel, -1),
+            "qa_weights": qa_w.reshape(len(docs), n_rel, -1)}
+
+
+def meta_batches(encoded: dict, batch_size: int, seed: int) -> Iterator[dict]:
+    """Endless stage-2 batches: K distinct random documents, one random question each."""
+    rng = np.random.default_rng(seed)
+    n, n_rel = encoded["questions"].shape[:2]
+    if batch_size > n:
+        raise ValueError(f"batch_size={batch_size} exceeds the {n} documents available")
+    while True:
+        idx = rng.choice(n, size=batch_size, replace=False)
+        rel = rng.integers(n_rel, size=batch_size)
+        yield {"docs": encoded["docs"][idx], "questions": encoded["questions"][idx, rel],
+               "qa": encoded["qa"][idx, rel], "qa_weights": encoded["qa_weights"][idx, rel]}
+
+
+def lm_batches(docs: Sequence[dict], batch_size: int, length: int, seed: int) -> Iterator[dict]:
+    """Endless stage-1 batches of `document EOS question SEP answer EOS` rows."""
+    recs = facts.qa_records(docs, questions_per_doc=None)
+    rows = lm_rows(recs, length)
+    rng = np.random.default_rng(seed)
+    n = rows["inputs"].shape[0]
+    while True:
+        idx = rng.integers(n, size=batch_size)
+        yield {k: v[idx] for k, v in rows.items()}
