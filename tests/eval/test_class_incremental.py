@@ -1,0 +1,79 @@
+"""Class-incremental DKVB protocol: data, task splits, a tiny toy run, the TFDS CIFAR path."""
+import numpy as np
+import pytest
+
+from eval import class_incremental as ci
+from train.objectives import dkvb as obj
+
+
+def test_toy_data_and_tasks():
+    x, y = ci.toy_data(0, 50)
+    assert x.shape == (400, 2) and np.bincount(y).tolist() == [50] * 8
+    for c in range(8):
+        np.testing.assert_allclose(x[y == c].mean(0), ci.TOY_MEANS[c], atol=0.015)
+    tasks = ci.task_classes(ci.check_class_order([5, 2, 7, 0, 3, 6, 1, 4], 8), 2)
+    assert tasks == [[5, 2], [7, 0], [3, 6], [1, 4]]
+    split = ci.split_tasks(x, y, tasks)
+    assert [sorted(set(t[1].tolist())) for t in split] == [[2, 5], [0, 7], [3, 6], [1, 4]]
+    with pytest.raises(ValueError, match="class_order"):
+        ci.check_class_order([0, 1, 2, 2, 4, 5, 6, 7], 8)
+    with pytest.raises(ValueError, match="classes_per_task"):
+        ci.task_classes(list(range(8)), 3)
+
+
+def test_toy_protocol_dkvb_remembers_mlp_forgets():
+    """Tiny toy run (permuted class order): DKVB keeps all classes, the MLP only the last task."""
+    x_tr, y_tr = ci.toy_data(1, 50)
+    x_te, y_te = ci.toy_data(2, 50)
+    x_keys = np.random.default_rng(3).uniform(size=(1000, 2)).astype(np.float32)
+    out = ci.run_protocol(
+        seed=0, z_train=x_tr, y_train=y_tr, z_test=x_te, y_test=y_te, z_keys=x_keys,
+        num_classes=8, class_order=[3, 6, 1, 4, 7, 0, 5, 2], classes_per_task=2,
+        pcfg=obj.ProtocolConfig(epochs_per_task=30),
+        dcfg=ci.DKVBConfig(num_codebooks=4, num_keys=48, key_dim=2, key_init_epochs=5),
+        eval_on="all", iid=False, methods=("dkvb", "mlp"))
+    dkvb, mlp = out["ci"]["dkvb"], out["ci"]["mlp"]
+    assert len(dkvb) == 4
+    # After task t at most t/4 of all classes can be right; DKVB gets (nearly) all of them.
+    for t, a in enumerate(dkvb):
+        assert a <= (t + 1) / 4 + 1e-9
+    assert dkvb[-1] >= 0.95, dkvb
+    assert mlp[-1] <= 0.5, mlp
+
+
+def test_digits_formats():
+    x_tr, y_tr, x_te, y_te = ci.load_split_digits(0)
+    assert x_tr.shape[1:] == (8, 8) and len(x_tr) + len(x_te) == 1797
+    assert x_tr.min() >= 0 and x_tr.max() <= 1
+    assert set(np.unique(y_te)) == set(range(10))
+    # The MNIST -> optdigits reduction: a filled 10x5 block is scaled to 32x16 px, centred, so
+    # four full 8-pixel-high columns of 4x4 blocks.
+    img = np.zeros((1, 28, 28), np.float32)
+    img[0, 5:15, 10:15] = 255
+    small = ci._to_digits_format(img, 0.0)[0]
+    assert small.shape == (8, 8)
+    assert np.all(small[:, 2:6] == 1.0) and small.sum() == 32.0
+
+
+def test_mnist_sample_ships_offline():
+    x, y = ci.load_mnist_8x8()
+    assert x.shape == (5000, 8, 8) and np.bincount(y).tolist() == [500] * 10
+    assert 0.0 <= x.min() and x.max() <= 1.0
+
+
+def test_figures_registered():
+    from eval import figures
+    reg = figures.load_all()
+    assert "dkvb_toy" in reg and "dkvb_split_digits" in reg
+
+
+def test_cifar_tfds_path_with_mock_data(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
+        x, y = ci.load_cifar("cifar100", "train")
+        assert x.shape == (24, 32, 32, 3) and x.dtype == np.float32 and 0 <= x.min() <= x.max() <= 1
+        assert y.dtype == np.int32 and y.max() < 100
+        x10, y10 = ci.load_cifar("cifar10", "test", max_examples=10)
+        assert x10.shape == (10, 32, 32, 3) and y10.max() < 10
+    with pytest.raises(ValueError, match="name"):
+        ci.load_cifar("mnist", "train")

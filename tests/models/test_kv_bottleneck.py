@@ -1,0 +1,155 @@
+"""DKVB model + value training: frozen keys/projection/encoder, localized value gradients,
+voting decoder check, encoders."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memory import codebook as cb
+from models import encoders
+from models.kv_bottleneck import KVBottleneck
+from train.objectives import dkvb as obj
+
+B, D, C, K, DK, V = 24, 10, 3, 16, 4, 5
+
+
+@pytest.fixture(scope="module")
+def setup():
+    r = jax.random.split(jax.random.PRNGKey(0), 4)
+    books = cb.init_codebooks(r[0], embed_dim=D, num_codebooks=C, num_keys=K, key_dim=DK,
+                              value_dim=V)
+    # Keys on projected data points (how they are learnt does not matter here).
+    keys = jnp.swapaxes(cb.project(jax.random.normal(r[1], (K, D)), books.projection_CxDxDk), 0, 1)
+    # Non-zero values so the softmax is not uniform and the gradient formula is exercised.
+    books = books.replace(keys_CxKxDk=keys,
+                          values_CxKxDv=0.5 * jax.random.normal(r[3], (C, K, V)))
+    z = jax.random.normal(jax.random.PRNGKey(1), (B, D))
+    y = jax.random.randint(jax.random.PRNGKey(2), (B,), 0, V)
+    return books, z, y
+
+
+def test_voting_decoder_dimension_check(setup):
+    books, z, _ = setup
+    with pytest.raises(ValueError, match="value_dim == num_classes"):
+        KVBottleneck(num_classes=V + 1).init(jax.random.PRNGKey(0), z, books)
+    with pytest.raises(ValueError, match="decoder"):
+        KVBottleneck(num_classes=V, decoder="mlp").init(jax.random.PRNGKey(0), z, books)
+    # The linear decoder accepts any value dim.
+    model = KVBottleneck(num_classes=V + 1, decoder="linear")
+    params = model.init(jax.random.PRNGKey(0), z, books)
+    logits, idx = model.apply(params, z, books)
+    assert logits.shape == (B, V + 1) and idx.shape == (B, C)
+
+
+def test_vote_logits_are_mean_of_fetched_values(setup):
+    books, z, _ = setup
+    model = KVBottleneck(num_classes=V)
+    logits, idx = model.apply({}, z, books)
+    q = np.einsum("bd,cdk->bck", np.asarray(z), np.asarray(books.projection_CxDxDk))
+    d = ((q[:, :, None] - np.asarray(books.keys_CxKxDk)[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(idx, d.argmin(-1))
+    want = np.asarray(books.values_CxKxDv)[np.arange(C)[None], np.asarray(idx)].mean(1)
+    np.testing.assert_allclose(logits, want, rtol=1e-6)
+
+
+def test_only_fetched_values_get_gradient(setup):
+    """Grad of the loss w.r.t. the whole codebook pytree (and the input): keys, projection and
+    encoder input get exactly zero; values get (1/C) sum_b (softmax_b - onehot_b) / B."""
+    books, z, y = setup
+    model = KVBottleneck(num_classes=V)
+
+    def loss(books, z):
+        logits, _ = model.apply({}, z, books)
+        return obj.smoothed_cross_entropy(logits, y, jnp.ones(B), 0.0)
+
+    g_books, g_z = jax.grad(loss, argnums=(0, 1), allow_int=True)(books, z)
+    assert not np.any(g_books.keys_CxKxDk) and not np.any(g_books.projection_CxDxDk)
+    assert not np.any(g_z)
+    logits, idx = model.apply({}, z, books)
+    p = np.asarray(jax.nn.softmax(logits)) - np.eye(V)[np.asarray(y)]
+    want = np.zeros((C, K, V))
+    for b in range(B):
+        for c in range(C):
+            want[c, int(idx[b, c])] += p[b] / (C * B)
+    np.testing.assert_allclose(g_books.values_CxKxDv, want, atol=1e-7)
+
+
+def test_one_sgd_step_is_local(setup):
+    """One step of the protocol's optimizer (no clipping triggered, no label smoothing):
+    unfetched values, keys and projection are bitwise unchanged; fetched values move by
+    -lr * (1/C) sum over the items that fetched them of (softmax - onehot) / B."""
+    books, z, y = setup
+    lr = 0.3
+    cfg = obj.ProtocolConfig(learning_rate=lr, batch_size=B, clip_norm=100.0, label_smoothing=0.0,
+                             epochs_per_task=1)
+    model = KVBottleneck(num_classes=V)
+    learner, state = obj.dkvb_learner(model, books)
+    idx = learner.features(state, z)
+    new, _ = obj.make_train_task(learner, cfg)(state, idx, y, jnp.ones(B), jax.random.PRNGKey(3))
+    new_values = np.asarray(new.trainable["values"])
+    old_values = np.asarray(books.values_CxKxDv)
+    fetched = np.zeros((C, K), bool)
+    fetched[np.arange(C)[None], np.asarray(idx)] = True
+    assert 0 < fetched.sum() < C * K
+    np.testing.assert_array_equal(new_values[~fetched], old_values[~fetched])  # bitwise
+    np.testing.assert_array_equal(new.aux.keys_CxKxDk, books.keys_CxKxDk)
+    np.testing.assert_array_equal(new.aux.projection_CxDxDk, books.projection_CxDxDk)
+    # Usage counted once per item and codebook.
+    assert int(new.aux.usage_CxK.sum()) == B * C
+    np.testing.assert_array_equal(new.aux.usage_CxK > 0, fetched)
+    logits = np.asarray(jax.nn.softmax(model.apply({}, None, books, idx_BxC=idx)[0]))
+    grad = np.zeros((C, K, V))
+    for b in range(B):
+        for c in range(C):
+            grad[c, int(idx[b, c])] += (logits[b] - np.eye(V)[int(y[b])]) / (C * B)
+    # float32 rounding of values ~0.5 plus a ~1e-2 update: a few ulps.
+    np.testing.assert_allclose(new_values[fetched], (old_values - lr * grad)[fetched], atol=1e-6)
+
+
+def test_training_leaves_keys_frozen_and_is_deterministic(setup):
+    books, z, y = setup
+    books = books.replace(values_CxKxDv=jnp.zeros_like(books.values_CxKxDv))
+    cfg = obj.ProtocolConfig(batch_size=8, epochs_per_task=3)  # clip 1.0, smoothing 0.1
+    learner, state = obj.dkvb_learner(KVBottleneck(num_classes=V), books)
+    train = obj.make_train_task(learner, cfg)
+    idx = learner.features(state, z)
+    a, _ = train(state, idx, y, jnp.ones(B), jax.random.PRNGKey(5))
+    b, _ = train(state, idx, y, jnp.ones(B), jax.random.PRNGKey(5))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a.trainable, b.trainable)
+    np.testing.assert_array_equal(a.aux.keys_CxKxDk, books.keys_CxKxDk)
+    np.testing.assert_array_equal(a.aux.projection_CxDxDk, books.projection_CxDxDk)
+    assert np.any(a.trainable["values"])
+    # Training data is fitted; at test time the lookup is restricted to used keys.
+    assert obj.accuracy(learner.predict(a, z), y) > 0.5
+    restricted = KVBottleneck(num_classes=V).apply({}, z, a.aux, restrict_to_used=True,
+                                                   method=KVBottleneck.lookup)
+    assert bool(jnp.all(a.aux.usage_CxK[jnp.arange(C)[None], restricted] > 0))
+
+
+def test_encoder_gets_no_gradient():
+    w = jnp.ones((6, D))
+    model = KVBottleneck(num_classes=V, encoder=lambda x: x @ w)
+    books = cb.init_codebooks(jax.random.PRNGKey(0), embed_dim=D, num_codebooks=C, num_keys=K,
+                              key_dim=DK, value_dim=V)
+    books = books.replace(values_CxKxDv=jnp.ones_like(books.values_CxKxDv))
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 6))
+    g = jax.grad(lambda x: model.apply({}, x, books)[0].sum())(x)
+    assert not np.any(g)
+
+
+def test_pca_and_embedding_files(tmp_path):
+    x = np.random.default_rng(0).standard_normal((50, 4, 3)).astype(np.float32)
+    pca = encoders.fit_pca(x, 5)
+    z = np.asarray(encoders.pca_embed(pca, jnp.asarray(x)))
+    np.testing.assert_allclose(np.asarray(pca.components_DxP).T @ pca.components_DxP, np.eye(5),
+                               atol=1e-5)
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-5)
+    assert np.all(np.diff(z.var(0)) <= 1e-6)  # components ordered by variance
+    z2 = encoders.precompute_embeddings(lambda b: encoders.pca_embed(pca, b), x, batch_size=16)
+    np.testing.assert_allclose(z2, z, rtol=1e-5, atol=1e-6)
+    encoders.save_embeddings(tmp_path / "e.npz", z=z, y=np.arange(50))
+    z3, y3 = encoders.load_embeddings(tmp_path / "e.npz")
+    np.testing.assert_array_equal(z3, z)
+    np.testing.assert_array_equal(y3, np.arange(50))
+    with pytest.raises(ValueError, match="num_components"):
+        encoders.fit_pca(x, 13)
