@@ -28,7 +28,7 @@ import sys
 
 if "google.colab" in sys.modules:  # install mnemax only when running in Colab
     subprocess.run([sys.executable, "-m", "pip", "install", "-q",
-                    "mnemax"], check=True)
+                    "git+https://github.com/mnemax/mnemax"], check=True)
 
 # %%
 import jax
