@@ -59,6 +59,7 @@ class MACConfig:
     agg_heads: int = 4                    # heads of h's cross-attention over the bank
     mlp_ratio: int = 4                    # FFN hidden = mlp_ratio · width
     prefix_hidden: int = 32               # hidden width of the per-row prefix FFN
+    init_scale: float = 1.0               # weights ~ N(0, init_scale/fan_in); embeddings N(0, 1)
     window: Optional[int] = None          # W: hierarchical chunk (documents); None = flat
     topk: Optional[int] = None            # CMT top-k documents before aggregating; None = all
     pad_id: int = PAD_ID                  # padding token id of documents and questions
@@ -75,6 +76,8 @@ class MACConfig:
                 raise ValueError(f"{name}={v!r} is not allowed; it must be a positive integer")
         if self.dec_layers < 0 or not isinstance(self.dec_layers, int):
             raise ValueError(f"dec_layers={self.dec_layers!r} must be a non-negative integer")
+        if not isinstance(self.init_scale, (int, float)) or not self.init_scale > 0:
+            raise ValueError(f"init_scale={self.init_scale!r} is not allowed; it must be > 0")
         for name in ("window", "topk"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -135,10 +138,24 @@ def masked_attention(q, k, v, key_mask=None):
     return y.astype(q.dtype)
 
 
-def _dense(features, names, *, dtype, param_dtype, name, axis=-1, use_bias=True):
+def fan_in_init(scale: float = 1.0, batch_axis=()):
+    """N(0, scale/fan_in) (fan_in = the second-to-last axis; per-slot weights batch axis 0).
+
+    MAC's networks are deep chains (document encoder → queries → φ → aggregation → prefix rows
+    → the LM's attention); with the LM's fixed N(0, 0.02²) init the document's signal shrinks
+    by ~0.16 at every residual stage and the prefix barely depends on it at the start, so
+    stage 2 sat at the answer prior. Fan-in scaling keeps every stage O(1).
+    """
+    return nn.initializers.variance_scaling(scale, "fan_in", "normal", in_axis=-2, out_axis=-1,
+                                            batch_axis=batch_axis)
+
+
+def _dense(features, names, *, dtype, param_dtype, name, axis=-1, use_bias=True,
+           init_scale=1.0):
     return nn.DenseGeneral(features, axis=axis, use_bias=use_bias, dtype=dtype,
                            param_dtype=param_dtype, name=name,
-                           kernel_init=nn.with_logical_partitioning(layers.default_init, names),
+                           kernel_init=nn.with_logical_partitioning(fan_in_init(init_scale),
+                                                                    names),
                            bias_init=nn.with_logical_partitioning(
                                nn.initializers.zeros, (names[-1],) if isinstance(features, int)
                                else names[-len(features):]))
@@ -150,12 +167,14 @@ class MHA(nn.Module):
     out_features: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    init_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x_q, x_kv, key_mask=None, *, q_positions=None, k_positions=None):
         width = x_q.shape[-1]
         hd = width // self.num_heads
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False,
+                  init_scale=self.init_scale)
         names = ("embed", "heads", "kv")
         q = _dense((self.num_heads, hd), names, name="query", **kw)(x_q)
         k = _dense((self.num_heads, hd), names, name="key", **kw)(x_kv)
@@ -172,8 +191,23 @@ def _ln(name, dtype, param_dtype):
     return layers.LayerNorm(eps=1e-5, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-def _ffn(hidden, dtype, param_dtype, name):
-    return layers.MLP(hidden, "gelu", dtype=dtype, param_dtype=param_dtype, name=name)
+class FFN(nn.Module):
+    """x → W2 gelu(W1 x), no biases, fan-in init (as layers.MLP, whose init is fixed at 0.02)."""
+    hidden: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    init_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False,
+                  init_scale=self.init_scale)
+        h = layers.gelu_exact(_dense(self.hidden, ("embed", "mlp"), name="fc_in", **kw)(x))
+        return _dense(x.shape[-1], ("mlp", "embed"), name="fc_out", **kw)(h)
+
+
+def _ffn(hidden, dtype, param_dtype, name, init_scale=1.0):
+    return FFN(hidden, dtype, param_dtype, init_scale, name=name)
 
 
 class EncoderDecoder(nn.Module):
@@ -192,29 +226,33 @@ class EncoderDecoder(nn.Module):
         B, S = tokens_BxS.shape
         E, dt, pdt = c.enc_width, c.dtype, c.param_dtype
         mask_BxS = tokens_BxS != c.pad_id
-        x = layers.Embed(c.lm.vocab_size, E, dtype=dt, param_dtype=pdt, name="embed")(tokens_BxS)
+        emb = self.param("embedding", nn.with_logical_partitioning(
+            nn.initializers.normal(1.0), ("vocab", "embed")), (c.lm.vocab_size, E), pdt)
+        x = jnp.take(emb, tokens_BxS, axis=0).astype(dt)
         pos = jnp.arange(S, dtype=jnp.int32)
         for i in range(c.enc_layers):
             h = _ln(f"enc_{i}_ln_1", dt, pdt)(x)
-            x = x + MHA(c.enc_heads, E, dt, pdt, name=f"enc_{i}_attn")(
+            x = x + MHA(c.enc_heads, E, dt, pdt, c.init_scale, name=f"enc_{i}_attn")(
                 h, h, mask_BxS, q_positions=pos, k_positions=pos)
             h = _ln(f"enc_{i}_ln_2", dt, pdt)(x)
-            x = x + _ffn(c.mlp_ratio * E, dt, pdt, f"enc_{i}_mlp")(h)
+            x = x + _ffn(c.mlp_ratio * E, dt, pdt, f"enc_{i}_mlp", c.init_scale)(h)
         enc = _ln("enc_ln_f", dt, pdt)(x)
         queries = self.param("queries", nn.with_logical_partitioning(
             nn.initializers.normal(1.0), (None, "embed")), (c.num_tokens, E), pdt)
         z = jnp.broadcast_to(queries.astype(dt)[None], (B, c.num_tokens, E))
         for i in range(c.dec_layers):
             h = _ln(f"dec_{i}_ln_1", dt, pdt)(z)
-            z = z + MHA(c.enc_heads, E, dt, pdt, name=f"dec_{i}_self")(h, h)
+            z = z + MHA(c.enc_heads, E, dt, pdt, c.init_scale, name=f"dec_{i}_self")(h, h)
             h = _ln(f"dec_{i}_ln_2", dt, pdt)(z)
-            z = z + MHA(c.enc_heads, E, dt, pdt, name=f"dec_{i}_cross")(h, enc, mask_BxS)
+            z = z + MHA(c.enc_heads, E, dt, pdt, c.init_scale, name=f"dec_{i}_cross")(
+                h, enc, mask_BxS)
             h = _ln(f"dec_{i}_ln_3", dt, pdt)(z)
-            z = z + _ffn(c.mlp_ratio * E, dt, pdt, f"dec_{i}_mlp")(h)
+            z = z + _ffn(c.mlp_ratio * E, dt, pdt, f"dec_{i}_mlp", c.init_scale)(h)
         if c.dec_layers == 0:  # queries read the document once
-            z = z + MHA(c.enc_heads, E, dt, pdt, name="dec_cross")(z, enc, mask_BxS)
+            z = z + MHA(c.enc_heads, E, dt, pdt, c.init_scale, name="dec_cross")(z, enc, mask_BxS)
         z = _ln("dec_ln_f", dt, pdt)(z)
-        out = _dense(c.width, ("mlp", "embed"), dtype=dt, param_dtype=pdt, name="proj")(z)
+        out = _dense(c.width, ("mlp", "embed"), dtype=dt, param_dtype=pdt, name="proj",
+                     init_scale=c.init_scale)(z)
         return nn.with_logical_constraint(out, ("batch", None, "embed"))
 
 
@@ -223,16 +261,17 @@ class PerSlotMLP(nn.Module):
     hidden: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    init_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x_BxTxD):
         _, T, D = x_BxTxD.shape
         init = nn.with_logical_partitioning
-        w1 = self.param("w1", init(layers.default_init, (None, "embed", "mlp")),
+        w1 = self.param("w1", init(fan_in_init(self.init_scale, (0,)), (None, "embed", "mlp")),
                         (T, D, self.hidden), self.param_dtype)
         b1 = self.param("b1", init(nn.initializers.zeros, (None, "mlp")), (T, self.hidden),
                         self.param_dtype)
-        w2 = self.param("w2", init(layers.default_init, (None, "mlp", "embed")),
+        w2 = self.param("w2", init(fan_in_init(self.init_scale, (0,)), (None, "mlp", "embed")),
                         (T, self.hidden, D), self.param_dtype)
         b2 = self.param("b2", init(nn.initializers.zeros, (None, "embed")), (T, D),
                         self.param_dtype)
@@ -247,16 +286,17 @@ class PerRowFFN(nn.Module):
     hidden: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    init_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x_BxRxD):
         _, R, D = x_BxRxD.shape
         init = nn.with_logical_partitioning
-        w1 = self.param("w1", init(layers.default_init, (None, "embed", "mlp")),
+        w1 = self.param("w1", init(fan_in_init(self.init_scale, (0,)), (None, "embed", "mlp")),
                         (R, D, self.hidden), self.param_dtype)
         b1 = self.param("b1", init(nn.initializers.zeros, (None, "mlp")), (R, self.hidden),
                         self.param_dtype)
-        w2 = self.param("w2", init(layers.default_init, (None, "mlp", "embed")),
+        w2 = self.param("w2", init(fan_in_init(self.init_scale, (0,)), (None, "mlp", "embed")),
                         (R, self.hidden, D), self.param_dtype)
         b2 = self.param("b2", init(nn.initializers.zeros, (None, "embed")), (R, D),
                         self.param_dtype)
@@ -295,16 +335,16 @@ class MAC(nn.Module):
         c = self.cfg
         dt, pdt = c.dtype, c.param_dtype
         self.doc_encoder = EncoderDecoder(c, name="doc_encoder")
-        self.slot_mlp = PerSlotMLP(c.mlp_ratio * c.width, dt, pdt, name="slot_mlp")
+        self.slot_mlp = PerSlotMLP(c.mlp_ratio * c.width, dt, pdt, c.init_scale, name="slot_mlp")
         self.question_encoder = EncoderDecoder(c, name="question_encoder")
         self.agg_ln_q = [_ln(f"agg_{i}_ln_q", dt, pdt) for i in range(c.agg_blocks)]
         self.agg_ln_c = [_ln(f"agg_{i}_ln_c", dt, pdt) for i in range(c.agg_blocks)]
-        self.agg_attn = [MHA(c.agg_heads, c.width, dt, pdt, name=f"agg_{i}_attn")
+        self.agg_attn = [MHA(c.agg_heads, c.width, dt, pdt, c.init_scale, name=f"agg_{i}_attn")
                          for i in range(c.agg_blocks)]
         self.agg_ln_f = [_ln(f"agg_{i}_ln_f", dt, pdt) for i in range(c.agg_blocks)]
-        self.agg_ffn = [_ffn(c.mlp_ratio * c.width, dt, pdt, f"agg_{i}_ffn")
+        self.agg_ffn = [_ffn(c.mlp_ratio * c.width, dt, pdt, f"agg_{i}_ffn", c.init_scale)
                         for i in range(c.agg_blocks)]
-        self.prefix_ffn = PerRowFFN(c.prefix_hidden, dt, pdt, name="prefix_ffn")
+        self.prefix_ffn = PerRowFFN(c.prefix_hidden, dt, pdt, c.init_scale, name="prefix_ffn")
 
     # -- g -------------------------------------------------------------------------------------
     def amortize(self, docs_BxS: jax.Array) -> jax.Array:

@@ -111,7 +111,7 @@ def test_hierarchical_chunks_over_entries(setup):
     hier = s["agg"](s["z0"], s["phi"], window=3)
     chunks = [s["agg"](s["z0"], s["phi"][3 * i:3 * i + 3]) for i in range(2)]
     manual = s["agg"](s["z0"], jnp.stack(chunks, 1))
-    chex.assert_trees_all_close(hier, manual, atol=1e-6)
+    chex.assert_trees_all_close(hier, manual, atol=1e-5)  # f32 roundoff, O(1) values
     # Invariant to the order within a chunk and to the order of the chunks.
     perm = np.array([5, 3, 4, 2, 0, 1])
     chex.assert_trees_all_close(s["agg"](s["z0"], s["phi"][perm], window=3), hier, atol=1e-5)
@@ -124,7 +124,7 @@ def test_hierarchical_repeats_until_window(setup):
     hier = s["agg"](s["z0"], s["phi"], window=2)
     level1 = jnp.stack([s["agg"](s["z0"], s["phi"][2 * i:2 * i + 2]) for i in range(3)], 1)
     level2 = jnp.stack([s["agg"](s["z0"], level1[:, :2]), s["agg"](s["z0"], level1[:, 2:])], 1)
-    chex.assert_trees_all_close(hier, s["agg"](s["z0"], level2), atol=1e-6)
+    chex.assert_trees_all_close(hier, s["agg"](s["z0"], level2), atol=1e-5)
 
 
 def test_topk_selects_most_similar(setup):

@@ -52,6 +52,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.mac.prefix_hidden = 256 if paper else 64   # per-row prefix FFN hidden width
     c.mac.window = 0                             # hierarchical chunk W at training (0: flat)
     c.mac.topk = 0                               # CMT top-k at training (0: all documents)
+    c.mac.init_scale = 1.0                       # MAC weights ~ N(0, scale/fan_in)
 
     c.lengths = ml_collections.ConfigDict()      # token lengths (train/objectives/mac.Lengths)
     c.lengths.doc = 112                          # S document bytes (fact stream ≤ 111)
@@ -63,9 +64,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.train_documents = 2000 if quick else 16000   # distinct train entities used
 
     c.stage1 = ml_collections.ConfigDict()       # base-LM training
-    # In-context reading of the facts emerges after ~1–2k steps at width 64 (measured: the
-    # greedy answer with the document in context is right 6% at 1000 steps, 14% at 1250).
-    c.stage1.num_steps = {"quick": 300, "tiny": 3000, "paper": 20_000}[arg]
+    # The frozen LM only needs the QA format and the answer sets (the prefix supplies the
+    # facts); 800 steps reach loss 0.24 on document+QA rows at width 64 (410 s on a loaded
+    # 2-core machine).
+    c.stage1.num_steps = {"quick": 300, "tiny": 800, "paper": 20_000}[arg]
     c.stage1.batch_size = 32                     # rows per step
     c.stage1.lr = 3e-3 if not paper else 6e-4    # Adam, constant after warm-up
     c.stage1.warmup_steps = 100                  # linear warm-up steps

@@ -2,7 +2,7 @@
 
 Each document states facts about one invented entity among distractor sentences:
 
-    "Bodaku lives in Lisbon. The river was calm that morning. Bodaku works as a painter."
+    "Bodaku lives in Lisbon. Bodaku works as a baker. Bodaku collects coins."
 
 and each question asks one of the facts ("Where does Bodaku live?" → "Lisbon"), so its answer
 can only be read from that document. Entity names are two- or three-syllable inventions split
@@ -39,21 +39,21 @@ _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
 _VOWELS = ("a", "e", "i", "o", "u")
 _SPLIT_SEED = 20240607  # fixed: the entity split does not depend on the stream seed
 
-# Relations: (question template, fact template, closed answer set). Answers are one token-word,
-# so EM and F1 agree; the sets are large enough that guessing scores ≤ 1/16.
+# Relations: (question template, fact template, closed answer set). Answers are one word, so EM
+# and F1 agree; within a relation every answer starts with a different letter (the first byte
+# decides the answer, as a single-token answer would), and with 20 answers guessing scores 1/20.
 RELATIONS = (
     ("Where does {e} live?", "{e} lives in {a}.",
-     ("Lisbon", "Oslo", "Cairo", "Lima", "Dakar", "Quito", "Hanoi", "Perth", "Tunis", "Riga",
-      "Sofia", "Kyoto", "Bern", "Accra", "Minsk", "Dublin", "Nairobi", "Havana", "Manila",
-      "Zagreb")),
+     ("Accra", "Bern", "Cairo", "Dakar", "Essen", "Fez", "Geneva", "Hanoi", "Izmir", "Jena",
+      "Kyoto", "Lisbon", "Minsk", "Nice", "Oslo", "Perth", "Quito", "Riga", "Sofia", "Tunis")),
     ("What does {e} work as?", "{e} works as a {a}.",
-     ("painter", "baker", "pilot", "nurse", "farmer", "tailor", "judge", "miner", "sailor",
-      "dentist", "poet", "chef", "clerk", "guard", "singer", "potter", "lawyer", "butcher",
-      "weaver", "plumber")),
+     ("baker", "chef", "dentist", "farmer", "guard", "hunter", "judge", "keeper", "lawyer",
+      "miner", "nurse", "pilot", "quarryman", "ranger", "sailor", "tailor", "vet", "weaver",
+      "yeoman", "zookeeper")),
     ("What does {e} collect?", "{e} collects {a}.",
-     ("stamps", "coins", "shells", "maps", "clocks", "masks", "kites", "bells", "fossils",
-      "feathers", "buttons", "spoons", "tickets", "records", "lamps", "bottles", "rocks",
-      "postcards", "keys", "cards")),
+     ("antiques", "bells", "coins", "dolls", "eggs", "fossils", "gems", "hats", "jars", "keys",
+      "lamps", "maps", "nails", "pens", "quilts", "rocks", "stamps", "tickets", "vases",
+      "watches")),
 )
 
 DISTRACTORS = (
@@ -86,11 +86,17 @@ def entity_names(split: str) -> list[str]:
     return [names[i] for i in order[lo:hi]]
 
 
-def make_document(rng: np.random.Generator, entity: str, *, num_distractors: int = 1) -> dict:
-    """One document about `entity`: every relation's fact, in random order, with distractors."""
+def make_document(rng: np.random.Generator, entity: str, *, num_distractors: int = 0,
+                  shuffle: bool = False) -> dict:
+    """One document about `entity`: every relation's fact (in random order if `shuffle`), with
+    `num_distractors` distractor sentences at random places.
+
+    The defaults (facts in relation order, no distractors) are the CPU-scale task: the small
+    amortization network must learn where the facts are within a few thousand steps.
+    """
     answers = [rel[2][rng.integers(len(rel[2]))] for rel in RELATIONS]
     sentences = [rel[1].format(e=entity, a=a) for rel, a in zip(RELATIONS, answers)]
-    order = list(rng.permutation(len(sentences)))
+    order = list(rng.permutation(len(sentences))) if shuffle else list(range(len(sentences)))
     sentences = [sentences[i] for i in order]
     for _ in range(num_distractors):
         pos = int(rng.integers(len(sentences) + 1))
@@ -101,7 +107,7 @@ def make_document(rng: np.random.Generator, entity: str, *, num_distractors: int
 
 
 def fact_stream(split: str, num_documents: int, seed: int, *,
-                num_distractors: int = 1) -> list[dict]:
+                num_distractors: int = 0, shuffle: bool = False) -> list[dict]:
     """`num_documents` documents about distinct entities of `split`, deterministic per seed.
 
     Each item: {"doc_id", "document", "entity", "qas": [{"question", "answer"}, ...]}.
@@ -115,7 +121,7 @@ def fact_stream(split: str, num_documents: int, seed: int, *,
     picks = rng.choice(len(names), size=num_documents, replace=False)
     out = []
     for i, j in enumerate(picks):
-        d = make_document(rng, names[j], num_distractors=num_distractors)
+        d = make_document(rng, names[j], num_distractors=num_distractors, shuffle=shuffle)
         d["doc_id"] = i
         out.append(d)
     return out
@@ -254,7 +260,8 @@ class FactSpec:
     validation_documents: int = 512
     test_documents: int = 512
     seed: int = 0
-    num_distractors: int = 1
+    num_distractors: int = 0
+    shuffle: bool = False
 
     def __post_init__(self):
         for s in SPLITS:
@@ -266,11 +273,11 @@ class FactSpec:
     @property
     def config_name(self) -> str:
         return (f"n{self.train_documents}-{self.validation_documents}-{self.test_documents}"
-                f"_s{self.seed}_d{self.num_distractors}")
+                f"_s{self.seed}_d{self.num_distractors}" + ("_shuffled" if self.shuffle else ""))
 
     def documents(self, split: str) -> list[dict]:
         return fact_stream(split, getattr(self, f"{split}_documents"), self.seed,
-                           num_distractors=self.num_distractors)
+                           num_distractors=self.num_distractors, shuffle=self.shuffle)
 
 
 @dataclasses.dataclass(eq=False)
