@@ -250,11 +250,27 @@ def _last_segment_mask(segment_ids_BxT) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 # Mixers: x [B,T,D] (already normed) → y [B,T,D]; step: x [B,D], state → y [B,D], state
 # ---------------------------------------------------------------------------------------------
-def _dense(cfg: SSMConfig, features, names, name, *, axis=-1, init=None):
-    return nn.DenseGeneral(
-        features, axis=axis, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=nn.with_logical_partitioning(init or nn.initializers.lecun_normal(), names),
-        name=name)
+class _Projection(nn.Module):
+    """x [..., D] → [..., *features] without bias; the kernel [D, *features] is created in its
+    final shape (nn.DenseGeneral creates a flat kernel and reshapes it, which breaks a rank-3
+    logical sharding constraint under a mesh). lecun-normal with fan-in D."""
+    features: tuple
+    names: tuple
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        n = len(self.features)
+        init = nn.initializers.lecun_normal(in_axis=0, out_axis=tuple(range(1, n + 1)))
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.names),
+                            (x.shape[-1],) + tuple(self.features), self.param_dtype)
+        return jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=1)
+
+
+def _dense(cfg: SSMConfig, features, names, name):
+    features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
+    return _Projection(features, tuple(names), cfg.dtype, cfg.param_dtype, name=name)
 
 
 def _uniform_init(lo: float, hi: float, fn):

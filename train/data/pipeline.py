@@ -64,9 +64,9 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from train.data import catalog, mqar, text_corpus, tokenizer
+from train.data import birdie_data, catalog, mqar, passkey_data, text_corpus, tokenizer
 
-DATASET_NAMES = ("mqar", "text", "tfds")
+DATASET_NAMES = ("mqar", "text", "tfds", "birdie", "passkey")
 SOURCES = ("tfds", "memory")
 
 
@@ -75,7 +75,7 @@ SOURCES = ("tfds", "memory")
 
 
 def default_data_config(name: str) -> ml_collections.ConfigDict:
-    """The data config of dataset `name` ("mqar", "text" or "tfds"), every field commented."""
+    """The data config of dataset `name` (one of DATASET_NAMES), every field commented."""
     if name not in DATASET_NAMES:
         raise ValueError(f"data_config.name={name!r} is unknown; allowed: {DATASET_NAMES}")
     c = ml_collections.ConfigDict()
@@ -127,6 +127,42 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
         c.pack = True
         # Put BOS before every document (EOS always follows one).
         c.add_bos = False
+    elif name == "birdie":
+        # Packed rows of Birdie objectives (train/data/birdie_data.py), generated when read.
+        # Objective set: "birdie" | "ul2" | "ntp" (plain next-token prediction).
+        c.objectives = "birdie"
+        # Text the objectives read: "text" (local prose) | "phonebook" | "mix" (half each).
+        c.corpus = "mix"
+        # Probability that a drawn example is the phone-book task (prompt -> numbers).
+        c.task_weight = 0.0
+        # Emit the per-token prefix flag (False for models without a prefix: the Transformer).
+        c.with_prefix = True
+        # Phone books: entries (inclusive range) and queried names of the task.
+        c.phonebook_entries = (4, 8)
+        c.phonebook_queries = (1, 2)
+        # Prose documents held out for "validation".
+        c.validation_percent = 10
+        # Rows per split (generated on read, so the train size costs nothing).
+        c.num_train = 1_000_000
+        c.num_validation = 256
+        # Content seed; the shuffle seed is make_dataset's `seed`.
+        c.data_seed = 0
+    elif name == "passkey":
+        # Passkey prompts (the landmark paper's, train/data/passkey_data.py) mixed with windows
+        # of the local prose corpus; generated when read.
+        # Probability that a row is a passkey prompt (+ EOS + prose fill) rather than prose.
+        c.passkey_fraction = 0.5
+        # Digits of the key; start prompts with the paper's task line; shortest prompt (bytes).
+        c.num_digits = 5
+        c.intro = False
+        c.min_length = 0
+        # Loss weight of the answer digits (every other real token weighs 1).
+        c.answer_weight = 1.0
+        # Prose documents held out for "validation"; rows per split; content seed.
+        c.validation_percent = 10
+        c.num_train = 1_000_000
+        c.num_validation = 512
+        c.data_seed = 0
     else:
         # TFDS catalog name, with optional config/version ("pg19", "wiki40b/en").
         c.tfds_name = "pg19"
@@ -180,6 +216,10 @@ def splits(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
         return mqar.SPLITS
     if data_config.name == "text":
         return text_corpus.SPLITS
+    if data_config.name == "birdie":
+        return birdie_data.SPLITS
+    if data_config.name == "passkey":
+        return passkey_data.SPLITS
     return ()
 
 
@@ -218,6 +258,25 @@ def make_source(
         _check_choice("data_config.source", data_config.source, SOURCES)
         _check_choice("split", split, splits(data_config))
     data_dir = data_config.data_dir or None
+    if name == "birdie":
+        _check_choice("split", split, birdie_data.SPLITS)
+        spec = birdie_data.BirdieDataSpec(
+            seq_len=seq_len, objectives=data_config.objectives, corpus=data_config.corpus,
+            task_weight=data_config.task_weight, with_prefix=data_config.with_prefix,
+            phonebook_entries=tuple(data_config.phonebook_entries),
+            phonebook_queries=tuple(data_config.phonebook_queries),
+            validation_percent=data_config.validation_percent, num_train=data_config.num_train,
+            num_validation=data_config.num_validation, seed=data_config.data_seed)
+        return birdie_data.BirdieSource(spec, split), "examples"
+    if name == "passkey":
+        _check_choice("split", split, passkey_data.SPLITS)
+        spec = passkey_data.PasskeySpec(
+            seq_len=seq_len, passkey_fraction=data_config.passkey_fraction,
+            num_digits=data_config.num_digits, intro=data_config.intro,
+            min_length=data_config.min_length, answer_weight=data_config.answer_weight,
+            validation_percent=data_config.validation_percent, num_train=data_config.num_train,
+            num_validation=data_config.num_validation, seed=data_config.data_seed)
+        return passkey_data.PasskeySource(spec, split), "examples"
     if name == "mqar":
         spec = mqar_spec(data_config, seq_len)
         if data_config.source == "memory":
@@ -273,7 +332,7 @@ class _PackedWindow(grain.transforms.Map):
 
 
 class _CheckExample(grain.transforms.Map):
-    """Casts an mqar record to int32/int32/float32 and checks its length is T."""
+    """Casts an example record (mqar, birdie) to int32/int32/float32 and checks its length is T."""
 
     def __init__(self, seq_len: int):
         self._seq_len = seq_len
@@ -284,6 +343,11 @@ class _CheckExample(grain.transforms.Map):
             "targets": np.asarray(record["targets"], np.int32),
             "weights": np.asarray(record["weights"], np.float32),
         }
+        # Packed rows (birdie) also carry segment ids and the prefix flag.
+        if "segment_ids" in record:
+            out["segment_ids"] = np.asarray(record["segment_ids"], np.int32)
+        if "prefix" in record:
+            out["prefix"] = np.asarray(record["prefix"], bool)
         for key, value in out.items():
             if value.shape != (self._seq_len,):
                 raise ValueError(

@@ -1,0 +1,648 @@
+"""Birdie at CPU scale: multi-query recall with the queries stated after the pairs, and the
+phone book. Registers the figures `birdie_recall` and `birdie_phonebook`.
+
+    python -m eval.figures --only birdie_recall --size quick|cpu|paper --seed S --out DIR
+    python -m eval.figures --only birdie_phonebook --size quick|cpu|paper --seed S --out DIR
+
+`birdie_recall` (issue 4, item 8) is the phone book shrunk until it is learnable on 2 CPU cores:
+single-token names (keys) and numbers (values), P key-value pairs, then the Q queried keys, then
+the answers:
+
+    prompt  [PREFIX_LM] k_1 v_1 k_2 v_2 ... k_P v_P [SEP] q_1 ... q_Q          (the prefix)
+    target  v(q_1) ... v(q_Q)                         (generated after [START_GENERATING])
+
+(`queries_before=True` also states the queries before the pairs.) Every model is trained on a
+mixture of pair counts (the figure's x-axis) packed into fixed rows (`birdie.pack`) with the loss
+on the answers, and is scored by answer accuracy (argmax at each answer position, the earlier
+answers teacher-forced) on held-out examples at each pair count. The models have (nearly) equal
+parameter counts and see the same number of training tokens:
+
+- `transformer_ntp`: the baseline causal Transformer (models/transformer.py), no prefix;
+- `gated_ntp`: a causal gated SSM (every layer causal), no prefix;
+- `gated_bidir`: the same gated SSM with alternating bidirectional/causal layers, trained with the
+  prefix-LM layout above (the prompt is the bidirectional prefix, the answers are generated);
+- `gated_birdie`: the bidirectional gated SSM pre-trained on Birdie's objective mixture chosen by
+  the reward-driven controller (train/objectives/birdie_controller.py), over the key-value text
+  with the recall task as one more action, for the first `pretrain_frac` of the steps, then
+  fine-tuned on the recall task for the rest;
+- `gated_birdie_causal`: the same schedule with the causal gated SSM.
+
+The state is small and fixed (`state_width` channels per layer, half of them reverse channels in a
+bidirectional layer): a causal model has to store all P pairs in it, a bidirectional one only the Q
+that the reverse half has already seen asked (Arora et al. 2024, "Just read twice"). The SSMs have
+three blocks, causal–bidirectional–causal ('cbc'): the first marks the queried key (the token
+after [SEP]), the bidirectional one carries it back over the pairs in its reverse half, the last
+stores only the matching value; with the MLPs their parameter count matches the two-layer
+Transformer's.
+
+Training uses a small self-contained jitted loop (AdamW, warm-up + cosine) rather than the shared
+trainer (train/trainer.py): the Birdie arm changes its data mixture at every controller update
+from validation losses of the live parameters, which the trainer's fixed pipeline cannot express,
+and five short runs in one process stay cheaper without per-run checkpoints. The configs in
+train/configs/birdie.py train the same models with the shared trainer.
+
+JSON: {"accuracy": {MODEL: {PAIRS: acc}}, "params": {MODEL: n}, "tokens": {MODEL: n}, ...}.
+
+`birdie_phonebook` is the paper's Fig. 1 in its full text format (eval/phonebook.py): digit
+accuracy against the number of queried names for `transformer_ntp`, `gated_ntp`, `gated_birdie`,
+`gated_birdie_causal` and `hawk_birdie`. At `quick`/`cpu` size it runs a reduced book (few entries,
+few steps) and reports what it gets; `paper` is sized for accelerators.
+JSON: {"digit_accuracy": {MODEL: {QUERIES: acc}}, ...}.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from eval import figures
+from models import ssm
+from models.transformer import Transformer, TransformerConfig
+from train.data import tokenizer as tok
+from train.objectives import birdie
+from train.objectives import birdie_controller as ctl
+
+RECALL_MODELS = ("transformer_ntp", "gated_ntp", "gated_bidir", "gated_birdie",
+                 "gated_birdie_causal")
+PHONEBOOK_MODELS = ("transformer_ntp", "gated_ntp", "gated_birdie", "gated_birdie_causal",
+                    "hawk_birdie")
+
+
+# ---------------------------------------------------------------------------------------------
+# The task
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RecallTask:
+    """Token layout of the recall task. Keys and values are byte ids, disjoint ranges."""
+    num_queries: int = 1                 # Q: queried keys per example
+    key_range: tuple = (0, 64)           # keys: ids in [lo, hi), distinct within an example
+    value_range: tuple = (64, 80)        # values: ids in [lo, hi), drawn with replacement
+    query_offset: int = 0                # >0: a queried key k is written k + offset (a distinct
+                                         # "question form"; 0: the same id as in the pairs)
+    queries_before: bool = False         # also state the queries before the pairs
+
+    def __post_init__(self):
+        klo, khi = self.key_range
+        vlo, vhi = self.value_range
+        qlo, qhi = klo + self.query_offset, khi + self.query_offset
+        ranges = sorted([(klo, khi), (vlo, vhi)] + ([(qlo, qhi)] if self.query_offset else []))
+        if not (0 <= ranges[0][0] and ranges[-1][1] <= 256
+                and all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))):
+            raise ValueError(f"key_range={self.key_range}, value_range={self.value_range}, "
+                             f"query_offset={self.query_offset}: keys, values and query forms "
+                             "need disjoint byte ranges [lo, hi) inside 0..256")
+        if self.num_queries < 1:
+            raise ValueError(f"num_queries={self.num_queries} must be >= 1")
+
+    def check_pairs(self, num_pairs: int) -> None:
+        keys = self.key_range[1] - self.key_range[0]
+        if not self.num_queries <= num_pairs <= keys:
+            raise ValueError(f"num_pairs={num_pairs} is not allowed: need num_queries="
+                             f"{self.num_queries} <= num_pairs <= {keys} (the key range)")
+
+    def length(self, num_pairs: int) -> int:
+        """Tokens of one laid-out example (prompt + [SG] + answers[:-1])."""
+        q = self.num_queries
+        return 1 + 2 * num_pairs + 1 + q + (q + 1 if self.queries_before else 0) + q
+
+
+def recall_pairs(rng: np.random.Generator, task: RecallTask, num_pairs: int):
+    """(keys [P], values [P], queried indices [Q]) of one example."""
+    task.check_pairs(num_pairs)
+    keys = rng.choice(np.arange(*task.key_range), num_pairs, replace=False).astype(np.int32)
+    values = rng.integers(*task.value_range, size=num_pairs).astype(np.int32)
+    asked = rng.choice(num_pairs, task.num_queries, replace=False)
+    return keys, values, asked
+
+
+def recall_example(rng: np.random.Generator, task: RecallTask, num_pairs: int) -> birdie.Example:
+    """One recall example laid out as Birdie's prefix-LM (see the module docstring)."""
+    keys, values, asked = recall_pairs(rng, task, num_pairs)
+    pairs = np.stack([keys, values], 1).reshape(-1)
+    queries = keys[asked] + task.query_offset
+    head = [birdie.BIRDIE_TOKENS["PREFIX_LM"]]
+    if task.queries_before:
+        head += [*queries, tok.SEP]
+    prompt = np.concatenate([head, pairs, [tok.SEP], queries])
+    return birdie.make_example(prompt, values[asked])
+
+
+def kv_text(rng: np.random.Generator, task: RecallTask, num_pairs: int) -> np.ndarray:
+    """The synthetic retrieval text Birdie's objectives pre-train on: k_1 v_1 ... k_P v_P."""
+    keys, values, _ = recall_pairs(rng, task, num_pairs)
+    return np.stack([keys, values], 1).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and models
+# ---------------------------------------------------------------------------------------------
+SIZES: dict[str, dict[str, Any]] = {
+    # task: RecallTask fields. pairs: the x-axis; train_pairs: the pair counts mixed in training.
+    # rows × row_length tokens per step for `steps` steps, the same for every model.
+    # SSMs: `ssm_layers` blocks cycling `bidir_pattern`, MLP `ssm_mlp` wide (parameters matched
+    # to the `num_layers`-layer Transformer); the Birdie arms pre-train for `pretrain_frac`.
+    "quick": dict(task=dict(num_queries=1, key_range=(0, 8), value_range=(64, 72),
+                            query_offset=0),
+                  pairs=(2, 4, 8), train_pairs=(1, 2, 4, 8), width=64, state_width=32,
+                  num_layers=2, num_heads=4, ssm_layers=3, bidir_pattern="cbc", ssm_mlp=176,
+                  steps=300, rows=16, row_length=64, lr=3e-3, eval_examples=128,
+                  controller_every=50, pretrain_frac=0.5),
+    "cpu": dict(task=dict(num_queries=1, key_range=(0, 8), value_range=(64, 72),
+                          query_offset=0),
+                pairs=(2, 4, 8), train_pairs=(1, 2, 4, 8), width=64, state_width=32,
+                num_layers=2, num_heads=4, ssm_layers=3, bidir_pattern="cbc", ssm_mlp=176,
+                steps=2000, rows=16, row_length=64, lr=3e-3, eval_examples=512,
+                controller_every=100, pretrain_frac=0.5),
+    "paper": dict(task=dict(num_queries=4, key_range=(0, 128), value_range=(128, 192),
+                            query_offset=0),
+                  pairs=(16, 32, 64, 96, 128), train_pairs=(8, 16, 32, 64, 96, 128),
+                  width=512, state_width=256, num_layers=4, num_heads=8, ssm_layers=6,
+                  bidir_pattern="cbc", ssm_mlp=1408, steps=20000, rows=64, row_length=1024,
+                  lr=1e-3, eval_examples=2048, controller_every=500, pretrain_frac=0.5),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    family: str             # "transformer" | "ssm"
+    bidirectional: bool     # SSM: bidir_pattern (True) or all 'c'; True: gets the prefix
+    mixer: str = "gated"    # SSM mixer
+    birdie: bool = False    # pre-train on the controller's objective mixture, then fine-tune
+
+
+SPECS = {
+    "transformer_ntp": ModelSpec("transformer", False),
+    "gated_ntp": ModelSpec("ssm", False),
+    "gated_bidir": ModelSpec("ssm", True),
+    "gated_birdie": ModelSpec("ssm", True, birdie=True),
+    "gated_birdie_causal": ModelSpec("ssm", False, birdie=True),
+    "hawk_birdie": ModelSpec("ssm", True, mixer="hawk", birdie=True),
+}
+
+
+def build_model(name: str, s: dict):
+    """The Linen LM of model `name` at size dict `s`.
+
+    The Transformer has `num_layers` layers (attention 4·D² + MLP 8·D² each). SSMs have
+    `ssm_layers` (default num_layers) recurrent blocks of state width `state_width`, each followed
+    by a GELU MLP of `ssm_mlp` (default 4·D) so that parameter counts match; bidirectional SSMs
+    cycle `bidir_pattern` ('b' bidirectional, 'c' causal), causal ones are all 'c'."""
+    spec = SPECS[name]
+    if spec.family == "transformer":
+        return Transformer(TransformerConfig(
+            vocab_size=tok.VOCAB_SIZE, width=s["width"], num_layers=s["num_layers"],
+            num_heads=s["num_heads"], rope_interleaved=False))
+    return ssm.BiSSMLM(ssm.SSMConfig(
+        vocab_size=tok.VOCAB_SIZE, width=s["width"], state_width=s["state_width"],
+        num_layers=s.get("ssm_layers", s["num_layers"]), mixer=spec.mixer,
+        layer_pattern=s.get("bidir_pattern", "bc") if spec.bidirectional else "c",
+        mlp_hidden=s.get("ssm_mlp", 4 * s["width"]),
+        hawk_heads=4 if spec.mixer == "hawk" else 1))
+
+
+def apply_fn(model, spec: ModelSpec):
+    """(params, batch) → logits [B,T,V]: SSMs read segment ids and (bidirectional) the prefix;
+    the Transformer gets segment ids only (it has no prefix)."""
+    if spec.family == "transformer":
+        return lambda p, b: model.apply({"params": p}, b["inputs"], segment_ids=b["segment_ids"])
+    if spec.bidirectional:
+        return lambda p, b: model.apply({"params": p}, b["inputs"], segment_ids=b["segment_ids"],
+                                        prefix=b["prefix"])
+    return lambda p, b: model.apply({"params": p}, b["inputs"], segment_ids=b["segment_ids"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+def fill_rows(draw, rows: int, row_length: int) -> tuple[list, list]:
+    """Draws (example, objective id) pairs with `draw()` and packs them next-fit until `rows`
+    rows of `row_length` are full; returns the examples and ids that fit (for `birdie.pack`)."""
+    exs, ids = [], []
+    row, used = 0, 0
+    while True:
+        ex, oid = draw()
+        L = ex.inputs.size
+        if L > row_length:
+            raise ValueError(f"an example of length {L} does not fit row_length={row_length}")
+        if used + L > row_length:
+            row, used = row + 1, 0
+            if row == rows:
+                return exs, ids
+        exs.append(ex)
+        ids.append(oid)
+        used += L
+
+
+def recall_batch(rng: np.random.Generator, task: RecallTask, pairs: Sequence[int], rows: int,
+                 row_length: int) -> dict:
+    """Packed recall examples [rows, row_length], the pair count uniform over `pairs`."""
+    def draw():
+        return recall_example(rng, task, int(rng.choice(pairs))), 0
+    exs, ids = fill_rows(draw, rows, row_length)
+    return birdie.pack(exs, row_length, objective_ids=ids, num_rows=rows)
+
+
+class ObjectiveMixture:
+    """An arm's action space: objective configurations over a text source, plus the task itself
+    as the last action. `text_fn(rng)` draws a text [L] and `task_fn(rng)` a task example."""
+
+    def __init__(self, objectives, text_fn, task_fn, row_length: int):
+        self.objectives = tuple(objectives)
+        self.text_fn, self.task_fn, self.row_length = text_fn, task_fn, row_length
+        self.names = [o.name for o in self.objectives] + ["task"]
+        self.group_sizes = tuple(birdie.group_sizes(self.objectives)) + (1,)
+
+    @property
+    def num_actions(self) -> int:
+        return len(self.names)
+
+    def example(self, rng: np.random.Generator, action: int) -> birdie.Example:
+        if action == len(self.objectives):
+            return self.task_fn(rng)
+        key = int(rng.integers(0, 2**31 - 1))
+        return self.objectives[action](self.text_fn(rng), key, max_length=self.row_length)
+
+    def batch(self, rng: np.random.Generator, mixture, rows: int) -> dict:
+        p = np.asarray(mixture, np.float64)
+        p = p / p.sum()
+
+        def draw():
+            a = int(rng.choice(self.num_actions, p=p))
+            return self.example(rng, a), a
+        exs, ids = fill_rows(draw, rows, self.row_length)
+        return birdie.pack(exs, self.row_length, objective_ids=ids, num_rows=rows)
+
+    def task_batch(self, rng: np.random.Generator, rows: int) -> dict:
+        return self.batch(rng, np.eye(self.num_actions)[-1], rows)
+
+    def validation(self, rng: np.random.Generator, per_action: int, rows: int) -> list[dict]:
+        """Fixed validation batches holding `per_action` examples of every action."""
+        exs, ids = [], []
+        for a in range(self.num_actions):
+            for _ in range(per_action):
+                exs.append(self.example(rng, a))
+                ids.append(a)
+        packed = birdie.pack(exs, self.row_length, objective_ids=ids)
+        n = packed["inputs"].shape[0]
+        return [_pad_rows({k: v[s: s + rows] for k, v in packed.items()}, rows)
+                for s in range(0, n, rows)]
+
+
+def objective_set(kind: str, length_bins: Sequence[int], row_length: int):
+    """The pre-training objectives of an arm: Birdie's 18 configurations or plain NTP. Rows
+    shorter than 256 tokens get a shorter selective-copying query (≤2 spans of ≤4 tokens with
+    1–2-token delimiters) so that one example fits a row."""
+    if kind != "birdie":
+        return birdie.ntp_objectives()
+    objs = birdie.birdie_objectives(length_bins=length_bins)
+    if row_length < 256:
+        short = (("max_spans", 2), ("delimiter_length", (1, 2)), ("span_length", (1, 4)))
+        objs = tuple(dataclasses.replace(o, kwargs=short) if o.fn == "selective_copying" else o
+                     for o in objs)
+    return objs
+
+
+def recall_mixture(task: RecallTask, pairs: Sequence[int], row_length: int,
+                   kind: str = "birdie") -> ObjectiveMixture:
+    """Objectives over the key-value text (`kv_text`) plus the recall task."""
+    bins = tuple(b for b in (16, 32, 64, 128) if b <= 2 * max(pairs)) or (2 * max(pairs),)
+    return ObjectiveMixture(
+        objective_set(kind, bins, row_length),
+        # the objectives read at least 8 pairs (prefix-LM needs ≥4 tokens each side)
+        lambda rng: kv_text(rng, task, min(max(int(rng.choice(pairs)), 8),
+                                           task.key_range[1] - task.key_range[0])),
+        lambda rng: recall_example(rng, task, int(rng.choice(pairs))), row_length)
+
+
+def _pad_rows(batch: dict, rows: int) -> dict:
+    n = batch["inputs"].shape[0]
+    if n == rows:
+        return batch
+    fill = {"inputs": tok.PAD, "targets": tok.PAD, "weights": 0, "prefix": False,
+            "segment_ids": 0, "objective_ids": -1}
+    return {k: np.concatenate([v, np.full((rows - n,) + v.shape[1:], fill[k], v.dtype)])
+            for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Trained:
+    name: str
+    model: Any
+    params: Any
+    spec: ModelSpec
+    num_params: int
+    tokens: int                      # training tokens seen (rows × row_length × steps)
+    losses: list                     # (step, train loss on answer/label tokens)
+    mixtures: list                   # Birdie arm: (step, mixture [K]) at each controller update
+    action_names: list
+    seconds: float
+
+
+def _model_batch(batch: dict) -> dict:
+    keep = ("inputs", "targets", "weights", "prefix", "segment_ids")
+    return {k: jnp.asarray(batch[k]) for k in keep}
+
+
+def train_model(name: str, s: dict, mixture: ObjectiveMixture, seed: int, *,
+                pretrain_frac: float = 0.0, controller: bool = False,
+                log: bool = True) -> Trained:
+    """Trains model `name` with AdamW: the first `pretrain_frac` of the steps on `mixture`
+    (the reward-driven controller choosing the weights if `controller`, else uniform per class),
+    the rest on its task (the mixture's last action)."""
+    from train.objectives.lm import token_losses
+
+    spec = SPECS[name]
+    model = build_model(name, s)
+    fwd = apply_fn(model, spec)
+    rows, T, steps = s["rows"], s["row_length"], s["steps"]
+    key = jax.random.key(seed)
+    params = nn_unbox(jax.jit(model.init)(key, jnp.zeros((1, T), jnp.int32))["params"])
+    sched = optax.warmup_cosine_decay_schedule(0.0, s["lr"], max(steps // 20, 1), steps,
+                                               s["lr"] * 0.1)
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(sched, b1=0.9, b2=0.98, weight_decay=0.01))
+    opt = tx.init(params)
+
+    def loss_fn(p, b):
+        ce, _ = token_losses(fwd(p, b), b["targets"])
+        w = b["weights"]
+        return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+    @jax.jit
+    def train_step(p, o, b):
+        loss, g = jax.value_and_grad(loss_fn)(p, b)
+        upd, o = tx.update(g, o, p)
+        return optax.apply_updates(p, upd), o, loss
+
+    rng = np.random.default_rng([seed, 1])
+    K = mixture.num_actions
+    pretrain = int(round(steps * pretrain_frac))
+    weights = np.asarray(birdie.uniform_mixture(mixture.objectives).tolist() + [0.0])
+    mixtures, losses = [], []
+    if controller and pretrain:
+        ccfg = ctl.ControllerConfig(group_sizes=mixture.group_sizes, total_steps=pretrain,
+                                    eval_every=s["controller_every"], history=64, hidden=32,
+                                    train_steps=100, num_candidates=512)
+        cstate = ctl.controller_init(ccfg, jax.random.key(seed + 7))
+        val = [dict(_model_batch(b), oid=jnp.asarray(b["objective_ids"])) for b in
+               mixture.validation(np.random.default_rng([seed, 2]), 4, rows)]
+
+        @jax.jit
+        def val_losses(p, b):
+            return birdie.per_objective_losses(fwd(p, b), {**b, "objective_ids": b["oid"]}, K)
+
+        weights = np.asarray(cstate.mixture)
+        mixtures.append((0, weights.tolist()))
+
+    t0 = time.time()
+    for step in range(steps):
+        if step < pretrain:
+            batch = mixture.batch(rng, weights, rows)
+        else:
+            batch = mixture.task_batch(rng, rows)
+        params, opt, loss = train_step(params, opt, _model_batch(batch))
+        if controller and step < pretrain and ctl.should_update(ccfg, step + 1):
+            tot, cnt = np.zeros(K), np.zeros(K)
+            for b in val:
+                m, c = jax.device_get(val_losses(params, b))
+                tot += m * c
+                cnt += c
+            cstate = ctl.controller_update(ccfg, cstate, tot / np.maximum(cnt, 1), step + 1)
+            weights = np.asarray(cstate.mixture)
+            mixtures.append((step + 1, weights.tolist()))
+        if step % 25 == 0 or step == steps - 1:
+            losses.append((step, float(loss)))
+            if log:
+                print(f"  {name} step {step} loss {float(loss):.4f} "
+                      f"({time.time() - t0:.0f}s)", flush=True)
+    n = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    return Trained(name, model, params, spec, n, rows * T * steps, losses, mixtures,
+                   mixture.names, time.time() - t0)
+
+
+def train_recall_model(name: str, s: dict, task: RecallTask, seed: int, *,
+                       log: bool = True) -> Trained:
+    """A recall-figure arm: NTP/bidir arms train on the task throughout; Birdie arms spend the
+    first `s['pretrain_frac']` of the same steps on the controller's objective mixture over the
+    key-value text (the task one of its actions), then fine-tune on the task."""
+    spec = SPECS[name]
+    mix = recall_mixture(task, s.get("train_pairs", s["pairs"]), s["row_length"])
+    return train_model(name, s, mix, seed, pretrain_frac=s["pretrain_frac"] if spec.birdie
+                       else 0.0, controller=spec.birdie, log=log)
+
+
+def nn_unbox(tree):
+    import flax.linen as nn
+    return nn.meta.unbox(tree)
+
+
+def recall_accuracy(tr: Trained, task: RecallTask, num_pairs: int, *, examples: int, rows: int,
+                    row_length: int, seed: int) -> float:
+    """Answer accuracy (argmax at each answer position) on `examples` held-out examples."""
+    rng = np.random.default_rng([seed, 3, num_pairs])
+    exs = [recall_example(rng, task, num_pairs) for _ in range(examples)]
+    packed = birdie.pack(exs, row_length)
+    fwd = _predict_fn(tr)
+    correct = total = 0.0
+    for s in range(0, packed["inputs"].shape[0], rows):
+        b = _pad_rows({k: v[s: s + rows] for k, v in packed.items()}, rows)
+        pred = np.asarray(fwd(tr.params, _model_batch(b)))
+        w = b["weights"]
+        correct += float(((pred == b["targets"]) * w).sum())
+        total += float(w.sum())
+    return correct / total
+
+
+@functools.lru_cache(maxsize=16)
+def _predict_cached(model, spec):
+    fwd = apply_fn(model, spec)
+    return jax.jit(lambda p, b: jnp.argmax(fwd(p, b), -1))
+
+
+def _predict_fn(tr: Trained):
+    return _predict_cached(tr.model, tr.spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# The birdie_recall figure
+# ---------------------------------------------------------------------------------------------
+def recall_table(size: str, seed: int, *, models: Sequence[str] = RECALL_MODELS,
+                 task: Optional[RecallTask] = None, log: bool = True) -> dict:
+    """Trains every model and measures accuracy at every pair count: the figure's numbers."""
+    s = SIZES[size]
+    task = task or RecallTask(**s["task"])
+    acc, params, tokens, seconds, curves, mixtures = {}, {}, {}, {}, {}, {}
+    for name in models:
+        tr = train_recall_model(name, s, task, seed, log=log)
+        acc[name] = {int(P): recall_accuracy(tr, task, P, examples=s["eval_examples"],
+                                             rows=s["rows"], row_length=s["row_length"],
+                                             seed=seed + 1000)
+                     for P in s["pairs"]}
+        params[name], tokens[name] = tr.num_params, tr.tokens
+        seconds[name], curves[name] = round(tr.seconds, 1), tr.losses
+        if tr.mixtures:
+            mixtures[name] = {"actions": tr.action_names, "history": tr.mixtures}
+        if log:
+            print(f"{name}: {acc[name]} ({tr.seconds:.0f}s, {tr.num_params} params)", flush=True)
+    return {"accuracy": acc, "no_binding_baseline": {int(P): no_binding_baseline(
+                task, P, examples=s["eval_examples"], seed=seed + 1000) for P in s["pairs"]},
+            "params": params, "tokens": tokens, "train_seconds": seconds,
+            "loss_curves": curves, "mixtures": mixtures,
+            "task": dataclasses.asdict(task), "chance": 1.0 / (task.value_range[1]
+                                                              - task.value_range[0])}
+
+
+def no_binding_baseline(task: RecallTask, num_pairs: int, *, examples: int, seed: int) -> float:
+    """Expected accuracy of answering with a uniformly random value of the prompt's pairs (the
+    plateau of a model that has learned to copy a value but not which key it belongs to), on
+    the same held-out examples as `recall_accuracy`."""
+    rng = np.random.default_rng([seed, 3, num_pairs])
+    hits = []
+    for _ in range(examples):
+        ex = recall_example(rng, task, num_pairs)
+        prompt, target = birdie.split_example(ex)
+        off = 1 + (task.num_queries + 1 if task.queries_before else 0)
+        values = prompt[off: off + 2 * num_pairs][1::2]
+        hits += [float(np.mean(values == t)) for t in target]
+    return float(np.mean(hits))
+
+
+@figures.register("birdie_recall")
+def birdie_recall_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = pathlib.Path(out)
+    res = recall_table(size, seed)
+    pairs = SIZES[size]["pairs"]
+    rows = [(m, P, res["accuracy"][m][P], res["params"][m], res["tokens"][m])
+            for m in RECALL_MODELS for P in pairs]
+    figures.write_csv(out / "birdie_recall.csv", ["model", "pairs", "accuracy", "params",
+                                                  "train_tokens"], rows)
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    for m in RECALL_MODELS:
+        ax[0].plot(pairs, [res["accuracy"][m][P] for P in pairs], "o-", label=m)
+    ax[0].axhline(res["chance"], color="gray", ls=":", label="chance")
+    ax[0].plot(pairs, [res["no_binding_baseline"][P] for P in pairs], "k--", lw=1,
+               label="a random value of the prompt")
+    ax[0].set(xlabel="key-value pairs in the prompt", ylabel="answer accuracy", ylim=(0, 1.02),
+              xscale="log", title=f"recall, queries after the pairs ({size})")
+    ax[0].minorticks_off()
+    ax[0].set_xticks(pairs, [str(P) for P in pairs])
+    ax[0].legend(fontsize=7)
+    mix = res["mixtures"].get("gated_birdie")
+    if mix:
+        steps = [h[0] for h in mix["history"]]
+        weights = np.array([h[1] for h in mix["history"]])
+        groups: dict[str, np.ndarray] = {}
+        for j, a in enumerate(mix["actions"]):
+            g = a.split("_r")[0] if a.startswith(("infilling", "autoencoding")) else a
+            groups[g] = groups.get(g, 0) + weights[:, j]
+        ax[1].stackplot(steps, *groups.values(), labels=list(groups))
+        ax[1].set(xlabel="step", ylabel="mixture weight", ylim=(0, 1),
+                  title="gated_birdie: the controller's mixture")
+        ax[1].legend(fontsize=6, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out / "birdie_recall.png", dpi=120)
+    plt.close(fig)
+    res["accuracy"] = {m: {str(P): a for P, a in d.items()} for m, d in res["accuracy"].items()}
+    res["no_binding_baseline"] = {str(P): a for P, a in res["no_binding_baseline"].items()}
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# The birdie_phonebook figure (the paper's Fig. 1, full text format)
+# ---------------------------------------------------------------------------------------------
+PHONEBOOK_SIZES: dict[str, dict[str, Any]] = {
+    # entries per book; queries: the x-axis (training draws them uniformly).
+    "quick": dict(entries=2, queries=(1, 2), width=32, state_width=32, num_layers=2,
+                  num_heads=2, steps=40, rows=4, row_length=320, lr=3e-3, pretrain_frac=0.5,
+                  controller_every=10, eval_examples=8),
+    "cpu": dict(entries=4, queries=(1, 2, 4), width=64, state_width=48, num_layers=2,
+                num_heads=4, steps=300, rows=8, row_length=512, lr=3e-3, pretrain_frac=0.5,
+                controller_every=50, eval_examples=32),
+    "paper": dict(entries=32, queries=(1, 2, 4, 8, 16, 32), width=1024, state_width=1024,
+                  num_layers=12, num_heads=16, steps=20000, rows=64, row_length=2048, lr=3e-4,
+                  pretrain_frac=0.8, controller_every=500, eval_examples=256),
+}
+
+
+def phonebook_mixture(kind: str, entries: int, queries: Sequence[int],
+                      row_length: int) -> ObjectiveMixture:
+    """Objectives over phone-book text (a whole book with its question and answer) plus the
+    lookup task (prompt → numbers + EOS, exactly eval/phonebook.py's format)."""
+    from eval import phonebook
+
+    def book(rng):
+        q = int(rng.choice(queries))
+        return phonebook.make_example(int(rng.integers(2**31)), entries, q)
+
+    def text_fn(rng):
+        ex = book(rng)
+        return tok.encode(ex.prompt + ex.target)
+
+    def task_fn(rng):
+        ex = book(rng)
+        return birdie.make_example(tok.encode(ex.prompt), tok.encode(ex.target, add_eos=True))
+
+    return ObjectiveMixture(objective_set(kind, (64, 128, 256, 512), row_length), text_fn,
+                            task_fn, row_length)
+
+
+@figures.register("birdie_phonebook")
+def birdie_phonebook_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from eval import phonebook
+
+    out = pathlib.Path(out)
+    s = PHONEBOOK_SIZES[size]
+    acc, exact, nparams = {}, {}, {}
+    for name in PHONEBOOK_MODELS:
+        spec = SPECS[name]
+        mix = phonebook_mixture("birdie" if spec.birdie else "ntp", s["entries"], s["queries"],
+                                s["row_length"])
+        tr = train_model(name, s, mix, seed, pretrain_frac=s["pretrain_frac"],
+                         controller=spec.birdie, log=False)
+        model_fn = phonebook.model_fn_for(tr.model)
+        if isinstance(tr.model, ssm.BiSSMLM) and not spec.bidirectional:
+            # a causal SSM has no prefix: the same model sees every position as generated
+            inner = model_fn
+            model_fn = lambda p, t, sg, pre: inner(p, t, sg, jnp.zeros_like(pre))  # noqa: E731
+        acc[name], exact[name] = {}, {}
+        for q in s["queries"]:
+            r = phonebook.evaluate(model_fn, tr.params, seed=seed + 1000, entries=s["entries"],
+                                   queries=q, examples=s["eval_examples"],
+                                   batch_size=min(8, s["eval_examples"]))
+            acc[name][str(q)], exact[name][str(q)] = r["digit_accuracy"], r["exact_match"]
+        nparams[name] = tr.num_params
+        print(f"{name}: digit accuracy {acc[name]} ({tr.seconds:.0f}s)", flush=True)
+    figures.write_csv(out / "birdie_phonebook.csv", ["model", "queries", "digit_accuracy",
+                                                     "exact_match"],
+                      [(m, q, acc[m][str(q)], exact[m][str(q)]) for m in PHONEBOOK_MODELS
+                       for q in s["queries"]])
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for m in PHONEBOOK_MODELS:
+        ax.plot(s["queries"], [acc[m][str(q)] for q in s["queries"]], "o-", label=m)
+    ax.axhline(0.1, color="gray", ls=":", label="chance (10%)")
+    ax.set(xlabel="phone numbers asked", ylabel="digit accuracy", ylim=(0, 1.02),
+           title=f"phone book, {s['entries']} entries ({size})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "birdie_phonebook.png", dpi=120)
+    plt.close(fig)
+    return {"digit_accuracy": acc, "exact_match": exact, "params": nparams,
+            "entries": s["entries"], "steps": s["steps"]}

@@ -1,0 +1,181 @@
+"""eval/birdie_recall.py, train/configs/birdie.py, train/data/birdie_data.py, benchmarks/ssm.py."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from eval import birdie_recall as br
+from eval import figures
+from train.data import tokenizer as tok
+from train.objectives import birdie
+
+TINY = dict(pairs=(2, 4), num_queries=1, width=16, state_width=16, num_layers=2, num_heads=2,
+            ssm_layers=3, bidir_pattern="cbc", ssm_mlp=32,
+            steps=4, rows=4, row_length=48, lr=3e-3, eval_examples=8, controller_every=2,
+            pretrain_frac=0.5)
+
+
+# ------------------------------------------------------------------------------------------
+# The task
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("before", [False, True])
+def test_recall_example_layout(before):
+    task = br.RecallTask(num_queries=3, queries_before=before)
+    ex = br.recall_example(np.random.default_rng(0), task, 8)
+    assert ex.inputs.size == task.length(8)
+    prompt, target = birdie.split_example(ex)
+    off = 1 + (task.num_queries + 1 if before else 0)
+    pairs = prompt[off: off + 16].reshape(8, 2)
+    table = dict(pairs.tolist())
+    assert len(table) == 8                                    # distinct keys
+    assert prompt[off + 16] == tok.SEP
+    queries = prompt[off + 17:]
+    assert queries.size == 3
+    keys = queries - task.query_offset                        # the question form of a key
+    np.testing.assert_array_equal(target, [table[k] for k in keys])
+    if before:
+        np.testing.assert_array_equal(prompt[1:4], queries)
+    # the prompt is the prefix; labels only on the answers; labels = next input there
+    assert ex.prefix.sum() == prompt.size and (ex.labels[:prompt.size] == birdie.IGNORE).all()
+    assert ex.inputs[prompt.size] == birdie.START_GENERATING
+    np.testing.assert_array_equal(ex.labels[prompt.size:-1], ex.inputs[prompt.size + 1:])
+
+
+def test_recall_task_rejects_bad_layouts():
+    with pytest.raises(ValueError, match="disjoint"):
+        br.RecallTask(key_range=(0, 64), value_range=(32, 80))
+    with pytest.raises(ValueError, match="num_pairs=2 is not allowed"):
+        br.RecallTask(num_queries=4).check_pairs(2)
+
+
+def test_recall_batch_packs_rows_with_one_label_per_query():
+    task = br.RecallTask(num_queries=2)
+    b = br.recall_batch(np.random.default_rng(1), task, (2, 4), rows=3, row_length=40)
+    assert b["inputs"].shape == (3, 40)
+    n_examples = sum(len(set(r[r > 0].tolist())) for r in b["segment_ids"])
+    assert b["weights"].sum() == 2 * n_examples
+    # every labelled position is a generated (non-prefix) one
+    assert not (b["prefix"] & (b["weights"] > 0)).any()
+
+
+def test_mixture_validation_holds_every_action():
+    mix = br.recall_mixture(br.RecallTask(), (4, 8), 64)
+    assert mix.names[-1] == "task" and len(mix.group_sizes) == mix.num_actions
+    val = mix.validation(np.random.default_rng(0), 2, rows=4)
+    ids = np.concatenate([v["objective_ids"].ravel() for v in val])
+    assert set(range(mix.num_actions)) <= set(ids.tolist())
+
+
+# ------------------------------------------------------------------------------------------
+# Training (a few steps) and scoring
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_birdie():
+    task = br.RecallTask(num_queries=1)
+    return task, br.train_recall_model("gated_birdie", dict(TINY), task, 0, log=False)
+
+
+def test_birdie_arm_runs_the_controller(trained_birdie):
+    task, tr = trained_birdie
+    # pre-training is 2 steps with a controller update every 2: the initial mixture + 1 update
+    assert [s for s, _ in tr.mixtures] == [0, 2]
+    for _, m in tr.mixtures:
+        assert len(m) == len(tr.action_names) and abs(sum(m) - 1) < 1e-5
+    assert all(np.isfinite(l) for _, l in tr.losses)
+    assert tr.tokens == TINY["rows"] * TINY["row_length"] * TINY["steps"]
+    acc = br.recall_accuracy(tr, task, 4, examples=8, rows=4, row_length=48, seed=0)
+    assert 0.0 <= acc <= 1.0
+
+
+def test_equal_parameters_across_recall_models():
+    s = br.SIZES["cpu"]
+    counts = {}
+    for name in br.RECALL_MODELS:
+        model = br.build_model(name, s)
+        shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 8), np.int32))
+        counts[name] = sum(x.size for x in jax.tree_util.tree_leaves(shapes))
+    lo, hi = min(counts.values()), max(counts.values())
+    assert hi / lo < 1.1, counts
+
+
+# ------------------------------------------------------------------------------------------
+# The configs and the trainer's data path
+# ------------------------------------------------------------------------------------------
+def test_config_variants_and_errors():
+    from train.configs import birdie as cfg
+    for name in cfg.MODELS:
+        c = cfg.get_config(f"tiny:{name}")
+        assert c.data.with_prefix == (name != "transformer_ntp")
+        assert c.data.objectives == ("ntp" if name.endswith("_ntp") else "birdie")
+    assert cfg.get_config("tiny").model.layer_pattern == "bc"
+    with pytest.raises(ValueError, match="'huge' is not allowed"):
+        cfg.get_config("huge")
+    with pytest.raises(ValueError, match="'mamba' is not allowed"):
+        cfg.get_config("tiny:mamba")
+
+
+def test_config_models_have_equal_parameters():
+    # (the paper sizes, 1.35–1.42B, are checked the same way by `param_counts("paper")`; tracing
+    # five 1.4B models takes too long for this file)
+    from train.configs import birdie as cfg
+    counts = cfg.param_counts("tiny")
+    assert max(counts.values()) / min(counts.values()) < 1.1, counts
+
+
+def test_birdie_data_rows():
+    from train.data import birdie_data as bd
+    spec = bd.BirdieDataSpec(seq_len=384, task_weight=0.5, phonebook_entries=(2, 3),
+                             num_validation=4)
+    src = bd.BirdieSource(spec, "validation")
+    r = src[1]
+    assert set(r) == {"inputs", "targets", "weights", "segment_ids", "prefix"}
+    assert all(v.shape == (384,) for v in r.values())
+    np.testing.assert_array_equal(r["inputs"], src[1]["inputs"])   # regenerated identically
+    assert r["weights"].sum() > 0 and not (r["prefix"] & (r["weights"] > 0)).any()
+    no_prefix = bd.BirdieSource(bd.BirdieDataSpec(seq_len=64, objectives="ntp",
+                                                   with_prefix=False), "train")[0]
+    assert "prefix" not in no_prefix
+    with pytest.raises(ValueError, match="corpus='web'"):
+        bd.BirdieDataSpec(corpus="web")
+
+
+def test_train_main_runs_two_steps(tmp_path, repo_root):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(
+        [sys.executable, "-m", "train.main", "--config", "train/configs/birdie.py:tiny",
+         "--workdir", str(tmp_path / "run"), "--config.num_steps=2", "--config.progress=False"],
+        cwd=repo_root, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 2 and np.isfinite(summary["final_loss"])
+
+
+def test_transformer_config_trains_without_prefix(tmp_path):
+    from train import trainer
+    from train.configs import birdie as cfg
+    c = cfg.get_config("tiny:transformer_ntp")
+    c.num_steps, c.batch_size, c.seq_len = 2, 2, 64
+    c.data.task_weight = 0.0          # a phone-book task example needs > 64 tokens
+    c.checkpoint_every = c.eval_every = 0
+    c.progress = False
+    out = trainer.train(c, tmp_path, devices=jax.devices()[:1])
+    assert out["step"] == 2 and np.isfinite(out["final_loss"])
+
+
+# ------------------------------------------------------------------------------------------
+# The figure registry
+# ------------------------------------------------------------------------------------------
+def test_figures_are_registered():
+    names = figures.load_all()
+    assert {"birdie_recall", "birdie_phonebook"} <= set(names)
+
+
+def test_no_binding_baseline():
+    task = br.RecallTask(num_queries=1, key_range=(0, 8), value_range=(64, 72))
+    assert br.no_binding_baseline(task, 1, examples=4, seed=0) == 1.0   # one pair: its value
+    b = br.no_binding_baseline(task, 8, examples=256, seed=0)
+    assert 1 / 8 <= b < 0.3       # ≥ 1/P (the answer is one of the P values), repeats add a bit

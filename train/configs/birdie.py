@@ -1,0 +1,157 @@
+"""Birdie (Blouir et al. 2024): the five models of the comparison, one config file.
+
+    python -m train.main --config train/configs/birdie.py:tiny --workdir runs/birdie_tiny
+    python -m train.main --config train/configs/birdie.py:tiny:transformer_ntp --workdir runs/tr
+    python -m train.main --config train/configs/birdie.py:paper:hawk_birdie \
+        --workdir gs://BUCKET/hawk_birdie --config.mesh.fsdp=-1 --config.mesh.data=1
+
+The argument is SIZE[:MODEL] with SIZE `tiny` (CPU, minutes) or `paper` (1.4B-parameter class,
+accelerators) and MODEL one of MODELS (default gated_birdie):
+
+| MODEL               | model                                  | data (birdie_data.py)  |
+|---------------------|----------------------------------------|------------------------|
+| transformer_ntp     | Transformer (models/transformer.py)    | next-token prediction  |
+| gated_ntp           | gated SSM, every layer causal          | next-token prediction  |
+| gated_birdie        | gated SSM, bidirectional/causal layers | Birdie's mixture       |
+| gated_birdie_causal | gated SSM, every layer causal          | Birdie's mixture       |
+| hawk_birdie         | Hawk (RG-LRU), bidirectional/causal    | Birdie's mixture       |
+
+Every model of one size sees the same tokens per step (batch_size × seq_len) for the same number
+of steps, and the sizes are chosen for (nearly) equal parameter counts (`param_counts` below
+reports them; `tests/eval/test_birdie_recall.py` checks they agree within 10%). The data are
+packed rows of the objective set over the local prose corpus and synthetic phone-book text, with
+the phone-book task mixed in (`data.task_weight`); a phone-book fine-tune is the same command
+with `--config.data.task_weight=1.0` in a fresh workdir started from the pre-trained parameters
+(the trainer has no init-from-checkpoint yet, so that step is left to the figure code).
+
+The mixture here is Birdie's uniform mixture over objective classes (what the controller starts
+from); the reward-driven controller that changes it during training runs in
+eval/birdie_recall.py (the trainer's data pipeline is fixed per run).
+"""
+import ml_collections
+
+from train.data import pipeline
+
+MODELS = ("transformer_ntp", "gated_ntp", "gated_birdie", "gated_birdie_causal", "hawk_birdie")
+
+# Paper sizes: D = 2048 for every family; layers chosen so each is ≈1.4B parameters
+# (Transformer 12·D² per layer, gated SSM 5·D·Dh + 8·D², Hawk ≈ 3·D·Dh + 2·Dh²/H + 8·D²)
+PAPER = {
+    "transformer": dict(width=2048, num_layers=28, num_heads=16),
+    "gated": dict(width=2048, state_width=2048, num_layers=26, mlp_hidden=8192),
+    "hawk": dict(width=2048, state_width=2048, num_layers=30, mlp_hidden=8192, hawk_heads=16),
+}
+# Tiny sizes: D = 64, 2 layers; SSM state 48 so the SSMs match the Transformer's ≈120k parameters.
+TINY = {
+    "transformer": dict(width=64, num_layers=2, num_heads=4),
+    "gated": dict(width=64, state_width=48, num_layers=2, mlp_hidden=256),
+    "hawk": dict(width=64, state_width=64, num_layers=2, mlp_hidden=256, hawk_heads=4),
+}
+
+
+def _model(name: str, paper: bool) -> ml_collections.ConfigDict:
+    sizes = PAPER if paper else TINY
+    m = ml_collections.ConfigDict()
+    if name == "transformer_ntp":
+        m.family = "transformer"                 # key into train.trainer.MODELS
+        m.vocab_size = 320                       # byte tokenizer: 256 bytes + specials
+        m.width = sizes["transformer"]["width"]  # D
+        m.num_layers = sizes["transformer"]["num_layers"]  # L
+        m.num_heads = sizes["transformer"]["num_heads"]    # H (head dim D/H)
+        m.mlp = "gelu"                           # 'gelu' | 'gelu_tanh' | 'swiglu'
+        m.tie_embeddings = True                  # lm head = embedding table
+        m.rope_interleaved = False               # half-rotation RoPE
+        m.dtype = "bfloat16" if paper else "float32"   # compute dtype; params stay float32
+        m.remat = paper                          # recompute blocks in the backward pass
+        return m
+    mixer = "hawk" if name.startswith("hawk") else "gated"
+    s = sizes[mixer]
+    m.family = "ssm"                             # key into train.trainer.MODELS (models/ssm.py)
+    m.vocab_size = 320                           # byte tokenizer: 256 bytes + specials
+    m.width = s["width"]                         # D: residual width
+    m.state_width = s["state_width"]             # Dh: recurrent state per layer (halves if 'b')
+    m.num_layers = s["num_layers"]               # L: recurrent blocks
+    m.mixer = mixer                              # 'gated' (Birdie §3.4) | 'hawk' (RG-LRU)
+    # 'b' bidirectional, 'c' causal, cycled over layers: Birdie alternates them.
+    m.layer_pattern = "c" if name in ("gated_ntp", "gated_birdie_causal") else "bc"
+    m.mlp_hidden = s["mlp_hidden"]               # GELU MLP after every recurrent block
+    m.hawk_heads = s.get("hawk_heads", 1)        # Hawk: block-diagonal gate blocks
+    m.conv_width = 4                             # Hawk: causal Conv1D width
+    m.chunk_size = 256 if paper else 0           # chunked scan for long rows (0: one scan)
+    m.tie_embeddings = True                      # lm head = embedding table transposed
+    m.dtype = "bfloat16" if paper else "float32"   # matmul dtype; recurrences stay float32
+    return m
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    size, _, name = arg.partition(":")
+    name = name or "gated_birdie"
+    if size not in ("tiny", "paper"):
+        raise ValueError(f"config variant {arg!r} is not allowed; use 'tiny' or 'paper', "
+                         f"optionally ':MODEL' with MODEL in {MODELS}")
+    if name not in MODELS:
+        raise ValueError(f"config model {name!r} is not allowed; use one of {MODELS}")
+    paper = size == "paper"
+    ntp = name.endswith("_ntp")
+    c = ml_collections.ConfigDict()
+    c.name = f"birdie_{size}_{name}"         # run name (logs only)
+    c.seed = 0                               # one seed → one run, bit for bit on CPU
+    c.num_steps = 50_000 if paper else 200   # optimizer steps (same for every model)
+    c.batch_size = 256 if paper else 8       # global batch (rows), split over the data axes
+    c.seq_len = 2048 if paper else 384       # tokens per row: equal token budget per step
+    c.checkpoint_every = 1000 if paper else 100   # steps between checkpoints (and at the end)
+    c.eval_every = 1000 if paper else 100    # steps between evaluations (0: never)
+    c.log_every = 50 if paper else 10        # steps between metrics.jsonl rows
+    c.keep_checkpoints = 3                   # newest checkpoints kept on disk
+    c.async_checkpoints = True               # save in a background thread
+    c.progress = True                        # tqdm progress bar (loss, tokens/s)
+    c.objective = "birdie"                   # key into train.trainer.OBJECTIVES (packed rows)
+
+    # Mesh axes: -1 means "all the remaining devices". data × fsdp × model = device count.
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+    # Overrides of the logical-axis rules in train/sharding.py, e.g. {"embed": None}.
+    c.sharding_rules = ml_collections.ConfigDict()
+
+    c.model = _model(name, paper)
+
+    c.data = pipeline.default_data_config("birdie")
+    c.data.objectives = "ntp" if ntp else "birdie"   # objective set (see birdie_data.py)
+    c.data.corpus = "mix"                    # local prose + synthetic phone-book text
+    c.data.task_weight = 0.1                 # share of phone-book task examples (the probe)
+    c.data.with_prefix = name != "transformer_ntp"   # the Transformer takes no prefix
+    c.data.phonebook_entries = (16, 48) if paper else (2, 4)   # entries per book
+    c.data.phonebook_queries = (1, 8) if paper else (1, 2)     # queried names per task
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 3e-4 if paper else 3e-3     # peak learning rate
+    c.optim.warmup_steps = 2000 if paper else 20   # linear warm-up steps
+    c.optim.min_lr_ratio = 0.1               # cosine decays to lr × this
+    c.optim.b1 = 0.9                         # AdamW β1
+    c.optim.b2 = 0.95                        # AdamW β2
+    c.optim.eps = 1e-8                       # AdamW ε
+    c.optim.weight_decay = 0.1 if paper else 0.01   # decoupled weight decay
+    c.optim.clip_norm = 1.0                  # global-norm gradient clipping (None: off)
+    c.optim.grad_accum = 1                   # micro-batches per step (batch_size % it == 0)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_batches = 20 if paper else 2  # validation batches per evaluation
+
+    c.debug = ml_collections.ConfigDict()
+    c.debug.sigkill_at_step = -1             # tests: SIGKILL the process after this step
+    c.debug.nan_at_step = -1                 # tests: poison the loss at this step
+    return c
+
+
+def param_counts(size: str = "tiny") -> dict:
+    """{MODEL: parameters} of every model at `size`, from abstract shapes (nothing allocated)."""
+    import jax
+    import jax.numpy as jnp
+
+    from train import trainer
+    out = {}
+    for name in MODELS:
+        c = get_config(f"{size}:{name}")
+        model = trainer.build_model(c.model)
+        shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+        out[name] = sum(int(x.size) for x in jax.tree_util.tree_leaves(shapes))
+    return out
