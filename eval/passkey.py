@@ -1,0 +1,255 @@
+"""Passkey retrieval (Mohtashami & Jaggi 2023, Sec. 4.2 and Fig. 3b), and the `landmark_passkey` figure.
+
+    python -m eval.passkey --workdir RUN --seed S --lengths 256,512,1024,2048 --trials N \
+        [--baseline_workdir RUN2] [--top_k 4] [--chunk_len 128]
+
+prints one JSON line {"train_context", "accuracy": {METHOD: {LENGTH: acc}}, ...}. A landmark run
+(train/configs/landmark.py:tiny) is scored as `landmark_memory` (the official mem-cache inference,
+`models.landmark.memory_logits`, with an unbounded cache) and `landmark_full` (the same weights
+with plain full attention over the whole prompt, landmarks inserted); a plain transformer run
+(`tiny_baseline`, given as --workdir or --baseline_workdir) is scored as `baseline`.
+
+The prompt is the paper's (train/data/passkey_data.py): filler, the key line at a uniformly random
+depth, the question; LENGTH is the prompt's length in bytes (= tokens), keys are random 5-digit
+numbers, and a trial is right when the whole answer " K" is produced.
+
+Decoding. A trial is scored by greedy decoding, computed exactly with one teacher-forced pass:
+the model reads prompt + " K" and the trial is right iff the argmax at each answer position is
+the next answer token. By induction this is the same event as "greedy decoding produces " K"".
+For memory inference the answer tokens join the prompt's chunk schedule; since a chunk is causal
+(each row depends only on earlier rows and the cache before the chunk; per-token-and-head
+retrieval), this equals a greedy decoder that appends each generated token to the current chunk
+and recomputes it, the official mem-cache generation loop.
+
+The figure (`python -m eval.figures --only landmark_passkey`) trains the landmark LM and the
+baseline on the passkey/prose mixture with the shared trainer (or reuses the runs it finds under
+OUT/runs/), then evaluates both at lengths up to 8× the training context:
+JSON {"train_context": int, "accuracy": {METHOD: {LENGTH: acc}}}.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import sys
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eval import figures
+from train.data import passkey_data
+from train.data import tokenizer as tok
+
+METHODS = ("landmark_memory", "landmark_full", "baseline")
+
+# Figure sizes: overrides of train/configs/landmark.py:tiny (and tiny_baseline) and the evaluation.
+SIZES = {
+    "quick": dict(num_steps=150, batch_size=16, seq_len=256, width=64, num_layers=2,
+                  lengths=(256, 512, 1024, 2048), trials=8),
+    "cpu": dict(num_steps=1500, batch_size=16, seq_len=256, width=64, num_layers=2,
+                lengths=(256, 512, 1024, 2048), trials=40),
+    "paper": dict(num_steps=20000, batch_size=64, seq_len=512, width=256, num_layers=4,
+                  lengths=(512, 1024, 2048, 4096, 8192, 16384), trials=100),
+}
+TOP_K = 4   # blocks retrieved per token and head (the paper's passkey runs use k = 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trials
+# ---------------------------------------------------------------------------------------------
+def make_trials(length: int, trials: int, seed: int, *, num_digits: int = 5,
+                intro: bool = False) -> np.ndarray:
+    """tokens [N, length + 1 + num_digits] int32: prompt of `length` bytes, then the answer " K".
+
+    Key and depth are random per trial, drawn from (seed, length)."""
+    rng = np.random.default_rng([seed, length, 0x9a55])
+    rows = []
+    for _ in range(trials):
+        key = passkey_data.random_key(rng, num_digits)
+        prompt, answer = passkey_data.make_prompt(length, key, float(rng.random()),
+                                                  num_digits=num_digits, intro=intro)
+        rows.append(tok.encode(prompt + answer))
+    return np.stack(rows).astype(np.int32)
+
+
+def answer_correct(logits_NxTxV, tokens_NxT, prompt_len: int) -> np.ndarray:
+    """bool [N]: the argmax at every answer position equals the next answer token."""
+    logits = np.asarray(logits_NxTxV)
+    pred = logits[:, prompt_len - 1:-1].argmax(-1)
+    return np.all(pred == np.asarray(tokens_NxT)[:, prompt_len:], axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scorers: tokens [N, T] → logits [N, T, V]
+# ---------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("model",))
+def _full_logits(model, params, tokens_BxT):
+    from models import landmark
+    if isinstance(model, landmark.LandmarkLM):
+        lc = model.config
+        F = lc.mem_freq
+        B, T = tokens_BxT.shape
+        aug = landmark.insert_landmarks(tokens_BxT, F, lc.landmark_id)
+        is_lm = jnp.broadcast_to(landmark.landmark_mask(aug.shape[1], F), aug.shape)
+        logits = model.apply({"params": params}, aug, is_landmark=is_lm)
+        raw = jnp.arange(T) + jnp.arange(T) // F            # where raw token t lands
+        return jnp.take(logits, raw, axis=1)
+    return model.apply({"params": params}, tokens_BxT)
+
+
+def full_attention_logits(model, params, tokens, *, batch: int = 8) -> np.ndarray:
+    """Logits [N, T, V] of plain full attention (a `Transformer`, or a `LandmarkLM` with landmarks
+    inserted and dropped again), `batch` rows at a time."""
+    out = [np.asarray(_full_logits(model, params, jnp.asarray(tokens[i:i + batch])))
+           for i in range(0, len(tokens), batch)]
+    return np.concatenate(out)
+
+
+def memory_inference_logits(model, params, tokens, *, top_k: int = TOP_K, chunk_len: int = 128,
+                            cache_blocks: Optional[int] = None, batch: int = 16,
+                            selection: str = "per_token_and_head") -> np.ndarray:
+    """Logits [N, T, V] of the official mem-cache inference (`memory_logits`)."""
+    from models import landmark
+    out = [np.asarray(landmark.memory_logits(params, model.config, jnp.asarray(tokens[i:i + batch]),
+                                             chunk_len=chunk_len, top_k=top_k,
+                                             cache_blocks=cache_blocks, selection=selection))
+           for i in range(0, len(tokens), batch)]
+    return np.concatenate(out)
+
+
+def passkey_accuracy(scorer, lengths: Sequence[int], trials: int, seed: int, *,
+                     num_digits: int = 5, intro: bool = False) -> dict:
+    """{length: accuracy} of `scorer(tokens [N, T]) -> logits [N, T, V]`."""
+    acc = {}
+    for length in lengths:
+        tokens = make_trials(length, trials, seed, num_digits=num_digits, intro=intro)
+        acc[int(length)] = float(answer_correct(scorer(tokens), tokens, length).mean())
+    return acc
+
+
+def evaluate_run(model, params, lengths, trials, seed, *, top_k: int = TOP_K,
+                 chunk_len: int = 128, num_digits: int = 5, intro: bool = False,
+                 methods: Optional[Sequence[str]] = None) -> dict:
+    """{METHOD: {LENGTH: acc}} for one trained model: a LandmarkLM → landmark_memory and
+    landmark_full; a Transformer → baseline."""
+    from models import landmark
+    params = jax.device_get(params)
+    kw = dict(num_digits=num_digits, intro=intro)
+    if isinstance(model, landmark.LandmarkLM):
+        scorers = {"landmark_memory": functools.partial(
+                       memory_inference_logits, model, params, top_k=top_k, chunk_len=chunk_len),
+                   "landmark_full": functools.partial(full_attention_logits, model, params)}
+    else:
+        scorers = {"baseline": functools.partial(full_attention_logits, model, params)}
+    return {m: passkey_accuracy(f, lengths, trials, seed, **kw) for m, f in scorers.items()
+            if methods is None or m in methods}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training the figure's runs
+# ---------------------------------------------------------------------------------------------
+def figure_config(size: str, seed: int, *, baseline: bool = False):
+    from train.configs import landmark as landmark_configs
+    s = SIZES[size]
+    c = landmark_configs.get_config("tiny_baseline" if baseline else "tiny")
+    c.seed = seed
+    c.data.data_seed = seed
+    c.num_steps = s["num_steps"]
+    c.batch_size = s["batch_size"]
+    c.seq_len = s["seq_len"]
+    c.model.width = s["width"]
+    c.model.num_layers = s["num_layers"]
+    c.checkpoint_every = 0
+    c.eval_every = 0
+    c.log_every = 10
+    c.progress = False
+    c.mesh.data = 1                   # one device: the figure's numbers do not depend on the host
+    return c
+
+
+def train_or_reuse(size: str, seed: int, out: pathlib.Path, *, baseline: bool = False):
+    """(config, params, model) of the figure's landmark (or baseline) run in OUT/runs/: trained with
+    the shared trainer, or restored if the run there is already finished."""
+    from train import trainer
+    c = figure_config(size, seed, baseline=baseline)
+    name = "landmark_baseline" if baseline else "landmark"
+    workdir = pathlib.Path(out) / "runs" / f"{name}-{size}-seed{seed}"
+    summary = trainer.train(c, workdir, devices=jax.devices()[:1])
+    return c, jax.device_get(summary["state"].params), summary["run"].model, workdir
+
+
+@figures.register("landmark_passkey")
+def landmark_passkey_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = pathlib.Path(out)
+    s = SIZES[size]
+    accuracy, seconds = {}, {}
+    for baseline in (False, True):
+        t0 = time.time()
+        c, params, model, _ = train_or_reuse(size, seed, out, baseline=baseline)
+        accuracy.update(evaluate_run(model, params, s["lengths"], s["trials"], seed + 1,
+                                     chunk_len=c.seq_len // 2,
+                                     num_digits=c.data.num_digits, intro=c.data.intro))
+        seconds["baseline" if baseline else "landmark"] = round(time.time() - t0, 1)
+    train_context = s["seq_len"]
+    rows = [(m, n, accuracy[m][n]) for m in METHODS for n in s["lengths"]]
+    figures.write_csv(out / "landmark_passkey.csv", ["method", "prompt_length", "accuracy"], rows)
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    labels = {"landmark_memory": f"landmark + memory (k={TOP_K})",
+              "landmark_full": "landmark, full attention", "baseline": "transformer (baseline)"}
+    for m, marker in zip(METHODS, "os^"):
+        xs = list(s["lengths"])
+        ax.plot(xs, [accuracy[m][n] for n in xs], marker=marker, label=labels[m])
+    ax.axvline(train_context, color="gray", ls=":", label="training context")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="prompt length (tokens)", ylabel="passkey accuracy", ylim=(-0.02, 1.02),
+           title=f"passkey retrieval ({s['trials']} trials per length, seed {seed})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "landmark_passkey.png", dpi=120)
+    plt.close(fig)
+    return {"train_context": train_context,
+            "accuracy": {m: {str(n): a for n, a in accuracy[m].items()} for m in METHODS},
+            "trials": s["trials"], "top_k": TOP_K, "seconds": seconds}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Passkey retrieval accuracy of trained runs")
+    p.add_argument("--workdir", required=True, help="a landmark run (or a transformer run)")
+    p.add_argument("--baseline_workdir", default=None, help="a plain transformer run to compare")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lengths", default="256,512,1024,2048",
+                   help="comma-separated prompt lengths in tokens")
+    p.add_argument("--trials", type=int, default=50)
+    p.add_argument("--top_k", type=int, default=TOP_K)
+    p.add_argument("--chunk_len", type=int, default=None,
+                   help="raw tokens per memory-inference chunk (default: half the training context)")
+    a = p.parse_args(argv)
+    from train import checkpoint
+    lengths = [int(x) for x in a.lengths.split(",")]
+    accuracy, train_context = {}, None
+    for wd in [a.workdir] + ([a.baseline_workdir] if a.baseline_workdir else []):
+        config, params, model = checkpoint.restore_for_eval(wd)
+        train_context = train_context or int(config.seq_len)
+        data = config.data
+        accuracy.update(evaluate_run(
+            model, params, lengths, a.trials, a.seed, top_k=a.top_k,
+            chunk_len=a.chunk_len or max(int(config.seq_len) // 2, 1),
+            num_digits=int(data.get("num_digits", 5)), intro=bool(data.get("intro", False))))
+    print(json.dumps({"train_context": train_context,
+                      "accuracy": {m: {str(n): v for n, v in accs.items()}
+                                   for m, accs in accuracy.items()},
+                      "trials": a.trials, "seed": a.seed, "top_k": a.top_k,
+                      "workdir": a.workdir, "baseline_workdir": a.baseline_workdir}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
