@@ -19,7 +19,7 @@ the next answer token. By induction this is the same event as "greedy decoding p
 For memory inference the answer tokens join the prompt's chunk schedule; since a chunk is causal
 (each row depends only on earlier rows and the cache before the chunk; per-token-and-head
 retrieval), this equals a greedy decoder that appends each generated token to the current chunk
-and recomputes it, the official mem-cache generation loop.
+and recomputes that chunk (tests/eval/test_passkey.py checks it against an explicit greedy loop).
 
 The figure (`python -m eval.figures --only landmark_passkey`) trains the landmark LM and the
 baseline on the passkey/prose mixture with the shared trainer (or reuses the runs it finds under
@@ -55,7 +55,7 @@ SIZES = {
     "paper": dict(num_steps=20000, batch_size=64, seq_len=512, width=256, num_layers=4,
                   lengths=(512, 1024, 2048, 4096, 8192, 16384), trials=100),
 }
-TOP_K = 4   # blocks retrieved per token and head (the paper's passkey runs use k = 4)
+TOP_K = 4   # blocks retrieved per token and head (the paper evaluates k = 2 and 4)
 
 
 # ---------------------------------------------------------------------------------------------
