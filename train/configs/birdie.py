@@ -30,6 +30,7 @@ eval/birdie_recall.py (the trainer's data pipeline is fixed per run).
 """
 import ml_collections
 
+from train.configs import common
 from train.data import pipeline
 
 MODELS = ("transformer_ntp", "gated_ntp", "gated_birdie", "gated_birdie_causal", "hawk_birdie")
@@ -122,23 +123,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.phonebook_entries = (16, 48) if paper else (2, 4)   # entries per book
     c.data.phonebook_queries = (1, 8) if paper else (1, 2)     # queried names per task
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 3e-4 if paper else 3e-3     # peak learning rate
-    c.optim.warmup_steps = 2000 if paper else 20   # linear warm-up steps
-    c.optim.min_lr_ratio = 0.1               # cosine decays to lr × this
-    c.optim.b1 = 0.9                         # AdamW β1
-    c.optim.b2 = 0.95                        # AdamW β2
-    c.optim.eps = 1e-8                       # AdamW ε
-    c.optim.weight_decay = 0.1 if paper else 0.01   # decoupled weight decay
-    c.optim.clip_norm = 1.0                  # global-norm gradient clipping (None: off)
-    c.optim.grad_accum = 1                   # micro-batches per step (batch_size % it == 0)
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.num_batches = 20 if paper else 2  # validation batches per evaluation
-
-    c.debug = ml_collections.ConfigDict()
-    c.debug.sigkill_at_step = -1             # tests: SIGKILL the process after this step
-    c.debug.nan_at_step = -1                 # tests: poison the loss at this step
+    c.optim = common.optim(lr=3e-4 if paper else 3e-3,
+                           warmup_steps=2000 if paper else 20,
+                           weight_decay=0.1 if paper else 0.01)
+    c.eval = common.evaluation(20 if paper else 2)
+    c.debug = common.debug()
     return c
 
 

@@ -19,6 +19,7 @@ GPT-2's BPE. Any field can be overridden with --config.FIELD=VALUE.
 """
 import ml_collections
 
+from train.configs import common
 from train.data import pipeline, tokenizer
 
 VARIANTS = ("tiny", "tiny_baseline", "paper")
@@ -85,23 +86,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.data.num_digits = 5                # 5-digit keys
         c.data.intro = False                 # no task line (it would fill half a 256-byte window)
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 2e-3                        # peak learning rate (paper: 2e-3)
-    # linear warm-up steps (paper: 2% of training)
-    # (a reference: overriding num_steps moves it too)
-    c.optim.warmup_steps = c.get_ref("num_steps") // 50 if paper else 60
-    c.optim.min_lr_ratio = 0.1               # cosine decays to lr × this
-    c.optim.b1 = 0.9                         # AdamW β1 (paper: 0.9)
-    c.optim.b2 = 0.95                        # AdamW β2 (paper: 0.95)
-    c.optim.eps = 1e-8                       # AdamW ε
-    c.optim.weight_decay = 1e-3              # decoupled weight decay (paper: 1e-3)
-    c.optim.clip_norm = 1.0                  # global-norm gradient clipping (None: off)
-    c.optim.grad_accum = 1                   # micro-batches per step (batch_size % it == 0)
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.num_batches = 20 if paper else 4  # validation batches per evaluation
-
-    c.debug = ml_collections.ConfigDict()
-    c.debug.sigkill_at_step = -1             # tests: SIGKILL the process after this step
-    c.debug.nan_at_step = -1                 # tests: poison the loss at this step
+    # The paper's optimizer: AdamW β=(0.9, 0.95), lr 2e-3, weight decay 1e-3, cosine with 2%
+    # warm-up (a reference: overriding num_steps moves it too).
+    c.optim = common.optim(lr=2e-3, weight_decay=1e-3,
+                           warmup_steps=c.get_ref("num_steps") // 50 if paper else 60)
+    c.eval = common.evaluation(20 if paper else 4)
+    c.debug = common.debug()
     return c

@@ -10,6 +10,7 @@ size a GPU/TPU user starts from. Any field can be overridden with --config.FIELD
 """
 import ml_collections
 
+from train.configs import common
 from train.data import pipeline
 
 
@@ -52,21 +53,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # Data: MQAR for tiny (learnable in a minute), the local prose corpus for paper.
     c.data = pipeline.default_data_config("text" if paper else "mqar")
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 6e-4 if paper else 3e-3     # peak learning rate
-    c.optim.warmup_steps = 2000 if paper else 40   # linear warm-up steps
-    c.optim.min_lr_ratio = 0.1               # cosine decays to lr × this
-    c.optim.b1 = 0.9                         # AdamW β1
-    c.optim.b2 = 0.95                        # AdamW β2
-    c.optim.eps = 1e-8                       # AdamW ε
-    c.optim.weight_decay = 0.1 if paper else 0.01   # decoupled weight decay
-    c.optim.clip_norm = 1.0                  # global-norm gradient clipping (None: off)
-    c.optim.grad_accum = 1                   # micro-batches per step (batch_size % it == 0)
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.num_batches = 20 if paper else 4  # validation batches per evaluation
-
-    c.debug = ml_collections.ConfigDict()
-    c.debug.sigkill_at_step = -1             # tests: SIGKILL the process after this step
-    c.debug.nan_at_step = -1                 # tests: poison the loss at this step
+    c.optim = common.optim(lr=6e-4 if paper else 3e-3,
+                           warmup_steps=2000 if paper else 40,
+                           weight_decay=0.1 if paper else 0.01)
+    c.eval = common.evaluation(20 if paper else 4)
+    c.debug = common.debug()
     return c
