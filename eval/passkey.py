@@ -161,6 +161,7 @@ def figure_config(size: str, seed: int, *, baseline: bool = False):
     c.num_steps = s["num_steps"]
     c.batch_size = s["batch_size"]
     c.seq_len = s["seq_len"]
+    c.data.min_length = s["seq_len"] - c.data.num_digits   # every prompt fills the window
     c.model.width = s["width"]
     c.model.num_layers = s["num_layers"]
     c.checkpoint_every = 0
