@@ -422,27 +422,10 @@ class LandmarkLM(nn.Module):
             is_landmark = tokens_BxT == lc.landmark_id
         if positions is None:
             positions = jnp.arange(T, dtype=jnp.int32)
-        embed = layers.Embed(c.vocab_size, c.width, dtype=c.dtype, param_dtype=c.param_dtype,
-                             name="embed")
-        x = nn.with_logical_constraint(embed(tokens_BxT), ("batch", "length", "embed"))
-        block_cls = nn.remat(transformer.Block) if c.remat else transformer.Block
-        kwargs = {"is_landmark": is_landmark, "mem_freq": lc.mem_freq}
-        for i in range(c.num_layers):
-            x = block_cls(c, name=f"block_{i}")(x, positions, segment_ids, None, None, None,
-                                               kwargs)
-        x = layers.make_norm(c.norm, eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
-                             name="ln_f")(x)
-        if return_hidden:
-            return x
-        if c.tie_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = nn.DenseGeneral(
-                c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
-                kernel_init=nn.with_logical_partitioning(layers.default_init, ("embed", "vocab")),
-                name="lm_head")(x)
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-        return logits.astype(jnp.promote_types(jnp.float32, logits.dtype))
+        return transformer.decoder_forward(
+            c, tokens_BxT, positions=positions, segment_ids=segment_ids,
+            attention_kwargs={"is_landmark": is_landmark, "mem_freq": lc.mem_freq},
+            return_hidden=return_hidden)
 
 
 def _unbox(tree):

@@ -180,27 +180,38 @@ class Transformer(nn.Module):
             chex.assert_shape(prefix_kv, (c.num_layers, 2, B, None, c.num_heads, c.hd))
             if prefix_mask is None:
                 prefix_mask = jnp.ones(prefix_kv.shape[2:4], bool)
-        embed = layers.Embed(c.vocab_size, c.width, dtype=c.dtype, param_dtype=c.param_dtype,
-                             name="embed")
-        x = embed(tokens_BxT)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        block_cls = nn.remat(Block) if c.remat else Block
-        for i in range(c.num_layers):
-            pk = pv = None
-            if prefix_kv is not None:
-                pk, pv = prefix_kv[i, 0], prefix_kv[i, 1]
-            x = block_cls(c, name=f"block_{i}")(x, positions, segment_ids, pk, pv, prefix_mask,
-                                               attention_kwargs)
-        x = layers.make_norm(c.norm, eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
-                             name="ln_f")(x)
-        if return_hidden:
-            return x
-        if c.tie_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = nn.DenseGeneral(
-                c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
-                kernel_init=nn.with_logical_partitioning(layers.default_init, ("embed", "vocab")),
-                name="lm_head")(x)
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-        return logits.astype(jnp.promote_types(jnp.float32, logits.dtype))
+        return decoder_forward(c, tokens_BxT, positions=positions, segment_ids=segment_ids,
+                               prefix_kv=prefix_kv, prefix_mask=prefix_mask,
+                               attention_kwargs=attention_kwargs, return_hidden=return_hidden)
+
+
+def decoder_forward(c: TransformerConfig, tokens_BxT, *, positions, segment_ids=None,
+                    prefix_kv=None, prefix_mask=None, attention_kwargs=None,
+                    return_hidden: bool = False):
+    """Embed → blocks → final norm → logits. Call it from inside a compact `__call__`: the
+    submodules (embed, block_i, ln_f, lm_head) are created in the caller's scope, so every model
+    built on it (Transformer, LandmarkLM) has the same parameter tree."""
+    embed = layers.Embed(c.vocab_size, c.width, dtype=c.dtype, param_dtype=c.param_dtype,
+                         name="embed")
+    x = embed(tokens_BxT)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    block_cls = nn.remat(Block) if c.remat else Block
+    for i in range(c.num_layers):
+        pk = pv = None
+        if prefix_kv is not None:
+            pk, pv = prefix_kv[i, 0], prefix_kv[i, 1]
+        x = block_cls(c, name=f"block_{i}")(x, positions, segment_ids, pk, pv, prefix_mask,
+                                           attention_kwargs)
+    x = layers.make_norm(c.norm, eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
+                         name="ln_f")(x)
+    if return_hidden:
+        return x
+    if c.tie_embeddings:
+        logits = embed.attend(x)
+    else:
+        logits = nn.DenseGeneral(
+            c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
+            kernel_init=nn.with_logical_partitioning(layers.default_init, ("embed", "vocab")),
+            name="lm_head")(x)
+    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    return logits.astype(jnp.promote_types(jnp.float32, logits.dtype))
