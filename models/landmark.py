@@ -202,7 +202,11 @@ def _periodic_tile(q_tile, k_keys, v_keys, start: int, block_len: int, segment_i
         e_gate, -1, keepdims=True)
     inv_z = 1 / jnp.where(z > 0, z, 1)
     d_blk = jnp.sum(e, axis=-1)
-    fac = jnp.where(own_blk, inv_z, e_gate * inv_z / jnp.where(d_blk > 0, d_blk, 1))
+    # An earlier block's d_blk holds its max term exp(0) = 1, so it is 0 or >= 1. The own block's
+    # (stabilised by the top-level max) can be denormal; it is not a divisor there, and dividing
+    # by it in the discarded branch would still put 0 · inf = NaN into the gradient.
+    d_safe = jnp.where(own_blk | (d_blk <= 0), 1, d_blk)
+    fac = jnp.where(own_blk, inv_z, e_gate * inv_z / d_safe)
     w = (e * fac[..., None]).reshape(B, H, Tq, NB * S)
     return jnp.einsum("bhqk,bkhd->bqhd", w.astype(v_keys.dtype), v_keys).astype(q_tile.dtype)
 

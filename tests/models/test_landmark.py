@@ -110,6 +110,25 @@ def test_blockwise_training_layout_fast_path_equals_dense(x64):
                     jax.jit(lmk.landmark_attention_dense)(q, k, v, flipped)) <= 1e-13
 
 
+def test_fast_path_gradient_finite_when_a_gate_dominates_the_own_block():
+    # A query whose own-block scores sit 60 below an earlier block's gate: the own block's sum of
+    # exp is ~1e-26, its square underflows in float32. It must not reach a divisor, or the
+    # discarded branch puts 0/0 into the gradient (a tiny training run hit exactly this NaN).
+    T, S = 8, 4                                        # mem_freq 3: landmarks at 3 and 7
+    lm = jnp.asarray(np.arange(T) % S == S - 1)[None]
+    q = jnp.ones((1, T, 1, 1), jnp.float32)
+    k = jnp.zeros((1, T, 1, 1), jnp.float32).at[0, 3, 0, 0].set(60.0)
+    v = jnp.asarray(np.random.default_rng(0).normal(size=(1, T, 1, 1)), jnp.float32)
+    fast = lambda q, k, v: lmk.landmark_attention(q, k, v, lm, mem_freq=S - 1)  # noqa: E731
+    y, grads = _jit_vjp(fast, q, k, v, jnp.ones_like(v))
+    y_ref, grads_ref = _jit_vjp(lambda q, k, v: lmk.landmark_attention_dense(q, k, v, lm),
+                                q, k, v, jnp.ones_like(v))
+    assert all(bool(jnp.isfinite(g).all()) for g in grads)
+    assert _maxdiff(y, y_ref) <= 1e-6
+    for g, g_ref in zip(grads, grads_ref):
+        assert _maxdiff(g, g_ref) <= 1e-5
+
+
 def test_weights_semantics_edge_cases():
     q, k, v, lm = _irregular_inputs(np.float32)
     p = np.asarray(jax.jit(lmk.landmark_attention_weights)(q, k, lm))
