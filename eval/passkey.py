@@ -47,13 +47,19 @@ from train.data import tokenizer as tok
 METHODS = ("landmark_memory", "landmark_full", "baseline")
 
 # Figure sizes: overrides of train/configs/landmark.py:tiny (and tiny_baseline) and the evaluation.
+# `phases`: (last step, shortest prompt in bytes) in order; None = every prompt fills the window.
+# A length curriculum: with full-window prompts the copy circuit forms (the tiny landmark model
+# copied the key at the training length after ~3000 steps, but only there: its question always
+# ended at the same position); the second phase varies the prompt length (then EOS and prose),
+# which is what let memory inference answer beyond one window at all. One trainer run resumed
+# per phase (same workdir, optimizer and data iterator carried over).
 SIZES = {
-    "quick": dict(num_steps=150, batch_size=16, seq_len=256, width=64, num_layers=2,
+    "quick": dict(phases=((150, None),), batch_size=16, seq_len=256, width=64, num_layers=2,
                   lengths=(256, 512, 1024, 2048), trials=8),
-    "cpu": dict(num_steps=1500, batch_size=16, seq_len=256, width=64, num_layers=2,
-                lengths=(256, 512, 1024, 2048), trials=40),
-    "paper": dict(num_steps=20000, batch_size=64, seq_len=512, width=256, num_layers=4,
-                  lengths=(512, 1024, 2048, 4096, 8192, 16384), trials=100),
+    "cpu": dict(phases=((3000, None), (5500, 128)), batch_size=16, seq_len=256, width=64,
+                num_layers=2, lengths=(256, 512, 1024, 2048), trials=40),
+    "paper": dict(phases=((15000, None), (20000, 256)), batch_size=64, seq_len=512, width=256,
+                  num_layers=4, lengths=(512, 1024, 2048, 4096, 8192, 16384), trials=100),
 }
 TOP_K = 4   # blocks retrieved per token and head (the paper evaluates k = 2 and 4)
 
@@ -152,16 +158,20 @@ def evaluate_run(model, params, lengths, trials, seed, *, top_k: int = TOP_K,
 # ---------------------------------------------------------------------------------------------
 # Training the figure's runs
 # ---------------------------------------------------------------------------------------------
-def figure_config(size: str, seed: int, *, baseline: bool = False):
+def figure_config(size: str, seed: int, *, baseline: bool = False, phase: int = -1):
+    """The trainer config of the figure's run at the end of `phase` (index into SIZES[size]
+    ['phases']; -1: the last)."""
     from train.configs import landmark as landmark_configs
     s = SIZES[size]
+    end_step, min_length = s["phases"][phase]
     c = landmark_configs.get_config("tiny_baseline" if baseline else "tiny")
     c.seed = seed
     c.data.data_seed = seed
-    c.num_steps = s["num_steps"]
+    c.num_steps = end_step
     c.batch_size = s["batch_size"]
     c.seq_len = s["seq_len"]
-    c.data.min_length = s["seq_len"] - c.data.num_digits   # every prompt fills the window
+    full = s["seq_len"] - c.data.num_digits               # a prompt that fills the window
+    c.data.min_length = full if min_length is None else min(min_length, full)
     c.model.width = s["width"]
     c.model.num_layers = s["num_layers"]
     c.checkpoint_every = 0
@@ -174,12 +184,14 @@ def figure_config(size: str, seed: int, *, baseline: bool = False):
 
 def train_or_reuse(size: str, seed: int, out: pathlib.Path, *, baseline: bool = False):
     """(config, params, model) of the figure's landmark (or baseline) run in OUT/runs/: trained with
-    the shared trainer, or restored if the run there is already finished."""
+    the shared trainer phase by phase (each phase resumes the previous one's final checkpoint), or
+    restored if the run there is already finished."""
     from train import trainer
-    c = figure_config(size, seed, baseline=baseline)
     name = "landmark_baseline" if baseline else "landmark"
     workdir = pathlib.Path(out) / "runs" / f"{name}-{size}-seed{seed}"
-    summary = trainer.train(c, workdir, devices=jax.devices()[:1])
+    for phase in range(len(SIZES[size]["phases"])):
+        c = figure_config(size, seed, baseline=baseline, phase=phase)
+        summary = trainer.train(c, workdir, devices=jax.devices()[:1])
     return c, jax.device_get(summary["state"].params), summary["run"].model, workdir
 
 

@@ -174,6 +174,21 @@ def test_prose_windows_and_perplexity():
     assert {"landmark_passkey", "landmark_perplexity"} <= set(names)
 
 
+def test_figure_length_curriculum_resumes_one_run(tmp_path, monkeypatch):
+    # cpu: full-window prompts first, then prompts of varied length, in one resumed run
+    first, last = (passkey.figure_config("cpu", 0, phase=i) for i in (0, 1))
+    assert (first.num_steps, first.data.min_length) == (3000, 251)
+    assert (last.num_steps, last.data.min_length) == (5500, 128)
+    monkeypatch.setitem(passkey.SIZES, "test", dict(
+        phases=((2, None), (3, 100)), batch_size=2, seq_len=112, width=16, num_layers=1,
+        lengths=(112,), trials=1))
+    c, params, model, workdir = passkey.train_or_reuse("test", 0, tmp_path)
+    assert (c.num_steps, c.data.min_length) == (3, 100)
+    steps = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    starts = [r["resumed_from"] for r in steps if r.get("event") == "start"]
+    assert starts == [0, 2]                     # phase 2 resumed phase 1's final checkpoint
+
+
 # ---------------------------------------------------------------------------------------------
 # The config and the CLIs
 # ---------------------------------------------------------------------------------------------
