@@ -1,13 +1,18 @@
 """MAC: cost of adapting to one document, and of aggregating a growing bank.
 
     python -m benchmarks.mac [--variant tiny|paper] [--banks 16,64,256] [--window 16]
+    python -m benchmarks.mac --variant paper --banks 16,64 --runs 3   # the paper's proportions
+
+`tiny` (the CPU figure's sizes) has g about as large as the base LM, so the time ratio says
+little; `paper` has the paper's proportions (a T5-small-sized g, 512 wide with 6+6 blocks, vs a
+GPT-2-small-sized base LM, 768 wide with 12 layers) and is cheap enough to time on a CPU.
 
 1. Per adapted document: MAC's one amortization forward (g on the document, written to the bank)
    vs one fine-tuning step of the base LM on the same document (forward + backward + Adam), the
    in-repo baseline; median wall time and the compiled programs' temp memory.
 2. Aggregation (h over the bank, one question batch) vs bank size, flat vs hierarchical.
 
-Writes benchmarks/results/mac-DEVICE.json. Parameters are random: timings do not depend on them.
+Writes benchmarks/results/mac-DEVICE.json (tiny) or mac-VARIANT-DEVICE.json. Parameters are random: timings do not depend on them.
 """
 from __future__ import annotations
 
@@ -81,10 +86,14 @@ def main(argv=None) -> int:
             row[name] = time_fn(lambda: f(params, qs, mem), runs=a.runs)["median_s"]
             row[name + "_temp_bytes"] = _temp_bytes(f.lower(params, qs, mem).compile())
         agg[str(n)] = row
-    write_result("mac", {
+    write_result("mac" if a.variant == "tiny" else f"mac-{a.variant}", {
         "variant": a.variant,
         "shapes": {"doc_len": S, "T": cfg.num_tokens, "D": cfg.width, "L": cfg.lm.num_layers,
                    "questions": a.questions, "window": a.window},
+        "params": {"mac_g": sum(x.size for k in ("doc_encoder", "slot_mlp")
+                                for x in jax.tree_util.tree_leaves(params[k])),
+                   "mac_total": sum(x.size for x in jax.tree_util.tree_leaves(params)),
+                   "base_lm": sum(x.size for x in jax.tree_util.tree_leaves(lm_params))},
         "adapt_per_document": {
             "mac_amortize_s": t_mac["median_s"], "finetune_step_s": t_ft["median_s"],
             "time_ratio_mac_over_ft": t_mac["median_s"] / t_ft["median_s"],

@@ -311,7 +311,8 @@ def train_or_load(size: str, seed: int, out: pathlib.Path):
     train_docs = facts.fact_stream("train", c.data.train_documents, seed)
     t0 = time.time()
     lm_params, lm_losses = obj.train_base_lm(
-        cfg.lm, obj.lm_batches(train_docs, c.stage1.batch_size, lengths.lm, seed),
+        cfg.lm, obj.lm_batches(train_docs, c.stage1.batch_size, lengths.lm, seed,
+                               qa_only_fraction=c.stage1.get("qa_only_fraction", 0.0)),
         num_steps=c.stage1.num_steps, key=k_lm, lr=c.stage1.lr,
         warmup_steps=c.stage1.warmup_steps, log_every=c.log_every)
     enc = obj.encode_docs(train_docs, lengths)

@@ -60,6 +60,7 @@ class MACConfig:
     mlp_ratio: int = 4                    # FFN hidden = mlp_ratio · width
     prefix_hidden: int = 32               # hidden width of the per-row prefix FFN
     init_scale: float = 1.0               # weights ~ N(0, init_scale/fan_in); embeddings N(0, 1)
+    prefix_gain_init: float = 1.0         # initial per-row gain of the prefix rows (0: no-op start)
     window: Optional[int] = None          # W: hierarchical chunk (documents); None = flat
     topk: Optional[int] = None            # CMT top-k documents before aggregating; None = all
     pad_id: int = PAD_ID                  # padding token id of documents and questions
@@ -78,6 +79,11 @@ class MACConfig:
             raise ValueError(f"dec_layers={self.dec_layers!r} must be a non-negative integer")
         if not isinstance(self.init_scale, (int, float)) or not self.init_scale > 0:
             raise ValueError(f"init_scale={self.init_scale!r} is not allowed; it must be > 0")
+        if (isinstance(self.prefix_gain_init, bool)
+                or not isinstance(self.prefix_gain_init, (int, float))
+                or not self.prefix_gain_init >= 0):
+            raise ValueError(f"prefix_gain_init={self.prefix_gain_init!r} is not allowed; it "
+                             "must be a number >= 0")
         for name in ("window", "topk"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -282,11 +288,14 @@ class PerSlotMLP(nn.Module):
 
 
 class PerRowFFN(nn.Module):
-    """rows [B, R, D] → rows + W2_r gelu(W1_r LN(rows_r)), separate weights for every row r."""
+    """rows [B, R, D] → γ_r ⊙ (rows + W2_r gelu(W1_r LN(rows_r))), separate weights for every
+    row r; the per-row gain γ [R, D] starts at `gain_init` (0: the prefix starts as all-zero keys
+    and values, i.e. the frozen LM is not disturbed at the start of meta-training)."""
     hidden: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     init_scale: float = 1.0
+    gain_init: float = 1.0
 
     @nn.compact
     def __call__(self, x_BxRxD):
@@ -300,11 +309,14 @@ class PerRowFFN(nn.Module):
                         (R, self.hidden, D), self.param_dtype)
         b2 = self.param("b2", init(nn.initializers.zeros, (None, "embed")), (R, D),
                         self.param_dtype)
+        gain = self.param("gain", init(nn.initializers.constant(self.gain_init), (None, "embed")),
+                          (R, D), self.param_dtype)
         h = layers.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln")(x_BxRxD)
         h = layers.gelu_exact(jnp.einsum("brd,rdh->brh", h, w1.astype(self.dtype))
                               + b1.astype(self.dtype))
-        return x_BxRxD + jnp.einsum("brh,rhd->brd", h, w2.astype(self.dtype)) + b2.astype(
+        out = x_BxRxD + jnp.einsum("brh,rhd->brd", h, w2.astype(self.dtype)) + b2.astype(
             self.dtype)
+        return out * gain.astype(self.dtype)
 
 
 def expand_slots(phi_BxTxD: jax.Array, rows: int) -> jax.Array:
@@ -344,7 +356,8 @@ class MAC(nn.Module):
         self.agg_ln_f = [_ln(f"agg_{i}_ln_f", dt, pdt) for i in range(c.agg_blocks)]
         self.agg_ffn = [_ffn(c.mlp_ratio * c.width, dt, pdt, f"agg_{i}_ffn", c.init_scale)
                         for i in range(c.agg_blocks)]
-        self.prefix_ffn = PerRowFFN(c.prefix_hidden, dt, pdt, c.init_scale, name="prefix_ffn")
+        self.prefix_ffn = PerRowFFN(c.prefix_hidden, dt, pdt, c.init_scale, c.prefix_gain_init,
+                                    name="prefix_ffn")
 
     # -- g -------------------------------------------------------------------------------------
     def amortize(self, docs_BxS: jax.Array) -> jax.Array:

@@ -69,7 +69,7 @@ def test_prefix_row_to_layer_layout(setup):
     s = setup
     z = s["agg"](s["z0"], s["phi"])
     kv = s["apply"](z, method=MAC.prefix)
-    rows = mac_lib.PerRowFFN(CFG.prefix_hidden).apply(
+    rows = mac_lib.PerRowFFN(CFG.prefix_hidden, gain_init=CFG.prefix_gain_init).apply(
         {"params": s["params"]["prefix_ffn"]}, mac_lib.expand_slots(z, CFG.prefix_rows))
     L, P = LM.num_layers, CFG.prefix_len
     for r in range(CFG.prefix_rows):
@@ -189,6 +189,7 @@ def test_deterministic_init_and_apply():
     ("enc_width", 15, "enc_width"),
     ("agg_heads", 5, "agg_heads"),
     ("num_tokens", 9, "2·L·P"),
+    ("prefix_gain_init", -0.5, "prefix_gain_init"),
 ])
 def test_config_validation(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -214,3 +215,24 @@ def test_hierarchical_with_per_question_mask(setup):
     want0 = s["agg"](s["z0"][:1], jnp.stack([s["agg"](s["z0"][:1], s["phi"][keep[:2]]),
                                              s["agg"](s["z0"][:1], s["phi"][keep[2:]])], 1))
     chex.assert_trees_all_close(got[:1], want0, atol=1e-5)
+
+
+def test_zero_prefix_gain_starts_from_the_unmodulated_lm(setup):
+    """prefix_gain_init=0: every prefix key/value is exactly zero at init (so the modulated LM
+    starts at the no-memory LM up to the softmax share of P zero-score keys), while gradients
+    still reach the gain; with the default gain 1 the rows are the residual FFN's output."""
+    s = setup
+    cfg0 = CFG.replace(prefix_gain_init=0.0)
+    p0 = nn.unbox(jax.jit(MAC(cfg0).init)(jax.random.key(0), s["docs"], s["qs"])["params"])
+    z = s["agg"](s["z0"], s["phi"])
+    kv0 = MAC(cfg0).apply({"params": p0}, z, method=MAC.prefix)
+    np.testing.assert_array_equal(np.asarray(kv0), 0.0)
+    assert float(jnp.max(jnp.abs(s["apply"](z, method=MAC.prefix)))) > 0.1
+    np.testing.assert_array_equal(np.asarray(s["params"]["prefix_ffn"]["gain"]), 1.0)
+
+    def loss(p):
+        kv = MAC(cfg0).apply({"params": p}, z, method=MAC.prefix)
+        return jnp.sum(mac_lib.modulated_logits(cfg0, s["lm_params"], s["qs"], kv)[..., 65])
+
+    g = jax.grad(loss)(p0)
+    assert float(jnp.max(jnp.abs(g["prefix_ffn"]["gain"]))) > 0.0

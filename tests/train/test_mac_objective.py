@@ -213,6 +213,31 @@ def test_stage1_lm_rows_and_short_training():
     assert losses[-1] < losses[0]
 
 
+def test_stage1_question_only_rows():
+    """The frozen LM must also see questions with no document in front of them (MAC's layout:
+    prefix, then `question SEP`); without such rows its no-memory answer loss was ~3 nats/token
+    instead of the answer prior and stage 2 never got below it."""
+    docs = facts.fact_stream("train", 6, seed=0)
+    recs = facts.qa_records(docs, questions_per_doc=None)
+    rows = obj.qa_only_rows(recs, 160)
+    seqs = [qa["question"] + "<SEP>" + qa["answer"] + "<EOS>" for d in docs for qa in d["qas"]]
+    # Packed in order: the rows (plus each row's last target) spell every sequence exactly once.
+    text = "".join(tok.decode(np.concatenate([r, t[-1:]]), specials="render")
+                   .replace("<PAD>", "") for r, t in zip(rows["inputs"], rows["targets"]))
+    assert text == "".join(seqs)
+    for r in rows["inputs"]:          # every packed row starts with a question at position 0
+        assert tok.decode(r, specials="render").split("<SEP>")[0] in {qa["question"]
+                                                                     for d in docs
+                                                                     for qa in d["qas"]}
+    np.testing.assert_array_equal(rows["inputs"][:, 1:], rows["targets"][:, :-1])
+    b = next(obj.lm_batches(docs, 64, 160, seed=0, qa_only_fraction=0.5))
+    first = [tok.decode(r[:1]) for r in b["inputs"]]
+    n_qa = sum(f == "W" for f in first)           # question rows start with What/Where
+    assert 16 < n_qa < 48                         # about half of the rows
+    with pytest.raises(ValueError, match="qa_only_fraction"):
+        next(obj.lm_batches(docs, 4, 160, seed=0, qa_only_fraction=1.0))
+
+
 def test_fact_stream_tfds_build_roundtrip(tmp_path):
     spec = facts.FactSpec(train_documents=6, validation_documents=3, test_documents=4, seed=2)
     src = facts.data_source(spec, "test", data_dir=str(tmp_path))

@@ -86,6 +86,37 @@ def lm_rows(records: Sequence[dict], length: int) -> dict:
             "weights": (targets != tok.PAD).astype(np.float32)}
 
 
+def qa_only_rows(records: Sequence[dict], length: int) -> dict:
+    """Stage-1 rows of `question SEP answer EOS` sequences with no document, packed greedily
+    (loss on every real token); the first sequence of every row starts at position 0.
+
+    Without them the base LM only ever saw a question after its document, so at MAC's layout
+    (the question right after the prefix, no document) the frozen LM did not even produce the
+    answer format: its no-memory answer loss was 3.05 nats/token instead of the answer prior
+    (0.46), and stage 2 spent itself restoring the format. With them, the no-memory LM answers
+    with the prior and the prefix only has to supply the document's facts.
+    """
+    seqs = []
+    for r in records:
+        ans = r["answer"] if isinstance(r["answer"], str) else r["answer"][0]
+        seqs.append(np.concatenate([tok.encode(r["question"]), [tok.SEP], tok.encode(ans),
+                                    [tok.EOS]]))
+    rows, cur = [], []
+    for s_ in seqs:
+        if cur and sum(map(len, cur)) + len(s_) > length + 1:
+            rows.append(np.concatenate(cur))
+            cur = []
+        cur.append(s_[: length + 1])
+    if cur:
+        rows.append(np.concatenate(cur))
+    arr = np.full((len(rows), length + 1), tok.PAD, np.int32)
+    for i, r in enumerate(rows):
+        arr[i, :len(r)] = r
+    inputs, targets = arr[:, :-1], arr[:, 1:]
+    return {"inputs": inputs, "targets": targets,
+            "weights": (targets != tok.PAD).astype(np.float32)}
+
+
 def lm_loss(lm_cfg: TransformerConfig, lm_params, batch) -> jax.Array:
     """Mean next-token cross-entropy over weighted positions."""
     logits = Transformer(lm_cfg).apply({"params": lm_params}, batch["inputs"])
@@ -301,10 +332,22 @@ def meta_batches(encoded: dict, batch_size: int, seed: int) -> Iterator[dict]:
                "qa": encoded["qa"][idx, rel], "qa_weights": encoded["qa_weights"][idx, rel]}
 
 
-def lm_batches(docs: Sequence[dict], batch_size: int, length: int, seed: int) -> Iterator[dict]:
-    """Endless stage-1 batches of `document EOS question SEP answer EOS` rows."""
+def lm_batches(docs: Sequence[dict], batch_size: int, length: int, seed: int, *,
+               qa_only_fraction: float = 0.0) -> Iterator[dict]:
+    """Endless stage-1 batches of `document EOS question SEP answer EOS` rows, and (a fraction
+    `qa_only_fraction` of the rows, in expectation) packed `question SEP answer EOS` rows
+    without the document (`qa_only_rows`)."""
+    if not 0.0 <= qa_only_fraction < 1.0:
+        raise ValueError(f"qa_only_fraction={qa_only_fraction} is not allowed; use 0 <= f < 1")
     recs = facts.qa_records(docs, questions_per_doc=None)
     rows = lm_rows(recs, length)
+    if qa_only_fraction > 0:
+        qrows = qa_only_rows(recs, length)
+        # Repeat the (shorter) packed rows so that they make up the requested fraction.
+        n_doc, n_q = rows["inputs"].shape[0], qrows["inputs"].shape[0]
+        want = int(round(n_doc * qa_only_fraction / (1.0 - qa_only_fraction)))
+        reps = np.arange(max(want, 1)) % n_q
+        rows = {k: np.concatenate([rows[k], qrows[k][reps]]) for k in rows}
     rng = np.random.default_rng(seed)
     n = rows["inputs"].shape[0]
     while True:
