@@ -8,7 +8,16 @@
 `tiny` (CPU, minutes): a 2-layer, width-64 LM with landmark attention on 256-byte windows, blocks of
 15 bytes + 1 landmark, trained on the local prose corpus mixed with the paper's
 passkey prompts (train/data/passkey_data.py: every row one prompt that fills the window, its
-answer digits weighted 10×; untied embeddings, constant lr). Evaluate it far beyond 256 bytes with
+answer digits weighted 10×; untied embeddings, constant lr). The `landmark_passkey` figure
+(eval/passkey.py) trains it as a length curriculum in one resumed run: full-window prompts until
+the copy circuit forms, then prompts of varied length, i.e.
+
+    python -m train.main --config train/configs/landmark.py:tiny --workdir runs/landmark_tiny \
+        --config.num_steps=3000
+    python -m train.main --config train/configs/landmark.py:tiny --workdir runs/landmark_tiny \
+        --config.num_steps=5500 --config.data.min_length=128
+
+Evaluate it far beyond 256 bytes with
 `python -m eval.passkey --workdir runs/landmark_tiny --lengths 256,512,1024,2048`.
 `tiny_baseline` is the same run with plain causal attention and no landmarks (the comparison).
 `paper` is the paper's LM (Sec. 4.1): 12 layers, 8 heads × 128, context 512, blocks of 50,

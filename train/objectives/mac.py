@@ -72,12 +72,20 @@ def lm_rows(records: Sequence[dict], length: int) -> dict:
     Teaches the base LM the QA format and how to read an answer from context in front of it,
     which is what the prefix later supplies.
     """
-    rows = []
-    for r in records:
-        ans = r["answer"] if isinstance(r["answer"], str) else r["answer"][0]
-        ids = np.concatenate([tok.encode(r["document"]), [tok.EOS], tok.encode(r["question"]),
-                              [tok.SEP], tok.encode(ans), [tok.EOS]])
-        rows.append(ids[: length + 1])
+    rows = [np.concatenate([tok.encode(r["document"]), [tok.EOS], _qa_ids(r)])[: length + 1]
+            for r in records]
+    return _lm_rows(rows, length)
+
+
+def _qa_ids(record: dict) -> np.ndarray:
+    """`question SEP answer EOS` token ids of a record (its first answer)."""
+    ans = record["answer"] if isinstance(record["answer"], str) else record["answer"][0]
+    return np.concatenate([tok.encode(record["question"]), [tok.SEP], tok.encode(ans),
+                           [tok.EOS]])
+
+
+def _lm_rows(rows: Sequence[np.ndarray], length: int) -> dict:
+    """Token rows (each ≤ length + 1) → PAD-filled next-token batch, loss on every real token."""
     arr = np.full((len(rows), length + 1), tok.PAD, np.int32)
     for i, r in enumerate(rows):
         arr[i, :len(r)] = r
@@ -96,25 +104,15 @@ def qa_only_rows(records: Sequence[dict], length: int) -> dict:
     (0.46), and stage 2 spent itself restoring the format. With them, the no-memory LM answers
     with the prior and the prefix only has to supply the document's facts.
     """
-    seqs = []
-    for r in records:
-        ans = r["answer"] if isinstance(r["answer"], str) else r["answer"][0]
-        seqs.append(np.concatenate([tok.encode(r["question"]), [tok.SEP], tok.encode(ans),
-                                    [tok.EOS]]))
     rows, cur = [], []
-    for s_ in seqs:
+    for s_ in (_qa_ids(r) for r in records):
         if cur and sum(map(len, cur)) + len(s_) > length + 1:
             rows.append(np.concatenate(cur))
             cur = []
         cur.append(s_[: length + 1])
     if cur:
         rows.append(np.concatenate(cur))
-    arr = np.full((len(rows), length + 1), tok.PAD, np.int32)
-    for i, r in enumerate(rows):
-        arr[i, :len(r)] = r
-    inputs, targets = arr[:, :-1], arr[:, 1:]
-    return {"inputs": inputs, "targets": targets,
-            "weights": (targets != tok.PAD).astype(np.float32)}
+    return _lm_rows(rows, length)
 
 
 def lm_loss(lm_cfg: TransformerConfig, lm_params, batch) -> jax.Array:
