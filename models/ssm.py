@@ -29,6 +29,7 @@ left, so `prefill` + `step` equals the teacher-forced pass.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Optional
 
@@ -64,7 +65,7 @@ class SSMConfig:
     a_min: float = 0.9                 # init range of the decay at r=1 (Hawk), of σ(b_f) (gated)
     a_max: float = 0.999
     tie_embeddings: bool = True        # lm head = embedding table transposed
-    chunk_size: int = 0                # >0: chunked scan (associative within chunks of C steps)
+    chunk_size: int = 0                # >0: each block runs in chunks of C positions (Block._chunked)
     norm_eps: float = 1e-6
     dtype: Any = jnp.float32           # compute dtype of the matmuls; recurrences stay float32
     param_dtype: Any = jnp.float32
@@ -306,6 +307,16 @@ class GatedSSM(nn.Module):
         o = layers.gelu_exact(u[..., 3, :])
         return f, z, o
 
+    def chunk_inputs(self, x_BxCxD, segment_ids_BxC, conv):
+        """One chunk's recurrence inputs for `Block`'s chunked pass: (a, b, aux, conv); the gated
+        SSM has no convolution, so `conv` passes through."""
+        del segment_ids_BxC
+        f, z, o = self._gates(x_BxCxD)
+        return f, z, o, conv
+
+    def chunk_output(self, o, h):
+        return self.w_out(o * h.astype(o.dtype))
+
     def __call__(self, x_BxTxD, *, segment_ids_BxT, prefix_BxT, return_state: bool = False):
         f, z, o = self._gates(x_BxTxD)
         h = bidirectional_recurrence(f, z, segment_ids_BxT=segment_ids_BxT, prefix_BxT=prefix_BxT,
@@ -399,6 +410,25 @@ class Hawk(nn.Module):
         mult = jnp.sqrt(-jnp.expm1(2.0 * log_a))  # √(1 − a²), stable near a = 1
         return a, mult * (i * uf)
 
+    def chunk_inputs(self, x_BxCxD, segment_ids_BxC, conv):
+        """One chunk's recurrence inputs for `Block`'s chunked pass: (a, b, gate, conv), where
+        conv = (the last W−1 pre-conv inputs [B, W−1, Dh], their segment ids [B, W−1]) carries
+        the convolution across the chunk boundary (masked by segment, as `causal_conv`)."""
+        c = self.cfg
+        v = self.w_in(x_BxCxD)
+        u_pre, gate = v[..., 0, :], layers.gelu_exact(v[..., 1, :])
+        buf, buf_seg = conv
+        W1 = c.conv_width - 1
+        full = jnp.concatenate([buf.astype(u_pre.dtype), u_pre], axis=1)
+        full_seg = jnp.concatenate([buf_seg, segment_ids_BxC], axis=1)
+        u = causal_conv(full, self.conv_w.astype(u_pre.dtype), self.conv_b.astype(u_pre.dtype),
+                        full_seg)[:, W1:]
+        a, b = self._rglru_inputs(u)
+        return a, b, gate, (full[:, -W1:].astype(F32), full_seg[:, -W1:])
+
+    def chunk_output(self, gate, h):
+        return self.w_out(gate * h.astype(gate.dtype))
+
     def __call__(self, x_BxTxD, *, segment_ids_BxT, prefix_BxT, return_state: bool = False):
         c = self.cfg
         v = self.w_in(x_BxTxD)
@@ -465,12 +495,83 @@ class Block(nn.Module):
         return x
 
     def __call__(self, x, segment_ids, prefix, return_state: bool = False):
+        C = self.cfg.chunk_size
+        if C and x.shape[1] > C and not self.is_initializing():
+            return self._chunked(x, segment_ids, prefix, return_state)
         out = self.mixer(self.norm(x), segment_ids_BxT=segment_ids, prefix_BxT=prefix,
                          return_state=return_state)
         y, state = out if return_state else (out, None)
         x = self._mlp(x + y.astype(x.dtype))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return (x, state) if return_state else x
+
+    def _chunked(self, x, segment_ids, prefix, return_state: bool):
+        """The block in chunks of C = cfg.chunk_size positions (same result as one pass): norm,
+        mixer inputs, a scan inside the chunk started from the carried state, output and MLP, so
+        every intermediate is [B, C, ·] and the work per chunk is fixed (prefill time linear in T,
+        no T-sized temporaries beyond the activations). A bidirectional layer sweeps forward
+        (forward half) and then backward over the chunks (reverse half, then the output and MLP).
+        The row is left-padded to a whole number of chunks with zero inputs in a segment of its
+        own, which the segment masks keep out of every real position."""
+        c = self.cfg
+        C, Dh = c.chunk_size, c.dh
+        B, T, _ = x.shape
+        pad = (-T) % C
+        n = (T + pad) // C
+        if pad:
+            x = jnp.concatenate([jnp.zeros((B, pad) + x.shape[2:], x.dtype), x], axis=1)
+            segment_ids = jnp.concatenate(
+                [jnp.broadcast_to(segment_ids[:, :1] - 1, (B, pad)), segment_ids], axis=1)
+            prefix = jnp.concatenate([jnp.zeros((B, pad), bool), prefix], axis=1)
+        start = segment_starts(segment_ids)[..., None]
+        keep = reverse_keep(segment_ids, prefix)[..., None]
+
+        def chunks(a):                                   # [B, n·C, ...] → [n, B, C, ...]
+            return jnp.moveaxis(a.reshape((B, n, C) + a.shape[2:]), 1, 0)
+
+        def unchunk(a):
+            return jnp.moveaxis(a, 0, 1).reshape((B, n * C) + a.shape[3:])
+
+        conv0 = None
+        if c.mixer == "hawk":
+            conv0 = (jnp.zeros((B, c.conv_width - 1, Dh), F32),
+                     jnp.full((B, c.conv_width - 1), -1, segment_ids.dtype))
+        n_fwd = Dh // 2 if self.bidirectional else Dh
+        scan = functools.partial(nn.scan, variable_broadcast="params",
+                                 split_rngs={"params": False})
+
+        def forward(mdl, carry, xs):
+            h0, conv = carry
+            x_c, seg_c, start_c, keep_c = xs
+            a, b, aux, conv = mdl.mixer.chunk_inputs(mdl.norm(x_c), seg_c, conv)
+            a, b = a.astype(F32), b.astype(F32)
+            a_f = jnp.where(start_c, 0.0, a[..., :n_fwd])
+            h = linear_recurrence(a_f, b[..., :n_fwd], h0_BxD=h0)
+            if not mdl.bidirectional:
+                out = mdl._mlp(x_c + mdl.mixer.chunk_output(aux, h).astype(x_c.dtype))
+                return (h[:, -1], conv), out
+            a_r = jnp.where(keep_c, a[..., n_fwd:], 0.0)
+            return (h[:, -1], conv), (h, a_r, b[..., n_fwd:], aux)
+
+        xs = (chunks(x), chunks(segment_ids), chunks(start), chunks(keep))
+        (h_last, conv), ys = scan(forward)(self, (jnp.zeros((B, n_fwd), F32), conv0), xs)
+        if self.bidirectional:
+            def backward(mdl, g0, xs):
+                x_c, h_c, a_r, b_r, aux = xs
+                g = linear_recurrence(a_r, b_r, reverse=True, h0_BxD=g0)
+                y = mdl.mixer.chunk_output(aux, jnp.concatenate([h_c, g], axis=-1))
+                return g[:, 0], mdl._mlp(x_c + y.astype(x_c.dtype))
+
+            _, ys = scan(backward, reverse=True)(self, jnp.zeros((B, Dh - n_fwd), F32),
+                                                 (chunks(x),) + ys)
+        x = unchunk(ys)[:, pad:]
+        if not return_state:
+            return x
+        state = {"h": h_last}
+        if conv is not None:   # the last W−1 pre-conv inputs of the last sample (zeros before)
+            buf, buf_seg = conv
+            state["conv"] = jnp.where((buf_seg == segment_ids[:, -1:])[..., None], buf, 0.0)
+        return x, state
 
     def init_state(self, batch: int):
         return self.mixer.init_state(batch)
