@@ -1,14 +1,14 @@
 """Speed of the BiSSM LM (models/ssm.py): prefill scaling, bidirectional vs causal, vs attention.
 
     python -m benchmarks.ssm [--width 64] [--layers 2] [--lengths 4096,8192,16384]
-                             [--transformer_max 4096] [--mixer gated] [--chunk 1024] [--runs 7]
+                             [--transformer_max 4096] [--mixer gated] [--chunk 2048] [--runs 7]
 
 Three questions, each timed as the fastest of `runs` jitted calls after warm-up
 (benchmarks/harness.py; the minimum, not the median, because a shared CPU's other jobs only ever
 add time), batch 1, float32:
 
 1. prefill time at each length (the whole prompt read as the bidirectional prefix, the decode
-   state returned), with every block run in chunks of `--chunk` positions (`SSMConfig.chunk_size`,
+   state returned), with every block run in chunks of `--chunk` positions (`SSMConfig.block_chunk`,
    Block._chunked) and, as the in-repo baseline, in one pass over the row. The work is linear in
    T, so t(16k)/t(8k) should be ≈ 2 (the bar: ≤ 2.2). In one pass every intermediate is
    [T, ·]; measured on a 2-core CPU with a 4 MiB L2, those cost about a third more per token
@@ -40,7 +40,7 @@ from models.transformer import Transformer, TransformerConfig
 def _ssm_cfg(a, pattern: str, chunk: int = 0) -> ssm.SSMConfig:
     return ssm.SSMConfig(vocab_size=320, width=a.width, num_layers=a.layers, mixer=a.mixer,
                          layer_pattern=pattern, mlp_hidden=4 * a.width,
-                         hawk_heads=4 if a.mixer == "hawk" else 1, chunk_size=chunk)
+                         hawk_heads=4 if a.mixer == "hawk" else 1, block_chunk=chunk)
 
 
 def prefill_times(a, chunk: int) -> dict:
@@ -68,7 +68,7 @@ def _alternate(fns: dict, runs: int) -> dict:
 def layer_times(a, T: int) -> dict:
     """One mixer layer (bidirectional vs causal) on x [1, T, D], the whole row a prefix; and one
     block (norm, mixer, MLP) of each kind run in chunks of `a.chunk`."""
-    cfg = _ssm_cfg(a, "bc", a.chunk)
+    cfg = _ssm_cfg(a, "bc")                 # the mixers in one pass (one associative scan)
     mixer_cls = ssm.GatedSSM if a.mixer == "gated" else ssm.Hawk
     x = jax.random.normal(jax.random.key(1), (1, T, a.width), jnp.float32)
     seg = jnp.ones((1, T), jnp.int32)
@@ -81,7 +81,7 @@ def layer_times(a, T: int) -> dict:
         fn = jax.jit(lambda p, x, layer=layer: layer.apply(p, x, segment_ids_BxT=seg,
                                                             prefix_BxT=pre))
         fns[kind] = functools.partial(fn, lp, x)
-        blk = ssm.Block(cfg, bidir)
+        blk = ssm.Block(cfg.replace(block_chunk=a.chunk), bidir)
         bp = blk.init(jax.random.key(0), x[:, :16], seg[:, :16], pre[:, :16])
         bfn = jax.jit(lambda p, x, blk=blk: blk.apply(p, x, seg, pre))
         fns[f"{kind}_block_chunked"] = functools.partial(bfn, bp, x)
@@ -123,8 +123,8 @@ def main(argv=None) -> dict:
     p.add_argument("--lengths", default="4096,8192,16384")
     p.add_argument("--transformer_max", type=int,
                    default=4096 if jax.default_backend() == "cpu" else 16384)
-    p.add_argument("--chunk", type=int, default=1024,
-                   help="blocks run in chunks of this many positions (SSMConfig.chunk_size)")
+    p.add_argument("--chunk", type=int, default=2048,
+                   help="blocks run in chunks of this many positions (SSMConfig.block_chunk)")
     p.add_argument("--runs", type=int, default=7)
     p.add_argument("--out_dir", default=None)
     a = p.parse_args(argv)
@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
     vs = {T: fwd["transformer"][T] / fwd["ssm"][T] for T in fwd["ssm"]}
     payload = {
         "config": {"width": a.width, "layers": a.layers, "mixer": a.mixer, "batch": 1,
-                   "lengths": Ts, "chunk_size": a.chunk, "runs": a.runs},
+                   "lengths": Ts, "block_chunk": a.chunk, "runs": a.runs},
         "prefill_s": {str(k): v for k, v in pre[a.chunk].items()},
         "prefill_scaling": scaling[a.chunk],
         "prefill_one_pass_s": {str(k): v for k, v in pre[0].items()},

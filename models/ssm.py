@@ -8,7 +8,7 @@ Curricula" (§3.4, the gated SSM and its bidirectional prefix), and De et al. 20
 
 computed with `jax.lax.associative_scan` over (a, b) pairs with the operator
 (a₁, b₁) ∘ (a₂, b₂) = (a₁a₂, a₂b₁ + b₂), optionally in chunks (`chunk_size`), and one step at a
-time for decoding (`recurrence_step`).
+time for decoding (`recurrence_step`). `block_chunk` runs whole blocks in chunks (long prefills).
 
 The bidirectional layer (Birdie §3.4) splits the state width Dh in two halves with the same
 parameters and FLOPs as a causal layer:
@@ -65,7 +65,9 @@ class SSMConfig:
     a_min: float = 0.9                 # init range of the decay at r=1 (Hawk), of σ(b_f) (gated)
     a_max: float = 0.999
     tie_embeddings: bool = True        # lm head = embedding table transposed
-    chunk_size: int = 0                # >0: each block runs in chunks of C positions (Block._chunked)
+    chunk_size: int = 0                # >0: chunked scan (associative within chunks of C steps)
+    block_chunk: int = 0               # >0: each block runs in chunks of C positions (Block._chunked;
+                                       #     long prefills: every intermediate [B, C, ·])
     norm_eps: float = 1e-6
     dtype: Any = jnp.float32           # compute dtype of the matmuls; recurrences stay float32
     param_dtype: Any = jnp.float32
@@ -75,7 +77,7 @@ class SSMConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
-        for name in ("mlp_hidden", "chunk_size"):
+        for name in ("mlp_hidden", "chunk_size", "block_chunk"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{name}={v!r} must be an integer >= 0 (0 = off)")
@@ -495,7 +497,7 @@ class Block(nn.Module):
         return x
 
     def __call__(self, x, segment_ids, prefix, return_state: bool = False):
-        C = self.cfg.chunk_size
+        C = self.cfg.block_chunk
         if C and x.shape[1] > C and not self.is_initializing():
             return self._chunked(x, segment_ids, prefix, return_state)
         out = self.mixer(self.norm(x), segment_ids_BxT=segment_ids, prefix_BxT=prefix,
@@ -506,7 +508,7 @@ class Block(nn.Module):
         return (x, state) if return_state else x
 
     def _chunked(self, x, segment_ids, prefix, return_state: bool):
-        """The block in chunks of C = cfg.chunk_size positions (same result as one pass): norm,
+        """The block in chunks of C = cfg.block_chunk positions (same result as one pass): norm,
         mixer inputs, a scan inside the chunk started from the carried state, output and MLP, so
         every intermediate is [B, C, ·] and the work per chunk is fixed (prefill time linear in T,
         no T-sized temporaries beyond the activations). A bidirectional layer sweeps forward
@@ -514,7 +516,7 @@ class Block(nn.Module):
         The row is left-padded to a whole number of chunks with zero inputs in a segment of its
         own, which the segment masks keep out of every real position."""
         c = self.cfg
-        C, Dh = c.chunk_size, c.dh
+        C, Dh = c.block_chunk, c.dh
         B, T, _ = x.shape
         pad = (-T) % C
         n = (T + pad) // C

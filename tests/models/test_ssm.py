@@ -165,12 +165,13 @@ def test_causal_pattern_ignores_the_prefix(lm):
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("chunk", [0, 4])
+@pytest.mark.parametrize("chunk", [None, "chunk_size", "block_chunk"])
 def test_packed_samples_are_isolated_exactly(lm, chunk):
-    """Two samples in one row: changing either leaves the other's logits bit-identical."""
+    """Two samples in one row: changing either leaves the other's logits bit-identical (also with
+    chunked scans and with blocks run in chunks)."""
     model, params, _, apply = lm
     if chunk:
-        m = ssm.BiSSMLM(model.cfg.replace(chunk_size=chunk))
+        m = ssm.BiSSMLM(model.cfg.replace(**{chunk: 4}))
         apply = jax.jit(lambda p, t, s, pre: m.apply({"params": p}, t, segment_ids=s, prefix=pre))
     split = 11
     pos = jnp.arange(T)
@@ -212,7 +213,7 @@ def test_chunked_prefill_state_and_gradients_match_one_pass(lm, chunk):
     and decode state (incl. Hawk's conv buffer, after a packed first sample) and the parameter
     gradients equal the one-pass model's."""
     model, params, _, _ = lm
-    m = ssm.BiSSMLM(model.cfg.replace(chunk_size=chunk))
+    m = ssm.BiSSMLM(model.cfg.replace(block_chunk=chunk))
     prompt = _tokens(jax.random.key(12))
     seg = (jnp.arange(T) >= 5).astype(jnp.int32)[None].repeat(2, 0) + 1
     prefill = lambda mdl: jax.jit(lambda p: mdl.apply(  # noqa: E731
@@ -247,6 +248,7 @@ def test_bfloat16_compute_keeps_float32_logits(lm):
     (dict(mixer="hawk", state_width=16, hawk_heads=3), "state_width"),
     (dict(a_min=0.99, a_max=0.9), "a_min"),
     (dict(chunk_size=-1), "chunk_size"),
+    (dict(block_chunk=-1), "block_chunk"),
     (dict(dtype="int8"), "dtype"),
 ])
 def test_config_validation(kw, field):
