@@ -84,6 +84,7 @@ from train.configs import landmark as landmark_config
 config = landmark_config.get_config("tiny")
 config.model.width = 32          # D
 config.model.num_heads = 4       # H (head dim 8)
+config.model.mem_freq = 15       # blocks of 15 bytes + 1 landmark
 config.seq_len = 128             # raw tokens per row (T); 8 landmarks are added on top
 config.batch_size = 8
 config.num_steps = 60
