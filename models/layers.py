@@ -110,10 +110,12 @@ class Embed(nn.Module):
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    init_std: float = 0.02
 
     def setup(self):
+        init = nn.initializers.normal(stddev=self.init_std)
         self.embedding = self.param(
-            "embedding", nn.with_logical_partitioning(default_init, ("vocab", "embed")),
+            "embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
             (self.vocab_size, self.features), self.param_dtype)
 
     def __call__(self, tokens_BxT):
@@ -133,13 +135,15 @@ class MLP(nn.Module):
     kind: str = "gelu"            # 'gelu' (exact), 'gelu_tanh' or 'swiglu'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    init_std: float = 0.02        # normal init of the kernels
 
     @nn.compact
     def __call__(self, x_BxTxD):
         D = x_BxTxD.shape[-1]
+        init = nn.initializers.normal(stddev=self.init_std)
         dense = lambda n, shape_names, name: nn.DenseGeneral(  # noqa: E731
             n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-            kernel_init=nn.with_logical_partitioning(default_init, shape_names))
+            kernel_init=nn.with_logical_partitioning(init, shape_names))
         h = dense(self.hidden, ("embed", "mlp"), "fc_in")(x_BxTxD)
         if self.kind == "gelu":
             h = gelu_exact(h)
