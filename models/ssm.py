@@ -316,7 +316,8 @@ class GatedSSM(nn.Module):
         f, z, o = self._gates(x_BxCxD)
         return f, z, o, conv
 
-    def chunk_output(self, o, h):
+    def output(self, o, h):
+        """y = W_out(o ⊙ h)."""
         return self.w_out(o * h.astype(o.dtype))
 
     def __call__(self, x_BxTxD, *, segment_ids_BxT, prefix_BxT, return_state: bool = False):
@@ -325,7 +326,7 @@ class GatedSSM(nn.Module):
                                      bidirectional=self.bidirectional,
                                      chunk_size=self.cfg.chunk_size)
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-        y = self.w_out(o * h.astype(o.dtype))
+        y = self.output(o, h)
         if not return_state:
             return y
         return y, {"h": h[:, -1, : self.state_size]}
@@ -343,7 +344,7 @@ class GatedSSM(nn.Module):
         h_f = recurrence_step(state["h"], f[..., :n], z[..., :n])
         # The reverse half at a generated position: gate zeroed, so g_t = b_t (no state).
         h = jnp.concatenate([h_f, z[..., n:]], axis=-1)
-        return self.w_out(o * h.astype(o.dtype)), {"h": h_f}
+        return self.output(o, h), {"h": h_f}
 
 
 def causal_conv(u_BxTxD, w_WxD, bias_D, segment_ids_BxT) -> jax.Array:
@@ -417,8 +418,7 @@ class Hawk(nn.Module):
         conv = (the last W−1 pre-conv inputs [B, W−1, Dh], their segment ids [B, W−1]) carries
         the convolution across the chunk boundary (masked by segment, as `causal_conv`)."""
         c = self.cfg
-        v = self.w_in(x_BxCxD)
-        u_pre, gate = v[..., 0, :], layers.gelu_exact(v[..., 1, :])
+        u_pre, gate = self._inputs(x_BxCxD)
         buf, buf_seg = conv
         W1 = c.conv_width - 1
         full = jnp.concatenate([buf.astype(u_pre.dtype), u_pre], axis=1)
@@ -428,20 +428,25 @@ class Hawk(nn.Module):
         a, b = self._rglru_inputs(u)
         return a, b, gate, (full[:, -W1:].astype(F32), full_seg[:, -W1:])
 
-    def chunk_output(self, gate, h):
+    def _inputs(self, x):
+        """x → (u_pre: W_in x before the conv, gate: gelu(W_gate x))."""
+        v = self.w_in(x)
+        return v[..., 0, :], layers.gelu_exact(v[..., 1, :])
+
+    def output(self, gate, h):
+        """y = W_out(gate ⊙ h)."""
         return self.w_out(gate * h.astype(gate.dtype))
 
     def __call__(self, x_BxTxD, *, segment_ids_BxT, prefix_BxT, return_state: bool = False):
         c = self.cfg
-        v = self.w_in(x_BxTxD)
-        u_pre, gate = v[..., 0, :], layers.gelu_exact(v[..., 1, :])
+        u_pre, gate = self._inputs(x_BxTxD)
         u = causal_conv(u_pre, self.conv_w.astype(u_pre.dtype), self.conv_b.astype(u_pre.dtype),
                         segment_ids_BxT)
         a, b = self._rglru_inputs(u)
         h = bidirectional_recurrence(a, b, segment_ids_BxT=segment_ids_BxT, prefix_BxT=prefix_BxT,
                                      bidirectional=self.bidirectional, chunk_size=c.chunk_size)
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-        y = self.w_out(gate * h.astype(gate.dtype))
+        y = self.output(gate, h)
         if not return_state:
             return y
         # The conv buffer holds the last W−1 pre-conv inputs of the last sample (zeros before it).
@@ -458,8 +463,7 @@ class Hawk(nn.Module):
 
     def step(self, x_BxD, state):
         c = self.cfg
-        v = self.w_in(x_BxD)
-        u_pre, gate = v[..., 0, :], layers.gelu_exact(v[..., 1, :])
+        u_pre, gate = self._inputs(x_BxD)
         full = jnp.concatenate([state["conv"].astype(u_pre.dtype), u_pre[:, None]], axis=1)
         w = self.conv_w.astype(u_pre.dtype)
         # out_t = Σ_k w[k] u_{t−k}, summed in the same order as `causal_conv`.
@@ -470,7 +474,7 @@ class Hawk(nn.Module):
         n = self.state_size
         h_f = recurrence_step(state["h"], a[..., :n], b[..., :n])
         h = jnp.concatenate([h_f, b[..., n:]], axis=-1)
-        y = self.w_out(gate * h.astype(gate.dtype))
+        y = self.output(gate, h)
         return y, {"h": h_f, "conv": full[:, 1:].astype(F32)}
 
 
@@ -550,7 +554,7 @@ class Block(nn.Module):
             a_f = jnp.where(start_c, 0.0, a[..., :n_fwd])
             h = linear_recurrence(a_f, b[..., :n_fwd], h0_BxD=h0)
             if not mdl.bidirectional:
-                out = mdl._mlp(x_c + mdl.mixer.chunk_output(aux, h).astype(x_c.dtype))
+                out = mdl._mlp(x_c + mdl.mixer.output(aux, h).astype(x_c.dtype))
                 return (h[:, -1], conv), out
             a_r = jnp.where(keep_c, a[..., n_fwd:], 0.0)
             return (h[:, -1], conv), (h, a_r, b[..., n_fwd:], aux)
@@ -561,7 +565,7 @@ class Block(nn.Module):
             def backward(mdl, g0, xs):
                 x_c, h_c, a_r, b_r, aux = xs
                 g = linear_recurrence(a_r, b_r, reverse=True, h0_BxD=g0)
-                y = mdl.mixer.chunk_output(aux, jnp.concatenate([h_c, g], axis=-1))
+                y = mdl.mixer.output(aux, jnp.concatenate([h_c, g], axis=-1))
                 return g[:, 0], mdl._mlp(x_c + y.astype(x_c.dtype))
 
             _, ys = scan(backward, reverse=True)(self, jnp.zeros((B, Dh - n_fwd), F32),
