@@ -198,13 +198,15 @@ def build_model(name: str, s: dict):
     if spec.family == "transformer":
         return Transformer(TransformerConfig(
             vocab_size=tok.VOCAB_SIZE, width=s["width"], num_layers=s["num_layers"],
-            num_heads=s["num_heads"], rope_interleaved=False))
+            num_heads=s["num_heads"], rope_interleaved=False,
+            init_std=s.get("init_std", 0.02), tie_embeddings=s.get("tie_embeddings", True)))
     return ssm.BiSSMLM(ssm.SSMConfig(
         vocab_size=tok.VOCAB_SIZE, width=s["width"], state_width=s["state_width"],
         num_layers=s.get("ssm_layers", s["num_layers"]), mixer=spec.mixer,
         layer_pattern=s.get("bidir_pattern", "bc") if spec.bidirectional else "c",
         mlp_hidden=s.get("ssm_mlp", 4 * s["width"]),
-        hawk_heads=4 if spec.mixer == "hawk" else 1))
+        hawk_heads=4 if spec.mixer == "hawk" else 1, init_std=s.get("init_std", 0.02),
+        tie_embeddings=s.get("tie_embeddings", True)))
 
 
 def apply_fn(model, spec: ModelSpec):
@@ -370,7 +372,8 @@ def train_model(name: str, s: dict, mixture: ObjectiveMixture, seed: int, *,
     sched = optax.warmup_cosine_decay_schedule(0.0, s["lr"], max(steps // 20, 1), steps,
                                                s["lr"] * 0.1)
     tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(sched, b1=0.9, b2=0.98, weight_decay=0.01))
+                     optax.adamw(sched, b1=0.9, b2=0.98,
+                                 weight_decay=s.get("weight_decay", 0.01)))
     opt = tx.init(params)
 
     def loss_fn(p, b):

@@ -65,6 +65,8 @@ class SSMConfig:
     a_min: float = 0.9                 # init range of the decay at r=1 (Hawk), of σ(b_f) (gated)
     a_max: float = 0.999
     tie_embeddings: bool = True        # lm head = embedding table transposed
+    init_std: float = 0.02             # normal init of the embedding, the MLP kernels and an
+                                       # untied head (mixer projections: LeCun normal)
     chunk_size: int = 0                # >0: chunked scan (associative within chunks of C steps)
     block_chunk: int = 0               # >0: each block runs in chunks of C positions (Block._chunked;
                                        #     long prefills: every intermediate [B, C, ·])
@@ -100,6 +102,9 @@ class SSMConfig:
             raise ValueError(f"a_min={self.a_min}, a_max={self.a_max}: need 0 < a_min < a_max < 1")
         if self.hawk_c <= 0:
             raise ValueError(f"hawk_c={self.hawk_c} must be > 0")
+        if (not isinstance(self.init_std, (int, float, np.floating)) or isinstance(self.init_std, bool)
+                or not self.init_std > 0):
+            raise ValueError(f"init_std={self.init_std!r} must be a positive number")
         object.__setattr__(self, "dtype", as_dtype(self.dtype))
         object.__setattr__(self, "param_dtype", as_dtype(self.param_dtype))
 
@@ -493,7 +498,8 @@ class Block(nn.Module):
         self.mixer = mixer_cls(c, self.bidirectional)
         if c.mlp_hidden:
             self.mlp_norm = layers.RMSNorm(eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
-            self.mlp = layers.MLP(c.mlp_hidden, "gelu", dtype=c.dtype, param_dtype=c.param_dtype)
+            self.mlp = layers.MLP(c.mlp_hidden, "gelu", dtype=c.dtype, param_dtype=c.param_dtype,
+                                  init_std=c.init_std)
 
     def _mlp(self, x):
         if self.cfg.mlp_hidden:
@@ -598,13 +604,15 @@ class BiSSMLM(nn.Module):
 
     def setup(self):
         c = self.cfg
-        self.embed = layers.Embed(c.vocab_size, c.width, dtype=c.dtype, param_dtype=c.param_dtype)
+        self.embed = layers.Embed(c.vocab_size, c.width, dtype=c.dtype, param_dtype=c.param_dtype,
+                                  init_std=c.init_std)
         self.blocks = [Block(c, bidir) for bidir in c.bidirectional]
         self.final_norm = layers.RMSNorm(eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
         if not c.tie_embeddings:
             self.lm_head = nn.DenseGeneral(
                 c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
-                kernel_init=nn.with_logical_partitioning(layers.default_init, ("embed", "vocab")))
+                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(c.init_std),
+                                                         ("embed", "vocab")))
 
     def _logits(self, x):
         """x [B,T,D] or [B,D] → float32 logits [B,T,V] or [B,V]."""

@@ -250,12 +250,31 @@ def test_bfloat16_compute_keeps_float32_logits(lm):
     (dict(chunk_size=-1), "chunk_size"),
     (dict(block_chunk=-1), "block_chunk"),
     (dict(dtype="int8"), "dtype"),
+    (dict(init_std=0.0), "init_std"),
 ])
 def test_config_validation(kw, field):
     base = dict(vocab_size=V, width=16, num_layers=2)
     base.update(kw)
     with pytest.raises(ValueError, match=field):
         ssm.SSMConfig(**base)
+
+
+@pytest.mark.parametrize("std", [0.02, 0.125])
+def test_init_std_sets_embedding_mlp_and_head(std):
+    cfg = ssm.SSMConfig(vocab_size=V, width=64, num_layers=2, mlp_hidden=128,
+                        tie_embeddings=False, init_std=std)
+    params = _unbox(jax.jit(ssm.BiSSMLM(cfg).init)(jax.random.key(0),
+                                                   jnp.zeros((1, 8), jnp.int32))["params"])
+    flat = {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    scaled = {k: w for k, w in flat.items()
+              if w.ndim == 2 and ("embed" in k or "lm_head" in k or "['mlp']" in k)}
+    assert len(scaled) == 2 + 2 * 2, sorted(flat)  # embedding, head, MLP in/out per block
+    for name, w in scaled.items():
+        assert abs(w.std() / std - 1) < 0.1, (name, w.std())
+    # the mixer projections keep their fan-in (LeCun normal) init whatever init_std is
+    w_out = flat["['blocks_0']['mixer']['w_out']['kernel']"]
+    assert abs(w_out.std() * np.sqrt(w_out.shape[0]) - 1) < 0.15
 
 
 def test_layer_pattern_cycles():
