@@ -12,6 +12,7 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = jnp.dtype
 
@@ -19,7 +20,16 @@ Dtype = jnp.dtype
 # (not NaN) softmax that the caller can zero out.
 MASK_VALUE = -1e30
 
-default_init = nn.initializers.normal(stddev=0.02)
+# Std of the normal init of weight matrices and embeddings (GPT-2's 0.02, sized for D ≈ 768;
+# ~1/√D trains small widths much faster on associative recall). Configs expose it as `init_std`.
+DEFAULT_INIT_STD = 0.02
+
+
+def check_init_std(value) -> None:
+    """Raises ValueError unless `value` is a positive number (a config's `init_std`)."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float, np.floating))
+            or not value > 0):
+        raise ValueError(f"init_std={value!r} must be a positive number")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,7 +120,7 @@ class Embed(nn.Module):
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    init_std: float = 0.02
+    init_std: float = DEFAULT_INIT_STD
 
     def setup(self):
         init = nn.initializers.normal(stddev=self.init_std)
@@ -135,7 +145,7 @@ class MLP(nn.Module):
     kind: str = "gelu"            # 'gelu' (exact), 'gelu_tanh' or 'swiglu'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    init_std: float = 0.02        # normal init of the kernels
+    init_std: float = DEFAULT_INIT_STD  # normal init of the kernels
 
     @nn.compact
     def __call__(self, x_BxTxD):

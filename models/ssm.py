@@ -65,8 +65,8 @@ class SSMConfig:
     a_min: float = 0.9                 # init range of the decay at r=1 (Hawk), of σ(b_f) (gated)
     a_max: float = 0.999
     tie_embeddings: bool = True        # lm head = embedding table transposed
-    init_std: float = 0.02             # normal init of the embedding, the MLP kernels and an
-                                       # untied head (mixer projections: LeCun normal)
+    init_std: float = layers.DEFAULT_INIT_STD  # normal init of the embedding, the MLP kernels
+                                               # and an untied head (mixers: LeCun normal)
     chunk_size: int = 0                # >0: chunked scan (associative within chunks of C steps)
     block_chunk: int = 0               # >0: each block runs in chunks of C positions (Block._chunked;
                                        #     long prefills: every intermediate [B, C, ·])
@@ -102,9 +102,7 @@ class SSMConfig:
             raise ValueError(f"a_min={self.a_min}, a_max={self.a_max}: need 0 < a_min < a_max < 1")
         if self.hawk_c <= 0:
             raise ValueError(f"hawk_c={self.hawk_c} must be > 0")
-        if (not isinstance(self.init_std, (int, float, np.floating)) or isinstance(self.init_std, bool)
-                or not self.init_std > 0):
-            raise ValueError(f"init_std={self.init_std!r} must be a positive number")
+        layers.check_init_std(self.init_std)
         object.__setattr__(self, "dtype", as_dtype(self.dtype))
         object.__setattr__(self, "param_dtype", as_dtype(self.param_dtype))
 

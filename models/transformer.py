@@ -50,9 +50,8 @@ class TransformerConfig:
     dtype: Any = jnp.float32           # compute dtype (bfloat16 on accelerators)
     param_dtype: Any = jnp.float32     # parameters stay float32 (float64 for parity runs)
     remat: bool = False                # rematerialise each block in the backward pass
-    init_std: float = 0.02             # normal init of every weight matrix and the embedding
-                                       # (GPT-2's 0.02; ~1/√D trains small widths much faster on
-                                       # associative recall)
+    init_std: float = layers.DEFAULT_INIT_STD  # normal init of every weight matrix and the
+                                               # embedding (see layers.DEFAULT_INIT_STD)
 
     def __post_init__(self):
         for name in ("vocab_size", "width", "num_layers", "num_heads"):
@@ -68,8 +67,7 @@ class TransformerConfig:
             raise ValueError(f"mlp={self.mlp!r} is not allowed; use 'gelu', 'gelu_tanh' or 'swiglu'")
         if self.norm not in ("rmsnorm", "layernorm"):
             raise ValueError(f"norm={self.norm!r} is not allowed; use 'rmsnorm' or 'layernorm'")
-        if not isinstance(self.init_std, (int, float)) or not self.init_std > 0:
-            raise ValueError(f"init_std={self.init_std!r} must be a positive number")
+        layers.check_init_std(self.init_std)
         object.__setattr__(self, "dtype", as_dtype(self.dtype))
         object.__setattr__(self, "param_dtype", as_dtype(self.param_dtype))
 

@@ -22,6 +22,7 @@ def test_init_std_sets_every_matrix(std):
         assert abs(w.std() / std - 1) < 0.1, (name, w.std())
 
 
-def test_init_std_must_be_positive():
+@pytest.mark.parametrize("bad", [0.0, -0.02, True, "0.02"])
+def test_init_std_must_be_positive(bad):
     with pytest.raises(ValueError, match="init_std"):
-        TransformerConfig(vocab_size=320, width=64, init_std=0.0)
+        TransformerConfig(vocab_size=320, width=64, init_std=bad)
