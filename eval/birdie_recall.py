@@ -159,17 +159,19 @@ SIZES: dict[str, dict[str, Any]] = {
     # (defaults 0.02 / True / 0.01).
     "quick": dict(task=dict(num_queries=1, key_range=(0, 8), value_range=(64, 72),
                             query_offset=0),
-                  pairs=(2, 4, 8), train_pairs=(1, 2, 4, 8), width=64, state_width=32,
+                  pairs=(2, 4, 6), train_pairs=(1, 2, 4, 6), width=64, state_width=32,
                   num_layers=2, num_heads=4, ssm_layers=3, bidir_pattern="cbc", ssm_mlp=176,
                   steps=300, rows=16, row_length=64, lr=3e-3, eval_examples=128,
                   controller_every=50, pretrain_frac=0.5, **_SMALL),
     # cpu: the Birdie arms pre-train for the first quarter; with half, the 3,000 fine-tuning
-    # steps (the decayed half of the schedule) did not leave the plateau (README).
+    # steps (the decayed half of the schedule) did not leave the plateau (README). Up to 6 pairs
+    # and 24 rows: at 8 pairs, or with 16 rows, the Transformer's escape from the plateau
+    # depended on the seed (README, "Why 6 pairs and 24 rows").
     "cpu": dict(task=dict(num_queries=1, key_range=(0, 8), value_range=(64, 72),
                           query_offset=0),
-                pairs=(2, 4, 8), train_pairs=(1, 2, 4, 8), width=64, state_width=32,
+                pairs=(2, 4, 6), train_pairs=(1, 2, 4, 6), width=64, state_width=32,
                 num_layers=2, num_heads=4, ssm_layers=3, bidir_pattern="cbc", ssm_mlp=176,
-                steps=6000, rows=16, row_length=64, lr=1e-3, eval_examples=512,
+                steps=6000, rows=24, row_length=64, lr=1e-3, eval_examples=512,
                 controller_every=100, pretrain_frac=0.25, **_SMALL),
     "paper": dict(task=dict(num_queries=4, key_range=(0, 128), value_range=(128, 192),
                             query_offset=0),
