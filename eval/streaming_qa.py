@@ -319,7 +319,9 @@ def train_or_load(size: str, seed: int, out: pathlib.Path):
     params, hist = obj.meta_train(
         cfg, lm_params, obj.meta_batches(enc, c.batch_size, seed + 1), num_steps=c.num_steps,
         key=k_mac, lr=c.stage2.lr, warmup_steps=c.stage2.warmup_steps, clip=c.stage2.clip,
-        rho=c.stage2.rho, curriculum_steps=c.stage2.curriculum_steps, log_every=c.log_every)
+        rho=c.stage2.rho, curriculum_steps=c.stage2.curriculum_steps,
+        curriculum_start=c.stage2.get("curriculum_start", 0),
+        readout_weight=c.stage2.get("readout_weight", 0.0), log_every=c.log_every)
     save_run(workdir, cfg, params, lm_params,
              {"size": size, "seed": seed, "train_seconds": round(time.time() - t0, 1),
               "stage1_final_loss": float(np.mean(lm_losses[-50:])),

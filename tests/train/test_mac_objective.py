@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.mac import MACConfig
+from models.mac import MAC, MACConfig, slot_keys
 from models.transformer import TransformerConfig
 from train.data import facts
 from train.data import tokenizer as tok
@@ -246,3 +246,68 @@ def test_fact_stream_tfds_build_roundtrip(tmp_path):
     assert [facts.document_of(src[i]) for i in range(4)] == want
     with pytest.raises(ValueError, match="train_documents"):
         facts.FactSpec(train_documents=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Auxiliary readouts
+# ---------------------------------------------------------------------------------------------
+def test_doc_answers_are_first_answer_bytes(setup):
+    docs = facts.fact_stream("train", 8, seed=3)
+    enc = setup["enc"]
+    assert enc["doc_answers"].shape == (8, len(facts.RELATIONS))
+    for d, row in zip(docs, enc["doc_answers"]):
+        assert [tok.decode([t]) for t in row] == [qa["answer"][0] for qa in d["qas"]]
+    np.testing.assert_array_equal(
+        obj.first_answer_tokens(setup["batch"]["qa"], setup["batch"]["qa_weights"]),
+        [tok.encode(tok.decode(np.asarray(r)[np.asarray(w) > 0])[:1])[0]
+         for r, w in zip(setup["batch"]["qa"], setup["batch"]["qa_weights"])])
+
+
+def test_readouts_add_to_the_loss_and_get_gradients(setup):
+    s = setup
+    rho = 0.5
+    ro = obj.init_readouts(CFG, len(facts.RELATIONS))
+    base, m0 = obj.meta_loss(CFG, s["params"], s["lm_params"], s["batch"], rho)
+    off, _ = obj.meta_loss(CFG, s["params"], s["lm_params"], s["batch"], rho, readouts=ro,
+                           readout_weight=0.0)
+    on, m1 = obj.meta_loss(CFG, s["params"], s["lm_params"], s["batch"], rho, readouts=ro,
+                           readout_weight=0.5)
+    assert float(off) == float(base)
+    # Zero heads predict uniformly: each readout's cross-entropy is log V; the retrieval term
+    # is the cross-entropy of question i picking document i among the K by cosine similarity.
+    k = obj.num_scored(rho, K)
+    mac = MAC(CFG)
+    phi = mac.apply({"params": s["params"]}, s["batch"]["docs"], method=MAC.amortize)
+    z0 = mac.apply({"params": s["params"]}, s["batch"]["questions"][:k],
+                   method=MAC.encode_question)
+    sim = slot_keys(z0) @ slot_keys(phi).T / obj.READOUT_TEMPERATURE
+    retrieval = -np.mean(np.asarray(jax.nn.log_softmax(sim, -1))[np.arange(k), np.arange(k)])
+    np.testing.assert_allclose(float(on) - float(base),
+                               0.5 * (2 * np.log(LM.vocab_size) + retrieval), rtol=1e-4)
+    np.testing.assert_allclose(float(m1["qa_loss"]), float(base), rtol=1e-6)
+    g = jax.grad(lambda t: obj.meta_loss(CFG, t["mac"], s["lm_params"], s["batch"], rho,
+                                         readouts=t["ro"], readout_weight=0.5)[0])(
+        {"mac": s["params"], "ro": ro})
+    assert float(optax_norm(g["ro"]["g"])) > 0 and float(optax_norm(g["ro"]["h"])) > 0
+
+
+def test_meta_train_with_readouts_returns_mac_params(setup):
+    s = setup
+    batches = iter([s["batch"]] * 12)
+    p, h = obj.meta_train(CFG, s["lm_params"], batches, num_steps=11, key=jax.random.key(5),
+                          lr=3e-3, warmup_steps=2, rho=0.5, readout_weight=1.0,
+                          curriculum_start=3, curriculum_steps=4)
+    chex.assert_trees_all_equal_structs(p, s["params"])
+    # One document (the question's own) for 3 steps, then growing to all K=4 over 4 steps.
+    assert [h_["bank_size"] for h_ in h] == [1, 1, 1, 1, 2, 3, 3, 4, 4, 4, 4]
+    assert h[-1]["g_readout_accuracy"] > h[0]["g_readout_accuracy"]
+    with pytest.raises(ValueError, match="curriculum_start"):
+        obj.meta_train(CFG, s["lm_params"], iter([s["batch"]]), num_steps=1,
+                       key=jax.random.key(5), curriculum_start=-1)
+    with pytest.raises(ValueError, match="readout_weight"):
+        obj.meta_train(CFG, s["lm_params"], iter([s["batch"]]), num_steps=1,
+                       key=jax.random.key(5), readout_weight=-1.0)
+    no_answers = {k: v for k, v in s["batch"].items() if k != "doc_answers"}
+    with pytest.raises(ValueError, match="doc_answers"):
+        obj.meta_train(CFG, s["lm_params"], iter([no_answers]), num_steps=1,
+                       key=jax.random.key(5), readout_weight=1.0)

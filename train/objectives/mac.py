@@ -8,11 +8,22 @@ their questions are scored; the bank still holds all K modulations. The loss is 
 cross-entropy on the answer tokens (and the EOS after them) only. Adam, constant learning rate
 after a linear warm-up, global-norm clipping.
 
+Auxiliary readouts (training only, `readout_weight` > 0): two linear heads, discarded after
+training, read the answers' first tokens straight from the modulations — every relation's answer
+from the document's φ (g's readout) and the asked answer from h's output z (h's readout) — and a
+retrieval loss makes each question's code most cosine-similar to its own document's φ (the
+score CMT's top-k selects by). They stand in for the pre-training of the paper's T5 amortization and aggregation networks: with the
+answer loss as the only signal, which reaches g and h through the frozen LM's prefix attention,
+the chain stayed at the answer prior at CPU scale; with the readouts it leaves it within a few
+hundred steps (README, MAC section).
+
 Batches are dicts of numpy/jax arrays:
     docs       [K, S] int32   document bytes, PAD-padded
     questions  [K, Q] int32   question bytes (h's input), PAD-padded
     qa         [K, L] int32   `question SEP answer EOS`, PAD-padded (the LM's input)
     qa_weights [K, L] float32 1 on the answer bytes and EOS
+    doc_answers [K, R] int32  first answer token of each of the document's R questions
+                              (g's readout; optional when readout_weight = 0)
 Stage 1 batches: {"inputs", "targets", "weights"} [B, T] as `train/objectives/lm.py`.
 """
 from __future__ import annotations
@@ -29,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from models.mac import MAC, MACConfig, modulated_logits
+from models.mac import MAC, MACConfig, modulated_logits, slot_keys
 from models.transformer import Transformer, TransformerConfig
 from train.data import facts
 from train.data import tokenizer as tok
@@ -189,20 +200,79 @@ def loss_from_modulations(cfg: MACConfig, params, lm_params, phi_KxTxD, batch, r
     bank_size-1 of the batch — a curriculum that first teaches the write/read path on small
     banks; None = all K documents.
     """
+    loss, metrics, _ = _qa_loss_and_z(cfg, params, lm_params, phi_KxTxD, batch, rho, bank_size)
+    return loss, metrics
+
+
+def _qa_loss_and_z(cfg: MACConfig, params, lm_params, phi_KxTxD, batch, rho: float,
+                   bank_size=None):
+    """`loss_from_modulations`, also returning the question codes z0 and h's output z (both
+    [⌊ρK⌋, T, D])."""
     K = phi_KxTxD.shape[0]
     k = num_scored(rho, K)
     phi = jnp.concatenate([phi_KxTxD[:k], jax.lax.stop_gradient(phi_KxTxD[k:])], axis=0)
     mac = MAC(cfg)
     valid = None if bank_size is None else curriculum_valid(k, K, bank_size)
-    z = mac.apply({"params": params}, batch["questions"][:k], phi, valid, method=MAC.aggregate)
+    z0 = mac.apply({"params": params}, batch["questions"][:k], method=MAC.encode_question)
+    z = mac.apply({"params": params}, z0, phi, valid, method=MAC.aggregate_z0)
     prefix_kv = mac.apply({"params": params}, z, method=MAC.prefix)
     logits = modulated_logits(cfg, lm_params, batch["qa"][:k], prefix_kv)
-    return qa_loss(cfg, lm_params, logits, batch["qa"][:k], batch["qa_weights"][:k])
+    loss, metrics = qa_loss(cfg, lm_params, logits, batch["qa"][:k], batch["qa_weights"][:k])
+    return loss, metrics, (z0, z)
 
 
-def meta_loss(cfg: MACConfig, params, lm_params, batch, rho: float, bank_size=None):
+# ---------------------------------------------------------------------------------------------
+# Auxiliary readouts (training only)
+# ---------------------------------------------------------------------------------------------
+def first_answer_tokens(qa_BxL, weights_BxL) -> jax.Array:
+    """[B] the first weighted token of each QA row (the answer's first byte)."""
+    first = jnp.argmax(weights_BxL > 0, axis=-1)
+    return jnp.take_along_axis(qa_BxL, first[..., None], axis=-1)[..., 0]
+
+
+def init_readouts(cfg: MACConfig, relations: int) -> dict:
+    """Zero-initialised linear heads: "g" [T·D, R, V] (every relation's answer from φ) and "h"
+    [T·D, V] (the asked answer from h's output)."""
+    F, V = cfg.num_tokens * cfg.width, cfg.lm.vocab_size
+    return {"g": jnp.zeros((F, relations, V), jnp.float32), "h": jnp.zeros((F, V), jnp.float32)}
+
+
+def _standardize(x_BxTxD) -> jax.Array:
+    x = x_BxTxD.reshape(x_BxTxD.shape[0], -1).astype(jnp.float32)
+    x = x - jnp.mean(x, -1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
+
+
+READOUT_TEMPERATURE = 0.1  # of the question ↔ document cosine similarities
+
+
+def readout_losses(readouts: dict, phi_KxTxD, z0_kxTxD, z_kxTxD, doc_answers_kxR, answers_k):
+    """(g's readout CE + h's readout CE + retrieval CE, metrics).
+
+    g's readout: every relation's answer from the first k documents' standardized, flattened φ;
+    h's readout: the asked answer from h's output z; retrieval: question i's code z0 picks its
+    own document i among all K of the bank by the cosine similarity of mean-pooled codes
+    (`slot_keys`, the CMT top-k score), which teaches g and h to encode the entity on both sides.
+    """
+    k = z_kxTxD.shape[0]
+    g_logits = jnp.einsum("bf,frv->brv", _standardize(phi_KxTxD[:k]), readouts["g"])
+    h_logits = _standardize(z_kxTxD) @ readouts["h"]
+    g_ce = optax.softmax_cross_entropy_with_integer_labels(g_logits, doc_answers_kxR).mean()
+    h_ce = optax.softmax_cross_entropy_with_integer_labels(h_logits, answers_k).mean()
+    sim = slot_keys(z0_kxTxD) @ slot_keys(phi_KxTxD).T / READOUT_TEMPERATURE   # [k, K]
+    r_ce = optax.softmax_cross_entropy_with_integer_labels(sim, jnp.arange(k)).mean()
+    return g_ce + h_ce + r_ce, {
+        "g_readout_accuracy": jnp.mean(jnp.argmax(g_logits, -1) == doc_answers_kxR),
+        "h_readout_accuracy": jnp.mean(jnp.argmax(h_logits, -1) == answers_k),
+        "retrieval_accuracy": jnp.mean(jnp.argmax(sim, -1) == jnp.arange(k))}
+
+
+def meta_loss(cfg: MACConfig, params, lm_params, batch, rho: float, bank_size=None,
+              readouts: Optional[dict] = None, readout_weight: float = 0.0):
     """Stage-2 loss: amortize the K documents (the last K-⌊ρK⌋ without gradients), score the
-    first ⌊ρK⌋ questions against the whole bank."""
+    first ⌊ρK⌋ questions against the whole bank; with `readouts` (init_readouts) and
+    readout_weight > 0, plus readout_weight · (g's + h's readout cross-entropy) on the first
+    ⌊ρK⌋ documents and questions."""
     K = batch["docs"].shape[0]
     k = num_scored(rho, K)
     mac = MAC(cfg)
@@ -213,8 +283,15 @@ def meta_loss(cfg: MACConfig, params, lm_params, batch, rho: float, bank_size=No
         phi = jnp.concatenate([phi_head, jax.lax.stop_gradient(phi_tail)], axis=0)
     else:
         phi = phi_head
-    return loss_from_modulations(cfg, params, jax.lax.stop_gradient(lm_params), phi, batch, rho,
-                                 bank_size)
+    loss, metrics, (z0, z) = _qa_loss_and_z(cfg, params, jax.lax.stop_gradient(lm_params), phi,
+                                            batch, rho, bank_size)
+    metrics = dict(metrics, qa_loss=loss)
+    if readouts is not None and readout_weight > 0:
+        aux, m = readout_losses(readouts, phi, z0, z, batch["doc_answers"][:k],
+                                first_answer_tokens(batch["qa"][:k], batch["qa_weights"][:k]))
+        loss = loss + readout_weight * aux
+        metrics.update(m)
+    return loss, metrics
 
 
 def init_mac(cfg: MACConfig, key: jax.Array, *, doc_len: int = 16, q_len: int = 8):
@@ -229,50 +306,74 @@ def _global_norm(tree) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=8)
-def cached_meta_step(cfg: MACConfig, lr: float, warmup_steps: int, clip: float,
-                     rho: float) -> tuple[optax.GradientTransformation, Callable]:
+def cached_meta_step(cfg: MACConfig, lr: float, warmup_steps: int, clip: float, rho: float,
+                     readout_weight: float = 0.0
+                     ) -> tuple[optax.GradientTransformation, Callable]:
     """(optimizer, jitted step) shared by runs with the same settings (one compilation)."""
     opt = make_optimizer(lr, warmup_steps=warmup_steps, clip=clip)
-    return opt, make_meta_step(cfg, opt, rho)
+    return opt, make_meta_step(cfg, opt, rho, readout_weight)
 
 
-def make_meta_step(cfg: MACConfig, opt: optax.GradientTransformation, rho: float) -> Callable:
-    """jitted (params, opt_state, lm_params, batch, bank_size) → (params, opt_state, metrics)."""
+def make_meta_step(cfg: MACConfig, opt: optax.GradientTransformation, rho: float,
+                   readout_weight: float = 0.0) -> Callable:
+    """jitted (trainable, opt_state, lm_params, batch, bank_size) → (trainable, opt_state,
+    metrics); trainable is {"mac": MAC params, "readouts": init_readouts(...) or None}."""
 
     @jax.jit
-    def step(params, opt_state, lm_params, batch, bank_size):
-        (loss, aux), grads = jax.value_and_grad(
-            lambda p: meta_loss(cfg, p, lm_params, batch, rho, bank_size), has_aux=True)(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": _global_norm(grads),
-                                   "bank_size": bank_size, **aux}
+    def step(trainable, opt_state, lm_params, batch, bank_size):
+        def loss_fn(t):
+            return meta_loss(cfg, t["mac"], lm_params, batch, rho, bank_size,
+                             readouts=t["readouts"], readout_weight=readout_weight)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        updates, opt_state = opt.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        return trainable, opt_state, {"loss": loss, "grad_norm": _global_norm(grads["mac"]),
+                                      "bank_size": bank_size, **aux}
 
     return step
 
 
 def meta_train(cfg: MACConfig, lm_params, batches: Iterator[dict], *, num_steps: int,
                key: jax.Array, lr: float = 1e-3, warmup_steps: int = 100, clip: float = 1.0,
-               rho: float = 1.0, curriculum_steps: int = 0, log_every: int = 0, params=None,
+               rho: float = 1.0, curriculum_steps: int = 0, curriculum_start: int = 0,
+               readout_weight: float = 0.0,
+               log_every: int = 0, params=None,
                on_log: Optional[Callable[[int, dict], None]] = None) -> tuple[Any, list[dict]]:
     """Stage 2: meta-trains MAC against the frozen `lm_params`; returns (params, history).
 
     curriculum_steps > 0 grows each question's bank linearly from 1 document to the whole
-    batch over that many steps (see `loss_from_modulations`); 0 = whole batch from the start.
+    batch over that many steps (see `loss_from_modulations`), after `curriculum_start` steps on
+    a bank of one document (its own); 0 = whole batch from the start. readout_weight > 0 adds the auxiliary readouts (module docstring; the batches then need
+    "doc_answers"); their heads are trained alongside and dropped at the end.
     """
+    if curriculum_start < 0 or curriculum_steps < 0:
+        raise ValueError(f"curriculum_start={curriculum_start}, curriculum_steps="
+                         f"{curriculum_steps} are not allowed; both must be >= 0")
+    if not readout_weight >= 0:
+        raise ValueError(f"readout_weight={readout_weight!r} is not allowed; it must be >= 0")
     first = next(batches)
     if params is None:
         params = init_mac(cfg, key, doc_len=first["docs"].shape[1],
                           q_len=first["questions"].shape[1])
-    opt, step = cached_meta_step(cfg, float(lr), int(warmup_steps), float(clip), float(rho))
-    opt_state = opt.init(params)
+    readouts = None
+    if readout_weight > 0:
+        if "doc_answers" not in first:
+            raise ValueError("readout_weight > 0 needs batches with 'doc_answers' [K, R] "
+                             "(meta_batches of encode_docs output)")
+        readouts = init_readouts(cfg, first["doc_answers"].shape[1])
+    opt, step = cached_meta_step(cfg, float(lr), int(warmup_steps), float(clip), float(rho),
+                                 float(readout_weight))
+    trainable = {"mac": params, "readouts": readouts}
+    opt_state = opt.init(trainable)
     history, t0 = [], time.time()
     batch = first
     K = first["docs"].shape[0]
     for i in range(num_steps):
-        frac = min(1.0, i / curriculum_steps) if curriculum_steps else 1.0
+        frac = (min(1.0, max(0, i - curriculum_start) / curriculum_steps) if curriculum_steps
+                else 1.0)
         bank_size = jnp.int32(1 + round((K - 1) * frac))
-        params, opt_state, m = step(params, opt_state, lm_params, batch, bank_size)
+        trainable, opt_state, m = step(trainable, opt_state, lm_params, batch, bank_size)
         history.append({k: float(v) for k, v in m.items()})
         if log_every and (i + 1) % log_every == 0:
             mean = {k: float(np.mean([h[k] for h in history[-log_every:]])) for k in history[-1]}
@@ -283,7 +384,7 @@ def meta_train(cfg: MACConfig, lm_params, batches: Iterator[dict], *, num_steps:
                 on_log(i + 1, mean)
         if i + 1 < num_steps:
             batch = next(batches)
-    return params, history
+    return trainable["mac"], history
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,16 +406,19 @@ class Lengths:
 
 def encode_docs(docs: Sequence[dict], lengths: Lengths) -> dict:
     """Pre-encoded fact-stream documents: docs [N, S], and per relation r questions [N, R, Q],
-    qa [N, R, L], qa_weights [N, R, L]."""
+    qa [N, R, L], qa_weights [N, R, L], doc_answers [N, R] (each answer's first token)."""
     n_rel = len(docs[0]["qas"])
     doc_tok = facts.encode_documents([d["document"] for d in docs], lengths.doc)
     qs = [qa["question"] for d in docs for qa in d["qas"]]
     ans = [qa["answer"] for d in docs for qa in d["qas"]]
     q_tok = facts.encode_questions(qs, lengths.question).reshape(len(docs), n_rel, -1)
     qa_tok, qa_w = facts.encode_qa(qs, ans, lengths.qa)
+    first = np.argmax(qa_w > 0, axis=-1)
+    answers = qa_tok[np.arange(len(qa_tok)), first].astype(np.int32)
     return {"docs": doc_tok, "questions": q_tok,
             "qa": qa_tok.reshape(len(docs), n_rel, -1),
-            "qa_weights": qa_w.reshape(len(docs), n_rel, -1)}
+            "qa_weights": qa_w.reshape(len(docs), n_rel, -1),
+            "doc_answers": answers.reshape(len(docs), n_rel)}
 
 
 def meta_batches(encoded: dict, batch_size: int, seed: int) -> Iterator[dict]:
@@ -326,8 +430,11 @@ def meta_batches(encoded: dict, batch_size: int, seed: int) -> Iterator[dict]:
     while True:
         idx = rng.choice(n, size=batch_size, replace=False)
         rel = rng.integers(n_rel, size=batch_size)
-        yield {"docs": encoded["docs"][idx], "questions": encoded["questions"][idx, rel],
-               "qa": encoded["qa"][idx, rel], "qa_weights": encoded["qa_weights"][idx, rel]}
+        batch = {"docs": encoded["docs"][idx], "questions": encoded["questions"][idx, rel],
+                 "qa": encoded["qa"][idx, rel], "qa_weights": encoded["qa_weights"][idx, rel]}
+        if "doc_answers" in encoded:
+            batch["doc_answers"] = encoded["doc_answers"][idx]
+        yield batch
 
 
 def lm_batches(docs: Sequence[dict], batch_size: int, length: int, seed: int, *,
