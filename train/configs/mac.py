@@ -25,7 +25,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = f"mac_{arg}"                        # run name (logs only)
     c.seed = 0                                   # one seed → one run, bit for bit on CPU
-    c.num_steps = {"quick": 300, "tiny": 5000, "paper": 50_000}[arg]  # stage-2 steps
+    c.num_steps = {"quick": 300, "tiny": 10000, "paper": 50_000}[arg]  # stage-2 steps
     c.batch_size = 16 if quick else 32           # K documents per stage-2 batch (= the bank)
     c.checkpoint_every = 1000 if paper else 0    # steps between checkpoints (0: only the end)
     c.eval_every = 1000 if paper else 0          # steps between evaluations (0: never)
