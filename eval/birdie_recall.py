@@ -212,13 +212,15 @@ def build_model(name: str, s: dict):
         return Transformer(TransformerConfig(
             vocab_size=tok.VOCAB_SIZE, width=s["width"], num_layers=s["num_layers"],
             num_heads=s["num_heads"], mlp_hidden=s.get("transformer_mlp"), rope_interleaved=False,
-            init_std=s.get("init_std", layers.DEFAULT_INIT_STD), tie_embeddings=s.get("tie_embeddings", True)))
+            init_std=s.get("init_std", layers.DEFAULT_INIT_STD),
+            tie_embeddings=s.get("tie_embeddings", True)))
     return ssm.BiSSMLM(ssm.SSMConfig(
         vocab_size=tok.VOCAB_SIZE, width=s["width"], state_width=s["state_width"],
         num_layers=s.get("ssm_layers", s["num_layers"]), mixer=spec.mixer,
         layer_pattern=s.get("bidir_pattern", "bc") if spec.bidirectional else "c",
         mlp_hidden=s.get("ssm_mlp", 4 * s["width"]),
-        hawk_heads=4 if spec.mixer == "hawk" else 1, init_std=s.get("init_std", layers.DEFAULT_INIT_STD),
+        hawk_heads=4 if spec.mixer == "hawk" else 1,
+        init_std=s.get("init_std", layers.DEFAULT_INIT_STD),
         tie_embeddings=s.get("tie_embeddings", True)))
 
 

@@ -300,6 +300,11 @@ def test_meta_train_with_readouts_returns_mac_params(setup):
     chex.assert_trees_all_equal_structs(p, s["params"])
     # One document (the question's own) for 3 steps, then growing to all K=4 over 4 steps.
     assert [h_["bank_size"] for h_ in h] == [1, 1, 1, 1, 2, 3, 3, 4, 4, 4, 4]
+    # No growth phase: one document for curriculum_start steps, then the whole batch.
+    _, h = obj.meta_train(CFG, s["lm_params"], iter([s["batch"]] * 4), num_steps=4,
+                          key=jax.random.key(5), lr=3e-3, warmup_steps=2, rho=0.5,
+                          readout_weight=1.0, curriculum_start=2)
+    assert [h_["bank_size"] for h_ in h] == [1, 1, 4, 4]
     assert h[-1]["g_readout_accuracy"] > h[0]["g_readout_accuracy"]
     with pytest.raises(ValueError, match="curriculum_start"):
         obj.meta_train(CFG, s["lm_params"], iter([s["batch"]]), num_steps=1,

@@ -12,10 +12,10 @@ Auxiliary readouts (training only, `readout_weight` > 0): two linear heads, disc
 training, read the answers' first tokens straight from the modulations — every relation's answer
 from the document's φ (g's readout) and the asked answer from h's output z (h's readout) — and a
 retrieval loss makes each question's code most cosine-similar to its own document's φ (the
-score CMT's top-k selects by). They stand in for the pre-training of the paper's T5 amortization and aggregation networks: with the
-answer loss as the only signal, which reaches g and h through the frozen LM's prefix attention,
-the chain stayed at the answer prior at CPU scale; with the readouts it leaves it within a few
-hundred steps (README, MAC section).
+score CMT's top-k selects by). They stand in for the pre-training of the paper's T5
+amortization and aggregation networks: with the answer loss as the only signal, which reaches g
+and h through the frozen LM's prefix attention, the chain stayed at the answer prior at CPU
+scale; with the readouts it leaves it within a few hundred steps (README, MAC section).
 
 Batches are dicts of numpy/jax arrays:
     docs       [K, S] int32   document bytes, PAD-padded
@@ -225,9 +225,9 @@ def _qa_loss_and_z(cfg: MACConfig, params, lm_params, phi_KxTxD, batch, rho: flo
 # Auxiliary readouts (training only)
 # ---------------------------------------------------------------------------------------------
 def first_answer_tokens(qa_BxL, weights_BxL) -> jax.Array:
-    """[B] the first weighted token of each QA row (the answer's first byte)."""
-    first = jnp.argmax(weights_BxL > 0, axis=-1)
-    return jnp.take_along_axis(qa_BxL, first[..., None], axis=-1)[..., 0]
+    """[B] (any leading axes) the first weighted token of each QA row: the answer's first byte."""
+    first = jnp.argmax(jnp.asarray(weights_BxL) > 0, axis=-1)
+    return jnp.take_along_axis(jnp.asarray(qa_BxL), first[..., None], axis=-1)[..., 0]
 
 
 def init_readouts(cfg: MACConfig, relations: int) -> dict:
@@ -271,8 +271,8 @@ def meta_loss(cfg: MACConfig, params, lm_params, batch, rho: float, bank_size=No
               readouts: Optional[dict] = None, readout_weight: float = 0.0):
     """Stage-2 loss: amortize the K documents (the last K-⌊ρK⌋ without gradients), score the
     first ⌊ρK⌋ questions against the whole bank; with `readouts` (init_readouts) and
-    readout_weight > 0, plus readout_weight · (g's + h's readout cross-entropy) on the first
-    ⌊ρK⌋ documents and questions."""
+    readout_weight > 0, plus readout_weight · `readout_losses` (g's and h's readouts and the
+    retrieval loss) on the first ⌊ρK⌋ documents and questions."""
     K = batch["docs"].shape[0]
     k = num_scored(rho, K)
     mac = MAC(cfg)
@@ -344,8 +344,10 @@ def meta_train(cfg: MACConfig, lm_params, batches: Iterator[dict], *, num_steps:
 
     curriculum_steps > 0 grows each question's bank linearly from 1 document to the whole
     batch over that many steps (see `loss_from_modulations`), after `curriculum_start` steps on
-    a bank of one document (its own); 0 = whole batch from the start. readout_weight > 0 adds the auxiliary readouts (module docstring; the batches then need
-    "doc_answers"); their heads are trained alongside and dropped at the end.
+    a bank of one document (its own); with curriculum_steps = 0 the bank is the whole batch
+    from step `curriculum_start` on. readout_weight > 0 adds the auxiliary readouts (module
+    docstring; the batches then need "doc_answers"); their heads are trained alongside and
+    dropped at the end.
     """
     if curriculum_start < 0 or curriculum_steps < 0:
         raise ValueError(f"curriculum_start={curriculum_start}, curriculum_steps="
@@ -370,8 +372,10 @@ def meta_train(cfg: MACConfig, lm_params, batches: Iterator[dict], *, num_steps:
     batch = first
     K = first["docs"].shape[0]
     for i in range(num_steps):
-        frac = (min(1.0, max(0, i - curriculum_start) / curriculum_steps) if curriculum_steps
-                else 1.0)
+        if i < curriculum_start:
+            frac = 0.0
+        else:
+            frac = min(1.0, (i - curriculum_start) / curriculum_steps) if curriculum_steps else 1.0
         bank_size = jnp.int32(1 + round((K - 1) * frac))
         trainable, opt_state, m = step(trainable, opt_state, lm_params, batch, bank_size)
         history.append({k: float(v) for k, v in m.items()})
@@ -413,8 +417,7 @@ def encode_docs(docs: Sequence[dict], lengths: Lengths) -> dict:
     ans = [qa["answer"] for d in docs for qa in d["qas"]]
     q_tok = facts.encode_questions(qs, lengths.question).reshape(len(docs), n_rel, -1)
     qa_tok, qa_w = facts.encode_qa(qs, ans, lengths.qa)
-    first = np.argmax(qa_w > 0, axis=-1)
-    answers = qa_tok[np.arange(len(qa_tok)), first].astype(np.int32)
+    answers = np.asarray(first_answer_tokens(qa_tok, qa_w), np.int32)
     return {"docs": doc_tok, "questions": q_tok,
             "qa": qa_tok.reshape(len(docs), n_rel, -1),
             "qa_weights": qa_w.reshape(len(docs), n_rel, -1),
