@@ -168,35 +168,23 @@ def _stream(split: str, n: int, seed: int, doc_len: int):
 def evaluate(cfg: MACConfig, params, lm_params, *, documents: int = 16, seed: int = 0,
              doc_len: int = 112, q_len: int = 32, window: Optional[int] = None,
              topk: Optional[int] = None, baselines: bool = True,
-             ft_lrs: Sequence[float] = (1e-4, 1e-3, 1e-2), lenient: bool = False) -> dict:
-    """EM/F1 on a test stream of `documents` documents (all their questions).
+             ft_lrs: Sequence[float] = (1e-4, 1e-3, 1e-2), lenient: bool = False,
+             banks: int = 1) -> dict:
+    """EM/F1 over `banks` independent test streams of `documents` documents each (disjoint
+    entities; every question of every document, each answered from its own stream's bank).
 
     Keys: mac_flat, mac_hierarchical (window W or N/4), mac_topk (k or N/4), gold_removed,
-    no_memory, uniform_ft (best lr of the sweep on a validation stream), and adapt_seconds.
+    no_memory, uniform_ft (best lr of the sweep on a validation stream; the base LM fine-tuned
+    on each stream from scratch), and adapt_seconds_per_document.
     """
-    docs, recs, dtok = _stream("test", documents, seed, doc_len)
-    qs = [r["question"] for r in recs]
-    ans = [r["answer"] for r in recs]
-    gold = np.array([r["doc_id"] for r in recs])
-    bank = init_bank(cfg, documents)
-    jax.block_until_ready(_amortize_one(cfg, params, jnp.asarray(dtok[:1])))  # compile first
-    t0 = time.perf_counter()
-    bank = stream_documents(cfg, params, dtok, bank)
-    jax.block_until_ready(bank.values)
-    adapt_s = (time.perf_counter() - t0) / documents
-    mem, valid = bank.values, np.asarray(bank.valid)
+    if not isinstance(banks, int) or banks < 1:
+        raise ValueError(f"banks={banks!r} is not allowed; use a positive integer")
+    all_docs, all_recs, all_tok = _stream("test", documents * banks, seed, doc_len)
     w = window or max(2, documents // 4)
     k = topk or max(1, documents // 4)
-    res: dict[str, Any] = {"documents": documents, "questions": len(qs)}
-    run = lambda **kw: score(answer(cfg, params, lm_params, qs, q_len=q_len, **kw), ans,  # noqa
-                             lenient=lenient)
-    res["mac_flat"] = run(memory=mem, valid=valid, window=0, topk=0)
-    res["mac_hierarchical"] = run(memory=mem, valid=valid, window=w, topk=0)
-    res["mac_topk"] = run(memory=mem, valid=valid, window=0, topk=k)
+    methods = ["mac_flat", "mac_hierarchical", "mac_topk"]
     if baselines:
-        no_gold = valid[None, :] & (np.arange(documents)[None, :] != gold[:, None])
-        res["gold_removed"] = run(memory=mem, valid=no_gold, window=0, topk=0)
-        res["no_memory"] = run(memory=None)
+        methods += ["gold_removed", "no_memory", "uniform_ft"]
         vdocs, vrecs, vtok = _stream("validation", documents, seed + 1, doc_len)
         sweep = {}
         for lr in ft_lrs:
@@ -204,12 +192,39 @@ def evaluate(cfg: MACConfig, params, lm_params, *, documents: int = 16, seed: in
             sweep[lr] = score(answer(cfg, params, p, [r["question"] for r in vrecs],
                                      q_len=q_len), [r["answer"] for r in vrecs])["f1"]
         best = max(sweep, key=sweep.get)
-        p = uniform_finetune(cfg, lm_params, dtok, lr=best)
-        res["uniform_ft"] = score(answer(cfg, params, p, qs, q_len=q_len), ans,
-                                  lenient=lenient)
+    preds: dict[str, list[str]] = {m: [] for m in methods}
+    ans: list = []
+    jax.block_until_ready(_amortize_one(cfg, params, jnp.asarray(all_tok[:1])))  # compile first
+    adapt_s = 0.0
+    for b in range(banks):
+        lo = b * documents
+        recs = [r for r in all_recs if lo <= r["doc_id"] < lo + documents]
+        dtok = all_tok[lo:lo + documents]
+        qs = [r["question"] for r in recs]
+        ans += [r["answer"] for r in recs]
+        gold = np.array([r["doc_id"] - lo for r in recs])
+        t0 = time.perf_counter()
+        bank = stream_documents(cfg, params, dtok, init_bank(cfg, documents))
+        jax.block_until_ready(bank.values)
+        adapt_s += time.perf_counter() - t0
+        mem, valid = bank.values, np.asarray(bank.valid)
+        run = functools.partial(answer, cfg, params, lm_params, qs, q_len=q_len)
+        preds["mac_flat"] += run(memory=mem, valid=valid, window=0, topk=0)
+        preds["mac_hierarchical"] += run(memory=mem, valid=valid, window=w, topk=0)
+        preds["mac_topk"] += run(memory=mem, valid=valid, window=0, topk=k)
+        if baselines:
+            no_gold = valid[None, :] & (np.arange(documents)[None, :] != gold[:, None])
+            preds["gold_removed"] += run(memory=mem, valid=no_gold, window=0, topk=0)
+            preds["no_memory"] += run(memory=None)
+            p = uniform_finetune(cfg, lm_params, dtok, lr=best)
+            preds["uniform_ft"] += answer(cfg, params, p, qs, q_len=q_len)
+    res: dict[str, Any] = {"documents": documents, "banks": banks, "questions": len(ans)}
+    for m in methods:
+        res[m] = score(preds[m], ans, lenient=lenient)
+    if baselines:
         res["uniform_ft"]["lr"] = best
         res["uniform_ft_sweep"] = {str(k_): v for k_, v in sweep.items()}
-    res["adapt_seconds_per_document"] = adapt_s
+    res["adapt_seconds_per_document"] = adapt_s / (documents * banks)
     return res
 
 
@@ -268,6 +283,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--workdir", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--documents", type=int, default=16)
+    p.add_argument("--banks", type=int, default=1,
+                   help="independent test streams of --documents documents each")
     p.add_argument("--window", type=int, default=0)
     p.add_argument("--topk", type=int, default=0)
     p.add_argument("--lenient", action="store_true")
@@ -276,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg, params, lm_params = load_run(a.workdir)
     res = evaluate(cfg, params, lm_params, documents=a.documents, seed=a.seed,
                    window=a.window or None, topk=a.topk or None, baselines=not a.no_baselines,
-                   lenient=a.lenient)
+                   lenient=a.lenient, banks=a.banks)
     print(json.dumps(res, sort_keys=True))
     return 0
 
@@ -321,7 +338,9 @@ def train_or_load(size: str, seed: int, out: pathlib.Path):
         key=k_mac, lr=c.stage2.lr, warmup_steps=c.stage2.warmup_steps, clip=c.stage2.clip,
         rho=c.stage2.rho, curriculum_steps=c.stage2.curriculum_steps,
         curriculum_start=c.stage2.get("curriculum_start", 0),
-        readout_weight=c.stage2.get("readout_weight", 0.0), log_every=c.log_every)
+        readout_weight=c.stage2.get("readout_weight", 0.0),
+        hierarchical_windows=tuple(c.stage2.get("hierarchical_windows", ())),
+        hierarchical_weight=c.stage2.get("hierarchical_weight", 0.0), log_every=c.log_every)
     save_run(workdir, cfg, params, lm_params,
              {"size": size, "seed": seed, "train_seconds": round(time.time() - t0, 1),
               "stage1_final_loss": float(np.mean(lm_losses[-50:])),
@@ -342,7 +361,9 @@ def _register_figures():
         import matplotlib.pyplot as plt
         c = figure_settings(size)
         cfg, params, lm_params = train_or_load(size, seed, out)
-        res = evaluate(cfg, params, lm_params, documents=c.eval.documents, seed=seed + 1000)
+        banks = c.eval.get("banks", 1)
+        res = evaluate(cfg, params, lm_params, documents=c.eval.documents, seed=seed + 1000,
+                       banks=banks)
         em = {m: res[m]["em"] for m in METHODS}
         f1 = {m: res[m]["f1"] for m in METHODS}
         write_csv(out / "mac_online_adaptation.csv", ["method", "em", "f1"],
@@ -353,12 +374,14 @@ def _register_figures():
         ax.bar(x + 0.2, [f1[m] for m in METHODS], 0.4, label="F1")
         ax.set_xticks(x, METHODS, rotation=20)
         ax.set_ylim(0, 1)
-        ax.set_title(f"MAC online adaptation, {c.eval.documents} held-out documents ({size})")
+        ax.set_title(f"MAC online adaptation, banks of {c.eval.documents} held-out documents "
+                     f"(x{banks}, {size})")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "mac_online_adaptation.png", dpi=120)
         plt.close(fig)
-        return {"em": em, "f1": f1, "documents": c.eval.documents,
+        return {"em": em, "f1": f1, "documents": c.eval.documents, "banks": banks,
+                "questions": res["questions"],
                 "uniform_ft_lr": res["uniform_ft"]["lr"],
                 "adapt_seconds_per_document": res["adapt_seconds_per_document"]}
 

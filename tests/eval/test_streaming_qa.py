@@ -98,3 +98,24 @@ def test_run_roundtrip_and_evaluate(setup, tmp_path):
     assert res["questions"] == 4 * len(facts.RELATIONS)
     with pytest.raises(FileNotFoundError):
         sqa.load_run(tmp_path / "missing")
+
+
+def test_evaluate_over_several_banks(setup):
+    s = setup
+    res = sqa.evaluate(CFG, s["params"], s["lm_params"], documents=2, seed=3, baselines=False,
+                       banks=2, q_len=Q_LEN)
+    assert (res["banks"], res["questions"]) == (2, 2 * 2 * len(facts.RELATIONS))
+    # Each bank holds only its own stream's two documents; EM/F1 are over all the questions.
+    docs, recs, dtok = sqa._stream("test", 4, 3, 112)
+    preds, answers = [], []
+    for b in range(2):
+        bank = sqa.stream_documents(CFG, s["params"], dtok[2 * b:2 * b + 2],
+                                    sqa.init_bank(CFG, 2))
+        rs = [r for r in recs if 2 * b <= r["doc_id"] < 2 * b + 2]
+        preds += sqa.answer(CFG, s["params"], s["lm_params"], [r["question"] for r in rs],
+                            memory=bank.values, valid=bank.valid, window=0, topk=0,
+                            q_len=Q_LEN)
+        answers += [r["answer"] for r in rs]
+    assert res["mac_flat"] == sqa.score(preds, answers)
+    with pytest.raises(ValueError, match="banks"):
+        sqa.evaluate(CFG, s["params"], s["lm_params"], documents=2, banks=0)

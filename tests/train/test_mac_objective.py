@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.mac import MAC, MACConfig, slot_keys
+from models.mac import MAC, MACConfig, modulated_logits, slot_keys
 from models.transformer import TransformerConfig
 from train.data import facts
 from train.data import tokenizer as tok
@@ -316,3 +316,63 @@ def test_meta_train_with_readouts_returns_mac_params(setup):
     with pytest.raises(ValueError, match="doc_answers"):
         obj.meta_train(CFG, s["lm_params"], iter([no_answers]), num_steps=1,
                        key=jax.random.key(5), readout_weight=1.0)
+
+
+def test_hierarchical_term_adds_the_chunked_answer_loss(setup):
+    s = setup
+    rho, w = 0.5, 2
+    k = obj.num_scored(rho, K)
+    base, _ = obj.meta_loss(CFG, s["params"], s["lm_params"], s["batch"], rho)
+    off, _ = obj.meta_loss(CFG, s["params"], s["lm_params"], s["batch"], rho,
+                           hierarchical_window=w, hierarchical_weight=0.0)
+    on, m = obj.meta_loss(CFG, s["params"], s["lm_params"], s["batch"], rho,
+                          hierarchical_window=w, hierarchical_weight=0.5)
+    assert float(off) == float(base)
+    # Independently: h aggregates chunks of w documents, then its chunk outputs, and the frozen
+    # LM answers with that prefix.
+    mac = MAC(CFG)
+    phi = mac.apply({"params": s["params"]}, s["batch"]["docs"], method=MAC.amortize)
+    z = mac.apply({"params": s["params"]}, s["batch"]["questions"][:k], phi, window=w,
+                  method=MAC.aggregate)
+    flat = mac.apply({"params": s["params"]}, s["batch"]["questions"][:k], phi, window=0,
+                     method=MAC.aggregate)
+    assert float(jnp.max(jnp.abs(z - flat))) > 1e-4          # a different path from flat
+    kv = mac.apply({"params": s["params"]}, z, method=MAC.prefix)
+    logits = modulated_logits(CFG, s["lm_params"], s["batch"]["qa"][:k], kv)
+    want, _ = obj.qa_loss(CFG, s["lm_params"], logits, s["batch"]["qa"][:k],
+                          s["batch"]["qa_weights"][:k])
+    np.testing.assert_allclose(float(m["hierarchical_qa_loss"]), float(want), rtol=1e-5)
+    np.testing.assert_allclose(float(on), float(base) + 0.5 * float(want), rtol=1e-5)
+    with pytest.raises(ValueError, match="window"):
+        obj.meta_loss(CFG, s["params"], s["lm_params"], s["batch"], rho,
+                      hierarchical_window=K, hierarchical_weight=1.0)
+
+
+def test_meta_train_cycles_hierarchical_windows(setup):
+    s = setup
+    kw = dict(key=jax.random.key(5), lr=3e-3, warmup_steps=2, rho=0.5, readout_weight=1.0)
+    p, h = obj.meta_train(CFG, s["lm_params"], iter([s["batch"]] * 3), num_steps=3,
+                          hierarchical_windows=(2, 3), hierarchical_weight=1.0,
+                          params=s["params"], **kw)
+    chex.assert_trees_all_equal_structs(p, s["params"])
+    assert all("hierarchical_qa_loss" in h_ for h_ in h)
+    # The first step uses the first window: its loss is meta_loss's with that window.
+    _, h3 = obj.meta_train(CFG, s["lm_params"], iter([s["batch"]]), num_steps=1,
+                           hierarchical_windows=(3, 2), hierarchical_weight=1.0,
+                           params=s["params"], **kw)
+    for w, got in ((2, h[0]), (3, h3[0])):
+        _, m = obj.meta_loss(CFG, s["params"], s["lm_params"], s["batch"], 0.5,
+                             hierarchical_window=w, hierarchical_weight=1.0)
+        np.testing.assert_allclose(got["hierarchical_qa_loss"],
+                                   float(m["hierarchical_qa_loss"]), rtol=1e-5)
+    assert h[0]["hierarchical_qa_loss"] != h3[0]["hierarchical_qa_loss"]
+    _, flat = obj.meta_train(CFG, s["lm_params"], iter([s["batch"]] * 2), num_steps=2,
+                             hierarchical_windows=(2,), hierarchical_weight=0.0, **kw)
+    assert "hierarchical_qa_loss" not in flat[0]
+    for bad in ((1,), (K,)):
+        with pytest.raises(ValueError, match="hierarchical_windows"):
+            obj.meta_train(CFG, s["lm_params"], iter([s["batch"]]), num_steps=1,
+                           hierarchical_windows=bad, hierarchical_weight=1.0, **kw)
+    with pytest.raises(ValueError, match="hierarchical_weight"):
+        obj.meta_train(CFG, s["lm_params"], iter([s["batch"]]), num_steps=1,
+                       hierarchical_windows=(2,), hierarchical_weight=-1.0, **kw)

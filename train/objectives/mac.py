@@ -17,6 +17,11 @@ amortization and aggregation networks: with the answer loss as the only signal, 
 and h through the frozen LM's prefix attention, the chain stayed at the answer prior at CPU
 scale; with the readouts it leaves it within a few hundred steps (README, MAC section).
 
+Hierarchical term (`hierarchical_weight` > 0): the same questions are also answered through
+hierarchical aggregation (chunks of W documents, their outputs a smaller bank, then a flat pass),
+and that answer loss is added. h sees its own chunk outputs as a bank only there; trained flat
+alone, hierarchical answers stayed at chance.
+
 Batches are dicts of numpy/jax arrays:
     docs       [K, S] int32   document bytes, PAD-padded
     questions  [K, Q] int32   question bytes (h's input), PAD-padded
@@ -215,10 +220,31 @@ def _qa_loss_and_z(cfg: MACConfig, params, lm_params, phi_KxTxD, batch, rho: flo
     valid = None if bank_size is None else curriculum_valid(k, K, bank_size)
     z0 = mac.apply({"params": params}, batch["questions"][:k], method=MAC.encode_question)
     z = mac.apply({"params": params}, z0, phi, valid, method=MAC.aggregate_z0)
-    prefix_kv = mac.apply({"params": params}, z, method=MAC.prefix)
-    logits = modulated_logits(cfg, lm_params, batch["qa"][:k], prefix_kv)
-    loss, metrics = qa_loss(cfg, lm_params, logits, batch["qa"][:k], batch["qa_weights"][:k])
+    loss, metrics = _answer_loss(cfg, params, lm_params, z, batch, k)
     return loss, metrics, (z0, z)
+
+
+def _answer_loss(cfg: MACConfig, params, lm_params, z_kxTxD, batch, k: int):
+    """The frozen LM's answer loss on the first k QA rows, modulated by h's output z."""
+    prefix_kv = MAC(cfg).apply({"params": params}, z_kxTxD, method=MAC.prefix)
+    logits = modulated_logits(cfg, lm_params, batch["qa"][:k], prefix_kv)
+    return qa_loss(cfg, lm_params, logits, batch["qa"][:k], batch["qa_weights"][:k])
+
+
+def hierarchical_loss(cfg: MACConfig, params, lm_params, phi_KxTxD, z0_kxTxD, batch,
+                      window: int, bank_size=None):
+    """The answer loss through hierarchical aggregation with chunks of `window` documents, and
+    h's output z [k, T, D]. Training it next to the flat loss teaches h to read its own chunk
+    outputs as a bank (trained only flat, h left the hierarchical answers at chance)."""
+    k, K = z0_kxTxD.shape[0], phi_KxTxD.shape[0]
+    if not 2 <= window < K:
+        raise ValueError(f"hierarchical window={window} is not allowed for a batch of K={K} "
+                         f"documents; use 2 <= window < K")
+    valid = None if bank_size is None else curriculum_valid(k, K, bank_size)
+    z = MAC(cfg).apply({"params": params}, z0_kxTxD, phi_KxTxD, valid, window=window,
+                       method=MAC.aggregate_z0)
+    loss, metrics = _answer_loss(cfg, params, lm_params, z, batch, k)
+    return loss, metrics, z
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,11 +294,14 @@ def readout_losses(readouts: dict, phi_KxTxD, z0_kxTxD, z_kxTxD, doc_answers_kxR
 
 
 def meta_loss(cfg: MACConfig, params, lm_params, batch, rho: float, bank_size=None,
-              readouts: Optional[dict] = None, readout_weight: float = 0.0):
+              readouts: Optional[dict] = None, readout_weight: float = 0.0,
+              hierarchical_window: int = 0, hierarchical_weight: float = 0.0):
     """Stage-2 loss: amortize the K documents (the last K-⌊ρK⌋ without gradients), score the
     first ⌊ρK⌋ questions against the whole bank; with `readouts` (init_readouts) and
     readout_weight > 0, plus readout_weight · `readout_losses` (g's and h's readouts and the
-    retrieval loss) on the first ⌊ρK⌋ documents and questions."""
+    retrieval loss) on the first ⌊ρK⌋ documents and questions. hierarchical_window W > 0 and
+    hierarchical_weight > 0 add weight · the answer loss through hierarchical aggregation with
+    chunks of W documents (`hierarchical_loss`), and h's readout of its output."""
     K = batch["docs"].shape[0]
     k = num_scored(rho, K)
     mac = MAC(cfg)
@@ -286,11 +315,22 @@ def meta_loss(cfg: MACConfig, params, lm_params, batch, rho: float, bank_size=No
     loss, metrics, (z0, z) = _qa_loss_and_z(cfg, params, jax.lax.stop_gradient(lm_params), phi,
                                             batch, rho, bank_size)
     metrics = dict(metrics, qa_loss=loss)
-    if readouts is not None and readout_weight > 0:
-        aux, m = readout_losses(readouts, phi, z0, z, batch["doc_answers"][:k],
-                                first_answer_tokens(batch["qa"][:k], batch["qa_weights"][:k]))
+    answers = first_answer_tokens(batch["qa"][:k], batch["qa_weights"][:k])
+    use_readouts = readouts is not None and readout_weight > 0
+    if use_readouts:
+        aux, m = readout_losses(readouts, phi, z0, z, batch["doc_answers"][:k], answers)
         loss = loss + readout_weight * aux
         metrics.update(m)
+    if hierarchical_window and hierarchical_weight > 0:
+        h_loss, m, z_h = hierarchical_loss(cfg, params, jax.lax.stop_gradient(lm_params), phi,
+                                           z0, batch, hierarchical_window, bank_size)
+        loss = loss + hierarchical_weight * h_loss
+        metrics.update(hierarchical_qa_loss=h_loss,
+                       hierarchical_token_accuracy=m["token_accuracy"])
+        if use_readouts:
+            h_logits = _standardize(z_h) @ readouts["h"]
+            loss = loss + readout_weight * hierarchical_weight * jnp.mean(
+                optax.softmax_cross_entropy_with_integer_labels(h_logits, answers))
     return loss, metrics
 
 
@@ -307,23 +347,27 @@ def _global_norm(tree) -> jax.Array:
 
 @functools.lru_cache(maxsize=8)
 def cached_meta_step(cfg: MACConfig, lr: float, warmup_steps: int, clip: float, rho: float,
-                     readout_weight: float = 0.0
+                     readout_weight: float = 0.0, hierarchical_weight: float = 0.0
                      ) -> tuple[optax.GradientTransformation, Callable]:
-    """(optimizer, jitted step) shared by runs with the same settings (one compilation)."""
+    """(optimizer, jitted step) shared by runs with the same settings (one compilation per
+    hierarchical window)."""
     opt = make_optimizer(lr, warmup_steps=warmup_steps, clip=clip)
-    return opt, make_meta_step(cfg, opt, rho, readout_weight)
+    return opt, make_meta_step(cfg, opt, rho, readout_weight, hierarchical_weight)
 
 
 def make_meta_step(cfg: MACConfig, opt: optax.GradientTransformation, rho: float,
-                   readout_weight: float = 0.0) -> Callable:
-    """jitted (trainable, opt_state, lm_params, batch, bank_size) → (trainable, opt_state,
-    metrics); trainable is {"mac": MAC params, "readouts": init_readouts(...) or None}."""
+                   readout_weight: float = 0.0, hierarchical_weight: float = 0.0) -> Callable:
+    """jitted (trainable, opt_state, lm_params, batch, bank_size, window=0) → (trainable,
+    opt_state, metrics); trainable is {"mac": MAC params, "readouts": init_readouts(...) or
+    None}; `window` (static) is the hierarchical term's chunk size (0: none)."""
 
-    @jax.jit
-    def step(trainable, opt_state, lm_params, batch, bank_size):
+    @functools.partial(jax.jit, static_argnames=("window",))
+    def step(trainable, opt_state, lm_params, batch, bank_size, window=0):
         def loss_fn(t):
             return meta_loss(cfg, t["mac"], lm_params, batch, rho, bank_size,
-                             readouts=t["readouts"], readout_weight=readout_weight)
+                             readouts=t["readouts"], readout_weight=readout_weight,
+                             hierarchical_window=window,
+                             hierarchical_weight=hierarchical_weight)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         updates, opt_state = opt.update(grads, opt_state, trainable)
@@ -337,7 +381,8 @@ def make_meta_step(cfg: MACConfig, opt: optax.GradientTransformation, rho: float
 def meta_train(cfg: MACConfig, lm_params, batches: Iterator[dict], *, num_steps: int,
                key: jax.Array, lr: float = 1e-3, warmup_steps: int = 100, clip: float = 1.0,
                rho: float = 1.0, curriculum_steps: int = 0, curriculum_start: int = 0,
-               readout_weight: float = 0.0,
+               readout_weight: float = 0.0, hierarchical_windows: Sequence[int] = (),
+               hierarchical_weight: float = 0.0,
                log_every: int = 0, params=None,
                on_log: Optional[Callable[[int, dict], None]] = None) -> tuple[Any, list[dict]]:
     """Stage 2: meta-trains MAC against the frozen `lm_params`; returns (params, history).
@@ -347,7 +392,9 @@ def meta_train(cfg: MACConfig, lm_params, batches: Iterator[dict], *, num_steps:
     a bank of one document (its own); with curriculum_steps = 0 the bank is the whole batch
     from step `curriculum_start` on. readout_weight > 0 adds the auxiliary readouts (module
     docstring; the batches then need "doc_answers"); their heads are trained alongside and
-    dropped at the end.
+    dropped at the end. hierarchical_windows (W, ...) with hierarchical_weight > 0 add the
+    hierarchical answer loss (`hierarchical_loss`), step i using chunks of W = windows[i mod n]
+    documents.
     """
     if curriculum_start < 0 or curriculum_steps < 0:
         raise ValueError(f"curriculum_start={curriculum_start}, curriculum_steps="
@@ -364,20 +411,30 @@ def meta_train(cfg: MACConfig, lm_params, batches: Iterator[dict], *, num_steps:
             raise ValueError("readout_weight > 0 needs batches with 'doc_answers' [K, R] "
                              "(meta_batches of encode_docs output)")
         readouts = init_readouts(cfg, first["doc_answers"].shape[1])
+    K = first["docs"].shape[0]
+    if not hierarchical_weight >= 0:
+        raise ValueError(f"hierarchical_weight={hierarchical_weight!r} is not allowed; it must "
+                         f"be >= 0")
+    windows = tuple(int(w) for w in hierarchical_windows) if hierarchical_weight > 0 else ()
+    for w in windows:
+        if not 2 <= w < K:
+            raise ValueError(f"hierarchical_windows={tuple(hierarchical_windows)} is not "
+                             f"allowed for a batch of K={K} documents; use 2 <= W < K")
     opt, step = cached_meta_step(cfg, float(lr), int(warmup_steps), float(clip), float(rho),
-                                 float(readout_weight))
+                                 float(readout_weight), float(hierarchical_weight))
     trainable = {"mac": params, "readouts": readouts}
     opt_state = opt.init(trainable)
     history, t0 = [], time.time()
     batch = first
-    K = first["docs"].shape[0]
     for i in range(num_steps):
         if i < curriculum_start:
             frac = 0.0
         else:
             frac = min(1.0, (i - curriculum_start) / curriculum_steps) if curriculum_steps else 1.0
         bank_size = jnp.int32(1 + round((K - 1) * frac))
-        trainable, opt_state, m = step(trainable, opt_state, lm_params, batch, bank_size)
+        window = windows[i % len(windows)] if windows else 0
+        trainable, opt_state, m = step(trainable, opt_state, lm_params, batch, bank_size,
+                                       window=window)
         history.append({k: float(v) for k, v in m.items()})
         if log_every and (i + 1) % log_every == 0:
             mean = {k: float(np.mean([h[k] for h in history[-log_every:]])) for k in history[-1]}
