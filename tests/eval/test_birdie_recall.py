@@ -179,3 +179,40 @@ def test_no_binding_baseline():
     assert br.no_binding_baseline(task, 1, examples=4, seed=0) == 1.0   # one pair: its value
     b = br.no_binding_baseline(task, 8, examples=256, seed=0)
     assert 1 / 8 <= b < 0.3       # ≥ 1/P (the answer is one of the P values), repeats add a bit
+
+
+# ------------------------------------------------------------------------------------------
+# Packing task batches ahead of the training step
+# ------------------------------------------------------------------------------------------
+def test_prefetched_matches_calling_in_turn():
+    def draws(rng):
+        return lambda: rng.integers(0, 1000, size=3)
+
+    rng = np.random.default_rng(5)
+    want = [rng.integers(0, 1000, size=3) for _ in range(7)]
+    got = list(br.prefetched(draws(np.random.default_rng(5)), 7))
+    assert len(got) == 7
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_prefetched_reraises_and_stops_early():
+    calls = []
+
+    def make():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("bad batch")
+        return len(calls)
+
+    it = br.prefetched(make, 5)
+    assert [next(it), next(it)] == [1, 2]
+    with pytest.raises(RuntimeError, match="bad batch"):
+        next(it)
+
+    # Closing after one item stops the worker (it would otherwise block on a full queue).
+    calls.clear()
+    it = br.prefetched(lambda: calls.append(1) or len(calls), 100, depth=1)
+    assert next(it) == 1
+    it.close()
+    assert len(calls) < 100
