@@ -179,7 +179,7 @@ def evaluate(cfg: MACConfig, params, lm_params, *, documents: int = 16, seed: in
     """
     if not isinstance(banks, int) or banks < 1:
         raise ValueError(f"banks={banks!r} is not allowed; use a positive integer")
-    all_docs, all_recs, all_tok = _stream("test", documents * banks, seed, doc_len)
+    _, all_recs, all_tok = _stream("test", documents * banks, seed, doc_len)
     w = window or max(2, documents // 4)
     k = topk or max(1, documents // 4)
     methods = ["mac_flat", "mac_hierarchical", "mac_topk"]

@@ -272,6 +272,12 @@ def _standardize(x_BxTxD) -> jax.Array:
 READOUT_TEMPERATURE = 0.1  # of the question ↔ document cosine similarities
 
 
+def _h_readout(readouts: dict, z_kxTxD, answers_k) -> tuple[jax.Array, jax.Array]:
+    """(h's readout CE, its logits [k, V]): the asked answer from h's output z."""
+    logits = _standardize(z_kxTxD) @ readouts["h"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, answers_k).mean(), logits
+
+
 def readout_losses(readouts: dict, phi_KxTxD, z0_kxTxD, z_kxTxD, doc_answers_kxR, answers_k):
     """(g's readout CE + h's readout CE + retrieval CE, metrics).
 
@@ -282,9 +288,8 @@ def readout_losses(readouts: dict, phi_KxTxD, z0_kxTxD, z_kxTxD, doc_answers_kxR
     """
     k = z_kxTxD.shape[0]
     g_logits = jnp.einsum("bf,frv->brv", _standardize(phi_KxTxD[:k]), readouts["g"])
-    h_logits = _standardize(z_kxTxD) @ readouts["h"]
+    h_ce, h_logits = _h_readout(readouts, z_kxTxD, answers_k)
     g_ce = optax.softmax_cross_entropy_with_integer_labels(g_logits, doc_answers_kxR).mean()
-    h_ce = optax.softmax_cross_entropy_with_integer_labels(h_logits, answers_k).mean()
     sim = slot_keys(z0_kxTxD) @ slot_keys(phi_KxTxD).T / READOUT_TEMPERATURE   # [k, K]
     r_ce = optax.softmax_cross_entropy_with_integer_labels(sim, jnp.arange(k)).mean()
     return g_ce + h_ce + r_ce, {
@@ -328,9 +333,8 @@ def meta_loss(cfg: MACConfig, params, lm_params, batch, rho: float, bank_size=No
         metrics.update(hierarchical_qa_loss=h_loss,
                        hierarchical_token_accuracy=m["token_accuracy"])
         if use_readouts:
-            h_logits = _standardize(z_h) @ readouts["h"]
-            loss = loss + readout_weight * hierarchical_weight * jnp.mean(
-                optax.softmax_cross_entropy_with_integer_labels(h_logits, answers))
+            loss = loss + readout_weight * hierarchical_weight * _h_readout(readouts, z_h,
+                                                                             answers)[0]
     return loss, metrics
 
 
