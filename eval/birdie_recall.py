@@ -118,7 +118,8 @@ class RecallTask:
 def recall_pairs(rng: np.random.Generator, task: RecallTask, num_pairs: int):
     """(keys [P], values [P], queried indices [Q]) of one example."""
     task.check_pairs(num_pairs)
-    keys = rng.choice(np.arange(*task.key_range), num_pairs, replace=False).astype(np.int32)
+    lo, hi = task.key_range
+    keys = (rng.choice(hi - lo, num_pairs, replace=False) + lo).astype(np.int32)
     values = rng.integers(*task.value_range, size=num_pairs).astype(np.int32)
     asked = rng.choice(num_pairs, task.num_queries, replace=False)
     return keys, values, asked
@@ -127,12 +128,14 @@ def recall_pairs(rng: np.random.Generator, task: RecallTask, num_pairs: int):
 def recall_example(rng: np.random.Generator, task: RecallTask, num_pairs: int) -> birdie.Example:
     """One recall example laid out as Birdie's prefix-LM (see the module docstring)."""
     keys, values, asked = recall_pairs(rng, task, num_pairs)
-    pairs = np.stack([keys, values], 1).reshape(-1)
     queries = keys[asked] + task.query_offset
-    head = [birdie.BIRDIE_TOKENS["PREFIX_LM"]]
+    q, h = task.num_queries, 1 + (task.num_queries + 1 if task.queries_before else 0)
+    prompt = np.empty(h + 2 * num_pairs + 1 + q, np.int32)   # filled in place: this runs per
+    prompt[0] = birdie.BIRDIE_TOKENS["PREFIX_LM"]              # example of every training batch
     if task.queries_before:
-        head += [*queries, tok.SEP]
-    prompt = np.concatenate([head, pairs, [tok.SEP], queries])
+        prompt[1:1 + q], prompt[h - 1] = queries, tok.SEP
+    prompt[h:h + 2 * num_pairs:2], prompt[h + 1:h + 2 * num_pairs:2] = keys, values
+    prompt[-q - 1], prompt[-q:] = tok.SEP, queries
     return birdie.make_example(prompt, values[asked])
 
 
@@ -240,6 +243,25 @@ def apply_fn(model, spec: ModelSpec):
 # ---------------------------------------------------------------------------------------------
 # Batches
 # ---------------------------------------------------------------------------------------------
+# Batches are packed in Python every training step, so the two draws below skip the argument
+# checks of `rng.choice` (tens of µs a call, more than the rest of an example). They consume the
+# generator exactly as `rng.choice` does: tests/eval/test_birdie_recall.py compares both.
+def pick(rng: np.random.Generator, options: Sequence[int]) -> int:
+    """`int(rng.choice(options))`: a uniform element."""
+    return int(options[int(rng.integers(0, len(options)))])
+
+
+def weights_cdf(p) -> np.ndarray:
+    """The cdf `rng.choice(len(p), p=p)` searches, for `pick_weighted`."""
+    cdf = np.cumsum(p)
+    return cdf / cdf[-1]
+
+
+def pick_weighted(rng: np.random.Generator, cdf: np.ndarray) -> int:
+    """`int(rng.choice(len(p), p=p))` given cdf = weights_cdf(p): one uniform, searched."""
+    return int(cdf.searchsorted(rng.random(), side="right"))
+
+
 def fill_rows(draw, rows: int, row_length: int) -> tuple[list, list]:
     """Draws (example, objective id) pairs with `draw()` and packs them next-fit until `rows`
     rows of `row_length` are full; returns the examples and ids that fit (for `birdie.pack`)."""
@@ -263,7 +285,7 @@ def recall_batch(rng: np.random.Generator, task: RecallTask, pairs: Sequence[int
                  row_length: int) -> dict:
     """Packed recall examples [rows, row_length], the pair count uniform over `pairs`."""
     def draw():
-        return recall_example(rng, task, int(rng.choice(pairs))), 0
+        return recall_example(rng, task, pick(rng, pairs)), 0
     exs, ids = fill_rows(draw, rows, row_length)
     return birdie.pack(exs, row_length, objective_ids=ids, num_rows=rows)
 
@@ -290,10 +312,10 @@ class ObjectiveMixture:
 
     def batch(self, rng: np.random.Generator, mixture, rows: int) -> dict:
         p = np.asarray(mixture, np.float64)
-        p = p / p.sum()
+        cdf = weights_cdf(p / p.sum())
 
         def draw():
-            a = int(rng.choice(self.num_actions, p=p))
+            a = pick_weighted(rng, cdf)
             return self.example(rng, a), a
         exs, ids = fill_rows(draw, rows, self.row_length)
         return birdie.pack(exs, self.row_length, objective_ids=ids, num_rows=rows)
@@ -335,9 +357,9 @@ def recall_mixture(task: RecallTask, pairs: Sequence[int], row_length: int,
     return ObjectiveMixture(
         objective_set(kind, bins, row_length),
         # the objectives read at least 8 pairs (prefix-LM needs ≥4 tokens each side)
-        lambda rng: kv_text(rng, task, min(max(int(rng.choice(pairs)), 8),
+        lambda rng: kv_text(rng, task, min(max(pick(rng, pairs), 8),
                                            task.key_range[1] - task.key_range[0])),
-        lambda rng: recall_example(rng, task, int(rng.choice(pairs))), row_length)
+        lambda rng: recall_example(rng, task, pick(rng, pairs)), row_length)
 
 
 def _pad_rows(batch: dict, rows: int) -> dict:
@@ -371,8 +393,8 @@ def prefetched(make, n: int, depth: int = 2):
     """Yields make() n times, each computed ahead on a background thread while the caller
     trains on the previous one. The calls run in order on one thread, so the sequence (and an
     rng that `make` draws from) is the same as calling make() n times in turn; an exception in
-    make() is raised here. Packing a recall batch in Python took about as long as a training
-    step of the ~140k-parameter models on 2 cores, and the step releases the GIL."""
+    make() is raised here. Packing a batch in Python costs a fifth of a training step of the
+    ~140k-parameter models on 2 cores (7 ms of 37 ms), and the step releases the GIL."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -406,6 +428,40 @@ def prefetched(make, n: int, depth: int = 2):
         t.join()
 
 
+class TaskBatches:
+    """Task-phase batches [i] for i in 0..n-1, packed ahead (`prefetched`) from a fresh
+    generator seeded like `train_model`'s and kept: the arms that train on the task from step 0
+    with the same seed see the same batches, so a figure packs them once for all of them."""
+
+    def __init__(self, mixture: "ObjectiveMixture", seed: int, rows: int, n: int):
+        rng = train_rng(seed)
+        self._packer = prefetched(lambda: _model_batch(mixture.task_batch(rng, rows)), n)
+        self._items: list[dict] = []
+        self._lock = threading.Lock()
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return (self[i] for i in range(self.n))
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.n:
+            raise IndexError(f"batch {i} of {self.n}")
+        with self._lock:
+            while len(self._items) <= i:
+                self._items.append(next(self._packer))
+                if len(self._items) == self.n:
+                    self._packer.close()   # its thread is done: joined now, not at exit
+        return self._items[i]
+
+
+def train_rng(seed: int) -> np.random.Generator:
+    """The generator `train_model` draws its batches from."""
+    return np.random.default_rng([seed, 1])
+
+
 def _model_batch(batch: dict) -> dict:
     keep = ("inputs", "targets", "weights", "prefix", "segment_ids")
     return {k: jnp.asarray(batch[k]) for k in keep}
@@ -413,10 +469,11 @@ def _model_batch(batch: dict) -> dict:
 
 def train_model(name: str, s: dict, mixture: ObjectiveMixture, seed: int, *,
                 pretrain_frac: float = 0.0, controller: bool = False,
-                log: bool = True) -> Trained:
+                log: bool = True, task_batches: Optional[TaskBatches] = None) -> Trained:
     """Trains model `name` with AdamW: the first `pretrain_frac` of the steps on `mixture`
     (the reward-driven controller choosing the weights if `controller`, else uniform per class),
-    the rest on its task (the mixture's last action)."""
+    the rest on its task (the mixture's last action). task_batches: the task batches of a run
+    without pre-training, shared with other arms (else packed here)."""
     from train.objectives.lm import token_losses
 
     spec = SPECS[name]
@@ -443,9 +500,13 @@ def train_model(name: str, s: dict, mixture: ObjectiveMixture, seed: int, *,
         upd, o = tx.update(g, o, p)
         return optax.apply_updates(p, upd), o, loss
 
-    rng = np.random.default_rng([seed, 1])
+    rng = train_rng(seed)
     K = mixture.num_actions
     pretrain = int(round(steps * pretrain_frac))
+    if task_batches is not None and (pretrain or len(task_batches) != steps):
+        raise ValueError(f"task_batches ({len(task_batches)} batches) can only replace the "
+                         f"whole run's draws: pretrain_frac={pretrain_frac} must be 0 and "
+                         f"steps={steps}")
     weights = np.asarray(birdie.uniform_mixture(mixture.objectives).tolist() + [0.0])
     mixtures, losses = [], []
     if controller and pretrain:
@@ -464,16 +525,17 @@ def train_model(name: str, s: dict, mixture: ObjectiveMixture, seed: int, *,
         mixtures.append((0, weights.tolist()))
 
     t0 = time.time()
-    # Task batches do not depend on the training state: they are packed ahead (same rng order).
-    task_batches = None
+    task = None if task_batches is None else iter(task_batches)
     for step in range(steps):
         if step < pretrain:
-            batch = mixture.batch(rng, weights, rows)
+            batch = _model_batch(mixture.batch(rng, weights, rows))
         else:
-            if task_batches is None:
-                task_batches = prefetched(lambda: mixture.task_batch(rng, rows), steps - step)
-            batch = next(task_batches)
-        params, opt, loss = train_step(params, opt, _model_batch(batch))
+            if task is None:
+                # Task batches do not depend on the training state: packed ahead, same rng order.
+                task = prefetched(lambda: _model_batch(mixture.task_batch(rng, rows)),
+                                  steps - step)
+            batch = next(task)
+        params, opt, loss = train_step(params, opt, batch)
         if controller and step < pretrain and ctl.should_update(ccfg, step + 1):
             tot, cnt = np.zeros(K), np.zeros(K)
             for b in val:
@@ -494,14 +556,25 @@ def train_model(name: str, s: dict, mixture: ObjectiveMixture, seed: int, *,
 
 
 def train_recall_model(name: str, s: dict, task: RecallTask, seed: int, *,
-                       log: bool = True) -> Trained:
+                       log: bool = True, task_batches: Optional[TaskBatches] = None) -> Trained:
     """A recall-figure arm: NTP/bidir arms train on the task throughout; Birdie arms spend the
     first `s['pretrain_frac']` of the same steps on the controller's objective mixture over the
-    key-value text (the task one of its actions), then fine-tune on the task."""
+    key-value text (the task one of its actions), then fine-tune on the task. task_batches:
+    `recall_task_batches(s, task, seed)`, shared by the arms without pre-training."""
     spec = SPECS[name]
-    mix = recall_mixture(task, s.get("train_pairs", s["pairs"]), s["row_length"])
-    return train_model(name, s, mix, seed, pretrain_frac=s["pretrain_frac"] if spec.birdie
-                       else 0.0, controller=spec.birdie, log=log)
+    return train_model(name, s, _recall_mixture_at(s, task), seed,
+                       pretrain_frac=s["pretrain_frac"] if spec.birdie else 0.0,
+                       controller=spec.birdie, log=log,
+                       task_batches=None if spec.birdie else task_batches)
+
+
+def _recall_mixture_at(s: dict, task: RecallTask) -> ObjectiveMixture:
+    return recall_mixture(task, s.get("train_pairs", s["pairs"]), s["row_length"])
+
+
+def recall_task_batches(s: dict, task: RecallTask, seed: int) -> TaskBatches:
+    """The task batches every arm without pre-training draws at size `s` and `seed`."""
+    return TaskBatches(_recall_mixture_at(s, task), seed, s["rows"], s["steps"])
 
 
 def nn_unbox(tree):
@@ -545,8 +618,12 @@ def recall_table(size: str, seed: int, *, models: Sequence[str] = RECALL_MODELS,
     s = SIZES[size]
     task = task or RecallTask(**s["task"])
     acc, params, tokens, seconds, curves, mixtures = {}, {}, {}, {}, {}, {}
+    # The arms without pre-training share their task batches, packed once and kept for all of
+    # them (17 bytes a token): not where they would not fit in memory (the paper size).
+    shared = (recall_task_batches(s, task, seed)
+              if s["steps"] * s["rows"] * s["row_length"] * 17 <= 2**31 else None)
     for name in models:
-        tr = train_recall_model(name, s, task, seed, log=log)
+        tr = train_recall_model(name, s, task, seed, log=log, task_batches=shared)
         acc[name] = {int(P): recall_accuracy(tr, task, P, examples=s["eval_examples"],
                                              rows=s["rows"], row_length=s["row_length"],
                                              seed=seed + 1000)

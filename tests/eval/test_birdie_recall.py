@@ -216,3 +216,40 @@ def test_prefetched_reraises_and_stops_early():
     assert next(it) == 1
     it.close()
     assert len(calls) < 100
+
+
+def test_pick_draws_like_rng_choice():
+    # pick / pick_weighted replace rng.choice in batch packing: same values, same stream after.
+    for seed in range(20):
+        p = np.random.default_rng(seed).random(7)
+        p[seed % 7] = 0.0
+        p /= p.sum()
+        a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+        cdf = br.weights_cdf(p)
+        assert ([int(a.choice(7, p=p)) for _ in range(50)]
+                == [br.pick_weighted(b, cdf) for _ in range(50)])
+        assert [int(a.choice((1, 2, 4, 6))) for _ in range(50)] == [
+            br.pick(b, (1, 2, 4, 6)) for _ in range(50)]
+        assert a.random() == b.random()
+
+
+def test_shared_task_batches_replay_train_models_own_draws():
+    s = dict(br.SIZES["quick"], steps=3)
+    task = br.RecallTask(**s["task"])
+    shared = br.recall_task_batches(s, task, seed=4)
+    own = br._recall_mixture_at(s, task)
+    rng = br.train_rng(4)
+    for i in range(3):
+        want = own.task_batch(rng, s["rows"])
+        for k, v in shared[i].items():
+            np.testing.assert_array_equal(np.asarray(v), want[k])
+    assert [b["inputs"] is shared[i]["inputs"] for i, b in enumerate(shared)] == [True] * 3
+    with pytest.raises(IndexError):
+        shared[3]
+
+    a = br.train_recall_model("gated_ntp", s, task, 4, log=False, task_batches=shared)
+    b = br.train_recall_model("gated_ntp", s, task, 4, log=False)
+    assert a.losses == b.losses
+    with pytest.raises(ValueError, match="pretrain_frac"):
+        br.train_model("gated_ntp", s, own, 4, pretrain_frac=0.5, task_batches=shared,
+                       log=False)

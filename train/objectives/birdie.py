@@ -83,9 +83,13 @@ def make_example(prompt, target) -> Example:
     target = np.asarray(target, np.int32).reshape(-1)
     if target.size == 0:
         raise ValueError("target is empty; an example needs at least one target token")
-    inputs = np.concatenate([prompt, [START_GENERATING], target[:-1]]).astype(np.int32)
-    labels = np.concatenate([np.full(prompt.size, IGNORE), target]).astype(np.int32)
-    prefix = np.concatenate([np.ones(prompt.size, bool), np.zeros(target.size, bool)])
+    n = prompt.size
+    inputs = np.empty(n + target.size, np.int32)
+    inputs[:n], inputs[n], inputs[n + 1:] = prompt, START_GENERATING, target[:-1]
+    labels = np.full(n + target.size, IGNORE, np.int32)
+    labels[n:] = target
+    prefix = np.zeros(n + target.size, bool)
+    prefix[:n] = True
     return Example(inputs, labels, prefix)
 
 
