@@ -51,11 +51,11 @@ JSON: {"digit_accuracy": {MODEL: {QUERIES: acc}}, ...}.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import itertools
 import pathlib
-import queue
-import threading
 import time
 from typing import Any, Optional, Sequence
 
@@ -389,55 +389,21 @@ class Trained:
     seconds: float
 
 
-def prefetched(make, n: int, depth: int = 2):
-    """Yields make() n times, each computed ahead on a background thread while the caller
-    trains on the previous one. The calls run in order on one thread, so the sequence (and an
-    rng that `make` draws from) is the same as calling make() n times in turn; an exception in
-    make() is raised here. Packing a batch in Python costs a fifth of a training step of the
-    ~140k-parameter models on 2 cores (7 ms of 37 ms), and the step releases the GIL."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def work():
-        try:
-            for _ in range(n):
-                if not put((make(), None)):
-                    return
-        except BaseException as e:  # noqa: BLE001 — re-raised in the consumer
-            put((None, e))
-
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
-    try:
-        for _ in range(n):
-            item, err = q.get()
-            if err is not None:
-                raise err
-            yield item
-    finally:
-        stop.set()
-        t.join()
+# Batches are packed in Python between training steps, PACK_CHUNK at a time while the device is
+# idle. Packing on a thread beside the steps was slower on 2 cores: next to XLA's threads a
+# 7-ms batch cost 12–15 ms of step time.
+PACK_CHUNK = 500
 
 
 class TaskBatches:
-    """Task-phase batches [i] for i in 0..n-1, packed ahead (`prefetched`) from a fresh
-    generator seeded like `train_model`'s and kept: the arms that train on the task from step 0
-    with the same seed see the same batches, so a figure packs them once for all of them."""
+    """Task-phase batches [i] for i in 0..n-1, packed on first use from a fresh generator
+    seeded like `train_model`'s and kept: the arms that train on the task from step 0 with the
+    same seed see the same batches, so a figure packs them once for all of them."""
 
     def __init__(self, mixture: "ObjectiveMixture", seed: int, rows: int, n: int):
         rng = train_rng(seed)
-        self._packer = prefetched(lambda: _model_batch(mixture.task_batch(rng, rows)), n)
+        self._pack = lambda: _model_batch(mixture.task_batch(rng, rows))
         self._items: list[dict] = []
-        self._lock = threading.Lock()
         self.n = n
 
     def __len__(self) -> int:
@@ -449,11 +415,8 @@ class TaskBatches:
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.n:
             raise IndexError(f"batch {i} of {self.n}")
-        with self._lock:
-            while len(self._items) <= i:
-                self._items.append(next(self._packer))
-                if len(self._items) == self.n:
-                    self._packer.close()   # its thread is done: joined now, not at exit
+        while len(self._items) <= i:
+            self._items.append(self._pack())
         return self._items[i]
 
 
@@ -524,17 +487,30 @@ def train_model(name: str, s: dict, mixture: ObjectiveMixture, seed: int, *,
         weights = np.asarray(cstate.mixture)
         mixtures.append((0, weights.tolist()))
 
+    def stretch(first: int):
+        """(batches for steps first.., the step where the mixture next changes). They depend
+        only on the mixture, not on the training state."""
+        if first >= pretrain:
+            if task_batches is not None:
+                return iter(task_batches), steps
+            return (_model_batch(mixture.task_batch(rng, rows))
+                    for _ in range(steps - first)), steps
+        until = pretrain
+        if controller:
+            until = next((u for u in range(first + 1, pretrain) if ctl.should_update(ccfg, u)),
+                         pretrain)
+        w = weights
+        return (_model_batch(mixture.batch(rng, w, rows)) for _ in range(until - first)), until
+
     t0 = time.time()
-    task = None if task_batches is None else iter(task_batches)
+    until, ready = 0, collections.deque()
     for step in range(steps):
-        if step < pretrain:
-            batch = _model_batch(mixture.batch(rng, weights, rows))
-        else:
-            if task is None:
-                # Task batches do not depend on the training state: packed ahead, same rng order.
-                task = prefetched(lambda: _model_batch(mixture.task_batch(rng, rows)),
-                                  steps - step)
-            batch = next(task)
+        if step == until:
+            batches, until = stretch(step)
+        if not ready:   # pack the next chunk while the device is idle (PACK_CHUNK)
+            jax.block_until_ready(params)
+            ready.extend(itertools.islice(batches, PACK_CHUNK))
+        batch = ready.popleft()
         params, opt, loss = train_step(params, opt, batch)
         if controller and step < pretrain and ctl.should_update(ccfg, step + 1):
             tot, cnt = np.zeros(K), np.zeros(K)

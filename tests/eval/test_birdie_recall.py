@@ -182,42 +182,8 @@ def test_no_binding_baseline():
 
 
 # ------------------------------------------------------------------------------------------
-# Packing task batches ahead of the training step
+# Packing batches
 # ------------------------------------------------------------------------------------------
-def test_prefetched_matches_calling_in_turn():
-    def draws(rng):
-        return lambda: rng.integers(0, 1000, size=3)
-
-    rng = np.random.default_rng(5)
-    want = [rng.integers(0, 1000, size=3) for _ in range(7)]
-    got = list(br.prefetched(draws(np.random.default_rng(5)), 7))
-    assert len(got) == 7
-    for g, w in zip(got, want):
-        np.testing.assert_array_equal(g, w)
-
-
-def test_prefetched_reraises_and_stops_early():
-    calls = []
-
-    def make():
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("bad batch")
-        return len(calls)
-
-    it = br.prefetched(make, 5)
-    assert [next(it), next(it)] == [1, 2]
-    with pytest.raises(RuntimeError, match="bad batch"):
-        next(it)
-
-    # Closing after one item stops the worker (it would otherwise block on a full queue).
-    calls.clear()
-    it = br.prefetched(lambda: calls.append(1) or len(calls), 100, depth=1)
-    assert next(it) == 1
-    it.close()
-    assert len(calls) < 100
-
-
 def test_pick_draws_like_rng_choice():
     # pick / pick_weighted replace rng.choice in batch packing: same values, same stream after.
     for seed in range(20):
@@ -253,3 +219,23 @@ def test_shared_task_batches_replay_train_models_own_draws():
     with pytest.raises(ValueError, match="pretrain_frac"):
         br.train_model("gated_ntp", s, own, 4, pretrain_frac=0.5, task_batches=shared,
                        log=False)
+
+
+def test_pretraining_batches_follow_the_controllers_mixture():
+    # Batches are packed ahead one stretch of constant mixture at a time: each pre-training step
+    # must still draw with the mixture in force at that step (the controller updates every step).
+    s = dict(TINY, steps=6, controller_every=1)
+    task = br.RecallTask(num_queries=1)
+    mix = br._recall_mixture_at(s, task)
+    seen, draw = [], mix.batch
+
+    def recording(rng, mixture, rows):
+        seen.append(np.asarray(mixture).tolist())
+        return draw(rng, mixture, rows)
+
+    mix.batch = recording
+    tr = br.train_model("gated_birdie", s, mix, 0, pretrain_frac=0.5, controller=True,
+                        log=False)
+    assert [u for u, _ in tr.mixtures] == [0, 1, 2, 3]
+    assert seen[:3] == [w for _, w in tr.mixtures[:3]]
+    assert seen[3:] == [np.eye(mix.num_actions)[-1].tolist()] * 3   # the task phase
