@@ -165,6 +165,13 @@ def _stream(split: str, n: int, seed: int, doc_len: int):
     return docs, recs, facts.encode_documents([d["document"] for d in docs], doc_len)
 
 
+def gold_removed_valid(valid_N, gold_B) -> np.ndarray:
+    """[B, N] bool: question b sees every valid bank entry except entry gold_B[b] (its own
+    document's), the "gold removed" baseline."""
+    valid_N, gold_B = np.asarray(valid_N, bool), np.asarray(gold_B)
+    return valid_N[None, :] & (np.arange(valid_N.shape[0])[None, :] != gold_B[:, None])
+
+
 def evaluate(cfg: MACConfig, params, lm_params, *, documents: int = 16, seed: int = 0,
              doc_len: int = 112, q_len: int = 32, window: Optional[int] = None,
              topk: Optional[int] = None, baselines: bool = True,
@@ -213,8 +220,8 @@ def evaluate(cfg: MACConfig, params, lm_params, *, documents: int = 16, seed: in
         preds["mac_hierarchical"] += run(memory=mem, valid=valid, window=w, topk=0)
         preds["mac_topk"] += run(memory=mem, valid=valid, window=0, topk=k)
         if baselines:
-            no_gold = valid[None, :] & (np.arange(documents)[None, :] != gold[:, None])
-            preds["gold_removed"] += run(memory=mem, valid=no_gold, window=0, topk=0)
+            preds["gold_removed"] += run(memory=mem, valid=gold_removed_valid(valid, gold),
+                                         window=0, topk=0)
             preds["no_memory"] += run(memory=None)
             p = uniform_finetune(cfg, lm_params, dtok, lr=best)
             preds["uniform_ft"] += answer(cfg, params, p, qs, q_len=q_len)
@@ -233,6 +240,9 @@ def retention(cfg: MACConfig, params, lm_params, *, first: int = 16,
               doc_len: int = 112, q_len: int = 32, window: Optional[int] = None) -> dict:
     """F1 on the first `first` documents' questions as the bank grows, relative to its value
     when the bank holds only them (paper Fig. 4)."""
+    if not bank_sizes or not 1 <= first <= min(bank_sizes):
+        raise ValueError(f"first={first} is not allowed with bank_sizes={tuple(bank_sizes)}; "
+                         "use 1 <= first <= the smallest bank size")
     n = max(bank_sizes)
     docs, recs, dtok = _stream("test", n, seed, doc_len)
     first_recs = [r for r in recs if r["doc_id"] < first]
@@ -245,8 +255,16 @@ def retention(cfg: MACConfig, params, lm_params, *, first: int = 16,
         done = size
         f1[size] = score(answer(cfg, params, lm_params, qs, memory=bank.values, valid=bank.valid,
                                 window=window or 0, q_len=q_len), ans)["f1"]
-    base = f1[min(bank_sizes)]
-    return {"f1": f1, "relative_f1": {s: (v / base if base > 0 else 0.0) for s, v in f1.items()}}
+    return {"f1": f1, "relative_f1": relative_retention(f1)}
+
+
+def relative_retention(f1: dict) -> dict:
+    """{bank size: F1 / F1 at the smallest bank} for F1 measured on the same questions at each
+    bank size; all 0.0 when the smallest bank's F1 is 0 (nothing to retain)."""
+    if not f1:
+        raise ValueError("f1={} is not allowed: give the F1 of at least one bank size")
+    base = f1[min(f1)]
+    return {s: (v / base if base > 0 else 0.0) for s, v in f1.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,11 +323,70 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------------------------------------
 # Figures: `python -m eval.figures --only mac_online_adaptation|mac_retention --size S`
 # ---------------------------------------------------------------------------------------------
+FIGURE_VARIANTS = {"quick": "quick", "cpu": "tiny", "paper": "paper"}  # size → config variant
+RETENTION_MULTIPLES = (1, 2, 3, 4)  # mac_retention's bank sizes, in units of eval.documents
+
+
 def figure_settings(size: str) -> dict:
     """Model and training sizes per figure size (quick: `make demo`, cpu: `make figures`)."""
     from train.configs import mac as mac_configs
-    variant = {"quick": "quick", "cpu": "tiny", "paper": "paper"}[size]
-    return mac_configs.get_config(variant)
+    if size not in FIGURE_VARIANTS:
+        raise ValueError(f"size={size!r} is not allowed; use one of {sorted(FIGURE_VARIANTS)}")
+    return mac_configs.get_config(FIGURE_VARIANTS[size])
+
+
+def validate_size(size: str) -> None:
+    """Checks what mac_online_adaptation and mac_retention at `size` need before any training:
+    the MAC and base-LM configs, stage-1/2 settings, entity counts of the fact-stream splits,
+    and that the longest document, question and QA row fit their lengths. Raises a ValueError
+    naming the field, its value and what is allowed."""
+    from train.configs import mac as mac_configs
+    from train.objectives import mac as obj
+    c = figure_settings(size)
+    mac_configs.mac_config(c)           # MACConfig and TransformerConfig check themselves
+    lengths = obj.Lengths(**c.lengths)
+    for name in ("num_steps", "batch_size", "stage1.num_steps", "stage1.batch_size",
+                 "eval.documents", "eval.banks", "data.train_documents"):
+        v = c
+        for part in name.split("."):
+            v = v[part]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r} is not allowed at size={size!r}; use an integer >= 1")
+    obj.num_scored(c.stage2.rho, c.batch_size)
+    if not 0.0 <= c.stage1.qa_only_fraction < 1.0:
+        raise ValueError(f"stage1.qa_only_fraction={c.stage1.qa_only_fraction} is not allowed "
+                         f"at size={size!r}; use 0 <= f < 1")
+    for name in ("curriculum_start", "curriculum_steps"):
+        if c.stage2[name] < 0:
+            raise ValueError(f"stage2.{name}={c.stage2[name]} is not allowed at size={size!r}; "
+                             "use >= 0")
+    if c.stage2.hierarchical_weight > 0:
+        for w in c.stage2.hierarchical_windows:
+            if not 2 <= w < c.batch_size:
+                windows = tuple(c.stage2.hierarchical_windows)
+                raise ValueError(f"stage2.hierarchical_windows={windows} is not allowed at "
+                                 f"size={size!r}; each W needs 2 <= W < "
+                                 f"batch_size={c.batch_size}")
+    d = c.eval.documents
+    needs = {"data.train_documents": ("train", c.data.train_documents),
+             "batch_size": ("train", c.batch_size),
+             "eval.documents·eval.banks": ("test", d * c.eval.banks),
+             "eval.documents·max(RETENTION_MULTIPLES)": ("test", d * max(RETENTION_MULTIPLES)),
+             "eval.documents (the validation stream)": ("validation", d)}
+    for name, (split, n) in needs.items():
+        have = len(facts.entity_names(split))
+        if n > have:
+            raise ValueError(f"{name}={n} is not allowed at size={size!r}: the {split} split has "
+                             f"{have} entities (one per document)")
+    names = max((n for s in facts.SPLITS for n in facts.entity_names(s)), key=len)
+    longest = [max(rel[2], key=len) for rel in facts.RELATIONS]
+    doc = " ".join(rel[1].format(e=names, a=a) for rel, a in zip(facts.RELATIONS, longest))
+    question = max((rel[0].format(e=names) for rel in facts.RELATIONS), key=len)
+    qa = max(len(rel[0].format(e=names)) + len(a) + 2 for rel, a in zip(facts.RELATIONS, longest))
+    for name, need in (("doc", len(doc)), ("question", len(question) + 1), ("qa", qa)):
+        if getattr(lengths, name) < need:
+            raise ValueError(f"lengths.{name}={getattr(lengths, name)} is not allowed at "
+                             f"size={size!r}: the fact stream needs >= {need} tokens")
 
 
 def train_or_load(size: str, seed: int, out: pathlib.Path):
@@ -356,6 +433,7 @@ def _register_figures():
 
     @register("mac_online_adaptation")
     def mac_online_adaptation(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
+        validate_size(size)
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -363,7 +441,7 @@ def _register_figures():
         cfg, params, lm_params = train_or_load(size, seed, out)
         banks = c.eval.get("banks", 1)
         res = evaluate(cfg, params, lm_params, documents=c.eval.documents, seed=seed + 1000,
-                       banks=banks)
+                       banks=banks, doc_len=c.lengths.doc, q_len=c.lengths.question)
         em = {m: res[m]["em"] for m in METHODS}
         f1 = {m: res[m]["f1"] for m in METHODS}
         write_csv(out / "mac_online_adaptation.csv", ["method", "em", "f1"],
@@ -387,14 +465,16 @@ def _register_figures():
 
     @register("mac_retention")
     def mac_retention(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
+        validate_size(size)
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         c = figure_settings(size)
         cfg, params, lm_params = train_or_load(size, seed, out)
         first = c.eval.documents
-        sizes = tuple(first * m for m in (1, 2, 3, 4))
-        r = retention(cfg, params, lm_params, first=first, bank_sizes=sizes, seed=seed + 2000)
+        sizes = tuple(first * m for m in RETENTION_MULTIPLES)
+        r = retention(cfg, params, lm_params, first=first, bank_sizes=sizes, seed=seed + 2000,
+                      doc_len=c.lengths.doc, q_len=c.lengths.question)
         write_csv(out / "mac_retention.csv", ["bank_size", "f1", "relative_f1"],
                   [(s, r["f1"][s], r["relative_f1"][s]) for s in sizes])
         fig, ax = plt.subplots(figsize=(4.5, 3.5))
