@@ -639,6 +639,7 @@ def birdie_recall_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> dic
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    validate_size(size)
     out = pathlib.Path(out)
     res = recall_table(size, seed)
     pairs = SIZES[size]["pairs"]
@@ -688,10 +689,73 @@ PHONEBOOK_SIZES: dict[str, dict[str, Any]] = {
     "cpu": dict(entries=4, queries=(1, 2, 4), width=64, state_width=48, num_layers=2,
                 num_heads=4, steps=300, rows=8, row_length=512, lr=3e-3, pretrain_frac=0.5,
                 controller_every=50, eval_examples=32),
+    # paper: a book of 32 with 32 numbers asked does not fit rows of 2,048 tokens
+    # (phonebook.max_example_length), so rows of 4,096; 32 of them keep the tokens per step of
+    # 64 rows of 2,048.
     "paper": dict(entries=32, queries=(1, 2, 4, 8, 16, 32), width=1024, state_width=1024,
-                  num_layers=12, num_heads=16, steps=20000, rows=64, row_length=2048, lr=3e-4,
+                  num_layers=12, num_heads=16, steps=20000, rows=32, row_length=4096, lr=3e-4,
                   pretrain_frac=0.8, controller_every=500, eval_examples=256),
 }
+
+
+def _check_common(s: dict, where: str) -> None:
+    """The size fields both Birdie figures share (`where` names the table and size)."""
+    for name in ("width", "state_width", "num_layers", "num_heads", "steps", "rows",
+                 "row_length", "eval_examples", "controller_every"):
+        v = s[name]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{where}.{name}={v!r} is not allowed; use an integer >= 1")
+    if s["width"] % s["num_heads"]:
+        raise ValueError(f"{where}.width={s['width']} is not allowed; it must be divisible by "
+                         f"num_heads={s['num_heads']}")
+    if not 0.0 <= s["pretrain_frac"] < 1.0:
+        raise ValueError(f"{where}.pretrain_frac={s['pretrain_frac']} is not allowed; use "
+                         "0 <= f < 1 (the task phase needs steps)")
+    if not s["lr"] > 0:
+        raise ValueError(f"{where}.lr={s['lr']} is not allowed; use lr > 0")
+
+
+def validate_size(size: str) -> None:
+    """Checks both figures of this module at `size` before any training: `birdie_recall`'s
+    SIZES[size] (the task's ranges, every pair count against the key range, the longest example
+    against row_length, the models' configs) and `birdie_phonebook`'s PHONEBOOK_SIZES[size]
+    (queries within entries, the longest phone-book example against row_length). Raises a
+    ValueError naming the field, its value and what is allowed."""
+    from eval import phonebook
+    for table, name in ((SIZES, "SIZES"), (PHONEBOOK_SIZES, "PHONEBOOK_SIZES")):
+        if size not in table:
+            raise ValueError(f"size={size!r} is not allowed; {name} has {sorted(table)}")
+    s, where = SIZES[size], f"SIZES[{size!r}]"
+    _check_common(s, where)
+    task = RecallTask(**s["task"])
+    for field in ("pairs", "train_pairs"):
+        for P in s.get(field, s["pairs"]):
+            try:
+                task.check_pairs(P)
+            except ValueError as e:
+                raise ValueError(f"{where}.{field}={tuple(s.get(field, s['pairs']))}: "
+                                 f"{e}") from None
+            if task.length(P) > s["row_length"]:
+                raise ValueError(f"{where}.{field}={tuple(s.get(field, s['pairs']))} is not "
+                                 f"allowed: {P} pairs make examples of {task.length(P)} tokens > "
+                                 f"row_length={s['row_length']}")
+    if set(s.get("bidir_pattern", "bc")) - {"b", "c"}:
+        raise ValueError(f"{where}.bidir_pattern={s['bidir_pattern']!r} is not allowed; use the "
+                         "letters 'b' and 'c'")
+    for name in RECALL_MODELS:
+        build_model(name, s)                # the model configs check themselves
+    s, where = PHONEBOOK_SIZES[size], f"PHONEBOOK_SIZES[{size!r}]"
+    _check_common(s, where)
+    if not s["queries"] or not 1 <= min(s["queries"]) <= max(s["queries"]) <= s["entries"]:
+        raise ValueError(f"{where}.queries={tuple(s['queries'])} is not allowed; use "
+                         f"1..entries={s['entries']}")
+    longest = phonebook.max_example_length(s["entries"], max(s["queries"]))
+    if longest > s["row_length"]:
+        raise ValueError(f"{where}.row_length={s['row_length']} is not allowed: a book of "
+                         f"{s['entries']} entries with {max(s['queries'])} queries makes "
+                         f"examples of up to {longest} tokens")
+    for name in PHONEBOOK_MODELS:
+        build_model(name, s)
 
 
 def phonebook_mixture(kind: str, entries: int, queries: Sequence[int],
@@ -724,6 +788,7 @@ def birdie_phonebook_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> 
 
     from eval import phonebook
 
+    validate_size(size)
     out = pathlib.Path(out)
     s = PHONEBOOK_SIZES[size]
     acc, exact, nparams = {}, {}, {}

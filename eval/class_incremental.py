@@ -298,6 +298,30 @@ def _size(table: dict, size: str):
     return table[size]
 
 
+def validate_size(size: str) -> None:
+    """Checks dkvb_toy's TOY_SIZES[size] and dkvb_split_digits' DIGITS_SIZES[size] before any
+    training: positive codebook sizes, epochs and counts, a decay in (0, 1), a known decoder.
+    Raises a ValueError naming the field, its value and what is allowed."""
+    from models.kv_bottleneck import DECODERS
+    for table, name in ((TOY_SIZES, "TOY_SIZES"), (DIGITS_SIZES, "DIGITS_SIZES")):
+        if size not in table:
+            raise ValueError(f"size={size!r} is not allowed; {name} has {sorted(table)}")
+        dcfg, *counts = table[size]
+        fields = ("epochs_per_task", "test_per_class", "grid") if name == "TOY_SIZES" else (
+            "epochs_per_task", "cnn_epochs")
+        ints = dict(zip(fields, counts), **{f: getattr(dcfg, f) for f in (
+            "num_codebooks", "num_keys", "key_dim", "key_init_epochs", "key_init_batch")})
+        for f, v in ints.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}[{size!r}].{f}={v!r} is not allowed; use an integer >= 1")
+        if not 0.0 < dcfg.key_init_decay < 1.0:
+            raise ValueError(f"{name}[{size!r}].key_init_decay={dcfg.key_init_decay} is not "
+                             "allowed; use 0 < decay < 1")
+        if dcfg.decoder not in DECODERS:
+            raise ValueError(f"{name}[{size!r}].decoder={dcfg.decoder!r} is not allowed; use one "
+                             f"of {DECODERS}")
+
+
 def toy_figure_numbers(*, size: str, seed: int, class_order=None, samples_per_task: int = 100,
                        keep_maps: bool = True) -> dict:
     """Runs the 2D toy; returns {"ci", "iid", "maps", "grid", "x_train", "y_train", "tasks"}."""
@@ -331,6 +355,7 @@ def dkvb_toy(*, size: str, seed: int, out: pathlib.Path, class_order=None) -> di
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
+    validate_size(size)
     r = toy_figure_numbers(size=size, seed=seed, class_order=class_order)
     names = ("linear", "mlp", "dkvb")
     titles = {"linear": "linear probe", "mlp": "MLP (128)", "dkvb": "DKVB"}
@@ -401,6 +426,7 @@ def dkvb_split_digits(*, size: str, seed: int, out: pathlib.Path, class_order=No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    validate_size(size)
     r = digits_figure_numbers(size=size, seed=seed, class_order=class_order, encoder=encoder)
     rename = {"dkvb": "dkvb", "linear": "linear_ci", "mlp": "mlp_ci"}
     acc = {rename[n]: r["ci"][n] for n in rename}

@@ -37,6 +37,29 @@ MEMORY_SETTINGS = (("landmark_k2", 2, None), ("landmark_k4", 4, None),
                    ("landmark_k4_cache8", 4, 8))
 
 
+def validate_size(size: str) -> None:
+    """Checks the landmark_perplexity figure at `size` before any training: the passkey runs it
+    reuses (`passkey.validate_size`), positive lengths and window counts, enough held-out prose
+    for every length, and caches that hold the retrieved blocks. Raises a ValueError naming the
+    field, its value and what is allowed."""
+    if size not in SIZES:
+        raise ValueError(f"size={size!r} is not allowed; use one of {sorted(SIZES)}")
+    passkey.validate_size(size)
+    s, where = SIZES[size], f"SIZES[{size!r}]"
+    if not s["lengths"] or min(s["lengths"]) < 1 or s["windows"] < 1:
+        raise ValueError(f"{where}: lengths={s['lengths']}, windows={s['windows']} are not "
+                         "allowed; use lengths >= 1 and windows >= 1")
+    have = sum(d.size for d in passkey_data.corpus_tokens("validation", 10))
+    need = s["windows"] * (max(s["lengths"]) + 1)
+    if need > have:
+        raise ValueError(f"{where}.lengths={s['lengths']} is not allowed with windows="
+                         f"{s['windows']}: {need} tokens of validation prose needed, {have} held")
+    for name, k, cache in MEMORY_SETTINGS:
+        if cache is not None and not 0 <= k <= cache:
+            raise ValueError(f"MEMORY_SETTINGS {name}: top_k={k} is not allowed with "
+                             f"cache_blocks={cache}; use 0 <= top_k <= cache_blocks")
+
+
 def prose_windows(length: int, windows: int, *, validation_percent: int = 10) -> np.ndarray:
     """tokens [windows, length + 1]: consecutive windows of the EOS-joined validation prose."""
     stream = np.concatenate(passkey_data.corpus_tokens("validation", validation_percent))
@@ -60,6 +83,7 @@ def landmark_perplexity_figure(*, size: str, seed: int, out: pathlib.Path, **_) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    validate_size(size)
     out = pathlib.Path(out)
     s = SIZES[size]
     ppl: dict[str, dict[int, float]] = {}

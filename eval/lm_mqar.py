@@ -52,6 +52,22 @@ def mqar_accuracy(model, params, data_config, *, seq_len: int, num_examples: int
     return correct / total
 
 
+def validate_size(size: str) -> None:
+    """Checks the lm_mqar figure at `size` before any training: the trainer config (steps, batch,
+    model) and the MQAR layout (pairs within the key and value ranges, pairs and queries within
+    seq_len). Raises a ValueError naming the field, its value and what is allowed."""
+    from train import trainer
+    from train.data import pipeline
+    if size not in SIZES:
+        raise ValueError(f"size={size!r} is not allowed; use one of {sorted(SIZES)}")
+    c = figure_config(size, 0)
+    if c.num_steps < 1:
+        raise ValueError(f"SIZES[{size!r}].num_steps={c.num_steps} is not allowed; use >= 1")
+    trainer.validate_config(c)
+    trainer.build_model(c.model)
+    pipeline.mqar_spec(c.data, c.seq_len)
+
+
 def figure_config(size: str, seed: int):
     from train.configs import lm
     s = SIZES[size]
@@ -79,6 +95,7 @@ def lm_mqar_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
     import matplotlib.pyplot as plt
 
     from train import trainer
+    validate_size(size)
     c = figure_config(size, seed)
     workdir = pathlib.Path(out) / "runs" / f"lm_mqar-{size}-seed{seed}"
     summary = trainer.train(c, workdir)

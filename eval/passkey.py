@@ -158,6 +158,41 @@ def evaluate_run(model, params, lengths, trials, seed, *, top_k: int = TOP_K,
 # ---------------------------------------------------------------------------------------------
 # Training the figure's runs
 # ---------------------------------------------------------------------------------------------
+def validate_size(size: str) -> None:
+    """Checks the landmark_passkey figure at `size` before any training: phases in increasing
+    step order with shortest prompts that fit the window, both runs' trainer configs and data,
+    and evaluation lengths that hold a prompt. Raises a ValueError naming the field, its value
+    and what is allowed."""
+    from train import trainer
+    from train.data import pipeline
+    if size not in SIZES:
+        raise ValueError(f"size={size!r} is not allowed; use one of {sorted(SIZES)}")
+    s, where = SIZES[size], f"SIZES[{size!r}]"
+    ends = [end for end, _ in s["phases"]]
+    if not ends or ends[0] < 1 or any(b <= a for a, b in zip(ends, ends[1:])):
+        raise ValueError(f"{where}.phases={s['phases']} is not allowed; use one or more "
+                         "(last step, shortest prompt) with last steps >= 1 and increasing")
+    for phase in range(len(ends)):
+        for baseline in (False, True):
+            c = figure_config(size, 0, baseline=baseline, phase=phase)
+            trainer.validate_config(c)
+            trainer.build_model(c.model)
+            pipeline.make_source(c.data, split="train", seq_len=c.seq_len)
+    shortest = passkey_data.fixed_length(c.data.num_digits, intro=c.data.intro)
+    full = c.seq_len - c.data.num_digits
+    for _, min_length in s["phases"]:
+        if min_length is not None and not shortest <= min_length <= full:
+            raise ValueError(f"{where}.phases={s['phases']} is not allowed: a shortest prompt of "
+                             f"{min_length} bytes must lie in {shortest}..{full} "
+                             "(seq_len - digits)")
+    if not s["lengths"] or min(s["lengths"]) < shortest:
+        raise ValueError(f"{where}.lengths={s['lengths']} is not allowed; every length must be "
+                         f">= {shortest} bytes (the shortest prompt)")
+    if s["trials"] < 1 or c.seq_len // 2 < 1:
+        raise ValueError(f"{where}.trials={s['trials']}, seq_len={c.seq_len} are not allowed; "
+                         "use trials >= 1 and seq_len >= 2 (memory chunks are seq_len // 2)")
+
+
 def figure_config(size: str, seed: int, *, baseline: bool = False, phase: int = -1):
     """The trainer config of the figure's run at the end of `phase` (index into SIZES[size]
     ['phases']; -1: the last)."""
@@ -201,6 +236,7 @@ def landmark_passkey_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    validate_size(size)
     out = pathlib.Path(out)
     s = SIZES[size]
     accuracy, seconds = {}, {}

@@ -94,6 +94,21 @@ def make_example(seed: int, entries: int, queries: int, index: int = 0) -> Phone
     return PhonebookExample(prompt, target, tuple(book), tuple(n for n, _ in asked))
 
 
+def max_example_length(entries: int, queries: int) -> int:
+    """Tokens of the longest lookup example any book of `entries` names with `queries` asked can
+    make, laid out as training lays it out (`birdie.make_example`: prompt, then the numbers and
+    EOS): every name as long as the longest first name + the longest last name."""
+    if not 1 <= queries <= entries <= MAX_ENTRIES:
+        raise ValueError(f"entries={entries}, queries={queries} are not allowed; use "
+                         f"1 <= queries <= entries <= {MAX_ENTRIES}")
+    name = "x" * (max(map(len, FIRST_NAMES)) + 1 + max(map(len, LAST_NAMES)))
+    number = DIGITS_PER_NUMBER + 2                      # XXX-XXX-XXXX
+    question = f"What are the phone numbers for {_name_list([name] * queries)}?"
+    prompt = (len(f"{question} Find them in the phonebook below.\nPhonebook:\n")
+              + entries * len(f"{name} : {'0' * number}\n") + len(question) + 1)
+    return prompt + queries * number + 2 * (queries - 1) + 1   # ", " between numbers, EOS
+
+
 def digit_accuracy(prediction: str, target: str) -> float:
     """Fraction of the target's digits matched, position by position, by the prediction's digits
     (missing digits count as wrong; extra ones are ignored)."""

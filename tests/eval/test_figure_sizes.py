@@ -1,0 +1,116 @@
+"""Every size of every figure is validated before training: `validate_size` in each module."""
+import dataclasses
+import importlib
+
+import pytest
+
+from eval import figures
+
+SIZES = figures.SIZES
+
+
+def _figure_modules() -> list[str]:
+    """The modules that register figures (read from the registry, so a new one is included)."""
+    return sorted({fn.__module__ for fn in figures.load_all().values()})
+
+
+def test_every_figure_module_has_validate_size():
+    mods = _figure_modules()
+    assert {"eval.lm_mqar", "eval.passkey", "eval.landmark_perplexity", "eval.birdie_recall",
+            "eval.class_incremental", "eval.streaming_qa"} <= set(mods)
+    for m in mods:
+        assert callable(getattr(importlib.import_module(m), "validate_size", None)), m
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_every_size_of_every_figure_validates(size):
+    for m in _figure_modules():
+        importlib.import_module(m).validate_size(size)
+
+
+@pytest.mark.parametrize("name", sorted(figures.load_all()))
+def test_figures_reject_an_unknown_size_before_any_work(name, tmp_path):
+    # validate_size runs first: an unknown size is a ValueError, not a KeyError mid-run.
+    with pytest.raises(ValueError, match="size='huge' is not allowed"):
+        figures.load_all()[name](size="huge", seed=0, out=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lm_mqar_rejects_more_pairs_than_seq_len_holds(monkeypatch):
+    from eval import lm_mqar
+    monkeypatch.setitem(lm_mqar.SIZES, "quick", dict(lm_mqar.SIZES["quick"], num_pairs=40))
+    with pytest.raises(ValueError, match="seq_len=64 is too short for num_pairs=40"):
+        lm_mqar.validate_size("quick")
+
+
+def test_passkey_rejects_eval_lengths_below_a_prompt(monkeypatch):
+    from eval import passkey
+    monkeypatch.setitem(passkey.SIZES, "quick", dict(passkey.SIZES["quick"], lengths=(8, 256)))
+    with pytest.raises(ValueError, match=r"lengths=\(8, 256\) is not allowed"):
+        passkey.validate_size("quick")
+    monkeypatch.setitem(passkey.SIZES, "quick", dict(passkey.SIZES["quick"],
+                                                     phases=((150, None), (100, 128))))
+    with pytest.raises(ValueError, match="phases=.* increasing"):
+        passkey.validate_size("quick")
+
+
+def test_landmark_perplexity_rejects_more_windows_than_the_prose_holds(monkeypatch):
+    from eval import landmark_perplexity as lp
+    monkeypatch.setitem(lp.SIZES, "quick", dict(lp.SIZES["quick"], windows=10**6))
+    with pytest.raises(ValueError, match="tokens of validation prose needed"):
+        lp.validate_size("quick")
+
+
+def test_birdie_recall_rejects_pairs_beyond_the_key_range(monkeypatch):
+    from eval import birdie_recall as br
+    monkeypatch.setitem(br.SIZES, "quick", dict(br.SIZES["quick"], pairs=(2, 4, 9)))
+    with pytest.raises(ValueError, match=r"SIZES\['quick'\].pairs=\(2, 4, 9\).*num_pairs=9"):
+        br.validate_size("quick")
+
+
+def test_phonebook_rejects_examples_longer_than_rows(monkeypatch):
+    from eval import birdie_recall as br
+    from eval import phonebook as pb
+    s = br.PHONEBOOK_SIZES["paper"]
+    longest = pb.max_example_length(s["entries"], max(s["queries"]))
+    monkeypatch.setitem(br.PHONEBOOK_SIZES, "paper", dict(s, row_length=longest - 1))
+    with pytest.raises(ValueError, match=f"row_length={longest - 1} is not allowed.*{longest}"):
+        br.validate_size("paper")
+    monkeypatch.setitem(br.PHONEBOOK_SIZES, "paper", dict(s, row_length=longest))
+    br.validate_size("paper")
+    monkeypatch.setitem(br.PHONEBOOK_SIZES, "paper", dict(s, queries=(1, 64)))
+    with pytest.raises(ValueError, match=r"queries=\(1, 64\) is not allowed; use 1..entries=32"):
+        br.validate_size("paper")
+
+
+def test_class_incremental_rejects_a_bad_codebook(monkeypatch):
+    from eval import class_incremental as ci
+    dcfg, *rest = ci.TOY_SIZES["quick"]
+    monkeypatch.setitem(ci.TOY_SIZES, "quick", (dataclasses.replace(dcfg, num_keys=0), *rest))
+    with pytest.raises(ValueError, match=r"TOY_SIZES\['quick'\].num_keys=0 is not allowed"):
+        ci.validate_size("quick")
+    monkeypatch.setitem(ci.TOY_SIZES, "quick", (dcfg, 0, *rest[1:]))
+    with pytest.raises(ValueError, match="epochs_per_task=0 is not allowed"):
+        ci.validate_size("quick")
+
+
+def test_streaming_qa_rejects_a_short_document_length(monkeypatch):
+    from eval import streaming_qa as sqa
+    from train.configs import mac as mac_configs
+    real = mac_configs.get_config
+
+    def short_docs(arg):
+        c = real(arg)
+        c.lengths.doc = 64
+        return c
+    monkeypatch.setattr(mac_configs, "get_config", short_docs)
+    with pytest.raises(ValueError, match="lengths.doc=64 is not allowed.*needs >= "):
+        sqa.validate_size("quick")
+
+    def big_windows(arg):
+        c = real(arg)
+        c.stage2.hierarchical_windows = (4, c.batch_size)
+        return c
+    monkeypatch.setattr(mac_configs, "get_config", big_windows)
+    with pytest.raises(ValueError, match="hierarchical_windows=.* is not allowed"):
+        sqa.validate_size("quick")
