@@ -239,3 +239,62 @@ def test_pretraining_batches_follow_the_controllers_mixture():
     assert [u for u, _ in tr.mixtures] == [0, 1, 2, 3]
     assert seen[:3] == [w for _, w in tr.mixtures[:3]]
     assert seen[3:] == [np.eye(mix.num_actions)[-1].tolist()] * 3   # the task phase
+
+
+# ------------------------------------------------------------------------------------------
+# The figures' pipelines on tiny sizes
+# ------------------------------------------------------------------------------------------
+TINY_SIZE = dict(TINY, task=dict(num_queries=1, key_range=(0, 8), value_range=(64, 72)),
+                 pairs=(2, 4), train_pairs=(1, 2, 4))
+
+
+def test_recall_table_on_a_tiny_size(monkeypatch):
+    monkeypatch.setitem(br.SIZES, "tiny", dict(TINY_SIZE))
+    models = ("transformer_ntp", "gated_bidir")
+    res = br.recall_table("tiny", 0, models=models, log=False)
+    assert set(res) == {"accuracy", "no_binding_baseline", "params", "tokens", "train_seconds",
+                        "loss_curves", "mixtures", "task", "chance"}
+    assert set(res["accuracy"]) == set(models)
+    for m in models:
+        assert set(res["accuracy"][m]) == set(TINY_SIZE["pairs"])
+        assert all(0.0 <= a <= 1.0 for a in res["accuracy"][m].values())
+    assert set(res["no_binding_baseline"]) == set(TINY_SIZE["pairs"])
+    assert set(res["params"]) == set(res["tokens"]) == set(models)
+    assert res["tokens"]["gated_bidir"] == TINY["steps"] * TINY["rows"] * TINY["row_length"]
+    assert res["mixtures"] == {}                          # neither model pre-trains
+    assert res["chance"] == 1 / 8
+
+
+@pytest.mark.parametrize("name", sorted(br.SPECS))
+def test_only_bidirectional_specs_read_the_prefix(name):
+    # Swapping a causal and a bidirectional spec would fail here: the bidirectional models'
+    # logits at the first prompt position change with a later prompt token, the causal ones'
+    # do not (the names say which is which; the module docstring lists them).
+    bidirectional = {"gated_bidir", "gated_birdie", "hawk_birdie"}
+    assert br.SPECS[name].bidirectional == (name in bidirectional)
+    s = dict(TINY_SIZE)
+    model = br.build_model(name, s)
+    params = br.nn_unbox(model.init(jax.random.key(0), np.zeros((1, 12), np.int32))["params"])
+    fwd = br.apply_fn(model, br.SPECS[name])
+    x = np.arange(1, 13, dtype=np.int32)[None]
+    batch = {"inputs": x, "segment_ids": np.ones_like(x), "prefix": np.arange(12)[None] < 8}
+    y = x.copy()
+    y[0, 6] = 100                                          # a later token inside the prefix
+    a = np.asarray(fwd(params, batch))[0, 0]
+    b = np.asarray(fwd(params, dict(batch, inputs=y)))[0, 0]
+    assert (not np.allclose(a, b)) == (name in bidirectional)
+
+
+def test_phonebook_figure_on_a_tiny_size(monkeypatch, tmp_path):
+    tiny = dict(br.PHONEBOOK_SIZES["quick"], steps=2, controller_every=1, eval_examples=2,
+                queries=(1, 2), width=16, state_width=16, num_heads=2)
+    monkeypatch.setitem(br.PHONEBOOK_SIZES, "tiny", tiny)
+    monkeypatch.setitem(br.SIZES, "tiny", dict(TINY_SIZE))     # validate_size checks both
+    monkeypatch.setattr(br, "PHONEBOOK_MODELS", ("transformer_ntp", "gated_birdie_causal"))
+    res = br.birdie_phonebook_figure(size="tiny", seed=0, out=tmp_path)
+    assert set(res["digit_accuracy"]) == {"transformer_ntp", "gated_birdie_causal"}
+    for m, acc in res["digit_accuracy"].items():
+        assert set(acc) == {"1", "2"} and all(0.0 <= a <= 1.0 for a in acc.values())
+    assert (res["entries"], res["steps"]) == (tiny["entries"], 2)
+    assert {p.name for p in tmp_path.iterdir()} >= {"birdie_phonebook.csv",
+                                                    "birdie_phonebook.png"}

@@ -104,3 +104,13 @@ def test_greedy_full_pass_matches_recurrent_decoding():
     res = pb.evaluate(pb.model_fn_for(model), params, seed=0, entries=2, queries=1, examples=3,
                       batch_size=2)
     assert 0.0 <= res["digit_accuracy"] <= 1.0 and res["examples"] == 3
+
+
+@pytest.mark.parametrize("entries,queries", [(2, 2), (4, 1), (32, 32)])
+def test_max_example_length_bounds_every_example(entries, queries):
+    # Training lays a lookup out as prompt, [START_GENERATING], numbers, EOS (inputs = that - 1).
+    longest = max(len(tok.encode(e.prompt)) + len(tok.encode(e.target)) + 1
+                  for e in (pb.make_example(s, entries, queries) for s in range(20)))
+    assert longest <= pb.max_example_length(entries, queries)
+    with pytest.raises(ValueError, match="queries"):
+        pb.max_example_length(2, 3)
