@@ -88,6 +88,14 @@ def figure_config(size: str, seed: int):
     return c
 
 
+def run_dir(size: str, seed: int, out: pathlib.Path) -> pathlib.Path:
+    """OUT/runs/lm_mqar-SIZE-seedSEED-HASH: HASH (train/config_identity.py: recipe_hash) names
+    the figure's config, so a changed recipe trains into a new folder instead of resuming."""
+    from train import config_identity
+    h = config_identity.recipe_hash([figure_config(size, seed)])
+    return pathlib.Path(out) / "runs" / f"lm_mqar-{size}-seed{seed}-{h}"
+
+
 @figures.register("lm_mqar")
 def lm_mqar_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
     import matplotlib
@@ -97,7 +105,7 @@ def lm_mqar_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
     from train import trainer
     validate_size(size)
     c = figure_config(size, seed)
-    workdir = pathlib.Path(out) / "runs" / f"lm_mqar-{size}-seed{seed}"
+    workdir = run_dir(size, seed, out)
     summary = trainer.train(c, workdir)
     params = summary["state"].params
     acc = mqar_accuracy(summary["run"].model, jax.device_get(params), c.data, seq_len=c.seq_len,

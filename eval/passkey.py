@@ -22,8 +22,9 @@ retrieval), this equals a greedy decoder that appends each generated token to th
 and recomputes that chunk (tests/eval/test_passkey.py checks it against an explicit greedy loop).
 
 The figure (`python -m eval.figures --only landmark_passkey`) trains the landmark LM and the
-baseline on the passkey/prose mixture with the shared trainer (or reuses the runs it finds under
-OUT/runs/), then evaluates both at lengths up to 8× the training context:
+baseline on the passkey/prose mixture with the shared trainer (or reuses the runs it finds in
+`run_dir`: OUT/runs/NAME-SIZE-seedSEED-HASH, HASH naming the recipe), then evaluates both at
+lengths up to 8× the training context:
 JSON {"train_context": int, "accuracy": {METHOD: {LENGTH: acc}}}.
 """
 from __future__ import annotations
@@ -217,16 +218,46 @@ def figure_config(size: str, seed: int, *, baseline: bool = False, phase: int = 
     return c
 
 
-def train_or_reuse(size: str, seed: int, out: pathlib.Path, *, baseline: bool = False):
-    """(config, params, model) of the figure's landmark (or baseline) run in OUT/runs/: trained with
-    the shared trainer phase by phase (each phase resumes the previous one's final checkpoint), or
-    restored if the run there is already finished."""
-    from train import trainer
+# What one phase of the figure's run changes from the one before (the length curriculum); the
+# trainer refuses any other difference between the workdir's run and the phase's config.
+PHASE_CHANGES = ("data.min_length",)
+
+
+def phase_configs(size: str, seed: int, *, baseline: bool = False) -> list:
+    """The trainer configs of the figure's run, one per phase of SIZES[size]['phases']."""
+    return [figure_config(size, seed, baseline=baseline, phase=p)
+            for p in range(len(SIZES[size]["phases"]))]
+
+
+def run_dir(size: str, seed: int, out: pathlib.Path, *, baseline: bool = False) -> pathlib.Path:
+    """OUT/runs/NAME-SIZE-seedSEED-HASH, the folder of the figure's landmark (or baseline) run:
+    HASH (train/config_identity.py: recipe_hash) covers every phase's config and end step, so a
+    changed recipe trains into a new folder and a folder is only reused by its own recipe."""
+    from train import config_identity
     name = "landmark_baseline" if baseline else "landmark"
-    workdir = pathlib.Path(out) / "runs" / f"{name}-{size}-seed{seed}"
-    for phase in range(len(SIZES[size]["phases"])):
-        c = figure_config(size, seed, baseline=baseline, phase=phase)
-        summary = trainer.train(c, workdir, devices=jax.devices()[:1])
+    h = config_identity.recipe_hash(phase_configs(size, seed, baseline=baseline))
+    return pathlib.Path(out) / "runs" / f"{name}-{size}-seed{seed}-{h}"
+
+
+def train_or_reuse(size: str, seed: int, out: pathlib.Path, *, baseline: bool = False):
+    """(config, params, model, workdir) of the figure's landmark (or baseline) run in `run_dir`:
+    trained with the shared trainer phase by phase (each phase resumes the previous one's final
+    checkpoint; phases the run has already passed are skipped), or restored if it is finished.
+    The trainer refuses a workdir whose run was trained under another config."""
+    from train import checkpoint as ckpt_lib
+    from train import trainer
+    workdir = run_dir(size, seed, out, baseline=baseline)
+    configs = phase_configs(size, seed, baseline=baseline)
+    done = None
+    if (workdir / "checkpoints").exists():
+        ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+        done = ckpt.latest_step()
+        ckpt.close()
+    for phase, c in enumerate(configs):
+        if phase < len(configs) - 1 and done is not None and done >= c.num_steps:
+            continue
+        summary = trainer.train(c, workdir, devices=jax.devices()[:1],
+                                allow_changes=PHASE_CHANGES if len(configs) > 1 else ())
     return c, jax.device_get(summary["state"].params), summary["run"].model, workdir
 
 

@@ -389,13 +389,51 @@ def validate_size(size: str) -> None:
                              f"size={size!r}: the fact stream needs >= {need} tokens")
 
 
+def run_recipe(size: str, seed: int) -> list:
+    """What the figure's MAC run is (train/config_identity.py: recipe): the `figure_settings`
+    config with the figure's seed, without evaluation-only fields (eval.*, log_every, ...)."""
+    from train import config_identity
+    c = figure_settings(size)
+    c.seed = seed                     # train_or_load trains with the figure's seed
+    return config_identity.recipe([c])
+
+
+def _holds(workdir: pathlib.Path, recipe: list) -> bool:
+    """True if `workdir` holds a saved MAC run whose stored recipe is `recipe`."""
+    from train import config_identity
+    if not (workdir / "mac.msgpack").exists():
+        return False
+    try:
+        stored = json.loads((workdir / "mac_config.json").read_text()).get("recipe")
+    except (OSError, ValueError):
+        return False
+    return stored is not None and config_identity.canonical(stored) == \
+        config_identity.canonical(recipe)
+
+
+def run_dir(size: str, seed: int, out: pathlib.Path) -> pathlib.Path:
+    """OUT/mac_run-SIZE-sSEED-HASH (HASH: config_identity.recipe_hash of `run_recipe`), or the
+    first of HASH-1, HASH-2, ... if a run already there was saved under another recipe: the
+    folder that holds this recipe's run, or where to save it."""
+    from train import config_identity
+    recipe = run_recipe(size, seed)
+    base = pathlib.Path(out) / f"mac_run-{size}-s{seed}-{config_identity.canonical_hash(recipe)}"
+    workdir, i = base, 0
+    while (workdir / "mac.msgpack").exists() and not _holds(workdir, recipe):
+        i += 1
+        workdir = base.with_name(f"{base.name}-{i}")
+    return workdir
+
+
 def train_or_load(size: str, seed: int, out: pathlib.Path):
-    """The MAC run a figure needs: reused from out/mac_run-SIZE-sSEED if present, else trained
-    (stage 1 base LM, stage 2 meta-training on the train split) and saved there."""
+    """The MAC run a figure needs: reused from `run_dir` if a run saved there has this recipe
+    (stored in its mac_config.json), else trained (stage 1 base LM, stage 2 meta-training on the
+    train split) and saved there with its recipe."""
     from train.configs import mac as mac_configs
     from train.objectives import mac as obj
-    workdir = pathlib.Path(out) / f"mac_run-{size}-s{seed}"
-    if (workdir / "mac.msgpack").exists():
+    recipe = run_recipe(size, seed)
+    workdir = run_dir(size, seed, out)
+    if _holds(workdir, recipe):
         return load_run(workdir)
     c = figure_settings(size)
     cfg = mac_configs.mac_config(c)
@@ -419,7 +457,8 @@ def train_or_load(size: str, seed: int, out: pathlib.Path):
         hierarchical_windows=tuple(c.stage2.get("hierarchical_windows", ())),
         hierarchical_weight=c.stage2.get("hierarchical_weight", 0.0), log_every=c.log_every)
     save_run(workdir, cfg, params, lm_params,
-             {"size": size, "seed": seed, "train_seconds": round(time.time() - t0, 1),
+             {"recipe": recipe, "size": size, "seed": seed,
+              "train_seconds": round(time.time() - t0, 1),
               "stage1_final_loss": float(np.mean(lm_losses[-50:])),
               "stage2_final_loss": float(np.mean([h["loss"] for h in hist[-50:]]))})
     return cfg, params, lm_params

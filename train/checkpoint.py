@@ -8,7 +8,11 @@ One checkpoint per saved step under `WORKDIR/checkpoints/STEP/`, with items
 Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it when the
 save is complete), so a crash mid-save leaves the previous checkpoint as the latest good one.
 An unreadable latest checkpoint (truncated, corrupted) is skipped with a warning and the one
-before it is restored.
+before it is restored; the trainer then moves the unreadable one aside, to
+`WORKDIR/unreadable_checkpoints/STEP` (kept, with `STEP.txt` saying why), so that training on
+through that step saves a fresh checkpoint there (Orbax refuses to save over an existing step).
+`stored_config` reads the config a workdir's run was trained with (newest checkpoint first, then
+`config.json`), which the trainer compares with the current one before it restores anything.
 """
 from __future__ import annotations
 
@@ -31,6 +35,10 @@ def as_path(workdir: str | pathlib.Path | epath.Path) -> epath.Path:
     (cloud paths need the matching filesystem package, e.g. gcsfs, installed)."""
     s = str(workdir)
     return epath.Path(s if "://" in s else os.path.abspath(s))
+
+
+class NoReadableCheckpointError(RuntimeError):
+    """A workdir holds checkpoints and none of them restores (one line: steps, what to do)."""
 
 
 class Checkpointer:
@@ -69,17 +77,55 @@ class Checkpointer:
             items["data"] = grain.PyGrainCheckpointRestore(data_iter)
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
-    def restore_latest(self, abstract_state: Any, *, data_iter: Any = None):
+    def restore_latest(self, abstract_state: Any, *, data_iter: Any = None,
+                       move_aside_unreadable: bool = False):
         """(state, step) from the newest readable checkpoint, or (None, None) if there is none.
 
-        A checkpoint that fails to restore is skipped with a warning, newest first."""
+        A checkpoint that fails to restore is skipped with a warning, newest first. With
+        `move_aside_unreadable` (the trainer, which saves again), the skipped ones newer than
+        the restored step are then moved aside (`move_aside`); nothing moves if none restores."""
+        failed: list[tuple[int, str]] = []
         for step in reversed(self.all_steps()):
             try:
-                return self.restore(step, abstract_state, data_iter=data_iter), step
+                state = self.restore(step, abstract_state, data_iter=data_iter)
             except Exception as e:  # truncated files, missing items, corrupted metadata
                 log.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying the "
                             "previous one", step, self.directory, type(e).__name__, e)
+                failed.append((step, f"{type(e).__name__}: {e}"))
+                continue
+            if move_aside_unreadable and failed:
+                self.move_aside(failed)
+            return state, step
         return None, None
+
+    def move_aside(self, steps: list[tuple[int, str]]) -> list[epath.Path]:
+        """Moves the checkpoints of `steps` ([(step, reason)]) out of Orbax's sight, to
+        WORKDIR/unreadable_checkpoints/STEP (STEP-1, STEP-2, ... if taken) beside a STEP.txt
+        holding the reason, and makes the manager forget them. Process 0 moves (and returns the
+        new paths); every process waits for it and reloads."""
+        root = self.directory.parent / "unreadable_checkpoints"
+        moved = []
+        if jax.process_index() == 0:
+            for step, reason in steps:
+                name, i = str(step), 0
+                while (root / name).exists() or (root / f"{name}.txt").exists():
+                    i += 1
+                    name = f"{step}-{i}"
+                root.mkdir(parents=True, exist_ok=True)
+                # The note first: on an object store a folder exists once something is in it.
+                (root / f"{name}.txt").write_text(
+                    f"checkpoint step {step} of {self.directory} could not be restored:\n"
+                    f"{reason}\n")
+                (self.directory / str(step)).rename(root / name)
+                log.warning("moved the unreadable checkpoint at step %d aside to %s (kept); "
+                            "training goes on from an earlier step and saves step %d again",
+                            step, root / name, step)
+                moved.append(root / name)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("mnemax_unreadable_checkpoints_moved")
+        self.manager.reload()
+        return moved
 
     def read_config(self, step: Optional[int] = None) -> Optional[dict]:
         step = self.latest_step() if step is None else step
@@ -94,12 +140,38 @@ class Checkpointer:
                 continue
         return None
 
+    def read_stored_config(self) -> tuple[Optional[dict], Optional[int]]:
+        """(config, step) of the newest checkpoint whose config item reads, or (None, None)."""
+        for step in reversed(self.all_steps()):
+            cfg = self.read_config(step)
+            if cfg is not None:
+                return cfg, step
+        return None, None
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def stored_config(workdir, ckpt: Optional[Checkpointer] = None) -> tuple[Optional[dict], str]:
+    """(config, where) a workdir's run was trained with: the config stored in its newest
+    checkpoint (what a resume restores), else its config.json (a run that saved nothing yet),
+    else (None, "") for a fresh workdir. `where` names the source for messages."""
+    workdir = as_path(workdir)
+    if ckpt is not None:
+        cfg, step = ckpt.read_stored_config()
+        if cfg is not None:
+            return cfg, f"{workdir} (checkpoint step {step})"
+    path = workdir / "config.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text()), f"{workdir} (config.json)"
+        except (ValueError, UnicodeDecodeError) as e:
+            log.warning("%s is unreadable (%s); not compared", path, e)
+    return None, ""
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

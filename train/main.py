@@ -1,7 +1,11 @@
 """Train a model: `python -m train.main --config train/configs/lm.py:tiny --workdir DIR`.
 
 Rerunning the same command resumes from the newest readable checkpoint in DIR. Override any config
-field with --config.FIELD=VALUE (e.g. --config.num_steps=100 --config.mesh.model=2).
+field with --config.FIELD=VALUE (e.g. --config.num_steps=100 --config.mesh.model=2). A DIR that
+holds a run trained under another config is refused with one line naming the differing fields
+(exit code 2); run-control fields (num_steps, checkpoint_every, mesh, ...: train/config_identity.py)
+may change freely, and --allow_config_change=FIELD[,FIELD] resumes despite the others (e.g. a
+curriculum's next phase: --allow_config_change=data.min_length).
 On a multi-host system (TPU pod slice, SLURM) pass --distributed or let the environment say so
 (see train/sharding.py: maybe_initialize_distributed).
 """
@@ -15,6 +19,10 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path.py:variant).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).")
+_ALLOW = flags.DEFINE_list(
+    "allow_config_change", [],
+    "Config fields (dotted, comma-separated; a name covers the fields under it) that may differ "
+    "from the config the workdir's run was trained with.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", None,
                                  "Force jax.distributed.initialize() (default: from environment).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -28,8 +36,12 @@ def main(argv):
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     logging.getLogger("train").setLevel(logging.INFO)
+    from train import checkpoint, config_identity
     try:
-        summary = trainer.train(_CONFIG.value, _WORKDIR.value)
+        summary = trainer.train(_CONFIG.value, _WORKDIR.value, allow_changes=_ALLOW.value)
+    except (config_identity.ConfigMismatchError, checkpoint.NoReadableCheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,6 +1,6 @@
 """The one training loop every family uses.
 
-    train(config, workdir) -> summary dict
+    train(config, workdir, *, allow_changes=()) -> summary dict
 
 config (an ml_collections.ConfigDict, see train/configs/lm.py for every field) →
 mesh (train/sharding.py) → data (train/data/) → model + memory state + objective →
@@ -8,9 +8,15 @@ sharded init → jitted step (in/out shardings, donated state) → eval hooks �
 WORKDIR/metrics.jsonl and TensorBoard events.
 
 Guarantees: resumes from the newest readable checkpoint in `workdir` (params, optimizer, step,
-RNG, memory, data-iterator position); SIGTERM saves and returns normally; a NaN/inf loss raises
-`FloatingPointError` naming the step, after the last good checkpoint is safely on disk; two runs
-with one seed give bit-identical results on CPU.
+RNG, memory, data-iterator position), and only a run trained under the same config: before it
+restores or writes anything it compares the workdir's stored config with `config`
+(train/config_identity.py: run-control fields such as num_steps, checkpoint_every or mesh may
+differ) and raises `ConfigMismatchError` (a ValueError) naming the differing fields unless
+`allow_changes` names them; an unreadable newest checkpoint is moved aside to
+WORKDIR/unreadable_checkpoints/ and the one before it restored (if none restores,
+`NoReadableCheckpointError`, nothing moved); SIGTERM saves and returns normally; a NaN/inf loss
+raises `FloatingPointError` naming the step, after the last good checkpoint is safely on disk;
+two runs with one seed give bit-identical results on CPU.
 
 A family plugs in by adding entries to MODELS (a builder from the model config to a Linen
 module), OBJECTIVES (a loss, see train/objectives/lm.py) and, if it keeps a memory, MEMORIES.
@@ -27,7 +33,7 @@ import pathlib
 import signal
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax
 import flax.linen as nn
@@ -38,6 +44,7 @@ import numpy as np
 import optax
 
 from train import checkpoint as ckpt_lib
+from train import config_identity
 from train import sharding as shd
 
 log = logging.getLogger(__name__)
@@ -371,20 +378,50 @@ class _Stop:
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
+def check_workdir(config, workdir, *, allow_changes: Sequence[str] = (),
+                  ckpt: Optional[ckpt_lib.Checkpointer] = None) -> None:
+    """Raises config_identity.ConfigMismatchError if `workdir` holds a run trained under a config
+    whose identity differs from `config`'s in a field `allow_changes` does not name. The stored
+    config is the newest checkpoint's, else config.json's; a fresh workdir passes."""
+    stored, where = ckpt_lib.stored_config(workdir, ckpt)
+    if stored is not None:
+        config_identity.check_compatible(stored, config, allow_changes=allow_changes,
+                                         where=f"workdir {where}")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-          devices=None) -> dict:
-    """Trains (or resumes) a run in `workdir`; returns a summary dict."""
+          devices=None, allow_changes: Sequence[str] = ()) -> dict:
+    """Trains (or resumes) a run in `workdir`; returns a summary dict.
+
+    A workdir that holds a run trained under another config is refused up front
+    (config_identity.ConfigMismatchError) unless `allow_changes` names every differing field
+    (dotted, e.g. ("data.min_length",); a name covers the fields under it)."""
     workdir = ckpt_lib.as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     run = setup(config, devices=devices)
     cfg = run.config
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
 
     ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=cfg.get("keep_checkpoints", 3),
                                  async_save=cfg.get("async_checkpoints", True))
-    data_iter = iter(make_data(cfg, "train"))
-    state, start = ckpt.restore_latest(abstract_state(run), data_iter=data_iter)
+    try:
+        # Before config.json is rewritten and before any restore is tried.
+        check_workdir(cfg, workdir, allow_changes=allow_changes, ckpt=ckpt)
+        if jax.process_count() > 1:   # every process has read the stored config before it changes
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("mnemax_config_checked")
+        if jax.process_index() == 0:
+            (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+        data_iter = iter(make_data(cfg, "train"))
+        state, start = ckpt.restore_latest(abstract_state(run), data_iter=data_iter,
+                                           move_aside_unreadable=True)
+        if state is None and ckpt.all_steps():
+            raise ckpt_lib.NoReadableCheckpointError(
+                f"none of the checkpoints in {ckpt.directory} (steps {ckpt.all_steps()}) restores "
+                f"(see the warnings above); nothing was moved. Use a new workdir, or move them "
+                f"away to start this one from scratch")
+    except BaseException:
+        ckpt.close()
+        raise
     if state is None:
         state, start = init_state(run), 0
     else:

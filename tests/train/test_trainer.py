@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from train import checkpoint as ckpt_lib
+from train import config_identity
 from train import sharding as shd
 from train import trainer
 from train.configs import lm as lm_config
@@ -118,6 +119,68 @@ def test_truncated_latest_checkpoint_falls_back_with_warning(tmp_path, caplog):
     assert step == 2 and int(state.step) == 2
     assert any("step 4" in r.getMessage() and "unreadable" in r.getMessage()
                for r in caplog.records)
+
+
+def truncate_state(workdir, step):
+    for f in (pathlib.Path(workdir) / "checkpoints" / str(step) / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[: max(0, f.stat().st_size // 3)])
+
+
+def test_truncated_newest_checkpoint_is_moved_aside_and_training_saves_that_step_again(
+        tmp_path, caplog):
+    # checkpoint_every=10, the checkpoint at step 20 truncated, rerun to 30: it restores step 10,
+    # trains through 20 (where Orbax used to raise StepAlreadyExistsError) and on to 30.
+    c = tiny_config(num_steps=20, checkpoint_every=10)
+    c.async_checkpoints = False
+    trainer.train(c, tmp_path)
+    truncate_state(tmp_path, 20)
+    with caplog.at_level(logging.WARNING):
+        out = trainer.train(tiny_config(num_steps=30, checkpoint_every=10), tmp_path)
+    assert out["start_step"] == 10 and out["step"] == 30
+    ckpt = ckpt_lib.Checkpointer(tmp_path)
+    assert ckpt.all_steps() == [10, 20, 30]
+    run = trainer.setup(c, devices=jax.devices()[:1])
+    state, step = ckpt.restore_latest(trainer.abstract_state(run))
+    assert step == 30 and int(ckpt.restore(20, trainer.abstract_state(run)).step) == 20
+    ckpt.close()
+    aside = tmp_path / "unreadable_checkpoints"
+    assert sorted(p.name for p in aside.iterdir()) == ["20", "20.txt"]
+    assert (aside / "20" / "state").is_dir()                  # kept, not deleted
+    assert "step 20" in (aside / "20.txt").read_text()
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("step 20" in m and "unreadable" in m for m in msgs)
+    assert any("moved the unreadable checkpoint at step 20 aside" in m for m in msgs)
+    starts = [m["resumed_from"] for m in metrics(tmp_path) if m.get("event") == "start"]
+    assert starts == [0, 10]
+
+
+def test_changed_model_field_is_refused_before_anything_is_touched(tmp_path):
+    c = tiny_config(num_steps=4, checkpoint_every=2)
+    trainer.train(c, tmp_path)
+    before = (tmp_path / "config.json").read_text()
+    heads8 = tiny_config(num_steps=6, checkpoint_every=2, **{"model.num_heads": 8})
+    with pytest.raises(ValueError, match=r"model\.num_heads: 4 -> 8") as e:
+        trainer.train(heads8, tmp_path)
+    assert isinstance(e.value, config_identity.ConfigMismatchError)
+    assert "\n" not in str(e.value) and "allow_config_change=model.num_heads" in str(e.value)
+    assert (tmp_path / "config.json").read_text() == before       # compared before rewriting
+    assert not (tmp_path / "unreadable_checkpoints").exists()
+    ckpt = ckpt_lib.Checkpointer(tmp_path)
+    assert ckpt.all_steps() == [2, 4]
+    ckpt.close()
+    # Allowing it does not start from scratch over the old run: no checkpoint fits the model.
+    with pytest.raises(ckpt_lib.NoReadableCheckpointError, match=r"steps \[2, 4\]"):
+        trainer.train(heads8, tmp_path, allow_changes=["model.num_heads"])
+    assert not (tmp_path / "unreadable_checkpoints").exists()
+    # Run-control fields may change; an allowed field resumes the run and is recorded.
+    other = tiny_config(num_steps=6, checkpoint_every=3, log_every=2, **{"optim.lr": 1e-3})
+    other.mesh.update(dict(data=2, fsdp=1, model=1))
+    with pytest.raises(config_identity.ConfigMismatchError, match=r"optim\.lr: 0\.003 -> 0\.001"):
+        trainer.train(other, tmp_path, devices=jax.devices()[:2])
+    out = trainer.train(other, tmp_path, devices=jax.devices()[:2], allow_changes=("optim.lr",))
+    assert out["start_step"] == 4 and out["step"] == 6
+    assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 1e-3
 
 
 def test_restore_onto_different_mesh(tmp_path):
@@ -225,6 +288,30 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
     starts = [m for m in metrics(tmp_path) if m.get("event") == "start"]
     assert starts[-1]["resumed_from"] == stopped
     assert max(m["step"] for m in metrics(tmp_path)) == stopped + 2
+
+
+def test_cli_refuses_a_changed_config_in_one_line(tmp_path):
+    trainer.train(tiny_config(num_steps=2, checkpoint_every=2), tmp_path)   # = CLI_OVERRIDES
+    p = cli(tmp_path, "--config.num_steps=4", "--config.model.num_heads=8")
+    out, err = p.communicate(timeout=180)
+    assert p.returncode == 2, err
+    assert "Traceback" not in err
+    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "model.num_heads: 4 -> 8" in lines[0] and "--allow_config_change" in lines[0]
+    assert out.strip() == ""
+    p = cli(tmp_path, "--config.num_steps=4", "--config.model.num_heads=8",
+            "--allow_config_change=model.num_heads")
+    out, err = p.communicate(timeout=180)
+    # (After the failed restore Orbax's async machinery may print "Event loop is closed" noise
+    # at interpreter exit; the trainer's own message is the one error line.)
+    assert p.returncode == 2
+    assert [l for l in err.splitlines() if l.startswith("error:")][0].startswith(
+        "error: none of the checkpoints"), err
+    p = cli(tmp_path, "--config.num_steps=3")                       # same config: resumes
+    out, err = p.communicate(timeout=180)
+    assert p.returncode == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["step"] == 3
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,11 @@ the copy circuit forms, then prompts of varied length, i.e.
     python -m train.main --config train/configs/landmark.py:tiny --workdir runs/landmark_tiny \
         --config.num_steps=3000
     python -m train.main --config train/configs/landmark.py:tiny --workdir runs/landmark_tiny \
-        --config.num_steps=5500 --config.data.min_length=128
+        --config.num_steps=5500 --config.data.min_length=128 \
+        --allow_config_change=data.min_length
+
+(the trainer resumes a workdir only under the config its run was trained with, run-control
+fields such as num_steps aside, so the second phase names the field it changes).
 
 Evaluate it far beyond 256 bytes with
 `python -m eval.passkey --workdir runs/landmark_tiny --lengths 256,512,1024,2048`.
