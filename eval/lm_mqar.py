@@ -30,26 +30,56 @@ SIZES = {
 }
 
 
-def mqar_accuracy(model, params, data_config, *, seq_len: int, num_examples: int = 256,
-                  batch_size: int = 32, seed: int = 0) -> float:
-    """Answer-position accuracy on the MQAR 'test' split (weights mark the answers)."""
+def _test_batches(data_config, *, seq_len: int, num_examples: int, batch_size: int, seed: int):
+    """The MQAR "test" batches an evaluation reads: whole batches until >= num_examples rows."""
     from train.data import pipeline
     it = pipeline.make_dataset(data_config, split="test", seed=seed, global_batch_size=batch_size,
                                seq_len=seq_len, process_index=0, process_count=1, num_epochs=1)
-    apply = jax.jit(lambda p, x: jnp.argmax(model.apply({"params": p}, x), -1))
-    correct = total = 0.0
     seen = 0
     for batch in it:
+        yield batch
+        seen += len(batch["weights"])
+        if seen >= num_examples:
+            break
+
+
+def mqar_accuracy(model, params, data_config, *, seq_len: int, num_examples: int = 256,
+                  batch_size: int = 32, seed: int = 0) -> float:
+    """Answer-position accuracy on the MQAR 'test' split (weights mark the answers)."""
+    apply = jax.jit(lambda p, x: jnp.argmax(model.apply({"params": p}, x), -1))
+    correct = total = 0.0
+    for batch in _test_batches(data_config, seq_len=seq_len, num_examples=num_examples,
+                               batch_size=batch_size, seed=seed):
         pred = np.asarray(apply(params, batch["inputs"]))
         w = batch["weights"]
         correct += float(((pred == batch["targets"]) * w).sum())
         total += float(w.sum())
-        seen += len(w)
-        if seen >= num_examples:
-            break
     if total == 0:
         raise ValueError("the MQAR test split produced no answer positions")
     return correct / total
+
+
+def mqar_no_binding(data_config, *, seq_len: int, num_examples: int = 256, batch_size: int = 32,
+                    seed: int = 0) -> float:
+    """Exact expected accuracy of answering every query with a value drawn uniformly from its own
+    example's P pairs, on the examples `mqar_accuracy` reads with the same arguments.
+
+    Per query: (pairs whose value equals the answer) / P, averaged over the queries. This is the
+    plateau of a model that has learned to copy a value of the context but not which key it
+    belongs to, so accuracy above it needs key-value binding; 1 / |value_range| (a model that
+    ignores the context) is far lower and says nothing about binding."""
+    P = int(data_config.num_pairs)
+    hits = total = 0.0
+    for batch in _test_batches(data_config, seq_len=seq_len, num_examples=num_examples,
+                               batch_size=batch_size, seed=seed):
+        values_BxP = np.asarray(batch["inputs"])[:, 1:2 * P:2]
+        targets_BxT, w_BxT = np.asarray(batch["targets"]), np.asarray(batch["weights"])
+        share_BxT = (values_BxP[:, None, :] == targets_BxT[:, :, None]).mean(-1)
+        hits += float((share_BxT * w_BxT).sum())
+        total += float(w_BxT.sum())
+    if total == 0:
+        raise ValueError("the MQAR test split produced no answer positions")
+    return hits / total
 
 
 def figure_config(size: str, seed: int):
@@ -72,7 +102,12 @@ def figure_config(size: str, seed: int):
     return c
 
 
-@figures.register("lm_mqar")
+def figure_settings(size: str) -> dict:
+    """The figure's recipe at `size` (its trainer config at seed 0), hashed into provenance."""
+    return figure_config(size, seed=0).to_dict()
+
+
+@figures.register("lm_mqar", settings=figure_settings)
 def lm_mqar_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
     import matplotlib
     matplotlib.use("Agg")
