@@ -169,7 +169,6 @@ def lm_mqar_rows(docs):
         ("no_binding (a uniformly drawn value of the example's own pairs)",
          cell(lambda d: d["no_binding"])),
         ("final train loss", cell(lambda d: d["final_loss"])),
-        ("figure wall time, s", cell(lambda d: d["provenance"]["seconds"], 1)),
     ]
 
 

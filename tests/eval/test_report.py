@@ -59,7 +59,6 @@ def test_figure_table_has_a_column_per_committed_run(results):
     assert lines[2] == "| test answer accuracy | 0.500 | 0.750 | 0.812 |"
     assert lines[3].endswith("| 0.125 | 0.250 | 0.125 |")
     assert lines[4] == "| final train loss | – | 2.000 | 1.500 |"
-    assert lines[5] == "| figure wall time, s | 41.2 | 41.2 | 41.2 |"
     assert lines[-1] == ("From `results/figures/lm_mqar-*.json` (3 files; commit 0123456, "
                          "0123456 (dirty); device cpu).")
 
