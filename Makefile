@@ -25,9 +25,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests -q
 
-# The figures at --size cpu (about an hour on 2 CPU cores).
+# The figures at --size cpu (about an hour on 2 CPU cores); the numbers with their provenance
+# also go to results/figures/NAME-cpu-seed$(SEED).json, the files `python -m eval.report` reads.
 figures: $(STAMP)
-	$(PY) -m eval.figures --size cpu --seed $(SEED) --out $(FIG_OUT)
+	$(PY) -m eval.figures --size cpu --seed $(SEED) --out $(FIG_OUT) --results results/figures
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.trainer

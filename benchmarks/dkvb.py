@@ -4,7 +4,7 @@ Shapes (paper scale): C=256 codebooks, K=4096 keys each, d_k=14, B=256 queries. 
 lookup materialises the [B, C, K] distance tensor (1 GiB in float32); the chunked one
 (`memory.codebook.nearest_keys`) walks `chunk` codebooks at a time. Reports lookups per second
 (queries x codebooks per second) and peak memory from the compiled HLO's memory analysis
-(arguments + outputs + temporaries), writing benchmarks/results/dkvb-DEVICE.json.
+(arguments + outputs + temporaries), writing results/benchmarks/dkvb-DEVICE.json.
 """
 from __future__ import annotations
 

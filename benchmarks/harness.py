@@ -1,7 +1,8 @@
 """A small benchmark harness: warm-up, median of N timed runs, JSON with device and versions.
 
 Every benchmark compares against an in-repo baseline measured in the same run and writes
-`benchmarks/results/NAME-DEVICE.json` via `write_result`.
+`results/benchmarks/NAME-DEVICE.json` via `write_result` (committed: `python -m eval.report`
+builds the README's benchmarks table from these files).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any, Callable
 
 import jax
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results" / "benchmarks"
 
 
 def block(x):
@@ -55,7 +56,7 @@ def device_tag() -> str:
 def versions() -> dict:
     import importlib.metadata as md
     out = {"python": platform.python_version()}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "numpy"):
+    for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -8,7 +8,7 @@
 2. Inference: one generated token (a chunk of one query) through `models.landmark.memory_attention`
    with a block cache holding the whole context (context/64 blocks, top-k 4) vs one query against a
    full KV cache of the same context with dense attention.
-Writes benchmarks/results/landmark_attention-DEVICE.json (medians, ratios) via the harness.
+Writes results/benchmarks/landmark_attention-DEVICE.json (medians, ratios) via the harness.
 """
 from __future__ import annotations
 

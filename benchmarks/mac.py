@@ -12,7 +12,8 @@ GPT-2-small-sized base LM, 768 wide with 12 layers) and is cheap enough to time 
    in-repo baseline; median wall time and the compiled programs' temp memory.
 2. Aggregation (h over the bank, one question batch) vs bank size, flat vs hierarchical.
 
-Writes benchmarks/results/mac-DEVICE.json (tiny) or mac-VARIANT-DEVICE.json. Parameters are random: timings do not depend on them.
+Writes results/benchmarks/mac-DEVICE.json (tiny) or mac-VARIANT-DEVICE.json. Parameters are
+random: timings do not depend on them.
 """
 from __future__ import annotations
 

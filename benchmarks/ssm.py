@@ -20,7 +20,7 @@ add time), batch 1, float32:
    causal attention) of the same width and depth, at every length up to `transformer_max` (dense
    attention materialises [H, T, T] scores, so long lengths are skipped on CPU).
 
-Writes benchmarks/results/ssm-DEVICE.json via `harness.write_result`. The CPU default takes
+Writes results/benchmarks/ssm-DEVICE.json via `harness.write_result`. The CPU default takes
 about two minutes on 2 cores.
 """
 from __future__ import annotations

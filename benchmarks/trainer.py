@@ -22,7 +22,7 @@ embedding table when embeddings are untied (a lookup, not a matmul); with tied e
 is the LM head and is counted once. 12·L·T·D is attention's QKᵀ and AV, counted without the
 causal-mask saving. Norm scales are counted in N (a negligible overcount).
 
-Writes `benchmarks/results/trainer-DEVICE.json` (device, versions, shapes, times, ratio).
+Writes `results/benchmarks/trainer-DEVICE.json` (device, versions, shapes, times, ratio).
 """
 from __future__ import annotations
 
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
                    help="compute dtype (default float32 on CPU, bfloat16 elsewhere)")
     p.add_argument("--peak-n", type=int, default=None,
                    help="matmul size for the peak (default 2048 on CPU, 8192 elsewhere)")
-    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--out", default=None, help="results folder (default results/benchmarks)")
     a = p.parse_args(argv)
     res = run(a.size, steps=a.steps, warmup=a.warmup, devices=a.devices, dtype=a.dtype,
               peak_n=a.peak_n, out_dir=a.out)

@@ -633,7 +633,12 @@ def no_binding_baseline(task: RecallTask, num_pairs: int, *, examples: int, seed
     return float(np.mean(hits))
 
 
-@figures.register("birdie_recall")
+def figure_settings(size: str) -> dict:
+    """The birdie_recall recipe at `size` (SIZES entry), hashed into provenance."""
+    return SIZES[size]
+
+
+@figures.register("birdie_recall", settings=figure_settings)
 def birdie_recall_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
     import matplotlib
     matplotlib.use("Agg")
@@ -780,7 +785,12 @@ def phonebook_mixture(kind: str, entries: int, queries: Sequence[int],
                             task_fn, row_length)
 
 
-@figures.register("birdie_phonebook")
+def phonebook_figure_settings(size: str) -> dict:
+    """The birdie_phonebook recipe at `size` (PHONEBOOK_SIZES entry), hashed into provenance."""
+    return PHONEBOOK_SIZES[size]
+
+
+@figures.register("birdie_phonebook", settings=phonebook_figure_settings)
 def birdie_phonebook_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
     import matplotlib
     matplotlib.use("Agg")

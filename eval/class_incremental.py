@@ -347,7 +347,14 @@ def toy_figure_numbers(*, size: str, seed: int, class_order=None, samples_per_ta
     return {**out, "x_train": x_tr, "y_train": y_tr, "tasks": task_classes(order, 2)}
 
 
-@register("dkvb_toy")
+def toy_figure_settings(size: str) -> dict:
+    """The dkvb_toy recipe at `size` (TOY_SIZES entry and protocol), hashed into provenance."""
+    dcfg, epochs, n_test, grid = _size(TOY_SIZES, size)
+    return {"dkvb": dcfg, "protocol": obj.ProtocolConfig(epochs_per_task=epochs),
+            "test_per_class": n_test, "grid": grid}
+
+
+@register("dkvb_toy", settings=toy_figure_settings)
 def dkvb_toy(*, size: str, seed: int, out: pathlib.Path, class_order=None) -> dict:
     """Paper Fig. 2: decision regions after each of 4 tasks for linear, MLP and DKVB."""
     import matplotlib
@@ -418,7 +425,14 @@ def digits_figure_numbers(*, size: str, seed: int, class_order=None, encoder: st
     return {**out, "tasks": task_classes(order, 2)}
 
 
-@register("dkvb_split_digits")
+def digits_figure_settings(size: str) -> dict:
+    """The dkvb_split_digits recipe at `size` (DIGITS_SIZES entry and protocol)."""
+    dcfg, epochs, cnn_epochs = _size(DIGITS_SIZES, size)
+    return {"dkvb": dcfg, "protocol": obj.ProtocolConfig(epochs_per_task=epochs),
+            "cnn_epochs": cnn_epochs}
+
+
+@register("dkvb_split_digits", settings=digits_figure_settings)
 def dkvb_split_digits(*, size: str, seed: int, out: pathlib.Path, class_order=None,
                       encoder: str = "cnn") -> dict:
     """Accuracy on all seen classes after each of 5 tasks: DKVB vs class-incremental baselines."""

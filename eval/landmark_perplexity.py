@@ -77,7 +77,13 @@ def window_perplexity(logits_fn, tokens_NxT1) -> float:
     return metrics.perplexity(nll, count)
 
 
-@figures.register("landmark_perplexity")
+def figure_settings(size: str) -> dict:
+    """The figure's recipe at `size`: the passkey figure's runs, SIZES and the memory settings."""
+    return {"runs": passkey.figure_settings(size), "size": SIZES[size],
+            "memory_settings": MEMORY_SETTINGS}
+
+
+@figures.register("landmark_perplexity", settings=figure_settings)
 def landmark_perplexity_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
     import matplotlib
     matplotlib.use("Agg")

@@ -2,12 +2,15 @@
 
     python -m eval.lm_mqar --workdir RUN [--seed S] [--examples N]
 
-prints one JSON line {"accuracy": ..., "examples": N}: the fraction of queried keys whose value the
-model predicts (argmax at the answer positions) on MQAR's held-out "test" split.
+prints one JSON line {"accuracy": ..., "no_binding": ..., "examples": N}: the fraction of queried
+keys whose value the model predicts (argmax at the answer positions) on MQAR's held-out "test"
+split, and `mqar_no_binding` on the same examples.
 
 The figure (`python -m eval.figures --only lm_mqar`) trains the baseline LM on MQAR with the
-shared trainer, then draws its loss curve and reports the test accuracy:
-JSON {"accuracy": acc, "final_loss": v}.
+shared trainer, then draws its loss curve and reports the test accuracy against `no_binding`, the
+accuracy of answering each query with a value drawn uniformly from the example's own pairs (what a
+model that copies values but has not bound them to keys gets; about 1/P):
+JSON {"accuracy": acc, "no_binding": b, "final_loss": v}.
 """
 from __future__ import annotations
 
@@ -22,31 +25,49 @@ import numpy as np
 
 from eval import figures
 
-# Figure sizes: overrides of train/configs/lm.py:tiny.
+# Figure sizes: overrides of train/configs/lm.py:tiny. Every query of an example is asked
+# (num_queries = num_pairs). Weights start at N(0, init_std²) with init_std ≈ 1/√width, without
+# weight decay, and keys / values come from small ranges: with the tiny config's 0.02 init and
+# 127 keys the model stays on the no_binding plateau (it copies a value of the context, not the
+# queried key's) for the whole quick budget; README, "MQAR" has the runs.
 SIZES = {
-    "quick": dict(num_steps=500, batch_size=32, seq_len=64, width=64, num_pairs=8),
-    "cpu": dict(num_steps=1500, batch_size=32, seq_len=128, width=64, num_pairs=16),
-    "paper": dict(num_steps=20000, batch_size=256, seq_len=512, width=256, num_pairs=64),
+    "quick": dict(num_steps=1000, batch_size=32, seq_len=24, width=64, num_pairs=4,
+                  key_range=(1, 9), value_range=(128, 136), lr=3e-3, init_std=0.125,
+                  weight_decay=0.0),
+    "cpu": dict(num_steps=2000, batch_size=32, seq_len=32, width=64, num_pairs=8,
+                key_range=(1, 17), value_range=(128, 144), lr=3e-3, init_std=0.125,
+                weight_decay=0.0),
+    # Not run here: Zoology-like ranges at width 256 (init_std = 1/√256).
+    "paper": dict(num_steps=20000, batch_size=256, seq_len=512, width=256, num_pairs=64,
+                  key_range=(1, 128), value_range=(128, 256), lr=1e-3, init_std=0.0625,
+                  weight_decay=0.0),
 }
+
+
+def _test_batches(data_config, *, seq_len: int, num_examples: int, batch_size: int, seed: int):
+    """The MQAR "test" batches an evaluation reads: whole batches until >= num_examples rows."""
+    from train.data import pipeline
+    it = pipeline.make_dataset(data_config, split="test", seed=seed, global_batch_size=batch_size,
+                               seq_len=seq_len, process_index=0, process_count=1, num_epochs=1)
+    seen = 0
+    for batch in it:
+        yield batch
+        seen += len(batch["weights"])
+        if seen >= num_examples:
+            break
 
 
 def mqar_accuracy(model, params, data_config, *, seq_len: int, num_examples: int = 256,
                   batch_size: int = 32, seed: int = 0) -> float:
     """Answer-position accuracy on the MQAR 'test' split (weights mark the answers)."""
-    from train.data import pipeline
-    it = pipeline.make_dataset(data_config, split="test", seed=seed, global_batch_size=batch_size,
-                               seq_len=seq_len, process_index=0, process_count=1, num_epochs=1)
     apply = jax.jit(lambda p, x: jnp.argmax(model.apply({"params": p}, x), -1))
     correct = total = 0.0
-    seen = 0
-    for batch in it:
+    for batch in _test_batches(data_config, seq_len=seq_len, num_examples=num_examples,
+                               batch_size=batch_size, seed=seed):
         pred = np.asarray(apply(params, batch["inputs"]))
         w = batch["weights"]
         correct += float(((pred == batch["targets"]) * w).sum())
         total += float(w.sum())
-        seen += len(w)
-        if seen >= num_examples:
-            break
     if total == 0:
         raise ValueError("the MQAR test split produced no answer positions")
     return correct / total
@@ -68,6 +89,29 @@ def validate_size(size: str) -> None:
     pipeline.mqar_spec(c.data, c.seq_len)
 
 
+def mqar_no_binding(data_config, *, seq_len: int, num_examples: int = 256, batch_size: int = 32,
+                    seed: int = 0) -> float:
+    """Exact expected accuracy of answering every query with a value drawn uniformly from its own
+    example's P pairs, on the examples `mqar_accuracy` reads with the same arguments.
+
+    Per query: (pairs whose value equals the answer) / P, averaged over the queries. This is the
+    plateau of a model that has learned to copy a value of the context but not which key it
+    belongs to, so accuracy above it needs key-value binding; 1 / |value_range| (a model that
+    ignores the context) is far lower and says nothing about binding."""
+    P = int(data_config.num_pairs)
+    hits = total = 0.0
+    for batch in _test_batches(data_config, seq_len=seq_len, num_examples=num_examples,
+                               batch_size=batch_size, seed=seed):
+        values_BxP = np.asarray(batch["inputs"])[:, 1:2 * P:2]
+        targets_BxT, w_BxT = np.asarray(batch["targets"]), np.asarray(batch["weights"])
+        share_BxT = (values_BxP[:, None, :] == targets_BxT[:, :, None]).mean(-1)
+        hits += float((share_BxT * w_BxT).sum())
+        total += float(w_BxT.sum())
+    if total == 0:
+        raise ValueError("the MQAR test split produced no answer positions")
+    return hits / total
+
+
 def figure_config(size: str, seed: int):
     from train.configs import lm
     s = SIZES[size]
@@ -77,9 +121,14 @@ def figure_config(size: str, seed: int):
     c.batch_size = s["batch_size"]
     c.seq_len = s["seq_len"]
     c.model.width = s["width"]
+    c.model.init_std = s["init_std"]
+    c.optim.lr = s["lr"]
+    c.optim.weight_decay = s["weight_decay"]
     c.data.source = "memory"          # examples generated on the fly: no build step
     c.data.num_pairs = s["num_pairs"]
     c.data.num_queries = s["num_pairs"]
+    c.data.key_range = s["key_range"]
+    c.data.value_range = s["value_range"]
     c.data.num_train = 1_000_000      # effectively never repeats: recall, not memorisation
     c.data.data_seed = seed
     c.checkpoint_every = 0
@@ -96,7 +145,12 @@ def run_dir(size: str, seed: int, out: pathlib.Path) -> pathlib.Path:
     return pathlib.Path(out) / "runs" / f"lm_mqar-{size}-seed{seed}-{h}"
 
 
-@figures.register("lm_mqar")
+def figure_settings(size: str) -> dict:
+    """The figure's recipe at `size` (its trainer config at seed 0), hashed into provenance."""
+    return figure_config(size, seed=0).to_dict()
+
+
+@figures.register("lm_mqar", settings=figure_settings)
 def lm_mqar_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
     import matplotlib
     matplotlib.use("Agg")
@@ -110,6 +164,7 @@ def lm_mqar_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
     params = summary["state"].params
     acc = mqar_accuracy(summary["run"].model, jax.device_get(params), c.data, seq_len=c.seq_len,
                         num_examples=512, seed=seed)
+    no_binding = mqar_no_binding(c.data, seq_len=c.seq_len, num_examples=512, seed=seed)
     rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     curve = [(r["step"], r["loss"], r["accuracy"]) for r in rows if "loss" in r]
     figures.write_csv(out / "lm_mqar.csv", ["step", "train_loss", "train_answer_accuracy"], curve)
@@ -119,14 +174,14 @@ def lm_mqar_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
     ax[0].set(xlabel="step", ylabel="train loss (answer tokens)", title="tiny LM on MQAR")
     ax[1].plot(steps, accs, label="train batch")
     ax[1].axhline(acc, color="k", ls="--", label=f"test: {acc:.3f}")
-    ax[1].axhline(1 / (c.data.value_range[1] - c.data.value_range[0]), color="r", ls=":",
-                  label="chance")
+    ax[1].axhline(no_binding, color="r", ls=":",
+                  label=f"a value of the example's own pairs: {no_binding:.3f}")
     ax[1].set(xlabel="step", ylabel="answer accuracy", ylim=(0, 1.02))
     ax[1].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "lm_mqar.png", dpi=120)
     plt.close(fig)
-    return {"accuracy": acc, "final_loss": float(summary["final_loss"])}
+    return {"accuracy": acc, "no_binding": no_binding, "final_loss": float(summary["final_loss"])}
 
 
 def main(argv=None) -> int:
@@ -141,7 +196,10 @@ def main(argv=None) -> int:
         raise ValueError(f"run {a.workdir} trained on data.name={config.data.name!r}, not 'mqar'")
     acc = mqar_accuracy(model, params, config.data, seq_len=config.seq_len,
                         num_examples=a.examples, seed=a.seed)
-    print(json.dumps({"accuracy": acc, "examples": a.examples, "workdir": a.workdir}))
+    no_binding = mqar_no_binding(config.data, seq_len=config.seq_len, num_examples=a.examples,
+                                 seed=a.seed)
+    print(json.dumps({"accuracy": acc, "no_binding": no_binding, "examples": a.examples,
+                      "workdir": a.workdir}))
     return 0
 
 

@@ -261,7 +261,15 @@ def train_or_reuse(size: str, seed: int, out: pathlib.Path, *, baseline: bool = 
     return c, jax.device_get(summary["state"].params), summary["run"].model, workdir
 
 
-@figures.register("landmark_passkey")
+def figure_settings(size: str) -> dict:
+    """The figure's recipe at `size`: both runs' trainer configs per phase (seed 0) and SIZES."""
+    phases = range(len(SIZES[size]["phases"]))
+    return {"size": SIZES[size], "top_k": TOP_K,
+            "landmark": [figure_config(size, 0, phase=i).to_dict() for i in phases],
+            "baseline": [figure_config(size, 0, baseline=True, phase=i).to_dict() for i in phases]}
+
+
+@figures.register("landmark_passkey", settings=figure_settings)
 def landmark_passkey_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
     import matplotlib
     matplotlib.use("Agg")

@@ -470,7 +470,11 @@ METHODS = ("no_memory", "gold_removed", "uniform_ft", "mac_flat", "mac_hierarchi
 def _register_figures():
     from eval.figures import register, write_csv
 
-    @register("mac_online_adaptation")
+    def recipe(size: str) -> dict:
+        """Both MAC figures' recipe at `size`: the MAC config they train and evaluate."""
+        return figure_settings(size).to_dict()
+
+    @register("mac_online_adaptation", settings=recipe)
     def mac_online_adaptation(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
         validate_size(size)
         import matplotlib
@@ -502,7 +506,7 @@ def _register_figures():
                 "uniform_ft_lr": res["uniform_ft"]["lr"],
                 "adapt_seconds_per_document": res["adapt_seconds_per_document"]}
 
-    @register("mac_retention")
+    @register("mac_retention", settings=recipe)
     def mac_retention(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
         validate_size(size)
         import matplotlib

@@ -1,0 +1,435 @@
+"""Regenerate the README's result tables from the committed result files.
+
+    python -m eval.report            # rewrite every marked section of README.md
+    python -m eval.report --check    # exit 1 (one line) if README.md differs from that
+
+README.md marks each generated section with a pair of HTML comments
+
+    <!-- report:KEY -->
+    ...table written here...
+    <!-- /report:KEY -->
+
+and KEY names a builder in BUILDERS: one per registered figure (reading
+`results/figures/KEY-SIZE-seedS.json`, written by `python -m eval.figures --results
+results/figures`; a column per committed size and seed) and `benchmarks` (reading
+`results/benchmarks/*.json`, written by `benchmarks/harness.py`). A builder with no files yet
+writes a one-line "no committed results yet" instead of a table. So a number inside a marked
+section comes from a committed file, and `--check` (run by the tests) fails when the two disagree.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import sys
+from typing import Any, Callable, Iterable, Sequence
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SIZE_ORDER = ("quick", "cpu", "paper")   # eval.figures.SIZES, without importing the figures
+MARKERS = re.compile(r"(<!-- report:(?P<key>[\w-]+) -->\n)(?P<body>.*?)(<!-- /report:(?P=key) -->)",
+                     re.S)
+OPENERS = re.compile(r"<!-- report:([\w-]+) -->")
+
+Row = tuple[str, Callable[[dict], str]]    # (label, cell of one result document)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading result files
+# ---------------------------------------------------------------------------------------------
+def load_json(path: pathlib.Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"result file {path} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"result file {path} holds a {type(doc).__name__}; expected an object")
+    return doc
+
+
+def figure_results(results: pathlib.Path, name: str) -> list[tuple[pathlib.Path, dict]]:
+    """(path, document) of every results/figures/NAME-SIZE-seedS.json, ordered by size, seed and
+    options; each must hold a provenance with size and seed."""
+    pattern = re.compile(rf"{re.escape(name)}-(?P<size>[a-z]+)-seed(?P<seed>\d+)\.json")
+    found = []
+    for path in sorted((results / "figures").glob(f"{name}-*-seed*.json")):
+        if not pattern.fullmatch(path.name):
+            continue
+        doc = load_json(path)
+        prov = doc.get("provenance")
+        if not isinstance(prov, dict) or "size" not in prov or "seed" not in prov:
+            raise ValueError(f"result file {path} has no provenance with size and seed")
+        found.append((path, doc))
+
+    def order(item):
+        prov = item[1]["provenance"]
+        size = prov["size"]
+        rank = SIZE_ORDER.index(size) if size in SIZE_ORDER else len(SIZE_ORDER)
+        return rank, size, int(prov["seed"]), json.dumps(prov.get("options", {}), sort_keys=True)
+
+    return sorted(found, key=order)
+
+
+def column_label(doc: dict) -> str:
+    """`size`, seed S (and the options, e.g. a class order, when the run had any)."""
+    prov = doc["provenance"]
+    label = f"`{prov['size']}`, seed {prov['seed']}"
+    for k, v in sorted(prov.get("options", {}).items()):
+        v = ",".join(str(x) for x in v) if isinstance(v, list) else v
+        label += f", {k} {v}"
+    return label
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------------------------
+def fmt(x: Any, digits: int = 3) -> str:
+    """A number as the README writes it: `digits` decimals for floats, integers as they are."""
+    if isinstance(x, bool) or x is None:
+        return str(x)
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    raise ValueError(f"value={x!r} is not a number; allowed: int, float")
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def cell(get: Callable[[dict], Any], digits: int = 3) -> Callable[[dict], str]:
+    """A row's cell: `get(doc)` formatted, or "–" where that run lacks the key."""
+    def f(doc):
+        try:
+            return fmt(get(doc), digits)
+        except (KeyError, IndexError, TypeError):
+            return "–"
+    return f
+
+
+def curve(get: Callable[[dict], dict], xs: Sequence[str], digits: int = 3) -> Callable[[dict], str]:
+    """A row's cell: the values of the dict `get(doc)` at `xs`, joined by " / "."""
+    def f(doc):
+        try:
+            d = get(doc)
+        except (KeyError, TypeError):
+            return "–"
+        return " / ".join(fmt(d[x], digits) if x in d else "–" for x in xs)
+    return f
+
+
+def numeric_keys(dicts: Iterable[dict]) -> list[str]:
+    """The union of the dicts' keys, sorted as numbers (keys are str(int) in JSON)."""
+    keys = {k for d in dicts for k in d}
+    return sorted(keys, key=lambda k: (float(k), k))
+
+
+def ordered(keys: Iterable[str], preferred: Sequence[str]) -> list[str]:
+    """`keys` with those in `preferred` first, in its order, then the rest sorted."""
+    keys = set(keys)
+    return [k for k in preferred if k in keys] + sorted(keys - set(preferred))
+
+
+def source_line(name: str, docs: Sequence[tuple[pathlib.Path, dict]]) -> str:
+    commits = []
+    for _, doc in docs:
+        prov = doc["provenance"]
+        c = (prov.get("git_commit") or "unknown")[:7] + (" (dirty)" if prov.get("dirty") else "")
+        if c not in commits:
+            commits.append(c)
+    devices = sorted({doc["provenance"].get("device", {}).get("device_kind", "unknown")
+                      for _, doc in docs})
+    return (f"From `results/figures/{name}-*.json` ({len(docs)} files; commit "
+            f"{', '.join(commits)}; device {', '.join(devices)}).")
+
+
+def seed_table(name: str, results: pathlib.Path,
+               rows_for: Callable[[list[dict]], tuple[str, list[Row]]]) -> str:
+    """A table with a column per committed result file of figure `name`; rows_for(docs) gives
+    the first column's header and the rows."""
+    found = figure_results(results, name)
+    if not found:
+        return f"`{name}`: no committed results yet (`results/figures/{name}-SIZE-seedS.json`)."
+    docs = [d for _, d in found]
+    first, rows = rows_for(docs)
+    table = markdown_table([first] + [column_label(d) for d in docs],
+                           [[label] + [get(d) for d in docs] for label, get in rows])
+    return table + "\n\n" + source_line(name, found)
+
+
+# ---------------------------------------------------------------------------------------------
+# One builder per figure (the keys each figure function returns)
+# ---------------------------------------------------------------------------------------------
+def lm_mqar_rows(docs):
+    return "`lm_mqar`", [
+        ("test answer accuracy", cell(lambda d: d["accuracy"])),
+        ("no_binding (a uniformly drawn value of the example's own pairs)",
+         cell(lambda d: d["no_binding"])),
+        ("final train loss", cell(lambda d: d["final_loss"])),
+    ]
+
+
+def passkey_rows(docs):
+    xs = numeric_keys(a for d in docs for a in d["accuracy"].values())
+    methods = ordered({m for d in docs for m in d["accuracy"]},
+                      ("landmark_memory", "landmark_full", "baseline"))
+    return (f"passkey accuracy at {' / '.join(xs)} tokens",
+            [(m, curve(lambda d, m=m: d["accuracy"][m], xs)) for m in methods]
+            + [("trials per length", cell(lambda d: d["trials"]))])
+
+
+def perplexity_rows(docs):
+    xs = numeric_keys(p for d in docs for p in d["perplexity"].values())
+    settings = ordered({s for d in docs for s in d["perplexity"]},
+                       ("baseline_full", "landmark_full", "landmark_k2", "landmark_k4",
+                        "landmark_k4_cache8"))
+    return (f"perplexity at {' / '.join(xs)} tokens",
+            [(s, curve(lambda d, s=s: d["perplexity"][s], xs, 2)) for s in settings])
+
+
+def birdie_recall_rows(docs):
+    xs = numeric_keys(a for d in docs for a in d["accuracy"].values())
+    models = ordered({m for d in docs for m in d["accuracy"]},
+                     ("transformer_ntp", "gated_ntp", "gated_bidir", "gated_birdie",
+                      "gated_birdie_causal"))
+    return (f"answer accuracy at {' / '.join(xs)} pairs",
+            [(m, curve(lambda d, m=m: d["accuracy"][m], xs)) for m in models]
+            + [("no_binding (a random value from the prompt)",
+                curve(lambda d: d["no_binding_baseline"], xs))])
+
+
+def birdie_phonebook_rows(docs):
+    xs = numeric_keys(a for d in docs for a in d["digit_accuracy"].values())
+    models = sorted({m for d in docs for m in d["digit_accuracy"]})
+    return (f"at {' / '.join(xs)} queried names",
+            [(f"{m}, digit accuracy", curve(lambda d, m=m: d["digit_accuracy"][m], xs))
+             for m in models]
+            + [(f"{m}, exact match", curve(lambda d, m=m: d["exact_match"][m], xs))
+               for m in models])
+
+
+def dkvb_toy_rows(docs):
+    methods = ordered({m for d in docs for m in d["accuracy_after_task"]},
+                      ("dkvb", "mlp", "linear"))
+    return ("accuracy on all classes", [
+        (f"{m}, after the last task", cell(lambda d, m=m: d["accuracy_after_task"][m][-1]))
+        for m in methods] + [
+        (f"{m}, i.i.d.", cell(lambda d, m=m: d["iid_accuracy"][m])) for m in methods])
+
+
+def dkvb_split_digits_rows(docs):
+    methods = ordered({m for d in docs for m in d["accuracy_after_task"]},
+                      ("dkvb", "linear_ci", "mlp_ci"))
+    return ("accuracy on the seen classes", [
+        (f"{m}, after the last task", cell(lambda d, m=m: d["accuracy_after_task"][m][-1]))
+        for m in methods] + [
+        (f"{m}, i.i.d.", cell(lambda d, m=m: d[f"{m}_iid"])) for m in ("linear", "mlp", "dkvb")])
+
+
+def mac_online_adaptation_rows(docs):
+    methods = ordered({m for d in docs for m in d["em"]},
+                      ("mac_flat", "mac_hierarchical", "mac_topk", "gold_removed", "no_memory",
+                       "uniform_ft"))
+    return ("EM", [(m, cell(lambda d, m=m: d["em"][m])) for m in methods] + [
+        ("questions", cell(lambda d: d["questions"])),
+        ("uniform_ft lr", cell(lambda d: d["uniform_ft_lr"], 4))])
+
+
+def mac_retention_rows(docs):
+    xs = numeric_keys(d["f1"] for d in docs)
+    return (f"at {' / '.join(xs)} documents in the bank", [
+        ("F1 on the first documents' questions", curve(lambda d: d["f1"], xs)),
+        ("relative to the first bank", curve(lambda d: d["relative_f1"], xs))])
+
+
+FIGURE_ROWS = {
+    "lm_mqar": lm_mqar_rows,
+    "landmark_passkey": passkey_rows,
+    "landmark_perplexity": perplexity_rows,
+    "birdie_recall": birdie_recall_rows,
+    "birdie_phonebook": birdie_phonebook_rows,
+    "dkvb_toy": dkvb_toy_rows,
+    "dkvb_split_digits": dkvb_split_digits_rows,
+    "mac_online_adaptation": mac_online_adaptation_rows,
+    "mac_retention": mac_retention_rows,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmarks: one row per results/benchmarks/NAME-DEVICE.json
+# ---------------------------------------------------------------------------------------------
+_PREFIXES = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
+
+
+def si(x: float, unit: str) -> str:
+    """51.1 GFLOP/s."""
+    scale, prefix = next(((s, p) for s, p in _PREFIXES if abs(x) >= s), (1.0, ""))
+    return f"{x / scale:.3g} {prefix}{unit}"
+
+
+def count(x: float) -> str:
+    """13.5k, 48.9M."""
+    scale, prefix = next(((s, p) for s, p in _PREFIXES if abs(x) >= s), (1.0, ""))
+    return f"{x / scale:.3g}{prefix}"
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
+
+
+def mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:,.0f} MiB"
+
+
+def kilo(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def trainer_summary(d: dict) -> str:
+    s = d["shapes"]
+    return (f"{d['tokens_per_s']:,.0f} tokens/s, MFU {d['mfu']:.2f} of the measured "
+            f"{si(d['peak_flops_per_s_total'], 'FLOP/s')} ({d['n_params_total']:,} parameters, "
+            f"width {s['width']}, {s['num_layers']} layers, T {s['seq_len']}, "
+            f"{s['compute_dtype']})")
+
+
+def dkvb_summary(d: dict) -> str:
+    r, s = d["results"], d["shapes"]
+    chunks = sorted((k for k in r if k.startswith("chunked_")), key=lambda k: int(k.split("_")[1]))
+    n = r["naive_dense"]
+    agrees = all(r[k]["agrees_with_naive"] == 1.0 for k in chunks)
+
+    def each(f):
+        return " / ".join(f(r[k]) for k in chunks)
+
+    return (f"chunks of {' / '.join(k.split('_')[1] for k in chunks)} codebooks: "
+            f"{each(lambda x: count(x['lookups_per_s']))} lookups/s at "
+            f"{each(lambda x: mib(x['memory']['peak_bytes']))}; dense: "
+            f"{count(n['lookups_per_s'])} lookups/s at {mib(n['memory']['peak_bytes'])}; "
+            f"{'agree' if agrees else 'DISAGREE'} with dense (C {s['C']}, K {s['K']}, "
+            f"B {s['B']})")
+
+
+def mac_summary(d: dict) -> str:
+    a, s = d["adapt_per_document"], d["shapes"]
+    return (f"g forward per document {ms(a['mac_amortize_s'])} vs a fine-tuning step "
+            f"{ms(a['finetune_step_s'])}: **{a['time_ratio_mac_over_ft']:.3f}** (variant "
+            f"{d['variant']}, D {s['D']}, L {s['L']})")
+
+
+def ssm_summary(d: dict) -> str:
+    lengths = [str(n) for n in d["config"]["lengths"]]
+    pairs = list(zip(lengths, lengths[1:]))
+
+    def ratios(key):
+        return " / ".join(f"{d[key][f't({b})/t({a})']:.2f}" for a, b in pairs)
+
+    steps = " / ".join(f"{kilo(int(b))}÷{kilo(int(a))}" for a, b in pairs)
+    return (f"prefill scaling {steps}: {ratios('prefill_scaling')} in chunks of "
+            f"{d['config']['block_chunk']}, {ratios('prefill_one_pass_scaling')} in one pass; "
+            f"bidirectional ÷ causal layer {d['bidirectional_over_causal']:.2f}; transformer ÷ "
+            f"SSM forward at 4k {d['transformer_over_ssm']['4096']:.0f}×")
+
+
+def landmark_attention_summary(d: dict) -> str:
+    tr, inf = d["training_fwd_bwd"], d["inference_per_token"]
+    train_ratios = " / ".join(f"{r['ratio']:.2f}" for r in tr)
+    infer_ratios = " / ".join(f"{r['ratio']:.3f}" for r in inf)
+    return (f"training fwd+bwd ÷ dense causal {train_ratios} at "
+            f"T {' / '.join(str(r['T']) for r in tr)}; per-token memory inference ÷ full KV "
+            f"{infer_ratios} at {' / '.join(kilo(r['context']) for r in inf)} context")
+
+
+BENCHMARK_SUMMARIES: dict[str, Callable[[dict], str]] = {
+    "trainer": trainer_summary,
+    "dkvb": dkvb_summary,
+    "mac": mac_summary,
+    "mac-paper": mac_summary,
+    "ssm": ssm_summary,
+    "landmark_attention": landmark_attention_summary,
+}
+
+
+def device_label(device: dict) -> str:
+    kind = "CPU" if device["platform"] == "cpu" else device["device_kind"]
+    return kind + (f" ×{device['device_count']}" if device["device_count"] > 1 else "")
+
+
+def benchmarks_table(results: pathlib.Path) -> str:
+    paths = sorted((results / "benchmarks").glob("*.json"))
+    if not paths:
+        return "`benchmarks`: no committed results yet (`results/benchmarks/NAME-DEVICE.json`)."
+    rows = []
+    for path in paths:
+        d = load_json(path)
+        for field in ("benchmark", "device", "versions"):
+            if field not in d:
+                raise ValueError(f"benchmark file {path} has no {field!r}; the harness writes it")
+        name = d["benchmark"]
+        if name not in BENCHMARK_SUMMARIES:
+            raise ValueError(f"benchmark={name!r} in {path} has no summary; allowed: "
+                             f"{sorted(BENCHMARK_SUMMARIES)}")
+        v = d["versions"]
+        rows.append([f"`{name}`", device_label(d["device"]), BENCHMARK_SUMMARIES[name](d),
+                     f"{d.get('time_utc', '')[:10]}, jax {v.get('jax', '?')}",
+                     f"`results/benchmarks/{path.name}`"])
+    return markdown_table(["benchmark", "device", "result", "measured", "file"], rows)
+
+
+BUILDERS: dict[str, Callable[[pathlib.Path], str]] = {
+    **{name: (lambda results, name=name, rows=rows: seed_table(name, results, rows))
+       for name, rows in FIGURE_ROWS.items()},
+    "benchmarks": benchmarks_table,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The README
+# ---------------------------------------------------------------------------------------------
+def render(readme: str, results: pathlib.Path) -> str:
+    """`readme` with every marked section replaced by its builder's output."""
+    opened = OPENERS.findall(readme)
+    closed = [m.group("key") for m in MARKERS.finditer(readme)]
+    if sorted(opened) != sorted(closed):
+        unclosed = sorted(set(opened) - set(closed)) or sorted(opened)
+        raise ValueError(f"README markers {unclosed} are not closed by <!-- /report:KEY --> on "
+                         "a line of its own")
+    for key in opened:
+        if key not in BUILDERS:
+            raise ValueError(f"README marker report:{key} is unknown; allowed: {sorted(BUILDERS)}")
+    return MARKERS.sub(lambda m: m.group(1) + BUILDERS[m.group("key")](results) + "\n"
+                       + m.group(4), readme)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 if README.md differs from what this would write")
+    p.add_argument("--readme", default=str(REPO_ROOT / "README.md"))
+    p.add_argument("--results", default=str(REPO_ROOT / "results"))
+    a = p.parse_args(argv)
+    readme = pathlib.Path(a.readme)
+    old = readme.read_text()
+    try:
+        new = render(old, pathlib.Path(a.results))
+    except ValueError as e:
+        print(f"eval.report: {e}", file=sys.stderr)
+        return 1
+    stale = [m.group("key") for m, n in zip(MARKERS.finditer(old), MARKERS.finditer(new))
+             if m.group(0) != n.group(0)]
+    if a.check:
+        if old != new:
+            print(f"{readme} is out of date in sections {stale}: run `python -m eval.report`",
+                  file=sys.stderr)
+            return 1
+        return 0
+    readme.write_text(new)
+    print(f"{readme}: rewrote {stale}" if stale else f"{readme}: up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""eval/report.py: README tables built from result files, and --check on the repository."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from eval import report
+
+
+def _write_figure(results, name, size, seed, numbers, **prov):
+    path = results / "figures" / f"{name}-{size}-seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    provenance = {"figure": name, "git_commit": "0123456789abcdef" * 2 + "01234567",
+                  "dirty": False, "config_hash": "abc", "size": size, "seed": seed,
+                  "seconds": 41.25, "device": {"platform": "cpu", "device_kind": "cpu",
+                                               "device_count": 1},
+                  "versions": {"jax": "0.12.0"}, **prov}
+    path.write_text(json.dumps({**numbers, "provenance": provenance}))
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Hand-made result files: lm_mqar at cpu seeds 2 and 0 (written out of order) and quick seed 1
+    without final_loss; birdie_recall at one seed; two benchmark files."""
+    root = tmp_path_factory.mktemp("results")
+    _write_figure(root, "lm_mqar", "cpu", 2, {"accuracy": 0.8125, "no_binding": 0.125,
+                                              "final_loss": 1.5})
+    _write_figure(root, "lm_mqar", "cpu", 0, {"accuracy": 0.75, "no_binding": 0.25,
+                                              "final_loss": 2.0}, dirty=True)
+    _write_figure(root, "lm_mqar", "quick", 1, {"accuracy": 0.5, "no_binding": 0.125})
+    _write_figure(root, "birdie_recall", "cpu", 0, {
+        "accuracy": {"transformer_ntp": {"2": 1.0, "10": 0.5}, "gated_ntp": {"2": 0.25}},
+        "no_binding_baseline": {"2": 0.5, "10": 0.1}})
+    # A stray file that is not a run's result is not read.
+    (root / "figures" / "lm_mqar-notes.json").write_text("not json")
+    bench = root / "benchmarks"
+    bench.mkdir()
+    common = {"versions": {"jax": "0.12.0"}, "time_utc": "2026-01-02T03:04:05Z"}
+    (bench / "mac-cpu.json").write_text(json.dumps({
+        "benchmark": "mac", "variant": "tiny", "shapes": {"D": 64, "L": 2},
+        "device": {"platform": "cpu", "device_kind": "cpu", "device_count": 1},
+        "adapt_per_document": {"mac_amortize_s": 0.0015, "finetune_step_s": 0.003,
+                               "time_ratio_mac_over_ft": 0.5}, **common}))
+    (bench / "landmark_attention-nvidia_h100.json").write_text(json.dumps({
+        "benchmark": "landmark_attention",
+        "device": {"platform": "gpu", "device_kind": "NVIDIA H100", "device_count": 2},
+        "training_fwd_bwd": [{"T": 512, "ratio": 1.25}, {"T": 2048, "ratio": 0.5}],
+        "inference_per_token": [{"context": 4096, "ratio": 0.0625}], **common}))
+    return root
+
+
+def test_figure_table_has_a_column_per_committed_run(results):
+    table = report.BUILDERS["lm_mqar"](results)
+    lines = table.splitlines()
+    assert lines[0] == "| `lm_mqar` | `quick`, seed 1 | `cpu`, seed 0 | `cpu`, seed 2 |"
+    assert lines[1] == "|---|---|---|---|"
+    assert lines[2] == "| test answer accuracy | 0.500 | 0.750 | 0.812 |"
+    assert lines[3].endswith("| 0.125 | 0.250 | 0.125 |")
+    assert lines[4] == "| final train loss | – | 2.000 | 1.500 |"
+    assert lines[-1] == ("From `results/figures/lm_mqar-*.json` (3 files; commit 0123456, "
+                         "0123456 (dirty); device cpu).")
+
+
+def test_curves_join_values_by_x_and_mark_missing_ones(results):
+    lines = report.BUILDERS["birdie_recall"](results).splitlines()
+    assert lines[0] == "| answer accuracy at 2 / 10 pairs | `cpu`, seed 0 |"
+    assert lines[2] == "| transformer_ntp | 1.000 / 0.500 |"
+    assert lines[3] == "| gated_ntp | 0.250 / – |"
+    assert lines[4] == "| no_binding (a random value from the prompt) | 0.500 / 0.100 |"
+
+
+def test_every_figure_has_a_builder_that_says_when_nothing_is_committed(results):
+    from eval import figures
+    names = {n for n in figures.load_all() if not n.startswith("_test")}
+    assert names <= set(report.BUILDERS)
+    assert report.BUILDERS["mac_retention"](results) == (
+        "`mac_retention`: no committed results yet (`results/figures/mac_retention-SIZE-seedS"
+        ".json`).")
+
+
+def test_benchmarks_table(results):
+    lines = report.BUILDERS["benchmarks"](results).splitlines()
+    assert lines[0] == "| benchmark | device | result | measured | file |"
+    assert lines[2] == (
+        "| `landmark_attention` | NVIDIA H100 ×2 | training fwd+bwd ÷ dense causal 1.25 / 0.50 "
+        "at T 512 / 2048; per-token memory inference ÷ full KV 0.062 at 4k context | "
+        "2026-01-02, jax 0.12.0 | `results/benchmarks/landmark_attention-nvidia_h100.json` |")
+    assert lines[3] == (
+        "| `mac` | CPU | g forward per document 1.5 ms vs a fine-tuning step 3 ms: **0.500** "
+        "(variant tiny, D 64, L 2) | 2026-01-02, jax 0.12.0 | `results/benchmarks/mac-cpu.json` |")
+
+
+def test_render_fills_markers_and_rejects_bad_ones(results):
+    readme = "intro\n<!-- report:lm_mqar -->\nold numbers\n<!-- /report:lm_mqar -->\nend\n"
+    new = report.render(readme, results)
+    assert new.startswith("intro\n<!-- report:lm_mqar -->\n| `lm_mqar` |")
+    assert new.endswith("device cpu).\n<!-- /report:lm_mqar -->\nend\n")
+    assert report.render(new, results) == new
+    with pytest.raises(ValueError, match=r"report:nope is unknown; allowed: \["):
+        report.render("<!-- report:nope -->\n<!-- /report:nope -->\n", results)
+    with pytest.raises(ValueError, match=r"\['lm_mqar'\] are not closed"):
+        report.render("<!-- report:lm_mqar -->\nx\n", results)
+
+
+def test_check_on_a_copy_fails_with_one_line_when_a_number_differs(results, tmp_path,
+                                                                  repo_root):
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- report:benchmarks -->\n<!-- /report:benchmarks -->\n")
+    args = ["--readme", str(readme), "--results", str(results)]
+    assert report.main(args + ["--check"]) == 1
+    assert report.main(args) == 0
+    assert report.main(args + ["--check"]) == 0
+    readme.write_text(readme.read_text().replace("0.500", "0.400"))
+    r = subprocess.run([sys.executable, "-m", "eval.report", "--check", *args], cwd=repo_root,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "out of date in sections ['benchmarks']" in r.stderr
+
+
+def test_readme_tables_come_from_the_committed_files(repo_root):
+    r = subprocess.run([sys.executable, "-m", "eval.report", "--check"], cwd=repo_root,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    readme = (repo_root / "README.md").read_text()
+    assert "<!-- report:benchmarks -->" in readme
+
+
+def test_bad_result_files_are_named(tmp_path):
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "lm_mqar-cpu-seed0.json").write_text('{"accuracy": 1.0}')
+    with pytest.raises(ValueError, match="lm_mqar-cpu-seed0.json has no provenance"):
+        report.BUILDERS["lm_mqar"](tmp_path)
+    shutil.rmtree(tmp_path / "figures")
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "x-cpu.json").write_text(json.dumps(
+        {"benchmark": "x", "device": {}, "versions": {}}))
+    with pytest.raises(ValueError, match=r"benchmark='x' in .*x-cpu.json has no summary"):
+        report.BUILDERS["benchmarks"](tmp_path)
