@@ -53,15 +53,17 @@ VERSION_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 _REGISTRY: dict[str, Callable[..., dict]] = {}
+_NOT_IN_DEMO: set[str] = set()   # figures `make demo` skips (register's in_demo)
 _SETTINGS: dict[str, Callable[[str], Any]] = {}
 
 
-def register(name: str, *, settings: Callable[[str], Any] | None = None):
+def register(name: str, *, settings: Callable[[str], Any] | None = None, in_demo: bool = True):
     """Decorator: adds a figure function to the registry under `name`.
 
     `settings(size)` returns the figure's recipe at `size` as JSON-able data (dicts, lists,
     tuples, numbers, strings, None, dataclasses); `config_hash` hashes it. Without it the
-    provenance's config_hash is null."""
+    provenance's config_hash is null. `in_demo=False`: `--size quick` without `--only` (what
+    `make demo` runs) skips the figure, for one whose effect cannot show in a demo's minutes."""
 
     def wrap(fn):
         if name in _REGISTRY and _REGISTRY[name] is not fn:
@@ -69,6 +71,8 @@ def register(name: str, *, settings: Callable[[str], Any] | None = None):
         if settings is not None and not callable(settings):
             raise ValueError(f"settings={settings!r} for figure {name!r} must be callable(size)")
         _REGISTRY[name] = fn
+        if not in_demo:
+            _NOT_IN_DEMO.add(name)
         if settings is not None:
             _SETTINGS[name] = settings
         return fn
@@ -226,6 +230,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n in names:
         if n not in figures:
             p.error(f"--only: unknown figure {n!r}; allowed: {sorted(figures)}")
+    if args.only is None and args.size == "quick":
+        skipped = sorted(set(names) & _NOT_IN_DEMO)
+        names = [n for n in names if n not in _NOT_IN_DEMO]
+        if skipped:
+            print(json.dumps({"not_in_demo": skipped,
+                              "run_with": "--only NAME --size quick"}), flush=True)
     options = {}
     if args.class_order is not None:
         options["class_order"] = [int(c) for c in args.class_order.split(",")]

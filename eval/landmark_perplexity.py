@@ -28,7 +28,7 @@ from eval import figures, metrics, passkey
 from train.data import passkey_data
 
 SIZES = {
-    "quick": dict(lengths=(256, 512, 1024), windows=2),
+    "quick": dict(lengths=(256, 512, 1024, 2048), windows=4),   # the shipped passkey run
     "cpu": dict(lengths=(256, 512, 1024, 2048), windows=8),
     "paper": dict(lengths=(512, 2048, 4096, 8192), windows=8),
 }
@@ -95,13 +95,15 @@ def landmark_perplexity_figure(*, size: str, seed: int, out: pathlib.Path, **_) 
     ppl: dict[str, dict[int, float]] = {}
     t0 = time.time()
     c, lm_params, lm_model, _ = passkey.train_or_reuse(size, seed, out)
-    _, base_params, base_model, _ = passkey.train_or_reuse(size, seed, out, baseline=True)
+    base = passkey.train_or_reuse(size, seed, out, baseline=True)   # None when shipped
     chunk_len = c.seq_len // 2
     for length in s["lengths"]:
         windows = prose_windows(length, s["windows"])
-        scorers = {
-            "baseline_full": lambda x: passkey.full_attention_logits(base_model, base_params, x),
-            "landmark_full": lambda x: passkey.full_attention_logits(lm_model, lm_params, x)}
+        scorers = {}
+        if base is not None:
+            scorers["baseline_full"] = (lambda x, b=base: passkey.full_attention_logits(
+                b[2], b[1], x))
+        scorers["landmark_full"] = lambda x: passkey.full_attention_logits(lm_model, lm_params, x)
         for name, k, cache in MEMORY_SETTINGS:
             scorers[name] = (lambda x, k=k, cache=cache: passkey.memory_inference_logits(
                 lm_model, lm_params, x, top_k=k, chunk_len=chunk_len, cache_blocks=cache))
@@ -119,7 +121,9 @@ def landmark_perplexity_figure(*, size: str, seed: int, out: pathlib.Path, **_) 
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set(xlabel="evaluation length (tokens)", ylabel="perplexity (bytes, held-out prose)",
-           title=f"perplexity vs length ({s['windows']} windows per length)")
+           title=f"perplexity vs length ({s['windows']} windows per length)" + (
+               f"\nshipped checkpoint: {passkey.SIZES[size]['shipped'][0]} recipe, training seed "
+               f"{passkey.SIZES[size]['shipped'][1]}" if "shipped" in passkey.SIZES[size] else ""))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "landmark_perplexity.png", dpi=120)

@@ -54,9 +54,15 @@ METHODS = ("landmark_memory", "landmark_full", "baseline")
 # ended at the same position); the second phase varies the prompt length (then EOS and prose),
 # which is what let memory inference answer beyond one window at all. One trainer run resumed
 # per phase (same workdir, optimizer and data iterator carried over).
+#
+# `quick` (what `make demo` runs) trains nothing: the copy circuit needs thousands of steps (the
+# cpu recipe, 5,500), far beyond a demo's minutes, so it evaluates the `cpu` recipe's landmark run
+# of seed 3, trained by the project's own command and committed under results/checkpoints/
+# (`shipped`: (size, seed) of the recipe; see results/checkpoints/README.md). Its baseline
+# transformer is not shipped; `quick` compares memory inference with full attention of the same
+# weights.
 SIZES = {
-    "quick": dict(phases=((150, None),), batch_size=16, seq_len=256, width=64, num_layers=2,
-                  lengths=(256, 512, 1024, 2048), trials=8),
+    "quick": dict(shipped=("cpu", 3), lengths=(256, 512, 1024, 2048), trials=20),
     "cpu": dict(phases=((3000, None), (5500, 128)), batch_size=16, seq_len=256, width=64,
                 num_layers=2, lengths=(256, 512, 1024, 2048), trials=40),
     "paper": dict(phases=((15000, None), (20000, 256)), batch_size=64, seq_len=512, width=256,
@@ -169,6 +175,17 @@ def validate_size(size: str) -> None:
     if size not in SIZES:
         raise ValueError(f"size={size!r} is not allowed; use one of {sorted(SIZES)}")
     s, where = SIZES[size], f"SIZES[{size!r}]"
+    if "shipped" in s:
+        src_size, src_seed = s["shipped"]
+        if src_size not in SIZES or "shipped" in SIZES[src_size]:
+            raise ValueError(f"{where}.shipped={s['shipped']} is not allowed; name a size that "
+                             "trains its own run")
+        validate_size(src_size)
+        check_shipped(size)
+        c = figure_config(src_size, src_seed)
+        shortest = passkey_data.fixed_length(c.data.num_digits, intro=c.data.intro)
+        _check_evaluation(s, where, shortest, c.seq_len)
+        return
     ends = [end for end, _ in s["phases"]]
     if not ends or ends[0] < 1 or any(b <= a for a, b in zip(ends, ends[1:])):
         raise ValueError(f"{where}.phases={s['phases']} is not allowed; use one or more "
@@ -186,11 +203,15 @@ def validate_size(size: str) -> None:
             raise ValueError(f"{where}.phases={s['phases']} is not allowed: a shortest prompt of "
                              f"{min_length} bytes must lie in {shortest}..{full} "
                              "(seq_len - digits)")
+    _check_evaluation(s, where, shortest, c.seq_len)
+
+
+def _check_evaluation(s: dict, where: str, shortest: int, seq_len: int) -> None:
     if not s["lengths"] or min(s["lengths"]) < shortest:
         raise ValueError(f"{where}.lengths={s['lengths']} is not allowed; every length must be "
                          f">= {shortest} bytes (the shortest prompt)")
-    if s["trials"] < 1 or c.seq_len // 2 < 1:
-        raise ValueError(f"{where}.trials={s['trials']}, seq_len={c.seq_len} are not allowed; "
+    if s["trials"] < 1 or seq_len // 2 < 1:
+        raise ValueError(f"{where}.trials={s['trials']}, seq_len={seq_len} are not allowed; "
                          "use trials >= 1 and seq_len >= 2 (memory chunks are seq_len // 2)")
 
 
@@ -240,12 +261,15 @@ def run_dir(size: str, seed: int, out: pathlib.Path, *, baseline: bool = False) 
 
 
 def train_or_reuse(size: str, seed: int, out: pathlib.Path, *, baseline: bool = False):
-    """(config, params, model, workdir) of the figure's landmark (or baseline) run in `run_dir`:
+    """(config, params, model, workdir) of the figure's landmark (or baseline) run in `run_dir`
+    (for a `shipped` size: the committed landmark run, and None for the baseline):
     trained with the shared trainer phase by phase (each phase resumes the previous one's final
     checkpoint; phases the run has already passed are skipped), or restored if it is finished.
     The trainer refuses a workdir whose run was trained under another config."""
     from train import checkpoint as ckpt_lib
     from train import trainer
+    if "shipped" in SIZES[size]:
+        return None if baseline else load_shipped(size)
     workdir = run_dir(size, seed, out, baseline=baseline)
     configs = phase_configs(size, seed, baseline=baseline)
     done = None
@@ -261,8 +285,55 @@ def train_or_reuse(size: str, seed: int, out: pathlib.Path, *, baseline: bool = 
     return c, jax.device_get(summary["state"].params), summary["run"].model, workdir
 
 
+# Committed runs that a `shipped` size evaluates instead of training (results/checkpoints/NAME,
+# NAME = the run folder's name under the recipe's run_dir, so it carries the recipe hash).
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHIPPED_DIR = REPO / "results" / "checkpoints"
+
+
+def shipped_dir(size: str) -> pathlib.Path:
+    """results/checkpoints/NAME: the committed landmark run of SIZES[size]['shipped']."""
+    src_size, src_seed = SIZES[size]["shipped"]
+    return SHIPPED_DIR / run_dir(src_size, src_seed, pathlib.Path(".")).name
+
+
+def check_shipped(size: str) -> dict:
+    """The stored config of the committed run of `size`; a ValueError (one line) if it is missing
+    or was trained under another recipe than the one that names it."""
+    from train import config_identity
+    src_size, src_seed = SIZES[size]["shipped"]
+    workdir = shipped_dir(size)
+    if not (workdir / "config.json").exists() or not (workdir / "checkpoints").exists():
+        raise ValueError(
+            f"SIZES[{size!r}].shipped={SIZES[size]['shipped']} names no committed run: "
+            f"{workdir} is missing; train it with `python -m eval.figures --only "
+            f"landmark_passkey --size {src_size} --seed {src_seed} --out OUT` and copy "
+            f"OUT/runs/{workdir.name} there")
+    stored = json.loads((workdir / "config.json").read_text())
+    config_identity.check_compatible(stored, figure_config(src_size, src_seed),
+                                     where=f"shipped run {workdir}")
+    return stored
+
+
+def load_shipped(size: str):
+    """(config, params, model, workdir) of the committed landmark run of `size`, restored on
+    one device after `check_shipped`."""
+    from train import trainer
+    src_size, src_seed = SIZES[size]["shipped"]
+    check_shipped(size)
+    workdir = shipped_dir(size)
+    _, params, model = trainer.load_for_eval(workdir)
+    return figure_config(src_size, src_seed), jax.device_get(params), model, workdir
+
+
+
 def figure_settings(size: str) -> dict:
-    """The figure's recipe at `size`: both runs' trainer configs per phase (seed 0) and SIZES."""
+    """The figure's recipe at `size`: both runs' trainer configs per phase (seed 0) and SIZES;
+    for a shipped size, the committed run's folder name (it carries the recipe hash) and the
+    recipe that trained it."""
+    if "shipped" in SIZES[size]:
+        return {"size": SIZES[size], "top_k": TOP_K, "shipped_run": shipped_dir(size).name,
+                "recipe": figure_settings(SIZES[size]["shipped"][0])}
     phases = range(len(SIZES[size]["phases"]))
     return {"size": SIZES[size], "top_k": TOP_K,
             "landmark": [figure_config(size, 0, phase=i).to_dict() for i in phases],
@@ -281,31 +352,45 @@ def landmark_passkey_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> 
     accuracy, seconds = {}, {}
     for baseline in (False, True):
         t0 = time.time()
-        c, params, model, _ = train_or_reuse(size, seed, out, baseline=baseline)
+        run = train_or_reuse(size, seed, out, baseline=baseline)
+        if run is None:                    # a shipped size ships no baseline
+            continue
+        c, params, model, workdir = run
         accuracy.update(evaluate_run(model, params, s["lengths"], s["trials"], seed + 1,
                                      chunk_len=c.seq_len // 2,
                                      num_digits=c.data.num_digits, intro=c.data.intro))
         seconds["baseline" if baseline else "landmark"] = round(time.time() - t0, 1)
-    train_context = s["seq_len"]
-    rows = [(m, n, accuracy[m][n]) for m in METHODS for n in s["lengths"]]
+        if not baseline:
+            landmark_dir = workdir
+    train_context = int(c.seq_len)
+    methods = [m for m in METHODS if m in accuracy]
+    rows = [(m, n, accuracy[m][n]) for m in methods for n in s["lengths"]]
     figures.write_csv(out / "landmark_passkey.csv", ["method", "prompt_length", "accuracy"], rows)
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     labels = {"landmark_memory": f"landmark + memory (k={TOP_K})",
               "landmark_full": "landmark, full attention", "baseline": "transformer (baseline)"}
-    for m, marker in zip(METHODS, "os^"):
+    for m, marker in zip(methods, "os^"):
         xs = list(s["lengths"])
         ax.plot(xs, [accuracy[m][n] for n in xs], marker=marker, label=labels[m])
     ax.axvline(train_context, color="gray", ls=":", label="training context")
     ax.set_xscale("log", base=2)
+    title = f"passkey retrieval ({s['trials']} trials per length, seed {seed})"
+    if "shipped" in s:
+        title += (f"\nshipped checkpoint: {s['shipped'][0]} recipe, training seed "
+                  f"{s['shipped'][1]} (results/checkpoints)")
     ax.set(xlabel="prompt length (tokens)", ylabel="passkey accuracy", ylim=(-0.02, 1.02),
-           title=f"passkey retrieval ({s['trials']} trials per length, seed {seed})")
+           title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "landmark_passkey.png", dpi=120)
     plt.close(fig)
-    return {"train_context": train_context,
-            "accuracy": {m: {str(n): a for n, a in accuracy[m].items()} for m in METHODS},
-            "trials": s["trials"], "top_k": TOP_K, "seconds": seconds}
+    numbers = {"train_context": train_context,
+               "accuracy": {m: {str(n): a for n, a in accuracy[m].items()} for m in methods},
+               "trials": s["trials"], "top_k": TOP_K, "seconds": seconds}
+    if "shipped" in s:
+        numbers["shipped_checkpoint"] = {"size": s["shipped"][0], "seed": s["shipped"][1],
+                                         "path": str(landmark_dir.relative_to(REPO))}
+    return numbers
 
 
 def main(argv=None) -> int:

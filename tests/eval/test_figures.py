@@ -122,3 +122,22 @@ def test_git_state_is_dirty_only_for_tracked_code(tmp_path):
     assert figures.git_state(tmp_path)["dirty"] is False
     (tmp_path / "model.py").write_text("x = 2\n")
     assert figures.git_state(tmp_path)["dirty"] is True
+
+
+def test_the_demo_skips_figures_registered_out_of_it(monkeypatch, tmp_path):
+    """`make demo` (`--size quick`, no --only) runs every figure but those registered with
+    in_demo=False; naming one with --only, or another size, still runs it."""
+    ran = []
+    monkeypatch.setattr(figures, "run_figure", lambda name, **kw: ran.append((name, kw["size"])))
+    out = str(tmp_path)
+    figures.main(["--size", "quick", "--out", out])
+    demo = {n for n, _ in ran}
+    assert "birdie_phonebook" not in demo
+    assert demo == set(figures.load_all()) - figures._NOT_IN_DEMO
+    assert {"landmark_passkey", "birdie_recall", "mac_online_adaptation"} <= demo
+    ran.clear()
+    figures.main(["--only", "birdie_phonebook", "--size", "quick", "--out", out])
+    assert ran == [("birdie_phonebook", "quick")]
+    ran.clear()
+    figures.main(["--size", "cpu", "--out", out])
+    assert "birdie_phonebook" in {n for n, _ in ran}
