@@ -21,8 +21,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m eval.figures --size quick --seed $(SEED) --out $(FIG_OUT)
 
-# The test suite (under 10 minutes on 2 CPU cores; 8 fake CPU devices set in tests/conftest.py).
+# The test suite (8 fake CPU devices set in tests/conftest.py) with JAX's persistent compilation
+# cache on, so a rerun skips compilation; .ci/run calls this target. JAX_COMPILATION_CACHE_DIR
+# overrides where the cache lives.
 test: $(STAMP)
+	export JAX_COMPILATION_CACHE_DIR="$${JAX_COMPILATION_CACHE_DIR:-$$HOME/.cache/mnemax/jax-cache}" \
+	  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0 && \
+	mkdir -p "$$JAX_COMPILATION_CACHE_DIR" && \
 	$(PY) -m pytest tests -q
 
 # The figures at --size cpu (about an hour on 2 CPU cores); the numbers with their provenance

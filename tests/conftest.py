@@ -15,22 +15,29 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# The reference vectors live beside the checkout (../shared/reference); MNEMAX_REFERENCE overrides.
-REFERENCE = pathlib.Path(os.environ.get("MNEMAX_REFERENCE", REPO.parent / "shared" / "reference"))
+# Reference vectors ship with the repo (tests/data/, see its README), so a plain clone runs every
+# parity test; MNEMAX_REFERENCE points the tests at another copy (e.g. regenerated vectors).
+REFERENCE = pathlib.Path(os.environ.get("MNEMAX_REFERENCE", REPO / "tests" / "data"))
 
-# The persistent compilation cache (on in .ci/run; on here by default too, so reruns and the
-# subprocesses that tests start reuse compiled steps). Subprocesses inherit it via the env vars.
+# The persistent compilation cache (`make test` and .ci/run export these env vars; the same
+# defaults apply here for a bare `pytest`, so reruns and the subprocesses that tests start reuse
+# compiled steps). Subprocesses inherit it via the env vars.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(pathlib.Path.home() / ".cache" / "mnemax" / "jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                  int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 
 
 @pytest.fixture(scope="session")
 def reference_dir() -> pathlib.Path:
     if not REFERENCE.exists():
-        pytest.fail(f"reference vectors not found at {REFERENCE}; set MNEMAX_REFERENCE")
+        pytest.fail(f"reference vectors not found at {REFERENCE} (tests/data/ in the repo; "
+                    "MNEMAX_REFERENCE overrides)")
     return REFERENCE
 
 

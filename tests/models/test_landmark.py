@@ -1,7 +1,7 @@
 """models/landmark.py: parity with the official landmark-attention code (reference A, D, E, F),
 blockwise == dense, the LM, the converter and memory inference.
 
-Reference vectors and tolerances: ../shared/reference/landmark/README.md. Official layouts are
+Reference vectors and tolerances: tests/data/landmark/README.md. Official layouts are
 (B, H, T, D); mnemax's are [B, T, H, D].
 """
 import jax

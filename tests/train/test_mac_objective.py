@@ -285,9 +285,12 @@ def test_readouts_add_to_the_loss_and_get_gradients(setup):
     np.testing.assert_allclose(float(on) - float(base),
                                0.5 * (2 * np.log(LM.vocab_size) + retrieval), rtol=1e-4)
     np.testing.assert_allclose(float(m1["qa_loss"]), float(base), rtol=1e-6)
-    g = jax.grad(lambda t: obj.meta_loss(CFG, t["mac"], s["lm_params"], s["batch"], rho,
-                                         readouts=t["ro"], readout_weight=0.5)[0])(
-        {"mac": s["params"], "ro": ro})
+    # Jitted: one compilation instead of an op-by-op backward pass (the slowest part cold); the
+    # LM params and batch are arguments, not constants folded into the program.
+    grad = jax.jit(jax.grad(lambda t, lm, b: obj.meta_loss(CFG, t["mac"], lm, b, rho,
+                                                           readouts=t["ro"],
+                                                           readout_weight=0.5)[0]))
+    g = grad({"mac": s["params"], "ro": ro}, s["lm_params"], s["batch"])
     assert float(optax_norm(g["ro"]["g"])) > 0 and float(optax_norm(g["ro"]["h"])) > 0
 
 
