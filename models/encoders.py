@@ -5,9 +5,16 @@ The DKVB paper keeps the backbone frozen and precomputes every dataset's embeddi
 one the values are trained on:
 
 - `raw_embed`: the flattened input itself.
-- `PCA` (`fit_pca` / `pca_embed`): principal components fitted on another dataset.
-- `SmallCNN` (`fit_cnn` / `cnn_embed`): a small CNN pre-trained with labels on another dataset;
-  its penultimate layer is the embedding.
+- `PCA` (`fit_pca` / `pca_embed`): principal components fitted on another dataset (no labels).
+- `ConvAutoencoder` (`ae_embed`): a small convolutional autoencoder fitted without labels on
+  another dataset (`train.objectives.encoders.fit_autoencoder`); its bottleneck is the embedding.
+- `SmallCNN` (`cnn_embed`): a small CNN pre-trained *with labels* on another dataset
+  (`train.objectives.encoders.fit_cnn`); its penultimate layer is the embedding. If the labels
+  are the evaluation's classes, the embedding already separates them (a label leak for
+  class-incremental claims); kept as an ablation.
+
+This file holds the modules and their frozen `embed` functions; the fitting loops live in
+`train/objectives/encoders.py`.
 
 Your own backbone (e.g. the paper's ResNet-50 / CLIP / DINO features):
 
@@ -28,9 +35,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-ENCODERS = ("raw", "pca", "cnn")
+ENCODERS = ("raw", "pca", "ae", "cnn")
+# What each encoder's fitting sees of the fitting data's labels.
+SUPERVISION = {"raw": "none", "pca": "none", "ae": "none", "cnn": "labels"}
 
 
 def raw_embed(x: jax.Array) -> jax.Array:
@@ -95,50 +103,57 @@ class SmallCNN(nn.Module):
         return nn.Dense(self.num_classes, name="head")(z)
 
 
-def fit_cnn(rng: jax.Array, x_NxHxW: np.ndarray, y_N: np.ndarray, *, num_classes: int,
-            embed_dim: int = 64, epochs: int = 15, batch_size: int = 128,
-            learning_rate: float = 3e-3) -> tuple[SmallCNN, dict]:
-    """Pre-trains a `SmallCNN` with labels (Adam, cross-entropy); returns (module, params).
-
-    The whole loop is one jitted `lax.scan`; deterministic for a given `rng`.
-    """
-    x = jnp.asarray(x_NxHxW, jnp.float32)
-    y = jnp.asarray(y_N, jnp.int32)
-    N = x.shape[0]
-    model = SmallCNN(embed_dim=embed_dim, num_classes=num_classes)
-    r_init, r_loop = jax.random.split(rng)
-    params = model.init(r_init, x[:1])
-    tx = optax.adam(learning_rate)
-    B = min(batch_size, N)
-    steps = N // B
-
-    def loss_fn(p, xb, yb):
-        logits = model.apply(p, xb)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
-    @jax.jit
-    def run(params, r):
-        def epoch(carry, re):
-            params, opt = carry
-            perm = jax.random.permutation(re, N)[: steps * B].reshape(steps, B)
-
-            def step(carry, ix):
-                params, opt = carry
-                g = jax.grad(loss_fn)(params, x[ix], y[ix])
-                upd, opt = tx.update(g, opt, params)
-                return (optax.apply_updates(params, upd), opt), None
-
-            return jax.lax.scan(step, (params, opt), perm)[0], None
-
-        (params, _), _ = jax.lax.scan(epoch, (params, tx.init(params)), jax.random.split(r, epochs))
-        return params
-
-    return model, run(params, r_loop)
-
-
 def cnn_embed(model: SmallCNN, params: dict, x: jax.Array) -> jax.Array:
     """[B, H, W(, ch)] -> [B, embed_dim] penultimate features of the frozen CNN."""
     return model.apply(params, jnp.asarray(x, jnp.float32), return_embedding=True)
+
+
+# --------------------------------------------------------------------------- conv autoencoder
+
+
+class ConvAutoencoder(nn.Module):
+    """Conv encoder -> `embed_dim` ReLU bottleneck -> transposed-conv decoder (no labels).
+
+    Input [B, H, W] (one channel) or [B, H, W, channels] images in [0, 1] with (H, W) ==
+    `image_hw` (both even). `__call__` returns reconstruction logits [B, H, W, channels] (a
+    sigmoid gives pixels); `encode` the bottleneck [B, embed_dim].
+    """
+
+    embed_dim: int = 64
+    width: int = 32
+    image_hw: tuple[int, int] = (8, 8)
+    channels: int = 1
+
+    def setup(self):
+        H, W = self.image_hw
+        if H % 2 or W % 2:
+            raise ValueError(f"image_hw={self.image_hw!r} must be two even ints (a stride-2 conv "
+                             "is mirrored by a stride-2 transposed conv)")
+        self.conv1 = nn.Conv(self.width, (3, 3), name="conv1")
+        self.conv2 = nn.Conv(2 * self.width, (3, 3), strides=(2, 2), name="conv2")
+        self.embed = nn.Dense(self.embed_dim, name="embed")
+        # The decoder's first layer mirrors `embed`: back to conv2's feature-map shape.
+        self.unembed = nn.Dense((H // 2) * (W // 2) * 2 * self.width, name="unembed")
+        self.deconv1 = nn.ConvTranspose(self.width, (3, 3), strides=(2, 2), name="deconv1")
+        self.deconv2 = nn.Conv(self.channels, (3, 3), name="deconv2")
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        if x.ndim == 3:
+            x = x[..., None]
+        h = nn.relu(self.conv1(x.astype(jnp.float32)))
+        h = nn.relu(self.conv2(h))
+        return nn.relu(self.embed(h.reshape(h.shape[0], -1)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        H, W = self.image_hw
+        z = self.encode(x)
+        h = nn.relu(self.unembed(z)).reshape(z.shape[0], H // 2, W // 2, 2 * self.width)
+        return self.deconv2(nn.relu(self.deconv1(h)))
+
+
+def ae_embed(model: ConvAutoencoder, params: dict, x: jax.Array) -> jax.Array:
+    """[B, H, W(, ch)] -> [B, embed_dim] bottleneck features of the frozen autoencoder."""
+    return model.apply(params, jnp.asarray(x, jnp.float32), method=ConvAutoencoder.encode)
 
 
 # --------------------------------------------------------------------------- plug-in backbones

@@ -1,4 +1,7 @@
-"""Class-incremental DKVB protocol: data, task splits, a tiny toy run, the TFDS CIFAR path."""
+"""Class-incremental DKVB protocol: data, task splits, a tiny toy run, the TFDS CIFAR path, the
+split-digits figure's unsupervised encoder."""
+import inspect
+
 import numpy as np
 import pytest
 
@@ -77,3 +80,51 @@ def test_cifar_tfds_path_with_mock_data(tmp_path):
         assert x10.shape == (10, 32, 32, 3) and y10.max() < 10
     with pytest.raises(ValueError, match="name"):
         ci.load_cifar("mnist", "train")
+
+
+@pytest.fixture(scope="module")
+def tiny_split_digits(tmp_path_factory):
+    """The split-digits figure at a tiny size, once per encoder, recording what fit_encoder got."""
+    tiny = (ci.DKVBConfig(num_codebooks=4, num_keys=16, key_dim=4, key_init_epochs=1), 1, 1)
+    seen, numbers = {}, {}
+    fit_encoder = ci.fit_encoder
+
+    def spy(kind, rng, x_other, y_other=None, **kw):
+        seen[kind] = y_other
+        return fit_encoder(kind, rng, x_other, y_other, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(ci.DIGITS_SIZES, "tiny", tiny)
+        mp.setattr(ci, "fit_encoder", spy)
+        for enc in ("ae", "cnn"):
+            out = tmp_path_factory.mktemp(enc)
+            numbers[enc] = (ci.dkvb_split_digits(size="tiny", seed=0, out=out, encoder=enc), out)
+    return seen, numbers
+
+
+def test_split_digits_default_encoder_never_sees_labels(tiny_split_digits):
+    seen, numbers = tiny_split_digits
+    assert seen["ae"] is None  # the default encoder is fitted on images alone
+    assert seen["cnn"] is not None and len(seen["cnn"]) == 5000  # the labelled ablation
+    r, out = numbers["ae"]
+    assert r["encoder"] == {"kind": "ae", "supervision": "none"}
+    assert numbers["cnn"][0]["encoder"] == {"kind": "cnn", "supervision": "labels"}
+    assert set(r["accuracy_after_task"]) == {"dkvb", "linear_ci", "mlp_ci"}
+    assert all(len(a) == 5 for a in r["accuracy_after_task"].values())
+    assert (out / "dkvb_split_digits.png").exists() and (out / "dkvb_split_digits.csv").exists()
+    assert inspect.signature(ci.dkvb_split_digits).parameters["encoder"].default == "ae"
+
+
+def test_split_digits_title_names_the_supervision():
+    assert "without labels" in ci.digits_title(encoder="ae", size="cpu", seed=0)
+    assert "WITH the digit labels" in ci.digits_title(encoder="cnn", size="cpu", seed=0)
+
+
+def test_unsupervised_encoder_refuses_labels():
+    x = np.zeros((8, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="y_other"):
+        ci.fit_encoder("ae", None, x, np.zeros(8, np.int32))
+    with pytest.raises(ValueError, match="encoder='cnn'"):
+        ci.fit_encoder("cnn", None, x, None)
+    with pytest.raises(ValueError, match="encoder='vit'"):
+        ci.fit_encoder("vit", None, x)

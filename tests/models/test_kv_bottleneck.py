@@ -1,5 +1,6 @@
-"""DKVB model + value training: frozen keys/projection/encoder, localized value gradients,
-voting decoder check, encoders."""
+"""DKVB model + value training: the value gradient, one local SGD step, voting decoder check,
+encoders. (That values outside the fetched set never move, under any optimizer, is tested in
+tests/train/test_dkvb_objective.py.)"""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,26 +53,25 @@ def test_vote_logits_are_mean_of_fetched_values(setup):
     np.testing.assert_allclose(logits, want, rtol=1e-6)
 
 
-def test_only_fetched_values_get_gradient(setup):
-    """Grad of the loss w.r.t. the whole codebook pytree (and the input): keys, projection and
-    encoder input get exactly zero; values get (1/C) sum_b (softmax_b - onehot_b) / B."""
+def test_value_gradient_is_the_scatter_of_softmax_minus_onehot(setup):
+    """Grad of the loss w.r.t. the values: (1/C) sum_b (softmax_b - onehot_b) / B scattered onto
+    the fetched keys. (Keys, projection and encoder reach the logits only through an argmin, so
+    their gradient is zero with or without stop_gradient; nothing to test there.)"""
     books, z, y = setup
     model = KVBottleneck(num_classes=V)
 
-    def loss(books, z):
-        logits, _ = model.apply({}, z, books)
+    def loss(values):
+        logits, _ = model.apply({}, z, books.replace(values_CxKxDv=values))
         return obj.smoothed_cross_entropy(logits, y, jnp.ones(B), 0.0)
 
-    g_books, g_z = jax.grad(loss, argnums=(0, 1), allow_int=True)(books, z)
-    assert not np.any(g_books.keys_CxKxDk) and not np.any(g_books.projection_CxDxDk)
-    assert not np.any(g_z)
+    g_values = jax.grad(loss)(books.values_CxKxDv)
     logits, idx = model.apply({}, z, books)
     p = np.asarray(jax.nn.softmax(logits)) - np.eye(V)[np.asarray(y)]
     want = np.zeros((C, K, V))
     for b in range(B):
         for c in range(C):
             want[c, int(idx[b, c])] += p[b] / (C * B)
-    np.testing.assert_allclose(g_books.values_CxKxDv, want, atol=1e-7)
+    np.testing.assert_allclose(g_values, want, atol=1e-7)
 
 
 def test_one_sgd_step_is_local(setup):
@@ -124,17 +124,6 @@ def test_training_leaves_keys_frozen_and_is_deterministic(setup):
     restricted = KVBottleneck(num_classes=V).apply({}, z, a.aux, restrict_to_used=True,
                                                    method=KVBottleneck.lookup)
     assert bool(jnp.all(a.aux.usage_CxK[jnp.arange(C)[None], restricted] > 0))
-
-
-def test_encoder_gets_no_gradient():
-    w = jnp.ones((6, D))
-    model = KVBottleneck(num_classes=V, encoder=lambda x: x @ w)
-    books = cb.init_codebooks(jax.random.PRNGKey(0), embed_dim=D, num_codebooks=C, num_keys=K,
-                              key_dim=DK, value_dim=V)
-    books = books.replace(values_CxKxDv=jnp.ones_like(books.values_CxKxDv))
-    x = jax.random.normal(jax.random.PRNGKey(1), (4, 6))
-    g = jax.grad(lambda x: model.apply({}, x, books)[0].sum())(x)
-    assert not np.any(g)
 
 
 def test_pca_and_embedding_files(tmp_path):

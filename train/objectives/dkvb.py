@@ -6,6 +6,11 @@ SGD *without momentum* (with momentum, values fetched in an earlier task would k
 they stop being fetched), learning rate 0.3, batch 256, global gradient-norm clip 1.0, label
 smoothing 0.1, several epochs per task. DKVB values start at zero.
 
+Locality is enforced, not only implied by the optimizer: a DKVB step zeroes the update of every
+value its batch did not fetch (`Learner.local_update`), so an optimizer with momentum or weight
+decay (`make_train_task(..., tx=...)`) still cannot move a value outside the fetched set. Under
+the protocol's plain SGD those updates are already zero, so the mask changes no number.
+
 Everything runs on precomputed frozen embeddings: for DKVB the key indices of a training set are
 computed once (keys and projection are frozen), so an epoch is only gathers and scatter-adds. A
 task is one jitted call: `lax.scan` over epochs, and within each over shuffled batches.
@@ -80,13 +85,16 @@ class Learner(NamedTuple):
 
     features(state, x_NxD) -> per-item features for training (e.g. key indices for DKVB);
     loss(trainable, aux, feat_B, y_B, w_B, smoothing) -> (loss, new_aux);
-    predict(state, x_NxD) -> logits_NxV at test time.
+    predict(state, x_NxD) -> logits_NxV at test time;
+    local_update(updates, feat_B, w_B) -> updates with every entry the batch did not touch set
+      to zero (None: the whole trainable pytree may move, as for the probes).
     """
 
     name: str
     features: Callable[[Any, jax.Array], jax.Array]
     loss: Callable[..., tuple[jax.Array, Any]]
     predict: Callable[[Any, jax.Array], jax.Array]
+    local_update: Callable[[Any, jax.Array, jax.Array], Any] | None = None
 
 
 class LearnerState(NamedTuple):
@@ -127,8 +135,16 @@ def dkvb_learner(model: KVBottleneck, codebooks: cb.Codebooks, *,
                           restrict_to_used=True, method=KVBottleneck.lookup)
         return apply(state.trainable, state.aux, idx)
 
+    def local_update(updates, idx_BxC, w_B):
+        # Only values fetched by a real item (w > 0) of this batch may change (paper Sec. 3:
+        # localized updates); the linear decoder, if any, is global and left as it is.
+        C, K = codebooks.num_codebooks, codebooks.num_keys
+        fetched_CxK = cb.count_usage(jnp.zeros((C, K), jnp.float32), idx_BxC, w_B) > 0
+        values = jnp.where(fetched_CxK[..., None], updates["values"], 0.0)
+        return {**updates, "values": values.astype(updates["values"].dtype)}
+
     trainable = {"values": codebooks.values_CxKxDv, "decoder": decoder_params}
-    learner = Learner("dkvb", jax.jit(features), loss, jax.jit(predict))
+    learner = Learner("dkvb", jax.jit(features), loss, jax.jit(predict), local_update)
     return learner, LearnerState(trainable, codebooks, None)
 
 
@@ -169,14 +185,17 @@ def probe_learner(rng: jax.Array, embed_dim: int, num_classes: int, *, hidden: i
 # --------------------------------------------------------------------------- training
 
 
-def make_train_task(learner: Learner, cfg: ProtocolConfig, *, epochs: int | None = None):
+def make_train_task(learner: Learner, cfg: ProtocolConfig, *, epochs: int | None = None,
+                    tx: optax.GradientTransformation | None = None):
     """Returns jitted `train_task(state, feats_N, y_N, w_N, rng) -> (state, mean_loss_per_epoch)`.
 
     Items with w == 0 are padding (so every task of a stream can share one compiled function);
     each epoch shuffles the real items and puts padding last; the last real batch may be partial.
+    `tx` replaces the protocol's optimizer (`make_optimizer(cfg)`); the learner's
+    `local_update` is applied to its updates either way.
     """
     cfg = cfg.validate()
-    tx = make_optimizer(cfg)
+    tx = make_optimizer(cfg) if tx is None else tx
     n_epochs = cfg.epochs_per_task if epochs is None else epochs
 
     def step(carry, batch):
@@ -185,6 +204,8 @@ def make_train_task(learner: Learner, cfg: ProtocolConfig, *, epochs: int | None
         (loss, aux), g = jax.value_and_grad(learner.loss, has_aux=True)(
             trainable, aux, f_B, y_B, w_B, cfg.label_smoothing)
         upd, opt_state = tx.update(g, opt_state, trainable)
+        if learner.local_update is not None:
+            upd = learner.local_update(upd, f_B, w_B)
         return (optax.apply_updates(trainable, upd), aux, opt_state), loss
 
     @jax.jit
