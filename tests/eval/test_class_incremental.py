@@ -101,6 +101,8 @@ def tiny_split_digits(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(ci.DIGITS_SIZES, "tiny", tiny)
+        # A figure may check every table of its module for the size (validate_size).
+        mp.setitem(ci.TOY_SIZES, "tiny", (tiny[0], 1, 1, 1))
         mp.setattr(ci, "fit_encoder", spy)
         mp.setattr(ci, "load_mnist_8x8", lambda: (x[::10], y[::10]))
         out = tmp_path_factory.mktemp("ae")
