@@ -3,6 +3,7 @@ each must still match the recipe that names it, build the current model and rest
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 import pytest
 
 from eval import passkey
@@ -25,8 +26,8 @@ def test_shipped_run_matches_its_recipe_and_restores(size):
     assert passkey.run_dir(src_size, src_seed, workdir.parent.parent).name == workdir.name
     # Every parameter has the shape the current model initialises.
     tokens = jnp.zeros((1, config.seq_len), jnp.int32)
-    init = jax.eval_shape(model.init, jax.random.key(0), tokens,
-                          is_landmark=jnp.zeros((1, config.seq_len), bool))["params"]
+    init = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens,
+                                   is_landmark=jnp.zeros((1, config.seq_len), bool))["params"])
     assert jax.tree.structure(init) == jax.tree.structure(params)
     for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(params)):
         assert a.shape == b.shape and np.isfinite(np.asarray(b)).all()
