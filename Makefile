@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Every figure at --size quick (about 15 minutes on 2 CPU cores), written to $(FIG_OUT)/.
+# The figures at --size quick (all but those registered out of the demo), written to $(FIG_OUT)/;
+# their numbers with provenance also to $(FIG_OUT)/results/NAME-quick-seed$(SEED).json (the files
+# `python -m eval.report` reads once copied to results/figures/). Time: README, "The demo".
 demo: $(STAMP)
-	$(PY) -m eval.figures --size quick --seed $(SEED) --out $(FIG_OUT)
+	$(PY) -m eval.figures --size quick --seed $(SEED) --out $(FIG_OUT) --results $(FIG_OUT)/results
 
 # The test suite (8 fake CPU devices set in tests/conftest.py) with JAX's persistent compilation
 # cache on, so a rerun skips compilation; .ci/run calls this target. JAX_COMPILATION_CACHE_DIR

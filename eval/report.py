@@ -379,10 +379,118 @@ def benchmarks_table(results: pathlib.Path) -> str:
     return markdown_table(["benchmark", "device", "result", "measured", "file"], rows)
 
 
+# ---------------------------------------------------------------------------------------------
+# The demo: each quick figure's effect against the bar it must clear (issue: "make demo shows
+# each paper's effect"), one column per committed quick seed
+# ---------------------------------------------------------------------------------------------
+BIDIRECTIONAL = ("gated_bidir", "gated_birdie", "hawk_birdie")
+MEMORY_SETTINGS = ("landmark_k2", "landmark_k4", "landmark_k4_cache8")
+
+
+def _longest(d: dict) -> str:
+    return max(d, key=int)
+
+
+def _passkey_bar(doc):
+    acc, ctx = doc["accuracy"], doc["train_context"]
+    L = _longest(acc["landmark_memory"])
+    mem, full = acc["landmark_memory"][L], acc["landmark_full"][L]
+    return (f"memory {fmt(mem)}, full attention {fmt(full)} at {L} ({int(L) // ctx}×)",
+            int(L) >= 4 * ctx and mem >= 0.8 and full <= 0.2)
+
+
+def _perplexity_bar(doc):
+    ppl = doc["perplexity"]
+    L = _longest(ppl["landmark_full"])
+    mem = max(ppl[m][L] for m in MEMORY_SETTINGS if m in ppl)
+    full = ppl["landmark_full"][L]
+    return (f"memory ≤ {fmt(mem, 2)} vs full attention {fmt(full, 2)} at {L}",
+            mem < full and mem < 64)
+
+
+def _recall_bar(doc):
+    acc = doc["accuracy"]
+    P = _longest(acc["gated_ntp"])
+    best = max((acc[m][P], m) for m in BIDIRECTIONAL if m in acc)
+    gap = best[0] - acc["gated_ntp"][P]
+    return (f"{best[1]} {fmt(best[0])} − gated_ntp {fmt(acc['gated_ntp'][P])} = {fmt(gap)} "
+            f"at {P} pairs", gap >= 0.15)
+
+
+def _toy_bar(doc):
+    a = doc["accuracy_after_task"]
+    return (f"DKVB {fmt(a['dkvb'][-1])}, MLP {fmt(a['mlp'][-1])}",
+            a["dkvb"][-1] >= 0.9 and a["mlp"][-1] <= 0.5)
+
+
+def _digits_bar(doc):
+    a = doc["accuracy_after_task"]
+    return (f"DKVB {fmt(a['dkvb'][-1])}, linear (CI) {fmt(a['linear_ci'][-1])}",
+            a["dkvb"][-1] >= 0.85 and a["linear_ci"][-1] <= 0.45)
+
+
+def _mac_bar(doc):
+    em = doc["em"]
+    return (f"flat {fmt(em['mac_flat'])}, no memory {fmt(em['no_memory'])}, gold removed "
+            f"{fmt(em['gold_removed'])}",
+            em["mac_flat"] >= 0.5 and em["no_memory"] <= 0.15 and em["gold_removed"] <= 0.15)
+
+
+def _mqar_bar(doc):
+    return (f"{fmt(doc['accuracy'])} vs no_binding {fmt(doc['no_binding'])}",
+            doc["accuracy"] > doc["no_binding"])
+
+
+# (figure, the bar in words, doc -> (measured, met))
+DEMO_BARS = (
+    ("landmark_passkey", "memory ≥ 0.8 and full attention ≤ 0.2 at ≥ 4× the context",
+     _passkey_bar),
+    ("landmark_perplexity", "memory below full attention and below 64 at the longest length",
+     _perplexity_bar),
+    ("birdie_recall", "best bidirectional − causal gated SSM ≥ 0.15 at the most pairs",
+     _recall_bar),
+    ("dkvb_toy", "DKVB ≥ 0.9, MLP ≤ 0.5", _toy_bar),
+    ("dkvb_split_digits", "DKVB ≥ 0.85, class-incremental linear ≤ 0.45", _digits_bar),
+    ("mac_online_adaptation", "MAC flat EM ≥ 0.5; no memory, gold removed ≤ 0.15", _mac_bar),
+    ("lm_mqar", "accuracy above no_binding", _mqar_bar),
+)
+
+
+def demo_table(results: pathlib.Path) -> str:
+    """Each demo figure's effect at `--size quick` against its bar, a column per committed seed
+    (results/figures/NAME-quick-seedS.json), with the figures' own seconds."""
+    runs: dict[int, dict[str, dict]] = {}
+    for name, _, _ in DEMO_BARS + (("mac_retention", "", None),):
+        for _, doc in figure_results(results, name):
+            if doc["provenance"]["size"] == "quick":
+                runs.setdefault(int(doc["provenance"]["seed"]), {})[name] = doc
+    if not runs:
+        return "`demo`: no committed results yet (`results/figures/NAME-quick-seedS.json`)."
+    seeds = sorted(runs)
+    rows = []
+    for name, bar, check in DEMO_BARS:
+        cells = []
+        for seed in seeds:
+            doc = runs[seed].get(name)
+            if doc is None:
+                cells.append("–")
+                continue
+            text, met = check(doc)
+            cells.append(f"{text} {'**met**' if met else '**not met**'}")
+        rows.append([f"`{name}`", bar] + cells)
+    rows.append(["all figures", "seconds (each figure's own clock, summed)"] + [
+        fmt(round(sum(d["provenance"]["seconds"] for d in runs[seed].values())), 0)
+        for seed in seeds])
+    commits = sorted({d["provenance"]["git_commit"][:7] for r in runs.values() for d in r.values()})
+    return (markdown_table(["figure", "bar"] + [f"seed {s}" for s in seeds], rows) + "\n\n"
+            + f"From `results/figures/*-quick-seedS.json` (commit {', '.join(commits)}).")
+
+
 BUILDERS: dict[str, Callable[[pathlib.Path], str]] = {
     **{name: (lambda results, name=name, rows=rows: seed_table(name, results, rows))
        for name, rows in FIGURE_ROWS.items()},
     "benchmarks": benchmarks_table,
+    "demo": demo_table,
 }
 
 

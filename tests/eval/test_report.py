@@ -138,3 +138,32 @@ def test_bad_result_files_are_named(tmp_path):
         {"benchmark": "x", "device": {}, "versions": {}}))
     with pytest.raises(ValueError, match=r"benchmark='x' in .*x-cpu.json has no summary"):
         report.BUILDERS["benchmarks"](tmp_path)
+
+
+def test_demo_table_checks_each_quick_figure_against_its_bar(tmp_path):
+    """One seed meets the passkey and recall bars, the other misses both (memory too low at the
+    longest length; a causal model too close to the bidirectional one); figures a seed lacks
+    show '–'; cpu files are not demo runs."""
+    _write_figure(tmp_path, "landmark_passkey", "quick", 5, {
+        "train_context": 256, "accuracy": {
+            "landmark_memory": {"256": 1.0, "1024": 0.9, "2048": 0.85},
+            "landmark_full": {"256": 1.0, "1024": 0.0, "2048": 0.05}}})
+    _write_figure(tmp_path, "landmark_passkey", "quick", 6, {
+        "train_context": 256, "accuracy": {
+            "landmark_memory": {"256": 1.0, "1024": 0.9, "2048": 0.75},
+            "landmark_full": {"256": 1.0, "1024": 0.0, "2048": 0.0}}})
+    for seed, causal in ((5, 0.4), (6, 0.9)):
+        _write_figure(tmp_path, "birdie_recall", "quick", seed, {"accuracy": {
+            "gated_ntp": {"2": 0.9, "6": causal}, "gated_bidir": {"2": 1.0, "6": 1.0}}})
+    _write_figure(tmp_path, "lm_mqar", "cpu", 5, {"accuracy": 0.1, "no_binding": 0.125})
+    lines = report.demo_table(tmp_path).splitlines()
+    assert lines[0] == "| figure | bar | seed 5 | seed 6 |"
+    passkey = next(line for line in lines if line.startswith("| `landmark_passkey`"))
+    assert passkey.endswith("| memory 0.850, full attention 0.050 at 2048 (8×) **met** | "
+                            "memory 0.750, full attention 0.000 at 2048 (8×) **not met** |")
+    recall = next(line for line in lines if line.startswith("| `birdie_recall`"))
+    assert "gated_bidir 1.000 − gated_ntp 0.400 = 0.600 at 6 pairs **met**" in recall
+    assert "= 0.100 at 6 pairs **not met**" in recall
+    mqar = next(line for line in lines if line.startswith("| `lm_mqar`"))
+    assert mqar.endswith("| – | – |")
+    assert lines[-1].startswith("From `results/figures/*-quick-seedS.json`")
