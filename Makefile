@@ -32,7 +32,8 @@ test: $(STAMP)
 	mkdir -p "$$JAX_COMPILATION_CACHE_DIR" && \
 	$(PY) -m pytest tests -q
 
-# The figures at --size cpu (about an hour on 2 CPU cores); the numbers with their provenance
+# The figures at --size cpu (roughly 1.5 hours on 2 CPU cores; each result file's provenance holds
+# its figure's seconds); the numbers with their provenance
 # also go to results/figures/NAME-cpu-seed$(SEED).json, the files `python -m eval.report` reads.
 figures: $(STAMP)
 	$(PY) -m eval.figures --size cpu --seed $(SEED) --out $(FIG_OUT) --results results/figures

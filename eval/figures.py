@@ -16,8 +16,9 @@ has the signature `fn(*, size: str, seed: int, out: pathlib.Path, **options) -> 
 config(s) it builds, or its module's SIZES entry); its hash is the provenance's `config_hash`, so
 two result files with one hash came from one recipe.
 
-Sizes: `quick` is what `make demo` runs (every figure together in about 15 minutes on 2 CPU cores),
-`cpu` what `make figures` runs (about an hour), `paper` the papers' sizes for accelerators.
+Sizes: `quick` is what `make demo` runs (every figure but those registered with in_demo=False;
+its measured time is in the README), `cpu` what `make figures` runs (each result file's
+provenance holds its seconds), `paper` the papers' sizes for accelerators.
 """
 from __future__ import annotations
 
