@@ -101,8 +101,9 @@ def landmark_perplexity_figure(*, size: str, seed: int, out: pathlib.Path, **_) 
         windows = prose_windows(length, s["windows"])
         scorers = {}
         if base is not None:
-            scorers["baseline_full"] = (lambda x, b=base: passkey.full_attention_logits(
-                b[2], b[1], x))
+            _, base_params, base_model, _ = base
+            scorers["baseline_full"] = (lambda x: passkey.full_attention_logits(
+                base_model, base_params, x))
         scorers["landmark_full"] = lambda x: passkey.full_attention_logits(lm_model, lm_params, x)
         for name, k, cache in MEMORY_SETTINGS:
             scorers[name] = (lambda x, k=k, cache=cache: passkey.memory_inference_logits(
@@ -121,9 +122,8 @@ def landmark_perplexity_figure(*, size: str, seed: int, out: pathlib.Path, **_) 
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set(xlabel="evaluation length (tokens)", ylabel="perplexity (bytes, held-out prose)",
-           title=f"perplexity vs length ({s['windows']} windows per length)" + (
-               f"\nshipped checkpoint: {passkey.SIZES[size]['shipped'][0]} recipe, training seed "
-               f"{passkey.SIZES[size]['shipped'][1]}" if "shipped" in passkey.SIZES[size] else ""))
+           title=f"perplexity vs length ({s['windows']} windows per length)"
+                 + passkey.shipped_title(size))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "landmark_perplexity.png", dpi=120)

@@ -315,6 +315,15 @@ def check_shipped(size: str) -> dict:
     return stored
 
 
+def shipped_title(size: str) -> str:
+    """A figure title's second line naming the committed run a shipped size evaluates ("" for a
+    size that trains its own)."""
+    if "shipped" not in SIZES[size]:
+        return ""
+    src_size, src_seed = SIZES[size]["shipped"]
+    return f"\nshipped checkpoint: {src_size} recipe, training seed {src_seed}"
+
+
 def load_shipped(size: str):
     """(config, params, model, workdir) of the committed landmark run of `size`, restored on
     one device after `check_shipped`."""
@@ -355,13 +364,11 @@ def landmark_passkey_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> 
         run = train_or_reuse(size, seed, out, baseline=baseline)
         if run is None:                    # a shipped size ships no baseline
             continue
-        c, params, model, workdir = run
+        c, params, model, _ = run
         accuracy.update(evaluate_run(model, params, s["lengths"], s["trials"], seed + 1,
                                      chunk_len=c.seq_len // 2,
                                      num_digits=c.data.num_digits, intro=c.data.intro))
         seconds["baseline" if baseline else "landmark"] = round(time.time() - t0, 1)
-        if not baseline:
-            landmark_dir = workdir
     train_context = int(c.seq_len)
     methods = [m for m in METHODS if m in accuracy]
     rows = [(m, n, accuracy[m][n]) for m in methods for n in s["lengths"]]
@@ -374,12 +381,9 @@ def landmark_passkey_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> 
         ax.plot(xs, [accuracy[m][n] for n in xs], marker=marker, label=labels[m])
     ax.axvline(train_context, color="gray", ls=":", label="training context")
     ax.set_xscale("log", base=2)
-    title = f"passkey retrieval ({s['trials']} trials per length, seed {seed})"
-    if "shipped" in s:
-        title += (f"\nshipped checkpoint: {s['shipped'][0]} recipe, training seed "
-                  f"{s['shipped'][1]} (results/checkpoints)")
     ax.set(xlabel="prompt length (tokens)", ylabel="passkey accuracy", ylim=(-0.02, 1.02),
-           title=title)
+           title=f"passkey retrieval ({s['trials']} trials per length, seed {seed})"
+                 + shipped_title(size))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "landmark_passkey.png", dpi=120)
@@ -389,7 +393,7 @@ def landmark_passkey_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> 
                "trials": s["trials"], "top_k": TOP_K, "seconds": seconds}
     if "shipped" in s:
         numbers["shipped_checkpoint"] = {"size": s["shipped"][0], "seed": s["shipped"][1],
-                                         "path": str(landmark_dir.relative_to(REPO))}
+                                         "path": str(shipped_dir(size).relative_to(REPO))}
     return numbers
 
 
