@@ -2,7 +2,7 @@
 
 Notebooks are discovered with a glob, so a new `colabs/NAME.py` (+ `NAME.ipynb`, made with
 `jupytext --to ipynb colabs/NAME.py`) is tested as soon as it lands. Each runs on one CPU device
-(XLA_FLAGS unset), in a temporary working directory, with MPLBACKEND=Agg, and must not download.
+(XLA_FLAGS: only the suite's compile-speed flags), in a temporary working directory, with MPLBACKEND=Agg, and must not download.
 """
 import json
 import os
@@ -46,7 +46,8 @@ def notebook_env(monkeypatch, tmp_path):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("TMPDIR", str(tmp_path))   # notebooks' temporary workdirs land here
     monkeypatch.setenv("JUPYTER_PLATFORM_DIRS", "1")
-    monkeypatch.delenv("XLA_FLAGS", raising=False)  # one CPU device, as in Colab's CPU runtime
+    # One CPU device, as in Colab's CPU runtime (only the suite's compile-speed flags).
+    monkeypatch.setenv("XLA_FLAGS", os.environ["MNEMAX_TEST_XLA_FLAGS"])
     monkeypatch.delenv("MNEMAX_WORKDIR", raising=False)
     return work
 

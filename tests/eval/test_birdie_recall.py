@@ -144,7 +144,7 @@ def test_birdie_data_rows():
 
 
 def test_train_main_runs_two_steps(tmp_path, repo_root):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {**os.environ, "XLA_FLAGS": os.environ["MNEMAX_TEST_XLA_FLAGS"]}   # one device
     out = subprocess.run(
         [sys.executable, "-m", "train.main", "--config", "train/configs/birdie.py:tiny",
          "--workdir", str(tmp_path / "run"), "--config.num_steps=2", "--config.progress=False"],

@@ -214,7 +214,7 @@ def test_tiny_cli_trains_two_steps_and_passkey_cli_reads_it(tmp_path, capsys):
         [sys.executable, "-m", "train.main", "--config", "train/configs/landmark.py:tiny",
          "--workdir", str(workdir), "--config.num_steps=2", "--config.progress=False"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
-        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})   # as a user runs it
+        env={**os.environ, "XLA_FLAGS": os.environ["MNEMAX_TEST_XLA_FLAGS"]})   # one device
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["step"] == 2 and np.isfinite(summary["final_loss"])

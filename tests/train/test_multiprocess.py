@@ -25,7 +25,8 @@ def _free_port() -> int:
 
 def _launch(workdir, devices, env_extra=()):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = (os.environ["MNEMAX_TEST_XLA_FLAGS"]
+                        + f" --xla_force_host_platform_device_count={devices}")
     env["PYTHONPATH"] = str(REPO)
     env.update(env_extra)
     cmd = [sys.executable, "-m", "train.main", "--config", "train/configs/lm.py:tiny",

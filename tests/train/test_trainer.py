@@ -223,7 +223,8 @@ CLI_OVERRIDES = ["--config.model.width=32", "--config.model.num_heads=4", "--con
 
 def cli(workdir, *extra, devices=1, **kw):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = (os.environ["MNEMAX_TEST_XLA_FLAGS"]
+                        + f" --xla_force_host_platform_device_count={devices}")
     env["PYTHONPATH"] = str(REPO)
     cmd = [sys.executable, "-m", "train.main", "--config", "train/configs/lm.py:tiny",
            "--workdir", str(workdir), *CLI_OVERRIDES, *extra]
