@@ -157,4 +157,5 @@ def test_mac_run_is_reused_only_when_its_stored_recipe_matches(tmp_path):
     assert sqa.run_dir("quick", 0, tmp_path) == d.with_name(d.name + "-1")
     # eval.* and log_every are not part of it: evaluation settings reuse the same run.
     assert not any(k.startswith("eval.") or k == "log_every" for k in recipe[0])
-    assert recipe[0]["num_steps"] == 300 and recipe[0]["seed"] == 0
+    assert recipe[0]["num_steps"] == sqa.figure_settings("quick").num_steps
+    assert recipe[0]["seed"] == 0
