@@ -2,7 +2,8 @@
 
 Notebooks are discovered with a glob, so a new `colabs/NAME.py` (+ `NAME.ipynb`, made with
 `jupytext --to ipynb colabs/NAME.py`) is tested as soon as it lands. Each runs on one CPU device
-(XLA_FLAGS: only the suite's compile-speed flags), in a temporary working directory, with MPLBACKEND=Agg, and must not download.
+(XLA_FLAGS: only the suite's compile-speed flags), in a temporary working directory, with
+MPLBACKEND=Agg, and must not download.
 """
 import json
 import os

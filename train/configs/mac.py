@@ -70,7 +70,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.stage1 = ml_collections.ConfigDict()       # base-LM training
     # The frozen LM only needs the QA format and the answer sets (the prefix supplies the
     # facts); 800 steps reach loss 0.25 on the mixed document+QA / QA-only rows at width 64
-    # (~360 s on a loaded 2-core machine); quick stops at 500 (loss ~0.4) to fit the demo.
+    # (~360 s on a loaded 2-core machine); quick stops at 500 (loss 0.3–0.4) to fit the demo.
     c.stage1.num_steps = {"quick": 500, "tiny": 800, "paper": 20_000}[arg]
     c.stage1.batch_size = 32                     # rows per step
     c.stage1.lr = 3e-3 if not paper else 6e-4    # Adam, constant after warm-up
