@@ -17,7 +17,7 @@
 # This notebook trains the baseline decoder-only LM (`train/configs/lm.py:tiny`, shrunk further so
 # it runs in well under a minute on 2 CPU cores) on multi-query associative recall (MQAR), plots
 # its loss from `metrics.jsonl`, and restores the final Orbax checkpoint with
-# `train.checkpoint.restore_for_eval`, checking that the restored parameters are the trained ones.
+# `train.trainer.restore_for_eval`, checking that the restored parameters are the trained ones.
 # Nothing is downloaded: MQAR examples are generated in memory.
 #
 # The same run from a shell:
@@ -76,7 +76,7 @@ import jax
 import numpy as np
 
 from train import trainer
-from train.checkpoint import restore_for_eval
+from train.trainer import restore_for_eval
 from train.configs import lm
 
 config = lm.get_config("tiny")

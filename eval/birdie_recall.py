@@ -64,9 +64,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eval import figures
+from eval import figures, phonebook
 from models import layers, ssm
 from models.transformer import Transformer, TransformerConfig
+from train.data import phonebook as phonebook_data
 from train.data import tokenizer as tok
 from train.objectives import birdie
 from train.objectives import birdie_controller as ctl
@@ -702,7 +703,7 @@ PHONEBOOK_SIZES: dict[str, dict[str, Any]] = {
                 num_heads=4, steps=300, rows=8, row_length=512, lr=3e-3, pretrain_frac=0.5,
                 controller_every=50, eval_examples=32),
     # paper: a book of 32 with 32 numbers asked does not fit rows of 2,048 tokens
-    # (phonebook.max_example_length), so rows of 4,096; 32 of them keep the tokens per step of
+    # (phonebook_data.max_example_length), so rows of 4,096; 32 of them keep the tokens per step of
     # 64 rows of 2,048.
     "paper": dict(entries=32, queries=(1, 2, 4, 8, 16, 32), width=1024, state_width=1024,
                   num_layers=12, num_heads=16, steps=20000, rows=32, row_length=4096, lr=3e-4,
@@ -733,7 +734,6 @@ def validate_size(size: str) -> None:
     against row_length, the models' configs) and `birdie_phonebook`'s PHONEBOOK_SIZES[size]
     (queries within entries, the longest phone-book example against row_length). Raises a
     ValueError naming the field, its value and what is allowed."""
-    from eval import phonebook
     for table, name in ((SIZES, "SIZES"), (PHONEBOOK_SIZES, "PHONEBOOK_SIZES")):
         if size not in table:
             raise ValueError(f"size={size!r} is not allowed; {name} has {sorted(table)}")
@@ -765,7 +765,7 @@ def validate_size(size: str) -> None:
     if not s["queries"] or not 1 <= min(s["queries"]) <= max(s["queries"]) <= s["entries"]:
         raise ValueError(f"{where}.queries={tuple(s['queries'])} is not allowed; use "
                          f"1..entries={s['entries']}")
-    longest = phonebook.max_example_length(s["entries"], max(s["queries"]))
+    longest = phonebook_data.max_example_length(s["entries"], max(s["queries"]))
     if longest > s["row_length"]:
         raise ValueError(f"{where}.row_length={s['row_length']} is not allowed: a book of "
                          f"{s['entries']} entries with {max(s['queries'])} queries makes "
@@ -778,11 +778,10 @@ def phonebook_mixture(kind: str, entries: int, queries: Sequence[int],
                       row_length: int) -> ObjectiveMixture:
     """Objectives over phone-book text (a whole book with its question and answer) plus the
     lookup task (prompt → numbers + EOS, exactly eval/phonebook.py's format)."""
-    from eval import phonebook
 
     def book(rng):
         q = int(rng.choice(queries))
-        return phonebook.make_example(int(rng.integers(2**31)), entries, q)
+        return phonebook_data.make_example(int(rng.integers(2**31)), entries, q)
 
     def text_fn(rng):
         ex = book(rng)
@@ -808,8 +807,6 @@ def birdie_phonebook_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from eval import phonebook
 
     validate_size(size)
     out = pathlib.Path(out)

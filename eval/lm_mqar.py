@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eval import figures
+from train import trainer
 
 # Figure sizes: overrides of train/configs/lm.py:tiny. Every query of an example is asked
 # (num_queries = num_pairs). Weights start at N(0, init_std²) with init_std ≈ 1/√width, without
@@ -77,7 +78,6 @@ def validate_size(size: str) -> None:
     """Checks the lm_mqar figure at `size` before any training: the trainer config (steps, batch,
     model) and the MQAR layout (pairs within the key and value ranges, pairs and queries within
     seq_len). Raises a ValueError naming the field, its value and what is allowed."""
-    from train import trainer
     from train.data import pipeline
     if size not in SIZES:
         raise ValueError(f"size={size!r} is not allowed; use one of {sorted(SIZES)}")
@@ -156,7 +156,6 @@ def lm_mqar_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from train import trainer
     validate_size(size)
     c = figure_config(size, seed)
     workdir = run_dir(size, seed, out)
@@ -190,8 +189,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--examples", type=int, default=512)
     a = p.parse_args(argv)
-    from train import checkpoint
-    config, params, model = checkpoint.restore_for_eval(a.workdir)
+    config, params, model = trainer.restore_for_eval(a.workdir)
     if config.data.name != "mqar":
         raise ValueError(f"run {a.workdir} trained on data.name={config.data.name!r}, not 'mqar'")
     acc = mqar_accuracy(model, params, config.data, seq_len=config.seq_len,

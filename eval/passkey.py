@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from eval import figures
+from train import checkpoint as ckpt_lib
+from train import trainer
 from train.data import passkey_data
 from train.data import tokenizer as tok
 
@@ -170,7 +172,6 @@ def validate_size(size: str) -> None:
     step order with shortest prompts that fit the window, both runs' trainer configs and data,
     and evaluation lengths that hold a prompt. Raises a ValueError naming the field, its value
     and what is allowed."""
-    from train import trainer
     from train.data import pipeline
     if size not in SIZES:
         raise ValueError(f"size={size!r} is not allowed; use one of {sorted(SIZES)}")
@@ -266,8 +267,6 @@ def train_or_reuse(size: str, seed: int, out: pathlib.Path, *, baseline: bool = 
     trained with the shared trainer phase by phase (each phase resumes the previous one's final
     checkpoint; phases the run has already passed are skipped), or restored if it is finished.
     The trainer refuses a workdir whose run was trained under another config."""
-    from train import checkpoint as ckpt_lib
-    from train import trainer
     if "shipped" in SIZES[size]:
         return None if baseline else load_shipped(size)
     workdir = run_dir(size, seed, out, baseline=baseline)
@@ -327,11 +326,10 @@ def shipped_title(size: str) -> str:
 def load_shipped(size: str):
     """(config, params, model, workdir) of the committed landmark run of `size`, restored on
     one device after `check_shipped`."""
-    from train import trainer
     src_size, src_seed = SIZES[size]["shipped"]
     check_shipped(size)
     workdir = shipped_dir(size)
-    _, params, model = trainer.load_for_eval(workdir)
+    _, params, model = trainer.restore_for_eval(workdir)
     return figure_config(src_size, src_seed), jax.device_get(params), model, workdir
 
 
@@ -409,11 +407,10 @@ def main(argv=None) -> int:
     p.add_argument("--chunk_len", type=int, default=None,
                    help="raw tokens per memory-inference chunk (default: half the training context)")
     a = p.parse_args(argv)
-    from train import checkpoint
     lengths = [int(x) for x in a.lengths.split(",")]
     accuracy, train_context = {}, None
     for wd in [a.workdir] + ([a.baseline_workdir] if a.baseline_workdir else []):
-        config, params, model = checkpoint.restore_for_eval(wd)
+        config, params, model = trainer.restore_for_eval(wd)
         train_context = train_context or int(config.seq_len)
         data = config.data
         accuracy.update(evaluate_run(

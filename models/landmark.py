@@ -269,23 +269,23 @@ def landmark_attention(q, k, v, is_landmark, *, segment_ids=None, q_block: int =
     return jax.lax.cond(is_layout, periodic, general, q, k, v, is_landmark, segment_ids)
 
 
-def _registered_landmark_attention(q, k, v, *, is_landmark, segment_ids=None, q_block=256,
-                                   mem_freq=None, **unused):
+# The attention functions LandmarkLM passes to the decoder (models.transformer.AttentionFn), by
+# `model.attention`: blockwise ('landmark', the default) or the dense reference.
+def _blockwise_attention_fn(q, k, v, *, is_landmark, segment_ids=None, q_block=256,
+                            mem_freq=None, **unused):
     if unused:
         raise ValueError(f"landmark attention got unsupported arguments {sorted(unused)}")
     return landmark_attention(q, k, v, is_landmark, segment_ids=segment_ids, q_block=q_block,
                               mem_freq=mem_freq)
 
 
-def _registered_landmark_dense(q, k, v, *, is_landmark, segment_ids=None, mem_freq=None,
-                               **unused):
+def _dense_attention_fn(q, k, v, *, is_landmark, segment_ids=None, mem_freq=None, **unused):
     if unused:
         raise ValueError(f"landmark attention got unsupported arguments {sorted(unused)}")
     return landmark_attention_dense(q, k, v, is_landmark, segment_ids=segment_ids)
 
 
-layers.register_attention("landmark", _registered_landmark_attention)
-layers.register_attention("landmark_dense", _registered_landmark_dense)
+ATTENTION_FNS = {"landmark": _blockwise_attention_fn, "landmark_dense": _dense_attention_fn}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +374,7 @@ class LandmarkConfig:
         _check_mem_freq(self.mem_freq)
         if not isinstance(self.pos_jump, int) or self.pos_jump < 0:
             raise ValueError(f"pos_jump={self.pos_jump!r} must be a non-negative integer")
-        if not self.model.attention.startswith("landmark"):
+        if self.model.attention not in ATTENTION_FNS:
             raise ValueError(f"model.attention={self.model.attention!r} must be 'landmark' or "
                              "'landmark_dense'")
         if not 0 <= self.landmark_id < self.model.vocab_size:
@@ -429,7 +429,7 @@ class LandmarkLM(nn.Module):
         return transformer.decoder_forward(
             c, tokens_BxT, positions=positions, segment_ids=segment_ids,
             attention_kwargs={"is_landmark": is_landmark, "mem_freq": lc.mem_freq},
-            return_hidden=return_hidden)
+            return_hidden=return_hidden, attention_fn=ATTENTION_FNS[c.attention])
 
 
 def _unbox(tree):

@@ -213,25 +213,3 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     p = jnp.where(mask.any(-1, keepdims=True), p, 0.0)
     y = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)
     return y.astype(q.dtype)
-
-
-# Attention registry: the transformer calls ATTENTION[config.attention](q, k, v, **kwargs), where
-# kwargs come from the model call (`segment_ids`, prefixes, and whatever a family passes in
-# `attention_kwargs`, e.g. landmark flags). Families register their functions here.
-AttentionFn = Callable[..., jax.Array]
-ATTENTION: dict[str, AttentionFn] = {"dense": dot_product_attention}
-
-
-def register_attention(name: str, fn: AttentionFn) -> AttentionFn:
-    ATTENTION[name] = fn
-    return fn
-
-
-def get_attention(name: str) -> AttentionFn:
-    if name not in ATTENTION:
-        # Landmark attention registers itself on import.
-        if name.startswith("landmark"):
-            import models.landmark  # noqa: F401
-    if name not in ATTENTION:
-        raise ValueError(f"attention={name!r} is not allowed; registered: {sorted(ATTENTION)}")
-    return ATTENTION[name]

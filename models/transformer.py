@@ -1,7 +1,9 @@
 """Decoder-only transformer LM with a pluggable attention.
 
-The baseline for every comparison in mnemax, the body of the landmark LM (attention="landmark") and
-MAC's frozen base LM (per-layer prefix keys/values). Pre-norm blocks, RoPE, no biases.
+The baseline for every comparison in mnemax, the body of the landmark LM and MAC's frozen base LM
+(per-layer prefix keys/values). Pre-norm blocks, RoPE, no biases. The attention is a function
+passed down to every block (`decoder_forward(..., attention_fn=...)`): `Transformer` uses dense
+attention (`layers.dot_product_attention`); `models.landmark.LandmarkLM` passes landmark attention.
 
     cfg = TransformerConfig(vocab_size=320, width=64, num_layers=2, num_heads=4)
     model = Transformer(cfg)
@@ -11,7 +13,7 @@ MAC's frozen base LM (per-layer prefix keys/values). Pre-norm blocks, RoPE, no b
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import chex
 import flax.linen as nn
@@ -46,7 +48,8 @@ class TransformerConfig:
     tie_embeddings: bool = True        # lm head = embedding table transposed
     rope_base: float = 10000.0
     rope_interleaved: bool = True      # pairs (x0,x1),(x2,x3)… ; False = half rotation
-    attention: str = "dense"           # key into models.layers.ATTENTION
+    attention: str = "dense"           # 'dense' (Transformer); 'landmark' | 'landmark_dense'
+                                       # (models.landmark.LandmarkLM)
     dtype: Any = jnp.float32           # compute dtype (bfloat16 on accelerators)
     param_dtype: Any = jnp.float32     # parameters stay float32 (float64 for parity runs)
     remat: bool = False                # rematerialise each block in the backward pass
@@ -95,9 +98,16 @@ def num_params(params) -> int:
     return sum(x.size for x in jax.tree_util.tree_leaves(params))
 
 
+# attention_fn(q, k, v, **kwargs) → y, all [B,T,H,Dh]; kwargs: `segment_ids`, the prefix
+# (`prefix_k`, `prefix_v`, `prefix_mask`) and whatever a family passes in `attention_kwargs`.
+AttentionFn = Callable[..., jax.Array]
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention: x [B,T,D] → [B,T,D]; projections [D,H,Dh] without biases."""
+    """Multi-head self-attention: x [B,T,D] → [B,T,D]; projections [D,H,Dh] without biases;
+    `attention_fn` combines the projected heads (default: dense causal softmax attention)."""
     cfg: TransformerConfig
+    attention_fn: AttentionFn = layers.dot_product_attention
 
     def setup(self):
         c = self.cfg
@@ -137,7 +147,7 @@ class Attention(nn.Module):
             kwargs["segment_ids"] = segment_ids
         if prefix_k is not None:
             kwargs.update(prefix_k=prefix_k, prefix_v=prefix_v, prefix_mask=prefix_mask)
-        y = layers.get_attention(c.attention)(q, k, v, **kwargs)
+        y = self.attention_fn(q, k, v, **kwargs)
         y = nn.with_logical_constraint(y, names)
         return self.out(y)
 
@@ -145,6 +155,7 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm block: x + attn(norm x), then x + mlp(norm x)."""
     cfg: TransformerConfig
+    attention_fn: AttentionFn = layers.dot_product_attention
 
     @nn.compact
     def __call__(self, x, positions, segment_ids=None, prefix_k=None, prefix_v=None,
@@ -153,10 +164,9 @@ class Block(nn.Module):
         norm = lambda name: layers.make_norm(c.norm, eps=c.norm_eps, dtype=c.dtype,  # noqa: E731
                                              param_dtype=c.param_dtype, name=name)
         h = norm("ln_1")(x)
-        x = x + Attention(c, name="attn")(h, positions, segment_ids=segment_ids,
-                                          prefix_k=prefix_k, prefix_v=prefix_v,
-                                          prefix_mask=prefix_mask,
-                                          attention_kwargs=attention_kwargs)
+        attn = Attention(c, self.attention_fn, name="attn")
+        x = x + attn(h, positions, segment_ids=segment_ids, prefix_k=prefix_k, prefix_v=prefix_v,
+                     prefix_mask=prefix_mask, attention_kwargs=attention_kwargs)
         h = norm("ln_2")(x)
         x = x + layers.MLP(c.hidden, c.mlp, dtype=c.dtype, param_dtype=c.param_dtype,
                            init_std=c.init_std, name="mlp")(h)
@@ -169,13 +179,19 @@ class Transformer(nn.Module):
     positions [T] or [B,T] (default 0..T-1), segment_ids [B,T] for packed rows,
     prefix_kv [L, 2, B, P, H, Dh] with prefix_mask [B, P]: per-layer prefix keys/values (not rotated),
     attention_kwargs: passed to the attention function (e.g. {"is_landmark": [B,T] bool}).
+    attention_fn: every block's attention (`AttentionFn`); None: dense (`cfg.attention` 'dense').
     """
     cfg: TransformerConfig
+    attention_fn: Optional[AttentionFn] = None
 
     @nn.compact
     def __call__(self, tokens_BxT, *, positions=None, segment_ids=None, prefix_kv=None,
                  prefix_mask=None, attention_kwargs=None, return_hidden: bool = False):
         c = self.cfg
+        if self.attention_fn is None and c.attention != "dense":
+            raise ValueError(f"attention={c.attention!r} is not allowed in Transformer without an "
+                             "attention_fn: use 'dense' (landmark attention: "
+                             "models.landmark.LandmarkLM)")
         chex.assert_rank(tokens_BxT, 2)
         B, T = tokens_BxT.shape
         if positions is None:
@@ -186,15 +202,18 @@ class Transformer(nn.Module):
                 prefix_mask = jnp.ones(prefix_kv.shape[2:4], bool)
         return decoder_forward(c, tokens_BxT, positions=positions, segment_ids=segment_ids,
                                prefix_kv=prefix_kv, prefix_mask=prefix_mask,
-                               attention_kwargs=attention_kwargs, return_hidden=return_hidden)
+                               attention_kwargs=attention_kwargs, return_hidden=return_hidden,
+                               attention_fn=self.attention_fn or layers.dot_product_attention)
 
 
 def decoder_forward(c: TransformerConfig, tokens_BxT, *, positions, segment_ids=None,
                     prefix_kv=None, prefix_mask=None, attention_kwargs=None,
-                    return_hidden: bool = False):
+                    return_hidden: bool = False,
+                    attention_fn: AttentionFn = layers.dot_product_attention):
     """Embed → blocks → final norm → logits. Call it from inside a compact `__call__`: the
     submodules (embed, block_i, ln_f, lm_head) are created in the caller's scope, so every model
-    built on it (Transformer, LandmarkLM) has the same parameter tree."""
+    built on it (Transformer, LandmarkLM) has the same parameter tree. Every block's attention
+    is `attention_fn` (see `AttentionFn`)."""
     embed = layers.Embed(c.vocab_size, c.width, dtype=c.dtype, param_dtype=c.param_dtype,
                          init_std=c.init_std, name="embed")
     x = embed(tokens_BxT)
@@ -204,7 +223,7 @@ def decoder_forward(c: TransformerConfig, tokens_BxT, *, positions, segment_ids=
         pk = pv = None
         if prefix_kv is not None:
             pk, pv = prefix_kv[i, 0], prefix_kv[i, 1]
-        x = block_cls(c, name=f"block_{i}")(x, positions, segment_ids, pk, pv, prefix_mask,
+        x = block_cls(c, attention_fn, name=f"block_{i}")(x, positions, segment_ids, pk, pv, prefix_mask,
                                            attention_kwargs)
     x = layers.make_norm(c.norm, eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
                          name="ln_f")(x)

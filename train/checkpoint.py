@@ -178,14 +178,3 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs of `tree` carrying `shardings` (the restore target for a new mesh)."""
     return jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def restore_for_eval(workdir: str | pathlib.Path, *, step: Optional[int] = None):
-    """(config, params, model) of a run's latest (or given) checkpoint, on the local devices.
-
-    The config is the ConfigDict the run was trained with; `model` is the Flax module, so
-    `model.apply({"params": params}, tokens)` gives logits.
-    """
-    from train import trainer  # trainer imports this module; import lazily
-
-    return trainer.load_for_eval(workdir, step=step)

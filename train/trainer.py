@@ -500,9 +500,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     return summary
 
 
-def load_for_eval(workdir, *, step: Optional[int] = None, devices=None):
-    """(config, params, model) of a finished or running run, restored onto `devices`
-    (default: one device)."""
+def restore_for_eval(workdir, *, step: Optional[int] = None, devices=None):
+    """(config, params, model) of a finished or running run's latest (or given) checkpoint,
+    restored onto `devices` (default: one device). The config is the ConfigDict the run was
+    trained with; `model.apply({"params": params}, tokens)` gives logits."""
     workdir = ckpt_lib.as_path(workdir)
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "model": 1})

@@ -78,7 +78,7 @@ def test_birdie_recall_rejects_pairs_beyond_the_key_range(monkeypatch):
 
 def test_phonebook_rejects_examples_longer_than_rows(monkeypatch):
     from eval import birdie_recall as br
-    from eval import phonebook as pb
+    from train.data import phonebook as pb
     s = br.PHONEBOOK_SIZES["paper"]
     longest = pb.max_example_length(s["entries"], max(s["queries"]))
     monkeypatch.setitem(br.PHONEBOOK_SIZES, "paper", dict(s, row_length=longest - 1))

@@ -1,4 +1,5 @@
-"""eval/phonebook.py: the generator, digit accuracy, greedy evaluation."""
+"""The phone book: the generator (train/data/phonebook.py), digit accuracy and greedy evaluation
+(eval/phonebook.py)."""
 import re
 
 import flax.linen as nn
@@ -8,21 +9,22 @@ import numpy as np
 import pytest
 
 from eval import phonebook as pb
+from train.data import phonebook as pbdata
 from models import ssm
 from train.data import tokenizer as tok
 from train.objectives.birdie import START_GENERATING
 
 
 def test_generator_is_deterministic_per_seed():
-    a = pb.make_example(3, 20, 4, index=2)
-    assert a == pb.make_example(3, 20, 4, index=2)
-    assert a != pb.make_example(4, 20, 4, index=2)
-    assert a != pb.make_example(3, 20, 4, index=3)
+    a = pbdata.make_example(3, 20, 4, index=2)
+    assert a == pbdata.make_example(3, 20, 4, index=2)
+    assert a != pbdata.make_example(4, 20, 4, index=2)
+    assert a != pbdata.make_example(3, 20, 4, index=3)
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_names_and_numbers_are_unique_and_the_format_is_the_papers(seed):
-    ex = pb.make_example(seed, 64, 5)
+    ex = pbdata.make_example(seed, 64, 5)
     names = [n for n, _ in ex.book]
     numbers = [p for _, p in ex.book]
     assert len(set(names)) == len(names) == 64 and len(set(numbers)) == 64
@@ -39,16 +41,17 @@ def test_names_and_numbers_are_unique_and_the_format_is_the_papers(seed):
 
 
 def test_small_query_lists_and_errors():
-    assert "for " + pb.make_example(0, 5, 1).queried[0] + "?" in pb.make_example(0, 5, 1).prompt
-    two = pb.make_example(0, 5, 2)
+    one = pbdata.make_example(0, 5, 1)
+    assert "for " + one.queried[0] + "?" in one.prompt
+    two = pbdata.make_example(0, 5, 2)
     assert f"for {two.queried[0]} and {two.queried[1]}?" in two.prompt
     with pytest.raises(ValueError, match="queries"):
-        pb.make_example(0, 3, 4)
+        pbdata.make_example(0, 3, 4)
     with pytest.raises(ValueError, match="entries"):
-        pb.make_example(0, pb.MAX_ENTRIES + 1, 1)
+        pbdata.make_example(0, pbdata.MAX_ENTRIES + 1, 1)
     # Large books still have unique names.
-    big = pb.make_example(0, pb.MAX_ENTRIES, 3)
-    assert len({n for n, _ in big.book}) == pb.MAX_ENTRIES
+    big = pbdata.make_example(0, pbdata.MAX_ENTRIES, 3)
+    assert len({n for n, _ in big.book}) == pbdata.MAX_ENTRIES
 
 
 def test_digit_accuracy():
@@ -110,7 +113,7 @@ def test_greedy_full_pass_matches_recurrent_decoding():
 def test_max_example_length_bounds_every_example(entries, queries):
     # Training lays a lookup out as prompt, [START_GENERATING], numbers, EOS (inputs = that - 1).
     longest = max(len(tok.encode(e.prompt)) + len(tok.encode(e.target)) + 1
-                  for e in (pb.make_example(s, entries, queries) for s in range(20)))
-    assert longest <= pb.max_example_length(entries, queries)
+                  for e in (pbdata.make_example(s, entries, queries) for s in range(20)))
+    assert longest <= pbdata.max_example_length(entries, queries)
     with pytest.raises(ValueError, match="queries"):
-        pb.max_example_length(2, 3)
+        pbdata.max_example_length(2, 3)

@@ -222,8 +222,9 @@ def test_E_full_forward_parity(reference_dir, x64):
     logits = jax.jit(lmk.LandmarkLM(cfg).apply)({"params": params}, aug)
     assert logits.dtype == jnp.float64
     assert _maxdiff(logits, ref["logits_full_aug"]) <= 1e-9     # README tolerance (measured 3e-16)
-    # the same params drive the baseline Transformer with the registered attention
-    logits_t = jax.jit(lambda p, t: transformer.Transformer(cfg.model).apply(
+    # the same params drive the baseline Transformer given landmark attention as its function
+    logits_t = jax.jit(lambda p, t: transformer.Transformer(
+        cfg.model, attention_fn=lmk.ATTENTION_FNS["landmark"]).apply(
         {"params": p}, t, attention_kwargs={"is_landmark": t == 63}))(params, aug)
     assert _maxdiff(logits_t, ref["logits_full_aug"]) <= 1e-9
 

@@ -188,7 +188,7 @@ def test_restore_onto_different_mesh(tmp_path):
     c.mesh.update(dict(data=2, fsdp=1, model=4))
     out = trainer.train(c, tmp_path, devices=jax.devices())
     saved = jax.device_get(out["state"].params)
-    cfg, params, model = ckpt_lib.restore_for_eval(tmp_path)
+    cfg, params, model = trainer.restore_for_eval(tmp_path)
     leaf = params["block_0"]["attn"]["query"]
     assert leaf.sharding.device_set == {jax.devices()[0]}
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)),

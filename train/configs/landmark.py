@@ -78,7 +78,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # began copying it after ~600 steps under the same data and optimizer.
     c.model.tie_embeddings = paper
     c.model.rope_interleaved = True          # pairs (x0,x1),(x2,x3)… as the official rotary code
-    c.model.attention = "dense" if baseline else "landmark"   # key into models.layers.ATTENTION
+    c.model.attention = "dense" if baseline else "landmark"   # models.landmark.ATTENTION_FNS
     c.model.dtype = "bfloat16" if paper else "float32"   # compute dtype; params stay float32
     c.model.remat = paper                    # recompute blocks in the backward pass
     if not baseline:

@@ -3,6 +3,7 @@
 Modules:
   tokenizer    byte-level ids 0..255 plus specials (PAD, BOS, EOS, SEP, LANDMARK, sentinels, ...)
   mqar         multi-query associative recall: pure generator, in-memory source, TFDS builder
+  phonebook    phone-book lookup examples (Birdie's retrieval task)
   text_corpus  offline English prose (Python's docs and docstrings): documents, TFDS builder
   catalog      TFDS plumbing: data_dir, build-once, real catalog datasets (pg19, ...)
   pipeline     make_dataset(...) -> checkpointable grain iterator of {inputs, targets, weights}

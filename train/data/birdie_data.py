@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from train.data import text_corpus
+from train.data import phonebook, text_corpus
 from train.data import tokenizer as tok
+from train.objectives import birdie
 
 SPLITS = ("train", "validation")
 _SPLIT_CODE = {"train": 0, "validation": 1}
@@ -79,7 +80,6 @@ class BirdieDataSpec:
 
 
 def objective_set(name: str):
-    from train.objectives import birdie
     if name == "birdie":
         return birdie.birdie_objectives(length_bins=(64, 128, 256, 512))
     if name == "ul2":
@@ -100,7 +100,6 @@ class BirdieSource:
         self._split = split
         self._len = spec.num_examples(split)
         self._objectives = objective_set(spec.objectives)
-        from train.objectives import birdie
         self._mixture = birdie.uniform_mixture(self._objectives)
 
     def __len__(self) -> int:
@@ -110,7 +109,6 @@ class BirdieSource:
         s = self._spec
         use_book = s.corpus == "phonebook" or (s.corpus == "mix" and rng.random() < 0.5)
         if use_book:
-            from eval import phonebook
             entries = int(rng.integers(s.phonebook_entries[0], s.phonebook_entries[1] + 1))
             ex = phonebook.make_example(int(rng.integers(2**31)), entries, 1)
             return tok.encode(ex.prompt + ex.target)
@@ -121,8 +119,6 @@ class BirdieSource:
         return doc[start: start + n]
 
     def _task(self, rng: np.random.Generator):
-        from eval import phonebook
-        from train.objectives import birdie
         s = self._spec
         entries = int(rng.integers(s.phonebook_entries[0], s.phonebook_entries[1] + 1))
         queries = int(rng.integers(s.phonebook_queries[0],
@@ -143,7 +139,6 @@ class BirdieSource:
                                    max_length=s.seq_len)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from train.objectives import birdie
         index = int(index)
         if not 0 <= index < self._len:
             raise IndexError(f"index={index} out of range for split {self._split!r}")
