@@ -1,7 +1,11 @@
 """Regenerate the papers' figures, their numbers and the numbers' provenance.
 
-    python -m eval.figures [--only NAME,...] [--size quick|cpu|paper] [--seed S] [--out DIR]
-                           [--results DIR]
+    mnemax-figures [--only NAME,...] [--size quick|cpu|paper] [--seed S] [--out DIR]
+                   [--results DIR]
+    mnemax-figures --list        # the registered figures, one a line
+
+(`mnemax-figures` is the console script `pip install` puts on the PATH; `python -m eval.figures`
+is the same from a checkout.)
 
 Each family registers its figures here with `@register("name", settings=fn)`. A figure function
 has the signature `fn(*, size: str, seed: int, out: pathlib.Path, **options) -> dict` and
@@ -225,8 +229,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="also write DIR/NAME-SIZE-seedS.json (make figures: results/figures)")
     p.add_argument("--class_order", default=None,
                    help="comma-separated class permutation (figures that split classes into tasks)")
+    p.add_argument("--list", action="store_true", help="list the registered figures and exit")
     args = p.parse_args(argv)
     figures = load_all()
+    if args.list:
+        for n in sorted(figures):
+            print(f"{n}\t{'in the demo' if n not in _NOT_IN_DEMO else 'not in the demo'}")
+        return 0
     names = args.only.split(",") if args.only else sorted(figures)
     for n in names:
         if n not in figures:
@@ -245,6 +254,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_figure(n, size=args.size, seed=args.seed, out=args.out, results=args.results,
                    **opts)
     return 0
+
+
+def cli() -> None:
+    """The `mnemax-figures` console script."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

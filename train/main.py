@@ -1,4 +1,8 @@
-"""Train a model: `python -m train.main --config train/configs/lm.py:tiny --workdir DIR`.
+"""Train a model: `mnemax-train --config lm:tiny --workdir DIR` (the console script `pip install`
+puts on the PATH), or from a checkout `python -m train.main --config train/configs/lm.py:tiny ...`.
+
+--config takes a config file (`path.py:variant`) or a config of this package by name
+(`lm:tiny`, `landmark:tiny`, `birdie:tiny:gated_birdie`, `mac:tiny`: train/configs/NAME.py).
 
 Rerunning the same command resumes from the newest readable checkpoint in DIR. Override any config
 field with --config.FIELD=VALUE (e.g. --config.num_steps=100 --config.mesh.model=2). A DIR that
@@ -11,13 +15,16 @@ On a multi-host system (TPU pod slice, SLURM) pass --distributed or let the envi
 """
 import json
 import logging
+import pathlib
 import sys
+from typing import Optional, Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path.py:variant).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (path.py:variant) or packaged config (NAME:variant).",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).")
 _ALLOW = flags.DEFINE_list(
     "allow_config_change", [],
@@ -50,5 +57,48 @@ def main(argv):
     return 0
 
 
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
+
+
+def config_path(spec: str) -> str:
+    """`--config` value → a config file argument: `path.py[:variant]` unchanged, `NAME[:variant]`
+    → train/configs/NAME.py[:variant] of this package (so commands work from any folder)."""
+    name, sep, variant = spec.partition(":")
+    if name.endswith(".py") or "/" in name:
+        return spec
+    path = CONFIG_DIR / f"{name}.py"
+    if not path.is_file():
+        names = sorted(p.stem for p in CONFIG_DIR.glob("*.py")
+                       if p.stem not in ("__init__", "common"))
+        raise ValueError(f"config={spec!r} names no packaged config; use a path.py[:variant] or "
+                         f"one of {names}")
+    return f"{path}{sep}{variant}"
+
+
+def resolve_config_flag(argv: Sequence[str]) -> list[str]:
+    """argv with its `--config NAME[:variant]` (or `--config=...`) resolved by `config_path`;
+    `--config.FIELD=VALUE` overrides are left alone."""
+    out, it = [], iter(argv)
+    for a in it:
+        if a == "--config":
+            out += [a, config_path(next(it, ""))]
+        elif a.startswith("--config="):
+            out.append("--config=" + config_path(a[len("--config="):]))
+        else:
+            out.append(a)
+    return out
+
+
+def run(argv: Optional[Sequence[str]] = None) -> None:
+    """The `mnemax-train` console script."""
+    argv = list(sys.argv if argv is None else argv)
+    try:
+        argv = resolve_config_flag(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    app.run(main, argv=argv)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

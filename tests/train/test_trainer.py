@@ -221,14 +221,23 @@ CLI_OVERRIDES = ["--config.model.width=32", "--config.model.num_heads=4", "--con
                  "--config.optim.warmup_steps=1"]
 
 
-def cli(workdir, *extra, devices=1, **kw):
+def cli(workdir, *extra, devices=1, installed=False, **kw):
+    """`python -m train.main --config train/configs/lm.py:tiny` in the checkout; installed=True:
+    the console script `mnemax-train --config lm:tiny`, run from `workdir`'s parent (outside the
+    checkout, without PYTHONPATH)."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (os.environ["MNEMAX_TEST_XLA_FLAGS"]
                         + f" --xla_force_host_platform_device_count={devices}")
-    env["PYTHONPATH"] = str(REPO)
-    cmd = [sys.executable, "-m", "train.main", "--config", "train/configs/lm.py:tiny",
-           "--workdir", str(workdir), *CLI_OVERRIDES, *extra]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+    if installed:
+        env.pop("PYTHONPATH", None)
+        cmd = [str(pathlib.Path(sys.executable).parent / "mnemax-train"), "--config", "lm:tiny"]
+        cwd = pathlib.Path(workdir).parent
+    else:
+        env["PYTHONPATH"] = str(REPO)
+        cmd = [sys.executable, "-m", "train.main", "--config", "train/configs/lm.py:tiny"]
+        cwd = REPO
+    cmd += ["--workdir", str(workdir), *CLI_OVERRIDES, *extra]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -270,7 +279,9 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
 
 
 def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
-    p = cli(tmp_path, "--config.num_steps=100000", "--config.checkpoint_every=0")
+    # the first run through the installed console script, from outside the checkout
+    tmp_path = tmp_path / "run"
+    p = cli(tmp_path, "--config.num_steps=100000", "--config.checkpoint_every=0", installed=True)
     deadline = time.time() + 120
     while time.time() < deadline:
         f = tmp_path / "metrics.jsonl"

@@ -1,0 +1,72 @@
+"""The console scripts (`pyproject.toml` [project.scripts]) and packaged configs by name: what a
+user who ran `pip install` types, from any folder. `make test` installs the package (`make venv`),
+so the scripts sit beside the test interpreter. `mnemax-train` itself runs in
+tests/train/test_trainer.py (SIGTERM test), from a folder outside the checkout."""
+import importlib
+import os
+import pathlib
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from benchmarks import __main__ as bench_cli
+from train import main as train_main
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def script(name: str) -> str:
+    path = pathlib.Path(sys.executable).parent / name
+    assert path.exists(), f"{path} is missing: install the package (make venv)"
+    return str(path)
+
+
+def run_script(name, *args, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([script(name), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_every_console_script_names_a_callable():
+    assert set(SCRIPTS) == {"mnemax-train", "mnemax-figures", "mnemax-bench"}
+    for target in SCRIPTS.values():
+        mod, fn = target.split(":")
+        assert callable(getattr(importlib.import_module(mod), fn)), target
+
+
+def test_configs_resolve_by_name_or_path():
+    path, variant = train_main.config_path("birdie:tiny:gated_birdie").split(":", 1)
+    assert pathlib.Path(path) == REPO / "train" / "configs" / "birdie.py" and variant == \
+        "tiny:gated_birdie"
+    assert train_main.config_path("lm").endswith("train/configs/lm.py")
+    assert train_main.config_path("train/configs/lm.py:tiny") == "train/configs/lm.py:tiny"
+    argv = ["prog", "--config", "landmark:tiny", "--config.num_steps=3", "--workdir", "w"]
+    out = train_main.resolve_config_flag(argv)
+    assert out[2] == f"{REPO / 'train' / 'configs' / 'landmark.py'}:tiny"
+    assert out[:2] + out[3:] == argv[:2] + argv[3:]        # overrides untouched
+    assert train_main.resolve_config_flag(["p", "--config=lm:tiny"])[1] == \
+        f"--config={REPO / 'train' / 'configs' / 'lm.py'}:tiny"
+    with pytest.raises(ValueError, match=r"config='nope:tiny'.*\['birdie', 'landmark', 'lm', "
+                                         r"'mac'\]"):
+        train_main.config_path("nope:tiny")
+
+
+def test_figures_list_outside_the_checkout(tmp_path):
+    from eval import figures
+    p = run_script("mnemax-figures", "--list", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    listed = dict(line.split("\t") for line in p.stdout.splitlines())
+    assert set(listed) == set(figures.load_all())
+    assert listed["birdie_phonebook"] == "not in the demo"
+    assert listed["landmark_passkey"] == "in the demo"
+
+
+def test_bench_lists_and_refuses_unknown_names(tmp_path, capsys):
+    p = run_script("mnemax-bench", "--list", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert [line.split("\t")[0] for line in p.stdout.splitlines()] == list(bench_cli.BENCHMARKS)
+    assert bench_cli.main(["nope"]) == 2
+    assert "benchmark='nope' is unknown" in capsys.readouterr().err
