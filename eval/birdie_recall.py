@@ -33,7 +33,9 @@ that the reverse half has already seen asked (Arora et al. 2024, "Just read twic
 three blocks, causal–bidirectional–causal ('cbc'): the first marks the queried key (the token
 after [SEP]), the bidirectional one carries it back over the pairs in its reverse half, the last
 stores only the matching value; with the MLPs their parameter count matches the two-layer
-Transformer's.
+Transformer's. The `quick` size (the demo) cycles 'bc' instead, as train/configs/birdie.py does
+(bidirectional–causal–bidirectional over three blocks): there the bidirectional model left the
+loss plateau sooner and on every seed tried (see SIZES).
 
 Training uses a small self-contained jitted loop (AdamW, warm-up + cosine) rather than the shared
 trainer (train/trainer.py): the Birdie arm changes its data mixture at every controller update
@@ -164,14 +166,16 @@ SIZES: dict[str, dict[str, Any]] = {
     # arms pre-train for `pretrain_frac`. init_std / tie_embeddings / weight_decay: see _SMALL
     # (defaults 0.02 / True / 0.01).
     # quick (the demo): the paper's claim only, causal vs bidirectional gated SSM, 3,000 steps
-    # at lr 2e-3. The bidirectional one left the plateau by step ~1,000 on seed 0 (then 1.0 at
-    # 2 / 4 / 6 pairs; the causal one .586 / .469 / .398 after 2,000 steps) and by ~1,400 on
-    # seed 5, which a 1,500-step schedule (its lr decayed sooner) left on the plateau.
-    # `models`: the arms trained.
+    # at lr 2e-3, blocks 'bc' cycled (b-c-b, the trainer config's pattern). With 'cbc' the
+    # bidirectional model's escape from the loss plateau (~0.8) depended on the seed: step
+    # ~1,000 on seed 0, ~1,400 on seed 5, never within 3,000 on seed 13 (gap 0.043). With 'bc'
+    # it left by step 750 / 975 / 1,150 on seeds 0 / 5 / 13 (1.0 at 2 / 4 / 6 pairs on each).
+    # Not the levers on seed 13 (cbc): lr 3e-3 / 4e-3, rows 8 × 6,000 steps, no 1-pair
+    # examples, a distinct query form; init std 0.05 left at ~2,150. `models`: the arms trained.
     "quick": dict(task=dict(num_queries=1, key_range=(0, 8), value_range=(64, 72),
                             query_offset=0),
                   pairs=(2, 4, 6), train_pairs=(1, 2, 4, 6), width=64, state_width=32,
-                  num_layers=2, num_heads=4, ssm_layers=3, bidir_pattern="cbc", ssm_mlp=176,
+                  num_layers=2, num_heads=4, ssm_layers=3, bidir_pattern="bc", ssm_mlp=176,
                   steps=3000, rows=24, row_length=64, lr=2e-3, eval_examples=256,
                   controller_every=50, pretrain_frac=0.5, models=("gated_ntp", "gated_bidir"),
                   **_SMALL),
