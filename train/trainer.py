@@ -59,7 +59,7 @@ MODELS: dict[str, str] = {
 # name → "module:function" with loss(apply_fn, params, batch, rng) -> (loss_sum, aux sums).
 OBJECTIVES: dict[str, str] = {
     "lm": "train.objectives.lm:loss",
-    "landmark": "models.landmark:landmark_lm_loss",
+    "landmark": "train.objectives.landmark:loss",
     "birdie": "train.objectives.birdie:trainer_loss",
 }
 

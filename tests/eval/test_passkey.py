@@ -1,7 +1,8 @@
 """Passkey prompts and data, the landmark objective and builder, the passkey scorer, the CLI config.
 
 eval/passkey.py, eval/landmark_perplexity.py, train/data/passkey_data.py, train/configs/landmark.py
-and the trainer hooks of models/landmark.py (build_from_config, landmark_lm_loss).
+the landmark model builder (models/landmark.py: build_from_config) and objective
+(train/objectives/landmark.py).
 """
 import json
 import os
@@ -20,6 +21,7 @@ from models import transformer
 from train.configs import landmark as landmark_configs
 from train.data import passkey_data, pipeline
 from train.data import tokenizer as tok
+from train.objectives import landmark as landmark_objective
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -115,8 +117,8 @@ def test_landmark_loss_matches_make_landmark_batch():
     weights = jnp.ones((2, 23)).at[1, 20:].set(0.0)
     batch = {"inputs": raw[:, :-1], "targets": raw[:, 1:], "weights": weights}
     params = model.init(jax.random.key(1), batch["inputs"])["params"]
-    loss_sum, aux = jax.jit(lambda p, b: lmk.landmark_lm_loss(model.apply, p, b,
-                                                              jax.random.key(2)))(params, batch)
+    loss_sum, aux = jax.jit(lambda p, b: landmark_objective.loss(model.apply, p, b,
+                                                                 jax.random.key(2)))(params, batch)
     ref = lmk.make_landmark_batch(raw, 5, tok.LANDMARK)
     logits = jax.jit(model.apply)({"params": params}, ref["inputs"],
                                   is_landmark=ref["is_landmark"])
@@ -128,7 +130,7 @@ def test_landmark_loss_matches_make_landmark_batch():
     assert float(aux["weight"]) == float(weights.sum())
     with pytest.raises(ValueError, match="model.family='landmark'"):
         plain = transformer.Transformer(transformer.TransformerConfig(vocab_size=320))
-        lmk.landmark_lm_loss(plain.apply, params, batch, jax.random.key(0))
+        landmark_objective.loss(plain.apply, params, batch, jax.random.key(0))
     with pytest.raises(ValueError, match="missing \\['mem_freq'\\]"):
         lmk.build_from_config({k: v for k, v in MODEL_CFG.items() if k != "mem_freq"})
 

@@ -57,7 +57,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.async_checkpoints = True               # save in a background thread
     c.progress = True                        # tqdm progress bar (loss, tokens/s)
     # key into train.trainer.OBJECTIVES: 'landmark' inserts landmarks into each raw batch inside
-    # the jitted step (models.landmark.landmark_lm_loss); the baseline uses plain next-token 'lm'.
+    # the jitted step (train/objectives/landmark.py); the baseline uses plain next-token 'lm'.
     c.objective = "lm" if baseline else "landmark"
 
     # Mesh axes: -1 means "all the remaining devices". data × fsdp × model = device count.
