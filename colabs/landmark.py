@@ -22,7 +22,7 @@
 # This notebook trains a small landmark LM (`train/configs/landmark.py:tiny`, shrunk to run in
 # well under a minute on 2 CPU cores) on the local prose corpus mixed with the paper's passkey
 # prompts, asks it for a pass key hidden in a prompt longer than its training context with the
-# block memory (`models.landmark.memory_logits`), and plots which blocks every head retrieves.
+# block memory (`models.landmark_memory.memory_logits`), and plots which blocks every head retrieves.
 # Nothing is downloaded.
 #
 # A minute of training is not enough to learn the task: the retrieval maps below are those of an
@@ -112,7 +112,7 @@ print(f"loss {losses[0]:.3f} → {losses[-1]:.3f} after {summary['step']} steps"
 
 # %%
 from eval import passkey
-from models import landmark
+from models import landmark_memory
 from train.data import passkey_data
 from train.data import tokenizer as tok
 
@@ -123,7 +123,7 @@ key = text[LENGTH + 1:]
 print(text[:LENGTH][:200], "...", text[LENGTH - 60:LENGTH])
 print("pass key:", key)
 
-logits, retrieved = landmark.memory_logits(params, model.config, tokens, chunk_len=CHUNK,
+logits, retrieved = landmark_memory.memory_logits(params, model.config, tokens, chunk_len=CHUNK,
                                            top_k=TOP_K, cache_blocks=None, return_retrieved=True)
 pred = np.asarray(logits[0, LENGTH - 1:-1]).argmax(-1)
 print("model's answer (teacher-forced greedy):", repr(tok.decode(pred)),

@@ -455,7 +455,7 @@ def train_model(name: str, s: dict, mixture: ObjectiveMixture, seed: int, *,
     fwd = apply_fn(model, spec)
     rows, T, steps = s["rows"], s["row_length"], s["steps"]
     key = jax.random.key(seed)
-    params = nn_unbox(jax.jit(model.init)(key, jnp.zeros((1, T), jnp.int32))["params"])
+    params = layers.unbox(jax.jit(model.init)(key, jnp.zeros((1, T), jnp.int32))["params"])
     sched = optax.warmup_cosine_decay_schedule(0.0, s["lr"], max(steps // 20, 1), steps,
                                                s["lr"] * 0.1)
     tx = optax.chain(optax.clip_by_global_norm(1.0),
@@ -562,11 +562,6 @@ def _recall_mixture_at(s: dict, task: RecallTask) -> ObjectiveMixture:
 def recall_task_batches(s: dict, task: RecallTask, seed: int) -> TaskBatches:
     """The task batches every arm without pre-training draws at size `s` and `seed`."""
     return TaskBatches(_recall_mixture_at(s, task), seed, s["rows"], s["steps"])
-
-
-def nn_unbox(tree):
-    import flax.linen as nn
-    return nn.meta.unbox(tree)
 
 
 def recall_accuracy(tr: Trained, task: RecallTask, num_pairs: int, *, examples: int, rows: int,

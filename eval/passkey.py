@@ -5,7 +5,7 @@
 
 prints one JSON line {"train_context", "accuracy": {METHOD: {LENGTH: acc}}, ...}. A landmark run
 (train/configs/landmark.py:tiny) is scored as `landmark_memory` (the official mem-cache inference,
-`models.landmark.memory_logits`, with an unbounded cache) and `landmark_full` (the same weights
+`models.landmark_memory.memory_logits`, unbounded cache) and `landmark_full` (the same weights
 with plain full attention over the whole prompt, landmarks inserted); a plain transformer run
 (`tiny_baseline`, given as --workdir or --baseline_workdir) is scored as `baseline`.
 
@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eval import figures
+from models import landmark, landmark_memory
 from train import checkpoint as ckpt_lib
 from train import trainer
 from train.data import passkey_data
@@ -103,7 +104,6 @@ def answer_correct(logits_NxTxV, tokens_NxT, prompt_len: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("model",))
 def _full_logits(model, params, tokens_BxT):
-    from models import landmark
     if isinstance(model, landmark.LandmarkLM):
         lc = model.config
         F = lc.mem_freq
@@ -128,10 +128,9 @@ def memory_inference_logits(model, params, tokens, *, top_k: int = TOP_K, chunk_
                             cache_blocks: Optional[int] = None, batch: int = 16,
                             selection: str = "per_token_and_head") -> np.ndarray:
     """Logits [N, T, V] of the official mem-cache inference (`memory_logits`)."""
-    from models import landmark
-    out = [np.asarray(landmark.memory_logits(params, model.config, jnp.asarray(tokens[i:i + batch]),
-                                             chunk_len=chunk_len, top_k=top_k,
-                                             cache_blocks=cache_blocks, selection=selection))
+    out = [np.asarray(landmark_memory.memory_logits(
+               params, model.config, jnp.asarray(tokens[i:i + batch]), chunk_len=chunk_len,
+               top_k=top_k, cache_blocks=cache_blocks, selection=selection))
            for i in range(0, len(tokens), batch)]
     return np.concatenate(out)
 
@@ -151,7 +150,6 @@ def evaluate_run(model, params, lengths, trials, seed, *, top_k: int = TOP_K,
                  methods: Optional[Sequence[str]] = None) -> dict:
     """{METHOD: {LENGTH: acc}} for one trained model: a LandmarkLM → landmark_memory and
     landmark_full; a Transformer → baseline."""
-    from models import landmark
     params = jax.device_get(params)
     kw = dict(num_digits=num_digits, intro=intro)
     if isinstance(model, landmark.LandmarkLM):

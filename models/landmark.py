@@ -6,12 +6,14 @@ Contents
   `landmark_attention_dense(q, k, v, is_landmark)`: the grouped softmax (paper Eq. 2–4), written
   out densely; the reference for everything else.
 - `landmark_attention(q, k, v, is_landmark)`: the same numbers, blockwise over queries (causal key
-  ranges, one rematerialised tile at a time), registered as attention "landmark" — the one that trains.
+  ranges, one rematerialised tile at a time), `LandmarkLM`'s attention "landmark" — the one that trains.
 - `LandmarkConfig`, `official_gpt_config`, `LandmarkLM`, `insert_landmarks`, `landmark_targets`,
   `landmark_positions` (the paper's positional jumps), `make_landmark_batch`.
-- `params_from_torch(state_dict, config)`: the official GPT's state dict → mnemax params.
-- `memory_attention(...)` (one layer with the block memory) and `memory_logits(...)` (the official
-  mem-cache inference, one jitted call per chunk).
+- `config_from_dict`, `build_from_config`: the trainer's model builder (the objective is
+  train/objectives/landmark.py).
+
+Beside it: models/landmark_memory.py (memory inference with the block cache) and
+models/landmark_convert.py (the official checkpoint → mnemax params).
 
 Grouped softmax, in words (the reference README): a key's block id is the number of landmarks strictly
 before it. For query i over keys j ≤ i: *own* keys are regular keys of i's block, *gates* are
@@ -26,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from typing import Any, Mapping, Optional
 
 import chex
@@ -35,11 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memory import block_cache
-from models import layers, transformer
-
-SELECTIONS = ("per_token_and_head", "max_over_heads", "max_over_tokens")
-
+from models import transformer
 
 # ---------------------------------------------------------------------------------------------
 # The grouped softmax on scores
@@ -97,7 +94,7 @@ def grouped_softmax(s, key_is_landmark, key_block, query_block, visible):
     return jnp.where(own, p_top, zero) + e_past * _gather_segments(f_blk, key_block)
 
 
-def _check_qkv(q, k, v, is_landmark):
+def check_qkv(q, k, v, is_landmark):
     chex.assert_rank(q, 4)
     if k.shape != q.shape:
         raise ValueError(f"k has shape {k.shape}; it must equal q's [B, T, H, D]={q.shape}")
@@ -118,7 +115,7 @@ def block_ids(is_landmark):
     return jnp.cumsum(lm, axis=-1) - lm
 
 
-def _acc_dtype(x):
+def acc_dtype(x):
     return jnp.promote_types(jnp.float32, x.dtype)
 
 
@@ -126,7 +123,7 @@ def _tile_probs(q_tile, k_keys, is_lm, ids, q_start: int, segment_ids=None):
     """probs [B, H, Tq, K] for queries q_start + [0, Tq) over keys [0, K)."""
     B, Tq, H, D = q_tile.shape
     K = k_keys.shape[1]
-    acc = _acc_dtype(q_tile)
+    acc = acc_dtype(q_tile)
     s = jnp.einsum("bqhd,bkhd->bhqk", q_tile, k_keys, preferred_element_type=acc)
     s = s * (1.0 / math.sqrt(D))
     qpos = q_start + jnp.arange(Tq)
@@ -146,7 +143,7 @@ def landmark_attention_weights(q, k, is_landmark, *, segment_ids=None):
 
     q, k [B, T, H, D] (already rotated), is_landmark [B, T] bool; scores are q·k/sqrt(D).
     """
-    is_landmark = _check_qkv(q, k, None, is_landmark)
+    is_landmark = check_qkv(q, k, None, is_landmark)
     return _tile_probs(q, k, is_landmark, block_ids(is_landmark), 0, segment_ids)
 
 
@@ -169,7 +166,7 @@ def _periodic_tile(q_tile, k_keys, v_keys, start: int, block_len: int, segment_i
     K = k_keys.shape[1]
     S = block_len
     NB = K // S
-    acc = _acc_dtype(q_tile)
+    acc = acc_dtype(q_tile)
     s = jnp.einsum("bqhd,bkhd->bhqk", q_tile, k_keys, preferred_element_type=acc)
     s5 = (s * (1.0 / math.sqrt(D))).reshape(B, H, Tq, NB, S)
     i = start + jnp.arange(Tq)
@@ -225,7 +222,7 @@ def landmark_attention(q, k, v, is_landmark, *, segment_ids=None, q_block: int =
     runs instead of the general segment reductions; any other is_landmark takes the general path
     (decided at run time with lax.cond, so the result never depends on the hint).
     """
-    is_landmark = _check_qkv(q, k, v, is_landmark)
+    is_landmark = check_qkv(q, k, v, is_landmark)
     if not isinstance(q_block, int) or q_block <= 0:
         raise ValueError(f"q_block={q_block!r} must be a positive integer")
     B, T, H, D = q.shape
@@ -399,7 +396,7 @@ def official_gpt_config(*, vocab_size: int, n_embd: int, n_head: int, n_layer: i
     return LandmarkConfig(model=model, mem_freq=mem_freq, landmark_id=landmark_id)
 
 
-def _as_landmark_config(config) -> LandmarkConfig:
+def as_landmark_config(config) -> LandmarkConfig:
     if not isinstance(config, LandmarkConfig):
         raise ValueError(f"config must be a LandmarkConfig, got {type(config).__name__}")
     return config
@@ -418,7 +415,7 @@ class LandmarkLM(nn.Module):
     @nn.compact
     def __call__(self, tokens_BxT, *, positions=None, is_landmark=None, segment_ids=None,
                  return_hidden: bool = False):
-        lc = _as_landmark_config(self.config)
+        lc = as_landmark_config(self.config)
         c = lc.model
         chex.assert_rank(tokens_BxT, 2)
         B, T = tokens_BxT.shape
@@ -431,9 +428,6 @@ class LandmarkLM(nn.Module):
             attention_kwargs={"is_landmark": is_landmark, "mem_freq": lc.mem_freq},
             return_hidden=return_hidden, attention_fn=ATTENTION_FNS[c.attention])
 
-
-def _unbox(tree):
-    return nn.meta.unbox(tree)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,397 +453,3 @@ def config_from_dict(model_cfg: Mapping[str, Any]) -> LandmarkConfig:
 def build_from_config(model_cfg: Mapping[str, Any]) -> "LandmarkLM":
     """The trainer's builder (MODELS["landmark"]): model config dict → `LandmarkLM`."""
     return LandmarkLM(config_from_dict(model_cfg))
-
-
-# ---------------------------------------------------------------------------------------------
-# Converter from the official PyTorch state dict
-# ---------------------------------------------------------------------------------------------
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
-
-
-def load_state_dict(source, *, prefix: str = "") -> dict[str, np.ndarray]:
-    """A state dict as numpy arrays from a mapping, an .npz path or a .safetensors path.
-
-    `prefix` is stripped from names that carry it (e.g. "param/" in the reference vectors); the
-    wrappers "_orig_mod." (torch.compile) and "module." (DDP) are stripped too.
-    """
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if path.endswith(".npz"):
-            with np.load(path) as f:
-                raw = {k: f[k] for k in f.files}
-        elif path.endswith(".safetensors"):
-            try:
-                from safetensors.numpy import load_file
-            except ImportError as e:  # pragma: no cover - depends on the environment
-                raise ValueError("reading .safetensors needs the `safetensors` package") from e
-            raw = load_file(path)
-        else:
-            raise ValueError(f"state dict path {path!r} must end in .npz or .safetensors")
-    elif isinstance(source, Mapping):
-        raw = dict(source)
-    else:
-        raise ValueError(f"state dict must be a mapping or a path, got {type(source).__name__}")
-    out = {}
-    for name, value in raw.items():
-        if prefix and name.startswith(prefix):
-            name = name[len(prefix):]
-        elif prefix:
-            continue
-        for w in _WRAPPER_PREFIXES:
-            if name.startswith(w):
-                name = name[len(w):]
-        if hasattr(value, "detach"):          # a torch tensor, if the caller passes one
-            value = value.detach().cpu().numpy()
-        out[name] = np.asarray(value)
-    return out
-
-
-def params_from_torch(state_dict, config: LandmarkConfig, *, prefix: str = "") -> dict:
-    """Official lm_benchmark GPT state dict → params for `LandmarkLM(config)` / `Transformer`.
-
-    state_dict: mapping of name → array, or a path to .npz / .safetensors (see `load_state_dict`).
-    torch Linear weights are [out, in]; mnemax kernels are [in, ...]. `c_attn` rows are q|k|v, each
-    split into heads as (H, Dh). Raises ValueError naming every missing or mis-shaped entry.
-    """
-    cfg = _as_landmark_config(config).model
-    sd = load_state_dict(state_dict, prefix=prefix)
-    C, H, Dh, V, F = cfg.width, cfg.num_heads, cfg.hd, cfg.vocab_size, cfg.hidden
-    if H * Dh != C:
-        raise ValueError(f"the official GPT needs num_heads·head_dim == width; got {H}·{Dh} != {C}")
-    if cfg.mlp != "gelu" or cfg.norm != "layernorm":
-        raise ValueError(f"the official GPT uses mlp='gelu' and norm='layernorm'; config has "
-                         f"mlp={cfg.mlp!r}, norm={cfg.norm!r}")
-    expected = {"transformer.wte.weight": (V, C), "transformer.ln_f.weight": (C,)}
-    for i in range(cfg.num_layers):
-        p = f"transformer.h.{i}."
-        expected.update({p + "ln_1.weight": (C,), p + "attn.c_attn.weight": (3 * C, C),
-                         p + "attn.c_proj.weight": (C, C), p + "ln_2.weight": (C,),
-                         p + "mlp.c_fc.weight": (F, C), p + "mlp.c_proj.weight": (C, F)})
-    if not cfg.tie_embeddings:
-        expected["lm_head.weight"] = (V, C)
-    problems = [f"missing {n!r} (expected shape {s})" for n, s in expected.items() if n not in sd]
-    problems += [f"{n!r} has shape {tuple(sd[n].shape)}, expected {s}"
-                 for n, s in expected.items() if n in sd and tuple(sd[n].shape) != s]
-    if cfg.tie_embeddings and "lm_head.weight" in sd and "transformer.wte.weight" in sd:
-        if sd["lm_head.weight"].shape != sd["transformer.wte.weight"].shape or not np.array_equal(
-                sd["lm_head.weight"], sd["transformer.wte.weight"]):
-            problems.append("'lm_head.weight' differs from 'transformer.wte.weight' but the config "
-                            "ties embeddings (set tie_embeddings=False)")
-    biases = sorted(n for n in sd if n.endswith(".bias"))
-    if biases:
-        problems.append(f"biases are not supported (config.bias=False in the official GPT): {biases}")
-    if "transformer.wpe.freqs" in sd:
-        ours = np.asarray(layers.rope_frequencies(Dh, cfg.rope_base), np.float64)
-        theirs = np.asarray(sd["transformer.wpe.freqs"], np.float64)
-        if theirs.shape != ours.shape or not np.allclose(theirs, ours, rtol=1e-6, atol=0):
-            problems.append(f"'transformer.wpe.freqs' {theirs} do not match this config's RoPE "
-                            f"frequencies {ours} (rope_base={cfg.rope_base})")
-    if problems:
-        raise ValueError("state dict does not fit the config: " + "; ".join(problems))
-    # Semantic entries in mnemax layouts; placed into the tree `LandmarkLM.init` builds (so a leaf
-    # that the model keeps under `kernel` gets it), with every shape checked against that tree.
-    values: dict[str, np.ndarray] = {"embed/embedding": sd["transformer.wte.weight"],
-                                     "ln_f/scale": sd["transformer.ln_f.weight"]}
-    for i in range(cfg.num_layers):
-        p, b = f"transformer.h.{i}.", f"block_{i}/"
-        w = sd[p + "attn.c_attn.weight"]
-        for j, name in enumerate(("query", "key", "value")):
-            values[b + "attn/" + name] = w[j * C:(j + 1) * C].T.reshape(C, H, Dh)
-        values[b + "attn/out"] = sd[p + "attn.c_proj.weight"].T.reshape(H, Dh, C)
-        values[b + "ln_1/scale"] = sd[p + "ln_1.weight"]
-        values[b + "ln_2/scale"] = sd[p + "ln_2.weight"]
-        values[b + "mlp/fc_in"] = sd[p + "mlp.c_fc.weight"].T
-        values[b + "mlp/fc_out"] = sd[p + "mlp.c_proj.weight"].T
-    if not cfg.tie_embeddings:
-        values["lm_head"] = sd["lm_head.weight"].T
-    return _fill_param_tree(values, config)
-
-
-def param_shapes(config: LandmarkConfig) -> dict:
-    """The (unboxed) ShapeDtypeStruct tree of `LandmarkLM(config)` params, without computing them."""
-    T = config.mem_freq + 1
-    tokens = jax.ShapeDtypeStruct((1, T), jnp.int32)
-    shapes = jax.eval_shape(lambda t: LandmarkLM(config).init(jax.random.key(0), t), tokens)
-    return _unbox(shapes)["params"]
-
-
-def _fill_param_tree(values: dict, config: LandmarkConfig) -> dict:
-    shapes = param_shapes(config)
-    flat = {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
-    out: dict = {}
-    problems = []
-    for path, leaf in flat.items():
-        key = path[:-len("/kernel")] if path.endswith("/kernel") and path not in values else path
-        if key not in values:
-            problems.append(f"no converted value for mnemax param {path!r}")
-            continue
-        v = np.asarray(values[key])
-        if v.shape != leaf.shape:
-            problems.append(f"{path!r}: converted shape {v.shape}, the model expects {leaf.shape}")
-            continue
-        node = out
-        parts = path.split("/")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = jnp.asarray(v, leaf.dtype)
-    if problems:
-        raise ValueError("converted params do not fit the model: " + "; ".join(problems))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Memory inference: one attention layer with the block cache
-# ---------------------------------------------------------------------------------------------
-def chunk_start(cache: block_cache.BlockCache, top_k: int) -> jax.Array:
-    """The chunk's first position: min(blocks seen, k + 1)·(mem_freq + 1) + L (README step 2)."""
-    S = cache.block_len
-    return jnp.minimum(cache.num_blocks, top_k + 1) * S + cache.tail_len
-
-
-def _rope(x, positions, *, base, interleaved):
-    """Rotates x [..., D] at integer positions [...] with `layers.apply_rope`'s numerics."""
-    D = x.shape[-1]
-    flat = x.reshape(1, -1, 1, D)
-    pos = jnp.broadcast_to(positions, x.shape[:-1]).reshape(-1)
-    return layers.apply_rope(flat, pos, base=base, interleaved=interleaved).reshape(x.shape)
-
-
-def memory_attention(q, k, v, is_landmark, cache: block_cache.BlockCache, *, top_k: int,
-                     selection: str = "per_token_and_head", valid_len=None,
-                     rope_base: float = 10000.0, rope_interleaved: bool = True,
-                     return_retrieved: bool = False):
-    """One chunk of one attention layer with the landmark memory (reference README steps 2–7).
-
-    q, k, v [B, T, H, Dh]: the chunk's projections, NOT rotated (this function rotates q and the
-    chunk's keys at start + t, the trailing block at start - L + j, and each retrieved block at its
-    slot). is_landmark [B, T] bool; valid_len: how many of the T rows are real (the rest is padding
-    after them), default T. Returns (y [B, T, H, Dh], the cache with the chunk appended) and, with
-    return_retrieved, the chosen blocks' chronological ids [B, H, T, k] (-1 where none).
-    """
-    is_landmark = _check_qkv(q, k, v, is_landmark)
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection={selection!r} is not allowed; use one of {SELECTIONS}")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k={top_k!r} must be a non-negative integer")
-    if top_k > cache.capacity:
-        raise ValueError(f"top_k={top_k} exceeds the cache capacity {cache.capacity} blocks")
-    B, T, H, Dh = q.shape
-    S, F = cache.block_len, cache.mem_freq
-    acc = _acc_dtype(q)
-    scale = 1.0 / math.sqrt(Dh)
-    rope = functools.partial(_rope, base=rope_base, interleaved=rope_interleaved)
-    valid_len = jnp.asarray(T if valid_len is None else valid_len, jnp.int32)
-    start = chunk_start(cache, top_k)
-    L = cache.tail_len
-    t = jnp.arange(T)
-    q_rot = rope(q, (start + t)[None, :, None])
-    k_rot = rope(k, (start + t)[None, :, None])
-    tail_k = rope(cache.tail_keys, (start - L + jnp.arange(F))[None, :, None])
-    s_tail = jnp.einsum("bthd,bjhd->bhtj", q_rot, tail_k, preferred_element_type=acc) * scale
-    s_chunk = jnp.einsum("bthd,bjhd->bhtj", q_rot, k_rot, preferred_element_type=acc) * scale
-    tail_vis = jnp.broadcast_to(jnp.arange(F) < L, (B, H, T, F))
-    chunk_vis = jnp.broadcast_to(t[None, :] <= t[:, None], (B, H, T, T))
-    tail_lm = jnp.zeros((B, H, T, F), bool)
-    chunk_lm = jnp.broadcast_to(is_landmark[:, None, None, :], (B, H, T, T))
-    parts_s, parts_vis, parts_lm = [s_tail, s_chunk], [tail_vis, chunk_vis], [tail_lm, chunk_lm]
-    retrieved = jnp.full((B, H, T, max(top_k, 1)), -1, jnp.int32)
-    if top_k > 0:
-        n = block_cache.num_cached(cache)
-        c, slot_valid = block_cache.chronological_index(cache)              # [N], [N]
-        m = jnp.where(c >= n - top_k, c - (n - top_k) + 1, 0)               # slot of each block
-        lm_k = rope(block_cache.landmark_keys(cache), (m * S + F)[None, :, None])  # [B, N, H, Dh]
-        s_lm = jnp.einsum("bthd,bnhd->bhtn", q_rot, lm_k, preferred_element_type=acc) * scale
-        s_lm = jnp.where(slot_valid, s_lm, -jnp.inf)
-        p_lm = jax.nn.softmax(s_lm, axis=-1)
-        p_lm = jnp.where(slot_valid, p_lm, 0)                               # n = 0: no NaN
-        if selection == "max_over_heads":
-            p_lm = jnp.broadcast_to(jnp.max(p_lm, axis=1, keepdims=True), p_lm.shape)
-        elif selection == "max_over_tokens":
-            real = (t < valid_len)[None, None, :, None]
-            p_lm = jnp.broadcast_to(jnp.max(jnp.where(real, p_lm, 0), axis=2, keepdims=True),
-                                    p_lm.shape)
-        # Ties cannot be resolved portably (official: torch.topk); valid blocks outrank empty slots.
-        rank = jnp.where(slot_valid, p_lm, -1.0)
-        _, chosen = jax.lax.top_k(rank, top_k)                               # [B, H, T, k] slots
-        chosen_valid = slot_valid[chosen]
-        chosen_c = jnp.where(chosen_valid, c[chosen], jnp.iinfo(jnp.int32).max)
-        chosen_c = jnp.sort(chosen_c, axis=-1)                               # chronological order
-        chosen_valid = chosen_c < jnp.iinfo(jnp.int32).max
-        chosen_c = jnp.where(chosen_valid, chosen_c, 0)
-        chosen_m = jnp.where(chosen_c >= n - top_k, chosen_c - (n - top_k) + 1, 0)
-        slots = block_cache.slot_of_chronological(cache, chosen_c)
-        mem_k, mem_v = block_cache.gather_blocks(cache, slots)              # [B, H, T, k, S, Dh]
-        j = jnp.arange(top_k)
-        pos = (j[:, None] * S + jnp.arange(S)[None, :]) + ((chosen_m > 0) * S)[..., None]
-        mem_k = rope(mem_k, pos)
-        s_mem = jnp.einsum("bhtd,bhtjsd->bhtjs", jnp.moveaxis(q_rot, 2, 1), mem_k,
-                           preferred_element_type=acc).reshape(B, H, T, top_k * S) * scale
-        mem_vis = jnp.repeat(chosen_valid, S, axis=-1)
-        mem_lm = mem_vis & jnp.tile(jnp.arange(S) == F, top_k)
-        parts_s.insert(0, s_mem)
-        parts_vis.insert(0, mem_vis)
-        parts_lm.insert(0, mem_lm)
-        retrieved = jnp.where(chosen_valid, chosen_c + (cache.num_blocks - n), -1)
-    s = jnp.concatenate(parts_s, axis=-1)
-    vis = jnp.concatenate(parts_vis, axis=-1)
-    lm = jnp.concatenate(parts_lm, axis=-1)
-    ids = jnp.cumsum(lm.astype(jnp.int32), axis=-1) - lm.astype(jnp.int32)
-    P = s.shape[-1] - T
-    q_blk = jnp.take_along_axis(ids, (P + t)[None, None, :, None], axis=-1)   # [B, H, T, 1]
-    probs = grouped_softmax(s, lm, ids, q_blk, vis)
-    vd = v.dtype
-    y = jnp.einsum("bhtj,bjhd->bthd", probs[..., P:].astype(vd), v)
-    y = y + jnp.einsum("bhtj,bjhd->bthd", probs[..., P - F:P].astype(vd),
-                       cache.tail_values.astype(vd))
-    if top_k > 0:
-        pm = probs[..., :top_k * S].reshape(B, H, T, top_k, S).astype(vd)
-        y = y + jnp.einsum("bhtjs,bhtjsd->bthd", pm, mem_v.astype(vd))
-    new_cache = block_cache.append(cache, k, v, valid_len)
-    y = y.astype(q.dtype)
-    if return_retrieved:
-        return y, new_cache, retrieved
-    return y, new_cache
-
-
-# ---------------------------------------------------------------------------------------------
-# Memory inference: the whole model, chunk by chunk
-# ---------------------------------------------------------------------------------------------
-class _MemoryBlock(nn.Module):
-    cfg: transformer.TransformerConfig
-    top_k: int
-    selection: str
-
-    @nn.compact
-    def __call__(self, x, is_landmark, cache, valid_len, with_retrieved: bool):
-        c = self.cfg
-        norm = lambda name: layers.make_norm(c.norm, eps=c.norm_eps, dtype=c.dtype,  # noqa: E731
-                                             param_dtype=c.param_dtype, name=name)
-        attn = transformer.Attention(c, name="attn")
-        h = norm("ln_1")(x)
-        # Position 0 rotates by the identity (cos 0 = 1, sin 0 = 0 exactly): un-rotated q, k, v.
-        q, k, v = attn.qkv(h, jnp.zeros((x.shape[1],), jnp.int32))
-        y, cache, retrieved = memory_attention(
-            q, k, v, is_landmark, cache, top_k=self.top_k, selection=self.selection,
-            valid_len=valid_len, rope_base=c.rope_base, rope_interleaved=c.rope_interleaved,
-            return_retrieved=True)
-        x = x + attn.out(y)
-        h = norm("ln_2")(x)
-        x = x + layers.MLP(c.hidden, c.mlp, dtype=c.dtype, param_dtype=c.param_dtype,
-                           name="mlp")(h)
-        return x, cache, (retrieved if with_retrieved else None)
-
-
-class _MemoryLM(nn.Module):
-    """One chunk of raw tokens through the model with per-layer block caches."""
-    cfg: LandmarkConfig
-    top_k: int
-    selection: str
-
-    @nn.compact
-    def __call__(self, raw_BxM, n_raw, caches, with_retrieved: bool = False):
-        lc = self.cfg
-        c = lc.model
-        B, M = raw_BxM.shape
-        F = lc.mem_freq
-        L = caches[0].tail_len                      # raw tokens since the last landmark
-        i = jnp.arange(M)
-        aug_pos = i + (L + i) // F                  # where raw token i lands
-        closes = ((L + i + 1) % F == 0) & (i < n_raw)   # a landmark follows raw token i
-        T = M + (F - 1 + M) // F                    # static bound on the augmented length
-        valid_len = n_raw + (L + n_raw) // F        # rows after it (a padded last chunk) are dropped
-        tokens = jnp.zeros((B, T), raw_BxM.dtype).at[:, aug_pos].set(raw_BxM)
-        lm_pos = jnp.where(closes, aug_pos + 1, T)  # T: out of range, dropped
-        tokens = tokens.at[:, lm_pos].set(lc.landmark_id, mode="drop")
-        is_landmark = jnp.zeros((B, T), bool).at[:, lm_pos].set(True, mode="drop")
-        embed = layers.Embed(c.vocab_size, c.width, dtype=c.dtype, param_dtype=c.param_dtype,
-                             name="embed")
-        x = embed(tokens)
-        new_caches, retrieved = [], []
-        for li in range(c.num_layers):
-            x, cache, r = _MemoryBlock(c, self.top_k, self.selection, name=f"block_{li}")(
-                x, is_landmark, caches[li], valid_len, with_retrieved)
-            new_caches.append(cache)
-            retrieved.append(r)
-        x = layers.make_norm(c.norm, eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
-                             name="ln_f")(x)
-        x = jnp.take(x, aug_pos, axis=1)            # landmark rows dropped (README step 8)
-        if c.tie_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = nn.DenseGeneral(c.vocab_size, use_bias=False, dtype=c.dtype,
-                                     param_dtype=c.param_dtype, name="lm_head")(x)
-        logits = logits.astype(jnp.promote_types(jnp.float32, logits.dtype))
-        out = (logits, tuple(new_caches))
-        if with_retrieved:
-            out = out + (tuple(retrieved),)
-        return out
-
-
-def init_caches(config: LandmarkConfig, batch: int, cache_blocks: int) -> tuple:
-    """One empty `BlockCache` per layer (keys/values in the model's compute dtype)."""
-    c = _as_landmark_config(config).model
-    return tuple(block_cache.init(batch=batch, capacity=cache_blocks, mem_freq=config.mem_freq,
-                                  num_heads=c.num_heads, head_dim=c.hd, dtype=c.dtype)
-                 for _ in range(c.num_layers))
-
-
-@functools.partial(jax.jit, static_argnames=("config", "top_k", "selection", "with_retrieved"))
-def memory_step(params, raw_BxM, caches, n_raw=None, *, config: LandmarkConfig, top_k: int,
-                selection: str = "per_token_and_head", with_retrieved: bool = False):
-    """One chunk of raw tokens [B, M] → (logits [B, M, V], new caches[, retrieved per layer]).
-
-    n_raw (traced scalar, default M): only the first n_raw tokens are real; the rest is padding whose
-    logits are meaningless and which never enters the cache (so a short last chunk reuses the
-    compiled step of the full-length ones).
-    """
-    if n_raw is None:
-        n_raw = raw_BxM.shape[1]
-    return _MemoryLM(config, top_k, selection).apply({"params": params}, raw_BxM,
-                                                     jnp.asarray(n_raw, jnp.int32), caches,
-                                                     with_retrieved)
-
-
-def memory_logits(params, config: LandmarkConfig, raw_tokens, *, chunk_len: int, top_k: int,
-                  cache_blocks: Optional[int], selection: str = "per_token_and_head",
-                  return_retrieved: bool = False):
-    """The official mem-cache inference: raw tokens [B, T_raw] (no landmarks) → logits [B, T_raw, V].
-
-    Chunks of `chunk_len` raw tokens, each one jitted call; landmarks are inserted across chunks,
-    each layer keeps a ring of `cache_blocks` complete blocks (None: enough for the whole input, the
-    unbounded-context mode) and retrieves `top_k` blocks per token and head (`selection`).
-    """
-    config = _as_landmark_config(config)
-    raw_tokens = jnp.asarray(raw_tokens)
-    if raw_tokens.ndim != 2:
-        raise ValueError(f"raw_tokens has shape {raw_tokens.shape}; it must be [B, T_raw]")
-    if not isinstance(chunk_len, int) or chunk_len <= 0:
-        raise ValueError(f"chunk_len={chunk_len!r} must be a positive integer")
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection={selection!r} is not allowed; use one of {SELECTIONS}")
-    B, T_raw = raw_tokens.shape
-    if cache_blocks is None:
-        cache_blocks = max(T_raw // config.mem_freq, top_k, 1)
-    if not isinstance(cache_blocks, int) or cache_blocks <= 0:
-        raise ValueError(f"cache_blocks={cache_blocks!r} must be a positive integer (or None)")
-    if not isinstance(top_k, int) or not 0 <= top_k <= cache_blocks:
-        raise ValueError(f"top_k={top_k!r} must be an integer in [0, cache_blocks={cache_blocks}]")
-    params = _unbox(params)
-    caches = init_caches(config, B, cache_blocks)
-    outs, retrieved = [], []
-    for s in range(0, T_raw, chunk_len):
-        chunk = raw_tokens[:, s:s + chunk_len]
-        n = chunk.shape[1]
-        if n < chunk_len:                          # pad: one compiled step for every chunk
-            chunk = jnp.pad(chunk, ((0, 0), (0, chunk_len - n)))
-        res = memory_step(params, chunk, caches, n, config=config, top_k=top_k,
-                          selection=selection, with_retrieved=return_retrieved)
-        outs.append(res[0][:, :n])
-        caches = res[1]
-        if return_retrieved:
-            retrieved.append(res[2])
-    logits = jnp.concatenate(outs, axis=1)
-    if return_retrieved:
-        return logits, retrieved
-    return logits

@@ -6,7 +6,7 @@ names (see `train/sharding.py` for the rules that map them onto the mesh).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import chex
 import flax.linen as nn
@@ -213,3 +213,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     p = jnp.where(mask.any(-1, keepdims=True), p, 0.0)
     y = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)
     return y.astype(q.dtype)
+
+
+def unbox(tree):
+    """A param tree without Flax's partitioning boxes (`nn.with_logical_partitioning`)."""
+    return nn.meta.unbox(tree)

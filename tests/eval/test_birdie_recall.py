@@ -10,6 +10,7 @@ import pytest
 
 from eval import birdie_recall as br
 from eval import figures
+from models import layers
 from train.data import tokenizer as tok
 from train.objectives import birdie
 
@@ -274,7 +275,7 @@ def test_only_bidirectional_specs_read_the_prefix(name):
     assert br.SPECS[name].bidirectional == (name in bidirectional)
     s = dict(TINY_SIZE)
     model = br.build_model(name, s)
-    params = br.nn_unbox(model.init(jax.random.key(0), np.zeros((1, 12), np.int32))["params"])
+    params = layers.unbox(model.init(jax.random.key(0), np.zeros((1, 12), np.int32))["params"])
     fwd = br.apply_fn(model, br.SPECS[name])
     x = np.arange(1, 13, dtype=np.int32)[None]
     batch = {"inputs": x, "segment_ids": np.ones_like(x), "prefix": np.arange(12)[None] < 8}

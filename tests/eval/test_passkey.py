@@ -17,7 +17,7 @@ import pytest
 
 from eval import figures, landmark_perplexity, passkey
 from models import landmark as lmk
-from models import transformer
+from models import layers, transformer
 from train.configs import landmark as landmark_configs
 from train.data import passkey_data, pipeline
 from train.data import tokenizer as tok
@@ -139,7 +139,7 @@ def test_landmark_loss_matches_make_landmark_batch():
 def tiny_landmark():
     model = lmk.build_from_config(MODEL_CFG)
     params = jax.jit(model.init)(jax.random.key(3), jnp.zeros((1, 12), jnp.int32))["params"]
-    return model, lmk._unbox(params)
+    return model, layers.unbox(params)
 
 
 def test_teacher_forced_scoring_equals_greedy_decoding_with_memory(tiny_landmark):

@@ -11,6 +11,8 @@ import pytest
 
 from memory import block_cache
 from models import landmark as lmk
+from models import landmark_convert as lmk_convert
+from models import landmark_memory as lmk_memory
 from models import layers, transformer
 
 TR = lambda x: np.transpose(np.asarray(x), (0, 2, 1, 3))  # noqa: E731  (B,H,T,D) ↔ [B,T,H,D]
@@ -212,7 +214,7 @@ def _E(reference_dir):
     path = reference_dir / "landmark" / "E_tiny_gpt_landmark.npz"
     cfg = lmk.official_gpt_config(vocab_size=64, n_embd=32, n_head=2, n_layer=2, mem_freq=7,
                                   landmark_id=63, dtype=jnp.float64)
-    return np.load(path), cfg, lmk.params_from_torch(path, cfg, prefix="param/")
+    return np.load(path), cfg, lmk_convert.params_from_torch(path, cfg, prefix="param/")
 
 
 def test_E_full_forward_parity(reference_dir, x64):
@@ -232,7 +234,7 @@ def test_E_full_forward_parity(reference_dir, x64):
 @pytest.mark.parametrize("k,size,mid", [(2, 3, 20), (1, 2, 15), (3, 4, 25)])
 def test_E_memory_inference_parity(reference_dir, x64, k, size, mid):
     ref, cfg, params = _E(reference_dir)
-    logits = lmk.memory_logits(params, cfg, ref["raw_tokens"], chunk_len=mid, top_k=k,
+    logits = lmk_memory.memory_logits(params, cfg, ref["raw_tokens"], chunk_len=mid, top_k=k,
                                cache_blocks=size)
     assert logits.shape == (2, 70, 64)
     err = _maxdiff(logits, ref[f"logits_memcache_k{k}_size{size}_mid{mid}"])
@@ -241,14 +243,14 @@ def test_E_memory_inference_parity(reference_dir, x64, k, size, mid):
 
 def test_memory_inference_batch_rows_are_independent(reference_dir, x64):
     ref, cfg, params = _E(reference_dir)
-    both = lmk.memory_logits(params, cfg, ref["raw_tokens"], chunk_len=20, top_k=2,
+    both = lmk_memory.memory_logits(params, cfg, ref["raw_tokens"], chunk_len=20, top_k=2,
                              cache_blocks=3, selection="max_over_tokens")
-    one = lmk.memory_logits(params, cfg, ref["raw_tokens"][1:], chunk_len=20, top_k=2,
+    one = lmk_memory.memory_logits(params, cfg, ref["raw_tokens"][1:], chunk_len=20, top_k=2,
                             cache_blocks=3, selection="max_over_tokens")
     assert _maxdiff(both[1:], one) <= 1e-12
     # unbounded mode (cache_blocks=None) with top_k = every block: the first chunk's logits equal
     # the full forward (nothing to retrieve yet), and everything stays finite
-    full, retrieved = lmk.memory_logits(params, cfg, ref["raw_tokens"], chunk_len=30, top_k=2,
+    full, retrieved = lmk_memory.memory_logits(params, cfg, ref["raw_tokens"], chunk_len=30, top_k=2,
                                         cache_blocks=None, return_retrieved=True)
     assert np.all(np.isfinite(np.asarray(full)))
     aug_logits = np.asarray(ref["logits_full_aug"])
@@ -262,12 +264,12 @@ def test_bad_memory_arguments_raise(reference_dir, x64):
     ref, cfg, params = _E(reference_dir)
     raw = ref["raw_tokens"][:, :10]
     with pytest.raises(ValueError, match="selection"):
-        lmk.memory_logits(params, cfg, raw, chunk_len=5, top_k=1, cache_blocks=2,
+        lmk_memory.memory_logits(params, cfg, raw, chunk_len=5, top_k=1, cache_blocks=2,
                           selection="max_over_everything")
     with pytest.raises(ValueError, match="top_k"):
-        lmk.memory_logits(params, cfg, raw, chunk_len=5, top_k=3, cache_blocks=2)
+        lmk_memory.memory_logits(params, cfg, raw, chunk_len=5, top_k=3, cache_blocks=2)
     with pytest.raises(ValueError, match="chunk_len"):
-        lmk.memory_logits(params, cfg, raw, chunk_len=0, top_k=1, cache_blocks=2)
+        lmk_memory.memory_logits(params, cfg, raw, chunk_len=0, top_k=1, cache_blocks=2)
 
 
 def test_converter_names_missing_and_misshaped_entries(reference_dir, x64):
@@ -277,18 +279,18 @@ def test_converter_names_missing_and_misshaped_entries(reference_dir, x64):
     del bad["transformer.h.1.ln_2.weight"]
     bad["transformer.h.0.attn.c_attn.weight"] = sd["transformer.h.0.attn.c_attn.weight"][:64]
     with pytest.raises(ValueError) as e:
-        lmk.params_from_torch(bad, cfg)
+        lmk_convert.params_from_torch(bad, cfg)
     assert "transformer.h.1.ln_2.weight" in str(e.value)
     assert "transformer.h.0.attn.c_attn.weight" in str(e.value) and "(96, 32)" in str(e.value)
     wrong_rope = dict(sd, **{"transformer.wpe.freqs": sd["transformer.wpe.freqs"] * 2})
     with pytest.raises(ValueError, match="wpe.freqs"):
-        lmk.params_from_torch(wrong_rope, cfg)
+        lmk_convert.params_from_torch(wrong_rope, cfg)
     # a dict with torch.compile's prefix converts like the plain one
     compiled = {"_orig_mod." + k: v for k, v in sd.items()}
-    a, b = lmk.params_from_torch(sd, cfg), lmk.params_from_torch(compiled, cfg)
+    a, b = lmk_convert.params_from_torch(sd, cfg), lmk_convert.params_from_torch(compiled, cfg)
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda x, y: bool((x == y).all()), a, b))
     with pytest.raises(ValueError, match="must be a LandmarkConfig"):
-        lmk.params_from_torch(sd, cfg.model)
+        lmk_convert.params_from_torch(sd, cfg.model)
 
 
 def test_converter_reads_safetensors(reference_dir, tmp_path, x64):
@@ -298,7 +300,7 @@ def test_converter_reads_safetensors(reference_dir, tmp_path, x64):
           if k.startswith("param/")}
     path = tmp_path / "model.safetensors"
     st.save_file(sd, str(path))
-    again = lmk.params_from_torch(path, cfg)
+    again = lmk_convert.params_from_torch(path, cfg)
     same = jax.tree_util.tree_map(lambda x, y: bool((x == y).all()), params, again)
     assert all(jax.tree_util.tree_leaves(same))
 
@@ -306,7 +308,7 @@ def test_converter_reads_safetensors(reference_dir, tmp_path, x64):
 # ---------------------------------------------------------------------------------------------
 # F: one attention layer with memory (what memory_logits is built from)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("selection", lmk.SELECTIONS)
+@pytest.mark.parametrize("selection", lmk_memory.SELECTIONS)
 def test_F_memory_attention_layer_parity(reference_dir, x64, selection):
     ref = _ref(reference_dir, "F_memcache_attention_layer.npz")
     x, W, Wp = jnp.asarray(ref["x"]), ref["W_attn"], ref["W_proj"]
@@ -314,7 +316,7 @@ def test_F_memory_attention_layer_parity(reference_dir, x64, selection):
     B, C, H, Dh, F, K = 2, 32, 2, 16, int(ref["mem_freq"]), int(ref["topk"])
     cache = block_cache.init(batch=B, capacity=int(ref["mem_cache_size"]), mem_freq=F,
                              num_heads=H, head_dim=Dh, dtype=jnp.float64)
-    step = jax.jit(lambda q, k, v, m, c: lmk.memory_attention(q, k, v, m, c, top_k=K,
+    step = jax.jit(lambda q, k, v, m, c: lmk_memory.memory_attention(q, k, v, m, c, top_k=K,
                                                               selection=selection))
     L = off = 0
     ys, starts = [], []
@@ -323,7 +325,7 @@ def test_F_memory_attention_layer_parity(reference_dir, x64, selection):
         L = int((L + M) % F)
         qkv = x[:, off:off + T] @ W.T
         q, k, v = (qkv[..., j * C:(j + 1) * C].reshape(B, T, H, Dh) for j in range(3))
-        starts.append(int(lmk.chunk_start(cache, K)))
+        starts.append(int(lmk_memory.chunk_start(cache, K)))
         y, cache = step(q, k, v, is_mem[:, off:off + T], cache)
         ys.append(y.reshape(B, T, C) @ Wp.T)
         off += T
@@ -346,10 +348,10 @@ def test_landmark_lm_trains_with_the_baseline_param_tree():
     params = jax.jit(model.init)(jax.random.key(1), batch["inputs"])["params"]
     base = jax.jit(transformer.Transformer(cfg.model.replace(attention="dense")).init)(
         jax.random.key(1), batch["inputs"])["params"]
-    assert (jax.tree_util.tree_structure(nn_unbox(params))
-            == jax.tree_util.tree_structure(nn_unbox(base)))
-    assert jax.tree_util.tree_map(jnp.shape, nn_unbox(params)) == jax.tree_util.tree_map(
-        jnp.shape, nn_unbox(base))
+    assert (jax.tree_util.tree_structure(layers.unbox(params))
+            == jax.tree_util.tree_structure(layers.unbox(base)))
+    assert jax.tree_util.tree_map(jnp.shape, layers.unbox(params)) == jax.tree_util.tree_map(
+        jnp.shape, layers.unbox(base))
 
     def loss(p):
         logits = model.apply({"params": p}, batch["inputs"], positions=batch["positions"],
@@ -362,11 +364,6 @@ def test_landmark_lm_trains_with_the_baseline_param_tree():
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
     assert np.isfinite(float(value))
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree_util.tree_leaves(grads))
-
-
-def nn_unbox(tree):
-    import flax.linen as nn
-    return nn.meta.unbox(tree)
 
 
 def test_config_validation():

@@ -1,0 +1,276 @@
+"""Landmark memory inference (Mohtashami & Jaggi 2023; the official mem-cache semantics): the
+prompt is read chunk by chunk, each layer keeps its past blocks in a block cache
+(memory/block_cache.py) and every query attends to its own chunk plus the top-k blocks whose
+landmarks score highest.
+
+- `memory_attention(...)`: one layer with the block memory (reference README steps 2–7);
+- `memory_logits(...)`: the whole model (`LandmarkLM` params), one jitted call per chunk;
+  `init_caches`, `memory_step`, `chunk_start` are its parts.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from memory import block_cache
+from models import landmark, layers, transformer
+
+SELECTIONS = ("per_token_and_head", "max_over_heads", "max_over_tokens")
+
+
+def chunk_start(cache: block_cache.BlockCache, top_k: int) -> jax.Array:
+    """The chunk's first position: min(blocks seen, k + 1)·(mem_freq + 1) + L (README step 2)."""
+    S = cache.block_len
+    return jnp.minimum(cache.num_blocks, top_k + 1) * S + cache.tail_len
+
+
+def _rope(x, positions, *, base, interleaved):
+    """Rotates x [..., D] at integer positions [...] with `layers.apply_rope`'s numerics."""
+    D = x.shape[-1]
+    flat = x.reshape(1, -1, 1, D)
+    pos = jnp.broadcast_to(positions, x.shape[:-1]).reshape(-1)
+    return layers.apply_rope(flat, pos, base=base, interleaved=interleaved).reshape(x.shape)
+
+
+def memory_attention(q, k, v, is_landmark, cache: block_cache.BlockCache, *, top_k: int,
+                     selection: str = "per_token_and_head", valid_len=None,
+                     rope_base: float = 10000.0, rope_interleaved: bool = True,
+                     return_retrieved: bool = False):
+    """One chunk of one attention layer with the landmark memory (reference README steps 2–7).
+
+    q, k, v [B, T, H, Dh]: the chunk's projections, NOT rotated (this function rotates q and the
+    chunk's keys at start + t, the trailing block at start - L + j, and each retrieved block at its
+    slot). is_landmark [B, T] bool; valid_len: how many of the T rows are real (the rest is padding
+    after them), default T. Returns (y [B, T, H, Dh], the cache with the chunk appended) and, with
+    return_retrieved, the chosen blocks' chronological ids [B, H, T, k] (-1 where none).
+    """
+    is_landmark = landmark.check_qkv(q, k, v, is_landmark)
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r} is not allowed; use one of {SELECTIONS}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k={top_k!r} must be a non-negative integer")
+    if top_k > cache.capacity:
+        raise ValueError(f"top_k={top_k} exceeds the cache capacity {cache.capacity} blocks")
+    B, T, H, Dh = q.shape
+    S, F = cache.block_len, cache.mem_freq
+    acc = landmark.acc_dtype(q)
+    scale = 1.0 / math.sqrt(Dh)
+    rope = functools.partial(_rope, base=rope_base, interleaved=rope_interleaved)
+    valid_len = jnp.asarray(T if valid_len is None else valid_len, jnp.int32)
+    start = chunk_start(cache, top_k)
+    L = cache.tail_len
+    t = jnp.arange(T)
+    q_rot = rope(q, (start + t)[None, :, None])
+    k_rot = rope(k, (start + t)[None, :, None])
+    tail_k = rope(cache.tail_keys, (start - L + jnp.arange(F))[None, :, None])
+    s_tail = jnp.einsum("bthd,bjhd->bhtj", q_rot, tail_k, preferred_element_type=acc) * scale
+    s_chunk = jnp.einsum("bthd,bjhd->bhtj", q_rot, k_rot, preferred_element_type=acc) * scale
+    tail_vis = jnp.broadcast_to(jnp.arange(F) < L, (B, H, T, F))
+    chunk_vis = jnp.broadcast_to(t[None, :] <= t[:, None], (B, H, T, T))
+    tail_lm = jnp.zeros((B, H, T, F), bool)
+    chunk_lm = jnp.broadcast_to(is_landmark[:, None, None, :], (B, H, T, T))
+    parts_s, parts_vis, parts_lm = [s_tail, s_chunk], [tail_vis, chunk_vis], [tail_lm, chunk_lm]
+    retrieved = jnp.full((B, H, T, max(top_k, 1)), -1, jnp.int32)
+    if top_k > 0:
+        n = block_cache.num_cached(cache)
+        c, slot_valid = block_cache.chronological_index(cache)              # [N], [N]
+        m = jnp.where(c >= n - top_k, c - (n - top_k) + 1, 0)               # slot of each block
+        lm_k = rope(block_cache.landmark_keys(cache), (m * S + F)[None, :, None])  # [B, N, H, Dh]
+        s_lm = jnp.einsum("bthd,bnhd->bhtn", q_rot, lm_k, preferred_element_type=acc) * scale
+        s_lm = jnp.where(slot_valid, s_lm, -jnp.inf)
+        p_lm = jax.nn.softmax(s_lm, axis=-1)
+        p_lm = jnp.where(slot_valid, p_lm, 0)                               # n = 0: no NaN
+        if selection == "max_over_heads":
+            p_lm = jnp.broadcast_to(jnp.max(p_lm, axis=1, keepdims=True), p_lm.shape)
+        elif selection == "max_over_tokens":
+            real = (t < valid_len)[None, None, :, None]
+            p_lm = jnp.broadcast_to(jnp.max(jnp.where(real, p_lm, 0), axis=2, keepdims=True),
+                                    p_lm.shape)
+        # Ties cannot be resolved portably (official: torch.topk); valid blocks outrank empty slots.
+        rank = jnp.where(slot_valid, p_lm, -1.0)
+        _, chosen = jax.lax.top_k(rank, top_k)                               # [B, H, T, k] slots
+        chosen_valid = slot_valid[chosen]
+        chosen_c = jnp.where(chosen_valid, c[chosen], jnp.iinfo(jnp.int32).max)
+        chosen_c = jnp.sort(chosen_c, axis=-1)                               # chronological order
+        chosen_valid = chosen_c < jnp.iinfo(jnp.int32).max
+        chosen_c = jnp.where(chosen_valid, chosen_c, 0)
+        chosen_m = jnp.where(chosen_c >= n - top_k, chosen_c - (n - top_k) + 1, 0)
+        slots = block_cache.slot_of_chronological(cache, chosen_c)
+        mem_k, mem_v = block_cache.gather_blocks(cache, slots)              # [B, H, T, k, S, Dh]
+        j = jnp.arange(top_k)
+        pos = (j[:, None] * S + jnp.arange(S)[None, :]) + ((chosen_m > 0) * S)[..., None]
+        mem_k = rope(mem_k, pos)
+        s_mem = jnp.einsum("bhtd,bhtjsd->bhtjs", jnp.moveaxis(q_rot, 2, 1), mem_k,
+                           preferred_element_type=acc).reshape(B, H, T, top_k * S) * scale
+        mem_vis = jnp.repeat(chosen_valid, S, axis=-1)
+        mem_lm = mem_vis & jnp.tile(jnp.arange(S) == F, top_k)
+        parts_s.insert(0, s_mem)
+        parts_vis.insert(0, mem_vis)
+        parts_lm.insert(0, mem_lm)
+        retrieved = jnp.where(chosen_valid, chosen_c + (cache.num_blocks - n), -1)
+    s = jnp.concatenate(parts_s, axis=-1)
+    vis = jnp.concatenate(parts_vis, axis=-1)
+    lm = jnp.concatenate(parts_lm, axis=-1)
+    ids = jnp.cumsum(lm.astype(jnp.int32), axis=-1) - lm.astype(jnp.int32)
+    P = s.shape[-1] - T
+    q_blk = jnp.take_along_axis(ids, (P + t)[None, None, :, None], axis=-1)   # [B, H, T, 1]
+    probs = landmark.grouped_softmax(s, lm, ids, q_blk, vis)
+    vd = v.dtype
+    y = jnp.einsum("bhtj,bjhd->bthd", probs[..., P:].astype(vd), v)
+    y = y + jnp.einsum("bhtj,bjhd->bthd", probs[..., P - F:P].astype(vd),
+                       cache.tail_values.astype(vd))
+    if top_k > 0:
+        pm = probs[..., :top_k * S].reshape(B, H, T, top_k, S).astype(vd)
+        y = y + jnp.einsum("bhtjs,bhtjsd->bthd", pm, mem_v.astype(vd))
+    new_cache = block_cache.append(cache, k, v, valid_len)
+    y = y.astype(q.dtype)
+    if return_retrieved:
+        return y, new_cache, retrieved
+    return y, new_cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory inference: the whole model, chunk by chunk
+# ---------------------------------------------------------------------------------------------
+class _MemoryBlock(nn.Module):
+    cfg: transformer.TransformerConfig
+    top_k: int
+    selection: str
+
+    @nn.compact
+    def __call__(self, x, is_landmark, cache, valid_len, with_retrieved: bool):
+        c = self.cfg
+        norm = lambda name: layers.make_norm(c.norm, eps=c.norm_eps, dtype=c.dtype,  # noqa: E731
+                                             param_dtype=c.param_dtype, name=name)
+        attn = transformer.Attention(c, name="attn")
+        h = norm("ln_1")(x)
+        # Position 0 rotates by the identity (cos 0 = 1, sin 0 = 0 exactly): un-rotated q, k, v.
+        q, k, v = attn.qkv(h, jnp.zeros((x.shape[1],), jnp.int32))
+        y, cache, retrieved = memory_attention(
+            q, k, v, is_landmark, cache, top_k=self.top_k, selection=self.selection,
+            valid_len=valid_len, rope_base=c.rope_base, rope_interleaved=c.rope_interleaved,
+            return_retrieved=True)
+        x = x + attn.out(y)
+        h = norm("ln_2")(x)
+        x = x + layers.MLP(c.hidden, c.mlp, dtype=c.dtype, param_dtype=c.param_dtype,
+                           name="mlp")(h)
+        return x, cache, (retrieved if with_retrieved else None)
+
+
+class _MemoryLM(nn.Module):
+    """One chunk of raw tokens through the model with per-layer block caches."""
+    cfg: landmark.LandmarkConfig
+    top_k: int
+    selection: str
+
+    @nn.compact
+    def __call__(self, raw_BxM, n_raw, caches, with_retrieved: bool = False):
+        lc = self.cfg
+        c = lc.model
+        B, M = raw_BxM.shape
+        F = lc.mem_freq
+        L = caches[0].tail_len                      # raw tokens since the last landmark
+        i = jnp.arange(M)
+        aug_pos = i + (L + i) // F                  # where raw token i lands
+        closes = ((L + i + 1) % F == 0) & (i < n_raw)   # a landmark follows raw token i
+        T = M + (F - 1 + M) // F                    # static bound on the augmented length
+        valid_len = n_raw + (L + n_raw) // F        # rows after it (a padded last chunk) are dropped
+        tokens = jnp.zeros((B, T), raw_BxM.dtype).at[:, aug_pos].set(raw_BxM)
+        lm_pos = jnp.where(closes, aug_pos + 1, T)  # T: out of range, dropped
+        tokens = tokens.at[:, lm_pos].set(lc.landmark_id, mode="drop")
+        is_landmark = jnp.zeros((B, T), bool).at[:, lm_pos].set(True, mode="drop")
+        embed = layers.Embed(c.vocab_size, c.width, dtype=c.dtype, param_dtype=c.param_dtype,
+                             name="embed")
+        x = embed(tokens)
+        new_caches, retrieved = [], []
+        for li in range(c.num_layers):
+            x, cache, r = _MemoryBlock(c, self.top_k, self.selection, name=f"block_{li}")(
+                x, is_landmark, caches[li], valid_len, with_retrieved)
+            new_caches.append(cache)
+            retrieved.append(r)
+        x = layers.make_norm(c.norm, eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
+                             name="ln_f")(x)
+        x = jnp.take(x, aug_pos, axis=1)            # landmark rows dropped (README step 8)
+        if c.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.DenseGeneral(c.vocab_size, use_bias=False, dtype=c.dtype,
+                                     param_dtype=c.param_dtype, name="lm_head")(x)
+        logits = logits.astype(jnp.promote_types(jnp.float32, logits.dtype))
+        out = (logits, tuple(new_caches))
+        if with_retrieved:
+            out = out + (tuple(retrieved),)
+        return out
+
+
+def init_caches(config: landmark.LandmarkConfig, batch: int, cache_blocks: int) -> tuple:
+    """One empty `BlockCache` per layer (keys/values in the model's compute dtype)."""
+    c = landmark.as_landmark_config(config).model
+    return tuple(block_cache.init(batch=batch, capacity=cache_blocks, mem_freq=config.mem_freq,
+                                  num_heads=c.num_heads, head_dim=c.hd, dtype=c.dtype)
+                 for _ in range(c.num_layers))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "top_k", "selection", "with_retrieved"))
+def memory_step(params, raw_BxM, caches, n_raw=None, *, config: landmark.LandmarkConfig, top_k: int,
+                selection: str = "per_token_and_head", with_retrieved: bool = False):
+    """One chunk of raw tokens [B, M] → (logits [B, M, V], new caches[, retrieved per layer]).
+
+    n_raw (traced scalar, default M): only the first n_raw tokens are real; the rest is padding whose
+    logits are meaningless and which never enters the cache (so a short last chunk reuses the
+    compiled step of the full-length ones).
+    """
+    if n_raw is None:
+        n_raw = raw_BxM.shape[1]
+    return _MemoryLM(config, top_k, selection).apply({"params": params}, raw_BxM,
+                                                     jnp.asarray(n_raw, jnp.int32), caches,
+                                                     with_retrieved)
+
+
+def memory_logits(params, config: landmark.LandmarkConfig, raw_tokens, *, chunk_len: int, top_k: int,
+                  cache_blocks: Optional[int], selection: str = "per_token_and_head",
+                  return_retrieved: bool = False):
+    """The official mem-cache inference: raw tokens [B, T_raw] (no landmarks) → logits [B, T_raw, V].
+
+    Chunks of `chunk_len` raw tokens, each one jitted call; landmarks are inserted across chunks,
+    each layer keeps a ring of `cache_blocks` complete blocks (None: enough for the whole input, the
+    unbounded-context mode) and retrieves `top_k` blocks per token and head (`selection`).
+    """
+    config = landmark.as_landmark_config(config)
+    raw_tokens = jnp.asarray(raw_tokens)
+    if raw_tokens.ndim != 2:
+        raise ValueError(f"raw_tokens has shape {raw_tokens.shape}; it must be [B, T_raw]")
+    if not isinstance(chunk_len, int) or chunk_len <= 0:
+        raise ValueError(f"chunk_len={chunk_len!r} must be a positive integer")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r} is not allowed; use one of {SELECTIONS}")
+    B, T_raw = raw_tokens.shape
+    if cache_blocks is None:
+        cache_blocks = max(T_raw // config.mem_freq, top_k, 1)
+    if not isinstance(cache_blocks, int) or cache_blocks <= 0:
+        raise ValueError(f"cache_blocks={cache_blocks!r} must be a positive integer (or None)")
+    if not isinstance(top_k, int) or not 0 <= top_k <= cache_blocks:
+        raise ValueError(f"top_k={top_k!r} must be an integer in [0, cache_blocks={cache_blocks}]")
+    params = layers.unbox(params)
+    caches = init_caches(config, B, cache_blocks)
+    outs, retrieved = [], []
+    for s in range(0, T_raw, chunk_len):
+        chunk = raw_tokens[:, s:s + chunk_len]
+        n = chunk.shape[1]
+        if n < chunk_len:                          # pad: one compiled step for every chunk
+            chunk = jnp.pad(chunk, ((0, 0), (0, chunk_len - n)))
+        res = memory_step(params, chunk, caches, n, config=config, top_k=top_k,
+                          selection=selection, with_retrieved=return_retrieved)
+        outs.append(res[0][:, :n])
+        caches = res[1]
+        if return_retrieved:
+            retrieved.append(res[2])
+    logits = jnp.concatenate(outs, axis=1)
+    if return_retrieved:
+        return logits, retrieved
+    return logits
