@@ -22,14 +22,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from benchmarks.harness import time_fn, write_result
 from memory import bank as bank_lib
 from models.mac import MAC, slot_keys
 from train.configs import mac as mac_configs
 from train.objectives import mac as obj
-from train.data import tokenizer as tok
 
 
 def _temp_bytes(compiled) -> int | None:
@@ -60,21 +58,13 @@ def main(argv=None) -> int:
         phi = MAC(cfg).apply({"params": params}, doc, method=MAC.amortize)
         return bank_lib.write(bank, slot_keys(phi), phi)
 
-    opt = optax.adam(1e-3)
-    opt_state = opt.init(lm_params)
-
-    @jax.jit
-    def adapt_ft(lm_params, opt_state, doc):
-        batch = {"inputs": doc[:, :-1], "targets": doc[:, 1:],
-                 "weights": (doc[:, 1:] != tok.PAD).astype(jnp.float32)}
-        g = jax.grad(lambda q: obj.lm_loss(cfg.lm, q, batch))(lm_params)
-        u, opt_state = opt.update(g, opt_state, lm_params)
-        return optax.apply_updates(lm_params, u), opt_state
+    # the streaming-QA baseline's step (train/objectives/mac.py: uniform fine-tuning)
+    opt_state = obj.finetune_init(lm_params, 1e-3)
 
     t_mac = time_fn(lambda: adapt_mac(params, bank, doc), runs=a.runs)
-    t_ft = time_fn(lambda: adapt_ft(lm_params, opt_state, doc), runs=a.runs)
+    t_ft = time_fn(lambda: obj.finetune_step(cfg, lm_params, opt_state, doc), runs=a.runs)
     mem_mac = _temp_bytes(adapt_mac.lower(params, bank, doc).compile())
-    mem_ft = _temp_bytes(adapt_ft.lower(lm_params, opt_state, doc).compile())
+    mem_ft = _temp_bytes(obj.finetune_step.lower(cfg, lm_params, opt_state, doc).compile())
 
     qs = jax.random.randint(jax.random.key(3), (a.questions, c.lengths.question), 0, 256)
     agg = {}

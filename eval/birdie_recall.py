@@ -37,9 +37,10 @@ Transformer's. The `quick` size (the demo) cycles 'bc' instead, as train/configs
 (bidirectional–causal–bidirectional over three blocks): there the bidirectional model left the
 loss plateau sooner and on every seed tried (see SIZES).
 
-Training uses a small self-contained jitted loop (AdamW, warm-up + cosine) rather than the shared
-trainer (train/trainer.py): the Birdie arm changes its data mixture at every controller update
-from validation losses of the live parameters, which the trainer's fixed pipeline cannot express,
+Training uses a small self-contained jitted loop with the trainer's optimizer
+(`train.trainer.make_optimizer`: AdamW, warm-up + cosine) rather than the shared trainer itself
+(train/trainer.py): the Birdie arm changes its data mixture at every controller update from
+validation losses of the live parameters, which the trainer's fixed pipeline cannot express yet,
 and five short runs in one process stay cheaper without per-run checkpoints. The configs in
 train/configs/birdie.py train the same models with the shared trainer.
 
@@ -69,6 +70,8 @@ import optax
 from eval import figures, phonebook
 from models import layers, ssm
 from models.transformer import Transformer, TransformerConfig
+from train import trainer
+from train.configs import common
 from train.data import phonebook as phonebook_data
 from train.data import tokenizer as tok
 from train.objectives import birdie
@@ -456,11 +459,10 @@ def train_model(name: str, s: dict, mixture: ObjectiveMixture, seed: int, *,
     rows, T, steps = s["rows"], s["row_length"], s["steps"]
     key = jax.random.key(seed)
     params = layers.unbox(jax.jit(model.init)(key, jnp.zeros((1, T), jnp.int32))["params"])
-    sched = optax.warmup_cosine_decay_schedule(0.0, s["lr"], max(steps // 20, 1), steps,
-                                               s["lr"] * 0.1)
-    tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(sched, b1=0.9, b2=0.98,
-                                 weight_decay=s.get("weight_decay", 0.01)))
+    # the trainer's optimizer (AdamW, warm-up over 5 % of the steps, cosine to lr/10, clip 1.0)
+    tx, _ = trainer.make_optimizer(common.optim(
+        lr=s["lr"], warmup_steps=max(steps // 20, 1), b2=0.98,
+        weight_decay=s.get("weight_decay", 0.01)), steps)
     opt = tx.init(params)
 
     def loss_fn(p, b):

@@ -26,7 +26,6 @@ import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from eval import metrics
 from memory import bank as bank_lib
@@ -34,6 +33,7 @@ from models.mac import MAC, MACConfig, modulated_logits, slot_keys
 from models.transformer import TransformerConfig
 from train.data import facts
 from train.data import tokenizer as tok
+from train.objectives import mac as mac_obj
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,34 +129,6 @@ def score(preds: Sequence[str], answers, *, lenient: bool = False) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Baselines: uniform fine-tuning
-# ---------------------------------------------------------------------------------------------
-def _ft_optimizer():
-    # The learning rate lives in the optimizer state, so one compiled step serves the sweep.
-    return optax.inject_hyperparams(optax.adam)(learning_rate=0.0)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _ft_step(cfg: MACConfig, lm_params, opt_state, doc_1xS):
-    from train.objectives.mac import lm_loss
-    batch = {"inputs": doc_1xS[:, :-1], "targets": doc_1xS[:, 1:],
-             "weights": (doc_1xS[:, 1:] != tok.PAD).astype(jnp.float32)}
-    g = jax.grad(lambda q: lm_loss(cfg.lm, q, batch))(lm_params)
-    u, opt_state = _ft_optimizer().update(g, opt_state, lm_params)
-    return optax.apply_updates(lm_params, u), opt_state
-
-
-def uniform_finetune(cfg: MACConfig, lm_params, docs_NxS, *, lr: float):
-    """One Adam step per document (in stream order) on the base LM's next-token loss."""
-    state = _ft_optimizer().init(lm_params)
-    state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
-    p = lm_params
-    for i in range(docs_NxS.shape[0]):
-        p, state = _ft_step(cfg, p, state, jnp.asarray(docs_NxS[i:i + 1]))
-    return p
-
-
-# ---------------------------------------------------------------------------------------------
 # The full evaluation
 # ---------------------------------------------------------------------------------------------
 def _stream(split: str, n: int, seed: int, doc_len: int):
@@ -195,7 +167,7 @@ def evaluate(cfg: MACConfig, params, lm_params, *, documents: int = 16, seed: in
         vdocs, vrecs, vtok = _stream("validation", documents, seed + 1, doc_len)
         sweep = {}
         for lr in ft_lrs:
-            p = uniform_finetune(cfg, lm_params, vtok, lr=lr)
+            p = mac_obj.uniform_finetune(cfg, lm_params, vtok, lr=lr)
             sweep[lr] = score(answer(cfg, params, p, [r["question"] for r in vrecs],
                                      q_len=q_len), [r["answer"] for r in vrecs])["f1"]
         best = max(sweep, key=sweep.get)
@@ -223,7 +195,7 @@ def evaluate(cfg: MACConfig, params, lm_params, *, documents: int = 16, seed: in
             preds["gold_removed"] += run(memory=mem, valid=gold_removed_valid(valid, gold),
                                          window=0, topk=0)
             preds["no_memory"] += run(memory=None)
-            p = uniform_finetune(cfg, lm_params, dtok, lr=best)
+            p = mac_obj.uniform_finetune(cfg, lm_params, dtok, lr=best)
             preds["uniform_ft"] += answer(cfg, params, p, qs, q_len=q_len)
     res: dict[str, Any] = {"documents": documents, "banks": banks, "questions": len(ans)}
     for m in methods:
@@ -341,10 +313,10 @@ def validate_size(size: str) -> None:
     and that the longest document, question and QA row fit their lengths. Raises a ValueError
     naming the field, its value and what is allowed."""
     from train.configs import mac as mac_configs
-    from train.objectives import mac as obj
+
     c = figure_settings(size)
     mac_configs.mac_config(c)           # MACConfig and TransformerConfig check themselves
-    lengths = obj.Lengths(**c.lengths)
+    lengths = mac_obj.Lengths(**c.lengths)
     for name in ("num_steps", "batch_size", "stage1.num_steps", "stage1.batch_size",
                  "eval.documents", "eval.banks", "data.train_documents"):
         v = c
@@ -352,7 +324,7 @@ def validate_size(size: str) -> None:
             v = v[part]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}={v!r} is not allowed at size={size!r}; use an integer >= 1")
-    obj.num_scored(c.stage2.rho, c.batch_size)
+    mac_obj.num_scored(c.stage2.rho, c.batch_size)
     if not 0.0 <= c.stage1.qa_only_fraction < 1.0:
         raise ValueError(f"stage1.qa_only_fraction={c.stage1.qa_only_fraction} is not allowed "
                          f"at size={size!r}; use 0 <= f < 1")
@@ -430,26 +402,26 @@ def train_or_load(size: str, seed: int, out: pathlib.Path):
     (stored in its mac_config.json), else trained (stage 1 base LM, stage 2 meta-training on the
     train split) and saved there with its recipe."""
     from train.configs import mac as mac_configs
-    from train.objectives import mac as obj
+
     recipe = run_recipe(size, seed)
     workdir = run_dir(size, seed, out)
     if _holds(workdir, recipe):
         return load_run(workdir)
     c = figure_settings(size)
     cfg = mac_configs.mac_config(c)
-    lengths = obj.Lengths(**c.lengths)
+    lengths = mac_obj.Lengths(**c.lengths)
     key = jax.random.key(seed)
     k_lm, k_mac = jax.random.split(key)
     train_docs = facts.fact_stream("train", c.data.train_documents, seed)
     t0 = time.time()
-    lm_params, lm_losses = obj.train_base_lm(
-        cfg.lm, obj.lm_batches(train_docs, c.stage1.batch_size, lengths.lm, seed,
+    lm_params, lm_losses = mac_obj.train_base_lm(
+        cfg.lm, mac_obj.lm_batches(train_docs, c.stage1.batch_size, lengths.lm, seed,
                                qa_only_fraction=c.stage1.get("qa_only_fraction", 0.0)),
         num_steps=c.stage1.num_steps, key=k_lm, lr=c.stage1.lr,
         warmup_steps=c.stage1.warmup_steps, log_every=c.log_every)
-    enc = obj.encode_docs(train_docs, lengths)
-    params, hist = obj.meta_train(
-        cfg, lm_params, obj.meta_batches(enc, c.batch_size, seed + 1), num_steps=c.num_steps,
+    enc = mac_obj.encode_docs(train_docs, lengths)
+    params, hist = mac_obj.meta_train(
+        cfg, lm_params, mac_obj.meta_batches(enc, c.batch_size, seed + 1), num_steps=c.num_steps,
         key=k_mac, lr=c.stage2.lr, warmup_steps=c.stage2.warmup_steps, clip=c.stage2.clip,
         rho=c.stage2.rho, curriculum_steps=c.stage2.curriculum_steps,
         curriculum_start=c.stage2.get("curriculum_start", 0),

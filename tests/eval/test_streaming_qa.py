@@ -80,8 +80,8 @@ def test_no_memory_and_gold_removed_paths(setup):
 
 def test_uniform_finetune_one_step_per_document(setup):
     s = setup
-    p1 = sqa.uniform_finetune(CFG, s["lm_params"], s["dtok"][:2], lr=1e-3)
-    p1b = sqa.uniform_finetune(CFG, s["lm_params"], s["dtok"][:2], lr=1e-3)
+    p1 = obj.uniform_finetune(CFG, s["lm_params"], s["dtok"][:2], lr=1e-3)
+    p1b = obj.uniform_finetune(CFG, s["lm_params"], s["dtok"][:2], lr=1e-3)
     chex.assert_trees_all_equal(p1, p1b)
     diff = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), p1, s["lm_params"])
     assert max(jax.tree_util.tree_leaves(diff)) > 0

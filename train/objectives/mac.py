@@ -169,6 +169,40 @@ def train_base_lm(lm_cfg: TransformerConfig, batches: Iterator[dict], *, num_ste
 
 
 # ---------------------------------------------------------------------------------------------
+# The uniform fine-tuning baseline: one Adam step per document on the base LM's loss
+# ---------------------------------------------------------------------------------------------
+def finetune_optimizer() -> optax.GradientTransformation:
+    """Adam whose learning rate lives in its state (`finetune_init` sets it), so one compiled
+    `finetune_step` serves a learning-rate sweep."""
+    return optax.inject_hyperparams(optax.adam)(learning_rate=0.0)
+
+
+def finetune_init(lm_params, lr: float):
+    """`finetune_optimizer`'s state for `lm_params` at learning rate `lr`."""
+    state = finetune_optimizer().init(lm_params)
+    state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
+    return state
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def finetune_step(cfg: MACConfig, lm_params, opt_state, doc_1xS):
+    """One Adam step of the base LM on one document's next-token loss: (params, opt_state)."""
+    batch = {"inputs": doc_1xS[:, :-1], "targets": doc_1xS[:, 1:],
+             "weights": (doc_1xS[:, 1:] != tok.PAD).astype(jnp.float32)}
+    g = jax.grad(lambda q: lm_loss(cfg.lm, q, batch))(lm_params)
+    u, opt_state = finetune_optimizer().update(g, opt_state, lm_params)
+    return optax.apply_updates(lm_params, u), opt_state
+
+
+def uniform_finetune(cfg: MACConfig, lm_params, docs_NxS, *, lr: float):
+    """The baseline: one Adam step per document, in stream order; returns the LM's params."""
+    state, p = finetune_init(lm_params, lr), lm_params
+    for i in range(docs_NxS.shape[0]):
+        p, state = finetune_step(cfg, p, state, jnp.asarray(docs_NxS[i:i + 1]))
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
 # Stage 2: meta-training g, h and the prefix FFN
 # ---------------------------------------------------------------------------------------------
 def num_scored(rho: float, k: int) -> int:
