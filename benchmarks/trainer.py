@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
+from train import trainer
+from train.configs import lm as lm_config
 
 # Sizes: the model and batch of each. "tiny" is train/configs/lm.py:tiny; "small" is large enough
 # that the step is matmul-bound on a CPU and still runs in about a minute on 2 cores; "medium" is
@@ -50,7 +52,6 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 def make_config(size: str, *, dtype: str, num_devices: int):
     """The lm.py config at `size`: data-parallel over `num_devices`, no checkpoints or evals."""
-    from train.configs import lm as lm_config
 
     if size not in SIZES:
         raise ValueError(f"size={size!r} is not allowed; use one of {sorted(SIZES)}")
@@ -120,7 +121,6 @@ def synthetic_batch(config, rng: np.random.Generator) -> dict:
 def run(size: str = "small", *, steps: int = 5, warmup: int = 2, devices: int = 1,
         dtype: str | None = None, peak_n: int | None = None, out_dir=None) -> dict:
     """Measures and writes the benchmark; returns the JSON payload (without harness fields)."""
-    from train import trainer
 
     all_devices = jax.devices()
     if devices < 0 or devices > len(all_devices):

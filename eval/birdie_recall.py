@@ -76,6 +76,7 @@ from train.data import phonebook as phonebook_data
 from train.data import tokenizer as tok
 from train.objectives import birdie
 from train.objectives import birdie_controller as ctl
+from train.objectives.lm import token_losses
 
 RECALL_MODELS = ("transformer_ntp", "gated_ntp", "gated_bidir", "gated_birdie",
                  "gated_birdie_causal")
@@ -451,7 +452,6 @@ def train_model(name: str, s: dict, mixture: ObjectiveMixture, seed: int, *,
     (the reward-driven controller choosing the weights if `controller`, else uniform per class),
     the rest on its task (the mixture's last action). task_batches: the task batches of a run
     without pre-training, shared with other arms (else packed here)."""
-    from train.objectives.lm import token_losses
 
     spec = SPECS[name]
     model = build_model(name, s)

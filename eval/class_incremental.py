@@ -36,6 +36,7 @@ import numpy as np
 from eval.figures import register, write_csv
 from memory import codebook as cb
 from models import encoders
+from models.kv_bottleneck import DECODERS
 from models.kv_bottleneck import KVBottleneck
 from train.objectives import dkvb as obj
 from train.objectives import encoders as enc_obj
@@ -318,7 +319,6 @@ def validate_size(size: str) -> None:
     """Checks dkvb_toy's TOY_SIZES[size] and dkvb_split_digits' DIGITS_SIZES[size] before any
     training: positive codebook sizes, epochs and counts, a decay in (0, 1), a known decoder.
     Raises a ValueError naming the field, its value and what is allowed."""
-    from models.kv_bottleneck import DECODERS
     for table, name in ((TOY_SIZES, "TOY_SIZES"), (DIGITS_SIZES, "DIGITS_SIZES")):
         if size not in table:
             raise ValueError(f"size={size!r} is not allowed; {name} has {sorted(table)}")

@@ -24,7 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from eval import figures
+from train import config_identity
 from train import trainer
+from train.configs import lm
+from train.data import pipeline
 
 # Figure sizes: overrides of train/configs/lm.py:tiny. Every query of an example is asked
 # (num_queries = num_pairs). Weights start at N(0, init_std²) with init_std ≈ 1/√width, without
@@ -47,7 +50,6 @@ SIZES = {
 
 def _test_batches(data_config, *, seq_len: int, num_examples: int, batch_size: int, seed: int):
     """The MQAR "test" batches an evaluation reads: whole batches until >= num_examples rows."""
-    from train.data import pipeline
     it = pipeline.make_dataset(data_config, split="test", seed=seed, global_batch_size=batch_size,
                                seq_len=seq_len, process_index=0, process_count=1, num_epochs=1)
     seen = 0
@@ -78,7 +80,6 @@ def validate_size(size: str) -> None:
     """Checks the lm_mqar figure at `size` before any training: the trainer config (steps, batch,
     model) and the MQAR layout (pairs within the key and value ranges, pairs and queries within
     seq_len). Raises a ValueError naming the field, its value and what is allowed."""
-    from train.data import pipeline
     if size not in SIZES:
         raise ValueError(f"size={size!r} is not allowed; use one of {sorted(SIZES)}")
     c = figure_config(size, 0)
@@ -113,7 +114,6 @@ def mqar_no_binding(data_config, *, seq_len: int, num_examples: int = 256, batch
 
 
 def figure_config(size: str, seed: int):
-    from train.configs import lm
     s = SIZES[size]
     c = lm.get_config("tiny")
     c.seed = seed
@@ -140,7 +140,6 @@ def figure_config(size: str, seed: int):
 def run_dir(size: str, seed: int, out: pathlib.Path) -> pathlib.Path:
     """OUT/runs/lm_mqar-SIZE-seedSEED-HASH: HASH (train/config_identity.py: recipe_hash) names
     the figure's config, so a changed recipe trains into a new folder instead of resuming."""
-    from train import config_identity
     h = config_identity.recipe_hash([figure_config(size, seed)])
     return pathlib.Path(out) / "runs" / f"lm_mqar-{size}-seed{seed}-{h}"
 

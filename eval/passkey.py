@@ -44,8 +44,11 @@ import numpy as np
 from eval import figures
 from models import landmark, landmark_memory
 from train import checkpoint as ckpt_lib
+from train import config_identity
 from train import trainer
+from train.configs import landmark as landmark_configs
 from train.data import passkey_data
+from train.data import pipeline
 from train.data import tokenizer as tok
 
 METHODS = ("landmark_memory", "landmark_full", "baseline")
@@ -170,7 +173,6 @@ def validate_size(size: str) -> None:
     step order with shortest prompts that fit the window, both runs' trainer configs and data,
     and evaluation lengths that hold a prompt. Raises a ValueError naming the field, its value
     and what is allowed."""
-    from train.data import pipeline
     if size not in SIZES:
         raise ValueError(f"size={size!r} is not allowed; use one of {sorted(SIZES)}")
     s, where = SIZES[size], f"SIZES[{size!r}]"
@@ -217,7 +219,6 @@ def _check_evaluation(s: dict, where: str, shortest: int, seq_len: int) -> None:
 def figure_config(size: str, seed: int, *, baseline: bool = False, phase: int = -1):
     """The trainer config of the figure's run at the end of `phase` (index into SIZES[size]
     ['phases']; -1: the last)."""
-    from train.configs import landmark as landmark_configs
     s = SIZES[size]
     end_step, min_length = s["phases"][phase]
     c = landmark_configs.get_config("tiny_baseline" if baseline else "tiny")
@@ -253,7 +254,6 @@ def run_dir(size: str, seed: int, out: pathlib.Path, *, baseline: bool = False) 
     """OUT/runs/NAME-SIZE-seedSEED-HASH, the folder of the figure's landmark (or baseline) run:
     HASH (train/config_identity.py: recipe_hash) covers every phase's config and end step, so a
     changed recipe trains into a new folder and a folder is only reused by its own recipe."""
-    from train import config_identity
     name = "landmark_baseline" if baseline else "landmark"
     h = config_identity.recipe_hash(phase_configs(size, seed, baseline=baseline))
     return pathlib.Path(out) / "runs" / f"{name}-{size}-seed{seed}-{h}"
@@ -297,7 +297,6 @@ def shipped_dir(size: str) -> pathlib.Path:
 def check_shipped(size: str) -> dict:
     """The stored config of the committed run of `size`; a ValueError (one line) if it is missing
     or was trained under another recipe than the one that names it."""
-    from train import config_identity
     src_size, src_seed = SIZES[size]["shipped"]
     workdir = shipped_dir(size)
     if not (workdir / "config.json").exists() or not (workdir / "checkpoints").exists():

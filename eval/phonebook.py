@@ -25,9 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.ssm import BiSSMLM
 from train import trainer
 from train.data import tokenizer as tok
 from train.data.phonebook import make_example
+from train.objectives.birdie import START_GENERATING
 
 
 def digit_accuracy(prediction: str, target: str) -> float:
@@ -112,7 +114,6 @@ def evaluate(model_fn: ModelFn, params, *, seed: int = 0, entries: int = 16, que
     [B, num_new] replaces the default greedy decoder (e.g. SSM recurrent decoding).
     """
     if start_token is None:
-        from train.objectives.birdie import START_GENERATING
         start_token = START_GENERATING
     exs = [make_example(seed, entries, queries, i) for i in range(examples)]
     num_new = len(tok.encode(exs[0].target)) + 1
@@ -141,7 +142,6 @@ def evaluate(model_fn: ModelFn, params, *, seed: int = 0, entries: int = 16, que
 def model_fn_for(model) -> ModelFn:
     """model_fn(params, tokens, segment_ids, prefix) for a Flax LM: BiSSMLM reads the prefix,
     other LMs (Transformer) get segment_ids only."""
-    from models.ssm import BiSSMLM
 
     if isinstance(model, BiSSMLM):
         return lambda p, t, s, pre: model.apply({"params": p}, t, segment_ids=s, prefix=pre)

@@ -28,9 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from eval import metrics
+from eval.figures import register, write_csv
 from memory import bank as bank_lib
 from models.mac import MAC, MACConfig, modulated_logits, slot_keys
 from models.transformer import TransformerConfig
+from train import config_identity
+from train.configs import mac as mac_configs
 from train.data import facts
 from train.data import tokenizer as tok
 from train.objectives import mac as mac_obj
@@ -301,7 +304,6 @@ RETENTION_MULTIPLES = (1, 2, 3, 4)  # mac_retention's bank sizes, in units of ev
 
 def figure_settings(size: str) -> dict:
     """Model and training sizes per figure size (quick: `make demo`, cpu: `make figures`)."""
-    from train.configs import mac as mac_configs
     if size not in FIGURE_VARIANTS:
         raise ValueError(f"size={size!r} is not allowed; use one of {sorted(FIGURE_VARIANTS)}")
     return mac_configs.get_config(FIGURE_VARIANTS[size])
@@ -312,7 +314,6 @@ def validate_size(size: str) -> None:
     the MAC and base-LM configs, stage-1/2 settings, entity counts of the fact-stream splits,
     and that the longest document, question and QA row fit their lengths. Raises a ValueError
     naming the field, its value and what is allowed."""
-    from train.configs import mac as mac_configs
 
     c = figure_settings(size)
     mac_configs.mac_config(c)           # MACConfig and TransformerConfig check themselves
@@ -364,7 +365,6 @@ def validate_size(size: str) -> None:
 def run_recipe(size: str, seed: int) -> list:
     """What the figure's MAC run is (train/config_identity.py: recipe): the `figure_settings`
     config with the figure's seed, without evaluation-only fields (eval.*, log_every, ...)."""
-    from train import config_identity
     c = figure_settings(size)
     c.seed = seed                     # train_or_load trains with the figure's seed
     return config_identity.recipe([c])
@@ -372,7 +372,6 @@ def run_recipe(size: str, seed: int) -> list:
 
 def _holds(workdir: pathlib.Path, recipe: list) -> bool:
     """True if `workdir` holds a saved MAC run whose stored recipe is `recipe`."""
-    from train import config_identity
     if not (workdir / "mac.msgpack").exists():
         return False
     try:
@@ -387,7 +386,6 @@ def run_dir(size: str, seed: int, out: pathlib.Path) -> pathlib.Path:
     """OUT/mac_run-SIZE-sSEED-HASH (HASH: config_identity.recipe_hash of `run_recipe`), or the
     first of HASH-1, HASH-2, ... if a run already there was saved under another recipe: the
     folder that holds this recipe's run, or where to save it."""
-    from train import config_identity
     recipe = run_recipe(size, seed)
     base = pathlib.Path(out) / f"mac_run-{size}-s{seed}-{config_identity.canonical_hash(recipe)}"
     workdir, i = base, 0
@@ -401,7 +399,6 @@ def train_or_load(size: str, seed: int, out: pathlib.Path):
     """The MAC run a figure needs: reused from `run_dir` if a run saved there has this recipe
     (stored in its mac_config.json), else trained (stage 1 base LM, stage 2 meta-training on the
     train split) and saved there with its recipe."""
-    from train.configs import mac as mac_configs
 
     recipe = run_recipe(size, seed)
     workdir = run_dir(size, seed, out)
@@ -440,7 +437,6 @@ METHODS = ("no_memory", "gold_removed", "uniform_ft", "mac_flat", "mac_hierarchi
 
 
 def _register_figures():
-    from eval.figures import register, write_csv
 
     def recipe(size: str) -> dict:
         """Both MAC figures' recipe at `size`: the MAC config they train and evaluate."""

@@ -37,6 +37,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    # Imported here, not at the top: the multi-host runtime starts before the trainer's modules
+    # (and whatever they touch of JAX at import time) load.
     from train import sharding
     sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
     from train import trainer

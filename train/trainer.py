@@ -43,9 +43,11 @@ import ml_collections
 import numpy as np
 import optax
 
+from models.transformer import Transformer, TransformerConfig
 from train import checkpoint as ckpt_lib
 from train import config_identity
 from train import sharding as shd
+from train.data import pipeline
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,6 @@ def _resolve(table: dict[str, str], name: str, what: str) -> Callable:
 
 
 def build_transformer(model_cfg: dict) -> nn.Module:
-    from models.transformer import Transformer, TransformerConfig
     cfg = {k: v for k, v in model_cfg.items() if k != "family"}
     return Transformer(TransformerConfig.from_dict(cfg))
 
@@ -283,7 +284,6 @@ def make_eval_step(run: Run):
 # Data
 # ---------------------------------------------------------------------------------------------
 def make_data(config, split: str, *, seed_offset: int = 0):
-    from train.data import pipeline
     return pipeline.make_dataset(
         config.data, split=split, seed=config.seed + seed_offset,
         global_batch_size=config.batch_size, seq_len=config.seq_len,
@@ -302,7 +302,6 @@ def to_device(batch: dict, sharding) -> dict:
 
 
 def eval_split(config) -> str:
-    from train.data import pipeline
     names = pipeline.splits(config.data)
     return "validation" if "validation" in names or not names else "test"
 

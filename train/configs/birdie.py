@@ -28,8 +28,11 @@ The mixture here is Birdie's uniform mixture over objective classes (what the co
 from); the reward-driven controller that changes it during training runs in
 eval/birdie_recall.py (the trainer's data pipeline is fixed per run).
 """
+import jax
+import jax.numpy as jnp
 import ml_collections
 
+from train import trainer
 from train.configs import common
 from train.data import pipeline
 
@@ -133,10 +136,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
 def param_counts(size: str = "tiny") -> dict:
     """{MODEL: parameters} of every model at `size`, from abstract shapes (nothing allocated)."""
-    import jax
-    import jax.numpy as jnp
-
-    from train import trainer
     out = {}
     for name in MODELS:
         c = get_config(f"{size}:{name}")

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from train.data import tokenizer as tok
+from train.objectives.lm import token_losses
 
 # ---------------------------------------------------------------------------------------------
 # Token ids: the one table of Birdie's special tokens (all in the tokenizer's PARADIGM range
@@ -540,7 +541,6 @@ def trainer_loss(apply_fn, params, batch, rng):
     has; returns (sum of weighted losses, {"weight", "correct"} sums) as train/objectives/lm.py.
     """
     del rng
-    from train.objectives.lm import token_losses
 
     kwargs: dict[str, Any] = {}
     for name in ("segment_ids", "prefix"):
@@ -554,7 +554,6 @@ def trainer_loss(apply_fn, params, batch, rng):
 
 def per_objective_losses(logits_BxTxV, batch, num_objectives: int) -> tuple[jax.Array, jax.Array]:
     """(mean loss [K], weight [K]) per objective id, for the controller's validation losses."""
-    from train.objectives.lm import token_losses
 
     ce, _ = token_losses(logits_BxTxV, batch["targets"])
     w = batch["weights"].astype(jnp.float32)
