@@ -24,11 +24,11 @@ def setup():
     qs = jax.random.randint(k[1], (B, Q), 0, 256)
     boxed = jax.jit(MAC(CFG).init)(k[2], docs, qs)["params"]
     params = nn.unbox(boxed)
-    lm_params = nn.unbox(Transformer(LM).init(k[3], qs)["params"])
+    lm_params = nn.unbox(jax.jit(Transformer(LM).init)(k[3], qs)["params"])
     apply = lambda *a, method, **kw: MAC(CFG).apply({"params": params}, *a, method=method, **kw)
     amortize = jax.jit(lambda d: apply(d, method=MAC.amortize))
     phi = amortize(docs)
-    z0 = apply(qs, method=MAC.encode_question)
+    z0 = jax.jit(lambda q: apply(q, method=MAC.encode_question))(qs)
     agg = jax.jit(lambda z, m, v=None, window=0, topk=0: apply(
         z, m, v, window=window, topk=topk, method=MAC.aggregate_z0),
         static_argnames=("window", "topk"))
@@ -237,5 +237,5 @@ def test_zero_prefix_gain_starts_from_the_unmodulated_lm(setup):
         kv = MAC(cfg0).apply({"params": p}, z, method=MAC.prefix)
         return jnp.sum(mac_lib.modulated_logits(cfg0, s["lm_params"], s["qs"], kv)[..., 65])
 
-    g = jax.grad(loss)(p0)
+    g = jax.jit(jax.grad(loss))(p0)    # jitted: one compilation, not an op-by-op backward
     assert float(jnp.max(jnp.abs(g["prefix_ffn"]["gain"]))) > 0.0
