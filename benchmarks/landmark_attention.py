@@ -5,9 +5,10 @@
 1. Training: forward+backward of `models.landmark.landmark_attention` (blockwise, mem_freq 63 so a
    block is 64 tokens with its landmark) vs `models.layers.dot_product_attention` (dense causal),
    B 1, H 8, D 64, at each length T.
-2. Inference: one generated token (a chunk of one query) through `models.landmark_memory.memory_attention`
-   with a block cache holding the whole context (context/64 blocks, top-k 4) vs one query against a
-   full KV cache of the same context with dense attention.
+2. Inference: one generated token (a chunk of one query) through
+   `models.landmark_memory.memory_attention` with a block cache holding the whole context
+   (context/64 blocks, top-k 4) vs one query against a full KV cache of the same context with
+   dense attention.
 Writes results/benchmarks/landmark_attention-DEVICE.json (medians, ratios) via the harness.
 """
 from __future__ import annotations
@@ -55,7 +56,8 @@ def inference_token_times(context: int, *, top_k: int, runs: int, warmup: int) -
                           num_blocks=jnp.asarray(n_blocks, jnp.int32))
     q, k, v = (jnp.asarray(rng.normal(size=(B, 1, H, D)).astype(np.float32)) for _ in range(3))
     no_lm = jnp.zeros((B, 1), bool)
-    mem = jax.jit(lambda q, k, v, c: landmark_memory.memory_attention(q, k, v, no_lm, c, top_k=top_k)[0])
+    mem = jax.jit(lambda q, k, v, c: landmark_memory.memory_attention(q, k, v, no_lm, c,
+                                                                      top_k=top_k)[0])
     kv_k = jnp.asarray(rng.normal(size=(B, context, H, D)).astype(np.float32))
     kv_v = jnp.asarray(rng.normal(size=(B, context, H, D)).astype(np.float32))
     # Full-KV decoding: the new query sees all `context` cached keys (no causal mask needed).

@@ -52,7 +52,6 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 def make_config(size: str, *, dtype: str, num_devices: int):
     """The lm.py config at `size`: data-parallel over `num_devices`, no checkpoints or evals."""
-
     if size not in SIZES:
         raise ValueError(f"size={size!r} is not allowed; use one of {sorted(SIZES)}")
     s = SIZES[size]
@@ -121,7 +120,6 @@ def synthetic_batch(config, rng: np.random.Generator) -> dict:
 def run(size: str = "small", *, steps: int = 5, warmup: int = 2, devices: int = 1,
         dtype: str | None = None, peak_n: int | None = None, out_dir=None) -> dict:
     """Measures and writes the benchmark; returns the JSON payload (without harness fields)."""
-
     all_devices = jax.devices()
     if devices < 0 or devices > len(all_devices):
         raise ValueError(f"devices={devices} is not allowed; use 0 (all) or 1..{len(all_devices)}")

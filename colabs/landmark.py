@@ -22,8 +22,8 @@
 # This notebook trains a small landmark LM (`train/configs/landmark.py:tiny`, shrunk to run in
 # well under a minute on 2 CPU cores) on the local prose corpus mixed with the paper's passkey
 # prompts, asks it for a pass key hidden in a prompt longer than its training context with the
-# block memory (`models.landmark_memory.memory_logits`), and plots which blocks every head retrieves.
-# Nothing is downloaded.
+# block memory (`models.landmark_memory.memory_logits`), and plots which blocks every head
+# retrieves. Nothing is downloaded.
 #
 # A minute of training is not enough to learn the task: the retrieval maps below are those of an
 # early model. The figure `python -m eval.figures --only landmark_passkey --size cpu` trains the

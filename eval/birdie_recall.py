@@ -452,7 +452,6 @@ def train_model(name: str, s: dict, mixture: ObjectiveMixture, seed: int, *,
     (the reward-driven controller choosing the weights if `controller`, else uniform per class),
     the rest on its task (the mixture's last action). task_batches: the task batches of a run
     without pre-training, shared with other arms (else packed here)."""
-
     spec = SPECS[name]
     model = build_model(name, s)
     fwd = apply_fn(model, spec)
@@ -779,7 +778,6 @@ def phonebook_mixture(kind: str, entries: int, queries: Sequence[int],
                       row_length: int) -> ObjectiveMixture:
     """Objectives over phone-book text (a whole book with its question and answer) plus the
     lookup task (prompt → numbers + EOS, exactly eval/phonebook.py's format)."""
-
     def book(rng):
         q = int(rng.choice(queries))
         return phonebook_data.make_example(int(rng.integers(2**31)), entries, q)

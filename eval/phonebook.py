@@ -142,7 +142,6 @@ def evaluate(model_fn: ModelFn, params, *, seed: int = 0, entries: int = 16, que
 def model_fn_for(model) -> ModelFn:
     """model_fn(params, tokens, segment_ids, prefix) for a Flax LM: BiSSMLM reads the prefix,
     other LMs (Transformer) get segment_ids only."""
-
     if isinstance(model, BiSSMLM):
         return lambda p, t, s, pre: model.apply({"params": p}, t, segment_ids=s, prefix=pre)
     return lambda p, t, s, pre: model.apply({"params": p}, t, segment_ids=s)

@@ -314,7 +314,6 @@ def validate_size(size: str) -> None:
     the MAC and base-LM configs, stage-1/2 settings, entity counts of the fact-stream splits,
     and that the longest document, question and QA row fit their lengths. Raises a ValueError
     naming the field, its value and what is allowed."""
-
     c = figure_settings(size)
     mac_configs.mac_config(c)           # MACConfig and TransformerConfig check themselves
     lengths = mac_obj.Lengths(**c.lengths)
@@ -399,7 +398,6 @@ def train_or_load(size: str, seed: int, out: pathlib.Path):
     """The MAC run a figure needs: reused from `run_dir` if a run saved there has this recipe
     (stored in its mac_config.json), else trained (stage 1 base LM, stage 2 meta-training on the
     train split) and saved there with its recipe."""
-
     recipe = run_recipe(size, seed)
     workdir = run_dir(size, seed, out)
     if _holds(workdir, recipe):
@@ -437,7 +435,6 @@ METHODS = ("no_memory", "gold_removed", "uniform_ft", "mac_flat", "mac_hierarchi
 
 
 def _register_figures():
-
     def recipe(size: str) -> dict:
         """Both MAC figures' recipe at `size`: the MAC config they train and evaluate."""
         return figure_settings(size).to_dict()

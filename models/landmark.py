@@ -6,7 +6,8 @@ Contents
   `landmark_attention_dense(q, k, v, is_landmark)`: the grouped softmax (paper Eq. 2–4), written
   out densely; the reference for everything else.
 - `landmark_attention(q, k, v, is_landmark)`: the same numbers, blockwise over queries (causal key
-  ranges, one rematerialised tile at a time), `LandmarkLM`'s attention "landmark" — the one that trains.
+  ranges, one rematerialised tile at a time), `LandmarkLM`'s attention "landmark": the one that
+  trains.
 - `LandmarkConfig`, `official_gpt_config`, `LandmarkLM`, `insert_landmarks`, `landmark_targets`,
   `landmark_positions` (the paper's positional jumps), `make_landmark_batch`.
 - `config_from_dict`, `build_from_config`: the trainer's model builder (the objective is

@@ -56,7 +56,7 @@ def load_state_dict(source, *, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 def params_from_torch(state_dict, config: landmark.LandmarkConfig, *, prefix: str = "") -> dict:
-    """Official lm_benchmark GPT state dict → params for `landmark.LandmarkLM(config)` / `Transformer`.
+    """Official lm_benchmark GPT state dict → params for `LandmarkLM(config)` / `Transformer`.
 
     state_dict: mapping of name → array, or a path to .npz / .safetensors (see `load_state_dict`).
     torch Linear weights are [out, in]; mnemax kernels are [in, ...]. `c_attn` rows are q|k|v, each
@@ -97,7 +97,7 @@ def params_from_torch(state_dict, config: landmark.LandmarkConfig, *, prefix: st
                             f"frequencies {ours} (rope_base={cfg.rope_base})")
     if problems:
         raise ValueError("state dict does not fit the config: " + "; ".join(problems))
-    # Semantic entries in mnemax layouts; placed into the tree `landmark.LandmarkLM.init` builds (so a leaf
+    # Semantic entries in mnemax layouts; placed into the tree `LandmarkLM.init` builds (so a leaf
     # that the model keeps under `kernel` gets it), with every shape checked against that tree.
     values: dict[str, np.ndarray] = {"embed/embedding": sd["transformer.wte.weight"],
                                      "ln_f/scale": sd["transformer.ln_f.weight"]}
@@ -117,10 +117,11 @@ def params_from_torch(state_dict, config: landmark.LandmarkConfig, *, prefix: st
 
 
 def param_shapes(config: landmark.LandmarkConfig) -> dict:
-    """The (unboxed) ShapeDtypeStruct tree of `landmark.LandmarkLM(config)` params, without computing them."""
+    """The (unboxed) ShapeDtypeStruct tree of `LandmarkLM(config)` params, without computing them."""
     T = config.mem_freq + 1
     tokens = jax.ShapeDtypeStruct((1, T), jnp.int32)
-    shapes = jax.eval_shape(lambda t: landmark.LandmarkLM(config).init(jax.random.key(0), t), tokens)
+    model = landmark.LandmarkLM(config)
+    shapes = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)
     return layers.unbox(shapes)["params"]
 
 

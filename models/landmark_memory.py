@@ -232,10 +232,11 @@ def memory_step(params, raw_BxM, caches, n_raw=None, *, config: landmark.Landmar
                                                      with_retrieved)
 
 
-def memory_logits(params, config: landmark.LandmarkConfig, raw_tokens, *, chunk_len: int, top_k: int,
-                  cache_blocks: Optional[int], selection: str = "per_token_and_head",
+def memory_logits(params, config: landmark.LandmarkConfig, raw_tokens, *, chunk_len: int,
+                  top_k: int, cache_blocks: Optional[int], selection: str = "per_token_and_head",
                   return_retrieved: bool = False):
-    """The official mem-cache inference: raw tokens [B, T_raw] (no landmarks) → logits [B, T_raw, V].
+    """The official mem-cache inference: raw tokens [B, T_raw] (no landmarks) → logits
+    [B, T_raw, V].
 
     Chunks of `chunk_len` raw tokens, each one jitted call; landmarks are inserted across chunks,
     each layer keeps a ring of `cache_blocks` complete blocks (None: enough for the whole input, the

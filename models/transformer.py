@@ -223,8 +223,8 @@ def decoder_forward(c: TransformerConfig, tokens_BxT, *, positions, segment_ids=
         pk = pv = None
         if prefix_kv is not None:
             pk, pv = prefix_kv[i, 0], prefix_kv[i, 1]
-        x = block_cls(c, attention_fn, name=f"block_{i}")(x, positions, segment_ids, pk, pv, prefix_mask,
-                                           attention_kwargs)
+        block = block_cls(c, attention_fn, name=f"block_{i}")
+        x = block(x, positions, segment_ids, pk, pv, prefix_mask, attention_kwargs)
     x = layers.make_norm(c.norm, eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
                          name="ln_f")(x)
     if return_hidden:

@@ -235,7 +235,7 @@ def test_E_full_forward_parity(reference_dir, x64):
 def test_E_memory_inference_parity(reference_dir, x64, k, size, mid):
     ref, cfg, params = _E(reference_dir)
     logits = lmk_memory.memory_logits(params, cfg, ref["raw_tokens"], chunk_len=mid, top_k=k,
-                               cache_blocks=size)
+                                      cache_blocks=size)
     assert logits.shape == (2, 70, 64)
     err = _maxdiff(logits, ref[f"logits_memcache_k{k}_size{size}_mid{mid}"])
     assert err <= 1e-9                                          # README tolerance (measured 3e-16)
@@ -244,14 +244,14 @@ def test_E_memory_inference_parity(reference_dir, x64, k, size, mid):
 def test_memory_inference_batch_rows_are_independent(reference_dir, x64):
     ref, cfg, params = _E(reference_dir)
     both = lmk_memory.memory_logits(params, cfg, ref["raw_tokens"], chunk_len=20, top_k=2,
-                             cache_blocks=3, selection="max_over_tokens")
+                                    cache_blocks=3, selection="max_over_tokens")
     one = lmk_memory.memory_logits(params, cfg, ref["raw_tokens"][1:], chunk_len=20, top_k=2,
-                            cache_blocks=3, selection="max_over_tokens")
+                                   cache_blocks=3, selection="max_over_tokens")
     assert _maxdiff(both[1:], one) <= 1e-12
     # unbounded mode (cache_blocks=None) with top_k = every block: the first chunk's logits equal
     # the full forward (nothing to retrieve yet), and everything stays finite
-    full, retrieved = lmk_memory.memory_logits(params, cfg, ref["raw_tokens"], chunk_len=30, top_k=2,
-                                        cache_blocks=None, return_retrieved=True)
+    full, retrieved = lmk_memory.memory_logits(params, cfg, ref["raw_tokens"], chunk_len=30,
+                                               top_k=2, cache_blocks=None, return_retrieved=True)
     assert np.all(np.isfinite(np.asarray(full)))
     aug_logits = np.asarray(ref["logits_full_aug"])
     raw_rows = [t for t in range(80) if t % 8 != 7][:30]
@@ -265,7 +265,7 @@ def test_bad_memory_arguments_raise(reference_dir, x64):
     raw = ref["raw_tokens"][:, :10]
     with pytest.raises(ValueError, match="selection"):
         lmk_memory.memory_logits(params, cfg, raw, chunk_len=5, top_k=1, cache_blocks=2,
-                          selection="max_over_everything")
+                                 selection="max_over_everything")
     with pytest.raises(ValueError, match="top_k"):
         lmk_memory.memory_logits(params, cfg, raw, chunk_len=5, top_k=3, cache_blocks=2)
     with pytest.raises(ValueError, match="chunk_len"):
@@ -317,7 +317,7 @@ def test_F_memory_attention_layer_parity(reference_dir, x64, selection):
     cache = block_cache.init(batch=B, capacity=int(ref["mem_cache_size"]), mem_freq=F,
                              num_heads=H, head_dim=Dh, dtype=jnp.float64)
     step = jax.jit(lambda q, k, v, m, c: lmk_memory.memory_attention(q, k, v, m, c, top_k=K,
-                                                              selection=selection))
+                                                                     selection=selection))
     L = off = 0
     ys, starts = [], []
     for M in ref["chunk_raw_lens"]:

@@ -554,7 +554,6 @@ def trainer_loss(apply_fn, params, batch, rng):
 
 def per_objective_losses(logits_BxTxV, batch, num_objectives: int) -> tuple[jax.Array, jax.Array]:
     """(mean loss [K], weight [K]) per objective id, for the controller's validation losses."""
-
     ce, _ = token_losses(logits_BxTxV, batch["targets"])
     w = batch["weights"].astype(jnp.float32)
     onehot = jax.nn.one_hot(batch["objective_ids"], num_objectives, dtype=jnp.float32)
