@@ -19,7 +19,21 @@ raises `FloatingPointError` naming the step, after the last good checkpoint is s
 two runs with one seed give bit-identical results on CPU.
 
 A family plugs in by adding entries to MODELS (a builder from the model config to a Linen
-module), OBJECTIVES (a loss, see train/objectives/lm.py) and, if it keeps a memory, MEMORIES.
+module) and OBJECTIVES (a loss, see train/objectives/lm.py). Something that must act on the run
+between steps (Birdie's controller) is a hook: config.hooks.NAME holds its settings and HOOKS[NAME]
+builds it as `build(hook_config, config) -> Hook`, an object with
+
+    name                                   its key in TrainState.memory
+    init(key) -> pytree                    its state: kept in TrainState.memory[name], sharded
+                                           (replicated unless its leaves carry logical axes) and
+                                           checkpointed with the rest, so a resume restores it
+    data_overrides(state) -> dict          train-data config fields its state sets (e.g. the
+                                           mixture); the trainer rebuilds the train iterator at the
+                                           same position whenever they change, and after a restore
+    due(step) -> bool                      whether it runs after optimizer step `step`
+    update(run, params, state, step) -> (state, row)
+                                           runs after that step's evaluation and before its
+                                           checkpoint; `row` goes to metrics.jsonl
 """
 from __future__ import annotations
 
@@ -64,11 +78,15 @@ OBJECTIVES: dict[str, str] = {
     "landmark": "train.objectives.landmark:loss",
     "birdie": "train.objectives.birdie:trainer_loss",
 }
+# name → "module:function" with build(hook_config, config) -> Hook (see the module docstring).
+HOOKS: dict[str, str] = {
+    "birdie_controller": "train.objectives.birdie_controller:make_hook",
+}
 
 REQUIRED_FIELDS = ("seed", "num_steps", "batch_size", "checkpoint_every", "eval_every", "mesh")
 KNOWN_FIELDS = set(REQUIRED_FIELDS) | {
     "seq_len", "log_every", "keep_checkpoints", "async_checkpoints", "sharding_rules", "model",
-    "data", "optim", "eval", "objective", "debug", "progress", "name"}
+    "data", "optim", "eval", "objective", "debug", "progress", "name", "hooks"}
 
 
 def _resolve(table: dict[str, str], name: str, what: str) -> Callable:
@@ -141,7 +159,7 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array           # uint32 [2]: raw PRNG key data (checkpointable)
-    memory: Any              # a family's memory pytree; {} when it keeps none
+    memory: Any              # state pytrees by name: a family's memory, a hook's state ({})
 
 
 @dataclasses.dataclass
@@ -157,6 +175,7 @@ class Run:
     batch_sharding: Any
     init_fn: Callable
     objective: Callable
+    hooks: tuple = ()         # built from config.hooks, in its order
 
 
 def _dummy_inputs(config) -> jax.Array:
@@ -173,14 +192,17 @@ def setup(config: ml_collections.ConfigDict, *, devices=None) -> Run:
     model = build_model(config.model)
     tx, schedule = make_optimizer(config.optim, config.num_steps)
     objective = _resolve(OBJECTIVES, config.get("objective", "lm"), "objective")
+    hooks = build_hooks(config)
     dummy = _dummy_inputs(config)
 
     def init_fn(seed_key):
         init_key, run_key = jax.random.split(seed_key)
         params = model.init(init_key, dummy)["params"]
+        memory = {h.name: h.init(jax.random.fold_in(seed_key, 1 + i))
+                  for i, h in enumerate(hooks)}
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), rng=jax.random.key_data(run_key),
-                          memory={})
+                          memory=memory)
 
     seed_key = jax.random.key(config.seed)
     abstract = jax.eval_shape(init_fn, seed_key)
@@ -188,7 +210,18 @@ def setup(config: ml_collections.ConfigDict, *, devices=None) -> Run:
     shd.check_divisible(nn.unbox(abstract), shardings)
     return Run(config=config, mesh=mesh, rules=rules, model=model, tx=tx, schedule=schedule,
                state_shardings=shardings, batch_sharding=shd.batch_sharding(mesh, rules),
-               init_fn=init_fn, objective=objective)
+               init_fn=init_fn, objective=objective, hooks=hooks)
+
+
+def build_hooks(config) -> tuple:
+    """The hooks config.hooks names (HOOKS), built from their settings, in config order."""
+    hooks = []
+    for name, hook_config in config.get("hooks", {}).items():
+        hooks.append(_resolve(HOOKS, name, "hooks")(hook_config, config))
+    names = [h.name for h in hooks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"hooks={names} share a memory name; each needs its own")
+    return tuple(hooks)
 
 
 def init_state(run: Run) -> TrainState:
@@ -283,11 +316,29 @@ def make_eval_step(run: Run):
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
-def make_data(config, split: str, *, seed_offset: int = 0):
+def make_data(config, split: str, *, seed_offset: int = 0, data_overrides=None):
+    """The iterator of `split`; data_overrides: data config fields set on top of config.data."""
+    data = config.data
+    if data_overrides:
+        data = ml_collections.ConfigDict(pipeline.resolve_data_config(data).to_dict())
+        data.update(data_overrides)
     return pipeline.make_dataset(
-        config.data, split=split, seed=config.seed + seed_offset,
+        data, split=split, seed=config.seed + seed_offset,
         global_batch_size=config.batch_size, seq_len=config.seq_len,
         process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def hooked_train_data(run: Run, memory, data_iter, current: Optional[dict] = None):
+    """(iterator, overrides): the train iterator under the data fields the hooks' states set,
+    at `data_iter`'s position. `data_iter` itself is returned when they equal `current`."""
+    overrides = {}
+    for h in run.hooks:
+        overrides.update(h.data_overrides(jax.device_get(memory[h.name])))
+    if overrides == (current or {}):
+        return data_iter, overrides
+    it = iter(make_data(run.config, "train", data_overrides=overrides))
+    it.set_state(data_iter.get_state())
+    return it, overrides
 
 
 def to_device(batch: dict, sharding) -> dict:
@@ -339,8 +390,9 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        row = {"step": int(step), **{k: (float(v) if np.ndim(v) == 0 and not isinstance(v, str)
-                                         else v) for k, v in metrics.items()}}
+        row = {"step": int(step), **{k: (float(v) if np.ndim(v) == 0 and
+                                         not isinstance(v, (str, dict)) else v)
+                                     for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
@@ -425,6 +477,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         state, start = init_state(run), 0
     else:
         log.info("resumed from step %d in %s", start, workdir)
+    data_iter, data_overrides = hooked_train_data(run, state.memory, data_iter)
     writer = MetricsWriter(workdir)
     writer.write(start, {"event": "start", "resumed_from": start,
                          "mesh": shd.describe(run.mesh), "processes": jax.process_count()})
@@ -475,6 +528,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                                   num_batches=cfg.eval.num_batches)
                     writer.write(step, ev)
                     summary.update(ev)
+                for hook in run.hooks:
+                    if hook.due(step):
+                        hstate, row = hook.update(run, state.params, state.memory[hook.name],
+                                                  step)
+                        hstate = jax.device_put(hstate, run.state_shardings.memory[hook.name])
+                        state = state.replace(memory={**state.memory, hook.name: hstate})
+                        writer.write(step, row)
+                        data_iter, data_overrides = hooked_train_data(
+                            run, state.memory, data_iter, data_overrides)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     ckpt.save(step, state, data_iter=data_iter, config=config_dict)
                     last_saved = step

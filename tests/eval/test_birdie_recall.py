@@ -133,7 +133,7 @@ def test_birdie_data_rows():
                              num_validation=4)
     src = bd.BirdieSource(spec, "validation")
     r = src[1]
-    assert set(r) == {"inputs", "targets", "weights", "segment_ids", "prefix"}
+    assert set(r) == {"inputs", "targets", "weights", "segment_ids", "objective_ids", "prefix"}
     assert all(v.shape == (384,) for v in r.values())
     np.testing.assert_array_equal(r["inputs"], src[1]["inputs"])   # regenerated identically
     assert r["weights"].sum() > 0 and not (r["prefix"] & (r["weights"] > 0)).any()

@@ -24,9 +24,12 @@ the phone-book task mixed in (`data.task_weight`); a phone-book fine-tune is the
 with `--config.data.task_weight=1.0` in a fresh workdir started from the pre-trained parameters
 (the trainer has no init-from-checkpoint yet, so that step is left to the figure code).
 
-The mixture here is Birdie's uniform mixture over objective classes (what the controller starts
-from); the reward-driven controller that changes it during training runs in
-eval/birdie_recall.py (the trainer's data pipeline is fixed per run).
+The Birdie models (`gated_birdie`, `gated_birdie_causal`, `hawk_birdie`) train with the
+reward-driven controller as a trainer hook (`hooks.birdie_controller`,
+train/objectives/birdie_controller.py): it starts from Birdie's uniform mixture over objective
+classes and, every `hooks.birdie_controller.every` steps, measures each configuration's
+validation loss, updates and sets the mixture the following rows are drawn from (written to
+metrics.jsonl as "mixture"). The NTP baselines have one objective and no controller.
 """
 import jax
 import jax.numpy as jnp
@@ -35,6 +38,7 @@ import ml_collections
 from train import trainer
 from train.configs import common
 from train.data import pipeline
+from train.objectives import birdie_controller
 
 MODELS = ("transformer_ntp", "gated_ntp", "gated_birdie", "gated_birdie_causal", "hawk_birdie")
 
@@ -125,6 +129,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.with_prefix = name != "transformer_ntp"   # the Transformer takes no prefix
     c.data.phonebook_entries = (16, 48) if paper else (2, 4)   # entries per book
     c.data.phonebook_queries = (1, 8) if paper else (1, 2)     # queried names per task
+
+    if not ntp:   # Birdie's reward-driven mixture (paper: its settings; tiny: a smaller model)
+        c.hooks = ml_collections.ConfigDict()
+        c.hooks.birdie_controller = (
+            birdie_controller.hook_config(every=1000) if paper else
+            birdie_controller.hook_config(every=25, hidden=32, train_steps=100,
+                                          num_candidates=512))
 
     c.optim = common.optim(lr=3e-4 if paper else 3e-3,
                            warmup_steps=2000 if paper else 20,

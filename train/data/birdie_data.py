@@ -4,11 +4,18 @@ Record i of a split is one row of T tokens (T = seq_len), generated when read fr
 seeded by (data_seed, split, i), so any record can be regenerated alone:
 
     {"inputs": int32 [T], "targets": int32 [T], "weights": float32 [T],
-     "segment_ids": int32 [T], "prefix": bool [T]}       (prefix only when with_prefix)
+     "segment_ids": int32 [T], "objective_ids": int32 [T],
+     "prefix": bool [T]}                                 (prefix only when with_prefix)
 
-Each row is filled next-fit (`train.objectives.birdie.pack`) with examples: an action is drawn
-from `mixture` over the objective set's configurations plus, when `task_weight > 0`, the task
-itself; a text is drawn from the corpus and the objective lays it out (prompt ++ [SG] ++ target).
+Each row is filled next-fit (`train.objectives.birdie.pack`) with examples: with probability
+`task_weight` the task itself, else one of the objective set's K configurations drawn from
+`mixture` ([K] weights; empty: Birdie's uniform mixture over classes); a text is drawn from the
+corpus and the objective lays it out (prompt ++ [SG] ++ target). `objective_ids` holds each
+token's configuration index (K for the task, -1 on padding). The mixture is part of the record's
+definition: record i under another mixture is another row, so a run whose mixture changes (the
+Birdie controller, a trainer hook) rebuilds its iterator at the same position with the new one.
+With `objective_per_row`, row i holds examples of configuration i % K only (no task): the
+balanced rows the controller measures each objective's validation loss on.
 
 - objectives: "birdie" (Birdie's 7 classes, 18 configurations), "ul2" (UL2's 7 denoisers), "ntp"
   (plain next-token prediction, no prompt: what a Transformer-NTP baseline trains on);
@@ -50,10 +57,13 @@ class BirdieDataSpec:
     num_train: int = 1_000_000         # rows in "train" (generated on read: size is free)
     num_validation: int = 256          # rows in "validation"
     seed: int = 0                      # content seed
+    mixture: tuple = ()                # [K] weights over the configurations; () = uniform
+    objective_per_row: bool = False    # row i: configuration i % K only (controller validation)
 
     def __post_init__(self):
         for name in ("phonebook_entries", "phonebook_queries"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        object.__setattr__(self, "mixture", tuple(float(v) for v in self.mixture))
         if self.objectives not in OBJECTIVE_SETS:
             raise ValueError(f"objectives={self.objectives!r} is not allowed; use one of "
                              f"{OBJECTIVE_SETS}")
@@ -72,6 +82,13 @@ class BirdieDataSpec:
         for name in ("num_train", "num_validation"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.mixture:
+            K = len(objective_set(self.objectives))
+            w = np.asarray(self.mixture)
+            if w.shape != (K,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+                raise ValueError(f"mixture={self.mixture} is not allowed: objectives="
+                                 f"{self.objectives!r} needs {K} non-negative weights with a "
+                                 "positive sum (or () for the uniform mixture)")
 
     def num_examples(self, split: str) -> int:
         if split not in _SPLIT_CODE:
@@ -100,7 +117,11 @@ class BirdieSource:
         self._split = split
         self._len = spec.num_examples(split)
         self._objectives = objective_set(spec.objectives)
-        self._mixture = birdie.uniform_mixture(self._objectives)
+        if spec.mixture:
+            w = np.asarray(spec.mixture, np.float64)
+            self._mixture = w / w.sum()
+        else:
+            self._mixture = birdie.uniform_mixture(self._objectives)
 
     def __len__(self) -> int:
         return self._len
@@ -130,13 +151,18 @@ class BirdieSource:
                              f"{prompt.size + target.size} tokens > seq_len={s.seq_len}")
         return birdie.make_example(prompt, target)
 
-    def _example(self, rng: np.random.Generator):
+    def _example(self, rng: np.random.Generator, index: int):
+        """(example, configuration index; K for the task) of the next draw for row `index`."""
         s = self._spec
-        if s.task_weight and rng.random() < s.task_weight:
-            return self._task(rng)
-        i = int(rng.choice(len(self._objectives), p=self._mixture))
+        K = len(self._objectives)
+        if s.objective_per_row:
+            i = index % K
+        elif s.task_weight and rng.random() < s.task_weight:
+            return self._task(rng), K
+        else:
+            i = int(rng.choice(K, p=self._mixture))
         return self._objectives[i](self._text(rng), int(rng.integers(2**31)),
-                                   max_length=s.seq_len)
+                                   max_length=s.seq_len), i
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
@@ -145,15 +171,18 @@ class BirdieSource:
         s = self._spec
         rng = np.random.default_rng(np.random.SeedSequence([s.seed, _SPLIT_CODE[self._split],
                                                             index]))
-        exs, used = [], 0
+        exs, ids, used = [], [], 0
         while True:
-            ex = self._example(rng)
+            ex, i = self._example(rng, index)
             if exs and used + ex.inputs.size > s.seq_len:
                 break
             exs.append(ex)
+            ids.append(i)
             used += ex.inputs.size
-        row = {k: v[0] for k, v in birdie.pack(exs, s.seq_len, num_rows=1).items()}
-        out = {k: row[k] for k in ("inputs", "targets", "weights", "segment_ids")}
+        row = {k: v[0] for k, v in
+               birdie.pack(exs, s.seq_len, objective_ids=ids, num_rows=1).items()}
+        out = {k: row[k] for k in ("inputs", "targets", "weights", "segment_ids",
+                                   "objective_ids")}
         if s.with_prefix:
             out["prefix"] = row["prefix"]
         return out

@@ -147,6 +147,11 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
         c.num_validation = 256
         # Content seed; the shuffle seed is make_dataset's `seed`.
         c.data_seed = 0
+        # Weights over the objective set's configurations (K floats); () = Birdie's uniform
+        # mixture over classes. The Birdie controller (a trainer hook) sets it as it goes.
+        c.mixture = ()
+        # Row i holds only configuration i % K (the controller's balanced validation rows).
+        c.objective_per_row = False
     elif name == "passkey":
         # Passkey prompts (the landmark paper's, train/data/passkey_data.py) mixed with windows
         # of the local prose corpus; generated when read.
@@ -266,7 +271,8 @@ def make_source(
             phonebook_entries=tuple(data_config.phonebook_entries),
             phonebook_queries=tuple(data_config.phonebook_queries),
             validation_percent=data_config.validation_percent, num_train=data_config.num_train,
-            num_validation=data_config.num_validation, seed=data_config.data_seed)
+            num_validation=data_config.num_validation, seed=data_config.data_seed,
+            mixture=tuple(data_config.mixture), objective_per_row=data_config.objective_per_row)
         return birdie_data.BirdieSource(spec, split), "examples"
     if name == "passkey":
         _check_choice("split", split, passkey_data.SPLITS)
@@ -343,9 +349,10 @@ class _CheckExample(grain.transforms.Map):
             "targets": np.asarray(record["targets"], np.int32),
             "weights": np.asarray(record["weights"], np.float32),
         }
-        # Packed rows (birdie) also carry segment ids and the prefix flag.
-        if "segment_ids" in record:
-            out["segment_ids"] = np.asarray(record["segment_ids"], np.int32)
+        # Packed rows (birdie) also carry segment ids, objective ids and the prefix flag.
+        for key in ("segment_ids", "objective_ids"):
+            if key in record:
+                out[key] = np.asarray(record[key], np.int32)
         if "prefix" in record:
             out["prefix"] = np.asarray(record["prefix"], bool)
         for key, value in out.items():

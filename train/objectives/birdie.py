@@ -534,6 +534,16 @@ def reward_jnp(old_BxK, new_BxK) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 # The trainer's loss
 # ---------------------------------------------------------------------------------------------
+def packed_logits(apply_fn, params, batch) -> jax.Array:
+    """[B, T, V] of a packed batch: apply_fn({'params': p}, inputs, segment_ids=..., prefix=...)
+    with the keys the batch has (a model without a prefix gets batches without one)."""
+    kwargs: dict[str, Any] = {}
+    for name in ("segment_ids", "prefix"):
+        if name in batch:
+            kwargs[name] = batch[name]
+    return apply_fn({"params": params}, batch["inputs"], **kwargs)
+
+
 def trainer_loss(apply_fn, params, batch, rng):
     """Weighted next-token loss on packed Birdie batches (train/trainer.py OBJECTIVES['birdie']).
 
@@ -541,13 +551,7 @@ def trainer_loss(apply_fn, params, batch, rng):
     has; returns (sum of weighted losses, {"weight", "correct"} sums) as train/objectives/lm.py.
     """
     del rng
-
-    kwargs: dict[str, Any] = {}
-    for name in ("segment_ids", "prefix"):
-        if name in batch:
-            kwargs[name] = batch[name]
-    logits = apply_fn({"params": params}, batch["inputs"], **kwargs)
-    ce, correct = token_losses(logits, batch["targets"])
+    ce, correct = token_losses(packed_logits(apply_fn, params, batch), batch["targets"])
     w = batch["weights"].astype(jnp.float32)
     return jnp.sum(ce * w), {"weight": jnp.sum(w), "correct": jnp.sum(correct * w)}
 

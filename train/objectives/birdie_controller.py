@@ -20,6 +20,14 @@ Until `min_history` rewards are known the mixture is uniform per class. The stat
     mixture = state.mixture                                  # [K], sample objectives with it
     if should_update(cfg, step):
         state = controller_update(cfg, state, val_losses_K, step)   # jit with static cfg
+
+In the shared trainer the controller is a hook (`ControllerHook`, train/trainer.py
+HOOKS["birdie_controller"], config field `hooks.birdie_controller`): its state lives in
+TrainState.memory["birdie_controller"] and is checkpointed with the run; at each of its steps it
+measures every configuration's validation loss on balanced rows (row i of the validation split
+holds configuration i % K only), updates, and sets the train data's `mixture`, so the trainer
+draws the following rows from it; metrics.jsonl gets {"event": "birdie_controller", "mixture":
+{name: weight}, "controller_val_loss": {name: loss}}.
 """
 from __future__ import annotations
 
@@ -28,11 +36,15 @@ import functools
 import math
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
+from train.data import birdie_data, pipeline
+from train.objectives import birdie
 from train.objectives.birdie import reward_jnp
 
 
@@ -217,3 +229,120 @@ def controller_update(cfg: ControllerConfig, state: ControllerState, val_losses_
     return ControllerState(mixture=mixture, last_losses=losses, has_losses=jnp.ones((), bool),
                            inputs=inputs, rewards=rewards, count=count, model=model, key=key,
                            num_updates=state.num_updates + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer hook
+# ---------------------------------------------------------------------------------------------
+# hooks.birdie_controller fields the hook reads itself; every other field is a ControllerConfig
+# field (group_sizes and total_steps come from the data config and num_steps).
+HOOK_FIELDS = ("every", "first", "rows_per_objective")
+_FROM_RUN = ("group_sizes", "total_steps", "eval_every", "first_eval")
+
+
+def hook_config(every: int, **controller_fields) -> ml_collections.ConfigDict:
+    """hooks.birdie_controller for a config: `every` steps between updates, `first` the first
+    update step (0: `every`), `rows_per_objective` validation rows per configuration, and any
+    other ControllerConfig field (history, hidden, train_steps, explore_start, ...)."""
+    c = ml_collections.ConfigDict()
+    c.every = every                  # steps between controller updates
+    c.first = 0                      # first update step (0: `every`)
+    c.rows_per_objective = 1         # balanced validation rows per configuration
+    for k, v in controller_fields.items():
+        c[k] = v
+    return c
+
+
+class ControllerHook:
+    """Birdie's controller in the shared trainer (see the module docstring)."""
+
+    name = "birdie_controller"
+
+    def __init__(self, settings: ml_collections.ConfigDict, config: ml_collections.ConfigDict):
+        if config.data.name != "birdie":
+            raise ValueError(f"hooks.birdie_controller needs data.name='birdie', not "
+                             f"{config.data.name!r}")
+        fields = dict(settings.items())
+        allowed = set(HOOK_FIELDS) | {f.name for f in dataclasses.fields(ControllerConfig)}
+        bad = sorted(set(fields) - allowed | set(fields) & set(_FROM_RUN))
+        if bad:
+            raise ValueError(f"hooks.birdie_controller fields {bad} are not allowed; allowed: "
+                             f"{sorted(allowed - set(_FROM_RUN))}")
+        if "every" not in fields:
+            raise ValueError("hooks.birdie_controller.every is missing (steps between updates)")
+        self.rows_per_objective = int(fields.pop("rows_per_objective", 1))
+        if self.rows_per_objective < 1:
+            raise ValueError(f"hooks.birdie_controller.rows_per_objective="
+                             f"{self.rows_per_objective} must be >= 1")
+        every, first = fields.pop("every"), fields.pop("first", 0)
+        self.objectives = birdie_data.objective_set(config.data.objectives)
+        self.names = tuple(o.name for o in self.objectives)
+        self.cfg = ControllerConfig(group_sizes=tuple(birdie.group_sizes(self.objectives)),
+                                    total_steps=config.num_steps, eval_every=every,
+                                    first_eval=first, **fields)
+        self.config = config
+        self._batches = None        # the balanced validation batches, on the run's mesh
+        self._losses_fn = None
+
+    def init(self, key) -> ControllerState:
+        return controller_init(self.cfg, key)
+
+    def data_overrides(self, state: ControllerState) -> dict:
+        return {"mixture": tuple(float(w) for w in np.asarray(state.mixture))}
+
+    def due(self, step: int) -> bool:
+        return should_update(self.cfg, step)
+
+    def validation_losses(self, run, params) -> np.ndarray:
+        """[K] mean validation loss of every configuration, on its balanced rows."""
+        if self._batches is None:
+            c = self.config
+            data = ml_collections.ConfigDict(pipeline.resolve_data_config(c.data).to_dict())
+            data.update(objective_per_row=True, shuffle=False, task_weight=0.0, mixture=())
+            rows = len(self.names) * self.rows_per_objective
+            it = pipeline.make_dataset(
+                data, split="validation", seed=c.seed, global_batch_size=c.batch_size,
+                seq_len=c.seq_len, process_index=jax.process_index(),
+                process_count=jax.process_count(), num_epochs=1)
+            n = -(-rows // c.batch_size)
+            if n * c.batch_size > data.num_validation:
+                raise ValueError(f"data.num_validation={data.num_validation} rows hold fewer "
+                                 f"than the controller's {n} batches of {c.batch_size}")
+            self._batches = [pipeline.to_global_array(next(it), run.mesh, run.batch_sharding)
+                             for _ in range(n)]
+            K = len(self.names)
+
+            def losses(p, batch):
+                with nn.logical_axis_rules(run.rules):
+                    mean, count = birdie.per_objective_losses(
+                        birdie.packed_logits(run.model.apply, p, batch), batch, K)
+                return mean * count, count
+
+            rep = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
+            self._losses_fn = jax.jit(
+                losses, in_shardings=(run.state_shardings.params, run.batch_sharding),
+                out_shardings=rep)
+        total = np.zeros(len(self.names))
+        count = np.zeros(len(self.names))
+        for batch in self._batches:
+            t, n = jax.device_get(self._losses_fn(params, batch))
+            total += t
+            count += n
+        if (count == 0).any():
+            missing = [n for n, k in zip(self.names, count) if k == 0]
+            raise ValueError(f"the controller's validation rows hold no tokens of {missing}; "
+                             "raise hooks.birdie_controller.rows_per_objective")
+        return total / count
+
+    def update(self, run, params, state: ControllerState, step: int):
+        losses = self.validation_losses(run, params)
+        state = controller_update(self.cfg, state, jnp.asarray(losses, jnp.float32), step)
+        mixture = np.asarray(jax.device_get(state.mixture))
+        return state, {"event": "birdie_controller",
+                       "mixture": {n: float(w) for n, w in zip(self.names, mixture)},
+                       "controller_val_loss": {n: float(v) for n, v in zip(self.names, losses)}}
+
+
+def make_hook(settings, config) -> ControllerHook:
+    """train/trainer.py HOOKS["birdie_controller"]."""
+    return ControllerHook(settings, config)

@@ -1,0 +1,116 @@
+"""Birdie's controller in the shared trainer: the mixture it sets reaches the data, moves during
+a run, is written to metrics.jsonl, and survives a resume bit for bit."""
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from train import checkpoint as ckpt_lib
+from train import trainer
+from train.configs import birdie as birdie_config
+from train.data import birdie_data as bd
+from train.objectives import birdie
+
+K = len(bd.objective_set("birdie"))
+
+
+def test_mixture_and_balanced_rows_reach_the_records():
+    one_hot = tuple(float(i == 5) for i in range(K))
+    src = bd.BirdieSource(bd.BirdieDataSpec(seq_len=384, mixture=one_hot, num_validation=8),
+                          "validation")
+    for i in range(4):
+        ids = set(src[i]["objective_ids"].tolist()) - {-1}
+        assert ids == {5}, (i, ids)
+    # the default (uniform) rows are unchanged by the new field: () = Birdie's uniform mixture
+    base = bd.BirdieSource(bd.BirdieDataSpec(seq_len=384, num_validation=8), "validation")
+    uniform = bd.BirdieSource(bd.BirdieDataSpec(
+        seq_len=384, num_validation=8, mixture=tuple(birdie.uniform_mixture(
+            bd.objective_set("birdie")))), "validation")
+    np.testing.assert_array_equal(base[3]["inputs"], uniform[3]["inputs"])
+    balanced = bd.BirdieSource(bd.BirdieDataSpec(seq_len=384, objective_per_row=True,
+                                                 task_weight=0.5, num_validation=2 * K),
+                               "validation")
+    for i in (0, 7, K + 3):
+        assert set(balanced[i]["objective_ids"].tolist()) - {-1} == {i % K}
+    with pytest.raises(ValueError, match=r"mixture=\(1.0, 2.0\) is not allowed.*needs 18"):
+        bd.BirdieDataSpec(mixture=(1.0, 2.0))
+    with pytest.raises(ValueError, match="mixture=.*non-negative"):
+        bd.BirdieDataSpec(mixture=(-1.0,) + (1.0,) * (K - 1))
+
+
+def test_hook_settings_are_checked():
+    c = birdie_config.get_config("tiny:gated_birdie")
+    c.hooks.birdie_controller.hiden = 3
+    with pytest.raises(ValueError, match=r"fields \['hiden'\] are not allowed"):
+        trainer.build_hooks(c)
+    c = birdie_config.get_config("tiny:gated_birdie")
+    c.hooks.birdie_controller.total_steps = 3     # comes from num_steps
+    with pytest.raises(ValueError, match=r"\['total_steps'\] are not allowed"):
+        trainer.build_hooks(c)
+    c = birdie_config.get_config("tiny:gated_ntp")
+    assert "hooks" not in c       # the NTP baselines have one objective and no controller
+    c.hooks = birdie_config.get_config("tiny:gated_birdie").hooks
+    c.data = birdie_config.get_config("tiny:gated_birdie").data
+    c.data.name = "birdie"
+    assert [h.name for h in trainer.build_hooks(c)] == ["birdie_controller"]
+
+
+def _config():
+    c = birdie_config.get_config("tiny:gated_birdie")
+    c.num_steps, c.checkpoint_every, c.keep_checkpoints = 12, 4, 5
+    c.eval_every, c.log_every, c.progress = 0, 1, False
+    c.model.num_layers, c.model.mlp_hidden = 1, 64
+    c.hooks.birdie_controller.update(every=2, train_steps=20, num_candidates=64, hidden=16)
+    return c
+
+
+def _rows(workdir, key):
+    return [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+            if key in r]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    out = trainer.train(_config(), workdir, devices=jax.devices()[:2])
+    return workdir, out
+
+
+def test_controller_moves_the_mixture_in_metrics(straight):
+    workdir, out = straight
+    rows = _rows(workdir, "mixture")
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
+    names = [o.name for o in bd.objective_set("birdie")]
+    uniform = birdie.uniform_mixture(bd.objective_set("birdie"))
+    for r in rows:
+        assert list(r["mixture"]) == names and list(r["controller_val_loss"]) == names
+        assert abs(sum(r["mixture"].values()) - 1) < 1e-5
+    # the first two updates collect rewards (uniform mixture), the third chooses its own
+    np.testing.assert_allclose(list(rows[1]["mixture"].values()), uniform, atol=1e-6)
+    for r in rows[2:]:
+        assert np.abs(np.array(list(r["mixture"].values())) - uniform).max() > 0.01
+    # the state is checkpointed with the run, and the trainer drew rows from its mixture
+    state = out["state"].memory["birdie_controller"]
+    np.testing.assert_allclose(np.asarray(state.mixture), list(rows[-1]["mixture"].values()),
+                               rtol=1e-6)
+    assert int(state.num_updates) == 6
+
+
+def test_resume_restores_the_controller_and_its_data(straight, tmp_path):
+    """A run that lost everything after step 8 (as a crash at step 9–11 leaves it) resumes from
+    checkpoint 8 under the mixture the controller set at step 8 (not the uniform one) and with
+    its state (history, reward model, key): same losses, mixtures and final state."""
+    workdir, out = straight
+    resumed = tmp_path / "resumed"
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "12")
+    (resumed / "metrics.jsonl").write_text("")
+    again = trainer.train(_config(), resumed, devices=jax.devices()[:2])
+    assert again["start_step"] == 8
+    loss = lambda w: {r["step"]: r["loss"] for r in _rows(w, "loss")}   # noqa: E731
+    assert loss(resumed) == {s: v for s, v in loss(workdir).items() if s > 8}
+    assert _rows(resumed, "mixture") == _rows(workdir, "mixture")[4:]   # steps 10, 12
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(again["state"]),
+                           jax.device_get(out["state"]))
