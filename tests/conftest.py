@@ -50,3 +50,31 @@ def reference_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def repo_root() -> pathlib.Path:
     return REPO
+
+
+# Tests marked `background` (the notebook executions, tests/colabs/test_notebooks.py) run last;
+# their module starts their work in subprocesses as soon as collection is done, so that it runs
+# beside the in-process tests, which leave one of two cores mostly idle (XLA compiles on one
+# thread), and each such test then collects its result.
+def _background(items):
+    by_module = {}
+    for item in items:
+        if item.get_closest_marker("background"):
+            by_module.setdefault(item.module, []).append(item)
+    return by_module
+
+
+def pytest_collection_modifyitems(config, items):
+    late = [i for i in items if i.get_closest_marker("background")]
+    if late:
+        items[:] = [i for i in items if not i.get_closest_marker("background")] + late
+
+
+def pytest_collection_finish(session):
+    for module, items in _background(session.items).items():
+        module.start_in_background(items)
+
+
+def pytest_sessionfinish(session):
+    for module in _background(session.items):
+        module.stop_background()

@@ -1,15 +1,26 @@
 """Every notebook in colabs/: the jupytext pair is in sync and the .ipynb executes.
 
 Notebooks are discovered with a glob, so a new `colabs/NAME.py` (+ `NAME.ipynb`, made with
-`jupytext --to ipynb colabs/NAME.py`) is tested as soon as it lands. Each runs on one CPU device
-(XLA_FLAGS: only the suite's compile-speed flags), in a temporary working directory, with
-MPLBACKEND=Agg, and must not download.
+`jupytext --to ipynb colabs/NAME.py`) is tested as soon as it lands. Each runs in a fresh Jupyter
+kernel (tests/colabs/execute_notebook.py in a subprocess) on one CPU device (XLA_FLAGS: only the
+suite's compile-speed flags), in a temporary working directory, with MPLBACKEND=Agg, and must not
+download.
+
+The executions are the suite's longest tests and run mostly on one core, as do the in-process
+tests (XLA compiles on one thread), so they run beside them: `test_ipynb_executes` is marked
+`background`, tests/conftest.py calls `start_in_background` once collection is done (the runs
+then go one at a time in a worker thread) and orders these tests last, where each collects its
+notebook's result.
 """
+import concurrent.futures
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 
 import jupytext
 import nbformat
@@ -18,7 +29,8 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[2]
 COLABS = REPO / "colabs"
 NOTEBOOKS = sorted(COLABS.glob("*.py"))
-TIMEOUT_S = 300  # per notebook run; each is meant to take well under a minute on 2 cores
+RUNNER = pathlib.Path(__file__).resolve().parent / "execute_notebook.py"
+TIMEOUT_S = 600  # per notebook run, waiting in the queue excluded
 KERNEL_NAME = "mnemax-test-python"
 
 
@@ -27,30 +39,100 @@ def _cells(nb):
     return [(c.cell_type, c.source.strip()) for c in nb.cells if c.source.strip()]
 
 
-@pytest.fixture
-def notebook_env(monkeypatch, tmp_path):
-    """The environment a notebook runs in: this repo importable, one device, no display.
+class Executions:
+    """Notebook runs in subprocesses, one at a time on a worker thread: `start(notebooks)`,
+    `result(notebook)` → (exit status, stderr), `stop()` kills what still runs."""
 
-    The variables reach the Jupyter kernel (which inherits os.environ). A kernelspec whose argv
-    is this interpreter (the venv's python) is written to a temporary JUPYTER_PATH so nbclient
-    never picks another Python."""
-    kernels = tmp_path / "jupyter" / "kernels" / KERNEL_NAME
-    kernels.mkdir(parents=True)
-    (kernels / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "mnemax test kernel", "language": "python"}))
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.setenv("TMPDIR", str(tmp_path))   # notebooks' temporary workdirs land here
-    monkeypatch.setenv("JUPYTER_PLATFORM_DIRS", "1")
-    # One CPU device, as in Colab's CPU runtime (only the suite's compile-speed flags).
-    monkeypatch.setenv("XLA_FLAGS", os.environ["MNEMAX_TEST_XLA_FLAGS"])
-    monkeypatch.delenv("MNEMAX_WORKDIR", raising=False)
-    return work
+    def __init__(self):
+        self._pool = None
+        self._root = None
+        self._futures: dict[pathlib.Path, concurrent.futures.Future] = {}
+        self._procs: set = set()
+        self._lock = threading.Lock()
+        self._environ: dict = {}
+
+    def start(self, notebooks) -> None:
+        if self._pool is None:
+            self._root = pathlib.Path(tempfile.mkdtemp(prefix="mnemax-notebooks-"))
+            # A kernelspec whose argv is this interpreter (the venv's python), so nbclient never
+            # picks another Python.
+            kernels = self._root / "jupyter" / "kernels" / KERNEL_NAME
+            kernels.mkdir(parents=True)
+            (kernels / "kernel.json").write_text(json.dumps({
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "mnemax test kernel", "language": "python"}))
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, "notebooks")
+            # the environment now, not what a test running beside a notebook may set
+            self._environ = dict(os.environ)
+        for py in notebooks:
+            if py not in self._futures:
+                self._futures[py] = self._pool.submit(self._run, py)
+
+    def _env(self, tmp: pathlib.Path) -> dict:
+        """This repo importable, one device, no display; the kernel inherits it."""
+        env = dict(self._environ)
+        env.pop("MNEMAX_WORKDIR", None)
+        env.update({
+            "JUPYTER_PATH": str(self._root / "jupyter"),
+            "PYTHONPATH": os.pathsep.join([str(REPO)] + [
+                p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]),
+            "MPLBACKEND": "Agg",
+            "TMPDIR": str(tmp),               # notebooks' temporary workdirs land here
+            "JUPYTER_PLATFORM_DIRS": "1",
+            # One CPU device, as in Colab's CPU runtime (only the suite's compile-speed flags).
+            "XLA_FLAGS": env["MNEMAX_TEST_XLA_FLAGS"],
+        })
+        return env
+
+    def _run(self, py: pathlib.Path) -> tuple[int, str]:
+        tmp = self._root / py.stem
+        (tmp / "work").mkdir(parents=True)
+        with self._lock:
+            proc = subprocess.Popen(
+                [sys.executable, str(RUNNER), str(py.with_suffix(".ipynb")), str(tmp / "work"),
+                 KERNEL_NAME], env=self._env(tmp), stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True)
+            self._procs.add(proc)
+        try:
+            _, err = proc.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+            err = f"timed out after {TIMEOUT_S} s\n{err}"
+        finally:
+            with self._lock:
+                self._procs.discard(proc)
+        return proc.returncode, err
+
+    def result(self, py: pathlib.Path) -> tuple[int, str]:
+        self.start([py])    # not started yet when collection bypassed the hook
+        return self._futures[py].result()
+
+    def stop(self) -> None:
+        if self._pool is None:
+            return
+        for f in self._futures.values():
+            f.cancel()
+        with self._lock:
+            for proc in self._procs:
+                proc.kill()
+        self._pool.shutdown(wait=True)
+        shutil.rmtree(self._root, ignore_errors=True)
+        self._pool = None
+        self._futures.clear()
+
+
+EXECUTIONS = Executions()
+
+
+def start_in_background(items) -> None:
+    """tests/conftest.py, once collection is done: start the selected notebooks' runs."""
+    EXECUTIONS.start([item.callspec.params["py"] for item in items])
+
+
+def stop_background() -> None:
+    """tests/conftest.py, at the end of the session."""
+    EXECUTIONS.stop()
 
 
 def test_notebooks_found():
@@ -110,17 +192,8 @@ def test_quickstart_install_cell(monkeypatch, tmp_path):
 
 # The .py of every notebook equals its .ipynb cell for cell (test_pair_in_sync), so executing the
 # .ipynb runs the .py's code; it is not run a second time as a plain script.
+@pytest.mark.background
 @pytest.mark.parametrize("py", NOTEBOOKS, ids=lambda p: p.stem)
-def test_ipynb_executes(py, notebook_env):
-    from jupyter_client.kernelspec import KernelSpecManager
-    from nbclient import NotebookClient
-
-    spec = KernelSpecManager().get_kernel_spec(KERNEL_NAME)
-    assert spec.argv[0] == sys.executable  # the kernel is this venv's Python
-    nb = nbformat.read(py.with_suffix(".ipynb"), as_version=4)
-    client = NotebookClient(nb, timeout=TIMEOUT_S, kernel_name=KERNEL_NAME,
-                            resources={"metadata": {"path": str(notebook_env)}})
-    client.execute()  # raises CellExecutionError naming the failing cell
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if o.get("output_type") == "error"]
-    assert not errors, errors
+def test_ipynb_executes(py):
+    status, err = EXECUTIONS.result(py)
+    assert status == 0, f"{py.with_suffix('.ipynb').name} failed:\n{err[-4000:]}"

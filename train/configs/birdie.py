@@ -134,7 +134,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.hooks = ml_collections.ConfigDict()
         c.hooks.birdie_controller = (
             birdie_controller.hook_config(every=1000) if paper else
-            birdie_controller.hook_config(every=25, hidden=32, train_steps=100,
+            birdie_controller.hook_config(every=10, hidden=32, train_steps=100,
                                           num_candidates=512))
 
     c.optim = common.optim(lr=3e-4 if paper else 3e-3,
