@@ -38,7 +38,7 @@ Transformer's. The `quick` size (the demo) cycles 'bc' instead, as train/configs
 loss plateau sooner and on every seed tried (see SIZES).
 
 Training uses a small self-contained jitted loop with the trainer's optimizer
-(`train.trainer.make_optimizer`: AdamW, warm-up + cosine) rather than the shared trainer itself
+(`train.optim.make_optimizer`: AdamW, warm-up + cosine) rather than the shared trainer itself
 (train/trainer.py): the Birdie arm changes its data mixture at every controller update from
 validation losses of the live parameters, which the trainer's fixed pipeline cannot express yet,
 and five short runs in one process stay cheaper without per-run checkpoints. The configs in
@@ -70,7 +70,7 @@ import optax
 from eval import figures, phonebook
 from models import layers, ssm
 from models.transformer import Transformer, TransformerConfig
-from train import trainer
+from train import optim
 from train.configs import common
 from train.data import phonebook as phonebook_data
 from train.data import tokenizer as tok
@@ -459,7 +459,7 @@ def train_model(name: str, s: dict, mixture: ObjectiveMixture, seed: int, *,
     key = jax.random.key(seed)
     params = layers.unbox(jax.jit(model.init)(key, jnp.zeros((1, T), jnp.int32))["params"])
     # the trainer's optimizer (AdamW, warm-up over 5 % of the steps, cosine to lr/10, clip 1.0)
-    tx, _ = trainer.make_optimizer(common.optim(
+    tx, _ = optim.make_optimizer(common.optim(
         lr=s["lr"], warmup_steps=max(steps // 20, 1), b2=0.98,
         weight_decay=s.get("weight_decay", 0.01)), steps)
     opt = tx.init(params)

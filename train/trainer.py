@@ -62,6 +62,7 @@ from train import checkpoint as ckpt_lib
 from train import config_identity
 from train import sharding as shd
 from train.data import pipeline
+from train.optim import global_norm, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -135,19 +136,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                          f"batch_size={config.batch_size}")
     if o.clip_norm is not None and o.clip_norm <= 0:
         raise ValueError(f"optim.clip_norm={o.clip_norm!r} must be positive or None")
-
-
-def make_optimizer(o: ml_collections.ConfigDict, num_steps: int):
-    """AdamW with linear warmup then cosine decay to lr·min_lr_ratio, global-norm clipping."""
-    decay_steps = max(num_steps, o.warmup_steps + 1)
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=o.lr, warmup_steps=o.warmup_steps,
-        decay_steps=decay_steps, end_value=o.lr * o.min_lr_ratio)
-    chain = []
-    if o.clip_norm:
-        chain.append(optax.clip_by_global_norm(o.clip_norm))
-    chain.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
-    return optax.chain(*chain), schedule
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,11 +228,6 @@ def abstract_state(run: Run) -> TrainState:
 # ---------------------------------------------------------------------------------------------
 # Steps
 # ---------------------------------------------------------------------------------------------
-def _global_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
-                        for x in jax.tree_util.tree_leaves(tree)))
-
-
 def make_train_step(run: Run):
     cfg = run.config
     accum = cfg.optim.grad_accum
@@ -285,7 +268,7 @@ def make_train_step(run: Run):
         updates, opt_state = run.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "accuracy": aux["correct"] / denom,
-                   "grad_norm": _global_norm(grads), "lr": run.schedule(state.step)}
+                   "grad_norm": global_norm(grads), "lr": run.schedule(state.step)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def wrapped(state, batch):

@@ -7,7 +7,7 @@ import ml_collections
 
 def optim(*, lr, warmup_steps, weight_decay, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
           clip_norm=1.0, grad_accum=1) -> ml_collections.ConfigDict:
-    """AdamW with linear warm-up and cosine decay (train/trainer.py: make_optimizer)."""
+    """AdamW with linear warm-up and cosine decay (train/optim.py: make_optimizer)."""
     c = ml_collections.ConfigDict()
     c.lr = lr                          # peak learning rate
     c.warmup_steps = warmup_steps      # linear warm-up steps (may be a FieldReference)

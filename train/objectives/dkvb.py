@@ -33,6 +33,7 @@ import optax
 
 from memory import codebook as cb
 from models.kv_bottleneck import KVBottleneck
+from train import optim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +61,11 @@ class ProtocolConfig:
 
 
 def make_optimizer(cfg: ProtocolConfig) -> optax.GradientTransformation:
-    """Global-norm clip then plain SGD (no momentum, no weight decay)."""
-    sgd = optax.sgd(cfg.learning_rate, momentum=None)
-    if cfg.clip_norm:
-        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), sgd)
-    return sgd
+    """Global-norm clip then plain SGD (no momentum, no weight decay), from the one factory
+    (train/optim.py)."""
+    tx, _ = optim.make_optimizer(optim.optim("sgd", lr=cfg.learning_rate,
+                                             clip_norm=cfg.clip_norm))
+    return tx
 
 
 def smoothed_cross_entropy(logits_BxV: jax.Array, y_B: jax.Array, weight_B: jax.Array,

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from models.encoders import ConvAutoencoder, SmallCNN
+from train import optim
 
 
 def _check_fit_args(n: int, epochs: int, batch_size: int, learning_rate: float) -> None:
@@ -36,7 +37,7 @@ def _adam_epochs(loss_fn: Callable[..., jax.Array], params, data: tuple[jax.Arra
     N = data[0].shape[0]
     B = min(batch_size, N)
     steps = N // B
-    tx = optax.adam(learning_rate)
+    tx, _ = optim.make_optimizer(optim.optim(lr=learning_rate))   # Adam, constant rate
 
     @jax.jit
     def run(params, r):

@@ -47,6 +47,7 @@ import optax
 
 from models.mac import MAC, MACConfig, modulated_logits, slot_keys
 from models.transformer import Transformer, TransformerConfig
+from train import optim
 from train.data import facts
 from train.data import tokenizer as tok
 from train.objectives.lm import token_losses
@@ -58,25 +59,10 @@ from train.objectives.lm import token_losses
 def make_optimizer(lr: float, *, warmup_steps: int = 100, clip: float = 1.0,
                    weight_decay: float = 0.0) -> optax.GradientTransformation:
     """Adam(W) with a linear warm-up to a constant `lr` and global-norm clipping (paper: Adam,
-    constant lr, clipping)."""
-    if lr <= 0:
-        raise ValueError(f"lr={lr} must be positive")
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
-    sched = (optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps
-             else optax.constant_schedule(lr))
-    sched = optax.join_schedules([sched, optax.constant_schedule(lr)], [warmup_steps])
-    opt = (optax.adamw(sched, weight_decay=weight_decay) if weight_decay
-           else optax.adam(sched))
-    return optax.chain(optax.clip_by_global_norm(clip), opt)
-
-
-@dataclasses.dataclass
-class TrainState:
-    """Plain state for the small self-contained loops here (params, opt_state, step)."""
-    params: Any
-    opt_state: Any
-    step: int = 0
+    constant lr, clipping), from the one factory (train/optim.py)."""
+    tx, _ = optim.make_optimizer(optim.optim(lr=lr, warmup_steps=warmup_steps, clip_norm=clip,
+                                             weight_decay=weight_decay))
+    return tx
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,10 +372,6 @@ def init_mac(cfg: MACConfig, key: jax.Array, *, doc_len: int = 16, q_len: int = 
     return nn.unbox(_jitted_init(MAC(cfg))(key, docs, qs)["params"])
 
 
-def _global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
-
-
 @functools.lru_cache(maxsize=8)
 def cached_meta_step(cfg: MACConfig, lr: float, warmup_steps: int, clip: float, rho: float,
                      readout_weight: float = 0.0, hierarchical_weight: float = 0.0
@@ -417,7 +399,7 @@ def make_meta_step(cfg: MACConfig, opt: optax.GradientTransformation, rho: float
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         updates, opt_state = opt.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        return trainable, opt_state, {"loss": loss, "grad_norm": _global_norm(grads["mac"]),
+        return trainable, opt_state, {"loss": loss, "grad_norm": optim.global_norm(grads["mac"]),
                                       "bank_size": bank_size, **aux}
 
     return step

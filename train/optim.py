@@ -1,0 +1,84 @@
+"""The one optimizer factory and gradient norm every training in mnemax uses.
+
+    tx, schedule = make_optimizer(o, num_steps)
+
+`o` is an optimizer config (`train/configs/common.py: optim`, or any mapping with its fields):
+
+    name           "adamw" (default) | "sgd" (plain SGD: no momentum, no weight decay)
+    lr             peak learning rate (> 0)
+    warmup_steps   linear warm-up from 0 (≥ 0)
+    schedule       "cosine" (default): decay to lr · min_lr_ratio at num_steps;
+                   "constant": lr after the warm-up
+    min_lr_ratio   cosine only
+    b1, b2, eps    AdamW's moments (defaults 0.9, 0.999, 1e-8 when absent)
+    weight_decay   AdamW's decoupled weight decay (default 0)
+    clip_norm      global-norm clipping first (None or 0: off)
+
+Fields a config lacks take the defaults above, so the trainer's configs (which hold only the
+AdamW-cosine fields) keep their meaning. Returns the optax transformation and the learning-rate
+schedule (step → lr) for logging.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+NAMES = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+
+
+def _get(o: Any, name: str, default: Any) -> Any:
+    return o.get(name, default) if isinstance(o, Mapping) or hasattr(o, "get") else default
+
+
+def optim(name: str = "adamw", *, lr: float, warmup_steps: int = 0,
+          schedule: str = "constant", clip_norm=None, **fields) -> dict:
+    """A plain optimizer config (a dict) for training that is not driven by a ConfigDict."""
+    return {"name": name, "lr": lr, "warmup_steps": warmup_steps, "schedule": schedule,
+            "clip_norm": clip_norm, **fields}
+
+
+def make_optimizer(o: Any, num_steps: int = 0) -> tuple[optax.GradientTransformation, Callable]:
+    """(transformation, schedule) of optimizer config `o` for a run of `num_steps` steps."""
+    name = _get(o, "name", "adamw")
+    kind = _get(o, "schedule", "cosine")
+    lr, warmup = o["lr"], o["warmup_steps"]
+    if name not in NAMES:
+        raise ValueError(f"optim.name={name!r} is not allowed; use one of {NAMES}")
+    if kind not in SCHEDULES:
+        raise ValueError(f"optim.schedule={kind!r} is not allowed; use one of {SCHEDULES}")
+    if not lr > 0:
+        raise ValueError(f"optim.lr={lr!r} must be positive")
+    if not (isinstance(warmup, int) and warmup >= 0):
+        raise ValueError(f"optim.warmup_steps={warmup!r} must be an integer ≥ 0")
+    if kind == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=lr, warmup_steps=warmup,
+            decay_steps=max(num_steps, warmup + 1), end_value=lr * _get(o, "min_lr_ratio", 0.1))
+    elif warmup:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+    else:
+        schedule = optax.constant_schedule(lr)
+    chain = []
+    clip = _get(o, "clip_norm", None)
+    if clip:
+        chain.append(optax.clip_by_global_norm(clip))
+    # A constant rate without warm-up is passed as a number (no schedule step counter).
+    rate = lr if kind == "constant" and not warmup else schedule
+    if name == "sgd":
+        chain.append(optax.sgd(rate, momentum=None))
+    else:
+        chain.append(optax.adamw(rate, b1=_get(o, "b1", 0.9), b2=_get(o, "b2", 0.999),
+                                 eps=_get(o, "eps", 1e-8),
+                                 weight_decay=_get(o, "weight_decay", 0.0)))
+    return optax.chain(*chain), schedule
+
+
+def global_norm(tree) -> jax.Array:
+    """√(Σ x²) over every leaf, in float32."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                        for x in jax.tree_util.tree_leaves(tree)))
