@@ -11,6 +11,7 @@ import pytest
 from eval import birdie_recall as br
 from eval import figures
 from models import layers
+from train.data import recall
 from train.data import tokenizer as tok
 from train.objectives import birdie
 
@@ -25,8 +26,8 @@ TINY = dict(pairs=(2, 4), num_queries=1, width=16, state_width=16, num_layers=2,
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("before", [False, True])
 def test_recall_example_layout(before):
-    task = br.RecallTask(num_queries=3, queries_before=before)
-    ex = br.recall_example(np.random.default_rng(0), task, 8)
+    task = recall.RecallTask(num_queries=3, queries_before=before)
+    ex = recall.recall_example(np.random.default_rng(0), task, 8)
     assert ex.inputs.size == task.length(8)
     prompt, target = birdie.split_example(ex)
     off = 1 + (task.num_queries + 1 if before else 0)
@@ -48,14 +49,14 @@ def test_recall_example_layout(before):
 
 def test_recall_task_rejects_bad_layouts():
     with pytest.raises(ValueError, match="disjoint"):
-        br.RecallTask(key_range=(0, 64), value_range=(32, 80))
+        recall.RecallTask(key_range=(0, 64), value_range=(32, 80))
     with pytest.raises(ValueError, match="num_pairs=2 is not allowed"):
-        br.RecallTask(num_queries=4).check_pairs(2)
+        recall.RecallTask(num_queries=4).check_pairs(2)
 
 
 def test_recall_batch_packs_rows_with_one_label_per_query():
-    task = br.RecallTask(num_queries=2)
-    b = br.recall_batch(np.random.default_rng(1), task, (2, 4), rows=3, row_length=40)
+    task = recall.RecallTask(num_queries=2)
+    b = recall.recall_batch(np.random.default_rng(1), task, (2, 4), rows=3, row_length=40)
     assert b["inputs"].shape == (3, 40)
     n_examples = sum(len(set(r[r > 0].tolist())) for r in b["segment_ids"])
     assert b["weights"].sum() == 2 * n_examples
@@ -64,7 +65,7 @@ def test_recall_batch_packs_rows_with_one_label_per_query():
 
 
 def test_mixture_validation_holds_every_action():
-    mix = br.recall_mixture(br.RecallTask(), (4, 8), 64)
+    mix = recall.recall_mixture(recall.RecallTask(), (4, 8), 64)
     assert mix.names[-1] == "task" and len(mix.group_sizes) == mix.num_actions
     val = mix.validation(np.random.default_rng(0), 2, rows=4)
     ids = np.concatenate([v["objective_ids"].ravel() for v in val])
@@ -76,7 +77,7 @@ def test_mixture_validation_holds_every_action():
 # ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained_birdie():
-    task = br.RecallTask(num_queries=1)
+    task = recall.RecallTask(num_queries=1)
     return task, br.train_recall_model("gated_birdie", dict(TINY), task, 0, log=False)
 
 
@@ -176,7 +177,7 @@ def test_figures_are_registered():
 
 
 def test_no_binding_baseline():
-    task = br.RecallTask(num_queries=1, key_range=(0, 8), value_range=(64, 72))
+    task = recall.RecallTask(num_queries=1, key_range=(0, 8), value_range=(64, 72))
     assert br.no_binding_baseline(task, 1, examples=4, seed=0) == 1.0   # one pair: its value
     b = br.no_binding_baseline(task, 8, examples=256, seed=0)
     assert 1 / 8 <= b < 0.3       # ≥ 1/P (the answer is one of the P values), repeats add a bit
@@ -192,17 +193,17 @@ def test_pick_draws_like_rng_choice():
         p[seed % 7] = 0.0
         p /= p.sum()
         a, b = np.random.default_rng(seed), np.random.default_rng(seed)
-        cdf = br.weights_cdf(p)
+        cdf = recall.weights_cdf(p)
         assert ([int(a.choice(7, p=p)) for _ in range(50)]
-                == [br.pick_weighted(b, cdf) for _ in range(50)])
+                == [recall.pick_weighted(b, cdf) for _ in range(50)])
         assert [int(a.choice((1, 2, 4, 6))) for _ in range(50)] == [
-            br.pick(b, (1, 2, 4, 6)) for _ in range(50)]
+            recall.pick(b, (1, 2, 4, 6)) for _ in range(50)]
         assert a.random() == b.random()
 
 
 def test_shared_task_batches_replay_train_models_own_draws():
     s = dict(br.SIZES["quick"], steps=3)
-    task = br.RecallTask(**s["task"])
+    task = recall.RecallTask(**s["task"])
     shared = br.recall_task_batches(s, task, seed=4)
     own = br._recall_mixture_at(s, task)
     rng = br.train_rng(4)
@@ -226,7 +227,7 @@ def test_pretraining_batches_follow_the_controllers_mixture():
     # Batches are packed ahead one stretch of constant mixture at a time: each pre-training step
     # must still draw with the mixture in force at that step (the controller updates every step).
     s = dict(TINY, steps=6, controller_every=1)
-    task = br.RecallTask(num_queries=1)
+    task = recall.RecallTask(num_queries=1)
     mix = br._recall_mixture_at(s, task)
     seen, draw = [], mix.batch
 
