@@ -60,6 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from eval import figures, phonebook
 from models import layers, ssm
@@ -312,6 +313,8 @@ def train_model(name: str, s: dict, mixture: ObjectiveMixture, seed: int, *,
 
     t0 = time.time()
     until, ready = 0, collections.deque()
+    bar = tqdm(total=steps, desc=name, unit="step", leave=False, disable=not log,
+               dynamic_ncols=True)
     for step in range(steps):
         if step == until:
             batches, until = stretch(step)
@@ -331,9 +334,9 @@ def train_model(name: str, s: dict, mixture: ObjectiveMixture, seed: int, *,
             mixtures.append((step + 1, weights.tolist()))
         if step % 25 == 0 or step == steps - 1:
             losses.append((step, float(loss)))
-            if log:
-                print(f"  {name} step {step} loss {float(loss):.4f} "
-                      f"({time.time() - t0:.0f}s)", flush=True)
+            bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+        bar.update(1)
+    bar.close()
     n = sum(x.size for x in jax.tree_util.tree_leaves(params))
     return Trained(name, model, params, spec, n, rows * T * steps, losses, mixtures,
                    mixture.names, time.time() - t0)

@@ -40,6 +40,8 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Sequence
 
+from tqdm.auto import tqdm
+
 SIZES = ("quick", "cpu", "paper")
 
 # Modules that register figures; imported lazily so one broken family does not hide the others.
@@ -249,7 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = {}
     if args.class_order is not None:
         options["class_order"] = [int(c) for c in args.class_order.split(",")]
-    for n in names:
+    bar = tqdm(names, desc="figures", unit="figure", dynamic_ncols=True)
+    for n in bar:
+        bar.set_postfix_str(n)
         opts = options if n.startswith("dkvb_") else {}
         run_figure(n, size=args.size, seed=args.seed, out=args.out, results=args.results,
                    **opts)

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from models.mac import MAC, MACConfig, modulated_logits, slot_keys
 from models.transformer import Transformer, TransformerConfig
@@ -152,12 +153,15 @@ def train_base_lm(lm_cfg: TransformerConfig, batches: Iterator[dict], *, num_ste
         return optax.apply_updates(params, updates), opt_state, loss
 
     losses = []
+    bar = tqdm(total=num_steps, desc="mac stage 1", unit="step", leave=False,
+               disable=not log_every, dynamic_ncols=True)
     for i in range(num_steps):
         params, opt_state, loss = step(params, opt_state, next(batches))
         losses.append(float(loss))
         if log_every and (i + 1) % log_every == 0:
-            print(f"[mac stage 1] step {i + 1} loss {np.mean(losses[-log_every:]):.4f}",
-                  flush=True)
+            bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.4f}", refresh=False)
+        bar.update(1)
+    bar.close()
     return params, losses
 
 
@@ -453,6 +457,8 @@ def meta_train(cfg: MACConfig, lm_params, batches: Iterator[dict], *, num_steps:
     opt_state = opt.init(trainable)
     history, t0 = [], time.time()
     batch = first
+    bar = tqdm(total=num_steps, desc="mac stage 2", unit="step", leave=False,
+               disable=not log_every, dynamic_ncols=True)
     for i in range(num_steps):
         if i < curriculum_start:
             frac = 0.0
@@ -466,12 +472,13 @@ def meta_train(cfg: MACConfig, lm_params, batches: Iterator[dict], *, num_steps:
         if log_every and (i + 1) % log_every == 0:
             mean = {k: float(np.mean([h[k] for h in history[-log_every:]])) for k in history[-1]}
             mean["seconds"] = round(time.time() - t0, 1)
-            print(f"[mac stage 2] step {i + 1} " + " ".join(f"{k} {v:.4f}" for k, v in
-                                                          mean.items()), flush=True)
+            bar.set_postfix(loss=f"{mean['loss']:.4f}", refresh=False)
             if on_log is not None:
                 on_log(i + 1, mean)
+        bar.update(1)
         if i + 1 < num_steps:
             batch = next(batches)
+    bar.close()
     return trainable["mac"], history
 
 
