@@ -174,6 +174,35 @@ def stored_config(workdir, ckpt: Optional[Checkpointer] = None) -> tuple[Optiona
     return None, ""
 
 
+def restore_params(workdir, abstract_params: Any, *, step: Optional[int] = None
+                   ) -> tuple[Any, int]:
+    """(params, step): only the parameters of another run's newest (or given) checkpoint,
+    restored onto `abstract_params`' shapes and shardings (its optimizer state, RNG and memory
+    are not read, so the two runs may differ in optimizer, hooks or data). Raises a one-line
+    ValueError naming `workdir` if it holds no checkpoint or its parameters do not fit."""
+    directory = as_path(workdir) / "checkpoints"
+    steps = sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit()) \
+        if directory.exists() else []
+    if not steps:
+        raise ValueError(f"init_from={str(workdir)!r} holds no checkpoint to start from")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ValueError(f"init_from={str(workdir)!r} has no checkpoint at step {step}; it has "
+                         f"{steps}")
+    item = {"params": abstract_params}
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(
+            directory / str(step) / "state",
+            args=ocp.args.PyTreeRestore(item=item, partial_restore=True,
+                                        restore_args=ocp.checkpoint_utils.construct_restore_args(
+                                            item)))
+    except Exception as e:   # a different model: missing keys or other shapes
+        msg = " ".join(str(e).split())[:300]
+        raise ValueError(f"init_from={str(workdir)!r} (step {step}): its parameters do not fit "
+                         f"this model ({type(e).__name__}: {msg})") from e
+    return restored["params"], step
+
+
 def abstract_like(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs of `tree` carrying `shardings` (the restore target for a new mesh)."""
     return jax.tree_util.tree_map(

@@ -16,7 +16,9 @@ differ) and raises `ConfigMismatchError` (a ValueError) naming the differing fie
 WORKDIR/unreadable_checkpoints/ and the one before it restored (if none restores,
 `NoReadableCheckpointError`, nothing moved); SIGTERM saves and returns normally; a NaN/inf loss
 raises `FloatingPointError` naming the step, after the last good checkpoint is safely on disk;
-two runs with one seed give bit-identical results on CPU.
+two runs with one seed give bit-identical results on CPU. A run with `config.init_from` (another
+run's workdir) starts from that run's newest parameters (checkpoint.restore_params) with a fresh
+optimizer, RNG and hook state: a fine-tune; once it has saved, it resumes from its own checkpoints.
 
 A family plugs in by adding entries to MODELS (a builder from the model config to a Linen
 module) and OBJECTIVES (a loss, see train/objectives/lm.py). Something that must act on the run
@@ -87,7 +89,7 @@ HOOKS: dict[str, str] = {
 REQUIRED_FIELDS = ("seed", "num_steps", "batch_size", "checkpoint_every", "eval_every", "mesh")
 KNOWN_FIELDS = set(REQUIRED_FIELDS) | {
     "seq_len", "log_every", "keep_checkpoints", "async_checkpoints", "sharding_rules", "model",
-    "data", "optim", "eval", "objective", "debug", "progress", "name", "hooks"}
+    "data", "optim", "eval", "objective", "debug", "progress", "name", "hooks", "init_from"}
 
 
 def _resolve(table: dict[str, str], name: str, what: str) -> Callable:
@@ -356,6 +358,17 @@ def evaluate(run: Run, eval_step, params, *, num_batches: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Logging
 # ---------------------------------------------------------------------------------------------
+def _json_value(v):
+    """Python/NumPy/JAX scalars as int (integers, bools) or float; anything else unchanged."""
+    if isinstance(v, (str, dict, list)) or np.ndim(v) != 0:
+        return v
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)) or np.issubdtype(np.asarray(v).dtype, np.integer):
+        return int(v)
+    return float(v)
+
+
 class MetricsWriter:
     """metrics.jsonl (one JSON object per line) + TensorBoard events, on process 0 only."""
 
@@ -373,9 +386,7 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        row = {"step": int(step), **{k: (float(v) if np.ndim(v) == 0 and
-                                         not isinstance(v, (str, dict)) else v)
-                                     for k, v in metrics.items()}}
+        row = {"step": int(step), **{k: _json_value(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
@@ -456,14 +467,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     except BaseException:
         ckpt.close()
         raise
+    start_row = {}
     if state is None:
         state, start = init_state(run), 0
+        if cfg.get("init_from"):   # a fine-tune: another run's parameters, a fresh optimizer
+            params, from_step = ckpt_lib.restore_params(
+                cfg.init_from, abstract_state(run).params)
+            state = state.replace(params=params)
+            log.info("parameters from %s (step %d)", cfg.init_from, from_step)
+            start_row["init_from"] = {"workdir": str(cfg.init_from), "step": from_step}
     else:
         log.info("resumed from step %d in %s", start, workdir)
     data_iter, data_overrides = hooked_train_data(run, state.memory, data_iter)
     writer = MetricsWriter(workdir)
     writer.write(start, {"event": "start", "resumed_from": start,
-                         "mesh": shd.describe(run.mesh), "processes": jax.process_count()})
+                         "mesh": shd.describe(run.mesh), "processes": jax.process_count(),
+                         **start_row})
 
     train_step = make_train_step(run)
     eval_step = make_eval_step(run)

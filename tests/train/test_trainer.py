@@ -372,3 +372,35 @@ def test_unknown_model_field_raises():
     c.model.depth = 3
     with pytest.raises(ValueError, match=r"unknown fields \['depth'\]"):
         trainer.setup(c, devices=jax.devices()[:1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning: init_from another run's parameters
+# ---------------------------------------------------------------------------------------------
+def test_init_from_starts_from_another_runs_parameters(tmp_path):
+    source = trainer.train(tiny_config(num_steps=3), tmp_path / "source")
+    c = tiny_config(num_steps=0)
+    c.init_from = str(tmp_path / "source")
+    c.optim.lr = 1e-2                              # another optimizer: only params are read
+    tuned = trainer.train(c, tmp_path / "tuned")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(tuned["state"].params),
+                           jax.device_get(source["state"].params))
+    assert int(tuned["state"].step) == 0
+    start = [m for m in metrics(tmp_path / "tuned") if m.get("event") == "start"][0]
+    assert start["init_from"] == {"workdir": str(tmp_path / "source"), "step": 3}
+    assert start["resumed_from"] == 0 and isinstance(start["resumed_from"], int)
+    # once the fine-tune has trained and saved, a rerun resumes it (its own checkpoint, not
+    # init_from's parameters)
+    c.num_steps = 1
+    trainer.train(c, tmp_path / "tuned")
+    c.num_steps = 2
+    again = trainer.train(c, tmp_path / "tuned")
+    assert again["start_step"] == 1 and int(again["state"].step) == 2
+    c = tiny_config(num_steps=0)
+    c.init_from = str(tmp_path / "nothing")
+    with pytest.raises(ValueError, match=r"init_from='.*nothing' holds no checkpoint"):
+        trainer.train(c, tmp_path / "x")
+    c = tiny_config(num_steps=0, **{"model.width": 64})
+    c.init_from = str(tmp_path / "source")
+    with pytest.raises(ValueError, match=r"init_from=.*parameters do not fit this model"):
+        trainer.train(c, tmp_path / "y")

@@ -21,8 +21,10 @@ of steps, and the sizes are chosen for (nearly) equal parameter counts (`param_c
 reports them; `tests/eval/test_birdie_recall.py` checks they agree within 10%). The data are
 packed rows of the objective set over the local prose corpus and synthetic phone-book text, with
 the phone-book task mixed in (`data.task_weight`); a phone-book fine-tune is the same command
-with `--config.data.task_weight=1.0` in a fresh workdir started from the pre-trained parameters
-(the trainer has no init-from-checkpoint yet, so that step is left to the figure code).
+in a fresh workdir started from the pre-trained parameters:
+
+    python -m train.main --config train/configs/birdie.py:tiny --workdir runs/birdie_ft \
+        --config.init_from=runs/birdie_tiny --config.data.task_weight=1.0
 
 The Birdie models (`gated_birdie`, `gated_birdie_causal`, `hawk_birdie`) train with the
 reward-driven controller as a trainer hook (`hooks.birdie_controller`,
@@ -114,6 +116,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.async_checkpoints = True               # save in a background thread
     c.progress = True                        # tqdm progress bar (loss, tokens/s)
     c.objective = "birdie"                   # key into train.trainer.OBJECTIVES (packed rows)
+    c.init_from = ""                         # a workdir: start from its parameters (fine-tune)
 
     # Mesh axes: -1 means "all the remaining devices". data × fsdp × model = device count.
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
