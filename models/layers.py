@@ -6,7 +6,7 @@ names (see `train/sharding.py` for the rules that map them onto the mesh).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import chex
 import flax.linen as nn
@@ -140,17 +140,21 @@ def gelu_exact(x):
 
 
 class MLP(nn.Module):
-    """GELU (x → W2 gelu(W1 x)) or SwiGLU (x → W2 (silu(Wg x) ⊙ W1 x)); no biases."""
+    """GELU (x → W2 gelu(W1 x)) or SwiGLU (x → W2 (silu(Wg x) ⊙ W1 x)); no biases.
+
+    x [..., D] → [..., D]; a [B, T, D] input's hidden activations are constrained to the logical
+    axes (batch, length, mlp)."""
     hidden: int
     kind: str = "gelu"            # 'gelu' (exact), 'gelu_tanh' or 'swiglu'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     init_std: float = DEFAULT_INIT_STD  # normal init of the kernels
+    kernel_init: Optional[Callable] = None   # replaces the normal(init_std) init (MAC: fan-in)
 
     @nn.compact
     def __call__(self, x_BxTxD):
         D = x_BxTxD.shape[-1]
-        init = nn.initializers.normal(stddev=self.init_std)
+        init = self.kernel_init or nn.initializers.normal(stddev=self.init_std)
         dense = lambda n, shape_names, name: nn.DenseGeneral(  # noqa: E731
             n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
             kernel_init=nn.with_logical_partitioning(init, shape_names))
@@ -164,7 +168,8 @@ class MLP(nn.Module):
             h = jax.nn.silu(g) * h
         else:
             raise ValueError(f"mlp={self.kind!r} is not allowed; use 'gelu', 'gelu_tanh' or 'swiglu'")
-        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        if h.ndim == 3:
+            h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         return dense(D, ("mlp", "embed"), "fc_out")(h)
 
 
@@ -212,6 +217,28 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     p = jax.nn.softmax(s, axis=-1)
     p = jnp.where(mask.any(-1, keepdims=True), p, 0.0)
     y = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)
+    return y.astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bidirectional attention with a key mask (MAC's encoders and aggregation)
+# ---------------------------------------------------------------------------------------------
+def masked_attention(q, k, v, key_mask=None):
+    """q [..., Tq, H, Dh], k/v [..., S, H, Dh], key_mask [..., S] bool → [..., Tq, H, Dh].
+
+    Scores and softmax in float32; a row with no visible key returns zeros. Leading axes
+    broadcast (a bank shared by every question has batch 1; hierarchical chunks add an axis).
+    """
+    acc = jnp.promote_types(jnp.float32, q.dtype)
+    s = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=acc)
+    s = s / math.sqrt(q.shape[-1])
+    if key_mask is not None:
+        m = key_mask[..., None, None, :]
+        s = jnp.where(m, s, MASK_VALUE)
+    p = jax.nn.softmax(s, axis=-1)
+    if key_mask is not None:
+        p = jnp.where(m.any(-1, keepdims=True), p, 0.0)
+    y = jnp.einsum("...hqk,...khd->...qhd", p.astype(v.dtype), v)
     return y.astype(q.dtype)
 
 

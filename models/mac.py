@@ -32,7 +32,6 @@ Padding is `pad_id` (train/data/tokenizer.PAD = 256) in every token input.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Optional
 
 import chex
@@ -122,28 +121,6 @@ class MACConfig:
         return dataclasses.replace(self, **kw)
 
 
-# ---------------------------------------------------------------------------------------------
-# Attention with a key mask (bidirectional; the LM's causal attention lives in models/layers.py)
-# ---------------------------------------------------------------------------------------------
-def masked_attention(q, k, v, key_mask=None):
-    """q [..., Tq, H, Dh], k/v [..., S, H, Dh], key_mask [..., S] bool → [..., Tq, H, Dh].
-
-    Scores and softmax in float32; a row with no visible key returns zeros. Leading axes
-    broadcast (a bank shared by every question has batch 1; hierarchical chunks add an axis).
-    """
-    acc = jnp.promote_types(jnp.float32, q.dtype)
-    s = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=acc)
-    s = s / math.sqrt(q.shape[-1])
-    if key_mask is not None:
-        m = key_mask[..., None, None, :]
-        s = jnp.where(m, s, layers.MASK_VALUE)
-    p = jax.nn.softmax(s, axis=-1)
-    if key_mask is not None:
-        p = jnp.where(m.any(-1, keepdims=True), p, 0.0)
-    y = jnp.einsum("...hqk,...khd->...qhd", p.astype(v.dtype), v)
-    return y.astype(q.dtype)
-
-
 def fan_in_init(scale: float = 1.0, batch_axis=()):
     """N(0, scale/fan_in) (fan_in = the second-to-last axis; per-slot weights batch axis 0).
 
@@ -188,7 +165,7 @@ class MHA(nn.Module):
         if q_positions is not None:
             q = layers.apply_rope(q, q_positions)
             k = layers.apply_rope(k, k_positions)
-        y = masked_attention(q, k, v, key_mask)
+        y = layers.masked_attention(q, k, v, key_mask)
         return _dense(self.out_features, ("heads", "kv", "embed"), name="out", axis=(-2, -1),
                       **kw)(y)
 
@@ -197,23 +174,10 @@ def _ln(name, dtype, param_dtype):
     return layers.LayerNorm(eps=1e-5, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-class FFN(nn.Module):
-    """x → W2 gelu(W1 x), no biases, fan-in init (as layers.MLP, whose init is fixed at 0.02)."""
-    hidden: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    init_scale: float = 1.0
-
-    @nn.compact
-    def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False,
-                  init_scale=self.init_scale)
-        h = layers.gelu_exact(_dense(self.hidden, ("embed", "mlp"), name="fc_in", **kw)(x))
-        return _dense(x.shape[-1], ("mlp", "embed"), name="fc_out", **kw)(h)
-
-
 def _ffn(hidden, dtype, param_dtype, name, init_scale=1.0):
-    return FFN(hidden, dtype, param_dtype, init_scale, name=name)
+    """x → W2 gelu(W1 x), no biases: the LM's layers.MLP with MAC's fan-in init."""
+    return layers.MLP(hidden, kind="gelu", dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=fan_in_init(init_scale), name=name)
 
 
 class EncoderDecoder(nn.Module):
