@@ -73,3 +73,18 @@ def test_bench_lists_and_refuses_unknown_names(tmp_path, capsys):
     assert [line.split("\t")[0] for line in p.stdout.splitlines()] == list(bench_cli.BENCHMARKS)
     assert bench_cli.main(["nope"]) == 2
     assert "benchmark='nope' is unknown" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--config", "mac:tiny"], "train it with: python -m eval.figures --only mac_online"),
+    (["--config", "lm:tiny", "--config.batch_size=0"], "batch_size=0 must be a positive"),
+])
+def test_train_cli_refuses_in_one_line(tmp_path, args, says):
+    """A config the trainer cannot run (MAC: its figure trains it) or a bad field: exit code 2
+    and one error line, no traceback, nothing trained."""
+    out = run_script("mnemax-train", *args, "--workdir", str(tmp_path / "run"), cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    lines = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and says in lines[0], out.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -2,7 +2,9 @@
 puts on the PATH), or from a checkout `python -m train.main --config train/configs/lm.py:tiny ...`.
 
 --config takes a config file (`path.py:variant`) or a config of this package by name
-(`lm:tiny`, `landmark:tiny`, `birdie:tiny:gated_birdie`, `mac:tiny`: train/configs/NAME.py).
+(`lm:tiny`, `landmark:tiny`, `birdie:tiny:gated_birdie`: train/configs/NAME.py). A config that
+the trainer cannot run yet says how it is trained instead (`run_with`; MAC's two stages run in
+its figure, issue 16), and a bad config ends in one line naming the field (exit code 2).
 
 Rerunning the same command resumes from the newest readable checkpoint in DIR. Override any config
 field with --config.FIELD=VALUE (e.g. --config.num_steps=100 --config.mesh.model=2). A DIR that
@@ -46,8 +48,18 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     logging.getLogger("train").setLevel(logging.INFO)
     from train import checkpoint, config_identity
+    config = _CONFIG.value
+    if config.get("run_with"):
+        print(f"error: this config does not train through the trainer yet; train it with: "
+              f"{config.run_with}", file=sys.stderr)
+        return 2
     try:
-        summary = trainer.train(_CONFIG.value, _WORKDIR.value, allow_changes=_ALLOW.value)
+        trainer.validate_config(config)
+    except ValueError as e:     # a bad field: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = trainer.train(config, _WORKDIR.value, allow_changes=_ALLOW.value)
     except (config_identity.ConfigMismatchError, checkpoint.NoReadableCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

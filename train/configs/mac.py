@@ -24,6 +24,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     quick, paper = arg == "quick", arg == "paper"
     c = ml_collections.ConfigDict()
     c.name = f"mac_{arg}"                        # run name (logs only)
+    # MAC's two stages do not train through train/trainer.py yet (issue 16): train.main points
+    # here instead of running.
+    c.run_with = (f"python -m eval.figures --only mac_online_adaptation,mac_retention --size "
+                  f"{'cpu' if arg == 'tiny' else arg}")
     c.seed = 0                                   # one seed → one run, bit for bit on CPU
     c.num_steps = {"quick": 3200, "tiny": 10000, "paper": 50_000}[arg]  # stage-2 steps
     c.batch_size = 16 if quick else 32           # K documents per stage-2 batch (= the bank)
