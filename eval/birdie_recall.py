@@ -42,8 +42,13 @@ JSON: {"accuracy": {MODEL: {PAIRS: acc}}, "params": {MODEL: n}, "tokens": {MODEL
 
 `birdie_phonebook` is the paper's Fig. 1 in its full text format (eval/phonebook.py): digit
 accuracy against the number of queried names for `transformer_ntp`, `gated_ntp`, `gated_birdie`,
-`gated_birdie_causal` and `hawk_birdie`. At `quick`/`cpu` size it runs a reduced book (few entries,
-few steps) and reports what it gets; `paper` is sized for accelerators.
+`gated_birdie_causal` and `hawk_birdie`. Each arm is two runs of the shared trainer
+(`phonebook_run`; sizes and phase configs in train/configs/birdie.py: PHONEBOOK_SIZES,
+phonebook_phases): pre-training on phone-book text (Birdie's objectives with the controller hook
+for the Birdie models, next-token prediction for the NTP baselines), then fine-tuning on the
+lookup task from the pre-trained parameters (init_from); the workdirs are kept and reused. At
+`quick`/`cpu` size it runs a reduced book (few entries, few steps) and reports what it gets;
+`paper` is sized for accelerators.
 JSON: {"digit_accuracy": {MODEL: {QUERIES: acc}}, ...}.
 """
 from __future__ import annotations
@@ -65,11 +70,12 @@ from tqdm.auto import tqdm
 from eval import figures, phonebook
 from models import layers, ssm
 from models.transformer import Transformer, TransformerConfig
-from train import optim
+from train import config_identity, optim, trainer
+from train.configs import birdie as birdie_config
 from train.configs import common
 from train.data import phonebook as phonebook_data
-from train.data.recall import (ObjectiveMixture, RecallTask, pad_rows, phonebook_mixture,
-                               recall_example, recall_mixture)
+from train.data.recall import (ObjectiveMixture, RecallTask, pad_rows, recall_example,
+                               recall_mixture)
 from train.data import tokenizer as tok
 from train.objectives import birdie
 from train.objectives import birdie_controller as ctl
@@ -493,23 +499,6 @@ def birdie_recall_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> dic
 # ---------------------------------------------------------------------------------------------
 # The birdie_phonebook figure (the paper's Fig. 1, full text format)
 # ---------------------------------------------------------------------------------------------
-PHONEBOOK_SIZES: dict[str, dict[str, Any]] = {
-    # entries per book; queries: the x-axis (training draws them uniformly).
-    "quick": dict(entries=2, queries=(1, 2), width=32, state_width=32, num_layers=2,
-                  num_heads=2, steps=40, rows=4, row_length=320, lr=3e-3, pretrain_frac=0.5,
-                  controller_every=10, eval_examples=8),
-    "cpu": dict(entries=4, queries=(1, 2, 4), width=64, state_width=48, num_layers=2,
-                num_heads=4, steps=300, rows=8, row_length=512, lr=3e-3, pretrain_frac=0.5,
-                controller_every=50, eval_examples=32),
-    # paper: a book of 32 with 32 numbers asked does not fit rows of 2,048 tokens
-    # (phonebook_data.max_example_length), so rows of 4,096; 32 of them keep the tokens per step of
-    # 64 rows of 2,048.
-    "paper": dict(entries=32, queries=(1, 2, 4, 8, 16, 32), width=1024, state_width=1024,
-                  num_layers=12, num_heads=16, steps=20000, rows=32, row_length=4096, lr=3e-4,
-                  pretrain_frac=0.8, controller_every=500, eval_examples=256),
-}
-
-
 def _check_common(s: dict, where: str) -> None:
     """The size fields both Birdie figures share (`where` names the table and size)."""
     for name in ("width", "state_width", "num_layers", "num_heads", "steps", "rows",
@@ -533,7 +522,7 @@ def validate_size(size: str) -> None:
     against row_length, the models' configs) and `birdie_phonebook`'s PHONEBOOK_SIZES[size]
     (queries within entries, the longest phone-book example against row_length). Raises a
     ValueError naming the field, its value and what is allowed."""
-    for table, name in ((SIZES, "SIZES"), (PHONEBOOK_SIZES, "PHONEBOOK_SIZES")):
+    for table, name in ((SIZES, "SIZES"), (birdie_config.PHONEBOOK_SIZES, "PHONEBOOK_SIZES")):
         if size not in table:
             raise ValueError(f"size={size!r} is not allowed; {name} has {sorted(table)}")
     s, where = SIZES[size], f"SIZES[{size!r}]"
@@ -559,7 +548,7 @@ def validate_size(size: str) -> None:
                          f"{sorted(SPECS)}")
     for name in models:
         build_model(name, s)                # the model configs check themselves
-    s, where = PHONEBOOK_SIZES[size], f"PHONEBOOK_SIZES[{size!r}]"
+    s, where = birdie_config.PHONEBOOK_SIZES[size], f"PHONEBOOK_SIZES[{size!r}]"
     _check_common(s, where)
     if not s["queries"] or not 1 <= min(s["queries"]) <= max(s["queries"]) <= s["entries"]:
         raise ValueError(f"{where}.queries={tuple(s['queries'])} is not allowed; use "
@@ -570,12 +559,31 @@ def validate_size(size: str) -> None:
                          f"{s['entries']} entries with {max(s['queries'])} queries makes "
                          f"examples of up to {longest} tokens")
     for name in PHONEBOOK_MODELS:
-        build_model(name, s)
+        for c in birdie_config.phonebook_phases(size, name, 0):
+            trainer.validate_config(c)
+            trainer.build_model(c.model)    # the model configs check themselves
 
 
 def phonebook_figure_settings(size: str) -> dict:
-    """The birdie_phonebook recipe at `size` (PHONEBOOK_SIZES entry), hashed into provenance."""
-    return PHONEBOOK_SIZES[size]
+    """The birdie_phonebook recipe at `size` (train/configs/birdie.py PHONEBOOK_SIZES entry),
+    hashed into provenance."""
+    return birdie_config.PHONEBOOK_SIZES[size]
+
+
+def phonebook_run(size: str, name: str, seed: int, out: pathlib.Path):
+    """Trains arm `name` of the phone-book figure through the trainer, pre-training then
+    fine-tuning (train/configs/birdie.py: phonebook_phases), in
+    OUT/runs/birdie_phonebook-SIZE-seedS-NAME-HASH/{pretrain,finetune} (HASH: the phases'
+    recipe, so a changed recipe trains into a new folder; a finished run is reused). Returns
+    (model, params) of the fine-tuned run."""
+    pre, tune = birdie_config.phonebook_phases(size, name, seed)
+    h = config_identity.recipe_hash([pre, tune])
+    root = pathlib.Path(out) / "runs" / f"birdie_phonebook-{size}-seed{seed}-{name}-{h}"
+    one = jax.devices()[:1]
+    trainer.train(pre, root / "pretrain", devices=one)
+    tune.init_from = str(root / "pretrain")
+    summary = trainer.train(tune, root / "finetune", devices=one)
+    return summary["run"].model, jax.device_get(summary["state"].params)
 
 
 # Not in the demo: at a demo's minutes no model reads a phone book (every quick run scored
@@ -588,27 +596,23 @@ def birdie_phonebook_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> 
 
     validate_size(size)
     out = pathlib.Path(out)
-    s = PHONEBOOK_SIZES[size]
+    s = birdie_config.PHONEBOOK_SIZES[size]
     acc, exact, nparams = {}, {}, {}
     for name in PHONEBOOK_MODELS:
-        spec = SPECS[name]
-        mix = phonebook_mixture("birdie" if spec.birdie else "ntp", s["entries"], s["queries"],
-                                s["row_length"])
-        tr = train_model(name, s, mix, seed, pretrain_frac=s["pretrain_frac"],
-                         controller=spec.birdie, log=False)
-        model_fn = phonebook.model_fn_for(tr.model)
-        if isinstance(tr.model, ssm.BiSSMLM) and not spec.bidirectional:
+        model, params = phonebook_run(size, name, seed, out)
+        model_fn = phonebook.model_fn_for(model)
+        if isinstance(model, ssm.BiSSMLM) and not SPECS[name].bidirectional:
             # a causal SSM has no prefix: the same model sees every position as generated
             inner = model_fn
             model_fn = lambda p, t, sg, pre: inner(p, t, sg, jnp.zeros_like(pre))  # noqa: E731
         acc[name], exact[name] = {}, {}
         for q in s["queries"]:
-            r = phonebook.evaluate(model_fn, tr.params, seed=seed + 1000, entries=s["entries"],
+            r = phonebook.evaluate(model_fn, params, seed=seed + 1000, entries=s["entries"],
                                    queries=q, examples=s["eval_examples"],
                                    batch_size=min(8, s["eval_examples"]))
             acc[name][str(q)], exact[name][str(q)] = r["digit_accuracy"], r["exact_match"]
-        nparams[name] = tr.num_params
-        print(f"{name}: digit accuracy {acc[name]} ({tr.seconds:.0f}s)", flush=True)
+        nparams[name] = sum(x.size for x in jax.tree_util.tree_leaves(params))
+        print(f"{name}: digit accuracy {acc[name]}", flush=True)
     figures.write_csv(out / "birdie_phonebook.csv", ["model", "queries", "digit_accuracy",
                                                      "exact_match"],
                       [(m, q, acc[m][str(q)], exact[m][str(q)]) for m in PHONEBOOK_MODELS

@@ -288,15 +288,29 @@ def test_only_bidirectional_specs_read_the_prefix(name):
 
 
 def test_phonebook_figure_on_a_tiny_size(monkeypatch, tmp_path):
-    tiny = dict(br.PHONEBOOK_SIZES["quick"], steps=2, controller_every=1, eval_examples=2,
-                queries=(1, 2), width=16, state_width=16, num_heads=2)
-    monkeypatch.setitem(br.PHONEBOOK_SIZES, "tiny", tiny)
+    """Each arm pre-trains then fine-tunes through the trainer (the Birdie arm with its
+    controller), from the pre-trained parameters, and is scored; a rerun reuses the runs."""
+    from train.configs import birdie as birdie_config
+    tiny = dict(birdie_config.PHONEBOOK_SIZES["quick"], steps=4, controller_every=1,
+                eval_examples=2, queries=(1, 2), width=16, state_width=16, num_heads=2)
+    monkeypatch.setitem(birdie_config.PHONEBOOK_SIZES, "tiny", tiny)
     monkeypatch.setitem(br.SIZES, "tiny", dict(TINY_SIZE))     # validate_size checks both
     monkeypatch.setattr(br, "PHONEBOOK_MODELS", ("transformer_ntp", "gated_birdie_causal"))
     res = br.birdie_phonebook_figure(size="tiny", seed=0, out=tmp_path)
     assert set(res["digit_accuracy"]) == {"transformer_ntp", "gated_birdie_causal"}
     for m, acc in res["digit_accuracy"].items():
         assert set(acc) == {"1", "2"} and all(0.0 <= a <= 1.0 for a in acc.values())
-    assert (res["entries"], res["steps"]) == (tiny["entries"], 2)
+    assert (res["entries"], res["steps"]) == (tiny["entries"], 4)
     assert {p.name for p in tmp_path.iterdir()} >= {"birdie_phonebook.csv",
                                                     "birdie_phonebook.png"}
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert [r.name.split("-")[3] for r in runs] == ["gated_birdie_causal", "transformer_ntp"]
+    read = lambda p: [json.loads(l) for l in p.read_text().splitlines()]   # noqa: E731
+    pre = read(runs[0] / "pretrain" / "metrics.jsonl")
+    assert [r["step"] for r in pre if "mixture" in r] == [1, 2]          # the controller ran
+    tune = read(runs[0] / "finetune" / "metrics.jsonl")
+    assert tune[0]["init_from"] == {"workdir": str(runs[0] / "pretrain"), "step": 2}
+    assert [r["step"] for r in tune if "loss" in r] == [2]              # 2 of the 4 steps
+    again = br.birdie_phonebook_figure(size="tiny", seed=0, out=tmp_path)   # reuses both runs
+    assert again["digit_accuracy"] == res["digit_accuracy"]
+    assert len(read(runs[0] / "finetune" / "metrics.jsonl")) == len(tune) + 1   # a start row

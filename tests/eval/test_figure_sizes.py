@@ -78,15 +78,16 @@ def test_birdie_recall_rejects_pairs_beyond_the_key_range(monkeypatch):
 
 def test_phonebook_rejects_examples_longer_than_rows(monkeypatch):
     from eval import birdie_recall as br
+    from train.configs import birdie as birdie_config
     from train.data import phonebook as pb
-    s = br.PHONEBOOK_SIZES["paper"]
+    s = birdie_config.PHONEBOOK_SIZES["paper"]
     longest = pb.max_example_length(s["entries"], max(s["queries"]))
-    monkeypatch.setitem(br.PHONEBOOK_SIZES, "paper", dict(s, row_length=longest - 1))
+    monkeypatch.setitem(birdie_config.PHONEBOOK_SIZES, "paper", dict(s, row_length=longest - 1))
     with pytest.raises(ValueError, match=f"row_length={longest - 1} is not allowed.*{longest}"):
         br.validate_size("paper")
-    monkeypatch.setitem(br.PHONEBOOK_SIZES, "paper", dict(s, row_length=longest))
+    monkeypatch.setitem(birdie_config.PHONEBOOK_SIZES, "paper", dict(s, row_length=longest))
     br.validate_size("paper")
-    monkeypatch.setitem(br.PHONEBOOK_SIZES, "paper", dict(s, queries=(1, 64)))
+    monkeypatch.setitem(birdie_config.PHONEBOOK_SIZES, "paper", dict(s, queries=(1, 64)))
     with pytest.raises(ValueError, match=r"queries=\(1, 64\) is not allowed; use 1..entries=32"):
         br.validate_size("paper")
 

@@ -157,3 +157,60 @@ def param_counts(size: str = "tiny") -> dict:
         shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
         out[name] = sum(int(x.size) for x in jax.tree_util.tree_leaves(shapes))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The phone-book figure (eval/birdie_recall.py: birdie_phonebook), the paper's Fig. 1
+# ---------------------------------------------------------------------------------------------
+# Each arm trains in two phases through the trainer: pre-training on phone-book text
+# (`pretrain_frac` of `steps`: Birdie's objectives with the controller for the Birdie models,
+# next-token prediction for the NTP baselines), then fine-tuning on the lookup task from the
+# pre-trained parameters (init_from). `rows` × `row_length` tokens per step for every model.
+PHONEBOOK_SIZES: dict[str, dict] = {
+    # entries per book; queries: the x-axis (training draws them uniformly).
+    "quick": dict(entries=2, queries=(1, 2), width=32, state_width=32, num_layers=2,
+                  num_heads=2, steps=40, rows=4, row_length=320, lr=3e-3, pretrain_frac=0.5,
+                  controller_every=10, eval_examples=8),
+    "cpu": dict(entries=4, queries=(1, 2, 4), width=64, state_width=48, num_layers=2,
+                num_heads=4, steps=300, rows=8, row_length=512, lr=3e-3, pretrain_frac=0.5,
+                controller_every=50, eval_examples=32),
+    # paper: a book of 32 with 32 numbers asked does not fit rows of 2,048 tokens
+    # (phonebook_data.max_example_length), so rows of 4,096; 32 of them keep the tokens per step of
+    # 64 rows of 2,048.
+    "paper": dict(entries=32, queries=(1, 2, 4, 8, 16, 32), width=1024, state_width=1024,
+                  num_layers=12, num_heads=16, steps=20000, rows=32, row_length=4096, lr=3e-4,
+                  pretrain_frac=0.8, controller_every=500, eval_examples=256),
+}
+
+
+def phonebook_phases(size: str, name: str, seed: int, *, sizes=None) -> list:
+    """[pre-training, fine-tuning] trainer configs of arm `name` of the phone-book figure at
+    `size` (a PHONEBOOK_SIZES key, or a key of `sizes`). The fine-tuning config's init_from is
+    left to the caller (the pre-training run's workdir)."""
+    s = (sizes or PHONEBOOK_SIZES)[size]
+    c = get_config(f"{'paper' if size == 'paper' else 'tiny'}:{name}")
+    c.seed = seed
+    m = c.model
+    m.width, m.num_layers = s["width"], s["num_layers"]
+    if m.family == "transformer":
+        m.num_heads = s["num_heads"]
+    else:
+        m.state_width, m.mlp_hidden = s["state_width"], 4 * s["width"]
+    c.batch_size, c.seq_len = s["rows"], s["row_length"]
+    c.data.corpus = "phonebook"
+    c.data.phonebook_entries = (s["entries"], s["entries"])
+    c.data.phonebook_queries = (min(s["queries"]), max(s["queries"]))
+    c.data.data_seed = seed
+    c.optim.lr, c.optim.b2 = s["lr"], 0.98
+    c.checkpoint_every = c.eval_every = 0       # a checkpoint at the end of each phase
+    pre_steps = int(round(s["steps"] * s["pretrain_frac"]))
+    pre, tune = c, c.copy_and_resolve_references()
+    pre.num_steps, pre.data.task_weight = pre_steps, 0.0
+    pre.optim.warmup_steps = max(pre_steps // 20, 1)
+    if "hooks" in pre:
+        pre.hooks.birdie_controller.every = s["controller_every"]
+    tune.num_steps, tune.data.task_weight = s["steps"] - pre_steps, 1.0
+    tune.optim.warmup_steps = max(tune.num_steps // 20, 1)
+    if "hooks" in tune:          # the task alone: no mixture to choose
+        del tune.hooks
+    return [pre, tune]

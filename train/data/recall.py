@@ -9,8 +9,8 @@ names (keys) and numbers (values), P key-value pairs, then the Q queried keys, t
 
 (`queries_before=True` also states the queries before the pairs.) `recall_batch` packs examples
 with a pair count drawn from a set into fixed rows; `ObjectiveMixture` is an arm's action space:
-Birdie's objective configurations over a text source (`kv_text`, or phone-book text) plus the
-task itself as the last action; `recall_mixture` and `phonebook_mixture` build them. Everything
+Birdie's objective configurations over a text source (`kv_text`) plus the
+task itself as the last action; `recall_mixture` builds it. Everything
 draws from a numpy Generator passed in, so a seed fixes every example.
 """
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import Sequence
 
 import numpy as np
 
-from train.data import phonebook as phonebook_data
 from train.data import tokenizer as tok
 from train.objectives import birdie
 
@@ -217,23 +216,3 @@ def pad_rows(batch: dict, rows: int) -> dict:
             "segment_ids": 0, "objective_ids": -1}
     return {k: np.concatenate([v, np.full((rows - n,) + v.shape[1:], fill[k], v.dtype)])
             for k, v in batch.items()}
-
-
-def phonebook_mixture(kind: str, entries: int, queries: Sequence[int],
-                      row_length: int) -> ObjectiveMixture:
-    """Objectives over phone-book text (a whole book with its question and answer) plus the
-    lookup task (prompt → numbers + EOS, exactly eval/phonebook.py's format)."""
-    def book(rng):
-        q = int(rng.choice(queries))
-        return phonebook_data.make_example(int(rng.integers(2**31)), entries, q)
-
-    def text_fn(rng):
-        ex = book(rng)
-        return tok.encode(ex.prompt + ex.target)
-
-    def task_fn(rng):
-        ex = book(rng)
-        return birdie.make_example(tok.encode(ex.prompt), tok.encode(ex.target, add_eos=True))
-
-    return ObjectiveMixture(objective_set(kind, (64, 128, 256, 512), row_length), text_fn,
-                            task_fn, row_length)
