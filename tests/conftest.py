@@ -71,6 +71,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
     for module, items in _background(session.items).items():
         module.start_in_background(items)
 

@@ -1,4 +1,5 @@
-"""The one training loop every family uses.
+"""The shared training loop (the LM, landmark and Birdie configs, Birdie's controller as a hook,
+the phone-book figure's runs; MAC, DKVB and the recall figure's arms do not train here yet).
 
     train(config, workdir, *, allow_changes=()) -> summary dict
 
