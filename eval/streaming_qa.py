@@ -15,6 +15,7 @@ reads RUN/mac.msgpack (written by `save_run`) and prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import pathlib
@@ -247,7 +248,6 @@ def relative_retention(f1: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 def save_run(workdir, cfg: MACConfig, params, lm_params, extra: Optional[dict] = None) -> None:
     """RUN/mac.msgpack (params + base LM params) and RUN/mac_config.json."""
-    import dataclasses
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "mac.msgpack").write_bytes(

@@ -26,6 +26,7 @@ import grain.python as grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,6 @@ class Checkpointer:
                             step, root / name, step)
                 moved.append(root / name)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("mnemax_unreadable_checkpoints_moved")
         self.manager.reload()
         return moved

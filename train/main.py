@@ -17,6 +17,7 @@ On a multi-host system (TPU pod slice, SLURM) pass --distributed or let the envi
 """
 import json
 import logging
+import os
 import pathlib
 import sys
 from typing import Optional, Sequence
@@ -60,9 +61,17 @@ def main(argv):
         return 2
     try:
         summary = trainer.train(config, _WORKDIR.value, allow_changes=_ALLOW.value)
-    except (config_identity.ConfigMismatchError, checkpoint.NoReadableCheckpointError) as e:
+    except config_identity.ConfigMismatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except checkpoint.NoReadableCheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        # After failed Orbax restores their asyncio machinery reports "Event loop is closed"
+        # from other threads at interpreter teardown. Nothing is left to save or close here, so
+        # exit now, with the status that says why and before that noise.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

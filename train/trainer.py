@@ -59,6 +59,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
 
 from models.transformer import Transformer, TransformerConfig
 from train import checkpoint as ckpt_lib
@@ -453,7 +455,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         # Before config.json is rewritten and before any restore is tried.
         check_workdir(cfg, workdir, allow_changes=allow_changes, ckpt=ckpt)
         if jax.process_count() > 1:   # every process has read the stored config before it changes
-            from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("mnemax_config_checked")
         if jax.process_index() == 0:
             (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
@@ -495,7 +496,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 
     bar = None
     if cfg.get("progress", True) and jax.process_index() == 0:
-        from tqdm.auto import tqdm
         bar = tqdm(total=cfg.num_steps, initial=start, desc="train", dynamic_ncols=True)
 
     step = start

@@ -315,11 +315,11 @@ def test_cli_refuses_a_changed_config_in_one_line(tmp_path):
     p = cli(tmp_path, "--config.num_steps=4", "--config.model.num_heads=8",
             "--allow_config_change=model.num_heads")
     out, err = p.communicate(timeout=180)
-    # (After the failed restore Orbax's async machinery may print "Event loop is closed" noise
-    # at interpreter exit; the trainer's own message is the one error line.)
-    assert p.returncode == 2
-    assert [l for l in err.splitlines() if l.startswith("error:")][0].startswith(
-        "error: none of the checkpoints"), err
+    # (After the failed restore, Orbax's async machinery may print "Event loop is closed" noise
+    # from another thread, possibly into the middle of the trainer's line: look for the message,
+    # not for a line that starts with it.)
+    assert p.returncode == 2, (p.returncode, err[-3000:])
+    assert "error: none of the checkpoints" in err, (out, err[-6000:])
     p = cli(tmp_path, "--config.num_steps=3")                       # same config: resumes
     out, err = p.communicate(timeout=180)
     assert p.returncode == 0, err
