@@ -174,9 +174,8 @@ def stored_config(workdir, ckpt: Optional[Checkpointer] = None) -> tuple[Optiona
     return None, ""
 
 
-def restore_params(workdir, abstract_params: Any, *, step: Optional[int] = None
-                   ) -> tuple[Any, int]:
-    """(params, step): only the parameters of another run's newest (or given) checkpoint,
+def restore_params(workdir, abstract_params: Any) -> tuple[Any, int]:
+    """(params, step): only the parameters of another run's newest checkpoint,
     restored onto `abstract_params`' shapes and shardings (its optimizer state, RNG and memory
     are not read, so the two runs may differ in optimizer, hooks or data). Raises a one-line
     ValueError naming `workdir` if it holds no checkpoint or its parameters do not fit."""
@@ -185,10 +184,7 @@ def restore_params(workdir, abstract_params: Any, *, step: Optional[int] = None
         if directory.exists() else []
     if not steps:
         raise ValueError(f"init_from={str(workdir)!r} holds no checkpoint to start from")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise ValueError(f"init_from={str(workdir)!r} has no checkpoint at step {step}; it has "
-                         f"{steps}")
+    step = steps[-1]
     item = {"params": abstract_params}
     try:
         restored = ocp.PyTreeCheckpointer().restore(

@@ -20,7 +20,7 @@ schedule (step → lr) for logging.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +30,6 @@ NAMES = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 
 
-def _get(o: Any, name: str, default: Any) -> Any:
-    return o.get(name, default) if isinstance(o, Mapping) or hasattr(o, "get") else default
-
-
 def optim(name: str = "adamw", *, lr: float, warmup_steps: int = 0,
           schedule: str = "constant", clip_norm=None, **fields) -> dict:
     """A plain optimizer config (a dict) for training that is not driven by a ConfigDict."""
@@ -41,30 +37,37 @@ def optim(name: str = "adamw", *, lr: float, warmup_steps: int = 0,
             "clip_norm": clip_norm, **fields}
 
 
-def make_optimizer(o: Any, num_steps: int = 0) -> tuple[optax.GradientTransformation, Callable]:
-    """(transformation, schedule) of optimizer config `o` for a run of `num_steps` steps."""
-    name = _get(o, "name", "adamw")
-    kind = _get(o, "schedule", "cosine")
-    lr, warmup = o["lr"], o["warmup_steps"]
+def check_config(o: Any) -> None:
+    """Raises a ValueError naming the field of optimizer config `o` (a dict or ConfigDict) that
+    make_optimizer cannot build: name, schedule, lr, warmup_steps."""
+    name, kind = o.get("name", "adamw"), o.get("schedule", "cosine")
     if name not in NAMES:
         raise ValueError(f"optim.name={name!r} is not allowed; use one of {NAMES}")
     if kind not in SCHEDULES:
         raise ValueError(f"optim.schedule={kind!r} is not allowed; use one of {SCHEDULES}")
-    if not lr > 0:
-        raise ValueError(f"optim.lr={lr!r} must be positive")
+    if not o["lr"] > 0:
+        raise ValueError(f"optim.lr={o['lr']!r} must be positive")
+    warmup = o["warmup_steps"]
     if not (isinstance(warmup, int) and warmup >= 0):
         raise ValueError(f"optim.warmup_steps={warmup!r} must be an integer ≥ 0")
+
+
+def make_optimizer(o: Any, num_steps: int = 0) -> tuple[optax.GradientTransformation, Callable]:
+    """(transformation, schedule) of optimizer config `o` for a run of `num_steps` steps."""
+    check_config(o)
+    name, kind = o.get("name", "adamw"), o.get("schedule", "cosine")
+    lr, warmup = o["lr"], o["warmup_steps"]
     if kind == "cosine":
         schedule = optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=lr, warmup_steps=warmup,
-            decay_steps=max(num_steps, warmup + 1), end_value=lr * _get(o, "min_lr_ratio", 0.1))
+            decay_steps=max(num_steps, warmup + 1), end_value=lr * o.get("min_lr_ratio", 0.1))
     elif warmup:
         schedule = optax.join_schedules(
             [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
     else:
         schedule = optax.constant_schedule(lr)
     chain = []
-    clip = _get(o, "clip_norm", None)
+    clip = o.get("clip_norm", None)
     if clip:
         chain.append(optax.clip_by_global_norm(clip))
     # A constant rate without warm-up is passed as a number (no schedule step counter).
@@ -72,9 +75,8 @@ def make_optimizer(o: Any, num_steps: int = 0) -> tuple[optax.GradientTransforma
     if name == "sgd":
         chain.append(optax.sgd(rate, momentum=None))
     else:
-        chain.append(optax.adamw(rate, b1=_get(o, "b1", 0.9), b2=_get(o, "b2", 0.999),
-                                 eps=_get(o, "eps", 1e-8),
-                                 weight_decay=_get(o, "weight_decay", 0.0)))
+        chain.append(optax.adamw(rate, b1=o.get("b1", 0.9), b2=o.get("b2", 0.999),
+                                 eps=o.get("eps", 1e-8), weight_decay=o.get("weight_decay", 0.0)))
     return optax.chain(*chain), schedule
 
 

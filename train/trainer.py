@@ -67,6 +67,7 @@ from train import checkpoint as ckpt_lib
 from train import config_identity
 from train import sharding as shd
 from train.data import pipeline
+from train.optim import check_config as check_optim_config
 from train.optim import global_norm, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -132,10 +133,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.get("seq_len", 1) <= 0:
         raise ValueError(f"seq_len={config.seq_len!r} must be positive")
     o = config.optim
-    if o.lr <= 0:
-        raise ValueError(f"optim.lr={o.lr!r} must be positive")
-    if not 0 <= o.warmup_steps:
-        raise ValueError(f"optim.warmup_steps={o.warmup_steps!r} must be ≥ 0")
+    check_optim_config(o)         # what train/optim.py needs to build it
     if o.grad_accum < 1 or config.batch_size % o.grad_accum:
         raise ValueError(f"optim.grad_accum={o.grad_accum!r} must be ≥ 1 and divide "
                          f"batch_size={config.batch_size}")
@@ -306,10 +304,8 @@ def make_eval_step(run: Run):
 # ---------------------------------------------------------------------------------------------
 def make_data(config, split: str, *, seed_offset: int = 0, data_overrides=None):
     """The iterator of `split`; data_overrides: data config fields set on top of config.data."""
-    data = config.data
-    if data_overrides:
-        data = ml_collections.ConfigDict(pipeline.resolve_data_config(data).to_dict())
-        data.update(data_overrides)
+    data = pipeline.resolve_data_config(config.data, data_overrides) if data_overrides \
+        else config.data
     return pipeline.make_dataset(
         data, split=split, seed=config.seed + seed_offset,
         global_batch_size=config.batch_size, seq_len=config.seq_len,
@@ -321,7 +317,7 @@ def hooked_train_data(run: Run, memory, data_iter, current: Optional[dict] = Non
     at `data_iter`'s position. `data_iter` itself is returned when they equal `current`."""
     overrides = {}
     for h in run.hooks:
-        overrides.update(h.data_overrides(jax.device_get(memory[h.name])))
+        overrides.update(h.data_overrides(memory[h.name]))
     if overrides == (current or {}):
         return data_iter, overrides
     it = iter(make_data(run.config, "train", data_overrides=overrides))
@@ -362,14 +358,13 @@ def evaluate(run: Run, eval_step, params, *, num_batches: int) -> dict:
 # Logging
 # ---------------------------------------------------------------------------------------------
 def _json_value(v):
-    """Python/NumPy/JAX scalars as int (integers, bools) or float; anything else unchanged."""
+    """Python/NumPy/JAX scalars as bool, int or float; anything else unchanged."""
     if isinstance(v, (str, dict, list)) or np.ndim(v) != 0:
         return v
-    if isinstance(v, (bool, np.bool_)):
+    dtype = np.asarray(v).dtype
+    if dtype == bool:
         return bool(v)
-    if isinstance(v, (int, np.integer)) or np.issubdtype(np.asarray(v).dtype, np.integer):
-        return int(v)
-    return float(v)
+    return int(v) if np.issubdtype(dtype, np.integer) else float(v)
 
 
 class MetricsWriter:

@@ -183,11 +183,11 @@ PHONEBOOK_SIZES: dict[str, dict] = {
 }
 
 
-def phonebook_phases(size: str, name: str, seed: int, *, sizes=None) -> list:
+def phonebook_phases(size: str, name: str, seed: int) -> list:
     """[pre-training, fine-tuning] trainer configs of arm `name` of the phone-book figure at
-    `size` (a PHONEBOOK_SIZES key, or a key of `sizes`). The fine-tuning config's init_from is
-    left to the caller (the pre-training run's workdir)."""
-    s = (sizes or PHONEBOOK_SIZES)[size]
+    `size` (a PHONEBOOK_SIZES key). The fine-tuning config's init_from is left to the caller
+    (the pre-training run's workdir)."""
+    s = PHONEBOOK_SIZES[size]
     c = get_config(f"{'paper' if size == 'paper' else 'tiny'}:{name}")
     c.seed = seed
     m = c.model

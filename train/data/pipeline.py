@@ -181,13 +181,15 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
     return c
 
 
-def resolve_data_config(data_config: ml_collections.ConfigDict | Mapping[str, Any]):
-    """`default_data_config(data_config.name)` overridden by the fields `data_config` sets.
+def resolve_data_config(data_config: ml_collections.ConfigDict | Mapping[str, Any],
+                        overrides: Mapping[str, Any] | None = None):
+    """`default_data_config(data_config.name)` overridden by the fields `data_config` sets, then
+    by `overrides` (a new ConfigDict; `data_config` is not changed).
 
     A config may set only the fields it changes; a field that the dataset does not have (a typo,
     or a field of another dataset) is a ValueError rather than silently ignored.
     """
-    given = dict(data_config.items())
+    given = {**dict(data_config.items()), **(overrides or {})}
     if "name" not in given:
         raise ValueError(f"data_config has no field 'name'; allowed names: {DATASET_NAMES}")
     full = default_data_config(given["name"])

@@ -297,8 +297,9 @@ class ControllerHook:
         """[K] mean validation loss of every configuration, on its balanced rows."""
         if self._batches is None:
             c = self.config
-            data = ml_collections.ConfigDict(pipeline.resolve_data_config(c.data).to_dict())
-            data.update(objective_per_row=True, shuffle=False, task_weight=0.0, mixture=())
+            # one configuration per row (task draws and the mixture do not apply), in order
+            data = pipeline.resolve_data_config(
+                c.data, {"objective_per_row": True, "shuffle": False})
             rows = len(self.names) * self.rows_per_objective
             it = pipeline.make_dataset(
                 data, split="validation", seed=c.seed, global_batch_size=c.batch_size,
