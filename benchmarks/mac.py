@@ -46,9 +46,9 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=5)
     a = p.parse_args(argv)
     c = mac_configs.get_config(a.variant)
-    cfg = mac_configs.mac_config(c)
-    S = c.lengths.doc
-    params = obj.init_mac(cfg, jax.random.key(0), doc_len=S, q_len=c.lengths.question)
+    cfg = obj.mac_config(c.model)
+    S = c.data.doc_length
+    params = obj.init_mac(cfg, jax.random.key(0), doc_len=S, q_len=c.data.question_length)
     lm_params = obj.init_lm(cfg.lm, jax.random.key(1))
     doc = jax.random.randint(jax.random.key(2), (1, S), 0, 256, jnp.int32)
     bank = bank_lib.init(1, cfg.width, (cfg.num_tokens, cfg.width))
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     mem_mac = _temp_bytes(adapt_mac.lower(params, bank, doc).compile())
     mem_ft = _temp_bytes(obj.finetune_step.lower(cfg, lm_params, opt_state, doc).compile())
 
-    qs = jax.random.randint(jax.random.key(3), (a.questions, c.lengths.question), 0, 256)
+    qs = jax.random.randint(jax.random.key(3), (a.questions, c.data.question_length), 0, 256)
     agg = {}
     for n in [int(x) for x in a.banks.split(",")]:
         mem = jax.random.normal(jax.random.key(4), (n, cfg.num_tokens, cfg.width))

@@ -21,8 +21,8 @@
 # attends from the question's code over the whole bank, and the result becomes per-layer prefix
 # keys/values of the frozen LM (P-tuning v2).
 #
-# This notebook runs in well under a minute on a CPU: it trains a tiny LM and MAC for a few
-# steps only, so the answers are *not* good here — it shows the mechanics (streaming, the bank,
+# This notebook runs in about a minute on a CPU: it trains a tiny LM and MAC for a few steps
+# only, with the same trainer and config as the figures, so the answers are *not* good here — it shows the mechanics (streaming, the bank,
 # answering with/without memory, order invariance). The quality numbers come from
 # `python -m eval.figures --only mac_online_adaptation,mac_retention --size cpu`.
 
@@ -35,22 +35,20 @@ if "google.colab" in sys.modules:  # install mnemax only when running in Colab
                     "git+https://github.com/mnemax/mnemax"], check=True)
 
 # %%
-import jax
+import json
+import tempfile
+
 import jax.numpy as jnp
 import numpy as np
 
 from eval import streaming_qa as sqa
 from memory import bank as bank_lib
-from models.mac import MAC, MACConfig, modulated_logits
-from models.transformer import TransformerConfig
+from models.mac import MAC, modulated_logits
+from train import trainer
+from train.configs import mac as mac_config
 from train.data import facts
-from train.objectives import mac as obj
 
 SEED = 0
-LM = TransformerConfig(vocab_size=320, width=32, num_layers=2, num_heads=4)
-CFG = MACConfig(lm=LM, num_tokens=4, prefix_len=2, enc_width=32, enc_layers=1, dec_layers=1,
-                enc_heads=4, agg_blocks=2, agg_heads=4, mlp_ratio=2, prefix_hidden=32)
-LENGTHS = obj.Lengths(doc=80, question=32, qa=40, lm=120)
 
 # %% [markdown]
 # ## 1. The fact stream
@@ -68,25 +66,44 @@ for d in test_docs[:2]:
 # %% [markdown]
 # ## 2. Stage 1 (base LM) and stage 2 (meta-training g, h and the prefix FFN), a few steps each
 #
-# Stage 2 freezes the LM; its loss is the answer tokens' cross-entropy, the other documents of
-# the batch act as the bank, and backpropagation dropout (ρ = 0.5) sends gradients through only
-# the first half of the batch's documents.
+# Both stages are runs of the shared trainer (`train/trainer.py`) under one config
+# (`train/configs/mac.py`): stage 1 trains the base LM into `WORKDIR/base_lm`, stage 2 starts
+# from it with the LM frozen by the optimizer. Its loss is the answer tokens' cross-entropy, the
+# other documents of the batch act as the bank, and backpropagation dropout (ρ = 0.5) sends
+# gradients through only the first half of the batch's documents. The same run from a shell:
+# `mnemax-train --config mac:tiny --workdir WORKDIR`.
 
 # %%
-lm_params, lm_losses = obj.train_base_lm(
-    LM, obj.lm_batches(train_docs, 8, LENGTHS.lm, SEED), num_steps=20,
-    key=jax.random.key(SEED), warmup_steps=5)
-enc = obj.encode_docs(train_docs, LENGTHS)
-mac_params, hist = obj.meta_train(CFG, lm_params, obj.meta_batches(enc, 8, SEED), num_steps=20,
-                                  key=jax.random.key(SEED + 1), rho=0.5, warmup_steps=5)
-print(f"stage 1 loss {lm_losses[0]:.2f} → {lm_losses[-1]:.2f};  "
-      f"stage 2 loss {hist[0]['loss']:.2f} → {hist[-1]['loss']:.2f}")
+config = mac_config.get_config("tiny")    # the cpu figures' recipe, made small below
+config.seed = SEED                        # both stages, and the fact stream's content
+config.num_steps, config.batch_size, config.log_every = 20, 8, 5
+config.data.documents = 512
+config.model.lm.update(width=32, num_layers=2, num_heads=4)
+config.model.update(num_tokens=4, prefix_len=2, enc_width=32, enc_layers=1, agg_blocks=2,
+                    mlp_ratio=2, prefix_hidden=32)
+config.optim.warmup_steps = 5
+config.objective_config.hierarchical_windows = (2, 4)   # chunks smaller than the batch
+config.base_lm.update(num_steps=20, batch_size=8, log_every=5)
+config.base_lm.model.update(width=32, num_layers=2, num_heads=4)
+config.base_lm.optim.warmup_steps = 5
+workdir = tempfile.mkdtemp() + "/mac"
+trainer.train(config, workdir)            # stage 1 into workdir/base_lm, then stage 2
+CFG, mac_params, lm_params = sqa.load_run(workdir)
+
+
+def losses(path):
+    rows = [json.loads(line) for line in open(path)]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+l1, l2 = losses(f"{workdir}/base_lm/metrics.jsonl"), losses(f"{workdir}/metrics.jsonl")
+print(f"stage 1 loss {l1[0]:.2f} → {l1[-1]:.2f};  stage 2 loss {l2[0]:.2f} → {l2[-1]:.2f}")
 
 # %% [markdown]
 # ## 3. Stream documents into the bank: one amortization forward each, no gradients
 
 # %%
-dtok = facts.encode_documents([d["document"] for d in test_docs], LENGTHS.doc)
+dtok = facts.encode_documents([d["document"] for d in test_docs], config.data.doc_length)
 bank = sqa.init_bank(CFG, capacity=8)
 snapshots = []
 for i in range(len(test_docs)):
@@ -118,7 +135,7 @@ print("EM with memory", sqa.score(with_mem, [r["answer"] for r in recs])["em"],
 
 # %%
 mac = MAC(CFG)
-qtok = facts.encode_questions(qs[:3], LENGTHS.question)
+qtok = facts.encode_questions(qs[:3], config.data.question_length)
 agg = lambda m, v: mac.apply({"params": mac_params}, qtok, m, v, method=MAC.aggregate)  # noqa
 perm = np.array([2, 0, 3, 1, 4, 5, 6, 7])
 z = agg(mem, valid)
@@ -128,7 +145,7 @@ kv = mac.apply({"params": mac_params}, z, method=MAC.prefix)
 print("prefix keys/values", kv.shape, "= [L, 2, B, P, H, Dh]")
 
 # %%
-qa, _ = facts.encode_qa(qs[:3], [r["answer"] for r in recs[:3]], LENGTHS.qa)
+qa, _ = facts.encode_qa(qs[:3], [r["answer"] for r in recs[:3]], config.data.qa_length)
 off = modulated_logits(CFG, lm_params, jnp.asarray(qa), kv, jnp.zeros((3, CFG.prefix_len), bool))
 plain = modulated_logits(CFG, lm_params, jnp.asarray(qa))
 assert float(jnp.max(jnp.abs(off - plain))) < 1e-5          # all-zero prefix mask = no prefix

@@ -10,12 +10,12 @@ loss, learning rate picked from a small sweep on a validation stream).
 
     python -m eval.streaming_qa --workdir RUN --seed S --documents N
 
-reads RUN/mac.msgpack (written by `save_run`) and prints one JSON line.
+reads the newest checkpoint of the MAC run the trainer wrote to RUN (`mnemax-train --config
+mac:tiny --workdir RUN`) and prints one JSON line.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import pathlib
@@ -23,7 +23,6 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,10 +31,9 @@ from eval import metrics
 from eval.figures import register, write_csv
 from memory import bank as bank_lib
 from models.mac import MAC, MACConfig, modulated_logits, slot_keys
-from models.transformer import TransformerConfig
-from train import config_identity
+from train import config_identity, trainer
 from train.configs import mac as mac_configs
-from train.data import facts
+from train.data import facts, pipeline
 from train.data import tokenizer as tok
 from train.objectives import mac as mac_obj
 
@@ -246,29 +244,19 @@ def relative_retention(f1: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Runs on disk
 # ---------------------------------------------------------------------------------------------
-def save_run(workdir, cfg: MACConfig, params, lm_params, extra: Optional[dict] = None) -> None:
-    """RUN/mac.msgpack (params + base LM params) and RUN/mac_config.json."""
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "mac.msgpack").write_bytes(
-        flax.serialization.msgpack_serialize({"mac": params, "lm": lm_params}))
-    c = dataclasses.asdict(cfg)
-    c.pop("dtype"), c.pop("param_dtype")
-    c["lm"].pop("dtype"), c["lm"].pop("param_dtype")
-    (workdir / "mac_config.json").write_text(json.dumps({"config": c, **(extra or {})},
-                                                        indent=2))
-
-
 def load_run(workdir) -> tuple[MACConfig, Any, Any]:
+    """(MACConfig, MAC params, base-LM params) of the newest checkpoint of a MAC run that the
+    trainer wrote to `workdir` (`mnemax-train --config mac:...`, or a figure's run folder)."""
     workdir = pathlib.Path(workdir)
-    if not (workdir / "mac.msgpack").exists():
-        raise FileNotFoundError(f"no MAC run in {workdir}: expected mac.msgpack (save_run)")
-    c = json.loads((workdir / "mac_config.json").read_text())["config"]
-    lm = TransformerConfig(**c.pop("lm"))
-    cfg = MACConfig(lm=lm, **c)
-    state = flax.serialization.msgpack_restore((workdir / "mac.msgpack").read_bytes())
-    to_jnp = lambda t: jax.tree_util.tree_map(jnp.asarray, t)  # noqa: E731
-    return cfg, to_jnp(state["mac"]), to_jnp(state["lm"])
+    if not (workdir / "config.json").exists():
+        raise FileNotFoundError(f"no MAC run in {workdir}: expected config.json and checkpoints "
+                                f"written by the trainer (mnemax-train --config mac:tiny)")
+    _, params, model = trainer.restore_for_eval(workdir)
+    if not isinstance(model, mac_obj.MetaModel):
+        raise ValueError(f"workdir={str(workdir)!r} holds a {type(model).__name__} run, not a "
+                         "MAC run (model.family='mac')")
+    params = jax.device_get(params)
+    return model.cfg, params["mac"], params["lm"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -309,126 +297,68 @@ def figure_settings(size: str) -> dict:
     return mac_configs.get_config(FIGURE_VARIANTS[size])
 
 
+def figure_config(size: str, seed: int):
+    """The trainer config of the figure's MAC run: `figure_settings(size)` with the figure's seed
+    (both stages' initialisation, shuffling and the fact stream's content)."""
+    c = figure_settings(size)
+    c.seed = seed
+    return c
+
+
 def validate_size(size: str) -> None:
     """Checks what mac_online_adaptation and mac_retention at `size` need before any training:
-    the MAC and base-LM configs, stage-1/2 settings, entity counts of the fact-stream splits,
-    and that the longest document, question and QA row fit their lengths. Raises a ValueError
-    naming the field, its value and what is allowed."""
+    the trainer configs of both stages, the model, the objective's settings, entity counts of
+    the fact-stream splits, and that the longest document, question and QA row fit their
+    lengths. Raises a ValueError naming the field, its value and what is allowed."""
     c = figure_settings(size)
-    mac_configs.mac_config(c)           # MACConfig and TransformerConfig check themselves
-    lengths = mac_obj.Lengths(**c.lengths)
-    for name in ("num_steps", "batch_size", "stage1.num_steps", "stage1.batch_size",
-                 "eval.documents", "eval.banks", "data.train_documents"):
+    for cfg in (c, c.base_lm):
+        trainer.validate_config(cfg)
+        trainer.build_model(cfg.model)        # MACConfig and TransformerConfig check themselves
+        pipeline.make_source(cfg.data, split="train", seq_len=cfg.seq_len)
+    for name in ("eval.documents", "eval.banks"):
         v = c
         for part in name.split("."):
             v = v[part]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}={v!r} is not allowed at size={size!r}; use an integer >= 1")
-    mac_obj.num_scored(c.stage2.rho, c.batch_size)
-    if not 0.0 <= c.stage1.qa_only_fraction < 1.0:
-        raise ValueError(f"stage1.qa_only_fraction={c.stage1.qa_only_fraction} is not allowed "
-                         f"at size={size!r}; use 0 <= f < 1")
-    for name in ("curriculum_start", "curriculum_steps"):
-        if c.stage2[name] < 0:
-            raise ValueError(f"stage2.{name}={c.stage2[name]} is not allowed at size={size!r}; "
-                             "use >= 0")
-    if c.stage2.hierarchical_weight > 0:
-        for w in c.stage2.hierarchical_windows:
-            if not 2 <= w < c.batch_size:
-                windows = tuple(c.stage2.hierarchical_windows)
-                raise ValueError(f"stage2.hierarchical_windows={windows} is not allowed at "
-                                 f"size={size!r}; each W needs 2 <= W < "
-                                 f"batch_size={c.batch_size}")
+    mac_obj.check_settings(c.batch_size, **c.objective_config.to_dict())
     d = c.eval.documents
-    needs = {"data.train_documents": ("train", c.data.train_documents),
-             "batch_size": ("train", c.batch_size),
+    needs = {"batch_size": ("train", c.batch_size),
              "eval.documents·eval.banks": ("test", d * c.eval.banks),
              "eval.documents·max(RETENTION_MULTIPLES)": ("test", d * max(RETENTION_MULTIPLES)),
              "eval.documents (the validation stream)": ("validation", d)}
     for name, (split, n) in needs.items():
-        have = len(facts.entity_names(split))
+        have = len(facts.entity_names(split)) if split != "train" else c.data.documents
         if n > have:
             raise ValueError(f"{name}={n} is not allowed at size={size!r}: the {split} split has "
-                             f"{have} entities (one per document)")
+                             f"{have} documents (one entity each)")
     names = max((n for s in facts.SPLITS for n in facts.entity_names(s)), key=len)
     longest = [max(rel[2], key=len) for rel in facts.RELATIONS]
     doc = " ".join(rel[1].format(e=names, a=a) for rel, a in zip(facts.RELATIONS, longest))
     question = max((rel[0].format(e=names) for rel in facts.RELATIONS), key=len)
     qa = max(len(rel[0].format(e=names)) + len(a) + 2 for rel, a in zip(facts.RELATIONS, longest))
-    for name, need in (("doc", len(doc)), ("question", len(question) + 1), ("qa", qa)):
-        if getattr(lengths, name) < need:
-            raise ValueError(f"lengths.{name}={getattr(lengths, name)} is not allowed at "
-                             f"size={size!r}: the fact stream needs >= {need} tokens")
-
-
-def run_recipe(size: str, seed: int) -> list:
-    """What the figure's MAC run is (train/config_identity.py: recipe): the `figure_settings`
-    config with the figure's seed, without evaluation-only fields (eval.*, log_every, ...)."""
-    c = figure_settings(size)
-    c.seed = seed                     # train_or_load trains with the figure's seed
-    return config_identity.recipe([c])
-
-
-def _holds(workdir: pathlib.Path, recipe: list) -> bool:
-    """True if `workdir` holds a saved MAC run whose stored recipe is `recipe`."""
-    if not (workdir / "mac.msgpack").exists():
-        return False
-    try:
-        stored = json.loads((workdir / "mac_config.json").read_text()).get("recipe")
-    except (OSError, ValueError):
-        return False
-    return stored is not None and config_identity.canonical(stored) == \
-        config_identity.canonical(recipe)
+    for name, need in (("doc_length", len(doc)), ("question_length", len(question) + 1),
+                       ("qa_length", qa)):
+        if c.data[name] < need:
+            raise ValueError(f"data.{name}={c.data[name]} is not allowed at size={size!r}: the "
+                             f"fact stream needs >= {need} tokens")
 
 
 def run_dir(size: str, seed: int, out: pathlib.Path) -> pathlib.Path:
-    """OUT/mac_run-SIZE-sSEED-HASH (HASH: config_identity.recipe_hash of `run_recipe`), or the
-    first of HASH-1, HASH-2, ... if a run already there was saved under another recipe: the
-    folder that holds this recipe's run, or where to save it."""
-    recipe = run_recipe(size, seed)
-    base = pathlib.Path(out) / f"mac_run-{size}-s{seed}-{config_identity.canonical_hash(recipe)}"
-    workdir, i = base, 0
-    while (workdir / "mac.msgpack").exists() and not _holds(workdir, recipe):
-        i += 1
-        workdir = base.with_name(f"{base.name}-{i}")
-    return workdir
+    """OUT/runs/mac-SIZE-seedSEED-HASH, the folder of the figure's MAC run (both stages): HASH
+    (train/config_identity.py: recipe_hash) covers the config, so a changed recipe trains into
+    a new folder and a folder is only reused by its own recipe."""
+    h = config_identity.recipe_hash([figure_config(size, seed)])
+    return pathlib.Path(out) / "runs" / f"mac-{size}-seed{seed}-{h}"
 
 
 def train_or_load(size: str, seed: int, out: pathlib.Path):
-    """The MAC run a figure needs: reused from `run_dir` if a run saved there has this recipe
-    (stored in its mac_config.json), else trained (stage 1 base LM, stage 2 meta-training on the
-    train split) and saved there with its recipe."""
-    recipe = run_recipe(size, seed)
+    """(MACConfig, MAC params, base-LM params) of the MAC run a figure needs: trained by the
+    shared trainer in `run_dir` (stage 1 into its base_lm/, then stage 2; a killed run resumes
+    from its checkpoints) or, once finished, restored from there."""
     workdir = run_dir(size, seed, out)
-    if _holds(workdir, recipe):
-        return load_run(workdir)
-    c = figure_settings(size)
-    cfg = mac_configs.mac_config(c)
-    lengths = mac_obj.Lengths(**c.lengths)
-    key = jax.random.key(seed)
-    k_lm, k_mac = jax.random.split(key)
-    train_docs = facts.fact_stream("train", c.data.train_documents, seed)
-    t0 = time.time()
-    lm_params, lm_losses = mac_obj.train_base_lm(
-        cfg.lm, mac_obj.lm_batches(train_docs, c.stage1.batch_size, lengths.lm, seed,
-                               qa_only_fraction=c.stage1.get("qa_only_fraction", 0.0)),
-        num_steps=c.stage1.num_steps, key=k_lm, lr=c.stage1.lr,
-        warmup_steps=c.stage1.warmup_steps, log_every=c.log_every)
-    enc = mac_obj.encode_docs(train_docs, lengths)
-    params, hist = mac_obj.meta_train(
-        cfg, lm_params, mac_obj.meta_batches(enc, c.batch_size, seed + 1), num_steps=c.num_steps,
-        key=k_mac, lr=c.stage2.lr, warmup_steps=c.stage2.warmup_steps, clip=c.stage2.clip,
-        rho=c.stage2.rho, curriculum_steps=c.stage2.curriculum_steps,
-        curriculum_start=c.stage2.get("curriculum_start", 0),
-        readout_weight=c.stage2.get("readout_weight", 0.0),
-        hierarchical_windows=tuple(c.stage2.get("hierarchical_windows", ())),
-        hierarchical_weight=c.stage2.get("hierarchical_weight", 0.0), log_every=c.log_every)
-    save_run(workdir, cfg, params, lm_params,
-             {"recipe": recipe, "size": size, "seed": seed,
-              "train_seconds": round(time.time() - t0, 1),
-              "stage1_final_loss": float(np.mean(lm_losses[-50:])),
-              "stage2_final_loss": float(np.mean([h["loss"] for h in hist[-50:]]))})
-    return cfg, params, lm_params
+    trainer.train(figure_config(size, seed), workdir, devices=jax.devices()[:1])
+    return load_run(workdir)
 
 
 METHODS = ("no_memory", "gold_removed", "uniform_ft", "mac_flat", "mac_hierarchical", "mac_topk")
@@ -449,7 +379,7 @@ def _register_figures():
         cfg, params, lm_params = train_or_load(size, seed, out)
         banks = c.eval.get("banks", 1)
         res = evaluate(cfg, params, lm_params, documents=c.eval.documents, seed=seed + 1000,
-                       banks=banks, doc_len=c.lengths.doc, q_len=c.lengths.question)
+                       banks=banks, doc_len=c.data.doc_length, q_len=c.data.question_length)
         em = {m: res[m]["em"] for m in METHODS}
         f1 = {m: res[m]["f1"] for m in METHODS}
         write_csv(out / "mac_online_adaptation.csv", ["method", "em", "f1"],
@@ -482,7 +412,7 @@ def _register_figures():
         first = c.eval.documents
         sizes = tuple(first * m for m in RETENTION_MULTIPLES)
         r = retention(cfg, params, lm_params, first=first, bank_sizes=sizes, seed=seed + 2000,
-                      doc_len=c.lengths.doc, q_len=c.lengths.question)
+                      doc_len=c.data.doc_length, q_len=c.data.question_length)
         write_csv(out / "mac_retention.csv", ["bank_size", "f1", "relative_f1"],
                   [(s, r["f1"][s], r["relative_f1"][s]) for s in sizes])
         fig, ax = plt.subplots(figsize=(4.5, 3.5))

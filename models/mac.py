@@ -133,15 +133,44 @@ def fan_in_init(scale: float = 1.0, batch_axis=()):
                                             batch_axis=batch_axis)
 
 
+class _Dense(nn.Module):
+    """`nn.DenseGeneral` (the same parameters, values and contraction) whose kernel is created in
+    its full shape, so that its logical axis names also apply to multi-axis kernels under a mesh
+    (DenseGeneral initialises a flattened kernel, which a mesh's sharding constraint rejects).
+    The kernel's fan-in is the product of the contracted input axes."""
+    features: Any                 # int or tuple of output axis sizes
+    names: tuple                  # logical names of the kernel's axes (inputs, then outputs)
+    axis: Any = -1                # contracted input axis or axes
+    use_bias: bool = True
+    init_scale: float = 1.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        feats = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        axes = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+        axes = tuple(a % x.ndim for a in axes)
+        n_in = len(axes)
+        shape = tuple(x.shape[a] for a in axes) + feats
+        init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "normal",
+                                                in_axis=tuple(range(n_in)),
+                                                out_axis=tuple(range(n_in, len(shape))))
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.names), shape,
+                            self.param_dtype)
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(
+                nn.initializers.zeros, self.names[-len(feats):]), feats, self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(x, kernel, ((axes, tuple(range(n_in))), ((), ())))
+        return y if bias is None else y + bias
+
+
 def _dense(features, names, *, dtype, param_dtype, name, axis=-1, use_bias=True,
-           init_scale=1.0):
-    return nn.DenseGeneral(features, axis=axis, use_bias=use_bias, dtype=dtype,
-                           param_dtype=param_dtype, name=name,
-                           kernel_init=nn.with_logical_partitioning(fan_in_init(init_scale),
-                                                                    names),
-                           bias_init=nn.with_logical_partitioning(
-                               nn.initializers.zeros, (names[-1],) if isinstance(features, int)
-                               else names[-len(features):]))
+           init_scale=1.0) -> _Dense:
+    return _Dense(features, names, axis=axis, use_bias=use_bias, init_scale=init_scale,
+                  dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class MHA(nn.Module):

@@ -76,12 +76,13 @@ def test_bench_lists_and_refuses_unknown_names(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--config", "mac:tiny"], "train it with: python -m eval.figures --only mac_online"),
+    (["--config", "mac:tiny", "--config.objective_config.rho=0.0"],
+     "objective_config.rho=0.0 is not allowed"),
     (["--config", "lm:tiny", "--config.batch_size=0"], "batch_size=0 must be a positive"),
 ])
 def test_train_cli_refuses_in_one_line(tmp_path, args, says):
-    """A config the trainer cannot run (MAC: its figure trains it) or a bad field: exit code 2
-    and one error line, no traceback, nothing trained."""
+    """A bad field (of the trainer's config or of an objective's settings): exit code 2 and one
+    error line, no traceback, nothing trained."""
     out = run_script("mnemax-train", *args, "--workdir", str(tmp_path / "run"), cwd=tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Traceback" not in out.stderr

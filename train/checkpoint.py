@@ -174,14 +174,21 @@ def stored_config(workdir, ckpt: Optional[Checkpointer] = None) -> tuple[Optiona
     return None, ""
 
 
+def saved_steps(workdir) -> list[int]:
+    """The steps of the checkpoints in WORKDIR/checkpoints, ascending (none: [])."""
+    directory = as_path(workdir) / "checkpoints"
+    if not directory.exists():
+        return []
+    return sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit())
+
+
 def restore_params(workdir, abstract_params: Any) -> tuple[Any, int]:
     """(params, step): only the parameters of another run's newest checkpoint,
     restored onto `abstract_params`' shapes and shardings (its optimizer state, RNG and memory
     are not read, so the two runs may differ in optimizer, hooks or data). Raises a one-line
     ValueError naming `workdir` if it holds no checkpoint or its parameters do not fit."""
     directory = as_path(workdir) / "checkpoints"
-    steps = sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit()) \
-        if directory.exists() else []
+    steps = saved_steps(workdir)
     if not steps:
         raise ValueError(f"init_from={str(workdir)!r} holds no checkpoint to start from")
     step = steps[-1]

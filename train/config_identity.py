@@ -33,8 +33,6 @@ EXCLUDED = (
     # asynchronous, the progress bar, the run's display name: bookkeeping around the same steps.
     "checkpoint_every", "eval_every", "log_every", "keep_checkpoints", "async_checkpoints",
     "progress", "name",
-    # The command that trains a config the trainer cannot run yet (train/main.py prints it).
-    "run_with",
     # How the same global arrays are laid out over devices: a checkpoint restores onto any mesh
     # (tests/train/test_trainer.py: test_restore_onto_different_mesh) and the data pipeline gives
     # each process its rows of the same global batch; only float rounding order changes.

@@ -2,9 +2,9 @@
 puts on the PATH), or from a checkout `python -m train.main --config train/configs/lm.py:tiny ...`.
 
 --config takes a config file (`path.py:variant`) or a config of this package by name
-(`lm:tiny`, `landmark:tiny`, `birdie:tiny:gated_birdie`: train/configs/NAME.py). A config that
-the trainer cannot run yet says how it is trained instead (`run_with`; MAC's two stages run in
-its figure, issue 16), and a bad config ends in one line naming the field (exit code 2).
+(`lm:tiny`, `landmark:tiny`, `birdie:tiny:gated_birdie`, `mac:tiny`: train/configs/NAME.py; MAC's
+config trains its base LM into DIR/base_lm first). A bad config ends in one line naming the
+field (exit code 2).
 
 Rerunning the same command resumes from the newest readable checkpoint in DIR. Override any config
 field with --config.FIELD=VALUE (e.g. --config.num_steps=100 --config.mesh.model=2). A DIR that
@@ -50,10 +50,6 @@ def main(argv):
     logging.getLogger("train").setLevel(logging.INFO)
     from train import checkpoint, config_identity
     config = _CONFIG.value
-    if config.get("run_with"):
-        print(f"error: this config does not train through the trainer yet; train it with: "
-              f"{config.run_with}", file=sys.stderr)
-        return 2
     try:
         trainer.validate_config(config)
     except ValueError as e:     # a bad field: one line, not a traceback

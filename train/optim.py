@@ -13,6 +13,9 @@
     b1, b2, eps    AdamW's moments (defaults 0.9, 0.999, 1e-8 when absent)
     weight_decay   AdamW's decoupled weight decay (default 0)
     clip_norm      global-norm clipping first (None or 0: off)
+    frozen         top-level parameter collections left unchanged (e.g. ("lm",): MAC's frozen
+                   base LM): their updates are zero and they get no optimizer state; clipping
+                   and the rest see only the others (default: none)
 
 Fields a config lacks take the defaults above, so the trainer's configs (which hold only the
 AdamW-cosine fields) keep their meaning. Returns the optax transformation and the learning-rate
@@ -20,6 +23,7 @@ schedule (step → lr) for logging.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -50,6 +54,9 @@ def check_config(o: Any) -> None:
     warmup = o["warmup_steps"]
     if not (isinstance(warmup, int) and warmup >= 0):
         raise ValueError(f"optim.warmup_steps={warmup!r} must be an integer ≥ 0")
+    frozen = o.get("frozen", ())
+    if isinstance(frozen, str) or not all(isinstance(f, str) and f for f in frozen):
+        raise ValueError(f"optim.frozen={frozen!r} must be a tuple of parameter collection names")
 
 
 def make_optimizer(o: Any, num_steps: int = 0) -> tuple[optax.GradientTransformation, Callable]:
@@ -77,7 +84,22 @@ def make_optimizer(o: Any, num_steps: int = 0) -> tuple[optax.GradientTransforma
     else:
         chain.append(optax.adamw(rate, b1=o.get("b1", 0.9), b2=o.get("b2", 0.999),
                                  eps=o.get("eps", 1e-8), weight_decay=o.get("weight_decay", 0.0)))
-    return optax.chain(*chain), schedule
+    tx = optax.chain(*chain)
+    frozen = tuple(o.get("frozen", ()))
+    if frozen:
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                                   functools.partial(_frozen_labels, frozen))
+    return tx, schedule
+
+
+def _frozen_labels(frozen: tuple, params) -> dict:
+    """"frozen" on every leaf under a top-level name in `frozen`, "train" elsewhere."""
+    missing = sorted(set(frozen) - set(params))
+    if missing:
+        raise ValueError(f"optim.frozen names {missing}, which the parameters do not have; "
+                         f"they have {sorted(params)}")
+    return {k: jax.tree_util.tree_map(lambda _, t=("frozen" if k in frozen else "train"): t, v)
+            for k, v in params.items()}
 
 
 def global_norm(tree) -> jax.Array:

@@ -140,6 +140,16 @@ def check_divisible(abstract_tree: Any, shardings: Any) -> None:
                     "or the mesh (or map that logical axis to None in sharding_rules)")
 
 
+def drop_empty_boxes(tree: Any) -> Any:
+    """`tree` with every logically partitioned box that holds no array replaced by its content
+    (the optax.MaskedNode an optimizer keeps for frozen parameters, train/optim.py), so that
+    the boxed tree, its specs and the unboxed tree have the same structure."""
+    return jax.tree_util.tree_map(
+        lambda x: x.value if isinstance(x, nn.Partitioned) and not jax.tree_util.tree_leaves(
+            x.value) else x, tree,
+        is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def sharded_init(init_fn, mesh: Mesh, rules, *args):
     """Runs `init_fn(*args)` (which returns a pytree of boxed, logically named leaves) directly
     into its shardings: eval_shape → logical specs → jit(out_shardings). No device ever holds

@@ -1,5 +1,5 @@
-"""The shared training loop (the LM, landmark and Birdie configs, Birdie's controller as a hook,
-the phone-book figure's runs; MAC, DKVB and the recall figure's arms do not train here yet).
+"""The shared training loop (the LM, landmark, Birdie and MAC configs, Birdie's controller as a
+hook, the phone-book figure's runs; DKVB and the recall figure's arms do not train here yet).
 
     train(config, workdir, *, allow_changes=()) -> summary dict
 
@@ -21,8 +21,14 @@ two runs with one seed give bit-identical results on CPU. A run with `config.ini
 run's workdir) starts from that run's newest parameters (checkpoint.restore_params) with a fresh
 optimizer, RNG and hook state: a fine-tune; once it has saved, it resumes from its own checkpoints.
 
+A run with `config.base_lm` (a whole trainer config: MAC's stage 1) first trains that run into
+WORKDIR/base_lm (skipped once it reached base_lm.num_steps), and starts its own params["lm"]
+from that run's newest parameters; `optim.frozen` (train/optim.py) keeps them fixed.
+
 A family plugs in by adding entries to MODELS (a builder from the model config to a Linen
-module) and OBJECTIVES (a loss, see train/objectives/lm.py). Something that must act on the run
+module) and OBJECTIVES (a loss, see train/objectives/lm.py: it gets the step being taken, and
+config.objective_config's fields as keywords; OBJECTIVE_CHECKS may check those before anything
+trains). Something that must act on the run
 between steps (Birdie's controller) is a hook: config.hooks.NAME holds its settings and HOOKS[NAME]
 builds it as `build(hook_config, config) -> Hook`, an object with
 
@@ -41,6 +47,7 @@ builds it as `build(hook_config, config) -> Hook`, an object with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import logging
@@ -78,12 +85,19 @@ MODELS: dict[str, str] = {
     "transformer": "train.trainer:build_transformer",
     "landmark": "models.landmark:build_from_config",
     "ssm": "models.ssm:build_from_config",
+    "mac": "train.objectives.mac:build_model",
 }
-# name → "module:function" with loss(apply_fn, params, batch, rng) -> (loss_sum, aux sums).
+# name → "module:function" with loss(apply_fn, params, batch, rng, *, step=None, **settings)
+# -> (loss_sum, aux sums) (train/objectives/lm.py); settings are config.objective_config's.
 OBJECTIVES: dict[str, str] = {
     "lm": "train.objectives.lm:loss",
     "landmark": "train.objectives.landmark:loss",
     "birdie": "train.objectives.birdie:trainer_loss",
+    "mac_meta": "train.objectives.mac:meta_objective",
+}
+# objective name → "module:function" check(config) raising a ValueError for settings it cannot use
+OBJECTIVE_CHECKS: dict[str, str] = {
+    "mac_meta": "train.objectives.mac:check_config",
 }
 # name → "module:function" with build(hook_config, config) -> Hook (see the module docstring).
 HOOKS: dict[str, str] = {
@@ -93,7 +107,8 @@ HOOKS: dict[str, str] = {
 REQUIRED_FIELDS = ("seed", "num_steps", "batch_size", "checkpoint_every", "eval_every", "mesh")
 KNOWN_FIELDS = set(REQUIRED_FIELDS) | {
     "seq_len", "log_every", "keep_checkpoints", "async_checkpoints", "sharding_rules", "model",
-    "data", "optim", "eval", "objective", "debug", "progress", "name", "hooks", "init_from"}
+    "data", "optim", "eval", "objective", "objective_config", "debug", "progress", "name",
+    "hooks", "init_from", "base_lm"}
 
 
 def _resolve(table: dict[str, str], name: str, what: str) -> Callable:
@@ -139,6 +154,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                          f"batch_size={config.batch_size}")
     if o.clip_norm is not None and o.clip_norm <= 0:
         raise ValueError(f"optim.clip_norm={o.clip_norm!r} must be positive or None")
+    if config.get("base_lm"):
+        validate_config(config.base_lm)
+    objective = config.get("objective", "lm")
+    _resolve(OBJECTIVES, objective, "objective")
+    if objective in OBJECTIVE_CHECKS:
+        _resolve(OBJECTIVE_CHECKS, objective, "objective")(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +204,8 @@ def setup(config: ml_collections.ConfigDict, *, devices=None) -> Run:
     model = build_model(config.model)
     tx, schedule = make_optimizer(config.optim, config.num_steps)
     objective = _resolve(OBJECTIVES, config.get("objective", "lm"), "objective")
+    if config.get("objective_config"):
+        objective = functools.partial(objective, **config.objective_config.to_dict())
     hooks = build_hooks(config)
     dummy = _dummy_inputs(config)
 
@@ -192,7 +215,8 @@ def setup(config: ml_collections.ConfigDict, *, devices=None) -> Run:
         memory = {h.name: h.init(jax.random.fold_in(seed_key, 1 + i))
                   for i, h in enumerate(hooks)}
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), rng=jax.random.key_data(run_key),
+                          opt_state=shd.drop_empty_boxes(tx.init(params)),
+                          rng=jax.random.key_data(run_key),
                           memory=memory)
 
     seed_key = jax.random.key(config.seed)
@@ -236,8 +260,8 @@ def make_train_step(run: Run):
     accum = cfg.optim.grad_accum
     nan_at = cfg.get("debug", {}).get("nan_at_step", -1)
 
-    def micro_loss(params, micro, rng):
-        loss_sum, aux = run.objective(run.model.apply, params, micro, rng)
+    def micro_loss(params, micro, rng, step):
+        loss_sum, aux = run.objective(run.model.apply, params, micro, rng, step=step)
         return loss_sum, aux
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -245,7 +269,7 @@ def make_train_step(run: Run):
     def step_fn(state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         if accum == 1:
-            (loss_sum, aux), grads = grad_fn(state.params, batch, rng)
+            (loss_sum, aux), grads = grad_fn(state.params, batch, rng, state.step)
         else:
             # [B, ...] → [A, B/A, ...]; sum losses and gradients over micro-batches, then divide
             # once by the total weight so the update equals the un-accumulated one.
@@ -254,12 +278,13 @@ def make_train_step(run: Run):
 
             def body(carry, xs):
                 i, mb = xs
-                (l, a), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+                (l, a), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), state.step)
                 return jax.tree_util.tree_map(jnp.add, carry, (l, a, g)), None
 
-            zeros = jax.tree_util.tree_map(
-                jnp.zeros_like, (jnp.float32(0), {"weight": jnp.float32(0),
-                                                  "correct": jnp.float32(0)}, state.params))
+            first = jax.tree_util.tree_map(lambda x: x[0], micro)
+            shapes = jax.eval_shape(grad_fn, state.params, first, rng, state.step)
+            zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                           (shapes[0][0], shapes[0][1], shapes[1]))
             (loss_sum, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
         denom = jnp.maximum(aux["weight"], 1.0)
         loss = loss_sum / denom
@@ -271,7 +296,9 @@ def make_train_step(run: Run):
         updates, opt_state = run.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "accuracy": aux["correct"] / denom,
-                   "grad_norm": global_norm(grads), "lr": run.schedule(state.step)}
+                   "grad_norm": global_norm(grads), "lr": run.schedule(state.step),
+                   # an objective's other sums (e.g. MAC's readout accuracies), per weight
+                   **{k: v / denom for k, v in aux.items() if k not in ("weight", "correct")}}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def wrapped(state, batch):
@@ -343,15 +370,17 @@ def eval_split(config) -> str:
 
 def evaluate(run: Run, eval_step, params, *, num_batches: int) -> dict:
     it = iter(make_data(run.config, eval_split(run.config), seed_offset=10_000))
-    tot = {"loss_sum": 0.0, "weight": 0.0, "correct": 0.0}
+    tot: dict[str, float] = {}
     for _ in range(num_batches):
         out = jax.device_get(eval_step(params, to_device(next(it), run.batch_sharding)))
-        for k in tot:
-            tot[k] += float(out[k])
-    w = max(tot["weight"], 1.0)
-    loss = tot["loss_sum"] / w
-    return {"eval_loss": loss, "eval_accuracy": tot["correct"] / w,
-            "eval_perplexity": float(math.exp(min(loss, 50.0)))}
+        for k, v in out.items():
+            tot[k] = tot.get(k, 0.0) + float(v)
+    w = max(tot.get("weight", 0.0), 1.0)
+    loss = tot.get("loss_sum", 0.0) / w
+    extra = {f"eval_{k}": v / w for k, v in tot.items()
+             if k not in ("loss_sum", "weight", "correct")}
+    return {"eval_loss": loss, "eval_accuracy": tot.get("correct", 0.0) / w,
+            "eval_perplexity": float(math.exp(min(loss, 50.0))), **extra}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,6 +470,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     (dotted, e.g. ("data.min_length",); a name covers the fields under it)."""
     workdir = ckpt_lib.as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if config.get("base_lm"):
+        # A first stage (MAC's base LM): its own run in WORKDIR/base_lm, skipped when finished.
+        steps = ckpt_lib.saved_steps(workdir / "base_lm")
+        if not steps or steps[-1] < config.base_lm.num_steps:
+            train(config.base_lm, workdir / "base_lm", devices=devices)
     run = setup(config, devices=devices)
     cfg = run.config
 
@@ -473,6 +507,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
             state = state.replace(params=params)
             log.info("parameters from %s (step %d)", cfg.init_from, from_step)
             start_row["init_from"] = {"workdir": str(cfg.init_from), "step": from_step}
+        if cfg.get("base_lm"):   # params["lm"] from the first stage's run
+            lm, from_step = ckpt_lib.restore_params(workdir / "base_lm",
+                                                    abstract_state(run).params["lm"])
+            state = state.replace(params={**state.params, "lm": lm})
+            start_row["base_lm"] = {"workdir": str(workdir / "base_lm"), "step": from_step}
     else:
         log.info("resumed from step %d in %s", start, workdir)
     data_iter, data_overrides = hooked_train_data(run, state.memory, data_iter)
@@ -491,7 +530,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 
     bar = None
     if cfg.get("progress", True) and jax.process_index() == 0:
-        bar = tqdm(total=cfg.num_steps, initial=start, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=cfg.num_steps, initial=start, desc=cfg.get("name", "train"),
+                   dynamic_ncols=True)
 
     step = start
     last_saved = start if start else None
@@ -566,7 +606,6 @@ def restore_for_eval(workdir, *, step: Optional[int] = None, devices=None):
     workdir = ckpt_lib.as_path(workdir)
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "model": 1})
-    config.batch_size = config.optim.grad_accum
     run = setup(config, devices=devices or jax.devices()[:1])
     ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
     try:

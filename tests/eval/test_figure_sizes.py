@@ -110,15 +110,15 @@ def test_streaming_qa_rejects_a_short_document_length(monkeypatch):
 
     def short_docs(arg):
         c = real(arg)
-        c.lengths.doc = 64
+        c.data.doc_length = 64
         return c
     monkeypatch.setattr(mac_configs, "get_config", short_docs)
-    with pytest.raises(ValueError, match="lengths.doc=64 is not allowed.*needs >= "):
+    with pytest.raises(ValueError, match="data.doc_length=64 is not allowed.*needs >= "):
         sqa.validate_size("quick")
 
     def big_windows(arg):
         c = real(arg)
-        c.stage2.hierarchical_windows = (4, c.batch_size)
+        c.objective_config.hierarchical_windows = (4, c.batch_size)
         return c
     monkeypatch.setattr(mac_configs, "get_config", big_windows)
     with pytest.raises(ValueError, match="hierarchical_windows=.* is not allowed"):

@@ -87,20 +87,6 @@ def test_uniform_finetune_one_step_per_document(setup):
     assert max(jax.tree_util.tree_leaves(diff)) > 0
 
 
-def test_run_roundtrip_and_evaluate(setup, tmp_path):
-    s = setup
-    sqa.save_run(tmp_path, CFG, s["params"], s["lm_params"])
-    cfg, params, lm_params = sqa.load_run(tmp_path)
-    assert cfg == CFG
-    chex.assert_trees_all_equal(params, s["params"])
-    res = sqa.evaluate(cfg, params, lm_params, documents=4, seed=0, baselines=False)
-    for key in ("mac_flat", "mac_hierarchical", "mac_topk"):
-        assert 0.0 <= res[key]["em"] <= res[key]["f1"] + 1e-9 <= 1.0 + 1e-9
-    assert res["questions"] == 4 * len(facts.RELATIONS)
-    with pytest.raises(FileNotFoundError):
-        sqa.load_run(tmp_path / "missing")
-
-
 def test_evaluate_over_several_banks(setup):
     s = setup
     res = sqa.evaluate(CFG, s["params"], s["lm_params"], documents=2, seed=3, baselines=False,

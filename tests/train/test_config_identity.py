@@ -129,33 +129,6 @@ def test_figure_run_folders_carry_the_recipe_hash(tmp_path):
     assert re.fullmatch(r"lm_mqar-quick-seed0-[0-9a-f]{12}",
                         lm_mqar.run_dir("quick", 0, tmp_path).name)
     m = sqa.run_dir("quick", 0, tmp_path)
-    assert re.fullmatch(r"mac_run-quick-s0-[0-9a-f]{12}", m.name) and m.parent == tmp_path
+    assert re.fullmatch(r"mac-quick-seed0-[0-9a-f]{12}", m.name) and m.parent == tmp_path / "runs"
+    assert m.name.endswith(ci.recipe_hash([sqa.figure_config("quick", 0)]))
     assert sqa.run_dir("quick", 1, tmp_path) != m           # the seed is part of the recipe
-
-
-def test_mac_run_is_reused_only_when_its_stored_recipe_matches(tmp_path):
-    from eval import streaming_qa as sqa
-    recipe = sqa.run_recipe("quick", 0)
-    d = sqa.run_dir("quick", 0, tmp_path)
-
-    def fake_run(folder, rec):
-        folder.mkdir(parents=True)
-        (folder / "mac.msgpack").write_bytes(b"x")
-        (folder / "mac_config.json").write_text(json.dumps({"config": {}, "recipe": rec}))
-
-    fake_run(d, recipe)
-    assert sqa._holds(d, recipe) and sqa.run_dir("quick", 0, tmp_path) == d
-    # A folder of that name saved under another recipe (or none stored) is not reused:
-    other = json.loads(json.dumps(recipe))
-    other[0]["mac.num_tokens"] = 99
-    (d / "mac_config.json").write_text(json.dumps({"config": {}, "recipe": other}))
-    assert not sqa._holds(d, recipe)
-    assert sqa.run_dir("quick", 0, tmp_path) == d.with_name(d.name + "-1")
-    (d / "mac_config.json").write_text(json.dumps({"config": {}}))
-    assert sqa.run_dir("quick", 0, tmp_path) == d.with_name(d.name + "-1")
-    fake_run(d.with_name(d.name + "-1"), recipe)
-    assert sqa.run_dir("quick", 0, tmp_path) == d.with_name(d.name + "-1")
-    # eval.* and log_every are not part of it: evaluation settings reuse the same run.
-    assert not any(k.startswith("eval.") or k == "log_every" for k in recipe[0])
-    assert recipe[0]["num_steps"] == sqa.figure_settings("quick").num_steps
-    assert recipe[0]["seed"] == 0

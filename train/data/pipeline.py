@@ -6,7 +6,8 @@ trainer calls. It returns a grain `DatasetIterator` over process-local batches
     {"inputs": int32 [B, T], "targets": int32 [B, T], "weights": float32 [B, T]}
 
 with B = global_batch_size // process_count, targets[:, t] the token after inputs[:, t] (for MQAR
-too), and weights 0 wherever the target is padding (MQAR: 1 only at the answer positions). Feed
+too), and weights 0 wherever the target is padding (MQAR: 1 only at the answer positions);
+"mac_meta" batches hold documents and their questions instead (train/data/mac_data.py). Feed
 a batch to a jitted step with `to_global_array(batch, mesh)`.
 
 The pipeline (grain 0.2.18 "Dataset" API: `grain.MapDataset` / `grain.IterDataset`):
@@ -64,9 +65,10 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from train.data import birdie_data, catalog, mqar, passkey_data, text_corpus, tokenizer
+from train.data import (birdie_data, catalog, mac_data, mqar, passkey_data, text_corpus,
+                        tokenizer)
 
-DATASET_NAMES = ("mqar", "text", "tfds", "birdie", "passkey")
+DATASET_NAMES = ("mqar", "text", "tfds", "birdie", "passkey", "mac_lm", "mac_meta")
 SOURCES = ("tfds", "memory")
 
 
@@ -168,6 +170,21 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
         c.num_train = 1_000_000
         c.num_validation = 512
         c.data_seed = 0
+    elif name in ("mac_lm", "mac_meta"):
+        # MAC's fact-stream documents (train/data/mac_data.py), generated in memory: "mac_lm"
+        # the base LM's rows (seq_len tokens), "mac_meta" one record per document.
+        # Train documents (distinct entities); validation/test hold at most eval_documents.
+        c.documents = 16000
+        c.eval_documents = 512
+        # Content seed of the fact stream; the shuffle seed is make_dataset's `seed`.
+        c.data_seed = 0
+        # Token lengths of documents, questions and `question SEP answer EOS` rows.
+        c.doc_length = 112
+        c.question_length = 32
+        c.qa_length = 40
+        if name == "mac_lm":
+            # Fraction of rows that are packed `question SEP answer EOS` without the document.
+            c.qa_only_fraction = 0.5
     else:
         # TFDS catalog name, with optional config/version ("pg19", "wiki40b/en").
         c.tfds_name = "pg19"
@@ -227,6 +244,8 @@ def splits(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
         return birdie_data.SPLITS
     if data_config.name == "passkey":
         return passkey_data.SPLITS
+    if data_config.name in ("mac_lm", "mac_meta"):
+        return mac_data.SPLITS
     return ()
 
 
@@ -257,7 +276,8 @@ def make_source(
 
     Returns (source, kind): kind "examples" means records are already
     {inputs [T], targets [T], weights [T]} (mqar); kind "text" means records are {"text": bytes}
-    (possibly with other fields) to be tokenized.
+    (possibly with other fields) to be tokenized; kind "fields" means records of other fields,
+    batched as they are ("mac_meta").
     """
     data_config = resolve_data_config(data_config)
     name = data_config.name
@@ -285,6 +305,18 @@ def make_source(
             validation_percent=data_config.validation_percent, num_train=data_config.num_train,
             num_validation=data_config.num_validation, seed=data_config.data_seed)
         return passkey_data.PasskeySource(spec, split), "examples"
+    if name in ("mac_lm", "mac_meta"):
+        _check_choice("split", split, mac_data.SPLITS)
+        lengths = mac_data.Lengths(doc=data_config.doc_length,
+                                   question=data_config.question_length,
+                                   qa=data_config.qa_length, lm=seq_len)
+        spec = mac_data.MacDataSpec(
+            documents=data_config.documents, eval_documents=data_config.eval_documents,
+            seed=data_config.data_seed, lengths=lengths,
+            qa_only_fraction=data_config.get("qa_only_fraction", 0.0))
+        if name == "mac_lm":
+            return mac_data.lm_source(spec, split, seq_len), "examples"
+        return mac_data.meta_source(spec, split), "fields"
     if name == "mqar":
         spec = mqar_spec(data_config, seq_len)
         if data_config.source == "memory":
@@ -458,7 +490,7 @@ def make_dataset(
     pack = kind == "text" and bool(data_config.pack)
     if kind == "examples":
         ds = ds.map(_CheckExample(seq_len))
-    else:
+    elif kind == "text":
         ds = ds.map(_Tokenize(bool(data_config.add_bos)))
         if not pack:
             ds = ds.map(_PadWindow(seq_len))

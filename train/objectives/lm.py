@@ -1,8 +1,11 @@
 """Next-token cross-entropy on {"inputs", "targets", "weights"} batches.
 
-An objective is `loss(apply_fn, params, batch, rng) -> (loss_sum, aux)`: the *sum* of weighted
-per-token losses (so gradient accumulation over micro-batches divides once, by the total weight)
-and aux sums {"weight", "correct"} from which the trainer derives mean loss and accuracy.
+An objective is `loss(apply_fn, params, batch, rng, *, step=None) -> (loss_sum, aux)`: the *sum*
+of weighted per-token losses (so gradient accumulation over micro-batches divides once, by the
+total weight) and aux sums {"weight", "correct", ...} from which the trainer derives mean loss
+and accuracy (and logs any other sum per weight). `step` is the optimizer step being taken
+(traced; None at evaluation), for objectives that follow a schedule (MAC's bank curriculum);
+settings an objective takes beyond these come from config.objective_config as keywords.
 """
 from __future__ import annotations
 
@@ -23,9 +26,9 @@ def token_losses(logits_BxTxV, targets_BxT, *, label_smoothing: float = 0.0):
     return ce, correct
 
 
-def loss(apply_fn, params, batch, rng):
+def loss(apply_fn, params, batch, rng, *, step=None):
     """Weighted next-token loss of a model called as apply_fn({'params': p}, inputs)."""
-    del rng  # deterministic models; kept for objectives that sample
+    del rng, step  # deterministic models; kept for objectives that sample or follow a schedule
     logits = apply_fn({"params": params}, batch["inputs"])
     ce, correct = token_losses(logits, batch["targets"])
     w = batch["weights"].astype(jnp.float32)

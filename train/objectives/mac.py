@@ -1,5 +1,11 @@
-"""MAC training (Tack et al. 2024, §3.2): stage 1 trains the base LM, stage 2 meta-trains g, h and
-the prefix FFN with the base LM frozen.
+"""MAC's training objectives (Tack et al. 2024, §3.2) for the shared trainer (train/trainer.py).
+
+Stage 1, the base LM, is an ordinary trainer run (model "transformer", objective "lm") on the
+"mac_lm" rows (train/data/mac_data.py). Stage 2 meta-trains g, h and the prefix FFN with the base
+LM frozen: model "mac" (`MetaModel`: params {"lm", "mac", "readouts"}, "lm" frozen through the
+optimizer, train/optim.py `frozen`), objective "mac_meta" (`meta_objective`) on "mac_meta"
+batches. `train/configs/mac.py` holds both stages; the trainer runs stage 1 into WORKDIR/base_lm
+first (config.base_lm) and starts stage 2's "lm" from it.
 
 Stage 2's batch is K documents and one question per document; the documents of the batch are the
 bank for every question (the other K-1 act as distractors). Backpropagation dropout (§3.3): only
@@ -22,102 +28,36 @@ hierarchical aggregation (chunks of W documents, their outputs a smaller bank, t
 and that answer loss is added. h sees its own chunk outputs as a bank only there; trained flat
 alone, hierarchical answers stayed at chance.
 
-Batches are dicts of numpy/jax arrays:
+Stage-2 batches (`meta_loss`) are dicts of arrays:
     docs       [K, S] int32   document bytes, PAD-padded
     questions  [K, Q] int32   question bytes (h's input), PAD-padded
     qa         [K, L] int32   `question SEP answer EOS`, PAD-padded (the LM's input)
     qa_weights [K, L] float32 1 on the answer bytes and EOS
     doc_answers [K, R] int32  first answer token of each of the document's R questions
                               (g's readout; optional when readout_weight = 0)
-Stage 1 batches: {"inputs", "targets", "weights"} [B, T] as `train/objectives/lm.py`.
+`meta_objective` takes "mac_meta" batches, which hold all R questions of each document
+([K, R, Q], [K, R, L]), and draws the one asked from the step's RNG.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-import time
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from models.mac import MAC, MACConfig, modulated_logits, slot_keys
 from models.transformer import Transformer, TransformerConfig
-from train import optim
-from train.data import facts
 from train.data import tokenizer as tok
 from train.objectives.lm import token_losses
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimiser
+# The base LM
 # ---------------------------------------------------------------------------------------------
-def make_optimizer(lr: float, *, warmup_steps: int = 100, clip: float = 1.0,
-                   weight_decay: float = 0.0) -> optax.GradientTransformation:
-    """Adam(W) with a linear warm-up to a constant `lr` and global-norm clipping (paper: Adam,
-    constant lr, clipping), from the one factory (train/optim.py)."""
-    tx, _ = optim.make_optimizer(optim.optim(lr=lr, warmup_steps=warmup_steps, clip_norm=clip,
-                                             weight_decay=weight_decay))
-    return tx
-
-
-# ---------------------------------------------------------------------------------------------
-# Stage 1: the base LM
-# ---------------------------------------------------------------------------------------------
-def lm_rows(records: Sequence[dict], length: int) -> dict:
-    """Stage-1 rows `document EOS question SEP answer EOS` (loss on every real token).
-
-    Teaches the base LM the QA format and how to read an answer from context in front of it,
-    which is what the prefix later supplies.
-    """
-    rows = [np.concatenate([tok.encode(r["document"]), [tok.EOS], _qa_ids(r)])[: length + 1]
-            for r in records]
-    return _lm_rows(rows, length)
-
-
-def _qa_ids(record: dict) -> np.ndarray:
-    """`question SEP answer EOS` token ids of a record (its first answer)."""
-    ans = record["answer"] if isinstance(record["answer"], str) else record["answer"][0]
-    return np.concatenate([tok.encode(record["question"]), [tok.SEP], tok.encode(ans),
-                           [tok.EOS]])
-
-
-def _lm_rows(rows: Sequence[np.ndarray], length: int) -> dict:
-    """Token rows (each ≤ length + 1) → PAD-filled next-token batch, loss on every real token."""
-    arr = np.full((len(rows), length + 1), tok.PAD, np.int32)
-    for i, r in enumerate(rows):
-        arr[i, :len(r)] = r
-    inputs, targets = arr[:, :-1], arr[:, 1:]
-    return {"inputs": inputs, "targets": targets,
-            "weights": (targets != tok.PAD).astype(np.float32)}
-
-
-def qa_only_rows(records: Sequence[dict], length: int) -> dict:
-    """Stage-1 rows of `question SEP answer EOS` sequences with no document, packed greedily
-    (loss on every real token); the first sequence of every row starts at position 0.
-
-    Without them the base LM only ever saw a question after its document, so at MAC's layout
-    (the question right after the prefix, no document) the frozen LM did not even produce the
-    answer format: its no-memory answer loss was 3.05 nats/token instead of the answer prior
-    (0.46), and stage 2 spent itself restoring the format. With them, the no-memory LM answers
-    with the prior and the prefix only has to supply the document's facts.
-    """
-    rows, cur = [], []
-    for s_ in (_qa_ids(r) for r in records):
-        if cur and sum(map(len, cur)) + len(s_) > length + 1:
-            rows.append(np.concatenate(cur))
-            cur = []
-        cur.append(s_[: length + 1])
-    if cur:
-        rows.append(np.concatenate(cur))
-    return _lm_rows(rows, length)
-
-
 def lm_loss(lm_cfg: TransformerConfig, lm_params, batch) -> jax.Array:
     """Mean next-token cross-entropy over weighted positions."""
     logits = Transformer(lm_cfg).apply({"params": lm_params}, batch["inputs"])
@@ -136,33 +76,6 @@ def _jitted_init(module: nn.Module):
 def init_lm(lm_cfg: TransformerConfig, key: jax.Array):
     """Unboxed base-LM params."""
     return nn.unbox(_jitted_init(Transformer(lm_cfg))(key, jnp.zeros((1, 8), jnp.int32))["params"])
-
-
-def train_base_lm(lm_cfg: TransformerConfig, batches: Iterator[dict], *, num_steps: int,
-                  key: jax.Array, lr: float = 3e-3, warmup_steps: int = 100,
-                  log_every: int = 0, params=None) -> tuple[Any, list[float]]:
-    """Stage 1: trains (or continues) the base LM on `batches`; returns (params, losses)."""
-    params = init_lm(lm_cfg, key) if params is None else params
-    opt = make_optimizer(lr, warmup_steps=warmup_steps)
-    opt_state = opt.init(params)
-
-    @jax.jit
-    def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(lambda p: lm_loss(lm_cfg, p, batch))(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    losses = []
-    bar = tqdm(total=num_steps, desc="mac stage 1", unit="step", leave=False,
-               disable=not log_every, dynamic_ncols=True)
-    for i in range(num_steps):
-        params, opt_state, loss = step(params, opt_state, next(batches))
-        losses.append(float(loss))
-        if log_every and (i + 1) % log_every == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.4f}", refresh=False)
-        bar.update(1)
-    bar.close()
-    return params, losses
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,179 +289,132 @@ def init_mac(cfg: MACConfig, key: jax.Array, *, doc_len: int = 16, q_len: int = 
     return nn.unbox(_jitted_init(MAC(cfg))(key, docs, qs)["params"])
 
 
-@functools.lru_cache(maxsize=8)
-def cached_meta_step(cfg: MACConfig, lr: float, warmup_steps: int, clip: float, rho: float,
-                     readout_weight: float = 0.0, hierarchical_weight: float = 0.0
-                     ) -> tuple[optax.GradientTransformation, Callable]:
-    """(optimizer, jitted step) shared by runs with the same settings (one compilation per
-    hierarchical window)."""
-    opt = make_optimizer(lr, warmup_steps=warmup_steps, clip=clip)
-    return opt, make_meta_step(cfg, opt, rho, readout_weight, hierarchical_weight)
-
-
-def make_meta_step(cfg: MACConfig, opt: optax.GradientTransformation, rho: float,
-                   readout_weight: float = 0.0, hierarchical_weight: float = 0.0) -> Callable:
-    """jitted (trainable, opt_state, lm_params, batch, bank_size, window=0) → (trainable,
-    opt_state, metrics); trainable is {"mac": MAC params, "readouts": init_readouts(...) or
-    None}; `window` (static) is the hierarchical term's chunk size (0: none)."""
-
-    @functools.partial(jax.jit, static_argnames=("window",))
-    def step(trainable, opt_state, lm_params, batch, bank_size, window=0):
-        def loss_fn(t):
-            return meta_loss(cfg, t["mac"], lm_params, batch, rho, bank_size,
-                             readouts=t["readouts"], readout_weight=readout_weight,
-                             hierarchical_window=window,
-                             hierarchical_weight=hierarchical_weight)
-
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-        updates, opt_state = opt.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        return trainable, opt_state, {"loss": loss, "grad_norm": optim.global_norm(grads["mac"]),
-                                      "bank_size": bank_size, **aux}
-
-    return step
-
-
-def meta_train(cfg: MACConfig, lm_params, batches: Iterator[dict], *, num_steps: int,
-               key: jax.Array, lr: float = 1e-3, warmup_steps: int = 100, clip: float = 1.0,
-               rho: float = 1.0, curriculum_steps: int = 0, curriculum_start: int = 0,
-               readout_weight: float = 0.0, hierarchical_windows: Sequence[int] = (),
-               hierarchical_weight: float = 0.0,
-               log_every: int = 0, params=None,
-               on_log: Optional[Callable[[int, dict], None]] = None) -> tuple[Any, list[dict]]:
-    """Stage 2: meta-trains MAC against the frozen `lm_params`; returns (params, history).
-
-    curriculum_steps > 0 grows each question's bank linearly from 1 document to the whole
-    batch over that many steps (see `loss_from_modulations`), after `curriculum_start` steps on
-    a bank of one document (its own); with curriculum_steps = 0 the bank is the whole batch
-    from step `curriculum_start` on. readout_weight > 0 adds the auxiliary readouts (module
-    docstring; the batches then need "doc_answers"); their heads are trained alongside and
-    dropped at the end. hierarchical_windows (W, ...) with hierarchical_weight > 0 add the
-    hierarchical answer loss (`hierarchical_loss`), step i using chunks of W = windows[i mod n]
-    documents.
-    """
-    if curriculum_start < 0 or curriculum_steps < 0:
-        raise ValueError(f"curriculum_start={curriculum_start}, curriculum_steps="
-                         f"{curriculum_steps} are not allowed; both must be >= 0")
-    if not readout_weight >= 0:
-        raise ValueError(f"readout_weight={readout_weight!r} is not allowed; it must be >= 0")
-    first = next(batches)
-    if params is None:
-        params = init_mac(cfg, key, doc_len=first["docs"].shape[1],
-                          q_len=first["questions"].shape[1])
-    readouts = None
-    if readout_weight > 0:
-        if "doc_answers" not in first:
-            raise ValueError("readout_weight > 0 needs batches with 'doc_answers' [K, R] "
-                             "(meta_batches of encode_docs output)")
-        readouts = init_readouts(cfg, first["doc_answers"].shape[1])
-    K = first["docs"].shape[0]
-    if not hierarchical_weight >= 0:
-        raise ValueError(f"hierarchical_weight={hierarchical_weight!r} is not allowed; it must "
-                         f"be >= 0")
-    windows = tuple(int(w) for w in hierarchical_windows) if hierarchical_weight > 0 else ()
-    for w in windows:
-        if not 2 <= w < K:
-            raise ValueError(f"hierarchical_windows={tuple(hierarchical_windows)} is not "
-                             f"allowed for a batch of K={K} documents; use 2 <= W < K")
-    opt, step = cached_meta_step(cfg, float(lr), int(warmup_steps), float(clip), float(rho),
-                                 float(readout_weight), float(hierarchical_weight))
-    trainable = {"mac": params, "readouts": readouts}
-    opt_state = opt.init(trainable)
-    history, t0 = [], time.time()
-    batch = first
-    bar = tqdm(total=num_steps, desc="mac stage 2", unit="step", leave=False,
-               disable=not log_every, dynamic_ncols=True)
-    for i in range(num_steps):
-        if i < curriculum_start:
-            frac = 0.0
-        else:
-            frac = min(1.0, (i - curriculum_start) / curriculum_steps) if curriculum_steps else 1.0
-        bank_size = jnp.int32(1 + round((K - 1) * frac))
-        window = windows[i % len(windows)] if windows else 0
-        trainable, opt_state, m = step(trainable, opt_state, lm_params, batch, bank_size,
-                                       window=window)
-        history.append({k: float(v) for k, v in m.items()})
-        if log_every and (i + 1) % log_every == 0:
-            mean = {k: float(np.mean([h[k] for h in history[-log_every:]])) for k in history[-1]}
-            mean["seconds"] = round(time.time() - t0, 1)
-            bar.set_postfix(loss=f"{mean['loss']:.4f}", refresh=False)
-            if on_log is not None:
-                on_log(i + 1, mean)
-        bar.update(1)
-        if i + 1 < num_steps:
-            batch = next(batches)
-    bar.close()
-    return trainable["mac"], history
-
 
 # ---------------------------------------------------------------------------------------------
-# Batches from the fact stream (or any records with document/question/answer)
+# Stage 2 in the trainer: model "mac", objective "mac_meta"
 # ---------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Lengths:
-    doc: int = 112        # S: document bytes
-    question: int = 32    # Q: question bytes (h's input)
-    qa: int = 40          # L: `question SEP answer EOS`
-    lm: int = 160         # stage-1 row length
+class MetaModel(nn.Module):
+    """Stage 2's trainer model: params {"lm": the base LM (frozen by the optimizer, started
+    from stage 1), "mac": g, h and the prefix FFN, "readouts": the training-only heads
+    (`init_readouts`, when relations > 0)}. Calling it only creates the parameters (the
+    tokens stand for documents, questions and the LM's input); `meta_objective` uses them."""
+    cfg: MACConfig
+    relations: int = 0            # R: readout heads for R relations (0: no readouts)
 
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"lengths.{f.name}={v!r} must be a positive integer")
-
-
-def encode_docs(docs: Sequence[dict], lengths: Lengths) -> dict:
-    """Pre-encoded fact-stream documents: docs [N, S], and per relation r questions [N, R, Q],
-    qa [N, R, L], qa_weights [N, R, L], doc_answers [N, R] (each answer's first token)."""
-    n_rel = len(docs[0]["qas"])
-    doc_tok = facts.encode_documents([d["document"] for d in docs], lengths.doc)
-    qs = [qa["question"] for d in docs for qa in d["qas"]]
-    ans = [qa["answer"] for d in docs for qa in d["qas"]]
-    q_tok = facts.encode_questions(qs, lengths.question).reshape(len(docs), n_rel, -1)
-    qa_tok, qa_w = facts.encode_qa(qs, ans, lengths.qa)
-    answers = np.asarray(first_answer_tokens(qa_tok, qa_w), np.int32)
-    return {"docs": doc_tok, "questions": q_tok,
-            "qa": qa_tok.reshape(len(docs), n_rel, -1),
-            "qa_weights": qa_w.reshape(len(docs), n_rel, -1),
-            "doc_answers": answers.reshape(len(docs), n_rel)}
+    @nn.compact
+    def __call__(self, tokens_BxT):
+        Transformer(self.cfg.lm, name="lm")(tokens_BxT)
+        MAC(self.cfg, name="mac")(tokens_BxT, tokens_BxT)
+        if self.relations:
+            self.param("readouts", lambda _: init_readouts(self.cfg, self.relations))
+        return tokens_BxT
 
 
-def meta_batches(encoded: dict, batch_size: int, seed: int) -> Iterator[dict]:
-    """Endless stage-2 batches: K distinct random documents, one random question each."""
-    rng = np.random.default_rng(seed)
-    n, n_rel = encoded["questions"].shape[:2]
-    if batch_size > n:
-        raise ValueError(f"batch_size={batch_size} exceeds the {n} documents available")
-    while True:
-        idx = rng.choice(n, size=batch_size, replace=False)
-        rel = rng.integers(n_rel, size=batch_size)
-        batch = {"docs": encoded["docs"][idx], "questions": encoded["questions"][idx, rel],
-                 "qa": encoded["qa"][idx, rel], "qa_weights": encoded["qa_weights"][idx, rel]}
-        if "doc_answers" in encoded:
-            batch["doc_answers"] = encoded["doc_answers"][idx]
-        yield batch
+def mac_config(model_cfg: dict) -> MACConfig:
+    """The MACConfig of a trainer model config {family: "mac", lm: {...}, MACConfig fields,
+    readout_relations} (window/topk 0 = None)."""
+    m = {k: v for k, v in dict(model_cfg).items() if k not in ("family", "readout_relations")}
+    lm = TransformerConfig.from_dict(dict(m.pop("lm")))
+    m["window"] = m.get("window") or None
+    m["topk"] = m.get("topk") or None
+    return MACConfig(lm=lm, **m)
 
 
-def lm_batches(docs: Sequence[dict], batch_size: int, length: int, seed: int, *,
-               qa_only_fraction: float = 0.0) -> Iterator[dict]:
-    """Endless stage-1 batches of `document EOS question SEP answer EOS` rows, and (a fraction
-    `qa_only_fraction` of the rows, in expectation) packed `question SEP answer EOS` rows
-    without the document (`qa_only_rows`)."""
-    if not 0.0 <= qa_only_fraction < 1.0:
-        raise ValueError(f"qa_only_fraction={qa_only_fraction} is not allowed; use 0 <= f < 1")
-    recs = facts.qa_records(docs, questions_per_doc=None)
-    rows = lm_rows(recs, length)
-    if qa_only_fraction > 0:
-        qrows = qa_only_rows(recs, length)
-        # Repeat the (shorter) packed rows so that they make up the requested fraction.
-        n_doc, n_q = rows["inputs"].shape[0], qrows["inputs"].shape[0]
-        want = int(round(n_doc * qa_only_fraction / (1.0 - qa_only_fraction)))
-        reps = np.arange(max(want, 1)) % n_q
-        rows = {k: np.concatenate([rows[k], qrows[k][reps]]) for k in rows}
-    rng = np.random.default_rng(seed)
-    n = rows["inputs"].shape[0]
-    while True:
-        idx = rng.integers(n, size=batch_size)
-        yield {k: v[idx] for k, v in rows.items()}
+def build_model(model_cfg: dict) -> MetaModel:
+    """train.trainer.MODELS["mac"]."""
+    relations = model_cfg.get("readout_relations", 0)
+    if isinstance(relations, bool) or not isinstance(relations, int) or relations < 0:
+        raise ValueError(f"model.readout_relations={relations!r} must be an integer >= 0")
+    return MetaModel(mac_config(model_cfg), relations)
+
+
+def curriculum_bank_size(step, K: int, start: int, steps: int) -> jax.Array:
+    """int32 bank size at optimizer step `step` (0-based, may be traced): 1 for the first
+    `start` steps, then growing linearly to K over `steps` steps (rounded half to even), K
+    afterwards; `steps` = 0 gives K from step `start` on."""
+    step = jnp.asarray(step, jnp.float32)
+    if steps:
+        frac = jnp.clip((step - start) / steps, 0.0, 1.0)
+    else:
+        frac = (step >= start).astype(jnp.float32)
+    return (1 + jnp.round((K - 1) * frac)).astype(jnp.int32)
+
+
+def check_settings(K: int, *, rho: float, readout_weight: float,
+                   hierarchical_windows: Sequence[int], hierarchical_weight: float,
+                   curriculum_start: int, curriculum_steps: int) -> None:
+    """Raises a ValueError naming the objective_config field `meta_objective` cannot use with
+    batches of K documents."""
+    if not 0.0 < rho <= 1.0:
+        raise ValueError(f"objective_config.rho={rho!r} is not allowed; backpropagation dropout "
+                         "needs 0 < ρ ≤ 1")
+    for name, v in (("curriculum_start", curriculum_start),
+                    ("curriculum_steps", curriculum_steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"objective_config.{name}={v!r} is not allowed; use an integer >= 0")
+    for name, v in (("readout_weight", readout_weight),
+                    ("hierarchical_weight", hierarchical_weight)):
+        if not v >= 0:
+            raise ValueError(f"objective_config.{name}={v!r} is not allowed; it must be >= 0")
+    if hierarchical_weight > 0:
+        if not hierarchical_windows or not all(2 <= w < K for w in hierarchical_windows):
+            raise ValueError(f"objective_config.hierarchical_windows="
+                             f"{tuple(hierarchical_windows)} is not allowed for batches of "
+                             f"K={K} documents; give one or more W with 2 <= W < K")
+
+
+def check_config(config) -> None:
+    """train.trainer.OBJECTIVE_CHECKS["mac_meta"]: `check_settings` for a trainer config, before
+    anything trains (a micro-batch is K = batch_size / optim.grad_accum documents)."""
+    check_settings(config.batch_size // config.optim.grad_accum,
+                   **config.get("objective_config", {}))
+
+
+def meta_objective(apply_fn, params, batch, rng, *, step=None, rho: float = 1.0,
+                   readout_weight: float = 0.0, hierarchical_windows: Sequence[int] = (),
+                   hierarchical_weight: float = 0.0, curriculum_start: int = 0,
+                   curriculum_steps: int = 0):
+    """train.trainer.OBJECTIVES["mac_meta"] (settings from config.objective_config) on
+    "mac_meta" batches: each document is asked one of its R questions, drawn from `rng`; the
+    bank of each question grows with `step` (`curriculum_bank_size`; step None: the whole
+    batch, as at evaluation); step i adds the hierarchical term with chunks of
+    W = hierarchical_windows[i mod n] (evaluation: the first W). Returns (`meta_loss`,
+    {"weight": 1, "correct": the answers' token accuracy, every other metric of meta_loss,
+    "bank_size"}): the trainer's sums over one batch."""
+    model = getattr(apply_fn, "__self__", None)
+    if not isinstance(model, MetaModel):
+        raise ValueError("objective 'mac_meta' needs model.family='mac' (apply_fn of a "
+                         f"MetaModel); got {type(model).__name__}")
+    cfg = model.cfg
+    K, R = batch["questions"].shape[:2]
+    check_settings(K, rho=rho, readout_weight=readout_weight,
+                   hierarchical_windows=hierarchical_windows,
+                   hierarchical_weight=hierarchical_weight, curriculum_start=curriculum_start,
+                   curriculum_steps=curriculum_steps)
+    if readout_weight > 0 and "readouts" not in params:
+        raise ValueError(f"objective_config.readout_weight={readout_weight} needs readout heads: "
+                         "set model.readout_relations to the number of relations")
+    rel = jax.random.randint(rng, (K,), 0, R)
+    pick = lambda x: jnp.take_along_axis(x, rel[:, None, None], axis=1)[:, 0]  # noqa: E731
+    asked = {"docs": batch["docs"], "questions": pick(batch["questions"]),
+             "qa": pick(batch["qa"]), "qa_weights": pick(batch["qa_weights"]),
+             "doc_answers": batch["doc_answers"]}
+    bank_size = (jnp.int32(K) if step is None
+                 else curriculum_bank_size(step, K, curriculum_start, curriculum_steps))
+    windows = tuple(int(w) for w in hierarchical_windows) if hierarchical_weight > 0 else (0,)
+
+    def loss_with(window):
+        return lambda p: meta_loss(cfg, p["mac"], p["lm"], asked, rho, bank_size,
+                                   readouts=p.get("readouts"), readout_weight=readout_weight,
+                                   hierarchical_window=window,
+                                   hierarchical_weight=hierarchical_weight)
+
+    if len(windows) == 1 or step is None:
+        loss, metrics = loss_with(windows[0])(params)
+    else:
+        loss, metrics = jax.lax.switch(step % len(windows), [loss_with(w) for w in windows],
+                                       params)
+    metrics = dict(metrics)
+    correct = metrics.pop("token_accuracy")
+    return loss, {"weight": jnp.float32(1.0), "correct": correct,
+                  "bank_size": bank_size.astype(jnp.float32), **metrics}
