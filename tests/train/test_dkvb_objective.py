@@ -1,7 +1,5 @@
 """DKVB value training keeps every value outside the fetched set fixed, whatever the optimizer;
 the unsupervised encoder is fitted without labels."""
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +9,8 @@ import pytest
 from memory import codebook as cb
 from models import encoders
 from models.kv_bottleneck import KVBottleneck
+from train import trainer
+from train.configs import dkvb_encoder
 from train.objectives import dkvb as obj
 from train.objectives import encoders as enc_obj
 
@@ -100,35 +100,45 @@ def test_probe_learners_are_not_masked():
 # --------------------------------------------------------------------------- encoders
 
 
-def test_autoencoder_fitting_takes_no_labels():
-    params = inspect.signature(enc_obj.fit_autoencoder).parameters
-    assert [p for p in params if p not in ("rng", "x_NxHxW")] == [
-        "embed_dim", "epochs", "batch_size", "learning_rate"]
+def test_autoencoder_config_takes_no_labels():
+    c = dkvb_encoder.get_config("ae")
+    assert c.data.with_labels is False and c.objective == "reconstruct"
+    assert dkvb_encoder.get_config("cnn").data.with_labels is True
     assert encoders.SUPERVISION["ae"] == "none" and encoders.SUPERVISION["cnn"] == "labels"
+    # reconstruct_loss reads the images only: a batch without labels is all it needs
+    model = encoders.build_autoencoder(dict(c.model))
+    x = np.random.default_rng(0).uniform(size=(4, 8, 8)).astype(np.float32)
+    params = model.init(jax.random.PRNGKey(0), x)["params"]
+    loss, aux = enc_obj.reconstruct_loss(model.apply, params, {"images": x}, None)
+    assert aux["weight"] == 4 * 64 and np.isfinite(float(loss))
 
 
 @pytest.fixture(scope="module")
-def tiny_autoencoder():
-    x = np.random.default_rng(0).uniform(size=(64, 8, 8)).astype(np.float32)
-    return x, enc_obj.fit_autoencoder(jax.random.PRNGKey(0), x, embed_dim=16, epochs=2,
-                                      batch_size=16)
+def tiny_autoencoder(tmp_path_factory):
+    """A 3-step autoencoder run of the trainer on every 50th MNIST-8x8 image."""
+    c = dkvb_encoder.get_config("ae")
+    c.num_steps, c.batch_size, c.progress = 3, 16, False
+    c.model.embed_dim = 16
+    c.data.subsample = 50
+    summary = trainer.train(c, tmp_path_factory.mktemp("ae"), devices=jax.devices()[:1])
+    return summary["run"].model, {"params": summary["state"].params}
 
 
-def test_autoencoder_fit_is_deterministic_and_embeds(tiny_autoencoder):
-    x, (model, params) = tiny_autoencoder
-    _, again = enc_obj.fit_autoencoder(jax.random.PRNGKey(0), x, embed_dim=16, epochs=2,
-                                       batch_size=16)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, params, again)
-    z = np.asarray(encoders.ae_embed(model, params, jnp.asarray(x[:5])))
+def test_autoencoder_fit_embeds(tiny_autoencoder):
+    model, variables = tiny_autoencoder
+    x = np.random.default_rng(0).uniform(size=(5, 8, 8)).astype(np.float32)
+    z = np.asarray(encoders.ae_embed(model, variables, jnp.asarray(x)))
     assert z.shape == (5, 16) and np.all(z >= 0)  # ReLU bottleneck
-    assert model.apply(params, jnp.asarray(x[:5])).shape == (5, 8, 8, 1)
+    assert model.apply(variables, jnp.asarray(x)).shape == (5, 8, 8, 1)
 
 
-def test_autoencoder_fit_rejects_bad_input():
-    x = np.zeros((4, 8, 8), np.float32)
+def test_encoder_configs_reject_bad_input():
     with pytest.raises(ValueError, match="epochs"):
-        enc_obj.fit_autoencoder(jax.random.PRNGKey(0), x, epochs=0)
-    with pytest.raises(ValueError, match="x_NxHxW"):
-        enc_obj.fit_autoencoder(jax.random.PRNGKey(0), np.zeros((4, 64), np.float32))
+        dkvb_encoder.epochs_to_steps(0, "mnist_8x8", 128)
     with pytest.raises(ValueError, match="image_hw"):
-        enc_obj.fit_autoencoder(jax.random.PRNGKey(0), np.zeros((4, 7, 8), np.float32))
+        model = encoders.build_autoencoder({"embed_dim": 4, "image_hw": (7, 8)})
+        model.init(jax.random.PRNGKey(0), np.zeros((1, 7, 8), np.float32))
+    with pytest.raises(ValueError, match="the kind must be one of"):
+        dkvb_encoder.get_config("vit")
+    with pytest.raises(ValueError, match="the dataset must be one of"):
+        dkvb_encoder.get_config("ae:svhn")

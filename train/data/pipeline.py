@@ -7,7 +7,8 @@ trainer calls. It returns a grain `DatasetIterator` over process-local batches
 
 with B = global_batch_size // process_count, targets[:, t] the token after inputs[:, t] (for MQAR
 too), and weights 0 wherever the target is padding (MQAR: 1 only at the answer positions);
-"mac_meta" batches hold documents and their questions instead (train/data/mac_data.py). Feed
+"mac_meta" batches hold documents and their questions instead (train/data/mac_data.py),
+"images" batches images and labels (train/data/images.py). Feed
 a batch to a jitted step with `to_global_array(batch, mesh)`.
 
 The pipeline (grain 0.2.18 "Dataset" API: `grain.MapDataset` / `grain.IterDataset`):
@@ -65,10 +66,10 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from train.data import (birdie_data, catalog, mac_data, mqar, passkey_data, text_corpus,
-                        tokenizer)
+from train.data import (birdie_data, catalog, images, mac_data, mqar, passkey_data,
+                        text_corpus, tokenizer)
 
-DATASET_NAMES = ("mqar", "text", "tfds", "birdie", "passkey", "mac_lm", "mac_meta")
+DATASET_NAMES = ("mqar", "text", "tfds", "birdie", "passkey", "mac_lm", "mac_meta", "images")
 SOURCES = ("tfds", "memory")
 
 
@@ -185,6 +186,14 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
         if name == "mac_lm":
             # Fraction of rows that are packed `question SEP answer EOS` without the document.
             c.qa_only_fraction = 0.5
+    elif name == "images":
+        # Images for DKVB's encoders (train/data/images.py): "mnist_8x8" | "cifar10" | "cifar100".
+        c.dataset = "mnist_8x8"
+        # Records carry their labels; False leaves them out (a model fitted without labels).
+        c.with_labels = True
+        # The first max_examples images of the split (0: all), then every subsample-th.
+        c.max_examples = 0
+        c.subsample = 1
     else:
         # TFDS catalog name, with optional config/version ("pg19", "wiki40b/en").
         c.tfds_name = "pg19"
@@ -246,6 +255,8 @@ def splits(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
         return passkey_data.SPLITS
     if data_config.name in ("mac_lm", "mac_meta"):
         return mac_data.SPLITS
+    if data_config.name == "images":
+        return images.SPLITS.get(data_config.dataset, ())
     return ()
 
 
@@ -317,6 +328,12 @@ def make_source(
         if name == "mac_lm":
             return mac_data.lm_source(spec, split, seq_len), "examples"
         return mac_data.meta_source(spec, split), "fields"
+    if name == "images":
+        return images.ImageSource(data_config.dataset, split,
+                                  with_labels=bool(data_config.with_labels),
+                                  data_dir=data_config.data_dir,
+                                  max_examples=data_config.max_examples,
+                                  subsample=data_config.subsample), "fields"
     if name == "mqar":
         spec = mqar_spec(data_config, seq_len)
         if data_config.source == "memory":
