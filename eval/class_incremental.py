@@ -25,23 +25,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import math
 import pathlib
 import sys
 import tempfile
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from eval.figures import register, write_csv
-from memory import codebook as cb
 from models import encoders
 from models.kv_bottleneck import DECODERS
-from models.kv_bottleneck import KVBottleneck
+from train import checkpoint as ckpt_lib
 from train import config_identity, trainer
+from train.configs import dkvb as dkvb_configs
 from train.configs import dkvb_encoder
+from train.data import embeddings
 from train.data.images import CIFAR_OTHER, load_cifar, load_mnist_8x8, load_split_digits
 from train.objectives import dkvb as obj
 
@@ -106,85 +108,118 @@ class DKVBConfig:
     decoder: str = "vote"
 
 
-def build_codebooks(rng: jax.Array, z_keys_NxD: np.ndarray, num_classes: int,
-                    cfg: DKVBConfig) -> tuple[cb.Codebooks, cb.EMAState]:
-    """Random projection + EMA-initialised keys on `z_keys` (another distribution) + zero values."""
-    r_books, r_keys = jax.random.split(rng)
-    books = cb.init_codebooks(r_books, embed_dim=z_keys_NxD.shape[1],
-                              num_codebooks=cfg.num_codebooks, num_keys=cfg.num_keys,
-                              key_dim=cfg.key_dim, value_dim=num_classes)
-    q = cb.project(jnp.asarray(z_keys_NxD), books.projection_CxDxDk)
-    ema = cb.init_keys_ema(r_keys, q, num_keys=cfg.num_keys, decay=cfg.key_init_decay,
-                           epochs=cfg.key_init_epochs, batch_size=cfg.key_init_batch)
-    return books.replace(keys_CxKxDk=ema.keys_CxKxDk), ema
+METHODS = dkvb_configs.METHODS   # ("dkvb", "linear", "mlp")
 
 
-METHODS = ("dkvb", "linear", "mlp")
+def learner_config(method: str, *, seed: int, num_classes: int, embed_dim: int,
+                   dcfg: DKVBConfig, data_dir: pathlib.Path, batch_size: int):
+    """The trainer config of one learner (train/configs/dkvb.py) at the figure's sizes."""
+    c = dkvb_configs.get_config(method)
+    c.seed = seed
+    c.input_shape = (embed_dim,)
+    c.batch_size = batch_size
+    c.progress = False
+    c.model.num_classes = num_classes
+    c.data.data_dir = str(data_dir)
+    if method == "dkvb":
+        c.model.num_codebooks, c.model.num_keys = dcfg.num_codebooks, dcfg.num_keys
+        c.model.decoder = dcfg.decoder
+        m = c.memory.dkvb_codebooks
+        m.key_dim, m.key_init_epochs = dcfg.key_dim, dcfg.key_init_epochs
+        m.key_init_decay, m.key_init_batch = dcfg.key_init_decay, dcfg.key_init_batch
+    return c
 
 
-def make_learners(rng: jax.Array, z_keys_NxD: np.ndarray, embed_dim: int, num_classes: int,
-                  dcfg: DKVBConfig, methods: Sequence[str] = METHODS):
-    """{name: (learner, initial state)} for name in methods (of 'dkvb', 'linear', 'mlp')."""
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"methods={list(methods)!r}: {bad} not allowed; use some of {METHODS}")
-    r_cb, r_lin, r_mlp, r_dec = jax.random.split(rng, 4)
-    out = {}
-    for m in methods:
-        if m == "dkvb":
-            books, _ = build_codebooks(r_cb, z_keys_NxD, num_classes, dcfg)
-            model = KVBottleneck(num_classes=num_classes, decoder=dcfg.decoder)
-            out[m] = obj.dkvb_learner(model, books, rng=r_dec)
-        elif m == "linear":
-            out[m] = obj.probe_learner(r_lin, embed_dim, num_classes, hidden=0)
-        else:  # the paper's MLP baseline: one hidden layer of 128
-            out[m] = obj.probe_learner(r_mlp, embed_dim, num_classes, hidden=128)
+def _content_hash(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:12]
+
+
+def _train_phases(configs, workdir: pathlib.Path, *, after_phase=None) -> list:
+    """Trains the phases of one learner's run in `workdir` (reused: a finished phase is read
+    back from its checkpoint) and returns [after_phase(model, params, memory) per phase]."""
+    out = []
+    for c in configs:
+        summary = trainer.train(c, workdir, devices=jax.devices()[:1],
+                                allow_changes=dkvb_configs.PHASE_CHANGES)
+        state, run = summary["state"], summary["run"]
+        if summary["step"] != c.num_steps:      # a later phase's checkpoint was restored
+            ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+            try:
+                state = ckpt.restore(c.num_steps, trainer.abstract_state(run))
+            finally:
+                ckpt.close()
+        out.append(after_phase(run.model, jax.device_get(state.params),
+                               jax.device_get(state.memory)) if after_phase else None)
     return out
 
 
-def run_protocol(*, seed: int, z_train, y_train, z_test, y_test, z_keys, num_classes: int,
-                 class_order: Sequence[int], classes_per_task: int, pcfg: obj.ProtocolConfig,
-                 dcfg: DKVBConfig, eval_on: str = "seen", iid: bool = True,
-                 extra_eval=None, methods: Sequence[str] = ("dkvb", "linear", "mlp")) -> dict:
-    """Class-incremental stream for DKVB, linear probe and MLP, plus their i.i.d. upper bounds.
+def run_protocol(*, out: pathlib.Path, tag: str, seed: int, z_train, y_train, z_test, y_test,
+                 z_keys, num_classes: int, class_order: Sequence[int], classes_per_task: int,
+                 epochs: int, dcfg: DKVBConfig, eval_on: str = "seen", iid: bool = True,
+                 extra_eval=None, methods: Sequence[str] = METHODS) -> dict:
+    """Class-incremental stream for DKVB, linear probe and MLP, plus their i.i.d. upper bounds,
+    each a run of the shared trainer (train/configs/dkvb.py) under OUT/runs/dkvb-TAG-...
 
-    eval_on: "seen" (accuracy on test items of the classes seen so far) or "all".
-    extra_eval(name, state, learner) -> anything, recorded after each task (e.g. decision maps).
-    Returns {"ci": {name: [acc per task]}, "iid": {name: acc}, "extra": {name: [..]}}.
+    The embeddings go to OUT/runs/dkvb_data-TAG-HASH/{train,test,keys}.npz (HASH of their
+    content). eval_on: "seen" (accuracy on test items of the classes seen so far) or "all".
+    extra_eval(name, model, params, memory) -> anything, recorded after each task (e.g.
+    decision maps). Returns {"ci": {name: [acc per task]}, "iid": {name: acc},
+    "extra": {name: [..]}}.
     """
     if eval_on not in ("seen", "all"):
         raise ValueError(f"eval_on={eval_on!r} is not allowed; use 'seen' or 'all'")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"methods={list(methods)!r}: {bad} not allowed; use some of {METHODS}")
     tasks = task_classes(check_class_order(class_order, num_classes), classes_per_task)
-    train_tasks = split_tasks(np.asarray(z_train), np.asarray(y_train), tasks)
-    z_test, y_test = np.asarray(z_test), np.asarray(y_test)
-    rng = jax.random.PRNGKey(seed)
-    r_learn, r_ci, r_iid = jax.random.split(rng, 3)
-    learners = make_learners(r_learn, z_keys, z_train.shape[1], num_classes, dcfg, methods)
-    out = {"ci": {}, "iid": {}, "extra": {}}
-    for name, (learner, state0) in learners.items():
+    z_train, y_train = np.asarray(z_train, np.float32), np.asarray(y_train, np.int32)
+    z_test, y_test = np.asarray(z_test, np.float32), np.asarray(y_test, np.int32)
+    data_hash = _content_hash(z_train, y_train, z_test, y_test, np.asarray(z_keys))
+    data_dir = pathlib.Path(out) / "runs" / f"dkvb_data-{tag}-{data_hash}"
+    for split, z, y in (("train", z_train, y_train), ("test", z_test, y_test),
+                        ("keys", z_keys, None)):
+        if not (data_dir / f"{split}.npz").exists():
+            embeddings.save(data_dir, split, z, y)
+    counts = [int(np.isin(y_train, t).sum()) for t in tasks]
+    # Batches of the protocol's 256, or of the largest task's size when smaller: an epoch of a
+    # task is then one step (a smaller task's batch wraps round into its next pass).
+    batch = min(256, max(counts))
+    result = {"ci": {}, "iid": {}, "extra": {}}
+    for i, name in enumerate(methods):
+        base = learner_config(name, seed=seed + i, num_classes=num_classes,
+                              embed_dim=z_train.shape[1], dcfg=dcfg, data_dir=data_dir,
+                              batch_size=batch)
+        base.eval.num_batches = max(1, math.ceil(len(y_test) / batch))
+        phases = dkvb_configs.task_phases(base, tasks, counts, epochs=epochs, eval_on=eval_on)
+        h = config_identity.recipe_hash(phases)
         seen: list[int] = []
-        extras = []
 
-        def evaluate(state, _learner=learner, _name=name):
-            t = len(extras)
-            seen.extend(tasks[t])
-            keep = np.isin(y_test, seen) if eval_on == "seen" else np.ones(len(y_test), bool)
-            # Predict on the whole test set (one compiled shape), score the kept items.
-            pred = np.asarray(jnp.argmax(_learner.predict(state, jnp.asarray(z_test)), -1))
-            acc = float(np.mean(pred[keep] == y_test[keep]))
-            extras.append(extra_eval(_name, state, _learner) if extra_eval else None)
-            return acc
+        def after_task(model, params, memory, _name=name):
+            t = len(seen)
+            seen.append(t)
+            classes = sum(tasks[: t + 1], [])
+            keep = np.isin(y_test, classes) if eval_on == "seen" else np.ones(len(y_test), bool)
+            pred = obj.predict(model, params, memory, z_test)
+            extra = extra_eval(_name, model, params, memory) if extra_eval else None
+            return float(np.mean(pred[keep] == y_test[keep])), extra
 
-        _, accs = obj.train_class_incremental(learner, state0, train_tasks, pcfg,
-                                              jax.random.fold_in(r_ci, len(out["ci"])),
-                                              evaluate=evaluate)
-        out["ci"][name] = accs
-        out["extra"][name] = extras
+        got = _train_phases(phases, pathlib.Path(out) / "runs" / f"dkvb-{tag}-{name}-{h}-"
+                            f"{data_hash}", after_phase=after_task)
+        result["ci"][name] = [acc for acc, _ in got]
+        result["extra"][name] = [extra for _, extra in got]
         if iid:
-            st = obj.train_iid(learner, state0, z_train, y_train, pcfg,
-                               jax.random.fold_in(r_iid, len(out["iid"])))
-            out["iid"][name] = obj.accuracy(learner.predict(st, jnp.asarray(z_test)), y_test)
-    return out
+            (c,) = dkvb_configs.task_phases(base, [list(range(num_classes))], [len(y_train)],
+                                            epochs=epochs, eval_on="all")
+            h = config_identity.recipe_hash([c])
+            (acc,) = _train_phases(
+                [c], pathlib.Path(out) / "runs" / f"dkvb-{tag}-{name}-iid-{h}-{data_hash}",
+                after_phase=lambda model, params, memory: float(np.mean(
+                    obj.predict(model, params, memory, z_test) == y_test)))
+            result["iid"][name] = acc
+    return result
 
 
 # --------------------------------------------------------------------------- encoders for images
@@ -292,8 +327,8 @@ def validate_size(size: str) -> None:
                              f"of {DECODERS}")
 
 
-def toy_figure_numbers(*, size: str, seed: int, class_order=None, samples_per_task: int = 100,
-                       keep_maps: bool = True) -> dict:
+def toy_figure_numbers(*, size: str, seed: int, out: pathlib.Path, class_order=None,
+                       samples_per_task: int = 100, keep_maps: bool = True) -> dict:
     """Runs the 2D toy; returns {"ci", "iid", "maps", "grid", "x_train", "y_train", "tasks"}."""
     dcfg, epochs, n_test, grid = _size(TOY_SIZES, size)
     order = check_class_order(class_order, 8)
@@ -304,24 +339,23 @@ def toy_figure_numbers(*, size: str, seed: int, class_order=None, samples_per_ta
     g = (np.arange(grid) + 0.5) / grid
     grid_pts = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2).astype(np.float32)
 
-    def maps(name, state, learner):
+    def maps(name, model, params, memory):
         if not keep_maps:
             return None
-        return np.asarray(jnp.argmax(learner.predict(state, jnp.asarray(grid_pts)), -1)).reshape(
-            grid, grid)
+        return obj.predict(model, params, memory, grid_pts).reshape(grid, grid)
 
-    out = run_protocol(seed=seed, z_train=x_tr, y_train=y_tr, z_test=x_te, y_test=y_te,
-                       z_keys=x_keys, num_classes=8, class_order=order, classes_per_task=2,
-                       pcfg=obj.ProtocolConfig(epochs_per_task=epochs), dcfg=dcfg, eval_on="all",
-                       extra_eval=maps)
-    return {**out, "x_train": x_tr, "y_train": y_tr, "tasks": task_classes(order, 2)}
+    r = run_protocol(out=out, tag=f"toy-{size}-seed{seed}", seed=seed, z_train=x_tr,
+                     y_train=y_tr, z_test=x_te, y_test=y_te, z_keys=x_keys, num_classes=8,
+                     class_order=order, classes_per_task=2, epochs=epochs, dcfg=dcfg,
+                     eval_on="all", extra_eval=maps)
+    return {**r, "x_train": x_tr, "y_train": y_tr, "tasks": task_classes(order, 2)}
 
 
 def toy_figure_settings(size: str) -> dict:
     """The dkvb_toy recipe at `size` (TOY_SIZES entry and protocol), hashed into provenance."""
     dcfg, epochs, n_test, grid = _size(TOY_SIZES, size)
-    return {"dkvb": dcfg, "protocol": obj.ProtocolConfig(epochs_per_task=epochs),
-            "test_per_class": n_test, "grid": grid}
+    return {"dkvb": dcfg, "protocol": dkvb_configs.get_config("dkvb").to_dict(),
+            "epochs_per_task": epochs, "test_per_class": n_test, "grid": grid}
 
 
 @register("dkvb_toy", settings=toy_figure_settings)
@@ -333,7 +367,7 @@ def dkvb_toy(*, size: str, seed: int, out: pathlib.Path, class_order=None) -> di
     from matplotlib.colors import ListedColormap
 
     validate_size(size)
-    r = toy_figure_numbers(size=size, seed=seed, class_order=class_order)
+    r = toy_figure_numbers(size=size, seed=seed, out=out, class_order=class_order)
     names = ("linear", "mlp", "dkvb")
     titles = {"linear": "linear probe", "mlp": "MLP (128)", "dkvb": "DKVB"}
     cmap = ListedColormap(plt.get_cmap("tab10").colors[:8])
@@ -393,16 +427,18 @@ def digits_figure_numbers(*, size: str, seed: int, out: pathlib.Path, class_orde
                         fit_epochs=fit_epochs)
     z = {k: encoders.precompute_embeddings(embed, v)
          for k, v in (("train", x_tr), ("test", x_te), ("keys", x_other))}
-    out = run_protocol(seed=seed, z_train=z["train"], y_train=y_tr, z_test=z["test"], y_test=y_te,
-                       z_keys=z["keys"], num_classes=10, class_order=order, classes_per_task=2,
-                       pcfg=obj.ProtocolConfig(epochs_per_task=epochs), dcfg=dcfg, eval_on="seen")
-    return {**out, "tasks": task_classes(order, 2)}
+    r = run_protocol(out=out, tag=f"digits-{size}-seed{seed}-{encoder}", seed=seed,
+                     z_train=z["train"], y_train=y_tr, z_test=z["test"], y_test=y_te,
+                     z_keys=z["keys"], num_classes=10, class_order=order, classes_per_task=2,
+                     epochs=epochs, dcfg=dcfg, eval_on="seen")
+    return {**r, "tasks": task_classes(order, 2)}
 
 
 def digits_figure_settings(size: str) -> dict:
     """The dkvb_split_digits recipe at `size` (DIGITS_SIZES entry, protocol, default encoder)."""
     dcfg, epochs, fit_epochs = _size(DIGITS_SIZES, size)
-    return {"dkvb": dcfg, "protocol": obj.ProtocolConfig(epochs_per_task=epochs),
+    return {"dkvb": dcfg, "protocol": dkvb_configs.get_config("dkvb").to_dict(),
+            "epochs_per_task": epochs,
             "encoder": {"kind": "ae", "supervision": encoders.SUPERVISION["ae"]},
             "encoder_epochs": fit_epochs}
 
@@ -489,7 +525,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.encoder is None:
         a.encoder = "ae" if a.dataset == "digits" else "cnn"
     if a.dataset == "toy":
-        r = toy_figure_numbers(size=a.size, seed=a.seed, class_order=order, keep_maps=False)
+        r = toy_figure_numbers(size=a.size, seed=a.seed, out=out, class_order=order,
+                               keep_maps=False)
     elif a.dataset == "digits":
         r = digits_figure_numbers(size=a.size, seed=a.seed, out=out, class_order=order,
                                   encoder=a.encoder)
@@ -535,11 +572,11 @@ def cifar_numbers(name: str, *, size: str, seed: int, out: pathlib.Path, class_o
         embed = fit_encoder(encoder, seed + 1, x_o, dataset=other, workdir=workdir,
                             fit_epochs=fit_epochs, **data)
         z_tr, z_te, z_keys = (encoders.precompute_embeddings(embed, v) for v in (x_tr, x_te, x_o))
-    out = run_protocol(seed=seed, z_train=z_tr, y_train=y_tr, z_test=z_te, y_test=y_te,
-                       z_keys=z_keys, num_classes=num_classes, class_order=order,
-                       classes_per_task=classes_per_task,
-                       pcfg=obj.ProtocolConfig(epochs_per_task=epochs), dcfg=dcfg, eval_on="seen")
-    return {**out, "tasks": task_classes(order, classes_per_task)}
+    r = run_protocol(out=out, tag=f"{name}-{size}-seed{seed}-{encoder}", seed=seed,
+                     z_train=z_tr, y_train=y_tr, z_test=z_te, y_test=y_te, z_keys=z_keys,
+                     num_classes=num_classes, class_order=order,
+                     classes_per_task=classes_per_task, epochs=epochs, dcfg=dcfg, eval_on="seen")
+    return {**r, "tasks": task_classes(order, classes_per_task)}
 
 
 if __name__ == "__main__":

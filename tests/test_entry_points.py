@@ -49,8 +49,8 @@ def test_configs_resolve_by_name_or_path():
     assert out[:2] + out[3:] == argv[:2] + argv[3:]        # overrides untouched
     assert train_main.resolve_config_flag(["p", "--config=lm:tiny"])[1] == \
         f"--config={REPO / 'train' / 'configs' / 'lm.py'}:tiny"
-    with pytest.raises(ValueError, match=r"config='nope:tiny'.*\['birdie', 'dkvb_encoder', "
-                                         r"'landmark', 'lm', 'mac'\]"):
+    with pytest.raises(ValueError, match=r"config='nope:tiny'.*\['birdie', 'dkvb', "
+                                         r"'dkvb_encoder', 'landmark', 'lm', 'mac'\]"):
         train_main.config_path("nope:tiny")
 
 

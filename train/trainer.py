@@ -1,5 +1,6 @@
-"""The shared training loop (the LM, landmark, Birdie and MAC configs, Birdie's controller as a
-hook, the phone-book figure's runs; DKVB and the recall figure's arms do not train here yet).
+"""The shared training loop (the LM, landmark, Birdie, MAC and DKVB configs, DKVB's encoders,
+Birdie's controller as a hook, the phone-book figure's runs; only the recall figure's arms do
+not train here yet).
 
     train(config, workdir, *, allow_changes=()) -> summary dict
 
@@ -26,9 +27,11 @@ WORKDIR/base_lm (skipped once it reached base_lm.num_steps), and starts its own 
 from that run's newest parameters; `optim.frozen` (train/optim.py) keeps them fixed.
 
 A family plugs in by adding entries to MODELS (a builder from the model config to a Linen
-module) and OBJECTIVES (a loss, see train/objectives/lm.py: it gets the step being taken, and
-config.objective_config's fields as keywords; OBJECTIVE_CHECKS may check those before anything
-trains). Something that must act on the run
+module) and OBJECTIVES (a loss, see train/objectives/lm.py: it gets the step being taken, the
+train state's memory, and config.objective_config's fields as keywords; OBJECTIVE_CHECKS may
+check those before anything trains), and, where it keeps a memory, MEMORY (an init from
+config.memory.NAME's settings; the objective reads it and may return its next value as
+aux["memory"], as DKVB's usage counts). Something that must act on the run
 between steps (Birdie's controller) is a hook: config.hooks.NAME holds its settings and HOOKS[NAME]
 builds it as `build(hook_config, config) -> Hook`, an object with
 
@@ -88,6 +91,8 @@ MODELS: dict[str, str] = {
     "mac": "train.objectives.mac:build_model",
     "autoencoder": "models.encoders:build_autoencoder",
     "cnn": "models.encoders:build_cnn",
+    "dkvb": "train.objectives.dkvb:build_dkvb",
+    "probe": "train.objectives.dkvb:build_probe",
 }
 # name → "module:function" with loss(apply_fn, params, batch, rng, *, step=None, **settings)
 # -> (loss_sum, aux sums) (train/objectives/lm.py); settings are config.objective_config's.
@@ -98,10 +103,19 @@ OBJECTIVES: dict[str, str] = {
     "mac_meta": "train.objectives.mac:meta_objective",
     "reconstruct": "train.objectives.encoders:reconstruct_loss",
     "classify": "train.objectives.encoders:classify_loss",
+    "dkvb": "train.objectives.dkvb:dkvb_loss",
+    "probe": "train.objectives.dkvb:probe_loss",
 }
 # objective name → "module:function" check(config) raising a ValueError for settings it cannot use
 OBJECTIVE_CHECKS: dict[str, str] = {
     "mac_meta": "train.objectives.mac:check_config",
+    "dkvb": "train.objectives.dkvb:check_config",
+}
+# name → "module:function" init(settings, config, key) -> pytree: a family's memory, kept in
+# TrainState.memory[name] (config.memory.NAME holds its settings), read by the objective and
+# updated by it where it returns aux["memory"] (DKVB's codebooks and their usage counts).
+MEMORY: dict[str, str] = {
+    "dkvb_codebooks": "train.objectives.dkvb:init_codebooks",
 }
 # name → "module:function" with build(hook_config, config) -> Hook (see the module docstring).
 HOOKS: dict[str, str] = {
@@ -112,7 +126,7 @@ REQUIRED_FIELDS = ("seed", "num_steps", "batch_size", "checkpoint_every", "eval_
 KNOWN_FIELDS = set(REQUIRED_FIELDS) | {
     "seq_len", "log_every", "keep_checkpoints", "async_checkpoints", "sharding_rules", "model",
     "data", "optim", "eval", "objective", "objective_config", "debug", "progress", "name",
-    "hooks", "init_from", "base_lm", "input_shape"}
+    "hooks", "init_from", "base_lm", "input_shape", "memory"}
 
 
 def _resolve(table: dict[str, str], name: str, what: str) -> Callable:
@@ -215,6 +229,11 @@ def setup(config: ml_collections.ConfigDict, *, devices=None) -> Run:
     if config.get("objective_config"):
         objective = functools.partial(objective, **config.objective_config.to_dict())
     hooks = build_hooks(config)
+    memory_inits = {name: functools.partial(_resolve(MEMORY, name, "memory"), settings, config)
+                    for name, settings in config.get("memory", {}).items()}
+    clash = sorted(set(memory_inits) & {h.name for h in hooks})
+    if clash:
+        raise ValueError(f"memory={clash} shares a name with a hook; each needs its own")
     dummy = _dummy_inputs(config)
 
     def init_fn(seed_key):
@@ -222,6 +241,8 @@ def setup(config: ml_collections.ConfigDict, *, devices=None) -> Run:
         params = model.init(init_key, dummy)["params"]
         memory = {h.name: h.init(jax.random.fold_in(seed_key, 1 + i))
                   for i, h in enumerate(hooks)}
+        for i, (name, init) in enumerate(memory_inits.items()):
+            memory[name] = init(jax.random.fold_in(seed_key, 1001 + i))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=shd.drop_empty_boxes(tx.init(params)),
                           rng=jax.random.key_data(run_key),
@@ -232,7 +253,8 @@ def setup(config: ml_collections.ConfigDict, *, devices=None) -> Run:
     shardings = shd.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
     shd.check_divisible(nn.unbox(abstract), shardings)
     return Run(config=config, mesh=mesh, rules=rules, model=model, tx=tx, schedule=schedule,
-               state_shardings=shardings, batch_sharding=shd.batch_sharding(mesh, rules),
+               # rows over the batch axes, any trailing axes replicated (labels [B] too)
+               state_shardings=shardings, batch_sharding=shd.batch_sharding(mesh, rules, ndim=1),
                init_fn=init_fn, objective=objective, hooks=hooks)
 
 
@@ -268,16 +290,19 @@ def make_train_step(run: Run):
     accum = cfg.optim.grad_accum
     nan_at = cfg.get("debug", {}).get("nan_at_step", -1)
 
-    def micro_loss(params, micro, rng, step):
-        loss_sum, aux = run.objective(run.model.apply, params, micro, rng, step=step)
+    def micro_loss(params, micro, rng, step, memory):
+        loss_sum, aux = run.objective(run.model.apply, params, micro, rng, step=step,
+                                      memory=memory)
         return loss_sum, aux
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def step_fn(state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        new_memory = {}
         if accum == 1:
-            (loss_sum, aux), grads = grad_fn(state.params, batch, rng, state.step)
+            (loss_sum, aux), grads = grad_fn(state.params, batch, rng, state.step, state.memory)
+            new_memory = aux.pop("memory", {})
         else:
             # [B, ...] → [A, B/A, ...]; sum losses and gradients over micro-batches, then divide
             # once by the total weight so the update equals the un-accumulated one.
@@ -286,11 +311,16 @@ def make_train_step(run: Run):
 
             def body(carry, xs):
                 i, mb = xs
-                (l, a), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), state.step)
+                (l, a), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), state.step,
+                                    state.memory)
                 return jax.tree_util.tree_map(jnp.add, carry, (l, a, g)), None
 
             first = jax.tree_util.tree_map(lambda x: x[0], micro)
-            shapes = jax.eval_shape(grad_fn, state.params, first, rng, state.step)
+            shapes = jax.eval_shape(grad_fn, state.params, first, rng, state.step, state.memory)
+            if "memory" in shapes[0][1]:
+                raise ValueError(f"optim.grad_accum={accum} is not allowed with objective "
+                                 f"{cfg.get('objective', 'lm')!r}, which updates its memory "
+                                 "every step; use grad_accum=1")
             zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype),
                                            (shapes[0][0], shapes[0][1], shapes[1]))
             (loss_sum, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
@@ -307,7 +337,8 @@ def make_train_step(run: Run):
                    "grad_norm": global_norm(grads), "lr": run.schedule(state.step),
                    # an objective's other sums (e.g. MAC's readout accuracies), per weight
                    **{k: v / denom for k, v in aux.items() if k not in ("weight", "correct")}}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                             memory={**state.memory, **new_memory}), metrics
 
     def wrapped(state, batch):
         with nn.logical_axis_rules(run.rules):
@@ -325,12 +356,15 @@ def make_train_step(run: Run):
 
 
 def make_eval_step(run: Run):
-    def eval_fn(params, batch):
+    def eval_fn(params, memory, batch):
         with nn.logical_axis_rules(run.rules):
-            loss_sum, aux = run.objective(run.model.apply, params, batch, jax.random.key(0))
+            loss_sum, aux = run.objective(run.model.apply, params, batch, jax.random.key(0),
+                                          memory=memory)
+        aux.pop("memory", None)
         return {"loss_sum": loss_sum, **aux}
 
-    return jax.jit(eval_fn, in_shardings=(run.state_shardings.params, run.batch_sharding),
+    return jax.jit(eval_fn, in_shardings=(run.state_shardings.params,
+                                          run.state_shardings.memory, run.batch_sharding),
                    out_shardings=shd.replicated(run.mesh))
 
 
@@ -376,11 +410,11 @@ def eval_split(config) -> str:
     return "validation" if "validation" in names or not names else "test"
 
 
-def evaluate(run: Run, eval_step, params, *, num_batches: int) -> dict:
+def evaluate(run: Run, eval_step, params, memory, *, num_batches: int) -> dict:
     it = iter(make_data(run.config, eval_split(run.config), seed_offset=10_000))
     tot: dict[str, float] = {}
     for _ in range(num_batches):
-        out = jax.device_get(eval_step(params, to_device(next(it), run.batch_sharding)))
+        out = jax.device_get(eval_step(params, memory, to_device(next(it), run.batch_sharding)))
         for k, v in out.items():
             tot[k] = tot.get(k, 0.0) + float(v)
     w = max(tot.get("weight", 0.0), 1.0)
@@ -569,8 +603,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                 if bar is not None:
                     bar.update(1)
                 summary["final_loss"] = loss
-                if cfg.eval_every and step % cfg.eval_every == 0:
-                    ev = evaluate(run, eval_step, state.params,
+                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.num_steps):
+                    ev = evaluate(run, eval_step, state.params, state.memory,
                                   num_batches=cfg.eval.num_batches)
                     writer.write(step, ev)
                     summary.update(ev)

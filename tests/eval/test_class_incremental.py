@@ -7,7 +7,6 @@ import pytest
 
 from eval import class_incremental as ci
 from train.data import images
-from train.objectives import dkvb as obj
 
 
 def test_toy_data_and_tasks():
@@ -25,15 +24,16 @@ def test_toy_data_and_tasks():
         ci.task_classes(list(range(8)), 3)
 
 
-def test_toy_protocol_dkvb_remembers_mlp_forgets():
-    """Tiny toy run (permuted class order): DKVB keeps all classes, the MLP only the last task."""
+def test_toy_protocol_dkvb_remembers_mlp_forgets(tmp_path):
+    """Tiny toy run (permuted class order) through the trainer: DKVB keeps all classes, the MLP
+    only the last task."""
     x_tr, y_tr = ci.toy_data(1, 50)
     x_te, y_te = ci.toy_data(2, 50)
     x_keys = np.random.default_rng(3).uniform(size=(1000, 2)).astype(np.float32)
     out = ci.run_protocol(
-        seed=0, z_train=x_tr, y_train=y_tr, z_test=x_te, y_test=y_te, z_keys=x_keys,
-        num_classes=8, class_order=[3, 6, 1, 4, 7, 0, 5, 2], classes_per_task=2,
-        pcfg=obj.ProtocolConfig(epochs_per_task=30),
+        out=tmp_path, tag="toy-test", seed=0, z_train=x_tr, y_train=y_tr, z_test=x_te,
+        y_test=y_te, z_keys=x_keys, num_classes=8, class_order=[3, 6, 1, 4, 7, 0, 5, 2],
+        classes_per_task=2, epochs=30,
         dcfg=ci.DKVBConfig(num_codebooks=4, num_keys=48, key_dim=2, key_init_epochs=5),
         eval_on="all", iid=False, methods=("dkvb", "mlp"))
     dkvb, mlp = out["ci"]["dkvb"], out["ci"]["mlp"]

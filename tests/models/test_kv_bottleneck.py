@@ -1,15 +1,17 @@
-"""DKVB model + value training: the value gradient, one local SGD step, voting decoder check,
-encoders. (That values outside the fetched set never move, under any optimizer, is tested in
-tests/train/test_dkvb_objective.py.)"""
+"""DKVB model + value training: the value gradient, one local SGD step of the trainer's
+objective and optimizer, voting decoder check, encoders. (That values outside the fetched set
+never move across the trainer's task phases is tested in tests/train/test_dkvb_objective.py.)"""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from memory import codebook as cb
 from models import encoders
 from models.kv_bottleneck import KVBottleneck
 from train.objectives import dkvb as obj
+from train.optim import make_optimizer
 
 B, D, C, K, DK, V = 24, 10, 3, 16, 4, 5
 
@@ -62,7 +64,7 @@ def test_value_gradient_is_the_scatter_of_softmax_minus_onehot(setup):
 
     def loss(values):
         logits, _ = model.apply({}, z, books.replace(values_CxKxDv=values))
-        return obj.smoothed_cross_entropy(logits, y, jnp.ones(B), 0.0)
+        return jnp.mean(obj.smoothed_cross_entropy(logits, y, 0.0))
 
     g_values = jax.grad(loss)(books.values_CxKxDv)
     logits, idx = model.apply({}, z, books)
@@ -75,55 +77,54 @@ def test_value_gradient_is_the_scatter_of_softmax_minus_onehot(setup):
 
 
 def test_one_sgd_step_is_local(setup):
-    """One step of the protocol's optimizer (no clipping triggered, no label smoothing):
-    unfetched values, keys and projection are bitwise unchanged; fetched values move by
-    -lr * (1/C) sum over the items that fetched them of (softmax - onehot) / B."""
+    """One step of the trainer's DKVB objective and optimizer (plain SGD, no clipping triggered,
+    no label smoothing): unfetched values, keys and projection are bitwise unchanged; fetched
+    values move by -lr * (1/C) sum over the items that fetched them of (softmax - onehot) / B;
+    usage counts every fetch; evaluation snaps each item to its nearest used key."""
     books, z, y = setup
     lr = 0.3
-    cfg = obj.ProtocolConfig(learning_rate=lr, batch_size=B, clip_norm=100.0, label_smoothing=0.0,
-                             epochs_per_task=1)
-    model = KVBottleneck(num_classes=V)
-    learner, state = obj.dkvb_learner(model, books)
-    idx = learner.features(state, z)
-    new, _ = obj.make_train_task(learner, cfg)(state, idx, y, jnp.ones(B), jax.random.PRNGKey(3))
-    new_values = np.asarray(new.trainable["values"])
-    old_values = np.asarray(books.values_CxKxDv)
+    model = obj.DKVBModel(num_classes=V, num_codebooks=C, num_keys=K)
+    memory = {"dkvb_codebooks": {"projection": books.projection_CxDxDk,
+                                 "keys": books.keys_CxKxDk, "usage": books.usage_CxK}}
+    params = {"values": books.values_CxKxDv}
+    batch = {"z": z, "y": y}
+    tx, _ = make_optimizer({"name": "sgd", "lr": lr, "warmup_steps": 0, "schedule": "constant",
+                            "clip_norm": 100.0})
+
+    @jax.jit
+    def step(params, memory):
+        (loss, aux), g = jax.value_and_grad(
+            lambda p: obj.dkvb_loss(model.apply, p, batch, None, step=0, memory=memory,
+                                    label_smoothing=0.0), has_aux=True)(params)
+        g = jax.tree_util.tree_map(lambda x: x / aux["weight"], g)    # the trainer's mean
+        u, _ = tx.update(g, tx.init(params), params)
+        return optax.apply_updates(params, u), aux["memory"]
+
+    new, new_memory = step(params, memory)
+    new_values, old_values = np.asarray(new["values"]), np.asarray(books.values_CxKxDv)
+    _, idx = KVBottleneck(num_classes=V).apply({}, z, books)
     fetched = np.zeros((C, K), bool)
     fetched[np.arange(C)[None], np.asarray(idx)] = True
     assert 0 < fetched.sum() < C * K
     np.testing.assert_array_equal(new_values[~fetched], old_values[~fetched])  # bitwise
-    np.testing.assert_array_equal(new.aux.keys_CxKxDk, books.keys_CxKxDk)
-    np.testing.assert_array_equal(new.aux.projection_CxDxDk, books.projection_CxDxDk)
+    got = new_memory["dkvb_codebooks"]
+    np.testing.assert_array_equal(got["keys"], books.keys_CxKxDk)
+    np.testing.assert_array_equal(got["projection"], books.projection_CxDxDk)
     # Usage counted once per item and codebook.
-    assert int(new.aux.usage_CxK.sum()) == B * C
-    np.testing.assert_array_equal(new.aux.usage_CxK > 0, fetched)
-    logits = np.asarray(jax.nn.softmax(model.apply({}, None, books, idx_BxC=idx)[0]))
+    assert int(got["usage"].sum()) == B * C
+    np.testing.assert_array_equal(np.asarray(got["usage"]) > 0, fetched)
+    logits = np.asarray(jax.nn.softmax(KVBottleneck(num_classes=V).apply(
+        {}, None, books, idx_BxC=idx)[0]))
     grad = np.zeros((C, K, V))
     for b in range(B):
         for c in range(C):
             grad[c, int(idx[b, c])] += (logits[b] - np.eye(V)[int(y[b])]) / (C * B)
     # float32 rounding of values ~0.5 plus a ~1e-2 update: a few ulps.
     np.testing.assert_allclose(new_values[fetched], (old_values - lr * grad)[fetched], atol=1e-6)
-
-
-def test_training_leaves_keys_frozen_and_is_deterministic(setup):
-    books, z, y = setup
-    books = books.replace(values_CxKxDv=jnp.zeros_like(books.values_CxKxDv))
-    cfg = obj.ProtocolConfig(batch_size=8, epochs_per_task=3)  # clip 1.0, smoothing 0.1
-    learner, state = obj.dkvb_learner(KVBottleneck(num_classes=V), books)
-    train = obj.make_train_task(learner, cfg)
-    idx = learner.features(state, z)
-    a, _ = train(state, idx, y, jnp.ones(B), jax.random.PRNGKey(5))
-    b, _ = train(state, idx, y, jnp.ones(B), jax.random.PRNGKey(5))
-    jax.tree_util.tree_map(np.testing.assert_array_equal, a.trainable, b.trainable)
-    np.testing.assert_array_equal(a.aux.keys_CxKxDk, books.keys_CxKxDk)
-    np.testing.assert_array_equal(a.aux.projection_CxDxDk, books.projection_CxDxDk)
-    assert np.any(a.trainable["values"])
-    # Training data is fitted; at test time the lookup is restricted to used keys.
-    assert obj.accuracy(learner.predict(a, z), y) > 0.5
-    restricted = KVBottleneck(num_classes=V).apply({}, z, a.aux, restrict_to_used=True,
-                                                   method=KVBottleneck.lookup)
-    assert bool(jnp.all(a.aux.usage_CxK[jnp.arange(C)[None], restricted] > 0))
+    # Evaluation (step None): every item's key is a used one.
+    _, eval_idx = model.apply({"params": new}, z, got, restrict_to_used=True,
+                              method=obj.DKVBModel.logits)
+    assert bool(jnp.all(got["usage"][jnp.arange(C)[None], eval_idx] > 0))
 
 
 def test_pca_and_embedding_files(tmp_path):

@@ -8,7 +8,8 @@ trainer calls. It returns a grain `DatasetIterator` over process-local batches
 with B = global_batch_size // process_count, targets[:, t] the token after inputs[:, t] (for MQAR
 too), and weights 0 wherever the target is padding (MQAR: 1 only at the answer positions);
 "mac_meta" batches hold documents and their questions instead (train/data/mac_data.py),
-"images" batches images and labels (train/data/images.py). Feed
+"images" batches images and labels (train/data/images.py), "embeddings" batches embeddings
+and labels (train/data/embeddings.py). Feed
 a batch to a jitted step with `to_global_array(batch, mesh)`.
 
 The pipeline (grain 0.2.18 "Dataset" API: `grain.MapDataset` / `grain.IterDataset`):
@@ -66,10 +67,11 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from train.data import (birdie_data, catalog, images, mac_data, mqar, passkey_data,
-                        text_corpus, tokenizer)
+from train.data import (birdie_data, catalog, embeddings, images, mac_data, mqar,
+                        passkey_data, text_corpus, tokenizer)
 
-DATASET_NAMES = ("mqar", "text", "tfds", "birdie", "passkey", "mac_lm", "mac_meta", "images")
+DATASET_NAMES = ("mqar", "text", "tfds", "birdie", "passkey", "mac_lm", "mac_meta", "images",
+                 "embeddings")
 SOURCES = ("tfds", "memory")
 
 
@@ -194,6 +196,12 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
         # The first max_examples images of the split (0: all), then every subsample-th.
         c.max_examples = 0
         c.subsample = 1
+    elif name == "embeddings":
+        # Precomputed embeddings (train/data/embeddings.py) in data_dir: train.npz, test.npz.
+        # The classes of the train split read (a class-incremental task; () = all) and of the
+        # test split evaluated (() = all).
+        c.classes = ()
+        c.eval_classes = ()
     else:
         # TFDS catalog name, with optional config/version ("pg19", "wiki40b/en").
         c.tfds_name = "pg19"
@@ -257,6 +265,8 @@ def splits(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
         return mac_data.SPLITS
     if data_config.name == "images":
         return images.SPLITS.get(data_config.dataset, ())
+    if data_config.name == "embeddings":
+        return embeddings.SPLITS
     return ()
 
 
@@ -328,6 +338,10 @@ def make_source(
         if name == "mac_lm":
             return mac_data.lm_source(spec, split, seq_len), "examples"
         return mac_data.meta_source(spec, split), "fields"
+    if name == "embeddings":
+        classes = data_config.classes if split == "train" else data_config.eval_classes
+        return embeddings.EmbeddingSource(data_config.data_dir, split,
+                                          tuple(int(c) for c in classes)), "fields"
     if name == "images":
         return images.ImageSource(data_config.dataset, split,
                                   with_labels=bool(data_config.with_labels),

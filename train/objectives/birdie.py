@@ -544,13 +544,13 @@ def packed_logits(apply_fn, params, batch) -> jax.Array:
     return apply_fn({"params": params}, batch["inputs"], **kwargs)
 
 
-def trainer_loss(apply_fn, params, batch, rng, *, step=None):
+def trainer_loss(apply_fn, params, batch, rng, *, step=None, memory=None):
     """Weighted next-token loss on packed Birdie batches (train/trainer.py OBJECTIVES['birdie']).
 
     Calls apply_fn({'params': p}, inputs, segment_ids=..., prefix=...) with the keys the batch
     has; returns (sum of weighted losses, {"weight", "correct"} sums) as train/objectives/lm.py.
     """
-    del rng, step
+    del rng, step, memory
     ce, correct = token_losses(packed_logits(apply_fn, params, batch), batch["targets"])
     w = batch["weights"].astype(jnp.float32)
     return jnp.sum(ce * w), {"weight": jnp.sum(w), "correct": jnp.sum(correct * w)}

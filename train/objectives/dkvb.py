@@ -1,29 +1,24 @@
-"""DKVB value training and the class-incremental protocol (Träuble et al. 2023, Sec. 4.1).
+"""DKVB value training for the shared trainer (Träuble et al. 2023, Sec. 4.1): model "dkvb" with
+memory "dkvb_codebooks" and objective "dkvb"; the baselines' model "probe" with objective "probe".
 
-Protocol, for DKVB and for its baselines alike: a stream of tasks (a few classes each), no task
-identities, no regulariser that needs task boundaries, one optimizer carried across tasks —
-SGD *without momentum* (with momentum, values fetched in an earlier task would keep moving after
-they stop being fetched), learning rate 0.3, batch 256, global gradient-norm clip 1.0, label
-smoothing 0.1, several epochs per task. DKVB values start at zero.
+Protocol, for DKVB and for its baselines alike (train/configs/dkvb.py): a stream of tasks (a few
+classes each), one trainer phase per task in one workdir, no task identities, no regulariser
+that needs task boundaries, one optimizer carried across tasks — SGD *without momentum* (with
+momentum, values fetched in an earlier task would keep moving after they stop being fetched),
+learning rate 0.3, batch 256, global gradient-norm clip 1.0, label smoothing 0.1, several epochs
+per task. DKVB values start at zero.
 
-Locality is enforced, not only implied by the optimizer: a DKVB step zeroes the update of every
-value its batch did not fetch (`Learner.local_update`), so an optimizer with momentum or weight
-decay (`make_train_task(..., tx=...)`) still cannot move a value outside the fetched set. Under
-the protocol's plain SGD those updates are already zero, so the mask changes no number.
+Locality: a value no item of a batch fetched gets a zero gradient, and under plain SGD a zero
+update, so it stays exactly where it is; `check_config` refuses any other optimizer for DKVB
+(momentum or weight decay would move unfetched values).
 
-Everything runs on precomputed frozen embeddings: for DKVB the key indices of a training set are
-computed once (keys and projection are frozen), so an epoch is only gathers and scatter-adds. A
-task is one jitted call: `lax.scan` over epochs, and within each over shuffled batches.
-
-Learners:
-- `dkvb_learner(model, codebooks)`: trainable {values, linear-decoder params}; usage counted.
-- `probe_learner(num_classes, hidden=0|128)`: linear probe (hidden=0) or MLP with one hidden
-  layer, on the same embeddings.
+The memory (`init_codebooks`, TrainState.memory["dkvb_codebooks"]) holds the frozen random
+projection and the keys, initialised by EMA k-means on another distribution's embeddings
+(DATA_DIR/keys.npz), and the usage counts of the keys, which every training step updates
+(aux["memory"]); at evaluation each input snaps to its nearest *used* key. Batches are
+"embeddings" batches {"z": [B, D], "y": [B]} (train/data/embeddings.py).
 """
 from __future__ import annotations
-
-import dataclasses
-from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -33,123 +28,58 @@ import optax
 
 from memory import codebook as cb
 from models.kv_bottleneck import KVBottleneck
-from train import optim
+from train.data import embeddings
 
 
-@dataclasses.dataclass(frozen=True)
-class ProtocolConfig:
-    """The paper's value-training protocol (Sec. 4.1 / App. B)."""
-
-    learning_rate: float = 0.3  # SGD step size, no momentum
-    batch_size: int = 256  # items per step (the last batch of a task may be smaller)
-    clip_norm: float = 1.0  # global gradient-norm clip (0 disables)
-    label_smoothing: float = 0.1  # cross-entropy label smoothing
-    epochs_per_task: int = 10  # passes over each task's data
-
-    def validate(self) -> "ProtocolConfig":
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate={self.learning_rate!r} must be > 0")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size!r} must be a positive int")
-        if self.clip_norm < 0:
-            raise ValueError(f"clip_norm={self.clip_norm!r} must be >= 0 (0 disables clipping)")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing={self.label_smoothing!r} must be in [0, 1)")
-        if not isinstance(self.epochs_per_task, int) or self.epochs_per_task < 1:
-            raise ValueError(f"epochs_per_task={self.epochs_per_task!r} must be a positive int")
-        return self
-
-
-def make_optimizer(cfg: ProtocolConfig) -> optax.GradientTransformation:
-    """Global-norm clip then plain SGD (no momentum, no weight decay), from the one factory
-    (train/optim.py)."""
-    tx, _ = optim.make_optimizer(optim.optim("sgd", lr=cfg.learning_rate,
-                                             clip_norm=cfg.clip_norm))
-    return tx
-
-
-def smoothed_cross_entropy(logits_BxV: jax.Array, y_B: jax.Array, weight_B: jax.Array,
+def smoothed_cross_entropy(logits_BxV: jax.Array, y_B: jax.Array,
                            label_smoothing: float) -> jax.Array:
-    """Weighted mean over items of cross-entropy against label-smoothed targets (float32)."""
+    """[B] cross-entropy against label-smoothed targets (float32)."""
     V = logits_BxV.shape[-1]
     target_BxV = optax.smooth_labels(jax.nn.one_hot(y_B, V), label_smoothing)
-    ce_B = optax.softmax_cross_entropy(logits_BxV.astype(jnp.float32), target_BxV)
-    w = weight_B.astype(jnp.float32)
-    return jnp.sum(ce_B * w) / jnp.maximum(jnp.sum(w), 1.0)
+    return optax.softmax_cross_entropy(logits_BxV.astype(jnp.float32), target_BxV)
 
 
-# --------------------------------------------------------------------------- learners
+# --------------------------------------------------------------------------- models
 
 
-class Learner(NamedTuple):
-    """What the protocol needs of a learner.
+class DKVBModel(nn.Module):
+    """The trainable part of a DKVB classifier: values [C, K, d_v] (zero at init) and, with the
+    "linear" decoder, its parameters (under "bottleneck"). The codebooks' keys, projection and
+    usage are the run's memory (`init_codebooks`); `logits` combines the two."""
+    num_classes: int
+    num_codebooks: int
+    num_keys: int
+    decoder: str = "vote"
 
-    features(state, x_NxD) -> per-item features for training (e.g. key indices for DKVB);
-    loss(trainable, aux, feat_B, y_B, w_B, smoothing) -> (loss, new_aux);
-    predict(state, x_NxD) -> logits_NxV at test time;
-    local_update(updates, feat_B, w_B) -> updates with every entry the batch did not touch set
-      to zero (None: the whole trainable pytree may move, as for the probes).
-    """
+    def setup(self):
+        self.values = self.param("values", nn.initializers.zeros,
+                                 (self.num_codebooks, self.num_keys, self.num_classes),
+                                 jnp.float32)
+        self.bottleneck = KVBottleneck(num_classes=self.num_classes, decoder=self.decoder)
 
-    name: str
-    features: Callable[[Any, jax.Array], jax.Array]
-    loss: Callable[..., tuple[jax.Array, Any]]
-    predict: Callable[[Any, jax.Array], jax.Array]
-    local_update: Callable[[Any, jax.Array, jax.Array], Any] | None = None
+    def __call__(self, z_BxD):
+        """Init path: creates the parameters (every item fetches key 0)."""
+        idx = jnp.zeros((z_BxD.shape[0], self.num_codebooks), jnp.int32)
+        return self.bottleneck(None, self._books(None, z_BxD.shape[1]), idx_BxC=idx)[0]
 
+    def _books(self, memory, embed_dim: int) -> cb.Codebooks:
+        C, K = self.num_codebooks, self.num_keys
+        if memory is None:   # init: only the values and the decoder are needed
+            memory = {"projection": jnp.zeros((C, embed_dim, 1)), "keys": jnp.zeros((C, K, 1)),
+                      "usage": jnp.zeros((C, K), jnp.int32)}
+        return cb.Codebooks(projection_CxDxDk=memory["projection"], keys_CxKxDk=memory["keys"],
+                            values_CxKxDv=self.values, usage_CxK=memory["usage"])
 
-class LearnerState(NamedTuple):
-    trainable: Any  # what the optimizer updates
-    aux: Any  # what training updates without gradient (DKVB: the codebooks' usage counts)
-    opt_state: Any
-
-
-def dkvb_learner(model: KVBottleneck, codebooks: cb.Codebooks, *,
-                 rng: jax.Array | None = None) -> tuple[Learner, LearnerState]:
-    """DKVB learner and its initial state (values and the linear decoder trainable).
-
-    State: trainable = {"values": [C, K, d_v], "decoder": linear-decoder params or {}};
-    aux = the codebooks (keys, projection frozen; usage counted in training).
-    """
-    variables = jax.jit(model.init)(rng if rng is not None else jax.random.PRNGKey(0),
-                                    jnp.zeros((1, codebooks.embed_dim)), codebooks)
-    decoder_params = variables.get("params", {})
-
-    def apply(trainable, codebooks, idx_BxC):
-        books = codebooks.replace(values_CxKxDv=trainable["values"])
-        logits, _ = model.apply({"params": trainable["decoder"]}, None, books, idx_BxC=idx_BxC)
-        return logits
-
-    def features(state: LearnerState, z_NxD):
-        # Unrestricted nearest key (training time): every key may be fetched.
-        return model.apply({"params": state.trainable["decoder"]}, z_NxD, state.aux,
-                           method=KVBottleneck.lookup)
-
-    def loss(trainable, codebooks, idx_BxC, y_B, w_B, smoothing):
-        logits = apply(trainable, codebooks, idx_BxC)
-        new_books = codebooks.replace(usage_CxK=cb.count_usage(codebooks.usage_CxK, idx_BxC, w_B))
-        return smoothed_cross_entropy(logits, y_B, w_B, smoothing), new_books
-
-    def predict(state: LearnerState, z_NxD):
-        books = state.aux.replace(values_CxKxDv=state.trainable["values"])
-        idx = model.apply({"params": state.trainable["decoder"]}, z_NxD, books,
-                          restrict_to_used=True, method=KVBottleneck.lookup)
-        return apply(state.trainable, state.aux, idx)
-
-    def local_update(updates, idx_BxC, w_B):
-        # Only values fetched by a real item (w > 0) of this batch may change (paper Sec. 3:
-        # localized updates); the linear decoder, if any, is global and left as it is.
-        C, K = codebooks.num_codebooks, codebooks.num_keys
-        fetched_CxK = cb.count_usage(jnp.zeros((C, K), jnp.float32), idx_BxC, w_B) > 0
-        values = jnp.where(fetched_CxK[..., None], updates["values"], 0.0)
-        return {**updates, "values": values.astype(updates["values"].dtype)}
-
-    trainable = {"values": codebooks.values_CxKxDv, "decoder": decoder_params}
-    learner = Learner("dkvb", jax.jit(features), loss, jax.jit(predict), local_update)
-    return learner, LearnerState(trainable, codebooks, None)
+    def logits(self, z_BxD, memory, *, restrict_to_used: bool):
+        """(logits [B, V], fetched key indices [B, C]) with the codebooks of `memory`."""
+        books = self._books(memory, z_BxD.shape[1])
+        idx = self.bottleneck.lookup(z_BxD, books, restrict_to_used=restrict_to_used)
+        return self.bottleneck(None, books, idx_BxC=idx)
 
 
-class _Probe(nn.Module):
+class Probe(nn.Module):
+    """The baselines on the same embeddings: a linear probe (hidden=0) or an MLP with one hidden
+    ReLU layer."""
     num_classes: int
     hidden: int = 0
 
@@ -161,125 +91,103 @@ class _Probe(nn.Module):
         return nn.Dense(self.num_classes, name="out")(h)
 
 
-def probe_learner(rng: jax.Array, embed_dim: int, num_classes: int, *, hidden: int = 0,
-                  name: str | None = None) -> tuple[Learner, LearnerState]:
-    """Linear probe (hidden=0) or one-hidden-layer MLP on frozen embeddings."""
-    if hidden < 0:
-        raise ValueError(f"hidden={hidden!r} must be >= 0")
-    module = _Probe(num_classes, hidden)
-    params = jax.jit(module.init)(rng, jnp.zeros((1, embed_dim)))["params"]
-
-    def features(state, z_NxD):
-        return jnp.asarray(z_NxD, jnp.float32)
-
-    def loss(trainable, aux, z_BxD, y_B, w_B, smoothing):
-        return smoothed_cross_entropy(module.apply({"params": trainable}, z_BxD), y_B, w_B,
-                                      smoothing), aux
-
-    def predict(state, z_NxD):
-        return module.apply({"params": state.trainable}, jnp.asarray(z_NxD, jnp.float32))
-
-    nm = name or ("mlp" if hidden else "linear")
-    return Learner(nm, jax.jit(features), loss, jax.jit(predict)), LearnerState(params, None, None)
+def build_dkvb(model_cfg: dict) -> DKVBModel:
+    """train.trainer.MODELS["dkvb"]: {num_classes, num_codebooks, num_keys, decoder}."""
+    return DKVBModel(num_classes=model_cfg["num_classes"],
+                     num_codebooks=model_cfg["num_codebooks"], num_keys=model_cfg["num_keys"],
+                     decoder=model_cfg.get("decoder", "vote"))
 
 
-# --------------------------------------------------------------------------- training
+def build_probe(model_cfg: dict) -> Probe:
+    """train.trainer.MODELS["probe"]: {num_classes, hidden}."""
+    hidden = model_cfg.get("hidden", 0)
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
+        raise ValueError(f"model.hidden={hidden!r} must be an integer >= 0")
+    return Probe(num_classes=model_cfg["num_classes"], hidden=hidden)
 
 
-def make_train_task(learner: Learner, cfg: ProtocolConfig, *, epochs: int | None = None,
-                    tx: optax.GradientTransformation | None = None):
-    """Returns jitted `train_task(state, feats_N, y_N, w_N, rng) -> (state, mean_loss_per_epoch)`.
-
-    Items with w == 0 are padding (so every task of a stream can share one compiled function);
-    each epoch shuffles the real items and puts padding last; the last real batch may be partial.
-    `tx` replaces the protocol's optimizer (`make_optimizer(cfg)`); the learner's
-    `local_update` is applied to its updates either way.
-    """
-    cfg = cfg.validate()
-    tx = make_optimizer(cfg) if tx is None else tx
-    n_epochs = cfg.epochs_per_task if epochs is None else epochs
-
-    def step(carry, batch):
-        trainable, aux, opt_state = carry
-        f_B, y_B, w_B = batch
-        (loss, aux), g = jax.value_and_grad(learner.loss, has_aux=True)(
-            trainable, aux, f_B, y_B, w_B, cfg.label_smoothing)
-        upd, opt_state = tx.update(g, opt_state, trainable)
-        if learner.local_update is not None:
-            upd = learner.local_update(upd, f_B, w_B)
-        return (optax.apply_updates(trainable, upd), aux, opt_state), loss
-
-    @jax.jit
-    def run(state: LearnerState, feats_N, y_N, w_N, rng):
-        N = y_N.shape[0]
-        B = min(cfg.batch_size, N)
-        steps = -(-N // B)
-        pad = steps * B - N
-        opt_state = state.opt_state
-
-        def epoch(carry, r):
-            # Real items first in random order, padding (w == 0) last.
-            order = jnp.argsort(jax.random.uniform(r, (N,)) + (w_N == 0) * 2.0)
-            order = jnp.concatenate([order, jnp.full((pad,), order[-1])])
-            ix = order.reshape(steps, B)
-            w = jnp.concatenate([w_N[order[:N]], jnp.zeros((pad,), w_N.dtype)]).reshape(steps, B)
-            carry, losses = jax.lax.scan(
-                step, carry, (jnp.take(feats_N, ix, axis=0), y_N[ix], w))
-            return carry, jnp.mean(losses)
-
-        (trainable, aux, opt_state), losses = jax.lax.scan(
-            epoch, (state.trainable, state.aux, opt_state), jax.random.split(rng, n_epochs))
-        return LearnerState(trainable, aux, opt_state), losses
-
-    def train_task(state: LearnerState, feats_N, y_N, w_N, rng):
-        if state.opt_state is None:  # first task: the one optimizer state of the whole stream
-            state = state._replace(opt_state=tx.init(state.trainable))
-        return run(state, feats_N, y_N, w_N, rng)
-
-    return train_task
+# --------------------------------------------------------------------------- memory
 
 
-def pad_to(n: int, *arrays: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-    """Pads arrays along axis 0 to length n (repeating item 0); returns (arrays, weight_n)."""
-    m = len(arrays[0])
-    if m > n:
-        raise ValueError(f"cannot pad {m} items to n={n}")
-    out = [np.concatenate([a, np.repeat(a[:1], n - m, 0)]) if n > m else a for a in arrays]
-    w = np.zeros((n,), np.float32)
-    w[:m] = 1.0
-    return out, w
+def init_codebooks(settings, config, key: jax.Array) -> dict:
+    """train.trainer.MEMORY["dkvb_codebooks"]: a random projection per codebook and keys learnt
+    by EMA k-means (`cb.init_keys_ema`) on DATA_DIR/keys.npz's embeddings projected by it (data
+    from another distribution than the values'), zero usage. Settings: key_dim,
+    key_init_epochs, key_init_decay, key_init_batch; C and K are the model's."""
+    z_keys, _ = embeddings.load(str(config.data.data_dir), "keys")
+    m = config.model
+    r_books, r_keys = jax.random.split(key)
+    books = cb.init_codebooks(r_books, embed_dim=z_keys.shape[1],
+                              num_codebooks=m.num_codebooks, num_keys=m.num_keys,
+                              key_dim=settings.key_dim, value_dim=m.num_classes)
+    q = cb.project(jnp.asarray(z_keys), books.projection_CxDxDk)
+    ema = cb.init_keys_ema(r_keys, q, num_keys=m.num_keys, decay=settings.key_init_decay,
+                           epochs=settings.key_init_epochs, batch_size=settings.key_init_batch)
+    return {"projection": books.projection_CxDxDk, "keys": ema.keys_CxKxDk,
+            "usage": books.usage_CxK}
 
 
-def accuracy(logits_NxV: jax.Array, y_N: np.ndarray) -> float:
-    return float(np.mean(np.asarray(jnp.argmax(logits_NxV, -1)) == np.asarray(y_N)))
+# --------------------------------------------------------------------------- objectives
 
 
-def train_class_incremental(learner: Learner, state: LearnerState, tasks, cfg: ProtocolConfig,
-                            rng: jax.Array, *, evaluate: Callable[[LearnerState], Any]):
-    """Trains on `tasks` (a list of (z_NxD, y_N)) one after another with one optimizer.
+def dkvb_loss(apply_fn, params, batch, rng, *, step=None, memory=None,
+              label_smoothing: float = 0.1):
+    """train.trainer.OBJECTIVES["dkvb"]: label-smoothed cross-entropy of the values fetched by
+    each item's nearest key (training: any key; the fetched keys' usage counted and returned as
+    aux["memory"]); at evaluation (step None) each item snaps to its nearest used key and the
+    loss is the plain cross-entropy."""
+    del rng
+    model = getattr(apply_fn, "__self__", None)
+    if not isinstance(model, DKVBModel):
+        raise ValueError("objective 'dkvb' needs model.family='dkvb' (apply_fn of a DKVBModel); "
+                         f"got {type(model).__name__}")
+    books = memory["dkvb_codebooks"]
+    z, y = jnp.asarray(batch["z"], jnp.float32), jnp.asarray(batch["y"], jnp.int32)
+    training = step is not None
+    logits, idx = apply_fn({"params": params}, z, books, restrict_to_used=not training,
+                           method=DKVBModel.logits)
+    ce = smoothed_cross_entropy(logits, y, label_smoothing if training else 0.0)
+    aux = {"weight": jnp.float32(y.shape[0]),
+           "correct": jnp.sum((jnp.argmax(logits, -1) == y).astype(jnp.float32))}
+    if training:
+        usage = cb.count_usage(books["usage"], jax.lax.stop_gradient(idx))
+        aux["memory"] = {"dkvb_codebooks": {**books, "usage": usage}}
+    return jnp.sum(ce), aux
 
-    Returns (final state, [evaluate(state) after each task]). All tasks are padded to one length
-    so the task step compiles once.
-    """
-    if not tasks:
-        raise ValueError("tasks is empty; need at least one (z_NxD, y_N) task")
-    train_task = make_train_task(learner, cfg)
-    n_max = max(len(y) for _, y in tasks)
-    results = []
-    for t, (z, y) in enumerate(tasks):
-        (z_p, y_p), w = pad_to(n_max, np.asarray(z), np.asarray(y, np.int32))
-        feats = learner.features(state, jnp.asarray(z_p))
-        state, _ = train_task(state, feats, jnp.asarray(y_p), jnp.asarray(w),
-                              jax.random.fold_in(rng, t))
-        results.append(evaluate(state))
-    return state, results
+
+def probe_loss(apply_fn, params, batch, rng, *, step=None, memory=None,
+               label_smoothing: float = 0.1):
+    """train.trainer.OBJECTIVES["probe"]: label-smoothed cross-entropy of a `Probe` (plain at
+    evaluation)."""
+    del rng, memory
+    logits = apply_fn({"params": params}, jnp.asarray(batch["z"], jnp.float32))
+    y = jnp.asarray(batch["y"], jnp.int32)
+    ce = smoothed_cross_entropy(logits, y, label_smoothing if step is not None else 0.0)
+    return jnp.sum(ce), {"weight": jnp.float32(y.shape[0]),
+                         "correct": jnp.sum((jnp.argmax(logits, -1) == y).astype(jnp.float32))}
 
 
-def train_iid(learner: Learner, state: LearnerState, z_NxD, y_N, cfg: ProtocolConfig,
-              rng: jax.Array, *, epochs: int | None = None) -> LearnerState:
-    """Trains on all data at once, shuffled (the i.i.d. upper bound)."""
-    train_task = make_train_task(learner, cfg, epochs=epochs)
-    y = np.asarray(y_N, np.int32)
-    feats = learner.features(state, jnp.asarray(z_NxD))
-    state, _ = train_task(state, feats, jnp.asarray(y), jnp.ones(len(y), jnp.float32), rng)
-    return state
+def check_config(config) -> None:
+    """train.trainer.OBJECTIVE_CHECKS["dkvb"]: DKVB's values stay local only under plain SGD,
+    and its memory must be there."""
+    name = config.optim.get("name", "adamw")
+    if name != "sgd":
+        raise ValueError(f"optim.name={name!r} is not allowed for objective 'dkvb': values no "
+                         "item fetched stay fixed only under plain SGD (momentum or weight decay "
+                         "would move them); use 'sgd'")
+    if "dkvb_codebooks" not in config.get("memory", {}):
+        raise ValueError("objective 'dkvb' needs config.memory.dkvb_codebooks (its keys)")
+
+
+def predict(model, params, memory, z_NxD, *, batch_size: int = 4096) -> np.ndarray:
+    """[N] predicted classes of embeddings z by a trained DKVB (its nearest used keys) or probe."""
+    z = np.asarray(z_NxD, np.float32)
+    if isinstance(model, DKVBModel):
+        fn = jax.jit(lambda p, m, x: model.apply({"params": p}, x, m["dkvb_codebooks"],
+                                                 restrict_to_used=True,
+                                                 method=DKVBModel.logits)[0])
+    else:
+        fn = jax.jit(lambda p, m, x: model.apply({"params": p}, x))
+    out = [np.asarray(jnp.argmax(fn(params, memory, jnp.asarray(z[i:i + batch_size])), -1))
+           for i in range(0, len(z), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0,), np.int64)

@@ -20,19 +20,19 @@ def _images(batch) -> jnp.ndarray:
     return x[..., None] if x.ndim == 3 else x
 
 
-def reconstruct_loss(apply_fn, params, batch, rng, *, step=None):
+def reconstruct_loss(apply_fn, params, batch, rng, *, step=None, memory=None):
     """Per-pixel sigmoid cross-entropy between the reconstruction logits and the pixel
     intensities (ink fractions or colour levels in [0, 1]); weight = the number of pixels, so
     the mean is the per-pixel loss. Reads only batch["images"]."""
-    del rng, step
+    del rng, step, memory
     x = _images(batch)
     bce = optax.sigmoid_binary_cross_entropy(apply_fn({"params": params}, x), x)
     return jnp.sum(bce), {"weight": jnp.float32(bce.size), "correct": jnp.float32(0.0)}
 
 
-def classify_loss(apply_fn, params, batch, rng, *, step=None):
+def classify_loss(apply_fn, params, batch, rng, *, step=None, memory=None):
     """Cross-entropy of the labels batch["labels"] [B]; accuracy from the argmax."""
-    del rng, step
+    del rng, step, memory
     logits = apply_fn({"params": params}, _images(batch))
     labels = jnp.asarray(batch["labels"], jnp.int32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)

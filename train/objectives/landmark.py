@@ -20,7 +20,7 @@ def _augment_like(x_BxT, mem_freq: int):
     return jnp.concatenate([body, x_BxT[:, n * mem_freq:]], axis=1)
 
 
-def loss(apply_fn, params, batch, rng, *, step=None):
+def loss(apply_fn, params, batch, rng, *, step=None, memory=None):
     """The trainer's objective (OBJECTIVES["landmark"]) on raw batches {inputs, targets, weights}
     [B, T] (+ optional segment_ids): landmarks are inserted here, inside the jitted step.
 
@@ -29,7 +29,7 @@ def loss(apply_fn, params, batch, rng, *, step=None):
     (sum of weighted cross-entropies, {"weight": Σw, "correct": Σ w·[argmax = target]}).
     `apply_fn` must be a `LandmarkLM`'s bound `apply` (its config says mem_freq and landmark_id).
     """
-    del step  # no schedule
+    del step, memory  # no schedule, no memory
     model = getattr(apply_fn, "__self__", None)
     if not isinstance(model, landmark.LandmarkLM):
         raise ValueError("objective 'landmark' needs model.family='landmark' (apply_fn of a "

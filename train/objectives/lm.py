@@ -1,11 +1,14 @@
 """Next-token cross-entropy on {"inputs", "targets", "weights"} batches.
 
-An objective is `loss(apply_fn, params, batch, rng, *, step=None) -> (loss_sum, aux)`: the *sum*
-of weighted per-token losses (so gradient accumulation over micro-batches divides once, by the
-total weight) and aux sums {"weight", "correct", ...} from which the trainer derives mean loss
-and accuracy (and logs any other sum per weight). `step` is the optimizer step being taken
-(traced; None at evaluation), for objectives that follow a schedule (MAC's bank curriculum);
-settings an objective takes beyond these come from config.objective_config as keywords.
+An objective is `loss(apply_fn, params, batch, rng, *, step=None, memory=None) -> (loss_sum,
+aux)`: the *sum* of weighted per-token losses (so gradient accumulation over micro-batches divides
+once, by the total weight) and aux sums {"weight", "correct", ...} from which the trainer derives
+mean loss and accuracy (and logs any other sum per weight). `step` is the optimizer step being
+taken (traced; None at evaluation), for objectives that follow a schedule (MAC's bank
+curriculum); `memory` is the train state's memory (TrainState.memory: a family's memory, hooks'
+states), and aux["memory"] = {name: new value}, where an objective returns it, replaces those
+entries after the step (DKVB's usage counts); settings an objective takes beyond these come from
+config.objective_config as keywords.
 """
 from __future__ import annotations
 
@@ -26,9 +29,9 @@ def token_losses(logits_BxTxV, targets_BxT, *, label_smoothing: float = 0.0):
     return ce, correct
 
 
-def loss(apply_fn, params, batch, rng, *, step=None):
+def loss(apply_fn, params, batch, rng, *, step=None, memory=None):
     """Weighted next-token loss of a model called as apply_fn({'params': p}, inputs)."""
-    del rng, step  # deterministic models; kept for objectives that sample or follow a schedule
+    del rng, step, memory  # kept for objectives that sample, follow a schedule or read memory
     logits = apply_fn({"params": params}, batch["inputs"])
     ce, correct = token_losses(logits, batch["targets"])
     w = batch["weights"].astype(jnp.float32)

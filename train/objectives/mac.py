@@ -370,7 +370,7 @@ def check_config(config) -> None:
                    **config.get("objective_config", {}))
 
 
-def meta_objective(apply_fn, params, batch, rng, *, step=None, rho: float = 1.0,
+def meta_objective(apply_fn, params, batch, rng, *, step=None, memory=None, rho: float = 1.0,
                    readout_weight: float = 0.0, hierarchical_windows: Sequence[int] = (),
                    hierarchical_weight: float = 0.0, curriculum_start: int = 0,
                    curriculum_steps: int = 0):
@@ -381,6 +381,7 @@ def meta_objective(apply_fn, params, batch, rng, *, step=None, rho: float = 1.0,
     W = hierarchical_windows[i mod n] (evaluation: the first W). Returns (`meta_loss`,
     {"weight": 1, "correct": the answers' token accuracy, every other metric of meta_loss,
     "bank_size"}): the trainer's sums over one batch."""
+    del memory   # MAC's bank is the batch's documents here
     model = getattr(apply_fn, "__self__", None)
     if not isinstance(model, MetaModel):
         raise ValueError("objective 'mac_meta' needs model.family='mac' (apply_fn of a "

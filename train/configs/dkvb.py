@@ -1,0 +1,101 @@
+"""DKVB's class-incremental protocol (Träuble et al. 2023, Sec. 4.1) through the shared trainer,
+for DKVB and for its baselines, on precomputed embeddings (train/data/embeddings.py).
+
+    python -m eval.figures --only dkvb_toy,dkvb_split_digits --size cpu
+    python -m eval.class_incremental --dataset digits --size cpu --workdir runs/digits
+
+The variant is the learner: "dkvb" (model "dkvb", its codebooks as memory "dkvb_codebooks",
+objective "dkvb"), "linear" (a linear probe) or "mlp" (one hidden layer of 128). Every learner
+trains with plain SGD at lr 0.3 (no momentum, no weight decay), global-norm clip 1.0, label
+smoothing 0.1, batches of up to 256. A class-incremental stream is one phase per task in one
+workdir (`task_phases`: the train split's classes change, num_steps grows by the task's
+epochs; everything else, optimizer state included, carries over); each phase ends with a
+checkpoint and an evaluation (metrics.jsonl). The figures set the sizes (codebooks, keys, key
+dimension, epochs) and data_dir, the folder of the embeddings.
+"""
+import math
+from typing import Sequence
+
+import ml_collections
+
+from train.configs import common
+from train.data import pipeline
+
+METHODS = ("dkvb", "linear", "mlp")
+# What one phase of a class-incremental stream changes from the one before.
+PHASE_CHANGES = ("data.classes", "data.eval_classes")
+
+
+def get_config(arg: str = "dkvb") -> ml_collections.ConfigDict:
+    if arg not in METHODS:
+        raise ValueError(f"config variant {arg!r} is not allowed; use one of {METHODS}")
+    c = ml_collections.ConfigDict()
+    c.name = f"dkvb_{arg}" if arg != "dkvb" else "dkvb"   # run name (logs, progress bar)
+    c.seed = 0                                   # one seed → one run, bit for bit on CPU
+    c.num_steps = 100                            # set per phase by task_phases
+    c.batch_size = 256                           # items per step (the paper's 256)
+    c.seq_len = 1                                # one row per item (tokens/s counts items)
+    c.input_shape = (64,)                        # (D,): the embeddings' width (figures set it)
+    c.checkpoint_every = 0                       # 0: at the end of each phase (task) only
+    c.keep_checkpoints = 8                       # one per task: each task's state stays readable
+    c.eval_every = 1_000_000                     # in effect: at the end of each phase only
+    c.log_every = 10
+    c.progress = True
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+
+    c.model = ml_collections.ConfigDict()
+    c.model.num_classes = 10
+    if arg == "dkvb":
+        c.model.family = "dkvb"                  # train/objectives/dkvb.py: DKVBModel
+        c.model.num_codebooks = 64               # C
+        c.model.num_keys = 256                   # K per codebook
+        c.model.decoder = "vote"                 # the paper's parameter-free decoder
+        c.memory = ml_collections.ConfigDict()   # the codebooks: projection, keys, usage
+        c.memory.dkvb_codebooks = ml_collections.ConfigDict()
+        c.memory.dkvb_codebooks.key_dim = 8      # d_k
+        c.memory.dkvb_codebooks.key_init_epochs = 10   # EMA k-means passes over keys.npz
+        c.memory.dkvb_codebooks.key_init_decay = 0.95  # EMA decay (paper)
+        c.memory.dkvb_codebooks.key_init_batch = 256
+        c.objective = "dkvb"
+    else:
+        c.model.family = "probe"
+        c.model.hidden = 128 if arg == "mlp" else 0
+        c.objective = "probe"
+    c.objective_config = ml_collections.ConfigDict({"label_smoothing": 0.1})
+
+    c.data = pipeline.default_data_config("embeddings")
+    c.optim = common.optim(lr=0.3, warmup_steps=0, weight_decay=0.0, clip_norm=1.0)
+    c.optim.name = "sgd"                         # plain SGD: no momentum, no weight decay
+    c.optim.schedule = "constant"
+    c.eval = common.evaluation(4)                # test batches per evaluation
+    c.debug = common.debug()
+    return c
+
+
+def steps_for(num_items: int, epochs: int, batch_size: int) -> int:
+    """Optimizer steps for `epochs` passes over `num_items` items in batches of `batch_size`."""
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs_per_task={epochs!r} must be a positive int")
+    if num_items < 1:
+        raise ValueError("a task has no training items")
+    return epochs * math.ceil(num_items / batch_size)
+
+
+def task_phases(base: ml_collections.ConfigDict, tasks: Sequence[Sequence[int]],
+                items_per_task: Sequence[int], *, epochs: int, eval_on: str = "seen"):
+    """The trainer configs of a class-incremental stream: phase t trains on the classes of
+    tasks[t] for `epochs` passes over its items_per_task[t] items, ending at the cumulative
+    step; it evaluates on the classes seen so far (eval_on "seen") or on all ("all")."""
+    if eval_on not in ("seen", "all"):
+        raise ValueError(f"eval_on={eval_on!r} is not allowed; use 'seen' or 'all'")
+    out, steps, seen = [], 0, []
+    for classes, n in zip(tasks, items_per_task):
+        c = base.copy_and_resolve_references()
+        steps += steps_for(n, epochs, c.batch_size)
+        seen += [int(k) for k in classes]
+        c.num_steps = steps
+        c.data.classes = tuple(int(k) for k in classes)
+        c.data.eval_classes = tuple(seen) if eval_on == "seen" else ()
+        c.keep_checkpoints = max(c.keep_checkpoints, len(tasks))
+        out.append(c)
+    return out
