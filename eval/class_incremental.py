@@ -42,6 +42,7 @@ from models.kv_bottleneck import DECODERS
 from train import checkpoint as ckpt_lib
 from train import config_identity, trainer
 from train.configs import dkvb as dkvb_configs
+from train.configs.dkvb import DIGITS_SIZES, TOY_SIZES, DKVBConfig
 from train.configs import dkvb_encoder
 from train.data import embeddings
 from train.data.images import CIFAR_OTHER, load_cifar, load_mnist_8x8, load_split_digits
@@ -93,19 +94,6 @@ def toy_data(seed: int, n_per_class: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- protocol
-
-
-@dataclasses.dataclass(frozen=True)
-class DKVBConfig:
-    """Bottleneck sizes and key initialisation."""
-
-    num_codebooks: int = 64  # C
-    num_keys: int = 256  # K per codebook
-    key_dim: int = 8  # d_k
-    key_init_epochs: int = 10  # EMA k-means passes over the unlabelled key data
-    key_init_decay: float = 0.95  # EMA decay (paper)
-    key_init_batch: int = 256
-    decoder: str = "vote"
 
 
 METHODS = dkvb_configs.METHODS   # ("dkvb", "linear", "mlp")
@@ -280,23 +268,7 @@ def encoder_dir(out: pathlib.Path, kind: str, dataset: str, seed: int, fit_epoch
 
 
 # --------------------------------------------------------------------------- figures
-
-TOY_SIZES = {
-    # size: (DKVBConfig, epochs per task, test items per class, decision-map grid)
-    "quick": (DKVBConfig(num_codebooks=8, num_keys=64, key_dim=2, key_init_epochs=10), 50, 100, 60),
-    "cpu": (DKVBConfig(num_codebooks=32, num_keys=128, key_dim=2, key_init_epochs=20), 100, 200,
-            100),
-    "paper": (DKVBConfig(num_codebooks=64, num_keys=400, key_dim=2, key_init_epochs=40), 200, 500,
-              200),
-}
-
-DIGITS_SIZES = {
-    # size: (DKVBConfig, epochs per task, encoder fitting epochs)
-    "quick": (DKVBConfig(num_codebooks=32, num_keys=128, key_dim=8, key_init_epochs=5), 10, 8),
-    "cpu": (DKVBConfig(num_codebooks=64, num_keys=256, key_dim=8, key_init_epochs=10), 10, 15),
-    "paper": (DKVBConfig(num_codebooks=256, num_keys=512, key_dim=8, key_init_epochs=20), 20, 30),
-}
-
+# (their sizes, TOY_SIZES and DIGITS_SIZES, live in train/configs/dkvb.py)
 
 def _size(table: dict, size: str):
     if size not in table:

@@ -94,8 +94,8 @@ MODELS: dict[str, str] = {
     "dkvb": "train.objectives.dkvb:build_dkvb",
     "probe": "train.objectives.dkvb:build_probe",
 }
-# name → "module:function" with loss(apply_fn, params, batch, rng, *, step=None, **settings)
-# -> (loss_sum, aux sums) (train/objectives/lm.py); settings are config.objective_config's.
+# name → "module:function" with loss(apply_fn, params, batch, rng, *, step=None, memory=None,
+# **settings) -> (loss_sum, aux sums) (train/objectives/lm.py); settings: config.objective_config.
 OBJECTIVES: dict[str, str] = {
     "lm": "train.objectives.lm:loss",
     "landmark": "train.objectives.landmark:loss",

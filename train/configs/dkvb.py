@@ -13,6 +13,7 @@ epochs; everything else, optimizer state included, carries over); each phase end
 checkpoint and an evaluation (metrics.jsonl). The figures set the sizes (codebooks, keys, key
 dimension, epochs) and data_dir, the folder of the embeddings.
 """
+import dataclasses
 import math
 from typing import Sequence
 
@@ -70,6 +71,39 @@ def get_config(arg: str = "dkvb") -> ml_collections.ConfigDict:
     c.eval = common.evaluation(4)                # test batches per evaluation
     c.debug = common.debug()
     return c
+
+
+# ---------------------------------------------------------------------------------------------
+# The figures' sizes (eval/class_incremental.py: dkvb_toy, dkvb_split_digits)
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DKVBConfig:
+    """Bottleneck sizes and key initialisation."""
+
+    num_codebooks: int = 64  # C
+    num_keys: int = 256  # K per codebook
+    key_dim: int = 8  # d_k
+    key_init_epochs: int = 10  # EMA k-means passes over the unlabelled key data
+    key_init_decay: float = 0.95  # EMA decay (paper)
+    key_init_batch: int = 256
+    decoder: str = "vote"
+
+
+TOY_SIZES = {
+    # size: (DKVBConfig, epochs per task, test items per class, decision-map grid)
+    "quick": (DKVBConfig(num_codebooks=8, num_keys=64, key_dim=2, key_init_epochs=10), 50, 100, 60),
+    "cpu": (DKVBConfig(num_codebooks=32, num_keys=128, key_dim=2, key_init_epochs=20), 100, 200,
+            100),
+    "paper": (DKVBConfig(num_codebooks=64, num_keys=400, key_dim=2, key_init_epochs=40), 200, 500,
+              200),
+}
+
+DIGITS_SIZES = {
+    # size: (DKVBConfig, epochs per task, encoder fitting epochs)
+    "quick": (DKVBConfig(num_codebooks=32, num_keys=128, key_dim=8, key_init_epochs=5), 10, 8),
+    "cpu": (DKVBConfig(num_codebooks=64, num_keys=256, key_dim=8, key_init_epochs=10), 10, 15),
+    "paper": (DKVBConfig(num_codebooks=256, num_keys=512, key_dim=8, key_init_epochs=20), 20, 30),
+}
 
 
 def steps_for(num_items: int, epochs: int, batch_size: int) -> int:
