@@ -198,8 +198,11 @@ def run_protocol(*, out: pathlib.Path, tag: str, seed: int, z_train, y_train, z_
                             f"{data_hash}", after_phase=after_task)
         result["ci"][name] = [acc for acc, _ in got]
         result["extra"][name] = [extra for _, extra in got]
-        if iid:
-            (c,) = dkvb_configs.task_phases(base, [list(range(num_classes))], [len(y_train)],
+        if iid:   # every class at once, in batches of up to 256 of all the items
+            whole = base.copy_and_resolve_references()
+            whole.batch_size = min(256, len(y_train))
+            whole.eval.num_batches = max(1, math.ceil(len(y_test) / whole.batch_size))
+            (c,) = dkvb_configs.task_phases(whole, [list(range(num_classes))], [len(y_train)],
                                             epochs=epochs, eval_on="all")
             h = config_identity.recipe_hash([c])
             (acc,) = _train_phases(

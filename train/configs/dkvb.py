@@ -107,12 +107,14 @@ DIGITS_SIZES = {
 
 
 def steps_for(num_items: int, epochs: int, batch_size: int) -> int:
-    """Optimizer steps for `epochs` passes over `num_items` items in batches of `batch_size`."""
+    """Optimizer steps for `epochs` passes over `num_items` items in batches of `batch_size`:
+    as many items as the passes hold, rounded up to whole batches (batches run on across the
+    passes' boundaries)."""
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs_per_task={epochs!r} must be a positive int")
     if num_items < 1:
         raise ValueError("a task has no training items")
-    return epochs * math.ceil(num_items / batch_size)
+    return math.ceil(epochs * num_items / batch_size)
 
 
 def task_phases(base: ml_collections.ConfigDict, tasks: Sequence[Sequence[int]],
