@@ -311,8 +311,8 @@ def validate_size(size: str) -> None:
     the fact-stream splits, and that the longest document, question and QA row fit their
     lengths. Raises a ValueError naming the field, its value and what is allowed."""
     c = figure_settings(size)
+    trainer.validate_config(c)                # both stages (it checks config.base_lm too)
     for cfg in (c, c.base_lm):
-        trainer.validate_config(cfg)
         trainer.build_model(cfg.model)        # MACConfig and TransformerConfig check themselves
         pipeline.make_source(cfg.data, split="train", seq_len=cfg.seq_len)
     for name in ("eval.documents", "eval.banks"):

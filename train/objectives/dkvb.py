@@ -20,6 +20,8 @@ projection and the keys, initialised by EMA k-means on another distribution's em
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -179,15 +181,24 @@ def check_config(config) -> None:
         raise ValueError("objective 'dkvb' needs config.memory.dkvb_codebooks (its keys)")
 
 
+@functools.lru_cache(maxsize=16)
+def _classes_fn(model):
+    """Jitted (params, memory, z) -> predicted classes of `model`, compiled once per model (a
+    figure predicts after every task of every learner)."""
+    if isinstance(model, DKVBModel):
+        def logits(p, m, x):
+            return model.apply({"params": p}, x, m["dkvb_codebooks"], restrict_to_used=True,
+                               method=DKVBModel.logits)[0]
+    else:
+        def logits(p, m, x):
+            return model.apply({"params": p}, x)
+    return jax.jit(lambda p, m, x: jnp.argmax(logits(p, m, x), -1))
+
+
 def predict(model, params, memory, z_NxD, *, batch_size: int = 4096) -> np.ndarray:
     """[N] predicted classes of embeddings z by a trained DKVB (its nearest used keys) or probe."""
     z = np.asarray(z_NxD, np.float32)
-    if isinstance(model, DKVBModel):
-        fn = jax.jit(lambda p, m, x: model.apply({"params": p}, x, m["dkvb_codebooks"],
-                                                 restrict_to_used=True,
-                                                 method=DKVBModel.logits)[0])
-    else:
-        fn = jax.jit(lambda p, m, x: model.apply({"params": p}, x))
-    out = [np.asarray(jnp.argmax(fn(params, memory, jnp.asarray(z[i:i + batch_size])), -1))
+    fn = _classes_fn(model)
+    out = [np.asarray(fn(params, memory, jnp.asarray(z[i:i + batch_size])))
            for i in range(0, len(z), batch_size)]
     return np.concatenate(out) if out else np.zeros((0,), np.int64)
