@@ -14,6 +14,9 @@ tokens; every setting at a length scores the same windows, all LENGTH targets of
   chunks of half the training context), K blocks retrieved per token and head, unbounded cache;
 - `landmark_k{K}_cache{N}`: the same with a ring cache of only N blocks (older blocks forgotten).
 
+Sizes in train/configs/landmark.py: PASSKEY_SIZES for the runs, PERPLEXITY_SIZES for the
+lengths and windows.
+
 JSON {"perplexity": {SETTING: {LENGTH: ppl}}}.
 """
 from __future__ import annotations
@@ -21,17 +24,12 @@ from __future__ import annotations
 import pathlib
 import time
 
-import jax
 import numpy as np
 
 from eval import figures, metrics, passkey
+from train.configs import landmark as landmark_configs
 from train.data import passkey_data
 
-SIZES = {
-    "quick": dict(lengths=(256, 512, 1024, 2048), windows=4),   # the shipped passkey run
-    "cpu": dict(lengths=(256, 512, 1024, 2048), windows=8),
-    "paper": dict(lengths=(512, 2048, 4096, 8192), windows=8),
-}
 # (name, top_k, cache_blocks); None: full attention.
 MEMORY_SETTINGS = (("landmark_k2", 2, None), ("landmark_k4", 4, None),
                    ("landmark_k4_cache8", 4, 8))
@@ -42,10 +40,11 @@ def validate_size(size: str) -> None:
     reuses (`passkey.validate_size`), positive lengths and window counts, enough held-out prose
     for every length, and caches that hold the retrieved blocks. Raises a ValueError naming the
     field, its value and what is allowed."""
-    if size not in SIZES:
-        raise ValueError(f"size={size!r} is not allowed; use one of {sorted(SIZES)}")
+    sizes = landmark_configs.PERPLEXITY_SIZES
+    if size not in sizes:
+        raise ValueError(f"size={size!r} is not allowed; use one of {sorted(sizes)}")
     passkey.validate_size(size)
-    s, where = SIZES[size], f"SIZES[{size!r}]"
+    s, where = sizes[size], f"PERPLEXITY_SIZES[{size!r}]"
     if not s["lengths"] or min(s["lengths"]) < 1 or s["windows"] < 1:
         raise ValueError(f"{where}: lengths={s['lengths']}, windows={s['windows']} are not "
                          "allowed; use lengths >= 1 and windows >= 1")
@@ -78,8 +77,9 @@ def window_perplexity(logits_fn, tokens_NxT1) -> float:
 
 
 def figure_settings(size: str) -> dict:
-    """The figure's recipe at `size`: the passkey figure's runs, SIZES and the memory settings."""
-    return {"runs": passkey.figure_settings(size), "size": SIZES[size],
+    """The figure's recipe at `size`: the passkey figure's runs, the PERPLEXITY_SIZES entry and
+    the memory settings."""
+    return {"runs": passkey.figure_settings(size), "size": landmark_configs.PERPLEXITY_SIZES[size],
             "memory_settings": MEMORY_SETTINGS}
 
 
@@ -91,7 +91,7 @@ def landmark_perplexity_figure(*, size: str, seed: int, out: pathlib.Path, **_) 
 
     validate_size(size)
     out = pathlib.Path(out)
-    s = SIZES[size]
+    s = landmark_configs.PERPLEXITY_SIZES[size]
     ppl: dict[str, dict[int, float]] = {}
     t0 = time.time()
     c, lm_params, lm_model, _ = passkey.train_or_reuse(size, seed, out)

@@ -7,9 +7,10 @@ keys whose value the model predicts (argmax at the answer positions) on MQAR's h
 split, and `mqar_no_binding` on the same examples.
 
 The figure (`python -m eval.figures --only lm_mqar`) trains the baseline LM on MQAR with the
-shared trainer, then draws its loss curve and reports the test accuracy against `no_binding`, the
-accuracy of answering each query with a value drawn uniformly from the example's own pairs (what a
-model that copies values but has not bound them to keys gets; about 1/P):
+shared trainer (sizes and its trainer config in train/configs/lm.py: MQAR_SIZES, mqar_config),
+then draws its loss curve and reports the test accuracy against `no_binding`, the accuracy of
+answering each query with a value drawn uniformly from the example's own pairs (what a model that
+copies values but has not bound them to keys gets; about 1/P):
 JSON {"accuracy": acc, "no_binding": b, "final_loss": v}.
 """
 from __future__ import annotations
@@ -28,24 +29,6 @@ from train import config_identity
 from train import trainer
 from train.configs import lm
 from train.data import pipeline
-
-# Figure sizes: overrides of train/configs/lm.py:tiny. Every query of an example is asked
-# (num_queries = num_pairs). Weights start at N(0, init_std²) with init_std ≈ 1/√width, without
-# weight decay, and keys / values come from small ranges: with the tiny config's 0.02 init and
-# 127 keys the model stays on the no_binding plateau (it copies a value of the context, not the
-# queried key's) for the whole quick budget; README, "MQAR" has the runs.
-SIZES = {
-    "quick": dict(num_steps=1000, batch_size=32, seq_len=24, width=64, num_pairs=4,
-                  key_range=(1, 9), value_range=(128, 136), lr=3e-3, init_std=0.125,
-                  weight_decay=0.0),
-    "cpu": dict(num_steps=2000, batch_size=32, seq_len=32, width=64, num_pairs=8,
-                key_range=(1, 17), value_range=(128, 144), lr=3e-3, init_std=0.125,
-                weight_decay=0.0),
-    # Not run here: Zoology-like ranges at width 256 (init_std = 1/√256).
-    "paper": dict(num_steps=20000, batch_size=256, seq_len=512, width=256, num_pairs=64,
-                  key_range=(1, 128), value_range=(128, 256), lr=1e-3, init_std=0.0625,
-                  weight_decay=0.0),
-}
 
 
 def _test_batches(data_config, *, seq_len: int, num_examples: int, batch_size: int, seed: int):
@@ -80,11 +63,11 @@ def validate_size(size: str) -> None:
     """Checks the lm_mqar figure at `size` before any training: the trainer config (steps, batch,
     model) and the MQAR layout (pairs within the key and value ranges, pairs and queries within
     seq_len). Raises a ValueError naming the field, its value and what is allowed."""
-    if size not in SIZES:
-        raise ValueError(f"size={size!r} is not allowed; use one of {sorted(SIZES)}")
-    c = figure_config(size, 0)
+    if size not in lm.MQAR_SIZES:
+        raise ValueError(f"size={size!r} is not allowed; use one of {sorted(lm.MQAR_SIZES)}")
+    c = lm.mqar_config(size, 0)
     if c.num_steps < 1:
-        raise ValueError(f"SIZES[{size!r}].num_steps={c.num_steps} is not allowed; use >= 1")
+        raise ValueError(f"MQAR_SIZES[{size!r}].num_steps={c.num_steps} is not allowed; use >= 1")
     trainer.validate_config(c)
     trainer.build_model(c.model)
     pipeline.mqar_spec(c.data, c.seq_len)
@@ -113,40 +96,16 @@ def mqar_no_binding(data_config, *, seq_len: int, num_examples: int = 256, batch
     return hits / total
 
 
-def figure_config(size: str, seed: int):
-    s = SIZES[size]
-    c = lm.get_config("tiny")
-    c.seed = seed
-    c.num_steps = s["num_steps"]
-    c.batch_size = s["batch_size"]
-    c.seq_len = s["seq_len"]
-    c.model.width = s["width"]
-    c.model.init_std = s["init_std"]
-    c.optim.lr = s["lr"]
-    c.optim.weight_decay = s["weight_decay"]
-    c.data.source = "memory"          # examples generated on the fly: no build step
-    c.data.num_pairs = s["num_pairs"]
-    c.data.num_queries = s["num_pairs"]
-    c.data.key_range = s["key_range"]
-    c.data.value_range = s["value_range"]
-    c.data.num_train = 1_000_000      # effectively never repeats: recall, not memorisation
-    c.data.data_seed = seed
-    c.checkpoint_every = 0
-    c.eval_every = max(100, s["num_steps"] // 5)
-    c.log_every = 10
-    return c
-
-
 def run_dir(size: str, seed: int, out: pathlib.Path) -> pathlib.Path:
     """OUT/runs/lm_mqar-SIZE-seedSEED-HASH: HASH (train/config_identity.py: recipe_hash) names
     the figure's config, so a changed recipe trains into a new folder instead of resuming."""
-    h = config_identity.recipe_hash([figure_config(size, seed)])
+    h = config_identity.recipe_hash([lm.mqar_config(size, seed)])
     return pathlib.Path(out) / "runs" / f"lm_mqar-{size}-seed{seed}-{h}"
 
 
 def figure_settings(size: str) -> dict:
     """The figure's recipe at `size` (its trainer config at seed 0), hashed into provenance."""
-    return figure_config(size, seed=0).to_dict()
+    return lm.mqar_config(size, seed=0).to_dict()
 
 
 @figures.register("lm_mqar", settings=figure_settings)
@@ -156,7 +115,7 @@ def lm_mqar_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
     import matplotlib.pyplot as plt
 
     validate_size(size)
-    c = figure_config(size, seed)
+    c = lm.mqar_config(size, seed)
     workdir = run_dir(size, seed, out)
     summary = trainer.train(c, workdir)
     params = summary["state"].params

@@ -24,7 +24,8 @@ and recomputes that chunk (tests/eval/test_passkey.py checks it against an expli
 The figure (`python -m eval.figures --only landmark_passkey`) trains the landmark LM and the
 baseline on the passkey/prose mixture with the shared trainer (or reuses the runs it finds in
 `run_dir`: OUT/runs/NAME-SIZE-seedSEED-HASH, HASH naming the recipe), then evaluates both at
-lengths up to 8× the training context:
+lengths up to 8× the training context (sizes and the runs' phase configs in
+train/configs/landmark.py: PASSKEY_SIZES, passkey_phase_configs):
 JSON {"train_context": int, "accuracy": {METHOD: {LENGTH: acc}}}.
 """
 from __future__ import annotations
@@ -53,27 +54,6 @@ from train.data import tokenizer as tok
 
 METHODS = ("landmark_memory", "landmark_full", "baseline")
 
-# Figure sizes: overrides of train/configs/landmark.py:tiny (and tiny_baseline) and the evaluation.
-# `phases`: (last step, shortest prompt in bytes) in order; None = every prompt fills the window.
-# A length curriculum: with full-window prompts the copy circuit forms (the tiny landmark model
-# copied the key at the training length after ~3000 steps, but only there: its question always
-# ended at the same position); the second phase varies the prompt length (then EOS and prose),
-# which is what let memory inference answer beyond one window at all. One trainer run resumed
-# per phase (same workdir, optimizer and data iterator carried over).
-#
-# `quick` (what `make demo` runs) trains nothing: the copy circuit needs thousands of steps (the
-# cpu recipe, 5,500), far beyond a demo's minutes, so it evaluates the `cpu` recipe's landmark run
-# of seed 3, trained by the project's own command and committed under results/checkpoints/
-# (`shipped`: (size, seed) of the recipe; see results/checkpoints/README.md). Its baseline
-# transformer is not shipped; `quick` compares memory inference with full attention of the same
-# weights.
-SIZES = {
-    "quick": dict(shipped=("cpu", 3), lengths=(256, 512, 1024, 2048), trials=20),
-    "cpu": dict(phases=((3000, None), (5500, 128)), batch_size=16, seq_len=256, width=64,
-                num_layers=2, lengths=(256, 512, 1024, 2048), trials=40),
-    "paper": dict(phases=((15000, None), (20000, 256)), batch_size=64, seq_len=512, width=256,
-                  num_layers=4, lengths=(512, 1024, 2048, 4096, 8192, 16384), trials=100),
-}
 TOP_K = 4   # blocks retrieved per token and head (the paper evaluates k = 2 and 4)
 
 
@@ -173,17 +153,18 @@ def validate_size(size: str) -> None:
     step order with shortest prompts that fit the window, both runs' trainer configs and data,
     and evaluation lengths that hold a prompt. Raises a ValueError naming the field, its value
     and what is allowed."""
-    if size not in SIZES:
-        raise ValueError(f"size={size!r} is not allowed; use one of {sorted(SIZES)}")
-    s, where = SIZES[size], f"SIZES[{size!r}]"
+    sizes = landmark_configs.PASSKEY_SIZES
+    if size not in sizes:
+        raise ValueError(f"size={size!r} is not allowed; use one of {sorted(sizes)}")
+    s, where = sizes[size], f"PASSKEY_SIZES[{size!r}]"
     if "shipped" in s:
         src_size, src_seed = s["shipped"]
-        if src_size not in SIZES or "shipped" in SIZES[src_size]:
+        if src_size not in sizes or "shipped" in sizes[src_size]:
             raise ValueError(f"{where}.shipped={s['shipped']} is not allowed; name a size that "
                              "trains its own run")
         validate_size(src_size)
         check_shipped(size)
-        c = figure_config(src_size, src_seed)
+        c = landmark_configs.passkey_config(src_size, src_seed)
         shortest = passkey_data.fixed_length(c.data.num_digits, intro=c.data.intro)
         _check_evaluation(s, where, shortest, c.seq_len)
         return
@@ -193,7 +174,7 @@ def validate_size(size: str) -> None:
                          "(last step, shortest prompt) with last steps >= 1 and increasing")
     for phase in range(len(ends)):
         for baseline in (False, True):
-            c = figure_config(size, 0, baseline=baseline, phase=phase)
+            c = landmark_configs.passkey_config(size, 0, baseline=baseline, phase=phase)
             trainer.validate_config(c)
             trainer.build_model(c.model)
             pipeline.make_source(c.data, split="train", seq_len=c.seq_len)
@@ -216,46 +197,13 @@ def _check_evaluation(s: dict, where: str, shortest: int, seq_len: int) -> None:
                          "use trials >= 1 and seq_len >= 2 (memory chunks are seq_len // 2)")
 
 
-def figure_config(size: str, seed: int, *, baseline: bool = False, phase: int = -1):
-    """The trainer config of the figure's run at the end of `phase` (index into SIZES[size]
-    ['phases']; -1: the last)."""
-    s = SIZES[size]
-    end_step, min_length = s["phases"][phase]
-    c = landmark_configs.get_config("tiny_baseline" if baseline else "tiny")
-    c.seed = seed
-    c.data.data_seed = seed
-    c.num_steps = end_step
-    c.batch_size = s["batch_size"]
-    c.seq_len = s["seq_len"]
-    full = s["seq_len"] - c.data.num_digits               # a prompt that fills the window
-    c.data.min_length = full if min_length is None else min(min_length, full)
-    c.model.width = s["width"]
-    c.model.num_layers = s["num_layers"]
-    c.checkpoint_every = 0
-    c.eval_every = 0
-    c.log_every = 10
-    c.progress = False
-    c.mesh.data = 1                   # one device: the figure's numbers do not depend on the host
-    return c
-
-
-# What one phase of the figure's run changes from the one before (the length curriculum); the
-# trainer refuses any other difference between the workdir's run and the phase's config.
-PHASE_CHANGES = ("data.min_length",)
-
-
-def phase_configs(size: str, seed: int, *, baseline: bool = False) -> list:
-    """The trainer configs of the figure's run, one per phase of SIZES[size]['phases']."""
-    return [figure_config(size, seed, baseline=baseline, phase=p)
-            for p in range(len(SIZES[size]["phases"]))]
-
-
 def run_dir(size: str, seed: int, out: pathlib.Path, *, baseline: bool = False) -> pathlib.Path:
     """OUT/runs/NAME-SIZE-seedSEED-HASH, the folder of the figure's landmark (or baseline) run:
     HASH (train/config_identity.py: recipe_hash) covers every phase's config and end step, so a
     changed recipe trains into a new folder and a folder is only reused by its own recipe."""
     name = "landmark_baseline" if baseline else "landmark"
-    h = config_identity.recipe_hash(phase_configs(size, seed, baseline=baseline))
+    h = config_identity.recipe_hash(
+        landmark_configs.passkey_phase_configs(size, seed, baseline=baseline))
     return pathlib.Path(out) / "runs" / f"{name}-{size}-seed{seed}-{h}"
 
 
@@ -265,10 +213,10 @@ def train_or_reuse(size: str, seed: int, out: pathlib.Path, *, baseline: bool = 
     trained with the shared trainer phase by phase (each phase resumes the previous one's final
     checkpoint; phases the run has already passed are skipped), or restored if it is finished.
     The trainer refuses a workdir whose run was trained under another config."""
-    if "shipped" in SIZES[size]:
+    if "shipped" in landmark_configs.PASSKEY_SIZES[size]:
         return None if baseline else load_shipped(size)
     workdir = run_dir(size, seed, out, baseline=baseline)
-    configs = phase_configs(size, seed, baseline=baseline)
+    configs = landmark_configs.passkey_phase_configs(size, seed, baseline=baseline)
     done = None
     if (workdir / "checkpoints").exists():
         ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
@@ -277,8 +225,8 @@ def train_or_reuse(size: str, seed: int, out: pathlib.Path, *, baseline: bool = 
     for phase, c in enumerate(configs):
         if phase < len(configs) - 1 and done is not None and done >= c.num_steps:
             continue
-        summary = trainer.train(c, workdir, devices=jax.devices()[:1],
-                                allow_changes=PHASE_CHANGES if len(configs) > 1 else ())
+        changes = landmark_configs.PASSKEY_PHASE_CHANGES if len(configs) > 1 else ()
+        summary = trainer.train(c, workdir, devices=jax.devices()[:1], allow_changes=changes)
     return c, jax.device_get(summary["state"].params), summary["run"].model, workdir
 
 
@@ -289,24 +237,26 @@ SHIPPED_DIR = REPO / "results" / "checkpoints"
 
 
 def shipped_dir(size: str) -> pathlib.Path:
-    """results/checkpoints/NAME: the committed landmark run of SIZES[size]['shipped']."""
-    src_size, src_seed = SIZES[size]["shipped"]
+    """results/checkpoints/NAME: the committed landmark run of PASSKEY_SIZES[size]['shipped']
+    (train/configs/landmark.py)."""
+    src_size, src_seed = landmark_configs.PASSKEY_SIZES[size]["shipped"]
     return SHIPPED_DIR / run_dir(src_size, src_seed, pathlib.Path(".")).name
 
 
 def check_shipped(size: str) -> dict:
     """The stored config of the committed run of `size`; a ValueError (one line) if it is missing
     or was trained under another recipe than the one that names it."""
-    src_size, src_seed = SIZES[size]["shipped"]
+    shipped = landmark_configs.PASSKEY_SIZES[size]["shipped"]
+    src_size, src_seed = shipped
     workdir = shipped_dir(size)
     if not (workdir / "config.json").exists() or not (workdir / "checkpoints").exists():
         raise ValueError(
-            f"SIZES[{size!r}].shipped={SIZES[size]['shipped']} names no committed run: "
+            f"PASSKEY_SIZES[{size!r}].shipped={shipped} names no committed run: "
             f"{workdir} is missing; train it with `python -m eval.figures --only "
             f"landmark_passkey --size {src_size} --seed {src_seed} --out OUT` and copy "
             f"OUT/runs/{workdir.name} there")
     stored = json.loads((workdir / "config.json").read_text())
-    config_identity.check_compatible(stored, figure_config(src_size, src_seed),
+    config_identity.check_compatible(stored, landmark_configs.passkey_config(src_size, src_seed),
                                      where=f"shipped run {workdir}")
     return stored
 
@@ -314,34 +264,35 @@ def check_shipped(size: str) -> dict:
 def shipped_title(size: str) -> str:
     """A figure title's second line naming the committed run a shipped size evaluates ("" for a
     size that trains its own)."""
-    if "shipped" not in SIZES[size]:
+    if "shipped" not in landmark_configs.PASSKEY_SIZES[size]:
         return ""
-    src_size, src_seed = SIZES[size]["shipped"]
+    src_size, src_seed = landmark_configs.PASSKEY_SIZES[size]["shipped"]
     return f"\nshipped checkpoint: {src_size} recipe, training seed {src_seed}"
 
 
 def load_shipped(size: str):
     """(config, params, model, workdir) of the committed landmark run of `size`, restored on
     one device after `check_shipped`."""
-    src_size, src_seed = SIZES[size]["shipped"]
+    src_size, src_seed = landmark_configs.PASSKEY_SIZES[size]["shipped"]
     check_shipped(size)
     workdir = shipped_dir(size)
     _, params, model = trainer.restore_for_eval(workdir)
-    return figure_config(src_size, src_seed), jax.device_get(params), model, workdir
-
+    config = landmark_configs.passkey_config(src_size, src_seed)
+    return config, jax.device_get(params), model, workdir
 
 
 def figure_settings(size: str) -> dict:
-    """The figure's recipe at `size`: both runs' trainer configs per phase (seed 0) and SIZES;
-    for a shipped size, the committed run's folder name (it carries the recipe hash) and the
-    recipe that trained it."""
-    if "shipped" in SIZES[size]:
-        return {"size": SIZES[size], "top_k": TOP_K, "shipped_run": shipped_dir(size).name,
-                "recipe": figure_settings(SIZES[size]["shipped"][0])}
-    phases = range(len(SIZES[size]["phases"]))
-    return {"size": SIZES[size], "top_k": TOP_K,
-            "landmark": [figure_config(size, 0, phase=i).to_dict() for i in phases],
-            "baseline": [figure_config(size, 0, baseline=True, phase=i).to_dict() for i in phases]}
+    """The figure's recipe at `size`: both runs' trainer configs per phase (seed 0) and the
+    PASSKEY_SIZES entry; for a shipped size, the committed run's folder name (it carries the
+    recipe hash) and the recipe that trained it."""
+    s = landmark_configs.PASSKEY_SIZES[size]
+    if "shipped" in s:
+        return {"size": s, "top_k": TOP_K, "shipped_run": shipped_dir(size).name,
+                "recipe": figure_settings(s["shipped"][0])}
+    phases = landmark_configs.passkey_phase_configs(size, 0)
+    baseline = landmark_configs.passkey_phase_configs(size, 0, baseline=True)
+    return {"size": s, "top_k": TOP_K, "landmark": [c.to_dict() for c in phases],
+            "baseline": [c.to_dict() for c in baseline]}
 
 
 @figures.register("landmark_passkey", settings=figure_settings)
@@ -352,7 +303,7 @@ def landmark_passkey_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> 
 
     validate_size(size)
     out = pathlib.Path(out)
-    s = SIZES[size]
+    s = landmark_configs.PASSKEY_SIZES[size]
     accuracy, seconds = {}, {}
     for baseline in (False, True):
         t0 = time.time()

@@ -42,29 +42,33 @@ def test_figures_reject_an_unknown_size_before_any_work(name, tmp_path):
 
 def test_lm_mqar_rejects_more_pairs_than_seq_len_holds(monkeypatch):
     from eval import lm_mqar
+    from train.configs import lm as lm_configs
     # Keys and values from ranges wide enough for 40 pairs: only the sequence is too short.
-    monkeypatch.setitem(lm_mqar.SIZES, "quick", dict(lm_mqar.SIZES["quick"], num_pairs=40,
-                                                     seq_len=64, key_range=(1, 128),
-                                                     value_range=(128, 256)))
+    monkeypatch.setitem(lm_configs.MQAR_SIZES, "quick",
+                        dict(lm_configs.MQAR_SIZES["quick"], num_pairs=40, seq_len=64,
+                             key_range=(1, 128), value_range=(128, 256)))
     with pytest.raises(ValueError, match="seq_len=64 is too short for num_pairs=40"):
         lm_mqar.validate_size("quick")
 
 
 def test_passkey_rejects_eval_lengths_below_a_prompt(monkeypatch):
     from eval import passkey
-    monkeypatch.setitem(passkey.SIZES, "quick", dict(passkey.SIZES["quick"], lengths=(8, 256)))
+    from train.configs import landmark as landmark_configs
+    sizes = landmark_configs.PASSKEY_SIZES
+    monkeypatch.setitem(sizes, "quick", dict(sizes["quick"], lengths=(8, 256)))
     with pytest.raises(ValueError, match=r"lengths=\(8, 256\) is not allowed"):
         passkey.validate_size("quick")
     # A size that trains its own run (quick evaluates the shipped cpu run).
-    monkeypatch.setitem(passkey.SIZES, "cpu", dict(passkey.SIZES["cpu"],
-                                                   phases=((150, None), (100, 128))))
+    monkeypatch.setitem(sizes, "cpu", dict(sizes["cpu"], phases=((150, None), (100, 128))))
     with pytest.raises(ValueError, match="phases=.* increasing"):
         passkey.validate_size("cpu")
 
 
 def test_landmark_perplexity_rejects_more_windows_than_the_prose_holds(monkeypatch):
     from eval import landmark_perplexity as lp
-    monkeypatch.setitem(lp.SIZES, "quick", dict(lp.SIZES["quick"], windows=10**6))
+    from train.configs import landmark as landmark_configs
+    sizes = landmark_configs.PERPLEXITY_SIZES
+    monkeypatch.setitem(sizes, "quick", dict(sizes["quick"], windows=10**6))
     with pytest.raises(ValueError, match="tokens of validation prose needed"):
         lp.validate_size("quick")
 

@@ -178,10 +178,10 @@ def test_prose_windows_and_perplexity():
 
 def test_figure_length_curriculum_resumes_one_run(tmp_path, monkeypatch):
     # cpu: full-window prompts first, then prompts of varied length, in one resumed run
-    first, last = (passkey.figure_config("cpu", 0, phase=i) for i in (0, 1))
+    first, last = (landmark_configs.passkey_config("cpu", 0, phase=i) for i in (0, 1))
     assert (first.num_steps, first.data.min_length) == (3000, 251)
     assert (last.num_steps, last.data.min_length) == (5500, 128)
-    monkeypatch.setitem(passkey.SIZES, "test", dict(
+    monkeypatch.setitem(landmark_configs.PASSKEY_SIZES, "test", dict(
         phases=((2, None), (3, 100)), batch_size=2, seq_len=112, width=16, num_layers=1,
         lengths=(112,), trials=1))
     c, params, model, workdir = passkey.train_or_reuse("test", 0, tmp_path)

@@ -7,8 +7,9 @@ from flax import linen as nn
 import pytest
 
 from eval import passkey
+from train.configs import landmark as landmark_configs
 
-SHIPPED_SIZES = [size for size, s in passkey.SIZES.items() if "shipped" in s]
+SHIPPED_SIZES = [size for size, s in landmark_configs.PASSKEY_SIZES.items() if "shipped" in s]
 
 
 def test_the_demo_ships_at_most_the_landmark_run():
@@ -21,7 +22,7 @@ def test_the_demo_ships_at_most_the_landmark_run():
 def test_shipped_run_matches_its_recipe_and_restores(size):
     config, params, model, workdir = passkey.load_shipped(size)
     assert workdir == passkey.shipped_dir(size)
-    src_size, src_seed = passkey.SIZES[size]["shipped"]
+    src_size, src_seed = landmark_configs.PASSKEY_SIZES[size]["shipped"]
     # The config that names the folder is the one the stored run was trained with.
     assert passkey.run_dir(src_size, src_seed, workdir.parent.parent).name == workdir.name
     # Every parameter has the shape the current model initialises.
@@ -39,8 +40,8 @@ def test_shipped_run_matches_its_recipe_and_restores(size):
 
 def test_a_shipped_run_of_another_recipe_is_refused(monkeypatch):
     # The same committed folder named by a recipe with other blocks must not be reused.
-    sizes = {k: dict(v) for k, v in passkey.SIZES.items()}
-    monkeypatch.setattr(passkey, "SIZES", sizes)
+    sizes = {k: dict(v) for k, v in landmark_configs.PASSKEY_SIZES.items()}
+    monkeypatch.setattr(landmark_configs, "PASSKEY_SIZES", sizes)
     monkeypatch.setattr(passkey, "shipped_dir", lambda size: passkey.SHIPPED_DIR / sorted(
         p.name for p in passkey.SHIPPED_DIR.iterdir() if p.is_dir())[0])
     sizes["cpu"]["width"] = 32

@@ -96,22 +96,21 @@ def test_trainer_compares_with_config_json_when_no_checkpoint(tmp_path):
 
 
 def test_recipe_hash_covers_every_phase_and_its_end_step():
-    from eval import passkey
-    phases = passkey.phase_configs("cpu", 0)
+    phases = landmark.passkey_phase_configs("cpu", 0)
     assert [p.num_steps for p in phases] == [3000, 5500]
     h = ci.recipe_hash(phases)
-    assert ci.recipe_hash(passkey.phase_configs("cpu", 0)) == h
+    assert ci.recipe_hash(landmark.passkey_phase_configs("cpu", 0)) == h
     assert ci.recipe_hash(phases[:1]) != h
     assert ci.recipe_hash(phases[::-1]) != h
-    longer = passkey.phase_configs("cpu", 0)
+    longer = landmark.passkey_phase_configs("cpu", 0)
     longer[-1].num_steps = 6000
     assert ci.recipe_hash(longer) != h
-    blocks15 = passkey.phase_configs("cpu", 0)
+    blocks15 = landmark.passkey_phase_configs("cpu", 0)
     for c in blocks15:
         c.model.mem_freq = 15
     assert ci.recipe_hash(blocks15) != h                    # a blocks-of-15 run is another run
-    assert ci.recipe_hash(passkey.phase_configs("cpu", 1)) != h
-    logged = passkey.phase_configs("cpu", 0)
+    assert ci.recipe_hash(landmark.passkey_phase_configs("cpu", 1)) != h
+    logged = landmark.passkey_phase_configs("cpu", 0)
     for c in logged:
         c.log_every = 1
     assert ci.recipe_hash(logged) == h
@@ -123,7 +122,7 @@ def test_figure_run_folders_carry_the_recipe_hash(tmp_path):
     d = passkey.run_dir("cpu", 0, tmp_path)
     assert d.parent == tmp_path / "runs"
     assert re.fullmatch(r"landmark-cpu-seed0-[0-9a-f]{12}", d.name)
-    assert d.name.endswith(ci.recipe_hash(passkey.phase_configs("cpu", 0)))
+    assert d.name.endswith(ci.recipe_hash(landmark.passkey_phase_configs("cpu", 0)))
     b = passkey.run_dir("cpu", 0, tmp_path, baseline=True)
     assert b.name.startswith("landmark_baseline-cpu-seed0-") and b.name[-12:] != d.name[-12:]
     assert re.fullmatch(r"lm_mqar-quick-seed0-[0-9a-f]{12}",

@@ -20,7 +20,10 @@ the copy circuit forms, then prompts of varied length, i.e.
         --allow_config_change=data.min_length
 
 (the trainer resumes a workdir only under the config its run was trained with, run-control
-fields such as num_steps aside, so the second phase names the field it changes).
+fields such as num_steps aside, so the second phase names the field it changes). The figure's
+sizes (`--size quick|cpu|paper`) are PASSKEY_SIZES below, its runs' trainer configs
+`passkey_phase_configs`; the `landmark_perplexity` figure reuses those runs and reads its
+lengths and windows from PERPLEXITY_SIZES.
 
 Evaluate it far beyond 256 bytes with
 `python -m eval.passkey --workdir runs/landmark_tiny --lengths 256,512,1024,2048`.
@@ -120,3 +123,74 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.eval = common.evaluation(20 if paper else 4)
     c.debug = common.debug()
     return c
+
+
+# ---------------------------------------------------------------------------------------------
+# The landmark figures' sizes (eval/passkey.py: landmark_passkey; eval/landmark_perplexity.py:
+# landmark_perplexity, which reuses landmark_passkey's runs)
+# ---------------------------------------------------------------------------------------------
+# landmark_passkey: overrides of `tiny` (and `tiny_baseline`) and the evaluation.
+# `phases`: (last step, shortest prompt in bytes) in order; None = every prompt fills the window.
+# A length curriculum: with full-window prompts the copy circuit forms (the tiny landmark model
+# copied the key at the training length after ~3000 steps, but only there: its question always
+# ended at the same position); the second phase varies the prompt length (then EOS and prose),
+# which is what let memory inference answer beyond one window at all. One trainer run resumed
+# per phase (same workdir, optimizer and data iterator carried over).
+#
+# `quick` (what `make demo` runs) trains nothing: the copy circuit needs thousands of steps (the
+# cpu recipe, 5,500), far beyond a demo's minutes, so it evaluates the `cpu` recipe's landmark run
+# of seed 3, trained by the project's own command and committed under results/checkpoints/
+# (`shipped`: (size, seed) of the recipe; see results/checkpoints/README.md). Its baseline
+# transformer is not shipped; `quick` compares memory inference with full attention of the same
+# weights.
+PASSKEY_SIZES = {
+    "quick": dict(shipped=("cpu", 3), lengths=(256, 512, 1024, 2048), trials=20),
+    "cpu": dict(phases=((3000, None), (5500, 128)), batch_size=16, seq_len=256, width=64,
+                num_layers=2, lengths=(256, 512, 1024, 2048), trials=40),
+    "paper": dict(phases=((15000, None), (20000, 256)), batch_size=64, seq_len=512, width=256,
+                  num_layers=4, lengths=(512, 1024, 2048, 4096, 8192, 16384), trials=100),
+}
+
+# What one phase of the figure's run changes from the one before (the length curriculum); the
+# trainer refuses any other difference between the workdir's run and the phase's config.
+PASSKEY_PHASE_CHANGES = ("data.min_length",)
+
+
+def passkey_config(size: str, seed: int, *, baseline: bool = False,
+                   phase: int = -1) -> ml_collections.ConfigDict:
+    """The trainer config of landmark_passkey's landmark (or baseline) run at the end of `phase`
+    (index into PASSKEY_SIZES[size]['phases']; -1: the last)."""
+    s = PASSKEY_SIZES[size]
+    end_step, min_length = s["phases"][phase]
+    c = get_config("tiny_baseline" if baseline else "tiny")
+    c.seed = seed
+    c.data.data_seed = seed
+    c.num_steps = end_step
+    c.batch_size = s["batch_size"]
+    c.seq_len = s["seq_len"]
+    full = s["seq_len"] - c.data.num_digits               # a prompt that fills the window
+    c.data.min_length = full if min_length is None else min(min_length, full)
+    c.model.width = s["width"]
+    c.model.num_layers = s["num_layers"]
+    c.checkpoint_every = 0
+    c.eval_every = 0
+    c.log_every = 10
+    c.progress = False
+    c.mesh.data = 1                   # one device: the figure's numbers do not depend on the host
+    return c
+
+
+def passkey_phase_configs(size: str, seed: int, *, baseline: bool = False) -> list:
+    """The trainer configs of landmark_passkey's landmark (or baseline) run, one per phase of
+    PASSKEY_SIZES[size]['phases']."""
+    return [passkey_config(size, seed, baseline=baseline, phase=p)
+            for p in range(len(PASSKEY_SIZES[size]["phases"]))]
+
+
+# landmark_perplexity: the evaluation lengths and held-out prose windows per length; its runs
+# are landmark_passkey's at the same size.
+PERPLEXITY_SIZES = {
+    "quick": dict(lengths=(256, 512, 1024, 2048), windows=4),   # the shipped passkey run
+    "cpu": dict(lengths=(256, 512, 1024, 2048), windows=8),
+    "paper": dict(lengths=(512, 2048, 4096, 8192), windows=8),
+}
