@@ -578,31 +578,52 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     step = start
     last_saved = start if start else None
     t_last, tok_since = time.perf_counter(), 0
+
+    def record(at: int, metrics) -> None:
+        """Reads step `at`'s metrics: stops on a non-finite loss, logs every log_every steps."""
+        nonlocal t_last, tok_since
+        m = jax.device_get(metrics)
+        loss = float(m["loss"])
+        if not math.isfinite(loss):
+            ckpt.wait()
+            raise FloatingPointError(
+                f"loss is {loss} at step {at}; stopping. The last good checkpoint "
+                f"(step {ckpt.latest_step()}) in {ckpt.directory} is kept.")
+        tok_since += tokens_per_step
+        if at % log_every == 0 or at == cfg.num_steps:
+            now = time.perf_counter()
+            tps = tok_since / max(now - t_last, 1e-9)
+            t_last, tok_since = now, 0
+            writer.write(at, {**{k: float(v) for k, v in m.items()}, "tokens_per_s": tps})
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+        if bar is not None:
+            bar.update(1)
+        summary["final_loss"] = loss
+
+    def acts_at(at: int) -> bool:
+        """Whether anything but logging happens after step `at` (evaluation, a hook, a
+        checkpoint, the end): its loss is checked before, so nothing acts on a bad state."""
+        return (at == cfg.num_steps or stop.requested
+                or bool(cfg.eval_every and at % cfg.eval_every == 0)
+                or bool(cfg.checkpoint_every and at % cfg.checkpoint_every == 0)
+                or debug.get("sigkill_at_step", -1) == at or any(h.due(at) for h in run.hooks))
+
     with _Stop() as stop:
         try:
+            pending = None   # (step, metrics) dispatched but not read yet
             while step < cfg.num_steps:
                 batch = to_device(next(data_iter), run.batch_sharding)
                 state, metrics = train_step(state, batch)
                 step += 1
-                m = jax.device_get(metrics)
-                loss = float(m["loss"])
-                if not math.isfinite(loss):
-                    ckpt.wait()
-                    raise FloatingPointError(
-                        f"loss is {loss} at step {step}; stopping. The last good checkpoint "
-                        f"(step {ckpt.latest_step()}) in {ckpt.directory} is kept.")
-                tok_since += tokens_per_step
-                if step % log_every == 0 or step == cfg.num_steps:
-                    now = time.perf_counter()
-                    tps = tok_since / max(now - t_last, 1e-9)
-                    t_last, tok_since = now, 0
-                    writer.write(step, {**{k: float(v) for k, v in m.items()},
-                                        "tokens_per_s": tps})
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
-                if bar is not None:
-                    bar.update(1)
-                summary["final_loss"] = loss
+                # The previous step's metrics are read while this one runs on the device, so
+                # the host's work between steps overlaps the device's.
+                if pending is not None:
+                    record(*pending)
+                pending = (step, metrics)
+                if acts_at(step):
+                    record(*pending)
+                    pending = None
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.num_steps):
                     ev = evaluate(run, eval_step, state.params, state.memory,
                                   num_batches=cfg.eval.num_batches)
@@ -626,6 +647,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                     ckpt.wait()
                     os.kill(os.getpid(), signal.SIGKILL)
                 if stop.requested:
+                    if pending is not None:   # the signal came after acts_at: check it now
+                        record(*pending)
                     summary["stopped_by_signal"] = True
                     break
             if last_saved != step:
