@@ -19,7 +19,7 @@
 #
 # 1. Birdie's objectives applied to a sample text (`train/objectives/birdie.py`);
 # 2. the reward-driven controller choosing the objective mixture during a short training run
-#    (`train/objectives/birdie_controller.py`, driven by `eval/birdie_recall.py`);
+#    (`train/objectives/birdie_controller.py`, a hook of the shared trainer `train/trainer.py`);
 # 3. a recall query answered by a causal and by a bidirectional gated SSM (`models/ssm.py`), and
 #    the bidirectional model's recurrent decoding matching its parallel pass.
 #
@@ -90,23 +90,29 @@ for name, fn in birdie.OBJECTIVE_FNS.items():
 # %% [markdown]
 # ## 2. The controller's mixture during training
 #
-# A bidirectional gated SSM (width 32) trains on Birdie's 18 objective configurations over
-# key-value text plus the recall task itself (the last action). Every 8 steps the controller reads
-# each action's validation loss, turns the change into rewards, refits its reward model and picks
-# the next mixture (uniform per class until it has two rewards).
+# A bidirectional gated SSM (width 32) trains through the shared trainer on Birdie's 18 objective
+# configurations over key-value text plus the recall task itself (the last action). Every 8 steps
+# the controller hook reads each action's validation loss, turns the change into rewards, refits
+# its reward model and picks the next mixture (uniform per class until it has two rewards); the
+# run's workdir keeps its checkpoints and `metrics.jsonl`, where each update is a row.
 
 # %%
+import tempfile
+
 import matplotlib.pyplot as plt
 
 from eval import birdie_recall as br
+from train.configs import birdie as birdie_config
 
-SIZE = dict(pairs=(2, 4), width=32, state_width=32, num_layers=2, num_heads=2, ssm_layers=3,
+SIZE = dict(task=dict(num_queries=1, key_range=(0, 8), value_range=(64, 72)), pairs=(2, 4),
+            width=32, state_width=32, num_layers=2, num_heads=2, ssm_layers=3,
             bidir_pattern="cbc", ssm_mlp=64, steps=40, rows=8, row_length=64, lr=3e-3,
             controller_every=8, pretrain_frac=1.0)
-task = br.RecallTask(num_queries=1, key_range=(0, 8), value_range=(64, 72))
-mixture = br.recall_mixture(task, SIZE["pairs"], SIZE["row_length"])
-run = br.train_model("gated_birdie", SIZE, mixture, seed=0, pretrain_frac=1.0, controller=True,
-                     log=False)
+task = br.RecallTask(**SIZE["task"])
+runs = pathlib.Path(tempfile.mkdtemp(prefix="birdie_colab_"))
+config = birdie_config.recall_config(SIZE, "gated_birdie", seed=0)
+config.progress = False
+run = br.train_run(config, runs / "gated_birdie")
 steps_m = [s for s, _ in run.mixtures]
 weights = np.array([m for _, m in run.mixtures])
 groups = {}
@@ -134,9 +140,12 @@ for g, w in groups.items():
 # %%
 from models import ssm
 
-RECALL = dict(SIZE, steps=100, pretrain_frac=0.0)
-models = {name: br.train_recall_model(name, RECALL, task, seed=0, log=False)
-          for name in ("gated_ntp", "gated_bidir")}
+RECALL = dict(SIZE, steps=100)
+models = {}
+for name in ("gated_ntp", "gated_bidir"):
+    config = birdie_config.recall_config(RECALL, name, seed=0)
+    config.progress = False
+    models[name] = br.train_run(config, runs / name)
 rng = np.random.default_rng(7)
 ex = br.recall_example(rng, task, 4)
 prompt, answer = birdie.split_example(ex)

@@ -1,4 +1,6 @@
-"""eval/birdie_recall.py, train/configs/birdie.py, train/data/birdie_data.py, benchmarks/ssm.py."""
+"""eval/birdie_recall.py, train/configs/birdie.py, train/data/recall.py, train/data/birdie_data.py
+and the controller hook's recall arms (train/objectives/birdie_controller.py)."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,14 +13,18 @@ import pytest
 from eval import birdie_recall as br
 from eval import figures
 from models import layers
+from train import trainer
+from train.configs import birdie as birdie_config
+from train.configs.birdie import RECALL_MODELS
 from train.data import recall
 from train.data import tokenizer as tok
 from train.objectives import birdie
 
-TINY = dict(pairs=(2, 4), num_queries=1, width=16, state_width=16, num_layers=2, num_heads=2,
-            ssm_layers=3, bidir_pattern="cbc", ssm_mlp=32,
-            steps=4, rows=4, row_length=48, lr=3e-3, eval_examples=8, controller_every=2,
-            pretrain_frac=0.5)
+# A recall size small enough for a few trainer steps (RECALL_SIZES fields).
+TINY_SIZE = dict(task=dict(num_queries=1, key_range=(0, 8), value_range=(64, 72)),
+                 pairs=(2, 4), train_pairs=(1, 2, 4), width=16, state_width=16, num_layers=2,
+                 num_heads=2, ssm_layers=3, bidir_pattern="cbc", ssm_mlp=32, steps=6, rows=4,
+                 row_length=48, lr=3e-3, eval_examples=8, controller_every=1, pretrain_frac=0.7)
 
 
 # ------------------------------------------------------------------------------------------
@@ -54,59 +60,146 @@ def test_recall_task_rejects_bad_layouts():
         recall.RecallTask(num_queries=4).check_pairs(2)
 
 
-def test_recall_batch_packs_rows_with_one_label_per_query():
-    task = recall.RecallTask(num_queries=2)
-    b = recall.recall_batch(np.random.default_rng(1), task, (2, 4), rows=3, row_length=40)
-    assert b["inputs"].shape == (3, 40)
-    n_examples = sum(len(set(r[r > 0].tolist())) for r in b["segment_ids"])
-    assert b["weights"].sum() == 2 * n_examples
-    # every labelled position is a generated (non-prefix) one
-    assert not (b["prefix"] & (b["weights"] > 0)).any()
+def _rows(split="train", n=6, **fields):
+    spec = recall.RecallDataSpec(task=recall.RecallTask(num_queries=2), pairs=(2, 4), seq_len=40,
+                                 **fields)
+    src = recall.RecallSource(spec, split)
+    return spec, [src[i] for i in range(n)], src
 
 
-def test_mixture_validation_holds_every_action():
-    mix = recall.recall_mixture(recall.RecallTask(), (4, 8), 64)
-    assert mix.names[-1] == "task" and len(mix.group_sizes) == mix.num_actions
-    val = mix.validation(np.random.default_rng(0), 2, rows=4)
-    ids = np.concatenate([v["objective_ids"].ravel() for v in val])
-    assert set(range(mix.num_actions)) <= set(ids.tolist())
+def test_recall_rows_hold_the_task_with_one_label_per_query():
+    spec, rows, src = _rows()
+    K = len(spec.action_names()) - 1
+    for r in rows:
+        assert all(v.shape == (40,) for v in r.values())
+        n_examples = len(set(r["segment_ids"][r["segment_ids"] > 0].tolist()))
+        assert n_examples >= 1 and r["weights"].sum() == 2 * n_examples
+        assert not (r["prefix"] & (r["weights"] > 0)).any()   # labels only where generated
+        assert set(r["objective_ids"][r["segment_ids"] > 0].tolist()) == {K}   # the task alone
+    np.testing.assert_array_equal(src[3]["inputs"], rows[3]["inputs"])   # regenerated alone
+    assert not np.array_equal(rows[0]["inputs"], rows[1]["inputs"])
+    other = recall.RecallSource(dataclasses.replace(spec, seed=1), "train")[0]
+    assert not np.array_equal(other["inputs"], rows[0]["inputs"])
+
+
+def test_recall_rows_follow_the_mixture():
+    spec, _, _ = _rows(n=0)
+    names = spec.action_names()
+    assert names[-1] == "task" and len(spec.group_sizes()) == len(names)
+    # each configuration's class size; the task is a class of its own (Birdie's 7 + 1)
+    sizes = spec.group_sizes()
+    assert sizes[-1] == 1 and sum(1 / g for g in sizes) == pytest.approx(8)
+    only_first = [1.0] + [0.0] * (len(names) - 1)
+    _, rows, _ = _rows(mixture=only_first)
+    ids = np.concatenate([r["objective_ids"][r["segment_ids"] > 0] for r in rows])
+    assert set(ids.tolist()) == {0}
+    _, rows, _ = _rows(n=40, mixture=[1.0] * len(names))
+    ids = np.concatenate([r["objective_ids"][r["segment_ids"] > 0] for r in rows])
+    assert len(set(ids.tolist())) > len(names) // 2
+    _, rows, _ = _rows("validation", n=len(names), objective_per_row=True, mixture=only_first)
+    for i, r in enumerate(rows):                 # balanced rows: one action each, in order
+        assert set(r["objective_ids"][r["segment_ids"] > 0].tolist()) == {i}
+    _, rows, _ = _rows(n=1, with_prefix=False)
+    assert "prefix" not in rows[0]
+    with pytest.raises(ValueError, match=r"mixture=\(1.0,\) is not allowed"):
+        _rows(n=0, mixture=(1.0,))
+    with pytest.raises(ValueError, match=r"pairs=\(2, 16\) is not allowed: 16 pairs make examples of 36 tokens > "
+                                         "seq_len=32"):
+        recall.RecallDataSpec(task=recall.RecallTask(), pairs=(2, 16), seq_len=32)
 
 
 # ------------------------------------------------------------------------------------------
-# Training (a few steps) and scoring
+# Arms through the trainer
 # ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def trained_birdie():
-    task = recall.RecallTask(num_queries=1)
-    return task, br.train_recall_model("gated_birdie", dict(TINY), task, 0, log=False)
+def tiny_size():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(birdie_config.RECALL_SIZES, "tiny", dict(TINY_SIZE))
+        yield "tiny"
 
 
-def test_birdie_arm_runs_the_controller(trained_birdie):
-    task, tr = trained_birdie
-    # pre-training is 2 steps with a controller update every 2: the initial mixture + 1 update
-    assert [s for s, _ in tr.mixtures] == [0, 2]
+@pytest.fixture(scope="module")
+def trained_birdie(tiny_size, tmp_path_factory):
+    out = tmp_path_factory.mktemp("recall")
+    return out, br.train_arm(tiny_size, "gated_birdie", 0, out)
+
+
+def test_birdie_arm_runs_the_controller_then_the_task(trained_birdie):
+    # 6 steps, pre-training the first round(0.7 * 6) = 4 with a controller update every step:
+    # the initial (uniform) mixture, updates after steps 1-3 (the controller's own choice once
+    # it has two rewards, after step 3), then the task alone from step 4 on
+    _, tr = trained_birdie
+    assert [s for s, _ in tr.mixtures] == [0, 1, 2, 3, 4]
     for _, m in tr.mixtures:
         assert len(m) == len(tr.action_names) and abs(sum(m) - 1) < 1e-5
-    assert all(np.isfinite(l) for _, l in tr.losses)
-    assert tr.tokens == TINY["rows"] * TINY["row_length"] * TINY["steps"]
-    acc = br.recall_accuracy(tr, task, 4, examples=8, rows=4, row_length=48, seed=0)
+    assert tr.action_names[-1] == "task"
+    assert tr.mixtures[0][1][-1] > 0 and tr.mixtures[2][1] != tr.mixtures[3][1]
+    assert tr.mixtures[-1][1] == [0.0] * (len(tr.action_names) - 1) + [1.0]
+    rows = [json.loads(l) for l in (tr.workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("finetune", False) for r in rows if "mixture" in r] == [False] * 3 + [True]
+    assert all(np.isfinite(l) for _, l in tr.losses) and tr.losses[-1][0] == 6
+    assert tr.tokens == TINY_SIZE["rows"] * TINY_SIZE["row_length"] * TINY_SIZE["steps"]
+    acc = br.recall_accuracy(tr, recall.RecallTask(num_queries=1), 4, examples=8, rows=4,
+                             row_length=48, seed=0)
     assert 0.0 <= acc <= 1.0
 
 
+def test_a_finished_arm_is_reused(trained_birdie, tiny_size):
+    out, tr = trained_birdie
+    again = br.train_arm(tiny_size, "gated_birdie", 0, out)
+    assert again.workdir == tr.workdir and again.mixtures == tr.mixtures
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again.params, tr.params)
+    rows = (tr.workdir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["resumed_from"] for l in rows if '"start"' in l] == [0, 6]
+
+
+def test_controller_hook_settings_are_checked(tiny_size):
+    c = birdie_config.recall_config(tiny_size, "gated_birdie", 0)
+    c.hooks.birdie_controller.finetune_at = 7
+    with pytest.raises(ValueError, match=r"finetune_at=7 is not allowed; use 0 \(never\) or a "
+                                         r"step in 1..num_steps=6"):
+        trainer.build_hooks(c)
+    c = birdie_config.get_config("tiny")
+    c.hooks.birdie_controller.finetune_at = 10
+    with pytest.raises(ValueError, match="finetune_at=10 is not allowed with data.name='birdie'"):
+        trainer.build_hooks(c)
+
+
 def test_equal_parameters_across_recall_models():
-    s = br.SIZES["cpu"]
+    s = birdie_config.RECALL_SIZES["cpu"]
     counts = {}
-    for name in br.RECALL_MODELS:
-        model = br.build_model(name, s)
+    for name in RECALL_MODELS:
+        model = trainer.build_model(birdie_config.recall_model(name, s))
         shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 8), np.int32))
         counts[name] = sum(x.size for x in jax.tree_util.tree_leaves(shapes))
     lo, hi = min(counts.values()), max(counts.values())
     assert hi / lo < 1.1, counts
 
 
-# ------------------------------------------------------------------------------------------
-# The configs and the trainer's data path
-# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(birdie_config.ARMS))
+def test_only_bidirectional_arms_read_the_prefix(name, tiny_size):
+    # Swapping a causal and a bidirectional arm would fail here: the bidirectional models'
+    # logits at the first prompt position change with a later prompt token, the causal ones'
+    # do not (the names say which is which; the module docstring lists them), and only the
+    # bidirectional arms' data carry the prefix.
+    bidirectional = {"gated_bidir", "gated_birdie", "hawk_birdie"}
+    assert birdie_config.ARMS[name].bidirectional == (name in bidirectional)
+    if name in RECALL_MODELS:
+        c = birdie_config.recall_config(tiny_size, name, 0)
+        assert c.data.with_prefix == (name in bidirectional)
+    model = trainer.build_model(birdie_config.recall_model(name, TINY_SIZE))
+    params = layers.unbox(model.init(jax.random.key(0), np.zeros((1, 12), np.int32))["params"])
+    x = np.arange(1, 13, dtype=np.int32)[None]
+    batch = {"inputs": x, "segment_ids": np.ones_like(x)}
+    if birdie_config.ARMS[name].family == "ssm":           # every SSM could read a prefix
+        batch["prefix"] = np.arange(12)[None] < 8
+    y = x.copy()
+    y[0, 6] = 100                                          # a later token inside the prefix
+    a = np.asarray(birdie.packed_logits(model.apply, params, batch))[0, 0]
+    b = np.asarray(birdie.packed_logits(model.apply, params, dict(batch, inputs=y)))[0, 0]
+    assert (not np.allclose(a, b)) == (name in bidirectional)
+
+
 def test_config_variants_and_errors():
     from train.configs import birdie as cfg
     for name in cfg.MODELS:
@@ -201,100 +294,35 @@ def test_pick_draws_like_rng_choice():
         assert a.random() == b.random()
 
 
-def test_shared_task_batches_replay_train_models_own_draws():
-    s = dict(br.SIZES["quick"], steps=3)
-    task = recall.RecallTask(**s["task"])
-    shared = br.recall_task_batches(s, task, seed=4)
-    own = br._recall_mixture_at(s, task)
-    rng = br.train_rng(4)
-    for i in range(3):
-        want = own.task_batch(rng, s["rows"])
-        for k, v in shared[i].items():
-            np.testing.assert_array_equal(np.asarray(v), want[k])
-    assert [b["inputs"] is shared[i]["inputs"] for i, b in enumerate(shared)] == [True] * 3
-    with pytest.raises(IndexError):
-        shared[3]
-
-    a = br.train_recall_model("gated_ntp", s, task, 4, log=False, task_batches=shared)
-    b = br.train_recall_model("gated_ntp", s, task, 4, log=False)
-    assert a.losses == b.losses
-    with pytest.raises(ValueError, match="pretrain_frac"):
-        br.train_model("gated_ntp", s, own, 4, pretrain_frac=0.5, task_batches=shared,
-                       log=False)
-
-
-def test_pretraining_batches_follow_the_controllers_mixture():
-    # Batches are packed ahead one stretch of constant mixture at a time: each pre-training step
-    # must still draw with the mixture in force at that step (the controller updates every step).
-    s = dict(TINY, steps=6, controller_every=1)
-    task = recall.RecallTask(num_queries=1)
-    mix = br._recall_mixture_at(s, task)
-    seen, draw = [], mix.batch
-
-    def recording(rng, mixture, rows):
-        seen.append(np.asarray(mixture).tolist())
-        return draw(rng, mixture, rows)
-
-    mix.batch = recording
-    tr = br.train_model("gated_birdie", s, mix, 0, pretrain_frac=0.5, controller=True,
-                        log=False)
-    assert [u for u, _ in tr.mixtures] == [0, 1, 2, 3]
-    assert seen[:3] == [w for _, w in tr.mixtures[:3]]
-    assert seen[3:] == [np.eye(mix.num_actions)[-1].tolist()] * 3   # the task phase
-
-
 # ------------------------------------------------------------------------------------------
 # The figures' pipelines on tiny sizes
 # ------------------------------------------------------------------------------------------
-TINY_SIZE = dict(TINY, task=dict(num_queries=1, key_range=(0, 8), value_range=(64, 72)),
-                 pairs=(2, 4), train_pairs=(1, 2, 4))
-
-
-def test_recall_table_on_a_tiny_size(monkeypatch):
-    monkeypatch.setitem(br.SIZES, "tiny", dict(TINY_SIZE))
+def test_recall_table_on_a_tiny_size(tiny_size, tmp_path):
     models = ("transformer_ntp", "gated_bidir")
-    res = br.recall_table("tiny", 0, models=models, log=False)
+    res = br.recall_table(tiny_size, 0, tmp_path, models=models)
     assert set(res) == {"accuracy", "no_binding_baseline", "params", "tokens", "train_seconds",
                         "loss_curves", "mixtures", "task", "chance"}
     assert set(res["accuracy"]) == set(models)
     for m in models:
         assert set(res["accuracy"][m]) == set(TINY_SIZE["pairs"])
         assert all(0.0 <= a <= 1.0 for a in res["accuracy"][m].values())
+        assert [s for s, _ in res["loss_curves"][m]] == [6]        # log_every 25: the last step
     assert set(res["no_binding_baseline"]) == set(TINY_SIZE["pairs"])
     assert set(res["params"]) == set(res["tokens"]) == set(models)
-    assert res["tokens"]["gated_bidir"] == TINY["steps"] * TINY["rows"] * TINY["row_length"]
+    assert res["tokens"]["gated_bidir"] == 6 * TINY_SIZE["rows"] * TINY_SIZE["row_length"]
     assert res["mixtures"] == {}                          # neither model pre-trains
     assert res["chance"] == 1 / 8
-
-
-@pytest.mark.parametrize("name", sorted(br.SPECS))
-def test_only_bidirectional_specs_read_the_prefix(name):
-    # Swapping a causal and a bidirectional spec would fail here: the bidirectional models'
-    # logits at the first prompt position change with a later prompt token, the causal ones'
-    # do not (the names say which is which; the module docstring lists them).
-    bidirectional = {"gated_bidir", "gated_birdie", "hawk_birdie"}
-    assert br.SPECS[name].bidirectional == (name in bidirectional)
-    s = dict(TINY_SIZE)
-    model = br.build_model(name, s)
-    params = layers.unbox(model.init(jax.random.key(0), np.zeros((1, 12), np.int32))["params"])
-    fwd = br.apply_fn(model, br.SPECS[name])
-    x = np.arange(1, 13, dtype=np.int32)[None]
-    batch = {"inputs": x, "segment_ids": np.ones_like(x), "prefix": np.arange(12)[None] < 8}
-    y = x.copy()
-    y[0, 6] = 100                                          # a later token inside the prefix
-    a = np.asarray(fwd(params, batch))[0, 0]
-    b = np.asarray(fwd(params, dict(batch, inputs=y)))[0, 0]
-    assert (not np.allclose(a, b)) == (name in bidirectional)
+    runs = sorted(p.name.split("-")[3] for p in (tmp_path / "runs").iterdir())
+    assert runs == sorted(models)
 
 
 def test_phonebook_figure_on_a_tiny_size(monkeypatch, tmp_path):
     """Each arm pre-trains then fine-tunes through the trainer (the Birdie arm with its
     controller), from the pre-trained parameters, and is scored; a rerun reuses the runs."""
-    from train.configs import birdie as birdie_config
     tiny = dict(birdie_config.PHONEBOOK_SIZES["quick"], steps=4, controller_every=1,
                 eval_examples=2, queries=(1, 2), width=16, state_width=16, num_heads=2)
     monkeypatch.setitem(birdie_config.PHONEBOOK_SIZES, "tiny", tiny)
-    monkeypatch.setitem(br.SIZES, "tiny", dict(TINY_SIZE))     # validate_size checks both
+    monkeypatch.setitem(birdie_config.RECALL_SIZES, "tiny", dict(TINY_SIZE))   # validated too
     monkeypatch.setattr(br, "PHONEBOOK_MODELS", ("transformer_ntp", "gated_birdie_causal"))
     res = br.birdie_phonebook_figure(size="tiny", seed=0, out=tmp_path)
     assert set(res["digit_accuracy"]) == {"transformer_ntp", "gated_birdie_causal"}

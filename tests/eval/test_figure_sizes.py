@@ -75,8 +75,11 @@ def test_landmark_perplexity_rejects_more_windows_than_the_prose_holds(monkeypat
 
 def test_birdie_recall_rejects_pairs_beyond_the_key_range(monkeypatch):
     from eval import birdie_recall as br
-    monkeypatch.setitem(br.SIZES, "quick", dict(br.SIZES["quick"], pairs=(2, 4, 9)))
-    with pytest.raises(ValueError, match=r"SIZES\['quick'\].pairs=\(2, 4, 9\).*num_pairs=9"):
+    from train.configs import birdie as birdie_config
+    monkeypatch.setitem(birdie_config.RECALL_SIZES, "quick",
+                        dict(birdie_config.RECALL_SIZES["quick"], pairs=(2, 4, 9)))
+    with pytest.raises(ValueError,
+                       match=r"RECALL_SIZES\['quick'\].pairs=\(2, 4, 9\).*num_pairs=9"):
         br.validate_size("quick")
 
 

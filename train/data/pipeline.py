@@ -68,10 +68,10 @@ import numpy as np
 from absl import flags
 
 from train.data import (birdie_data, catalog, embeddings, images, mac_data, mqar,
-                        passkey_data, text_corpus, tokenizer)
+                        passkey_data, recall, text_corpus, tokenizer)
 
-DATASET_NAMES = ("mqar", "text", "tfds", "birdie", "passkey", "mac_lm", "mac_meta", "images",
-                 "embeddings")
+DATASET_NAMES = ("mqar", "text", "tfds", "birdie", "recall", "passkey", "mac_lm", "mac_meta",
+                 "images", "embeddings")
 SOURCES = ("tfds", "memory")
 
 
@@ -156,6 +156,31 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
         # mixture over classes. The Birdie controller (a trainer hook) sets it as it goes.
         c.mixture = ()
         # Row i holds only configuration i % K (the controller's balanced validation rows).
+        c.objective_per_row = False
+    elif name == "recall":
+        # Packed rows of the recall task and Birdie's objectives over key-value text
+        # (train/data/recall.py), generated when read. The task's layout (RecallTask): queried
+        # keys per example, key and value id ranges [lo, hi), a distinct query form (offset),
+        # the queries also stated before the pairs.
+        c.num_queries = 1
+        c.key_range = (0, 8)
+        c.value_range = (64, 72)
+        c.query_offset = 0
+        c.queries_before = False
+        # Pair counts, drawn uniformly per example.
+        c.pairs = (1, 2, 4, 6)
+        # The pre-training objective set over the key-value text: "birdie" | "ntp".
+        c.objectives = "birdie"
+        # Weights over the actions: the set's K configurations, then the task; () = the task
+        # alone. The Birdie controller (a trainer hook) sets it as it goes.
+        c.mixture = ()
+        # Emit the per-token prefix flag (False for models that read none).
+        c.with_prefix = True
+        # Rows per split (generated on read); content seed.
+        c.num_train = 1_000_000
+        c.num_validation = 256
+        c.data_seed = 0
+        # Row i holds only action i % (K + 1) (the controller's balanced validation rows).
         c.objective_per_row = False
     elif name == "passkey":
         # Passkey prompts (the landmark paper's, train/data/passkey_data.py) mixed with windows
@@ -259,6 +284,8 @@ def splits(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
         return text_corpus.SPLITS
     if data_config.name == "birdie":
         return birdie_data.SPLITS
+    if data_config.name == "recall":
+        return recall.SPLITS
     if data_config.name == "passkey":
         return passkey_data.SPLITS
     if data_config.name in ("mac_lm", "mac_meta"):
@@ -317,6 +344,10 @@ def make_source(
             num_validation=data_config.num_validation, seed=data_config.data_seed,
             mixture=tuple(data_config.mixture), objective_per_row=data_config.objective_per_row)
         return birdie_data.BirdieSource(spec, split), "examples"
+    if name == "recall":
+        _check_choice("split", split, recall.SPLITS)
+        return recall.RecallSource(recall.spec_from_config(data_config, seq_len), split), \
+            "examples"
     if name == "passkey":
         _check_choice("split", split, passkey_data.SPLITS)
         spec = passkey_data.PasskeySpec(

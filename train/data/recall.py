@@ -1,5 +1,5 @@
-"""The recall and phone-book tasks of the Birdie figures as generators, and the objective mixtures
-their arms pre-train on (eval/birdie_recall.py trains and scores them).
+"""The recall and phone-book tasks of the Birdie figures as generators, and the trainer's
+dataset "recall" of packed rows the figure's arms train on (eval/birdie_recall.py scores them).
 
 The recall task is the phone book shrunk until it is learnable on 2 CPU cores: single-token
 names (keys) and numbers (values), P key-value pairs, then the Q queried keys, then the answers:
@@ -7,11 +7,12 @@ names (keys) and numbers (values), P key-value pairs, then the Q queried keys, t
     prompt  [PREFIX_LM] k_1 v_1 k_2 v_2 ... k_P v_P [SEP] q_1 ... q_Q          (the prefix)
     target  v(q_1) ... v(q_Q)                         (generated after [START_GENERATING])
 
-(`queries_before=True` also states the queries before the pairs.) `recall_batch` packs examples
-with a pair count drawn from a set into fixed rows; `ObjectiveMixture` is an arm's action space:
-Birdie's objective configurations over a text source (`kv_text`) plus the
-task itself as the last action; `recall_mixture` builds it. Everything
-draws from a numpy Generator passed in, so a seed fixes every example.
+(`queries_before=True` also states the queries before the pairs.) `RecallSource` is the
+random-access source of dataset "recall": rows packed with recall examples (the pair count drawn
+from a set) and, where its mixture weighs them, Birdie's objective configurations over the
+key-value text (`kv_text`). Its actions, the controller's (train/objectives/birdie_controller.py),
+are the K configurations then the task (index K). Everything draws from a numpy Generator, so a
+seed fixes every example.
 """
 from __future__ import annotations
 
@@ -108,80 +109,6 @@ def pick_weighted(rng: np.random.Generator, cdf: np.ndarray) -> int:
     return int(cdf.searchsorted(rng.random(), side="right"))
 
 
-def fill_rows(draw, rows: int, row_length: int) -> tuple[list, list]:
-    """Draws (example, objective id) pairs with `draw()` and packs them next-fit until `rows`
-    rows of `row_length` are full; returns the examples and ids that fit (for `birdie.pack`)."""
-    exs, ids = [], []
-    row, used = 0, 0
-    while True:
-        ex, oid = draw()
-        L = ex.inputs.size
-        if L > row_length:
-            raise ValueError(f"an example of length {L} does not fit row_length={row_length}")
-        if used + L > row_length:
-            row, used = row + 1, 0
-            if row == rows:
-                return exs, ids
-        exs.append(ex)
-        ids.append(oid)
-        used += L
-
-
-def recall_batch(rng: np.random.Generator, task: RecallTask, pairs: Sequence[int], rows: int,
-                 row_length: int) -> dict:
-    """Packed recall examples [rows, row_length], the pair count uniform over `pairs`."""
-    def draw():
-        return recall_example(rng, task, pick(rng, pairs)), 0
-    exs, ids = fill_rows(draw, rows, row_length)
-    return birdie.pack(exs, row_length, objective_ids=ids, num_rows=rows)
-
-
-class ObjectiveMixture:
-    """An arm's action space: objective configurations over a text source, plus the task itself
-    as the last action. `text_fn(rng)` draws a text [L] and `task_fn(rng)` a task example."""
-
-    def __init__(self, objectives, text_fn, task_fn, row_length: int):
-        self.objectives = tuple(objectives)
-        self.text_fn, self.task_fn, self.row_length = text_fn, task_fn, row_length
-        self.names = [o.name for o in self.objectives] + ["task"]
-        self.group_sizes = tuple(birdie.group_sizes(self.objectives)) + (1,)
-
-    @property
-    def num_actions(self) -> int:
-        return len(self.names)
-
-    def example(self, rng: np.random.Generator, action: int) -> birdie.Example:
-        if action == len(self.objectives):
-            return self.task_fn(rng)
-        key = int(rng.integers(0, 2**31 - 1))
-        return self.objectives[action](self.text_fn(rng), key, max_length=self.row_length)
-
-    def batch(self, rng: np.random.Generator, mixture, rows: int) -> dict:
-        p = np.asarray(mixture, np.float64)
-        cdf = weights_cdf(p / p.sum())
-
-        def draw():
-            a = pick_weighted(rng, cdf)
-            return self.example(rng, a), a
-        exs, ids = fill_rows(draw, rows, self.row_length)
-        return birdie.pack(exs, self.row_length, objective_ids=ids, num_rows=rows)
-
-    def task_batch(self, rng: np.random.Generator, rows: int) -> dict:
-        return self.batch(rng, np.eye(self.num_actions)[-1], rows)
-
-    def validation(self, rng: np.random.Generator, per_action: int, rows: int) -> list[dict]:
-        """Fixed validation batches holding `per_action` examples of every action."""
-        exs, ids = [], []
-        for a in range(self.num_actions):
-            for _ in range(per_action):
-                exs.append(self.example(rng, a))
-                ids.append(a)
-        packed = birdie.pack(exs, self.row_length, objective_ids=ids)
-        n = packed["inputs"].shape[0]
-        return [pad_rows({k: v[s: s + rows] for k, v in packed.items()}, rows)
-                for s in range(0, n, rows)]
-
-
 def objective_set(kind: str, length_bins: Sequence[int], row_length: int):
     """The pre-training objectives of an arm: Birdie's 18 configurations or plain NTP. Rows
     shorter than 256 tokens get a shorter selective-copying query (≤2 spans of ≤4 tokens with
@@ -196,16 +123,156 @@ def objective_set(kind: str, length_bins: Sequence[int], row_length: int):
     return objs
 
 
-def recall_mixture(task: RecallTask, pairs: Sequence[int], row_length: int,
-                   kind: str = "birdie") -> ObjectiveMixture:
-    """Objectives over the key-value text (`kv_text`) plus the recall task."""
+def recall_objectives(kind: str, pairs: Sequence[int], row_length: int):
+    """The objective set over the key-value text of tasks with `pairs` pair counts: infilling's
+    length bins stop at the longest text."""
     bins = tuple(b for b in (16, 32, 64, 128) if b <= 2 * max(pairs)) or (2 * max(pairs),)
-    return ObjectiveMixture(
-        objective_set(kind, bins, row_length),
+    return objective_set(kind, bins, row_length)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's dataset "recall" (train/data/pipeline.py)
+# ---------------------------------------------------------------------------------------------
+SPLITS = ("train", "validation")
+_SPLIT_CODE = {"train": 0, "validation": 1}
+OBJECTIVE_SETS = ("birdie", "ntp")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecallDataSpec:
+    """Packed rows of recall examples and, where `mixture` weighs them, of the objective set
+    over the key-value text: the actions are the K configurations then the task (index K)."""
+    task: RecallTask
+    pairs: tuple                       # pair counts, drawn uniformly per example
+    seq_len: int = 64                  # T: tokens per row
+    objectives: str = "birdie"         # the pre-training set, see OBJECTIVE_SETS
+    mixture: tuple = ()                # [K + 1] weights over the actions; (): the task alone
+    with_prefix: bool = True           # emit the prefix field (False: models without one)
+    num_train: int = 1_000_000         # rows in "train" (generated on read: size is free)
+    num_validation: int = 256          # rows in "validation"
+    seed: int = 0                      # content seed
+    objective_per_row: bool = False    # row i: action i % (K + 1) only (controller validation)
+
+    def __post_init__(self):
+        object.__setattr__(self, "pairs", tuple(int(p) for p in self.pairs))
+        object.__setattr__(self, "mixture", tuple(float(w) for w in self.mixture))
+        if self.objectives not in OBJECTIVE_SETS:
+            raise ValueError(f"objectives={self.objectives!r} is not allowed; use one of "
+                             f"{OBJECTIVE_SETS}")
+        if not self.pairs:
+            raise ValueError("pairs=() is not allowed; give at least one pair count")
+        for P in self.pairs:
+            self.task.check_pairs(P)
+            if self.task.length(P) > self.seq_len:
+                raise ValueError(f"pairs={self.pairs} is not allowed: {P} pairs make examples "
+                                 f"of {self.task.length(P)} tokens > seq_len={self.seq_len}")
+        for name in ("num_train", "num_validation"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} is not allowed; use >= 1")
+        if self.mixture:
+            n = len(self.action_names())
+            w = np.asarray(self.mixture)
+            if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+                raise ValueError(f"mixture={self.mixture} is not allowed: objectives="
+                                 f"{self.objectives!r} needs {n} non-negative weights (the "
+                                 "configurations, then the task) with a positive sum, or () "
+                                 "for the task alone")
+
+    def objective_set(self):
+        return recall_objectives(self.objectives, self.pairs, self.seq_len)
+
+    def action_names(self) -> tuple:
+        return tuple(o.name for o in self.objective_set()) + ("task",)
+
+    def group_sizes(self) -> tuple:
+        """Configurations per class, the task a class of its own (the controller's groups)."""
+        return tuple(int(g) for g in birdie.group_sizes(self.objective_set())) + (1,)
+
+    def num_examples(self, split: str) -> int:
+        if split not in _SPLIT_CODE:
+            raise ValueError(f"split={split!r} is not allowed; use one of {SPLITS}")
+        return self.num_train if split == "train" else self.num_validation
+
+
+class RecallSource:
+    """Random-access source of packed rows: record i of a split is one row of T tokens filled
+    next-fit from the generator seeded by (seed, split, i), so any row can be regenerated alone
+
+        {"inputs", "targets": int32 [T], "weights": float32 [T], "segment_ids",
+         "objective_ids": int32 [T] (the action; -1 on padding), "prefix": bool [T]}
+
+    (`prefix` only with_prefix). Each draw picks an action from the mixture (the task alone
+    without one) and lays out its example; the first draw that does not fit ends the row."""
+
+    def __init__(self, spec: RecallDataSpec, split: str):
+        self._spec, self._split = spec, split
+        self._len = spec.num_examples(split)
+        self._objectives = spec.objective_set()
+        K = len(self._objectives)
+        w = np.asarray(spec.mixture or [0.0] * K + [1.0], np.float64)
+        self._task_only = bool(w[:K].sum() == 0)
+        self._cdf = weights_cdf(w)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _example(self, rng: np.random.Generator, action: int) -> birdie.Example:
+        s = self._spec
+        if action == len(self._objectives):
+            return recall_example(rng, s.task, pick(rng, s.pairs))
         # the objectives read at least 8 pairs (prefix-LM needs ≥4 tokens each side)
-        lambda rng: kv_text(rng, task, min(max(pick(rng, pairs), 8),
-                                           task.key_range[1] - task.key_range[0])),
-        lambda rng: recall_example(rng, task, pick(rng, pairs)), row_length)
+        keys = s.task.key_range[1] - s.task.key_range[0]
+        text = kv_text(rng, s.task, min(max(pick(rng, s.pairs), 8), keys))
+        key = int(rng.integers(0, 2**31 - 1))
+        return self._objectives[action](text, key, max_length=s.seq_len)
+
+    def _action(self, rng: np.random.Generator, index: int) -> int:
+        if self._spec.objective_per_row:
+            return index % (len(self._objectives) + 1)
+        if self._task_only:
+            return len(self._objectives)
+        return pick_weighted(rng, self._cdf)
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        if not 0 <= index < self._len:
+            raise IndexError(f"index={index} out of range for split {self._split!r}")
+        s = self._spec
+        rng = np.random.default_rng(np.random.SeedSequence([s.seed, _SPLIT_CODE[self._split],
+                                                            index]))
+        exs, ids, used = [], [], 0
+        while True:
+            a = self._action(rng, index)
+            ex = self._example(rng, a)
+            if used + ex.inputs.size > s.seq_len:
+                if exs:
+                    break
+                raise ValueError(f"an example of length {ex.inputs.size} does not fit "
+                                 f"seq_len={s.seq_len}")
+            exs.append(ex)
+            ids.append(a)
+            used += ex.inputs.size
+        row = {k: v[0] for k, v in
+               birdie.pack(exs, s.seq_len, objective_ids=ids, num_rows=1).items()}
+        if not s.with_prefix:
+            del row["prefix"]
+        return row
+
+    def __repr__(self) -> str:
+        return f"RecallSource({self._spec}, split={self._split!r})"
+
+
+def spec_from_config(data_config, seq_len: int) -> RecallDataSpec:
+    """The RecallDataSpec of a resolved "recall" data config (pipeline.default_data_config)."""
+    c = data_config
+    task = RecallTask(num_queries=c.num_queries, key_range=tuple(c.key_range),
+                      value_range=tuple(c.value_range), query_offset=c.query_offset,
+                      queries_before=c.queries_before)
+    return RecallDataSpec(task=task, pairs=tuple(c.pairs), seq_len=seq_len,
+                          objectives=c.objectives, mixture=tuple(c.mixture),
+                          with_prefix=c.with_prefix, num_train=c.num_train,
+                          num_validation=c.num_validation, seed=c.data_seed,
+                          objective_per_row=c.objective_per_row)
 
 
 def pad_rows(batch: dict, rows: int) -> dict:

@@ -24,10 +24,14 @@ Until `min_history` rewards are known the mixture is uniform per class. The stat
 In the shared trainer the controller is a hook (`ControllerHook`, train/trainer.py
 HOOKS["birdie_controller"], config field `hooks.birdie_controller`): its state lives in
 TrainState.memory["birdie_controller"] and is checkpointed with the run; at each of its steps it
-measures every configuration's validation loss on balanced rows (row i of the validation split
-holds configuration i % K only), updates, and sets the train data's `mixture`, so the trainer
-draws the following rows from it; metrics.jsonl gets {"event": "birdie_controller", "mixture":
-{name: weight}, "controller_val_loss": {name: loss}}.
+measures every action's validation loss on balanced rows (row i of the validation split holds
+action i % K only), updates, and sets the train data's `mixture`, so the trainer draws the
+following rows from it; metrics.jsonl gets {"event": "birdie_controller", "mixture": {name:
+weight}, "controller_val_loss": {name: loss}}. The actions are the data's: dataset "birdie"
+(train/data/birdie_data.py) has its objective set's configurations; dataset "recall"
+(train/data/recall.py) has them and the task as one more action. With `finetune_at` (recall
+data only) the controller chooses until that step, then sets the mixture to the task alone and
+stops: pre-training and fine-tuning in one run, under one learning-rate schedule.
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from train.data import birdie_data, pipeline
+from train.data import birdie_data, pipeline, recall
 from train.objectives import birdie
 from train.objectives.birdie import reward_jnp
 
@@ -236,21 +240,39 @@ def controller_update(cfg: ControllerConfig, state: ControllerState, val_losses_
 # ---------------------------------------------------------------------------------------------
 # hooks.birdie_controller fields the hook reads itself; every other field is a ControllerConfig
 # field (group_sizes and total_steps come from the data config and num_steps).
-HOOK_FIELDS = ("every", "first", "rows_per_objective")
+HOOK_FIELDS = ("every", "first", "rows_per_objective", "finetune_at")
 _FROM_RUN = ("group_sizes", "total_steps", "eval_every", "first_eval")
 
 
 def hook_config(every: int, **controller_fields) -> ml_collections.ConfigDict:
     """hooks.birdie_controller for a config: `every` steps between updates, `first` the first
-    update step (0: `every`), `rows_per_objective` validation rows per configuration, and any
-    other ControllerConfig field (history, hidden, train_steps, explore_start, ...)."""
+    update step (0: `every`), `rows_per_objective` validation rows per action, `finetune_at` the
+    step where the mixture becomes the task alone (0: never), and any other ControllerConfig
+    field (history, hidden, train_steps, explore_start, ...)."""
     c = ml_collections.ConfigDict()
     c.every = every                  # steps between controller updates
     c.first = 0                      # first update step (0: `every`)
-    c.rows_per_objective = 1         # balanced validation rows per configuration
+    c.rows_per_objective = 1         # balanced validation rows per action
+    c.finetune_at = 0                # the task alone from this step on (0: never)
     for k, v in controller_fields.items():
         c[k] = v
     return c
+
+
+def action_space(config: ml_collections.ConfigDict) -> tuple[tuple, tuple, int | None]:
+    """(names, class sizes, index of the task action or None) of the actions the controller
+    mixes: the run's data config decides them (see the module docstring)."""
+    data = pipeline.resolve_data_config(config.data)
+    if data.name == "birdie":
+        objectives = birdie_data.objective_set(data.objectives)
+        return (tuple(o.name for o in objectives),
+                tuple(int(g) for g in birdie.group_sizes(objectives)), None)
+    if data.name == "recall":
+        spec = recall.spec_from_config(data, config.seq_len)
+        names = spec.action_names()
+        return names, spec.group_sizes(), len(names) - 1
+    raise ValueError(f"hooks.birdie_controller needs data.name 'birdie' or 'recall', not "
+                     f"{data.name!r}")
 
 
 class ControllerHook:
@@ -259,9 +281,7 @@ class ControllerHook:
     name = "birdie_controller"
 
     def __init__(self, settings: ml_collections.ConfigDict, config: ml_collections.ConfigDict):
-        if config.data.name != "birdie":
-            raise ValueError(f"hooks.birdie_controller needs data.name='birdie', not "
-                             f"{config.data.name!r}")
+        self.names, group_sizes, self.task_action = action_space(config)
         fields = dict(settings.items())
         allowed = set(HOOK_FIELDS) | {f.name for f in dataclasses.fields(ControllerConfig)}
         bad = sorted(set(fields) - allowed | set(fields) & set(_FROM_RUN))
@@ -274,12 +294,21 @@ class ControllerHook:
         if self.rows_per_objective < 1:
             raise ValueError(f"hooks.birdie_controller.rows_per_objective="
                              f"{self.rows_per_objective} must be >= 1")
+        self.finetune_at = fields.pop("finetune_at", 0)
+        if self.finetune_at and self.task_action is None:
+            raise ValueError(f"hooks.birdie_controller.finetune_at={self.finetune_at} is not "
+                             f"allowed with data.name={config.data.name!r}, which has no task "
+                             "action; use 0 (fine-tune in a run started with init_from)")
+        if (isinstance(self.finetune_at, bool) or not isinstance(self.finetune_at, int)
+                or not 0 <= self.finetune_at <= config.num_steps):
+            raise ValueError(f"hooks.birdie_controller.finetune_at={self.finetune_at!r} is not "
+                             f"allowed; use 0 (never) or a step in 1..num_steps="
+                             f"{config.num_steps}")
         every, first = fields.pop("every"), fields.pop("first", 0)
-        self.objectives = birdie_data.objective_set(config.data.objectives)
-        self.names = tuple(o.name for o in self.objectives)
-        self.cfg = ControllerConfig(group_sizes=tuple(birdie.group_sizes(self.objectives)),
-                                    total_steps=config.num_steps, eval_every=every,
-                                    first_eval=first, **fields)
+        # exploration decays over the first half of the steps the controller chooses for
+        self.cfg = ControllerConfig(group_sizes=group_sizes,
+                                    total_steps=self.finetune_at or config.num_steps,
+                                    eval_every=every, first_eval=first, **fields)
         self.config = config
         self._batches = None        # the balanced validation batches, on the run's mesh
         self._losses_fn = None
@@ -291,6 +320,9 @@ class ControllerHook:
         return {"mixture": tuple(float(w) for w in np.asarray(state.mixture))}
 
     def due(self, step: int) -> bool:
+        if self.finetune_at:
+            return step == self.finetune_at or (step < self.finetune_at
+                                                and should_update(self.cfg, step))
         return should_update(self.cfg, step)
 
     def validation_losses(self, run, params) -> np.ndarray:
@@ -336,6 +368,11 @@ class ControllerHook:
         return total / count
 
     def update(self, run, params, state: ControllerState, step: int):
+        if self.finetune_at and step >= self.finetune_at:     # the task alone from now on
+            task = jax.nn.one_hot(self.task_action, len(self.names), dtype=jnp.float32)
+            return state.replace(mixture=task), {
+                "event": "birdie_controller", "finetune": True,
+                "mixture": {n: float(w) for n, w in zip(self.names, np.asarray(task))}}
         losses = self.validation_losses(run, params)
         state = controller_update(self.cfg, state, jnp.asarray(losses, jnp.float32), step)
         mixture = np.asarray(jax.device_get(state.mixture))
