@@ -27,7 +27,7 @@ def setup():
     idx, rel = np.arange(K), np.arange(K) % len(facts.RELATIONS)   # one question per document
     batch = {"docs": enc["docs"][idx], "questions": enc["questions"][idx, rel],
              "qa": enc["qa"][idx, rel], "qa_weights": enc["qa_weights"][idx, rel],
-             "doc_answers": enc["doc_answers"][idx]}
+             "doc_answers": enc["doc_answers"][idx], "answers": enc["doc_answers"][idx, rel]}
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     lm_params = obj.init_lm(LM, jax.random.key(0))
     params = obj.init_mac(CFG, jax.random.key(1))
@@ -238,8 +238,9 @@ def test_doc_answers_are_first_answer_bytes(setup):
     assert enc["doc_answers"].shape == (8, len(facts.RELATIONS))
     for d, row in zip(docs, enc["doc_answers"]):
         assert [tok.decode([t]) for t in row] == [qa["answer"][0] for qa in d["qas"]]
+    # the asked question's answer (h's readout target) is its QA row's first weighted token
     np.testing.assert_array_equal(
-        obj.first_answer_tokens(setup["batch"]["qa"], setup["batch"]["qa_weights"]),
+        setup["batch"]["answers"],
         [tok.encode(tok.decode(np.asarray(r)[np.asarray(w) > 0])[:1])[0]
          for r, w in zip(setup["batch"]["qa"], setup["batch"]["qa_weights"])])
 

@@ -12,7 +12,7 @@ from eval import streaming_qa as sqa
 from train import checkpoint as ckpt_lib
 from train import trainer
 from train.configs import mac as mac_config
-from train.data import facts, pipeline
+from train.data import facts, mac_data, pipeline
 from train.objectives import mac as obj
 from train.optim import make_optimizer
 
@@ -138,7 +138,11 @@ def test_meta_objective_draws_the_question_and_cycles_windows(mac_run):
     # W = (2, 4)[i mod 2]; from step 3 on the bank is the whole batch.
     rel = jax.random.randint(jax.random.key(0), (8,), 0, len(facts.RELATIONS))
     asked = {"docs": batch["docs"], "doc_answers": batch["doc_answers"],
+             "answers": batch["doc_answers"][np.arange(8), rel],
              **{k: batch[k][np.arange(8), rel] for k in ("questions", "qa", "qa_weights")}}
+    # h's readout target is the asked question's answer: its QA row's first weighted token
+    np.testing.assert_array_equal(
+        asked["answers"], mac_data.first_answer_tokens(asked["qa"], asked["qa_weights"]))
     for step, window in ((4, 2), (5, 4)):
         want, m = obj.meta_loss(run.model.cfg, params["mac"], params["lm"], asked,
                                 settings["rho"], 8, readouts=params["readouts"],

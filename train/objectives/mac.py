@@ -35,6 +35,8 @@ Stage-2 batches (`meta_loss`) are dicts of arrays:
     qa_weights [K, L] float32 1 on the answer bytes and EOS
     doc_answers [K, R] int32  first answer token of each of the document's R questions
                               (g's readout; optional when readout_weight = 0)
+    answers    [K] int32      first answer token of the question asked (h's readout; optional
+                              when readout_weight = 0)
 `meta_objective` takes "mac_meta" batches, which hold all R questions of each document
 ([K, R, Q], [K, R, L]), and draws the one asked from the step's RNG.
 """
@@ -194,12 +196,6 @@ def hierarchical_loss(cfg: MACConfig, params, lm_params, phi_KxTxD, z0_kxTxD, ba
 # ---------------------------------------------------------------------------------------------
 # Auxiliary readouts (training only)
 # ---------------------------------------------------------------------------------------------
-def first_answer_tokens(qa_BxL, weights_BxL) -> jax.Array:
-    """[B] (any leading axes) the first weighted token of each QA row: the answer's first byte."""
-    first = jnp.argmax(jnp.asarray(weights_BxL) > 0, axis=-1)
-    return jnp.take_along_axis(jnp.asarray(qa_BxL), first[..., None], axis=-1)[..., 0]
-
-
 def init_readouts(cfg: MACConfig, relations: int) -> dict:
     """Zero-initialised linear heads: "g" [T·D, R, V] (every relation's answer from φ) and "h"
     [T·D, V] (the asked answer from h's output)."""
@@ -264,9 +260,9 @@ def meta_loss(cfg: MACConfig, params, lm_params, batch, rho: float, bank_size=No
     loss, metrics, (z0, z) = _qa_loss_and_z(cfg, params, jax.lax.stop_gradient(lm_params), phi,
                                             batch, rho, bank_size)
     metrics = dict(metrics, qa_loss=loss)
-    answers = first_answer_tokens(batch["qa"][:k], batch["qa_weights"][:k])
     use_readouts = readouts is not None and readout_weight > 0
     if use_readouts:
+        answers = batch["answers"][:k]
         aux, m = readout_losses(readouts, phi, z0, z, batch["doc_answers"][:k], answers)
         loss = loss + readout_weight * aux
         metrics.update(m)
@@ -399,7 +395,8 @@ def meta_objective(apply_fn, params, batch, rng, *, step=None, memory=None, rho:
     pick = lambda x: jnp.take_along_axis(x, rel[:, None, None], axis=1)[:, 0]  # noqa: E731
     asked = {"docs": batch["docs"], "questions": pick(batch["questions"]),
              "qa": pick(batch["qa"]), "qa_weights": pick(batch["qa_weights"]),
-             "doc_answers": batch["doc_answers"]}
+             "doc_answers": batch["doc_answers"],
+             "answers": jnp.take_along_axis(batch["doc_answers"], rel[:, None], axis=1)[:, 0]}
     bank_size = (jnp.int32(K) if step is None
                  else curriculum_bank_size(step, K, curriculum_start, curriculum_steps))
     windows = tuple(int(w) for w in hierarchical_windows) if hierarchical_weight > 0 else (0,)
