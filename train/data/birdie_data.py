@@ -109,6 +109,14 @@ def _corpus_tokens(split: str, validation_percent: int) -> tuple[np.ndarray, ...
     return tuple(tok.encode(d["text"]) for d in text_corpus.documents(split, validation_percent))
 
 
+def row_generator(seed: int, split: str, index: int, length: int) -> np.random.Generator:
+    """The generator of record `index` of `split` (of `length` records): seeded by (seed, split,
+    index) alone, so any record can be regenerated on its own."""
+    if not 0 <= index < length:
+        raise IndexError(f"index={index} out of range for split {split!r}")
+    return np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_CODE[split], index]))
+
+
 class BirdieSource:
     """Random-access source of packed rows (picklable; the corpus is loaded on first read)."""
 
@@ -165,27 +173,11 @@ class BirdieSource:
                                    max_length=s.seq_len), i
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        index = int(index)
-        if not 0 <= index < self._len:
-            raise IndexError(f"index={index} out of range for split {self._split!r}")
         s = self._spec
-        rng = np.random.default_rng(np.random.SeedSequence([s.seed, _SPLIT_CODE[self._split],
-                                                            index]))
-        exs, ids, used = [], [], 0
-        while True:
-            ex, i = self._example(rng, index)
-            if exs and used + ex.inputs.size > s.seq_len:
-                break
-            exs.append(ex)
-            ids.append(i)
-            used += ex.inputs.size
-        row = {k: v[0] for k, v in
-               birdie.pack(exs, s.seq_len, objective_ids=ids, num_rows=1).items()}
-        out = {k: row[k] for k in ("inputs", "targets", "weights", "segment_ids",
-                                   "objective_ids")}
-        if s.with_prefix:
-            out["prefix"] = row["prefix"]
-        return out
+        index = int(index)
+        rng = row_generator(s.seed, self._split, index, self._len)
+        return birdie.pack_row(lambda: self._example(rng, index), s.seq_len,
+                               with_prefix=s.with_prefix)
 
     def __repr__(self) -> str:
         return f"BirdieSource({self._spec}, split={self._split!r})"

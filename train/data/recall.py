@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from train.data import birdie_data
 from train.data import tokenizer as tok
 from train.objectives import birdie
 
@@ -133,8 +134,7 @@ def recall_objectives(kind: str, pairs: Sequence[int], row_length: int):
 # ---------------------------------------------------------------------------------------------
 # The trainer's dataset "recall" (train/data/pipeline.py)
 # ---------------------------------------------------------------------------------------------
-SPLITS = ("train", "validation")
-_SPLIT_CODE = {"train": 0, "validation": 1}
+SPLITS = birdie_data.SPLITS
 OBJECTIVE_SETS = ("birdie", "ntp")
 
 
@@ -189,7 +189,7 @@ class RecallDataSpec:
         return tuple(int(g) for g in birdie.group_sizes(self.objective_set())) + (1,)
 
     def num_examples(self, split: str) -> int:
-        if split not in _SPLIT_CODE:
+        if split not in SPLITS:
             raise ValueError(f"split={split!r} is not allowed; use one of {SPLITS}")
         return self.num_train if split == "train" else self.num_validation
 
@@ -202,7 +202,8 @@ class RecallSource:
          "objective_ids": int32 [T] (the action; -1 on padding), "prefix": bool [T]}
 
     (`prefix` only with_prefix). Each draw picks an action from the mixture (the task alone
-    without one) and lays out its example; the first draw that does not fit ends the row."""
+    without one) and lays out its example; the first draw that does not fit ends the row
+    (`birdie.pack_row`)."""
 
     def __init__(self, spec: RecallDataSpec, split: str):
         self._spec, self._split = spec, split
@@ -234,29 +235,14 @@ class RecallSource:
         return pick_weighted(rng, self._cdf)
 
     def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        if not 0 <= index < self._len:
-            raise IndexError(f"index={index} out of range for split {self._split!r}")
         s = self._spec
-        rng = np.random.default_rng(np.random.SeedSequence([s.seed, _SPLIT_CODE[self._split],
-                                                            index]))
-        exs, ids, used = [], [], 0
-        while True:
+        index = int(index)
+        rng = birdie_data.row_generator(s.seed, self._split, index, self._len)
+
+        def draw():
             a = self._action(rng, index)
-            ex = self._example(rng, a)
-            if used + ex.inputs.size > s.seq_len:
-                if exs:
-                    break
-                raise ValueError(f"an example of length {ex.inputs.size} does not fit "
-                                 f"seq_len={s.seq_len}")
-            exs.append(ex)
-            ids.append(a)
-            used += ex.inputs.size
-        row = {k: v[0] for k, v in
-               birdie.pack(exs, s.seq_len, objective_ids=ids, num_rows=1).items()}
-        if not s.with_prefix:
-            del row["prefix"]
-        return row
+            return self._example(rng, a), a
+        return birdie.pack_row(draw, s.seq_len, with_prefix=s.with_prefix)
 
     def __repr__(self) -> str:
         return f"RecallSource({self._spec}, split={self._split!r})"

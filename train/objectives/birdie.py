@@ -504,6 +504,25 @@ def pack(examples: Iterable[Example], row_length: int, *, objective_ids: Optiona
     return out
 
 
+def pack_row(draw: Callable[[], tuple[Example, int]], row_length: int, *,
+             with_prefix: bool = True) -> dict[str, np.ndarray]:
+    """One packed row: `pack`'s fields [row_length] (no `prefix` unless with_prefix), filled with
+    the examples of draw() -> (example, objective id) until the next one does not fit (it is
+    dropped). A first example longer than the row is pack's ValueError."""
+    exs, ids, used = [], [], 0
+    while True:
+        ex, oid = draw()
+        if exs and used + ex.inputs.size > row_length:
+            break
+        exs.append(ex)
+        ids.append(oid)
+        used += ex.inputs.size
+    row = {k: v[0] for k, v in pack(exs, row_length, objective_ids=ids, num_rows=1).items()}
+    if not with_prefix:
+        del row["prefix"]
+    return row
+
+
 # ---------------------------------------------------------------------------------------------
 # Reward (Birdie §3.2)
 # ---------------------------------------------------------------------------------------------
