@@ -14,6 +14,8 @@ examples at each pair count. The arms have (nearly) equal parameter counts and s
 number of training tokens:
 
 - `transformer_ntp`: the baseline causal Transformer (models/transformer.py), no prefix;
+- `transformer_birdie`: the same Transformer with prefix-LM attention (the prompt attended
+  bidirectionally, causal after it), trained like `gated_birdie` below;
 - `gated_ntp`: a causal gated SSM (every layer causal), no prefix;
 - `gated_bidir`: the same gated SSM with alternating bidirectional/causal layers, trained with the
   prefix-LM layout above (the prompt is the bidirectional prefix, the answers are generated);

@@ -186,12 +186,15 @@ def causal_mask(q_len: int, k_len: int, *, offset: int = 0) -> jax.Array:
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           causal: bool = True,
                           segment_ids: Optional[jax.Array] = None,
+                          prompt: Optional[jax.Array] = None,
                           prefix_k: Optional[jax.Array] = None,
                           prefix_v: Optional[jax.Array] = None,
                           prefix_mask: Optional[jax.Array] = None) -> jax.Array:
     """Softmax attention, q, k, v [B, T, H, Dh] → [B, T, H, Dh]; scores and softmax in float32.
 
     segment_ids [B, T]: packed samples attend only within their segment.
+    prompt [B, T] bool (causal only): prefix-LM attention, the prompt positions also see every
+    later prompt position (of their own segment); the positions after it stay causal.
     prefix_k/prefix_v [B, P, H, Dh] with prefix_mask [B, P] (True = visible): extra keys every query
     sees (P-tuning v2 prefixes for MAC). A row with no visible key returns zeros.
     """
@@ -203,6 +206,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     mask = jnp.ones((B, 1, T, k.shape[1]), bool)
     if causal:
         mask = mask & causal_mask(T, k.shape[1])[None, None]
+        if prompt is not None:
+            chex.assert_shape(prompt, (B, T))
+            mask = mask | (prompt[:, None, :, None] & prompt[:, None, None, :])
+    elif prompt is not None:
+        raise ValueError("prompt (prefix-LM attention) needs causal=True")
     if segment_ids is not None:
         mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     if prefix_k is not None:

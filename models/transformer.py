@@ -55,6 +55,8 @@ class TransformerConfig:
     remat: bool = False                # rematerialise each block in the backward pass
     init_std: float = layers.DEFAULT_INIT_STD  # normal init of every weight matrix and the
                                                # embedding (see layers.DEFAULT_INIT_STD)
+    prefix_lm: bool = False            # read `prefix` (Birdie's prompt) bidirectionally:
+                                       # prefix-LM attention, causal after the prompt
 
     def __post_init__(self):
         for name in ("vocab_size", "width", "num_layers", "num_heads"):
@@ -138,7 +140,6 @@ class Attention(nn.Module):
 
     def __call__(self, x_BxTxD, positions, *, segment_ids=None, prefix_k=None, prefix_v=None,
                  prefix_mask=None, attention_kwargs=None):
-        c = self.cfg
         q, k, v = self.qkv(x_BxTxD, positions)
         names = ("batch", "length", "heads", "kv")
         q, k, v = (nn.with_logical_constraint(t, names) for t in (q, k, v))
@@ -177,6 +178,8 @@ class Transformer(nn.Module):
     """tokens [B,T] → logits [B,T,V] (float32).
 
     positions [T] or [B,T] (default 0..T-1), segment_ids [B,T] for packed rows,
+    prefix [B,T] bool (cfg.prefix_lm only): the prompt, attended bidirectionally (Birdie's
+    prefix-LM Transformer; packed samples stay isolated by segment_ids),
     prefix_kv [L, 2, B, P, H, Dh] with prefix_mask [B, P]: per-layer prefix keys/values (not rotated),
     attention_kwargs: passed to the attention function (e.g. {"is_landmark": [B,T] bool}).
     attention_fn: every block's attention (`AttentionFn`); None: dense (`cfg.attention` 'dense').
@@ -185,13 +188,19 @@ class Transformer(nn.Module):
     attention_fn: Optional[AttentionFn] = None
 
     @nn.compact
-    def __call__(self, tokens_BxT, *, positions=None, segment_ids=None, prefix_kv=None,
-                 prefix_mask=None, attention_kwargs=None, return_hidden: bool = False):
+    def __call__(self, tokens_BxT, *, positions=None, segment_ids=None, prefix=None,
+                 prefix_kv=None, prefix_mask=None, attention_kwargs=None,
+                 return_hidden: bool = False):
         c = self.cfg
         if self.attention_fn is None and c.attention != "dense":
             raise ValueError(f"attention={c.attention!r} is not allowed in Transformer without an "
                              "attention_fn: use 'dense' (landmark attention: "
                              "models.landmark.LandmarkLM)")
+        if prefix is not None:
+            if not c.prefix_lm:
+                raise ValueError("prefix is given but prefix_lm=False: a causal Transformer reads "
+                                 "no prefix; set prefix_lm=True for prefix-LM attention")
+            attention_kwargs = {**(attention_kwargs or {}), "prompt": prefix.astype(bool)}
         chex.assert_rank(tokens_BxT, 2)
         B, T = tokens_BxT.shape
         if positions is None:

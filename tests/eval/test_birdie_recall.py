@@ -182,7 +182,7 @@ def test_only_bidirectional_arms_read_the_prefix(name, tiny_size):
     # logits at the first prompt position change with a later prompt token, the causal ones'
     # do not (the names say which is which; the module docstring lists them), and only the
     # bidirectional arms' data carry the prefix.
-    bidirectional = {"gated_bidir", "gated_birdie", "hawk_birdie"}
+    bidirectional = {"transformer_birdie", "gated_bidir", "gated_birdie", "hawk_birdie"}
     assert birdie_config.ARMS[name].bidirectional == (name in bidirectional)
     if name in RECALL_MODELS:
         c = birdie_config.recall_config(tiny_size, name, 0)
@@ -191,8 +191,8 @@ def test_only_bidirectional_arms_read_the_prefix(name, tiny_size):
     params = layers.unbox(model.init(jax.random.key(0), np.zeros((1, 12), np.int32))["params"])
     x = np.arange(1, 13, dtype=np.int32)[None]
     batch = {"inputs": x, "segment_ids": np.ones_like(x)}
-    if birdie_config.ARMS[name].family == "ssm":           # every SSM could read a prefix
-        batch["prefix"] = np.arange(12)[None] < 8
+    if birdie_config.ARMS[name].family == "ssm" or name in bidirectional:
+        batch["prefix"] = np.arange(12)[None] < 8           # every SSM could read a prefix
     y = x.copy()
     y[0, 6] = 100                                          # a later token inside the prefix
     a = np.asarray(birdie.packed_logits(model.apply, params, batch))[0, 0]
@@ -247,6 +247,19 @@ def test_train_main_runs_two_steps(tmp_path, repo_root):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["step"] == 2 and np.isfinite(summary["final_loss"])
+
+
+def test_prefix_lm_transformer_config_trains_with_the_controller(tmp_path):
+    c = birdie_config.get_config("tiny:transformer_birdie")
+    assert c.model.prefix_lm and c.data.with_prefix and "birdie_controller" in c.hooks
+    c.num_steps, c.batch_size = 2, 2
+    c.checkpoint_every = c.eval_every = 0
+    c.hooks.birdie_controller.every = 2
+    c.progress = False
+    out = trainer.train(c, tmp_path, devices=jax.devices()[:1])
+    assert out["step"] == 2 and np.isfinite(out["final_loss"])
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "mixture" in r] == [2]      # the controller ran
 
 
 def test_transformer_config_trains_without_prefix(tmp_path):

@@ -1,4 +1,4 @@
-"""Birdie (Blouir et al. 2024): the five models of the comparison, one config file.
+"""Birdie (Blouir et al. 2024): the six models of the comparison, one config file.
 
     python -m train.main --config train/configs/birdie.py:tiny --workdir runs/birdie_tiny
     python -m train.main --config train/configs/birdie.py:tiny:transformer_ntp --workdir runs/tr
@@ -11,6 +11,7 @@ accelerators) and MODEL one of MODELS (default gated_birdie):
 | MODEL               | model                                  | data (birdie_data.py)  |
 |---------------------|----------------------------------------|------------------------|
 | transformer_ntp     | Transformer (models/transformer.py)    | next-token prediction  |
+| transformer_birdie  | Transformer, prefix-LM attention       | Birdie's mixture       |
 | gated_ntp           | gated SSM, every layer causal          | next-token prediction  |
 | gated_birdie        | gated SSM, bidirectional/causal layers | Birdie's mixture       |
 | gated_birdie_causal | gated SSM, every layer causal          | Birdie's mixture       |
@@ -26,7 +27,8 @@ in a fresh workdir started from the pre-trained parameters:
     python -m train.main --config train/configs/birdie.py:tiny --workdir runs/birdie_ft \
         --config.init_from=runs/birdie_tiny --config.data.task_weight=1.0
 
-The Birdie models (`gated_birdie`, `gated_birdie_causal`, `hawk_birdie`) train with the
+The Birdie models (`transformer_birdie`, `gated_birdie`, `gated_birdie_causal`, `hawk_birdie`)
+train with the
 reward-driven controller as a trainer hook (`hooks.birdie_controller`,
 train/objectives/birdie_controller.py): it starts from Birdie's uniform mixture over objective
 classes and, every `hooks.birdie_controller.every` steps, measures each configuration's
@@ -47,7 +49,8 @@ from train.data import pipeline, recall
 from train.data import tokenizer as tok
 from train.objectives import birdie_controller
 
-MODELS = ("transformer_ntp", "gated_ntp", "gated_birdie", "gated_birdie_causal", "hawk_birdie")
+MODELS = ("transformer_ntp", "transformer_birdie", "gated_ntp", "gated_birdie",
+          "gated_birdie_causal", "hawk_birdie")
 
 # Paper sizes: D = 2048 for every family; layers chosen so each is ≈1.4B parameters
 # (Transformer 12·D² per layer, gated SSM 5·D·Dh + 8·D², Hawk ≈ 3·D·Dh + 2·Dh²/H + 8·D²)
@@ -67,7 +70,7 @@ TINY = {
 def _model(name: str, paper: bool) -> ml_collections.ConfigDict:
     sizes = PAPER if paper else TINY
     m = ml_collections.ConfigDict()
-    if name == "transformer_ntp":
+    if name.startswith("transformer"):
         m.family = "transformer"                 # key into train.trainer.MODELS
         m.vocab_size = 320                       # byte tokenizer: 256 bytes + specials
         m.width = sizes["transformer"]["width"]  # D
@@ -76,6 +79,8 @@ def _model(name: str, paper: bool) -> ml_collections.ConfigDict:
         m.mlp = "gelu"                           # 'gelu' | 'gelu_tanh' | 'swiglu'
         m.tie_embeddings = True                  # lm head = embedding table
         m.rope_interleaved = False               # half-rotation RoPE
+        if name == "transformer_birdie":
+            m.prefix_lm = True                   # the prompt attended bidirectionally
         m.dtype = "bfloat16" if paper else "float32"   # compute dtype; params stay float32
         m.remat = paper                          # recompute blocks in the backward pass
         return m
@@ -134,7 +139,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.objectives = "ntp" if ntp else "birdie"   # objective set (see birdie_data.py)
     c.data.corpus = "mix"                    # local prose + synthetic phone-book text
     c.data.task_weight = 0.1                 # share of phone-book task examples (the probe)
-    c.data.with_prefix = name != "transformer_ntp"   # the Transformer takes no prefix
+    c.data.with_prefix = name != "transformer_ntp"   # the causal Transformer takes no prefix
     c.data.phonebook_entries = (16, 48) if paper else (2, 4)   # entries per book
     c.data.phonebook_queries = (1, 8) if paper else (1, 2)     # queried names per task
 
@@ -242,14 +247,15 @@ class ArmSpec:
 
 ARMS = {
     "transformer_ntp": ArmSpec("transformer", False),
+    "transformer_birdie": ArmSpec("transformer", True, birdie=True),
     "gated_ntp": ArmSpec("ssm", False),
     "gated_bidir": ArmSpec("ssm", True),
     "gated_birdie": ArmSpec("ssm", True, birdie=True),
     "gated_birdie_causal": ArmSpec("ssm", False, birdie=True),
     "hawk_birdie": ArmSpec("ssm", True, mixer="hawk", birdie=True),
 }
-RECALL_MODELS = ("transformer_ntp", "gated_ntp", "gated_bidir", "gated_birdie",
-                 "gated_birdie_causal")
+RECALL_MODELS = ("transformer_ntp", "transformer_birdie", "gated_ntp", "gated_bidir",
+                 "gated_birdie", "gated_birdie_causal")
 
 # Width-64 models: every model's embedding, untied head and (Transformer) weight matrices start at
 # N(0, 0.125²) ≈ N(0, 1/D) instead of the 0.02 that suits D ≈ 768, with no weight decay. With
@@ -320,6 +326,8 @@ def recall_model(name: str, s: dict) -> ml_collections.ConfigDict:
     if arm.family == "transformer":
         m.num_layers, m.num_heads = s["num_layers"], s["num_heads"]
         m.rope_interleaved = False
+        if arm.bidirectional:
+            m.prefix_lm = True                   # prefix-LM attention over the prompt
         if s.get("transformer_mlp"):
             m.mlp_hidden = s["transformer_mlp"]
         return m
