@@ -193,8 +193,8 @@ def perplexity_rows(docs):
 def birdie_recall_rows(docs):
     xs = numeric_keys(a for d in docs for a in d["accuracy"].values())
     models = ordered({m for d in docs for m in d["accuracy"]},
-                     ("transformer_ntp", "gated_ntp", "gated_bidir", "gated_birdie",
-                      "gated_birdie_causal"))
+                     ("transformer_ntp", "transformer_birdie", "gated_ntp", "gated_bidir",
+                      "gated_birdie", "gated_birdie_causal"))
     return (f"answer accuracy at {' / '.join(xs)} pairs",
             [(m, curve(lambda d, m=m: d["accuracy"][m], xs)) for m in models]
             + [("no_binding (a random value from the prompt)",
