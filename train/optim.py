@@ -16,6 +16,10 @@
     frozen         top-level parameter collections left unchanged (e.g. ("lm",): MAC's frozen
                    base LM): their updates are zero and they get no optimizer state; clipping
                    and the rest see only the others (default: none)
+    no_decay       regular expressions searched in each parameter's path ("block_0/ln_1/scale");
+                   a parameter any of them matches gets no weight decay (default: none, every
+                   parameter decays). NO_DECAY: norms, biases, embeddings and the SSMs'
+                   recurrence parameters (Griffin's and Birdie's practice)
 
 Fields a config lacks take the defaults above, so the trainer's configs (which hold only the
 AdamW-cosine fields) keep their meaning. Returns the optax transformation and the learning-rate
@@ -24,6 +28,7 @@ schedule (step → lr) for logging.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Callable
 
 import jax
@@ -32,6 +37,10 @@ import optax
 
 NAMES = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
+# no_decay for the usual groups: norm scales, biases, embedding tables, and the recurrences' own
+# parameters (models/ssm.py: the gated SSM's forget-gate bias b_f, Hawk's Λ `lam`).
+NO_DECAY = (r"(^|/)(ln_\w*|norm\w*)/", r"(^|/)scale$", r"bias$", r"(^|/)b_\w+$",
+            r"(^|/)conv_b$", r"(^|/)embed(ding)?(/|$)", r"(^|/)lam$")
 
 
 def optim(name: str = "adamw", *, lr: float, warmup_steps: int = 0,
@@ -57,6 +66,15 @@ def check_config(o: Any) -> None:
     frozen = o.get("frozen", ())
     if isinstance(frozen, str) or not all(isinstance(f, str) and f for f in frozen):
         raise ValueError(f"optim.frozen={frozen!r} must be a tuple of parameter collection names")
+    no_decay = o.get("no_decay", ())
+    if isinstance(no_decay, str) or not all(isinstance(p, str) and p for p in no_decay):
+        raise ValueError(f"optim.no_decay={no_decay!r} must be a tuple of regular expressions")
+    for pattern in no_decay:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"optim.no_decay has {pattern!r}, not a regular expression: "
+                             f"{e}") from None
 
 
 def make_optimizer(o: Any, num_steps: int = 0) -> tuple[optax.GradientTransformation, Callable]:
@@ -82,8 +100,11 @@ def make_optimizer(o: Any, num_steps: int = 0) -> tuple[optax.GradientTransforma
     if name == "sgd":
         chain.append(optax.sgd(rate, momentum=None))
     else:
+        no_decay = tuple(o.get("no_decay", ()))
         chain.append(optax.adamw(rate, b1=o.get("b1", 0.9), b2=o.get("b2", 0.999),
-                                 eps=o.get("eps", 1e-8), weight_decay=o.get("weight_decay", 0.0)))
+                                 eps=o.get("eps", 1e-8), weight_decay=o.get("weight_decay", 0.0),
+                                 mask=functools.partial(decay_mask, no_decay) if no_decay
+                                 else None))
     tx = optax.chain(*chain)
     frozen = tuple(o.get("frozen", ()))
     if frozen:
@@ -100,6 +121,19 @@ def _frozen_labels(frozen: tuple, params) -> dict:
                          f"they have {sorted(params)}")
     return {k: jax.tree_util.tree_map(lambda _, t=("frozen" if k in frozen else "train"): t, v)
             for k, v in params.items()}
+
+
+def param_path(path) -> str:
+    """'block_0/ln_1/scale': a parameter's key path joined by '/'."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                    for k in path)
+
+
+def decay_mask(no_decay: tuple, params):
+    """True where a parameter decays: its path matches none of the `no_decay` patterns."""
+    patterns = [re.compile(p) for p in no_decay]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any(p.search(param_path(path)) for p in patterns), params)
 
 
 def global_norm(tree) -> jax.Array:

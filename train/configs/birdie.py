@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from models import layers
-from train import trainer
+from train import optim, trainer
 from train.configs import common
 from train.data import pipeline, recall
 from train.data import tokenizer as tok
@@ -153,6 +153,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.optim = common.optim(lr=3e-4 if paper else 3e-3,
                            warmup_steps=2000 if paper else 20,
                            weight_decay=0.1 if paper else 0.01)
+    if paper:   # no decay on norms, biases, embeddings and the recurrences' own parameters
+        c.optim.no_decay = optim.NO_DECAY
     c.eval = common.evaluation(20 if paper else 2)
     c.debug = common.debug()
     return c
