@@ -62,6 +62,8 @@ class SSMConfig:
     hawk_heads: int = 1                # Hawk: block-diagonal gate matrices W_a, W_x with H blocks
     conv_width: int = 4                # Hawk: causal depthwise Conv1D width
     hawk_c: float = 8.0                # Hawk: a = exp(−c·r·softplus(Λ)); Griffin's c = 8
+    hawk_sqrt_max_grad: float = 1000.0  # Hawk: √(1 − a²)'s derivative bounded by this (Griffin's
+                                        # 1000; near a = 1 the true one grows without bound)
     a_min: float = 0.9                 # init range of the decay at r=1 (Hawk), of σ(b_f) (gated)
     a_max: float = 0.999
     tie_embeddings: bool = True        # lm head = embedding table transposed
@@ -102,6 +104,9 @@ class SSMConfig:
             raise ValueError(f"a_min={self.a_min}, a_max={self.a_max}: need 0 < a_min < a_max < 1")
         if self.hawk_c <= 0:
             raise ValueError(f"hawk_c={self.hawk_c} must be > 0")
+        if not self.hawk_sqrt_max_grad > 0:
+            raise ValueError(f"hawk_sqrt_max_grad={self.hawk_sqrt_max_grad} is not allowed; use "
+                             "a bound > 0")
         layers.check_init_std(self.init_std)
         object.__setattr__(self, "dtype", as_dtype(self.dtype))
         object.__setattr__(self, "param_dtype", as_dtype(self.param_dtype))
@@ -350,6 +355,24 @@ class GatedSSM(nn.Module):
         return self.output(o, h), {"h": h_f}
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def sqrt_bounded_grad(x, max_grad: float):
+    """√x whose derivative 1/(2√x) is bounded by `max_grad` (where 4x < 1/max_grad²), as
+    Griffin's RG-LRU does for √(1 − a²): the value is √x exactly."""
+    return jnp.sqrt(x)
+
+
+def _sqrt_fwd(x, max_grad):
+    return jnp.sqrt(x), x
+
+
+def _sqrt_bwd(max_grad, x, g):
+    return (g / jnp.sqrt(jnp.maximum(4.0 * x, 1.0 / max_grad ** 2)),)
+
+
+sqrt_bounded_grad.defvjp(_sqrt_fwd, _sqrt_bwd)
+
+
 def causal_conv(u_BxTxD, w_WxD, bias_D, segment_ids_BxT) -> jax.Array:
     """Depthwise causal conv [B,T,D]: out_t = Σ_k w[k] u_{t−k} + bias, within the sample only."""
     W = w_WxD.shape[0]
@@ -413,7 +436,8 @@ class Hawk(nn.Module):
         r, i = jax.nn.sigmoid(g[..., 0, :]), jax.nn.sigmoid(g[..., 1, :])
         log_a = -c.hawk_c * r * jax.nn.softplus(self.lam.astype(F32))
         a = jnp.exp(log_a)
-        mult = jnp.sqrt(-jnp.expm1(2.0 * log_a))  # √(1 − a²), stable near a = 1
+        # √(1 − a²), stable near a = 1, its derivative bounded (Griffin's SqrtBoundDerivative)
+        mult = sqrt_bounded_grad(-jnp.expm1(2.0 * log_a), c.hawk_sqrt_max_grad)
         return a, mult * (i * uf)
 
     def chunk_inputs(self, x_BxCxD, segment_ids_BxC, conv):
