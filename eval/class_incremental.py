@@ -36,6 +36,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from eval import cli
 from eval.figures import register, write_csv
 from models import encoders
 from models.kv_bottleneck import DECODERS
@@ -555,4 +556,4 @@ def cifar_numbers(name: str, *, size: str, seed: int, out: pathlib.Path, class_o
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

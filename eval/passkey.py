@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval import figures
+from eval import cli, figures
 from models import landmark, landmark_memory
 from train import checkpoint as ckpt_lib
 from train import config_identity
@@ -374,4 +374,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

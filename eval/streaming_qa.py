@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval import metrics
+from eval import cli, metrics
 from eval.figures import register, write_csv
 from memory import bank as bank_lib
 from models.mac import MAC, MACConfig, modulated_logits, slot_keys
@@ -249,8 +249,8 @@ def load_run(workdir) -> tuple[MACConfig, Any, Any]:
     trainer wrote to `workdir` (`mnemax-train --config mac:...`, or a figure's run folder)."""
     workdir = pathlib.Path(workdir)
     if not (workdir / "config.json").exists():
-        raise FileNotFoundError(f"no MAC run in {workdir}: expected config.json and checkpoints "
-                                f"written by the trainer (mnemax-train --config mac:tiny)")
+        raise ValueError(f"workdir={str(workdir)!r} holds no MAC run: no config.json there "
+                         "(train one with mnemax-train --config mac:tiny --workdir DIR)")
     _, params, model = trainer.restore_for_eval(workdir)
     if not isinstance(model, mac_obj.MetaModel):
         raise ValueError(f"workdir={str(workdir)!r} holds a {type(model).__name__} run, not a "
@@ -280,7 +280,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ puts on the PATH), or from a checkout `python -m train.main --config train/confi
 --config takes a config file (`path.py:variant`) or a config of this package by name
 (`lm:tiny`, `landmark:tiny`, `birdie:tiny:gated_birdie`, `mac:tiny`: train/configs/NAME.py; MAC's
 config trains its base LM into DIR/base_lm first). A bad config ends in one line naming the
-field (exit code 2).
+field (exit code 2), as do an override naming no field (with the nearest known name), a value
+of the wrong type, and a DIR that is a file.
 
 Rerunning the same command resumes from the newest readable checkpoint in DIR. Override any config
 field with --config.FIELD=VALUE (e.g. --config.num_steps=100 --config.mesh.model=2). A DIR that
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -52,6 +54,10 @@ def main(argv):
     config = _CONFIG.value
     try:
         trainer.validate_config(config)
+        workdir = pathlib.Path(_WORKDIR.value)
+        if "://" not in _WORKDIR.value and workdir.exists() and not workdir.is_dir():
+            raise ValueError(f"workdir={_WORKDIR.value!r} is not allowed: it is a file; give a "
+                             "folder (new, or a run's to resume it)")
     except ValueError as e:     # a bad field: one line, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -108,6 +114,25 @@ def resolve_config_flag(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl's flag parsing, with a bad command line as one error line (exit code 2): a
+    --config.FIELD override naming no field (with ml_collections' nearest known name), a value of
+    the wrong type, an unknown or missing flag."""
+    try:
+        return flags.FLAGS(list(argv))
+    except (KeyError, AttributeError) as e:        # an override naming no config field
+        text = str(e)
+        near = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+        bad = near.group(2) if near else next(iter(re.findall(r"\w+", text)), "?")
+        given = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        where = next((g for g in given if bad in g.split(".")), " ".join(given))
+        hint = f"; did you mean {near.group(1)!r}?" if near else ""
+        print(f"error: {where} names no config field: {bad!r} is unknown{hint}", file=sys.stderr)
+    except flags.Error as e:                       # a bad value, an unknown or missing flag
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def run(argv: Optional[Sequence[str]] = None) -> None:
     """The `mnemax-train` console script."""
     argv = list(sys.argv if argv is None else argv)
@@ -116,7 +141,7 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    app.run(main, argv=argv)
+    app.run(main, argv=argv, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

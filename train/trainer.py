@@ -146,6 +146,10 @@ def build_model(model_cfg: Any) -> nn.Module:
     return _resolve(MODELS, d.get("family", "transformer"), "model.family")(d)
 
 
+# datasets whose batches are token ids (a model's vocabulary must hold them all)
+TOKEN_DATASETS = ("mqar", "text", "tfds", "birdie", "recall", "passkey", "mac_lm")
+
+
 # ---------------------------------------------------------------------------------------------
 # Config checks
 # ---------------------------------------------------------------------------------------------
@@ -174,6 +178,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"optim.clip_norm={o.clip_norm!r} must be positive or None")
     if config.get("base_lm"):
         validate_config(config.base_lm)
+    vocab = config.model.get("vocab_size")
+    if vocab is not None and config.data.name in TOKEN_DATASETS:
+        need = pipeline.vocab_size(config.data)
+        if vocab < need:
+            raise ValueError(f"model.vocab_size={vocab} is not allowed: data.name="
+                             f"{config.data.name!r} produces token ids up to {need - 1}; use "
+                             f">= {need}")
     objective = config.get("objective", "lm")
     _resolve(OBJECTIVES, objective, "objective")
     if objective in OBJECTIVE_CHECKS:
@@ -669,6 +680,9 @@ def restore_for_eval(workdir, *, step: Optional[int] = None, devices=None):
     restored onto `devices` (default: one device). The config is the ConfigDict the run was
     trained with; `model.apply({"params": params}, tokens)` gives logits."""
     workdir = ckpt_lib.as_path(workdir)
+    if not (workdir / "config.json").exists():
+        raise ValueError(f"workdir={str(workdir)!r} holds no run: no config.json there (train "
+                         "one with mnemax-train --config NAME:VARIANT --workdir DIR)")
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "model": 1})
     run = setup(config, devices=devices or jax.devices()[:1])
