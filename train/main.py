@@ -37,11 +37,15 @@ _ALLOW = flags.DEFINE_list(
     "from the config the workdir's run was trained with.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", None,
                                  "Force jax.distributed.initialize() (default: from environment).")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
+    missing = [f"--{n}" for n, v in (("config", _CONFIG.value), ("workdir", _WORKDIR.value))
+               if v is None]
+    if missing:     # checked here, not by absl, so train.dryrun can share these flags
+        print(f"error: {' and '.join(missing)} must be given", file=sys.stderr)
+        return 2
     # Imported here, not at the top: the multi-host runtime starts before the trainer's modules
     # (and whatever they touch of JAX at import time) load.
     from train import sharding

@@ -1,0 +1,149 @@
+"""Will a config fit a pod slice? Compile its train step for N devices without allocating it.
+
+    python -m train.dryrun --config lm:paper --num_devices 16 --config.mesh.fsdp=-1 \
+        --config.mesh.data=1
+
+`--num_devices N` fakes N CPU devices (XLA's host platform device count, set before jax loads),
+builds the run's mesh and shardings (train/trainer.py: setup), and lowers and compiles the
+jitted train step on abstract inputs: the state from `jax.eval_shape` of the sharded init, a
+batch of the config's shapes (one real row of the data pipeline gives each field's trailing
+shape and dtype). Nothing of the model's size is allocated. Prints one JSON object:
+
+    num_devices, mesh                  the mesh the config makes on N devices
+    params_bytes_total                 every parameter, unsharded
+    params_bytes_per_device            the largest device's share (under fsdp ≈ total / fsdp)
+    optimizer_bytes_per_device         the optimizer state's share
+    temp_bytes_per_device              the compiled step's scratch (XLA's memory analysis)
+    argument_bytes_per_device          the step's inputs (state and batch) on one device
+    total_bytes_per_device             arguments + scratch: what one chip must hold
+    fits                               {chip: total ≤ its HBM} for common chips (HBM_BYTES)
+
+The compiled program is the CPU's: its scratch is indicative of an accelerator's, not equal to
+it (fusion and layouts differ); the parameter and optimizer shares are exact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+from absl import app, flags
+
+from train import main as train_main
+
+# HBM per chip, bytes (vendors' figures).
+HBM_BYTES = {"tpu_v4": 32 * 2**30, "tpu_v5e": 16 * 2**30, "tpu_v5p": 95 * 2**30,
+             "tpu_v6e": 32 * 2**30, "h100_80g": 80 * 10**9, "h200": 141 * 10**9}
+
+_NUM_DEVICES = flags.DEFINE_integer("num_devices", 8, "Fake CPU devices to compile for.")
+
+
+def _leaf_bytes(x, per_device: bool) -> int:
+    shape = x.sharding.shard_shape(x.shape) if per_device else x.shape
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * x.dtype.itemsize
+
+
+def tree_bytes(tree, *, per_device: bool = False) -> int:
+    """Bytes of an abstract pytree (ShapeDtypeStructs with shardings), whole or one device's."""
+    import jax
+    return sum(_leaf_bytes(x, per_device) for x in jax.tree_util.tree_leaves(tree))
+
+
+def abstract_batch(run):
+    """The train batch's ShapeDtypeStructs [batch_size, ...], rows on the batch-parallel axes:
+    trailing shapes and dtypes from one row of the config's data pipeline."""
+    import jax
+    from train.data import pipeline
+    c = run.config
+    one = next(iter(pipeline.make_dataset(c.data, split="train", seed=c.seed,
+                                          global_batch_size=1, seq_len=c.get("seq_len", 0),
+                                          process_index=0, process_count=1)))
+    rows = run.batch_sharding.spec[0]
+    out = {}
+    for k, v in one.items():
+        spec = jax.sharding.PartitionSpec(rows, *([None] * (v.ndim - 1)))
+        out[k] = jax.ShapeDtypeStruct((c.batch_size,) + v.shape[1:], v.dtype,
+                                      sharding=jax.sharding.NamedSharding(run.mesh, spec))
+    return out
+
+
+def dry_run(config, devices=None) -> dict:
+    """The report above for `config` on `devices` (default: every device)."""
+    import jax
+    from train import sharding as shd
+    from train import trainer
+    run = trainer.setup(config, devices=devices or jax.devices())
+    state = trainer.abstract_state(run)
+    batch = abstract_batch(run)
+    compiled = trainer.make_train_step(run).lower(state, batch).compile()
+    mem = compiled.memory_analysis()
+    temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
+    args = int(getattr(mem, "argument_size_in_bytes", 0)) if mem is not None else 0
+    if not args:
+        args = tree_bytes(state, per_device=True) + tree_bytes(batch, per_device=True)
+    total = args + temp
+    return {"num_devices": len(run.mesh.devices.flat), "mesh": shd.describe(run.mesh),
+            "params_bytes_total": tree_bytes(state.params),
+            "params_bytes_per_device": tree_bytes(state.params, per_device=True),
+            "optimizer_bytes_per_device": tree_bytes(state.opt_state, per_device=True),
+            "temp_bytes_per_device": temp, "argument_bytes_per_device": args,
+            "total_bytes_per_device": total,
+            "fits": {chip: total <= hbm for chip, hbm in HBM_BYTES.items()}}
+
+
+def main(argv):
+    del argv
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    config = train_main._CONFIG.value
+    if config is None:
+        print("error: --config must be given", file=sys.stderr)
+        return 2
+    try:
+        report = dry_run(config)
+    except ValueError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+def _num_devices(argv: Sequence[str]) -> int:
+    for i, a in enumerate(argv):
+        if a.startswith("--num_devices="):
+            return int(a.split("=", 1)[1])
+        if a == "--num_devices" and i + 1 < len(argv):
+            return int(argv[i + 1])
+    return _NUM_DEVICES.default
+
+
+def run(argv: Optional[Sequence[str]] = None) -> None:
+    """`python -m train.dryrun`: fakes the devices before jax loads, then parses like
+    mnemax-train (configs by name or path, one-line errors)."""
+    argv = list(sys.argv if argv is None else argv)
+    try:
+        n = _num_devices(argv)
+    except ValueError:
+        n = 0
+    if n < 1:
+        print("error: --num_devices must be an integer >= 1", file=sys.stderr)
+        raise SystemExit(2)
+    os.environ["XLA_FLAGS"] = " ".join(
+        [f for f in os.environ.get("XLA_FLAGS", "").split()
+         if not f.startswith("--xla_force_host_platform_device_count")]
+        + [f"--xla_force_host_platform_device_count={n}"])
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    try:
+        argv = train_main.resolve_config_flag(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    app.run(main, argv=argv, flags_parser=train_main.parse_flags)
+
+
+if __name__ == "__main__":
+    run()
