@@ -424,10 +424,12 @@ class LandmarkLM(nn.Module):
             is_landmark = tokens_BxT == lc.landmark_id
         if positions is None:
             positions = jnp.arange(T, dtype=jnp.int32)
+        # mem_freq is bound into the attention function, not passed with the arrays: under
+        # remat (model.remat) every block argument is traced, and mem_freq must stay static.
         return transformer.decoder_forward(
             c, tokens_BxT, positions=positions, segment_ids=segment_ids,
-            attention_kwargs={"is_landmark": is_landmark, "mem_freq": lc.mem_freq},
-            return_hidden=return_hidden, attention_fn=ATTENTION_FNS[c.attention])
+            attention_kwargs={"is_landmark": is_landmark}, return_hidden=return_hidden,
+            attention_fn=functools.partial(ATTENTION_FNS[c.attention], mem_freq=lc.mem_freq))
 
 
 

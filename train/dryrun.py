@@ -6,8 +6,8 @@
 `--num_devices N` fakes N CPU devices (XLA's host platform device count, set before jax loads),
 builds the run's mesh and shardings (train/trainer.py: setup), and lowers and compiles the
 jitted train step on abstract inputs: the state from `jax.eval_shape` of the sharded init, a
-batch of the config's shapes (one real row of the data pipeline gives each field's trailing
-shape and dtype). Nothing of the model's size is allocated. Prints one JSON object:
+batch of the config's shapes (text windows: inputs, targets, weights [B, seq_len]; other data:
+one real row of the pipeline gives each field's trailing shape and dtype). Nothing of the model's size is allocated. Prints one JSON object:
 
     num_devices, mesh                  the mesh the config makes on N devices
     params_bytes_total                 every parameter, unsharded
@@ -57,11 +57,17 @@ def abstract_batch(run):
     """The train batch's ShapeDtypeStructs [batch_size, ...], rows on the batch-parallel axes:
     trailing shapes and dtypes from one row of the config's data pipeline."""
     import jax
+    import numpy as np
     from train.data import pipeline
     c = run.config
-    one = next(iter(pipeline.make_dataset(c.data, split="train", seed=c.seed,
-                                          global_batch_size=1, seq_len=c.get("seq_len", 0),
-                                          process_index=0, process_count=1)))
+    if c.data.name in ("text", "tfds"):     # token windows: no need to read (or have) the corpus
+        T = c.seq_len
+        one = {"inputs": np.zeros((1, T), np.int32), "targets": np.zeros((1, T), np.int32),
+               "weights": np.zeros((1, T), np.float32)}
+    else:
+        one = next(iter(pipeline.make_dataset(c.data, split="train", seed=c.seed,
+                                              global_batch_size=1, seq_len=c.get("seq_len", 0),
+                                              process_index=0, process_count=1)))
     rows = run.batch_sharding.spec[0]
     out = {}
     for k, v in one.items():

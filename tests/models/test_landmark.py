@@ -4,6 +4,8 @@ blockwise == dense, the LM, the converter and memory inference.
 Reference vectors and tolerances: tests/data/landmark/README.md. Official layouts are
 (B, H, T, D); mnemax's are [B, T, H, D].
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -364,6 +366,26 @@ def test_landmark_lm_trains_with_the_baseline_param_tree():
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
     assert np.isfinite(float(value))
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_landmark_lm_trains_with_remat():
+    # model.remat (the paper configs') traces every block argument: mem_freq must stay static
+    # (it is bound into the attention function), and the gradients are the un-remat ones.
+    cfg = lmk.LandmarkConfig(
+        model=transformer.TransformerConfig(vocab_size=40, width=16, num_layers=2, num_heads=2,
+                                            attention="landmark"),
+        mem_freq=4, landmark_id=39)
+    batch = lmk.make_landmark_batch(jax.random.randint(jax.random.key(0), (2, 21), 0, 39), 4, 39)
+    params = jax.jit(lmk.LandmarkLM(cfg).init)(jax.random.key(1), batch["inputs"])["params"]
+
+    def grads(c):
+        model = lmk.LandmarkLM(c)
+        f = lambda p: model.apply({"params": p}, batch["inputs"], positions=batch["positions"],  # noqa: E731
+                                  is_landmark=batch["is_landmark"]).sum()
+        return jax.jit(jax.grad(f))(params)
+    remat = grads(dataclasses.replace(cfg, model=cfg.model.replace(remat=True)))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                           layers.unbox(remat), layers.unbox(grads(cfg)))
 
 
 def test_config_validation():
