@@ -612,14 +612,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
             bar.update(1)
         summary["final_loss"] = loss
 
-    def acts_at(at: int) -> bool:
-        """Whether anything but logging happens after step `at` (evaluation, a hook, a
-        checkpoint, the end): its loss is checked before, so nothing acts on a bad state."""
-        return (at == cfg.num_steps or stop.requested
-                or bool(cfg.eval_every and at % cfg.eval_every == 0)
-                or bool(cfg.checkpoint_every and at % cfg.checkpoint_every == 0)
-                or debug.get("sigkill_at_step", -1) == at or any(h.due(at) for h in run.hooks))
-
     with _Stop() as stop:
         try:
             pending = None   # (step, metrics) dispatched but not read yet
@@ -632,33 +624,39 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                 if pending is not None:
                     record(*pending)
                 pending = (step, metrics)
-                if acts_at(step):
+                # What acts on this step's state besides logging; its loss is checked first, so
+                # nothing evaluates, updates a hook from or saves a bad state.
+                evaluate_now = bool(cfg.eval_every and (step % cfg.eval_every == 0
+                                                        or step == cfg.num_steps))
+                due = [h for h in run.hooks if h.due(step)]
+                save_now = bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                kill_now = debug.get("sigkill_at_step", -1) == step
+                if (step == cfg.num_steps or stop.requested or evaluate_now or due or save_now
+                        or kill_now):
                     record(*pending)
                     pending = None
-                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.num_steps):
+                if evaluate_now:
                     ev = evaluate(run, eval_step, state.params, state.memory,
                                   num_batches=cfg.eval.num_batches)
                     writer.write(step, ev)
                     summary.update(ev)
-                for hook in run.hooks:
-                    if hook.due(step):
-                        hstate, row = hook.update(run, state.params, state.memory[hook.name],
-                                                  step)
-                        hstate = jax.device_put(hstate, run.state_shardings.memory[hook.name])
-                        state = state.replace(memory={**state.memory, hook.name: hstate})
-                        writer.write(step, row)
-                        data_iter, data_overrides = hooked_train_data(
-                            run, state.memory, data_iter, data_overrides)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                for hook in due:
+                    hstate, row = hook.update(run, state.params, state.memory[hook.name], step)
+                    hstate = jax.device_put(hstate, run.state_shardings.memory[hook.name])
+                    state = state.replace(memory={**state.memory, hook.name: hstate})
+                    writer.write(step, row)
+                    data_iter, data_overrides = hooked_train_data(
+                        run, state.memory, data_iter, data_overrides)
+                if save_now:
                     ckpt.save(step, state, data_iter=data_iter, config=config_dict)
                     last_saved = step
-                if debug.get("sigkill_at_step", -1) == step:
+                if kill_now:
                     # Fault injection for tests: die without any clean-up, once the checkpoints
                     # already requested are on disk.
                     ckpt.wait()
                     os.kill(os.getpid(), signal.SIGKILL)
                 if stop.requested:
-                    if pending is not None:   # the signal came after acts_at: check it now
+                    if pending is not None:   # the signal came after the check above
                         record(*pending)
                     summary["stopped_by_signal"] = True
                     break
