@@ -290,8 +290,8 @@ def _check_common(s: dict, where: str) -> None:
 
 def validate_size(size: str) -> None:
     """Checks both figures of this module at `size` before any training: `birdie_recall`'s
-    RECALL_SIZES[size] (the task's ranges, every pair count against the key range, the longest example
-    against row_length, the models' configs) and `birdie_phonebook`'s PHONEBOOK_SIZES[size]
+    RECALL_SIZES[size] (the task's ranges, every pair count against the key range, the longest
+    example against row_length, the models' configs) and `birdie_phonebook`'s PHONEBOOK_SIZES[size]
     (queries within entries, the longest phone-book example against row_length). Raises a
     ValueError naming the field, its value and what is allowed."""
     for table, name in ((birdie_config.RECALL_SIZES, "RECALL_SIZES"),

@@ -62,8 +62,9 @@ class SSMConfig:
     hawk_heads: int = 1                # Hawk: block-diagonal gate matrices W_a, W_x with H blocks
     conv_width: int = 4                # Hawk: causal depthwise Conv1D width
     hawk_c: float = 8.0                # Hawk: a = exp(−c·r·softplus(Λ)); Griffin's c = 8
-    hawk_sqrt_max_grad: float = 1000.0  # Hawk: √(1 − a²)'s derivative bounded by this (Griffin's
-                                        # 1000; near a = 1 the true one grows without bound)
+    hawk_sqrt_max_grad: float = 1000.0  # Hawk: √(1 − a²)'s derivative bounded by this
+                                        # (Griffin's 1000; near a = 1 the true one grows
+                                        # without bound)
     a_min: float = 0.9                 # init range of the decay at r=1 (Hawk), of σ(b_f) (gated)
     a_max: float = 0.999
     tie_embeddings: bool = True        # lm head = embedding table transposed

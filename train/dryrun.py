@@ -7,7 +7,8 @@
 builds the run's mesh and shardings (train/trainer.py: setup), and lowers and compiles the
 jitted train step on abstract inputs: the state from `jax.eval_shape` of the sharded init, a
 batch of the config's shapes (text windows: inputs, targets, weights [B, seq_len]; other data:
-one real row of the pipeline gives each field's trailing shape and dtype). Nothing of the model's size is allocated. Prints one JSON object:
+one real row of the pipeline gives each field's trailing shape and dtype). Nothing of the model's
+size is allocated. Prints one JSON object:
 
     num_devices, mesh                  the mesh the config makes on N devices
     params_bytes_total                 every parameter, unsharded

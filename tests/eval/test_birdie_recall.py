@@ -103,8 +103,8 @@ def test_recall_rows_follow_the_mixture():
     assert "prefix" not in rows[0]
     with pytest.raises(ValueError, match=r"mixture=\(1.0,\) is not allowed"):
         _rows(n=0, mixture=(1.0,))
-    with pytest.raises(ValueError, match=r"pairs=\(2, 16\) is not allowed: 16 pairs make examples of 36 tokens > "
-                                         "seq_len=32"):
+    with pytest.raises(ValueError, match=r"pairs=\(2, 16\) is not allowed: 16 pairs make "
+                                         r"examples of 36 tokens > seq_len=32"):
         recall.RecallDataSpec(task=recall.RecallTask(), pairs=(2, 16), seq_len=32)
 
 

@@ -380,8 +380,9 @@ def test_landmark_lm_trains_with_remat():
 
     def grads(c):
         model = lmk.LandmarkLM(c)
-        f = lambda p: model.apply({"params": p}, batch["inputs"], positions=batch["positions"],  # noqa: E731
-                                  is_landmark=batch["is_landmark"]).sum()
+        def f(p):
+            return model.apply({"params": p}, batch["inputs"], positions=batch["positions"],
+                               is_landmark=batch["is_landmark"]).sum()
         return jax.jit(jax.grad(f))(params)
     remat = grads(dataclasses.replace(cfg, model=cfg.model.replace(remat=True)))
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),

@@ -288,7 +288,7 @@ def test_hawk_sqrt_has_griffins_bounded_derivative():
     x = jnp.array([0.25, 1e-4, 1e-9, 0.0], jnp.float32)
     np.testing.assert_array_equal(ssm.sqrt_bounded_grad(x, 1000.0), jnp.sqrt(x))   # the value
     g = jax.grad(lambda v: ssm.sqrt_bounded_grad(v, 1000.0).sum())(x)
-    # 1/(2√x) = 1, 50 where 4x ≥ 1e-6; bounded by 1000 where the true one is larger (or infinite)
+    # 1/(2√x) = 1, 50 where 4x ≥ 1e-6; 1000 where the true one is larger (or infinite)
     np.testing.assert_allclose(g, [1.0, 50.0, 1000.0, 1000.0], rtol=1e-5)
     with pytest.raises(ValueError, match="hawk_sqrt_max_grad=0.0 is not allowed"):
         ssm.SSMConfig(vocab_size=320, mixer="hawk", hawk_sqrt_max_grad=0.0)
