@@ -14,7 +14,9 @@ holds a run trained under another config is refused with one line naming the dif
 may change freely, and --allow_config_change=FIELD[,FIELD] resumes despite the others (e.g. a
 curriculum's next phase: --allow_config_change=data.min_length).
 On a multi-host system (TPU pod slice, SLURM) pass --distributed or let the environment say so
-(see train/sharding.py: maybe_initialize_distributed).
+(see train/sharding.py: maybe_initialize_distributed). A SIGTERM to any one process makes every
+process save the same step and exit 0; a process that dies makes the others abort after
+--heartbeat_timeout_s; rerunning every process resumes from the last complete checkpoint.
 """
 import json
 import logging
@@ -37,6 +39,10 @@ _ALLOW = flags.DEFINE_list(
     "from the config the workdir's run was trained with.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", None,
                                  "Force jax.distributed.initialize() (default: from environment).")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", None,
+    "Several processes: seconds without a heartbeat after which a process counts as dead and "
+    "the others abort (default: JAX's, 100).", lower_bound=1)
 
 
 def main(argv):
@@ -49,7 +55,8 @@ def main(argv):
     # Imported here, not at the top: the multi-host runtime starts before the trainer's modules
     # (and whatever they touch of JAX at import time) load.
     from train import sharding
-    sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
+    sharding.maybe_initialize_distributed(_DISTRIBUTED.value,
+                                          heartbeat_timeout_s=_HEARTBEAT.value)
     from train import trainer
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO

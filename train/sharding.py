@@ -162,13 +162,19 @@ def sharded_init(init_fn, mesh: Mesh, rules, *args):
     return nn.unbox(boxed), shardings
 
 
-def maybe_initialize_distributed(flag: Optional[bool] = None) -> bool:
+def maybe_initialize_distributed(flag: Optional[bool] = None, *,
+                                 heartbeat_timeout_s: Optional[int] = None) -> bool:
     """Calls jax.distributed.initialize() when the run is multi-process.
 
     Multi-process when `flag` is True, or when the environment says so: MNEMAX_DISTRIBUTED=1,
     a JAX coordinator address (JAX_COORDINATOR_ADDRESS, with JAX_NUM_PROCESSES and
     JAX_PROCESS_ID), SLURM with more than one task, or a TPU pod slice (TPU_WORKER_HOSTNAMES
     with several hosts). Returns whether it initialised.
+
+    A process that stops sending heartbeats for `heartbeat_timeout_s` (JAX's default: 100 s)
+    is declared dead and every other process aborts with "Terminating process because the JAX
+    distributed service detected fatal errors ... another task died", instead of waiting in a
+    collective forever; relaunching every process resumes from the last complete checkpoint.
     """
     env = os.environ
     if flag is None:
@@ -189,6 +195,8 @@ def maybe_initialize_distributed(flag: Optional[bool] = None) -> bool:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except Exception:  # a jax without the option uses its default
         pass
+    if heartbeat_timeout_s is not None:
+        kwargs["heartbeat_timeout_seconds"] = heartbeat_timeout_s
     jax.distributed.initialize(**kwargs)
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),

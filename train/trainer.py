@@ -480,20 +480,36 @@ class MetricsWriter:
 
 
 class _Stop:
-    """Set by SIGTERM: the loop saves a checkpoint and returns."""
+    """Pre-emption: when to save a checkpoint and return.
+
+    One process: SIGTERM sets a flag, read once per step. Several processes (one SIGTERM may
+    reach any one of them): JAX's pre-emption sync manager owns SIGTERM, tells every process,
+    and `reached_preemption_sync_point` turns true on all of them at the same step (the step
+    after the largest any process had reached), so all save that step. It is asked every step.
+    """
 
     def __init__(self):
+        self.multi = jax.process_count() > 1
         self.requested = False
         self._old = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        # Several processes: a Python handler would replace the sync manager's own.
+        if not self.multi and threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
         log.warning("SIGTERM received: saving a checkpoint and stopping")
         self.requested = True
+
+    def at(self, step: int) -> bool:
+        """Whether to save and stop after optimizer step `step` (every process: the same)."""
+        if self.multi:
+            if multihost_utils.reached_preemption_sync_point(step):
+                log.warning("pre-emption: every process saves step %d and stops", step)
+                self.requested = True
+        return self.requested
 
     def __exit__(self, *exc):
         if self._old is not None:
@@ -630,8 +646,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                                                         or step == cfg.num_steps))
                 due = [h for h in run.hooks if h.due(step)]
                 save_now = bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-                kill_now = debug.get("sigkill_at_step", -1) == step
-                if (step == cfg.num_steps or stop.requested or evaluate_now or due or save_now
+                injected = debug.get("signal_process", -1) in (-1, jax.process_index())
+                kill_now = injected and debug.get("sigkill_at_step", -1) == step
+                if injected and debug.get("sigterm_at_step", -1) == step:
+                    os.kill(os.getpid(), signal.SIGTERM)   # fault injection for tests
+                stop_now = stop.at(step)
+                if (step == cfg.num_steps or stop_now or evaluate_now or due or save_now
                         or kill_now):
                     record(*pending)
                     pending = None
@@ -655,9 +675,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                     # already requested are on disk.
                     ckpt.wait()
                     os.kill(os.getpid(), signal.SIGKILL)
-                if stop.requested:
-                    if pending is not None:   # the signal came after the check above
-                        record(*pending)
+                if stop_now:
+                    writer.write(step, {"event": "stopped", "reason": "SIGTERM"})
                     summary["stopped_by_signal"] = True
                     break
             if last_saved != step:

@@ -1,10 +1,14 @@
-"""Two processes × 4 CPU devices with jax.distributed give the same losses as 1 process × 8."""
+"""Two processes × 4 CPU devices with jax.distributed: the same losses as 1 process × 8; a
+SIGTERM to one process saves one step on both; a process that dies stops the other, and the run
+resumes from the last complete checkpoint."""
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -13,8 +17,9 @@ OVERRIDES = ["--config.model.width=32", "--config.model.num_heads=4", "--config.
              "--config.batch_size=8", "--config.log_every=1", "--config.eval_every=0",
              "--config.progress=False", "--config.data.source=memory", "--config.data.num_pairs=4",
              "--config.data.num_queries=4", "--config.optim.warmup_steps=1",
-             "--config.num_steps=3", "--config.checkpoint_every=0", "--config.mesh.data=2",
-             "--config.mesh.fsdp=2", "--config.mesh.model=2"]
+             "--config.checkpoint_every=0", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+             "--config.mesh.model=2"]
+TIMEOUT_S = 240
 
 
 def _free_port() -> int:
@@ -23,39 +28,135 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir, devices, env_extra=()):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (os.environ["MNEMAX_TEST_XLA_FLAGS"]
-                        + f" --xla_force_host_platform_device_count={devices}")
-    env["PYTHONPATH"] = str(REPO)
-    env.update(env_extra)
-    cmd = [sys.executable, "-m", "train.main", "--config", "train/configs/lm.py:tiny",
-           "--workdir", str(workdir), *OVERRIDES]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+class _Proc:
+    """One `python -m train.main` process; its output goes to files (a full pipe would block
+    it), and Python's fault handler dumps its stacks when a test gives up on it."""
+
+    def __init__(self, workdir, devices, args, env_extra=None, name="single"):
+        self.log = workdir.parent / f"{workdir.name}-{name}.log"
+        env = dict(os.environ)
+        env["XLA_FLAGS"] = (os.environ["MNEMAX_TEST_XLA_FLAGS"]
+                            + f" --xla_force_host_platform_device_count={devices}")
+        env["PYTHONPATH"] = str(REPO)
+        env["PYTHONFAULTHANDLER"] = "1"
+        env.update(env_extra or {})
+        cmd = [sys.executable, "-m", "train.main", "--config", "train/configs/lm.py:tiny",
+               "--workdir", str(workdir), *OVERRIDES, *args]
+        workdir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "w") as f:
+            self.p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait(self, timeout=TIMEOUT_S) -> int:
+        try:
+            return self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.p.send_signal(signal.SIGABRT)   # the fault handler prints every thread's stack
+            self.p.wait()
+            raise AssertionError(f"no exit within {timeout} s:\n{self.output()[-8000:]}")
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
 
 
-def _losses(workdir):
-    rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
+def _launch_pair(workdir, args, heartbeat_s=None) -> list[_Proc]:
+    """Processes 0 and 1 of one run; process 1 starts once process 0's coordinator listens
+    (connecting to a port nobody listens on yet can connect a socket to itself)."""
+    port = _free_port()
+    flags = [f"--heartbeat_timeout_s={heartbeat_s}"] if heartbeat_s else []
+
+    def launch(i):
+        return _Proc(workdir, 4, [*args, *flags], name=f"p{i}",
+                     env_extra={"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                                "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)})
+
+    first = launch(0)
+    deadline = time.time() + TIMEOUT_S
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if first.p.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"process 0 never listened:\n{first.output()[-4000:]}")
+            time.sleep(0.1)
+    return [first, launch(1)]
+
+
+def _finish(procs, expect=0) -> None:
+    try:
+        for p in procs:
+            rc = p.wait()
+            assert rc == expect, f"exit {rc}, not {expect}:\n{p.output()[-6000:]}"
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def _rows(workdir):
+    return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(workdir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _rows(workdir) if "loss" in r}
+
+
+def _saved(workdir) -> list[int]:
+    d = workdir / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
 
 
 def test_two_processes_match_one(tmp_path):
-    port = _free_port()
-    procs = [_launch(tmp_path / "multi", 4, {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-                                             "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)})
-             for i in range(2)]
-    single = _launch(tmp_path / "single", 8)
-    for p in procs + [single]:
-        try:
-            rc = p.wait(timeout=240)
-        finally:
-            if p.poll() is None:
-                p.kill()
-        assert rc == 0, p.stderr.read()[-4000:]
-    start = json.loads((tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()[0])
+    _finish(_launch_pair(tmp_path / "multi", ["--config.num_steps=3"]))
+    _finish([_Proc(tmp_path / "single", 8, ["--config.num_steps=3"])])
+    start = _rows(tmp_path / "multi")[0]
     assert start["processes"] == 2
     multi, one = _losses(tmp_path / "multi"), _losses(tmp_path / "single")
-    assert len(multi) == len(one) == 3
+    assert sorted(multi) == sorted(one) == [1, 2, 3]
     # Same global batches (row sharding) and the same mesh: only collective order may differ.
-    np.testing.assert_allclose(multi, one, rtol=0, atol=1e-6)
+    np.testing.assert_allclose([multi[s] for s in multi], [one[s] for s in multi],
+                               rtol=0, atol=1e-6)
+
+
+def test_sigterm_to_one_process_saves_one_step_on_both_and_exits_zero(tmp_path):
+    run = tmp_path / "run"
+    procs = _launch_pair(run, ["--config.num_steps=100000", "--config.debug.sigterm_at_step=3",
+                               "--config.debug.signal_process=1"])
+    _finish(procs)
+    [stopped] = _saved(run)
+    assert stopped >= 3
+    for p in procs:   # both agreed on that step (one save, asked by both)
+        assert f"every process saves step {stopped} and stops" in p.output(), p.output()[-4000:]
+    rows = _rows(run)
+    assert rows[-1] == {"step": stopped, "event": "stopped", "reason": "SIGTERM"}
+    assert max(_losses(run)) == stopped
+
+
+def test_a_dead_process_stops_the_other_and_the_run_resumes(tmp_path):
+    run = tmp_path / "run"
+    common = ["--config.num_steps=100000", "--config.checkpoint_every=2"]
+    procs = _launch_pair(run, [*common, "--config.debug.sigkill_at_step=3",
+                               "--config.debug.signal_process=1"], heartbeat_s=10)
+    try:
+        assert procs[1].wait() == -signal.SIGKILL
+        # Waits in step 4's collective until process 1 misses its heartbeats, then aborts.
+        assert procs[0].wait() != 0
+    finally:
+        for p in procs:
+            p.kill()
+    assert "another task died" in procs[0].output(), procs[0].output()[-4000:]
+    assert _saved(run) == [2]
+    before = _losses(run)
+    # Relaunched (the fault injection is bookkeeping, free to change): resumes from step 2 and
+    # trains step 3 exactly as before; a SIGTERM ends it.
+    _finish(_launch_pair(run, [*common, "--config.debug.sigterm_at_step=4",
+                               "--config.debug.signal_process=0"]))
+    starts = [r for r in _rows(run) if r.get("event") == "start"]
+    assert [s["resumed_from"] for s in starts] == [0, 2]
+    after = {r["step"]: r["loss"] for r in _rows(run)[_rows(run).index(starts[1]):]
+             if "loss" in r}
+    assert min(after) == 3 and after[3] == before[3]

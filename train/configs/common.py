@@ -30,5 +30,7 @@ def evaluation(num_batches: int) -> ml_collections.ConfigDict:
 def debug() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.sigkill_at_step = -1             # tests: SIGKILL the process after this step
+    c.sigterm_at_step = -1             # tests: SIGTERM the process after this step
+    c.signal_process = -1              # tests: the process both go to (-1: every process)
     c.nan_at_step = -1                 # tests: poison the loss at this step
     return c
