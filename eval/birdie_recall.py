@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import pathlib
 import time
 from typing import Any, Optional, Sequence
@@ -67,6 +66,7 @@ from tqdm.auto import tqdm
 from eval import figures, phonebook
 from models import ssm
 from train import config_identity, trainer
+from train import metrics as metrics_lib
 from train.configs import birdie as birdie_config
 from train.configs.birdie import ARMS, RECALL_MODELS
 from train.data import phonebook as phonebook_data
@@ -106,8 +106,7 @@ def read_curves(workdir: pathlib.Path) -> tuple[list, list]:
     """(losses [(step, loss)], mixtures [(step, weights)]) from a run's metrics.jsonl; a row
     written again after a resume replaces the earlier one of its step."""
     losses, mixtures = {}, {}
-    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    for row in metrics_lib.read_metrics(workdir):
         if "loss" in row:
             losses[row["step"]] = row["loss"]
         if row.get("event") == "birdie_controller":

@@ -26,6 +26,7 @@ import numpy as np
 
 from eval import cli, figures
 from train import config_identity
+from train import metrics as metrics_lib
 from train import trainer
 from train.configs import lm
 from train.data import pipeline
@@ -122,8 +123,8 @@ def lm_mqar_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
     acc = mqar_accuracy(summary["run"].model, jax.device_get(params), c.data, seq_len=c.seq_len,
                         num_examples=512, seed=seed)
     no_binding = mqar_no_binding(c.data, seq_len=c.seq_len, num_examples=512, seed=seed)
-    rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-    curve = [(r["step"], r["loss"], r["accuracy"]) for r in rows if "loss" in r]
+    curve = [(r["step"], r["loss"], r["accuracy"])
+             for r in metrics_lib.read_metrics(workdir) if "loss" in r]
     figures.write_csv(out / "lm_mqar.csv", ["step", "train_loss", "train_answer_accuracy"], curve)
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
     steps, losses, accs = zip(*curve)

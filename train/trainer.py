@@ -7,7 +7,7 @@ not train here yet).
 config (an ml_collections.ConfigDict, see train/configs/lm.py for every field) →
 mesh (train/sharding.py) → data (train/data/) → model + memory state + objective →
 sharded init → jitted step (in/out shardings, donated state) → eval hooks → Orbax checkpoints →
-WORKDIR/metrics.jsonl and TensorBoard events.
+WORKDIR/metrics.jsonl and TensorBoard events (train/metrics.py: any filesystem epath reaches).
 
 Guarantees: resumes from the newest readable checkpoint in `workdir` (params, optimizer, step,
 RNG, memory, data-iterator position), and only a run trained under the same config: before it
@@ -75,6 +75,7 @@ from tqdm.auto import tqdm
 from models.transformer import Transformer, TransformerConfig
 from train import checkpoint as ckpt_lib
 from train import config_identity
+from train import metrics as metrics_lib
 from train import sharding as shd
 from train.data import pipeline
 from train.optim import check_config as check_optim_config
@@ -437,48 +438,8 @@ def evaluate(run: Run, eval_step, params, memory, *, num_batches: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Logging
+# Pre-emption
 # ---------------------------------------------------------------------------------------------
-def _json_value(v):
-    """Python/NumPy/JAX scalars as bool, int or float; anything else unchanged."""
-    if isinstance(v, (str, dict, list)) or np.ndim(v) != 0:
-        return v
-    dtype = np.asarray(v).dtype
-    if dtype == bool:
-        return bool(v)
-    return int(v) if np.issubdtype(dtype, np.integer) else float(v)
-
-
-class MetricsWriter:
-    """metrics.jsonl (one JSON object per line) + TensorBoard events, on process 0 only."""
-
-    def __init__(self, workdir: pathlib.Path):
-        self.enabled = jax.process_index() == 0
-        self.path = workdir / "metrics.jsonl"
-        self.tb = None
-        if self.enabled:
-            try:
-                from tensorboardX import SummaryWriter
-                self.tb = SummaryWriter(str(workdir / "tb"))
-            except Exception as e:  # TensorBoard is optional at run time
-                log.warning("TensorBoard disabled: %s", e)
-
-    def write(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        row = {"step": int(step), **{k: _json_value(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, float):
-                    self.tb.add_scalar(k, v, step)
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
-
-
 class _Stop:
     """Pre-emption: when to save a checkpoint and return.
 
@@ -584,7 +545,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     else:
         log.info("resumed from step %d in %s", start, workdir)
     data_iter, data_overrides = hooked_train_data(run, state.memory, data_iter)
-    writer = MetricsWriter(workdir)
+    writer = metrics_lib.MetricsWriter(workdir)
     writer.write(start, {"event": "start", "resumed_from": start,
                          "mesh": shd.describe(run.mesh), "processes": jax.process_count(),
                          **start_row})
@@ -669,6 +630,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                         run, state.memory, data_iter, data_overrides)
                 if save_now:
                     ckpt.save(step, state, data_iter=data_iter, config=config_dict)
+                    writer.flush()
                     last_saved = step
                 if kill_now:
                     # Fault injection for tests: die without any clean-up, once the checkpoints
