@@ -84,7 +84,8 @@ def rules_from_config(config: Any) -> tuple[tuple[str, Any], ...]:
     known = {k for k, _ in DEFAULT_RULES}
     for k, v in overrides.items():
         if k not in known:
-            raise ValueError(f"sharding_rules has unknown logical axis {k!r}; known: {sorted(known)}")
+            raise ValueError(
+                f"sharding_rules has unknown logical axis {k!r}; known: {sorted(known)}")
         for ax in (v if isinstance(v, (tuple, list)) else [v]):
             if ax is not None and ax not in MESH_AXES:
                 raise ValueError(f"sharding_rules[{k!r}]={v!r}: mesh axes are {MESH_AXES}")

@@ -7,7 +7,8 @@ not train here yet).
 config (an ml_collections.ConfigDict, see train/configs/lm.py for every field) →
 mesh (train/sharding.py) → data (train/data/) → model + memory state + objective →
 sharded init → jitted step (in/out shardings, donated state) → eval hooks → Orbax checkpoints →
-WORKDIR/metrics.jsonl and TensorBoard events (train/metrics.py: any filesystem epath reaches).
+WORKDIR/metrics.jsonl and TensorBoard events (train/metrics.py: on any filesystem epath
+reaches).
 
 Guarantees: resumes from the newest readable checkpoint in `workdir` (params, optimizer, step,
 RNG, memory, data-iterator position), and only a run trained under the same config: before it
