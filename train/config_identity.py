@@ -148,10 +148,19 @@ def config_diff(stored: Any, current: Any) -> list[str]:
     return _lines(identity(stored), identity(current), changed_fields(stored, current))
 
 
+def run_control_diff(stored: Any, current: Any) -> list[str]:
+    """The EXCLUDED (run-control) fields that differ, as config_diff's lines."""
+    a, b = flatten(as_json(stored)), flatten(as_json(current))
+    keys = [k for k in sorted(set(a) | set(b)) if any(_covers(e, k) for e in EXCLUDED)
+            and (k not in a or k not in b or _dumps(a[k]) != _dumps(b[k]))]
+    return _lines(a, b, keys)
+
+
 def check_compatible(stored: Any, current: Any, *, allow_changes: Iterable[str] = (),
-                     where: str = "the workdir") -> None:
+                     where: str = "the workdir") -> list[str]:
     """Raises ConfigMismatchError (one line) if an identity field differs that `allow_changes`
-    does not name (a name covers the fields under it: "data" allows every data.* field).
+    does not name (a name covers the fields under it: "data" allows every data.* field);
+    else returns the allowed differences as config_diff's lines.
 
     A name in allow_changes that is no field of either config raises ConfigMismatchError too (a
     typo would otherwise allow nothing, silently)."""
@@ -160,9 +169,10 @@ def check_compatible(stored: Any, current: Any, *, allow_changes: Iterable[str] 
     unknown = [x for x in allow if not any(_covers(x, f) for f in fields)]
     if unknown:
         raise ConfigMismatchError(f"allow_changes names no config field: {unknown} ({where})")
-    keys = [k for k in changed_fields(stored, current) if not any(_covers(x, k) for x in allow)]
+    changed = changed_fields(stored, current)
+    keys = [k for k in changed if not any(_covers(x, k) for x in allow)]
     if not keys:
-        return
+        return _lines(identity(stored), identity(current), changed)
     diff = _lines(identity(stored), identity(current), keys)
     raise ConfigMismatchError(
         f"{where} holds a run trained with another config ({'; '.join(diff)}): use a new "

@@ -482,14 +482,25 @@ class _Stop:
 # The loop
 # ---------------------------------------------------------------------------------------------
 def check_workdir(config, workdir, *, allow_changes: Sequence[str] = (),
-                  ckpt: Optional[ckpt_lib.Checkpointer] = None) -> None:
+                  ckpt: Optional[ckpt_lib.Checkpointer] = None) -> dict[str, list[str]]:
     """Raises config_identity.ConfigMismatchError if `workdir` holds a run trained under a config
     whose identity differs from `config`'s in a field `allow_changes` does not name. The stored
-    config is the newest checkpoint's, else config.json's; a fresh workdir passes."""
+    config is the newest checkpoint's, else config.json's; a fresh workdir passes.
+
+    Returns what changed: {"config_changes": the allowed identity differences,
+    "run_control_changes": the run-control ones}, each as ["field: old -> new", ...] (empty
+    lists are left out), for the run's start row in metrics.jsonl."""
     stored, where = ckpt_lib.stored_config(workdir, ckpt)
-    if stored is not None:
-        config_identity.check_compatible(stored, config, allow_changes=allow_changes,
-                                         where=f"workdir {where}")
+    if stored is None:
+        return {}
+    changes = {
+        "config_changes": config_identity.check_compatible(
+            stored, config, allow_changes=allow_changes, where=f"workdir {where}"),
+        "run_control_changes": config_identity.run_control_diff(stored, config)}
+    for k, v in changes.items():
+        if v:
+            log.warning("resuming %s with %s: %s", workdir, k.replace("_", " "), "; ".join(v))
+    return {k: v for k, v in changes.items() if v}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
@@ -513,7 +524,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                                  async_save=cfg.get("async_checkpoints", True))
     try:
         # Before config.json is rewritten and before any restore is tried.
-        check_workdir(cfg, workdir, allow_changes=allow_changes, ckpt=ckpt)
+        start_row = check_workdir(cfg, workdir, allow_changes=allow_changes, ckpt=ckpt)
         if jax.process_count() > 1:   # every process has read the stored config before it changes
             multihost_utils.sync_global_devices("mnemax_config_checked")
         if jax.process_index() == 0:
@@ -529,7 +540,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     except BaseException:
         ckpt.close()
         raise
-    start_row = {}
     if state is None:
         state, start = init_state(run), 0
         if cfg.get("init_from"):   # a fine-tune: another run's parameters, a fresh optimizer

@@ -89,10 +89,14 @@ def test_trainer_compares_with_config_json_when_no_checkpoint(tmp_path):
     trainer.check_workdir(c, tmp_path / "fresh")                    # nothing stored: passes
     (tmp_path / "config.json").write_text(c.to_json_best_effort(indent=2))
     trainer.check_workdir(c, tmp_path)
-    c.seq_len = 32
+    c.seq_len, c.num_steps = 32, c.num_steps + 1
     with pytest.raises(ci.ConfigMismatchError, match=r"config\.json\).*seq_len: 64 -> 32"):
         trainer.check_workdir(c, tmp_path)
-    trainer.check_workdir(c, tmp_path, allow_changes=("seq_len",))
+    # What a resume changed goes to the run's start row in metrics.jsonl.
+    n = c.num_steps
+    assert trainer.check_workdir(c, tmp_path, allow_changes=("seq_len",)) == {
+        "config_changes": ["seq_len: 64 -> 32"],
+        "run_control_changes": [f"num_steps: {n - 1} -> {n}"]}
 
 
 def test_recipe_hash_covers_every_phase_and_its_end_step():

@@ -124,8 +124,8 @@ def test_two_processes_match_one(tmp_path):
 
 def test_sigterm_to_one_process_saves_one_step_on_both_and_exits_zero(tmp_path):
     run = tmp_path / "run"
-    procs = _launch_pair(run, ["--config.num_steps=100000", "--config.debug.sigterm_at_step=3",
-                               "--config.debug.signal_process=1"])
+    common = ["--config.num_steps=100000", "--config.debug.signal_process=1"]
+    procs = _launch_pair(run, [*common, "--config.debug.sigterm_at_step=3"])
     _finish(procs)
     [stopped] = _saved(run)
     assert stopped >= 3
@@ -134,6 +134,23 @@ def test_sigterm_to_one_process_saves_one_step_on_both_and_exits_zero(tmp_path):
     rows = _rows(run)
     assert rows[-1] == {"step": stopped, "event": "stopped", "reason": "SIGTERM"}
     assert max(_losses(run)) == stopped
+
+    # Resuming under a changed config is refused by every process, in one line...
+    changed = [*common, "--config.optim.lr=0.001",
+               f"--config.debug.sigterm_at_step={stopped + 2}"]
+    procs = _launch_pair(run, changed)
+    _finish(procs, expect=2)
+    for p in procs:
+        errors = [l for l in p.output().splitlines() if l.startswith("error:")]
+        assert len(errors) == 1 and "optim.lr: " in errors[0], p.output()[-4000:]
+    assert _saved(run) == [stopped]
+    # ...and allowed by name: every process resumes, the change is in the start row.
+    _finish(_launch_pair(run, [*changed, "--allow_config_change=optim.lr"]))
+    start = [r for r in _rows(run) if r.get("event") == "start"][-1]
+    assert start["resumed_from"] == stopped
+    assert [c.split(":")[0] for c in start["config_changes"]] == ["optim.lr"]
+    assert start["config_changes"][0].endswith("-> 0.001")
+    assert _saved(run)[-1] > stopped
 
 
 def test_a_dead_process_stops_the_other_and_the_run_resumes(tmp_path):
