@@ -261,12 +261,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cli() -> None:
-    """The `mnemax-figures` console script."""
-    sys.exit(main())
+    """The `mnemax-figures` console script (a ValueError: one `error:` line, exit code 2)."""
+    from eval import cli as cli_lib
+    sys.exit(cli_lib.run(main))
 
 
 if __name__ == "__main__":
     # Run through the importable module, so the figures register into the registry it reads
     # (under `python -m`, this file is `__main__`, a second copy with an empty registry).
-    from eval import figures as _figures
-    sys.exit(_figures.main())
+    from eval import cli as _cli, figures as _figures
+    sys.exit(_cli.run(_figures.main))

@@ -25,6 +25,8 @@ def load_state_dict(source, *, prefix: str = "") -> dict[str, np.ndarray]:
     """
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise ValueError(f"state dict path {path!r} does not exist (or is not a file)")
         if path.endswith(".npz"):
             with np.load(path) as f:
                 raw = {k: f[k] for k in f.files}
@@ -33,7 +35,11 @@ def load_state_dict(source, *, prefix: str = "") -> dict[str, np.ndarray]:
                 from safetensors.numpy import load_file
             except ImportError as e:  # pragma: no cover - depends on the environment
                 raise ValueError("reading .safetensors needs the `safetensors` package") from e
-            raw = load_file(path)
+            try:
+                raw = load_file(path)
+            except Exception as e:   # SafetensorError: a truncated or foreign file
+                raise ValueError(f"state dict path {path!r} is not a readable .safetensors file "
+                                 f"({type(e).__name__}: {e})") from None
         else:
             raise ValueError(f"state dict path {path!r} must end in .npz or .safetensors")
     elif isinstance(source, Mapping):
@@ -81,6 +87,8 @@ def params_from_torch(state_dict, config: landmark.LandmarkConfig, *, prefix: st
     problems = [f"missing {n!r} (expected shape {s})" for n, s in expected.items() if n not in sd]
     problems += [f"{n!r} has shape {tuple(sd[n].shape)}, expected {s}"
                  for n, s in expected.items() if n in sd and tuple(sd[n].shape) != s]
+    problems += [f"{n!r} has dtype {sd[n].dtype}, expected a floating dtype"
+                 for n in expected if n in sd and not np.issubdtype(sd[n].dtype, np.floating)]
     if cfg.tie_embeddings and "lm_head.weight" in sd and "transformer.wte.weight" in sd:
         if sd["lm_head.weight"].shape != sd["transformer.wte.weight"].shape or not np.array_equal(
                 sd["lm_head.weight"], sd["transformer.wte.weight"]):

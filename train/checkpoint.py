@@ -38,6 +38,26 @@ def as_path(workdir: str | pathlib.Path | epath.Path) -> epath.Path:
     return epath.Path(s if "://" in s else os.path.abspath(s))
 
 
+def check_workdir_path(workdir: str | os.PathLike) -> None:
+    """A one-line ValueError unless `workdir` can be a run directory: a folder, existing or new,
+    in a place this process may write (not a file, not under a file, not read-only). Nothing is
+    created. Remote paths (gs://...) are not checked."""
+    s = str(workdir)
+    if "://" in s:
+        return
+    path = pathlib.Path(os.path.abspath(s))
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"workdir={s!r} is not allowed: it is a file; give a folder (new, or a "
+                         "run's to resume it)")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"workdir={s!r} is not allowed: {existing} is a file; give a folder "
+                         "(new, or a run's to resume it)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"workdir={s!r} is not allowed: {existing} is read-only for this "
+                         "process; give a folder it may write (checkpoints and metrics go there)")
+
+
 class NoReadableCheckpointError(RuntimeError):
     """A workdir holds checkpoints and none of them restores (one line: steps, what to do)."""
 

@@ -61,20 +61,17 @@ def main(argv):
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     logging.getLogger("train").setLevel(logging.INFO)
-    from train import checkpoint, config_identity
+    from train import checkpoint
     config = _CONFIG.value
     try:
         trainer.validate_config(config)
-        workdir = pathlib.Path(_WORKDIR.value)
-        if "://" not in _WORKDIR.value and workdir.exists() and not workdir.is_dir():
-            raise ValueError(f"workdir={_WORKDIR.value!r} is not allowed: it is a file; give a "
-                             "folder (new, or a run's to resume it)")
+        checkpoint.check_workdir_path(_WORKDIR.value)   # a file, read-only
     except ValueError as e:     # a bad field: one line, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         summary = trainer.train(config, _WORKDIR.value, allow_changes=_ALLOW.value)
-    except config_identity.ConfigMismatchError as e:
+    except ValueError as e:     # another config in DIR, unreadable data, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
     except checkpoint.NoReadableCheckpointError as e:
@@ -140,7 +137,11 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         hint = f"; did you mean {near.group(1)!r}?" if near else ""
         print(f"error: {where} names no config field: {bad!r} is unknown{hint}", file=sys.stderr)
     except flags.Error as e:                       # a bad value, an unknown or missing flag
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        text = " ".join(str(e).split())
+        if "Traceback (most recent call last)" in text:   # raised by the config's get_config
+            text = text.split(": Error whilst parsing")[0] + ": " + re.split(r"\w+Error: ",
+                                                                             text)[-1]
+        print(f"error: {text}", file=sys.stderr)
     raise SystemExit(2)
 
 

@@ -187,6 +187,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"model.vocab_size={vocab} is not allowed: data.name="
                              f"{config.data.name!r} produces token ids up to {need - 1}; use "
                              f">= {need}")
+    mem_freq = config.model.get("mem_freq")
+    if config.model.get("family") == "landmark" and mem_freq and config.get("seq_len"):
+        if config.seq_len < mem_freq:   # a row must hold a whole block and its landmark
+            raise ValueError(f"seq_len={config.seq_len} is not allowed with model.mem_freq="
+                             f"{mem_freq}: a row holds no landmark block; use seq_len >= "
+                             f"{mem_freq}")
     objective = config.get("objective", "lm")
     _resolve(OBJECTIVES, objective, "objective")
     if objective in OBJECTIVE_CHECKS:

@@ -146,7 +146,58 @@ def catalog_data_source(
         kwargs["data_dir"] = data_dir
     if builder_kwargs:
         kwargs["builder_kwargs"] = dict(builder_kwargs)
-    return tfds.data_source(name, **kwargs)
+    where = data_dir or "~/tensorflow_datasets"
+    try:
+        source = tfds.data_source(name, **kwargs)
+    except Exception as e:
+        if download:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"data.tfds_name={name!r} has no array_record build in data.data_dir={where!r} "
+            f"({type(e).__name__}: {first}); prepare it once: rerun with "
+            f"--config.data.download=True (TFDS downloads and prepares it there), or point "
+            f"--config.data.data_dir at a folder that holds a prepared copy") from None
+    return CheckedSource(source, f"the {name!r} build in {where}",
+                         "prepare it again (--config.data.download=True) or use another copy")
+
+
+class CheckedSource:
+    """A random-access array_record source whose read errors (a truncated or corrupted shard)
+    are one-line ValueErrors naming the build and what to do, instead of TypeErrors or
+    RuntimeErrors from inside array_record. Picklable when the wrapped source is."""
+
+    def __init__(self, source: Sequence[Any], what: str, fix: str):
+        self._source, self._what, self._fix = source, what, fix
+
+    def _error(self, index, why: str) -> ValueError:
+        return ValueError(f"{self._what}: record {index} cannot be read ({why}); an array_record "
+                          f"shard is truncated or corrupted: {self._fix}")
+
+    @staticmethod
+    def _why(e: Exception) -> str:
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
+    def __len__(self) -> int:
+        try:
+            return len(self._source)
+        except Exception as e:
+            raise self._error("count", self._why(e)) from None
+
+    def __getitem__(self, index: int):
+        try:
+            record = self._source[index]
+        except Exception as e:
+            raise self._error(index, self._why(e)) from None
+        # A shard cut short reads as empty bytes, which TFDS decodes to None fields.
+        empty = sorted(k for k, v in record.items() if v is None) if isinstance(
+            record, Mapping) else []
+        if empty:
+            raise self._error(index, f"its fields {empty} decode to nothing")
+        return record
+
+    def __repr__(self) -> str:
+        return f"CheckedSource({self._source!r})"
 
 
 class TextFieldSource:

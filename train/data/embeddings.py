@@ -36,7 +36,12 @@ def load(data_dir: str, split: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
         raise ValueError(f"data_config.data_dir={data_dir!r} has no {split}.npz (embeddings.save "
                          "writes it)")
     with np.load(path) as f:
-        return f["z"], (f["y"] if "y" in f else None)
+        z, y = f["z"], (f["y"] if "y" in f else None)
+    bad = np.flatnonzero(~np.isfinite(z).reshape(len(z), -1).all(axis=1))
+    if len(bad):   # fail here, not as a NaN loss some steps into a run
+        raise ValueError(f"{path}: z has non-finite values (NaN or inf) in {len(bad)} rows, "
+                         f"first row {int(bad[0])}; allowed: finite embeddings")
+    return z, y
 
 
 class EmbeddingSource:

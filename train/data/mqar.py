@@ -267,4 +267,7 @@ def data_source(spec: MqarSpec, split: str, data_dir: str | None = None) -> Any:
     """Random-access array_record source of `split`, building first if needed."""
     if split not in _SPLIT_CODE:
         raise ValueError(f"split={split!r} is not an MQAR split; allowed: {SPLITS}")
-    return build(spec, data_dir).as_data_source(split=split)
+    built = build(spec, data_dir)
+    return catalog.CheckedSource(built.as_data_source(split=split),
+                                 f"the MQAR build in {built.data_dir}",
+                                 f"delete {built.data_dir} and rerun (it is built again)")

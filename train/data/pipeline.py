@@ -537,6 +537,11 @@ def make_dataset(
 
     source, kind = make_source(data_config, split=split, seq_len=seq_len)
     ds = grain.MapDataset.source(source)
+    if len(ds) == 0:   # grain would repeat an empty epoch forever
+        raise ValueError(
+            f"split {split!r} of data.name={data_config.name!r} has no records; allowed: a "
+            "split with at least one (check the config's split sizes, e.g. num_train, "
+            "num_test, validation_percent, documents, classes)")
     if not by_rows:
         per_shard = len(ds) // shard.shard_count
         if per_shard == 0:

@@ -156,8 +156,9 @@ class PythonDocs(catalog.LocalBuilder):
 
 def builder(validation_percent: int = 10, data_dir: str | None = None) -> PythonDocs:
     """The (unbuilt) array_record builder in `data_dir` (None -> default_data_dir())."""
-    if not 0 <= validation_percent <= 100:
-        raise ValueError(f"validation_percent={validation_percent} must be in 0..100")
+    if not 1 <= validation_percent <= 99:   # TFDS cannot write an empty split
+        raise ValueError(f"data.validation_percent={validation_percent} is not allowed: 0 or 100 "
+                         "leaves a split of the python_docs build empty; use 1..99")
     name = _config_name(validation_percent)
     config = (
         name
@@ -178,7 +179,10 @@ def data_source(split: str, validation_percent: int = 10, data_dir: str | None =
     """Random-access array_record source of `split` ({"id": bytes, "text": bytes}), built if needed."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not a corpus split; allowed: {SPLITS}")
-    return build(validation_percent, data_dir).as_data_source(split=split)
+    built = build(validation_percent, data_dir)
+    return catalog.CheckedSource(built.as_data_source(split=split),
+                                 f"the python_docs build in {built.data_dir}",
+                                 f"delete {built.data_dir} and rerun (it is built again)")
 
 
 def token_count(split: str, validation_percent: int = 10) -> int:
