@@ -7,14 +7,24 @@ STAMP := $(VENV)/.installed
 FIG_OUT ?= figures
 SEED ?= 0
 
-.PHONY: demo test figures bench venv clean
+.PHONY: demo test figures bench venv lock clean
 
-$(STAMP): pyproject.toml
+# mnemax and its test extra at the exact versions the tests passed with (constraints.txt).
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# Re-pins constraints.txt from a fresh venv installed without it; then make test, raise bounds.
+LOCK_VENV := $(VENV)-lock
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q -e '.[test]'
+	{ grep '^#' constraints.txt; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable --exclude mnemax; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf $(LOCK_VENV)
 
 # The figures at --size quick (all but those registered out of the demo), written to $(FIG_OUT)/;
 # their numbers with provenance also to $(FIG_OUT)/results/NAME-quick-seed$(SEED).json (the files

@@ -12,6 +12,12 @@
 # ---
 
 # %% [markdown]
+# [![Open In Colab][badge]][colab]
+#
+# [badge]: https://colab.research.google.com/assets/colab-badge.svg
+# [colab]: https://colab.research.google.com/github/mnemax/mnemax/blob/main/colabs/birdie.ipynb
+
+# %% [markdown]
 # # Birdie: bidirectional SSMs and reward-driven objective mixtures
 #
 # Blouir et al. 2024, "Birdie: Advancing State Space Models with Reward-Driven Objectives and
@@ -29,8 +35,10 @@
 # ## Install (Colab only)
 #
 # In Colab this installs mnemax: from the checkout if the notebook runs inside one, else from
-# `MNEMAX_SOURCE` (an environment variable; a GitHub URL, a local path, or a PyPI name).
-# Anywhere else it does nothing: install with `pip install -e '.[test]'` from the repository.
+# `MNEMAX_SOURCE` (an environment variable: a GitHub URL, a local path or wheel, or a PyPI name),
+# by default the tag `MNEMAX_RELEASE` of https://github.com/mnemax/mnemax, the release this
+# notebook was written for. Anywhere else it does nothing: from the repository, install the
+# tested versions with `pip install -c constraints.txt -e '.[test]'` (or `make venv`).
 
 # %%
 import os
@@ -38,11 +46,15 @@ import pathlib
 import subprocess
 import sys
 
-MNEMAX_SOURCE = os.environ.get("MNEMAX_SOURCE", "https://github.com/mnemax/mnemax")
+# The release this notebook was written for: "v" + pyproject.toml's version. Every notebook has
+# this same cell; tests/colabs/test_notebooks.py checks that, and the tag.
+MNEMAX_RELEASE = "v0.1.0"
+MNEMAX_SOURCE = os.environ.get("MNEMAX_SOURCE",
+                               f"https://github.com/mnemax/mnemax@{MNEMAX_RELEASE}")
 
 
 def find_checkout(start: pathlib.Path):
-    """The mnemax checkout that `start` lies in (a folder whose pyproject.toml names it), or None."""
+    """The mnemax checkout holding `start` (a folder whose pyproject.toml names it), or None."""
     for folder in (start, *start.parents):
         project = folder / "pyproject.toml"
         if project.is_file() and 'name = "mnemax"' in project.read_text():
@@ -51,7 +63,8 @@ def find_checkout(start: pathlib.Path):
 
 
 def pip_target(source: str) -> list:
-    """pip arguments for `source`: a repository URL is installed with git, the rest as given."""
+    """pip arguments for `source`: a repository URL (@TAG: a release) goes through git, the rest
+    is given as is."""
     if source.startswith(("https://github.com/", "https://gitlab.com/")):
         return [f"git+{source}"]
     return [source]

@@ -12,6 +12,12 @@
 # ---
 
 # %% [markdown]
+# [![Open In Colab][badge]][colab]
+#
+# [badge]: https://colab.research.google.com/assets/colab-badge.svg
+# [colab]: https://colab.research.google.com/github/mnemax/mnemax/blob/main/colabs/dkvb.ipynb
+
+# %% [markdown]
 # # Discrete key-value bottleneck, step by step (the 2D toy)
 #
 # Träuble et al. 2023, "Discrete Key-Value Bottleneck" (ICML), Fig. 2. Eight Gaussian classes on
@@ -22,13 +28,49 @@
 # Steps: 1) data, 2) keys by EMA k-means on *unlabelled uniform* points, 3) value training task by
 # task with plain SGD, 4) decision regions after each task, next to the baselines.
 
+# %% [markdown]
+# ## Install (Colab only)
+#
+# In Colab this installs mnemax: from the checkout if the notebook runs inside one, else from
+# `MNEMAX_SOURCE` (an environment variable: a GitHub URL, a local path or wheel, or a PyPI name),
+# by default the tag `MNEMAX_RELEASE` of https://github.com/mnemax/mnemax, the release this
+# notebook was written for. Anywhere else it does nothing: from the repository, install the
+# tested versions with `pip install -c constraints.txt -e '.[test]'` (or `make venv`).
+
 # %%
+import os
+import pathlib
 import subprocess
 import sys
 
-if "google.colab" in sys.modules:  # install mnemax only when running in Colab
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
-                    "git+https://github.com/mnemax/mnemax"], check=True)
+# The release this notebook was written for: "v" + pyproject.toml's version. Every notebook has
+# this same cell; tests/colabs/test_notebooks.py checks that, and the tag.
+MNEMAX_RELEASE = "v0.1.0"
+MNEMAX_SOURCE = os.environ.get("MNEMAX_SOURCE",
+                               f"https://github.com/mnemax/mnemax@{MNEMAX_RELEASE}")
+
+
+def find_checkout(start: pathlib.Path):
+    """The mnemax checkout holding `start` (a folder whose pyproject.toml names it), or None."""
+    for folder in (start, *start.parents):
+        project = folder / "pyproject.toml"
+        if project.is_file() and 'name = "mnemax"' in project.read_text():
+            return folder
+    return None
+
+
+def pip_target(source: str) -> list:
+    """pip arguments for `source`: a repository URL (@TAG: a release) goes through git, the rest
+    is given as is."""
+    if source.startswith(("https://github.com/", "https://gitlab.com/")):
+        return [f"git+{source}"]
+    return [source]
+
+
+if "google.colab" in sys.modules:
+    checkout = find_checkout(pathlib.Path.cwd())
+    target = ["-e", str(checkout)] if checkout else pip_target(MNEMAX_SOURCE)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *target], check=True)
 
 # %%
 import tempfile

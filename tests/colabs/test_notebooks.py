@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import tomllib
 
 import jupytext
 import nbformat
@@ -32,6 +33,14 @@ NOTEBOOKS = sorted(COLABS.glob("*.py"))
 RUNNER = pathlib.Path(__file__).resolve().parent / "execute_notebook.py"
 TIMEOUT_S = 600  # per notebook run, waiting in the queue excluded
 KERNEL_NAME = "mnemax-test-python"
+# The release every notebook's install cell names: the tag of pyproject.toml's version.
+RELEASE = "v" + tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+# The first cell of colabs/NAME.py: its "Open in Colab" badge (a reference-style link keeps the
+# lines short), opening the notebook on the default branch.
+BADGE = """[![Open In Colab][badge]][colab]
+
+[badge]: https://colab.research.google.com/assets/colab-badge.svg
+[colab]: https://colab.research.google.com/github/mnemax/mnemax/blob/main/colabs/{name}.ipynb"""
 
 
 def _cells(nb):
@@ -160,9 +169,32 @@ def test_install_cell_is_colab_only(py):
         f"{py.name}: the first code cell must install mnemax when 'google.colab' in sys.modules")
 
 
+def _install_section(py) -> list:
+    """(cell type, source) of the install cell (the first code cell) and the cell before it."""
+    cells = _cells(jupytext.read(py))
+    first_code = next(i for i, (kind, _) in enumerate(cells) if kind == "code")
+    return cells[max(first_code - 1, 0):first_code + 1]
+
+
+def test_install_section_is_the_same_in_every_notebook():
+    """One install cell (and its "Install (Colab only)" text) for all: a fix lands everywhere."""
+    sections = {py.stem: _install_section(py) for py in NOTEBOOKS}
+    assert sections["quickstart"][0][1].startswith("## Install (Colab only)")
+    differ = sorted(name for name, s in sections.items() if s != sections["quickstart"])
+    assert not differ, f"the install section of {differ} differs from quickstart.py's: copy it"
+
+
+@pytest.mark.parametrize("py", NOTEBOOKS, ids=lambda p: p.stem)
+def test_colab_badge_opens_this_notebook(py):
+    cells = _cells(jupytext.read(py))
+    assert cells[0] == ("markdown", BADGE.format(name=py.stem)), (
+        f"{py.name}: the first cell must be its Open-in-Colab badge:\n{BADGE.format(name=py.stem)}")
+
+
 def test_quickstart_install_cell(monkeypatch, tmp_path):
     """Outside Colab the install cell runs nothing; inside, it installs the checkout or
-    MNEMAX_SOURCE (a GitHub URL goes through git)."""
+    MNEMAX_SOURCE, by default the release named by pyproject.toml's version (a GitHub URL goes
+    through git). Every notebook has this cell (test_install_section_is_the_same_...)."""
     cell = [c for c in jupytext.read(COLABS / "quickstart.py").cells if c.cell_type == "code"][0]
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append(a[0]))
@@ -171,9 +203,11 @@ def test_quickstart_install_cell(monkeypatch, tmp_path):
     ns = {}
     exec(compile(cell.source, "install-cell", "exec"), ns)
     assert calls == []
-    assert ns["MNEMAX_SOURCE"] == "https://github.com/mnemax/mnemax"
-    assert ns["pip_target"]("https://github.com/mnemax/mnemax") == [
-        "git+https://github.com/mnemax/mnemax"]
+    assert ns["MNEMAX_RELEASE"] == RELEASE, (
+        f"the install cells name {ns['MNEMAX_RELEASE']}, pyproject.toml's version is {RELEASE}")
+    assert ns["MNEMAX_SOURCE"] == f"https://github.com/mnemax/mnemax@{RELEASE}"
+    assert ns["pip_target"](ns["MNEMAX_SOURCE"]) == [
+        f"git+https://github.com/mnemax/mnemax@{RELEASE}"]
     assert ns["pip_target"]("mnemax") == ["mnemax"]
     assert ns["find_checkout"](COLABS) == REPO
     assert ns["find_checkout"](tmp_path) is None
@@ -188,6 +222,10 @@ def test_quickstart_install_cell(monkeypatch, tmp_path):
     monkeypatch.setenv("MNEMAX_SOURCE", "/some/wheel.whl")
     exec(compile(cell.source, "install-cell", "exec"), {})
     assert calls[-1][-1] == "/some/wheel.whl"
+    # Outside a checkout, MNEMAX_SOURCE unset: the release, through git.
+    monkeypatch.delenv("MNEMAX_SOURCE")
+    exec(compile(cell.source, "install-cell", "exec"), {})
+    assert calls[-1][-1] == f"git+https://github.com/mnemax/mnemax@{RELEASE}"
 
 
 # The .py of every notebook equals its .ipynb cell for cell (test_pair_in_sync), so executing the

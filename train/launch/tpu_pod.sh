@@ -24,7 +24,7 @@
 #                    or a git URL (e.g. https://github.com/mnemax/mnemax) cloned on every worker,
 #                    at MNEMAX_REF (default: the default branch)
 #   INSTALL=0        skip installation (workers already set up by an earlier run)
-#   PYTHON_VERSION   Python for the workers' venv, made with uv (default 3.12; mnemax needs ≥3.11
+#   PYTHON_VERSION   Python for the workers' venv, made with uv (default 3.12; mnemax needs ≥3.12
 #                    and TPU VM images ship 3.10)
 #   JAX_EXTRA        pip extra for the accelerator (default "jax[tpu]")
 #   DETACH=1         start training under nohup (log: ~/mnemax-train.log on each worker) and
@@ -86,13 +86,15 @@ if [[ "$INSTALL" == 1 ]]; then
     fi
     fetch="rm -rf ~/$REMOTE_DIR && git clone --depth 1 $branch $(printf %q "$MNEMAX_SOURCE") ~/$REMOTE_DIR"
   fi
-  # uv brings a Python ≥3.11 (TPU images ship 3.10) and installs mnemax editable plus JAX's TPU
-  # wheels into one venv per worker.
+  # uv brings a Python ≥3.12 (TPU images ship 3.10) and installs mnemax editable plus JAX's TPU
+  # wheels into one venv per worker, at the tested versions of constraints.txt (a checkout from
+  # before that file installs without it).
   install="set -e; $fetch
 command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh
 export PATH=\$HOME/.local/bin:\$PATH
 [ -x $VENV/bin/python ] || uv venv --python $(printf %q "$PYTHON_VERSION") $VENV
-uv pip install --python $VENV/bin/python -e ~/$REMOTE_DIR $(printf %q "$JAX_EXTRA")
+lock=~/$REMOTE_DIR/constraints.txt; pin=; [ -f \$lock ] && pin=\"-c \$lock\"
+uv pip install --python $VENV/bin/python \$pin -e ~/$REMOTE_DIR $(printf %q "$JAX_EXTRA")
 $VENV/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count(), \"local TPU devices\")'"
   echo "installing mnemax on every worker"
   on_all_workers "$install"
