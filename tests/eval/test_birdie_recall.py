@@ -1,6 +1,7 @@
 """eval/birdie_recall.py, train/configs/birdie.py, train/data/recall.py, train/data/birdie_data.py
 and the controller hook's recall arms (train/objectives/birdie_controller.py)."""
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -236,6 +237,43 @@ def test_birdie_data_rows():
     assert "prefix" not in no_prefix
     with pytest.raises(ValueError, match="corpus='web'"):
         bd.BirdieDataSpec(corpus="web")
+
+
+# sha256[:16] of the first rows each figure recipe's data config gives, computed with the code
+# before the objective settings existed (commit d38f131): the recipes set the compact settings,
+# so their data (and so the committed figures) are unchanged bit for bit.
+RECIPE_ROWS = {"tiny": "e3cd48d571024ffe", "phonebook_cpu": "77b06e478f368696",
+               "recall_cpu": "e4786297ee3b5337", "recall_quick": "e4786297ee3b5337"}
+
+
+def _rows_hash(data_config, split, seq_len, n):
+    from train.data import pipeline
+    src, _ = pipeline.make_source(data_config, split=split, seq_len=seq_len)
+    h = hashlib.sha256()
+    for i in range(n):
+        r = src[i]
+        for k in sorted(r):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(r[k]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_figure_recipes_keep_their_data_bit_for_bit():
+    c = birdie_config.get_config("tiny:gated_birdie")
+    got = {"tiny": _rows_hash(c.data, "validation", c.seq_len, 4)}
+    pre, _ = birdie_config.phonebook_phases("cpu", "gated_birdie", 0)
+    got["phonebook_cpu"] = _rows_hash(pre.data, "train", pre.seq_len, 4)
+    for size in ("cpu", "quick"):
+        rc = birdie_config.recall_config(size, "gated_birdie", 0)
+        rc.data.mixture = (1.0,) * 19          # every action, the task included
+        got[f"recall_{size}"] = _rows_hash(rc.data, "train", rc.seq_len, 6)
+    assert got == RECIPE_ROWS
+    # the paper-size recipes use the paper's settings
+    for c in (birdie_config.get_config("paper:gated_birdie"),
+              birdie_config.phonebook_phases("paper", "gated_birdie", 0)[0],
+              birdie_config.recall_config("paper", "gated_birdie", 0)):
+        assert birdie.ObjectiveSettings.from_mapping(c.data.objective_settings) == \
+            birdie.PAPER_SETTINGS
 
 
 def test_train_main_runs_two_steps(tmp_path, repo_root):

@@ -1,5 +1,8 @@
 """train/objectives/birdie.py and birdie_controller.py: objective invariants, packing, reward,
 the controller."""
+import dataclasses
+import hashlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,24 +76,43 @@ def test_make_example_layout():
         b.make_example([1], [])
 
 
-ALL = b.birdie_objectives() + b.ul2_objectives() + b.ntp_objectives()
+# (settings, objective, max_length): the paper's selective copying (spans up to 32, delimiters up
+# to 8, 4 spans) needs 212 tokens in the worst case, so its budget is larger
+ALL = ([("compact", o, 180) for o in b.birdie_objectives(settings=b.COMPACT_SETTINGS)
+        + b.ul2_objectives(settings=b.COMPACT_SETTINGS) + b.ntp_objectives()]
+       + [("paper", o, 230) for o in b.birdie_objectives() + b.ul2_objectives()])
 
 
-@pytest.mark.parametrize("obj", ALL, ids=[o.name for o in ALL])
-def test_every_objective_is_pure_fits_and_is_laid_out(obj):
+PARADIGMS = {b.BIRDIE_TOKENS[n] for n in ("NTP", "PREFIX_LM", "INFILLING", "AUTOENCODING",
+                                          "AUTOENCODING_DESHUFFLING", "DESHUFFLING", "COPYING",
+                                          "SELECTIVE_COPYING", "UL2_R", "UL2_X", "UL2_S")}
+
+
+def _is_paradigm(t):
+    return int(t) in PARADIGMS
+
+
+@pytest.mark.parametrize("setting, obj, max_length", ALL,
+                         ids=[f"{s}-{o.name}" for s, o, _ in ALL])
+def test_every_objective_is_pure_fits_and_is_laid_out(setting, obj, max_length):
     text = _unique_text(240)
     for k in KEYS:
-        ex = obj(text, jax.random.key(k), max_length=180)
-        again = obj(text, jax.random.key(k), max_length=180)
+        ex = obj(text, jax.random.key(k), max_length=max_length)
+        again = obj(text, jax.random.key(k), max_length=max_length)
         for x, y in zip(ex, again):
             np.testing.assert_array_equal(x, y)
-        assert ex.inputs.size <= 180
+        assert ex.inputs.size <= max_length
         _check_layout(ex)
+        p = int(ex.prefix.sum())
         if obj.name == "plain_ntp":
-            assert ex.prefix.sum() == 0 and ex.inputs[0] == SG
-        else:
-            assert tok.FIRST_PARADIGM <= ex.inputs[0] < tok.FIRST_RESERVED
-    outs = {obj(text, k, max_length=180).inputs.tobytes() for k in KEYS}
+            assert p == 0 and ex.inputs[0] == SG
+        elif setting == "compact":
+            assert _is_paradigm(ex.inputs[0])
+        elif p == 1:   # next-token prediction: the paradigm token is the whole prompt
+            assert _is_paradigm(ex.inputs[0])
+        else:   # the paradigm token first or last (just before [SG]), not both
+            assert _is_paradigm(ex.inputs[0]) != _is_paradigm(ex.inputs[p - 1])
+    outs = {obj(text, k, max_length=max_length).inputs.tobytes() for k in KEYS}
     assert len(outs) > 1, "different keys must give different examples"
 
 
@@ -219,7 +241,7 @@ def test_objective_errors_name_the_field():
 
 
 def test_mixtures_and_sampling():
-    objs = b.birdie_objectives()
+    objs = b.birdie_objectives(settings=b.COMPACT_SETTINGS)
     sizes = b.group_sizes(objs)
     assert len(objs) == 18 and len({o.name for o in objs}) == 18
     assert sizes[[o.name for o in objs].index("infilling_r15_s8")] == 9
@@ -236,6 +258,237 @@ def test_mixtures_and_sampling():
         assert i == 4 and ex.inputs.size <= 150
     with pytest.raises(ValueError, match="mixture"):
         b.sample_example(objs, np.ones(3), text, 0)
+
+
+# ------------------------------------------------------------------------------------------
+# The objectives' settings (issue 21): the paper's, and the compact ones of the CPU figures
+# ------------------------------------------------------------------------------------------
+# sha256[:16] of every example `_settings_hash` draws, computed with the code before the
+# settings existed (commit d38f131): the compact settings must reproduce them bit for bit.
+COMPACT_REFERENCE = {
+    "next_token_prediction": "a02afdaf04a2e378", "prefix_lm": "d0650638fb9d6133",
+    "infilling_r5_s3": "a6ba4413d2df119b", "infilling_r5_s8": "84584f3bcb3fb14b",
+    "infilling_r5_s32": "4e2368329ffdc87b", "infilling_r15_s3": "e8312d08c77919e3",
+    "infilling_r15_s8": "63997fe516f89cfc", "infilling_r15_s32": "1a9e7964f7af2679",
+    "infilling_r50_s3": "49969c61ee8a93c0", "infilling_r50_s8": "f976d403375bd568",
+    "infilling_r50_s32": "69babf2ec6994772", "autoencoding_r15_s3": "6153bbf24e4cad13",
+    "autoencoding_r50_s8": "e8a15499bd39188e",
+    "autoencoding_deshuffling_r15_s3": "48ef74f8baf4bd16",
+    "autoencoding_deshuffling_r50_s8": "082c9bb51131ace5", "deshuffling": "95236a5a42cc4990",
+    "copying": "92e49ec413b2e741", "selective_copying": "dc4c04e17e460059",
+    "ul2_r_r15_s3": "9d8e55da3cfc8ee1", "ul2_r_r15_s8": "d42a7b5c200c7a2a",
+    "ul2_x_r50_s3": "a6087e89296f9c3f", "ul2_x_r50_s8": "0e025128cb97bab4",
+    "ul2_x_r50_s64": "c76aca2c77f32037", "ul2_x_r15_s64": "29c4611d1f0ddb38",
+    "ul2_s": "c6a5cf00b0b68b96",
+}
+
+
+def _settings_hash(obj) -> str:
+    """sha256[:16] of obj's examples on two texts (240 distinct tokens; 1,100 random bytes), six
+    int keys, with and without a budget of 200 tokens."""
+    r = np.random.default_rng(1234)
+    texts = [r.permutation(256)[:240].astype(np.int32), r.integers(0, 256, 1100).astype(np.int32)]
+    h = hashlib.sha256()
+    for t in texts:
+        for k in range(6):
+            for max_length in (None, 200):
+                for a in obj(t, k, max_length=max_length):
+                    h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_compact_settings_reproduce_the_examples_from_before_the_settings():
+    objs = (b.birdie_objectives(settings=b.COMPACT_SETTINGS)
+            + b.ul2_objectives(settings=b.COMPACT_SETTINGS))
+    assert {o.name: _settings_hash(o) for o in objs} == COMPACT_REFERENCE
+    # the paper's settings give other examples (a check that the hash sees the settings)
+    paper = {o.name: o for o in b.birdie_objectives() + b.ul2_objectives()}
+    for name in ("ul2_s", "copying", "prefix_lm"):
+        assert _settings_hash(paper[name]) != COMPACT_REFERENCE[name], name
+
+
+def test_the_paper_objective_set():
+    objs = b.birdie_objectives()
+    names = [o.name for o in objs]
+    assert len(objs) == 19 and len(set(names)) == 19
+    assert names[15:17] == ["deshuffling_p50", "deshuffling_p100"]
+    assert [dict(objs[i].kwargs)["fraction"] for i in (15, 16)] == [0.5, 1.0]
+    assert b.group_sizes(objs)[15] == 2 and len({o.group for o in objs}) == 7
+    u = b.uniform_mixture(objs)
+    assert u[15] == pytest.approx(1 / 14) and u[names.index("copying")] == pytest.approx(1 / 7)
+    assert {o.placement for o in objs + b.ul2_objectives()} == {"either"}
+    compact = b.birdie_objectives(settings=b.COMPACT_SETTINGS)
+    assert {o.placement for o in compact} == {"prepend"} and len(compact) == 18
+
+
+@pytest.mark.parametrize("fraction", [0.5, 1.0])
+def test_deshuffling_shuffles_a_fraction_of_the_tokens(fraction):
+    text = _unique_text(256)
+    in_place = []
+    for k in KEYS:
+        ex = b.deshuffling(text, k, fraction=fraction, mean_chunk=1)
+        _check_layout(ex, b.BIRDIE_TOKENS["DESHUFFLING"])
+        prompt, target = b.split_example(ex)
+        np.testing.assert_array_equal(target, text)          # the target is the original
+        assert sorted(prompt[1:].tolist()) == sorted(text.tolist())
+        in_place.append(int((prompt[1:] == text).sum()))
+    if fraction == 0.5:
+        # 128 positions chosen and permuted among themselves: the other 128 stay, and a random
+        # permutation of 128 fixes about one of its own
+        assert all(128 <= n <= 136 for n in in_place), in_place
+    else:   # every position is permuted: about one token stays where it was
+        assert all(n <= 8 for n in in_place), in_place
+
+
+def test_deshuffling_of_chunks_keeps_them_whole():
+    text = _unique_text(120)
+    for fraction in (0.5, 1.0):
+        for k in KEYS:
+            prompt, target = b.split_example(b.deshuffling(text, k, fraction=fraction,
+                                                           mean_chunk=8))
+            np.testing.assert_array_equal(target, text)
+            shuffled = prompt[1:]
+            # cut where the shuffled text stops following the original: ~n/8 chunks or fewer
+            breaks = sum(int(np.flatnonzero(text == a)[0]) + 1 != int(np.flatnonzero(text == c)[0])
+                         for a, c in zip(shuffled[:-1], shuffled[1:]))
+            assert 1 <= breaks <= 120 // 8 + 1
+    with pytest.raises(ValueError, match=r"fraction=0.0 is not allowed; allowed: \(0, 1\]"):
+        b.deshuffling(text, 0, fraction=0.0)
+
+
+def _sc_layout(prompt):
+    """(query, context, query_first) of a selective-copying prompt [SC] ... (paradigm first)."""
+    S, C = b.BIRDIE_TOKENS["SC_START"], b.BIRDIE_TOKENS["SC_CONTEXT"]
+    if prompt[1] == C:     # [SC] [CONTEXT] text query
+        q = 2 + int(np.flatnonzero(prompt[2:] == S)[0])
+        return prompt[q:], prompt[2:q], False
+    c = int(np.flatnonzero(prompt == C)[0])
+    return prompt[1:c], prompt[c + 1:], True
+
+
+def test_selective_copying_query_before_or_after_the_context():
+    text = _unique_text(256)
+    C = b.BIRDIE_TOKENS["SC_CONTEXT"]
+    first = set()
+    for k in range(16):
+        before = b.selective_copying(text, k, query_position="before", max_length=230)
+        after = b.selective_copying(text, k, query_position="after", max_length=230)
+        either = b.selective_copying(text, k, query_position="either", max_length=230)
+        for ex in (before, after, either):
+            _check_layout(ex, b.BIRDIE_TOKENS["SELECTIVE_COPYING"])
+        pb, tb = b.split_example(before)
+        pa, ta = b.split_example(after)
+        np.testing.assert_array_equal(ta, tb)                  # the target is the same
+        query, context, query_first = _sc_layout(pb)
+        assert query_first and _is_window(context, text)
+        # after: the same query and context, the context first
+        np.testing.assert_array_equal(pa, np.concatenate([[pb[0], C], context, query]))
+        assert _sc_layout(pa)[2] is False
+        # either: one of the two, the same for the same key
+        pe = b.split_example(either)[0]
+        assert np.array_equal(pe, pb) or np.array_equal(pe, pa)
+        np.testing.assert_array_equal(
+            pe, b.split_example(b.selective_copying(text, k, query_position="either",
+                                                    max_length=230))[0])
+        first.add(_sc_layout(pe)[2])
+    assert first == {True, False}
+    with pytest.raises(ValueError, match="query_position='middle' is not allowed; allowed"):
+        b.selective_copying(text, 0, query_position="middle")
+
+
+def test_selective_copying_paper_spans_and_delimiters():
+    text = _unique_text(256)
+    E, SEP = b.BIRDIE_TOKENS["SC_END"], b.BIRDIE_TOKENS["SC_SEP"]
+    S = b.BIRDIE_TOKENS["SC_START"]
+    obj = {o.name: o for o in b.birdie_objectives()}["selective_copying"]
+    obj = dataclasses.replace(obj, placement="prepend")   # the paradigm first, to parse it
+    span_sizes, delim_sizes = [], []
+    for k in range(24):
+        prompt, target = b.split_example(obj(text, k, max_length=256))
+        query, context, _ = _sc_layout(prompt)
+        spans = np.split(target[:-1], np.flatnonzero(target[:-1] == SEP))
+        span_sizes += [s.size - (s.size and s[0] == SEP) for s in spans]
+        starts = np.flatnonzero(query == S)
+        for i, st in enumerate(starts):
+            end = st + 1 + int(np.flatnonzero(query[st + 1:] == E)[0])
+            nxt = starts[i + 1] if i + 1 < len(starts) else query.size
+            delim_sizes += [end - st - 1, nxt - end - 1]
+    assert min(span_sizes) >= 4 and max(span_sizes) <= 32 and max(span_sizes) > 16
+    assert min(delim_sizes) >= 1 and max(delim_sizes) <= 8 and min(delim_sizes) < 2
+    assert max(delim_sizes) > 6
+
+
+@pytest.mark.parametrize("key_of", [int, jax.random.key], ids=["int", "jax"])
+def test_paradigm_placement(key_of):
+    text = _unique_text(200)
+    base = b.Objective("copying", "copying", "copying")
+    append = dataclasses.replace(base, placement="append")
+    either = dataclasses.replace(base, placement="either")
+    P = b.BIRDIE_TOKENS["COPYING"]
+    last = 0
+    for k in range(64):
+        key = key_of(k)
+        first, end = base(text, key, max_length=120), append(text, key, max_length=120)
+        p = int(first.prefix.sum())
+        assert first.inputs[0] == P and end.inputs[p - 1] == P and end.inputs[p] == SG
+        # the rest of the prompt moves up one place; target, labels and prefix are unchanged
+        np.testing.assert_array_equal(end.inputs[:p - 1], first.inputs[1:p])
+        np.testing.assert_array_equal(end.inputs[p:], first.inputs[p:])
+        np.testing.assert_array_equal(end.labels, first.labels)
+        np.testing.assert_array_equal(end.prefix, first.prefix)
+        ex = either(text, key, max_length=120)
+        for x, y in zip(ex, either(text, key, max_length=120)):   # the same for the same key
+            np.testing.assert_array_equal(x, y)
+        is_last = bool(ex.inputs[p - 1] == P)
+        np.testing.assert_array_equal(ex.inputs, (end if is_last else first).inputs)
+        last += is_last
+    assert 20 <= last <= 44, last   # about half of 64 keys
+    with pytest.raises(ValueError, match="placement='end' is not allowed; allowed"):
+        b.Objective("copying", "copying", "copying", placement="end")
+
+
+def test_ul2_s_splits_at_75_percent():
+    text = _unique_text(200)
+    s_paper = b.ul2_objectives()[-1]
+    s_compact = b.ul2_objectives(settings=b.COMPACT_SETTINGS)[-1]
+    sizes = set()
+    for k in KEYS:
+        ex = s_paper(text, k)
+        prompt, target = b.split_example(ex)
+        body = prompt[1:] if prompt[0] == b.BIRDIE_TOKENS["UL2_S"] else prompt[:-1]
+        assert b.BIRDIE_TOKENS["UL2_S"] in (prompt[0], prompt[-1])
+        assert body.size == 150 and target.size == 50
+        np.testing.assert_array_equal(np.concatenate([body, target]), text)
+        sizes.add(b.split_example(s_compact(text, k))[0].size - 1)
+    assert len(sizes) == len(KEYS)   # the compact split is drawn uniformly
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("deshuffle_fractions", (0.5, 1.5), "distinct fractions in (0, 1]"),
+    ("deshuffle_fractions", (), "distinct fractions in (0, 1]"),
+    ("deshuffle_fractions", (0.5, 0.5), "distinct fractions in (0, 1]"),
+    ("deshuffle_mean_chunk", 0.5, ">= 1"),
+    ("selective_copying_query", "middle", "('before', 'after', 'either')"),
+    ("deshuffle_fractions", 0.5, "distinct fractions in (0, 1]"),
+    ("deshuffle_mean_chunk", "eight", ">= 1"),
+    ("selective_copying_spans", (8, 4), "a pair of integers 1 <= min <= max"),
+    ("selective_copying_delimiters", (0, 8), "a pair of integers 1 <= min <= max"),
+    ("selective_copying_spans", 4, "a pair of integers 1 <= min <= max"),
+    ("selective_copying_spans", ("a", "b"), "a pair of integers 1 <= min <= max"),
+    ("paradigm_placement", "end", "('prepend', 'append', 'either')"),
+    ("ul2_s_prefix", (0.8, 0.7), "a pair of fractions 0 <= low <= high <= 1"),
+])
+def test_bad_settings_are_one_line_errors(field, value, allowed):
+    with pytest.raises(ValueError) as e:
+        b.ObjectiveSettings(**{field: value})
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"objective_settings.{field}={value!r} is not "
+                                              "allowed; allowed: ")
+    assert allowed in msg
+    with pytest.raises(ValueError, match=r"objective_settings fields \['shuffle'\] are unknown"):
+        b.ObjectiveSettings.from_mapping({"shuffle": 0.5})
+    assert b.ObjectiveSettings.from_mapping({"paradigm_placement": "append"}) == \
+        dataclasses.replace(b.PAPER_SETTINGS, paradigm_placement="append")
 
 
 # ------------------------------------------------------------------------------------------

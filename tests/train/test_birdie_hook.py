@@ -1,5 +1,6 @@
 """Birdie's controller in the shared trainer: the mixture it sets reaches the data, moves during
 a run, is written to metrics.jsonl, and survives a resume bit for bit."""
+import dataclasses
 import json
 import shutil
 
@@ -11,7 +12,9 @@ from train import checkpoint as ckpt_lib
 from train import trainer
 from train.configs import birdie as birdie_config
 from train.data import birdie_data as bd
+from train.data import pipeline, recall
 from train.objectives import birdie
+from train.objectives import birdie_controller as bc
 
 K = len(bd.objective_set("birdie"))
 
@@ -34,7 +37,7 @@ def test_mixture_and_balanced_rows_reach_the_records():
                                "validation")
     for i in (0, 7, K + 3):
         assert set(balanced[i]["objective_ids"].tolist()) - {-1} == {i % K}
-    with pytest.raises(ValueError, match=r"mixture=\(1.0, 2.0\) is not allowed.*needs 18"):
+    with pytest.raises(ValueError, match=r"mixture=\(1.0, 2.0\) is not allowed.*needs 19"):
         bd.BirdieDataSpec(mixture=(1.0, 2.0))
     with pytest.raises(ValueError, match="mixture=.*non-negative"):
         bd.BirdieDataSpec(mixture=(-1.0,) + (1.0,) * (K - 1))
@@ -82,8 +85,12 @@ def test_controller_moves_the_mixture_in_metrics(straight):
     workdir, out = straight
     rows = _rows(workdir, "mixture")
     assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
-    names = [o.name for o in bd.objective_set("birdie")]
-    uniform = birdie.uniform_mixture(bd.objective_set("birdie"))
+    # the controller's actions are built with the config's objective settings (tiny: compact)
+    objs = bd.objective_set("birdie", birdie.ObjectiveSettings.from_mapping(
+        _config().data.objective_settings))
+    names = [o.name for o in objs]
+    assert len(names) == 18 and "deshuffling" in names
+    uniform = birdie.uniform_mixture(objs)
     for r in rows:
         assert list(r["mixture"]) == names and list(r["controller_val_loss"]) == names
         assert abs(sum(r["mixture"].values()) - 1) < 1e-5
@@ -114,3 +121,55 @@ def test_resume_restores_the_controller_and_its_data(straight, tmp_path):
     assert _rows(resumed, "mixture") == _rows(workdir, "mixture")[4:]   # steps 10, 12
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(again["state"]),
                            jax.device_get(out["state"]))
+
+
+def test_objective_settings_reach_the_data_and_the_controller():
+    """data.objective_settings builds the data's objective set and the controller's actions
+    alike: both see the same K under either settings."""
+    assert pipeline.default_data_config("birdie").objective_settings.to_dict() == \
+        birdie.PAPER_SETTINGS.as_dict()
+    assert pipeline.default_data_config("recall").objective_settings.to_dict() == \
+        birdie.PAPER_SETTINGS.as_dict()
+    c = birdie_config.get_config("tiny:gated_birdie")
+    assert birdie.ObjectiveSettings.from_mapping(c.data.objective_settings) == \
+        birdie.COMPACT_SETTINGS
+    paper = birdie_config.get_config("paper:gated_birdie")
+    assert birdie.ObjectiveSettings.from_mapping(paper.data.objective_settings) == \
+        birdie.PAPER_SETTINGS
+    c.data.objective_per_row, c.data.num_validation = True, 20
+    for settings, K in ((birdie.COMPACT_SETTINGS, 18), (birdie.PAPER_SETTINGS, 19)):
+        c.data.objective_settings = pipeline.objective_settings_config(settings)
+        names, sizes, task = bc.action_space(c)
+        assert len(names) == len(sizes) == K and task is None
+        assert names == tuple(o.name for o in bd.objective_set("birdie", settings))
+        src, _ = pipeline.make_source(c.data, split="validation", seq_len=c.seq_len)
+        # balanced rows: row i holds configuration i % K only, so row 18 tells K apart
+        assert set(src[18]["objective_ids"].tolist()) - {-1} == {18 % K}
+    # one field set on its own (as --config.data.objective_settings.FIELD=... does)
+    c.data.objective_settings.selective_copying_query = "after"
+    src, _ = pipeline.make_source(c.data, split="validation", seq_len=c.seq_len)
+    row = src[K - 1]                     # selective copying: the query after the context
+    first = row["inputs"][row["segment_ids"] == 1]
+    assert birdie.BIRDIE_TOKENS["SC_CONTEXT"] in first[:2].tolist()
+    # a partial nested config is filled with the paper's fields; an unknown field is refused
+    d = pipeline.resolve_data_config({"name": "birdie",
+                                      "objective_settings": {"paradigm_placement": "append"}})
+    assert birdie.ObjectiveSettings.from_mapping(d.objective_settings) == dataclasses.replace(
+        birdie.PAPER_SETTINGS, paradigm_placement="append")
+    with pytest.raises(ValueError, match=r"data_config.objective_settings fields \['shufle'\] "
+                                         r"are unknown; allowed: \["):
+        pipeline.resolve_data_config({"name": "recall", "objective_settings": {"shufle": 1.0}})
+    with pytest.raises(ValueError, match=r"data_config.objective_settings='paper' is not allowed; "
+                                         r"allowed: a ConfigDict of fields \["):
+        pipeline.resolve_data_config({"name": "birdie", "objective_settings": "paper"})
+    c.data.objective_settings.paradigm_placement = "end"
+    with pytest.raises(ValueError, match=r"^objective_settings.paradigm_placement='end' is not "
+                                         r"allowed; allowed: \('prepend', 'append', 'either'\)$"):
+        pipeline.make_source(c.data, split="validation", seq_len=c.seq_len)
+    # recall data: the configurations, then the task
+    for size, K in (("cpu", 18), ("paper", 19)):
+        rc = birdie_config.recall_config(size, "gated_birdie", 0)
+        names, sizes, task = bc.action_space(rc)
+        assert len(names) == K + 1 and task == K and names[-1] == "task"
+        spec = recall.spec_from_config(pipeline.resolve_data_config(rc.data), rc.seq_len)
+        assert spec.action_names() == names

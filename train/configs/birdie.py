@@ -47,7 +47,7 @@ from train import optim, trainer
 from train.configs import common
 from train.data import pipeline, recall
 from train.data import tokenizer as tok
-from train.objectives import birdie_controller
+from train.objectives import birdie, birdie_controller
 
 MODELS = ("transformer_ntp", "transformer_birdie", "gated_ntp", "gated_birdie",
           "gated_birdie_causal", "hawk_birdie")
@@ -142,6 +142,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.with_prefix = name != "transformer_ntp"   # the causal Transformer takes no prefix
     c.data.phonebook_entries = (16, 48) if paper else (2, 4)   # entries per book
     c.data.phonebook_queries = (1, 8) if paper else (1, 2)     # queried names per task
+    # How the objectives are built: the paper's settings; tiny keeps the compact ones, which the
+    # CPU recipes (and the phone-book figure built on this config) were tuned on.
+    c.data.objective_settings = pipeline.objective_settings_config(
+        birdie.PAPER_SETTINGS if paper else birdie.COMPACT_SETTINGS)
 
     if not ntp:   # Birdie's reward-driven mixture (paper: its settings; tiny: a smaller model)
         c.hooks = ml_collections.ConfigDict()
@@ -368,6 +372,10 @@ def recall_config(size, name: str, seed: int) -> ml_collections.ConfigDict:
         c.data[field] = value
     c.data.pairs = tuple(s.get("train_pairs", s["pairs"]))
     c.data.objectives = "birdie"
+    # The paper's objective settings at paper size; the CPU sizes (and custom ones) keep the
+    # compact settings their recipes were tuned on.
+    c.data.objective_settings = pipeline.objective_settings_config(
+        birdie.PAPER_SETTINGS if size == "paper" else birdie.COMPACT_SETTINGS)
     c.data.with_prefix = arm.bidirectional   # causal models read no prefix
     c.data.data_seed = seed
     c.data.num_validation = 64

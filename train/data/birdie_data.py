@@ -17,8 +17,11 @@ Birdie controller, a trainer hook) rebuilds its iterator at the same position wi
 With `objective_per_row`, row i holds examples of configuration i % K only (no task): the
 balanced rows the controller measures each objective's validation loss on.
 
-- objectives: "birdie" (Birdie's 7 classes, 18 configurations), "ul2" (UL2's 7 denoisers), "ntp"
-  (plain next-token prediction, no prompt: what a Transformer-NTP baseline trains on);
+- objectives: "birdie" (Birdie's 7 classes: 19 configurations under the paper's settings, 18
+  under the compact ones), "ul2" (UL2's 7 denoisers), "ntp" (plain next-token prediction, no
+  prompt: what a Transformer-NTP baseline trains on), built with `objective_settings`
+  (`birdie.ObjectiveSettings`: the paper's by default; the controller builds its actions from
+  the same settings, so both agree on K);
 - corpus: "text" (the local Python-docs prose, train/data/text_corpus.py), "phonebook" (phone-book
   text, eval/phonebook.py's format, the synthetic retrieval text) or "mix" (both, half each);
 - task: the phone-book lookup prompt → "numbers" + EOS, the fine-tuning/evaluation task.
@@ -59,8 +62,12 @@ class BirdieDataSpec:
     seed: int = 0                      # content seed
     mixture: tuple = ()                # [K] weights over the configurations; () = uniform
     objective_per_row: bool = False    # row i: configuration i % K only (controller validation)
+    # how the objective set is built (a mapping or ConfigDict of its fields is converted)
+    objective_settings: birdie.ObjectiveSettings = birdie.PAPER_SETTINGS
 
     def __post_init__(self):
+        object.__setattr__(self, "objective_settings",
+                           birdie.ObjectiveSettings.from_mapping(self.objective_settings))
         for name in ("phonebook_entries", "phonebook_queries"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
         object.__setattr__(self, "mixture", tuple(float(v) for v in self.mixture))
@@ -83,7 +90,7 @@ class BirdieDataSpec:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.mixture:
-            K = len(objective_set(self.objectives))
+            K = len(objective_set(self.objectives, self.objective_settings))
             w = np.asarray(self.mixture)
             if w.shape != (K,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
                 raise ValueError(f"mixture={self.mixture} is not allowed: objectives="
@@ -96,11 +103,12 @@ class BirdieDataSpec:
         return self.num_train if split == "train" else self.num_validation
 
 
-def objective_set(name: str):
+def objective_set(name: str, settings: birdie.ObjectiveSettings = birdie.PAPER_SETTINGS):
+    """The configurations of objective set `name` (OBJECTIVE_SETS) built with `settings`."""
     if name == "birdie":
-        return birdie.birdie_objectives(length_bins=(64, 128, 256, 512))
+        return birdie.birdie_objectives(length_bins=(64, 128, 256, 512), settings=settings)
     if name == "ul2":
-        return birdie.ul2_objectives()
+        return birdie.ul2_objectives(settings=settings)
     return birdie.ntp_objectives()
 
 
@@ -124,7 +132,7 @@ class BirdieSource:
         self._spec = spec
         self._split = split
         self._len = spec.num_examples(split)
-        self._objectives = objective_set(spec.objectives)
+        self._objectives = objective_set(spec.objectives, spec.objective_settings)
         if spec.mixture:
             w = np.asarray(spec.mixture, np.float64)
             self._mixture = w / w.sum()

@@ -69,6 +69,7 @@ from absl import flags
 
 from train.data import (birdie_data, catalog, embeddings, images, mac_data, mqar,
                         passkey_data, recall, text_corpus, tokenizer)
+from train.objectives import birdie
 
 DATASET_NAMES = ("mqar", "text", "tfds", "birdie", "recall", "passkey", "mac_lm", "mac_meta",
                  "images", "embeddings")
@@ -77,6 +78,23 @@ SOURCES = ("tfds", "memory")
 
 # ---------------------------------------------------------------------------------------------
 # Configs.
+
+
+def objective_settings_config(settings: birdie.ObjectiveSettings = birdie.PAPER_SETTINGS
+                              ) -> ml_collections.ConfigDict:
+    """`data.objective_settings` of datasets "birdie" and "recall": every field of
+    train/objectives/birdie.py ObjectiveSettings (defaults: the paper's), as a ConfigDict.
+
+    deshuffle_fractions (0.5, 1.0): one deshuffling configuration per fraction of units shuffled;
+    deshuffle_mean_chunk 1.0: the unit (1: single tokens, > 1: chunks of that mean length);
+    selective_copying_query "either": the query "before" / "after" the context, or half each;
+    selective_copying_spans (4, 32), selective_copying_delimiters (1, 8): their lengths (min,
+    max); paradigm_placement "either": the paradigm token first ("prepend"), last ("append") or
+    last half of the time; ul2_s_prefix (0.75, 0.75): the S-denoiser's prompt share [low, high].
+    birdie.COMPACT_SETTINGS are the CPU figures' (chunks of 8, query first, 2-16 / 2-6,
+    prepended, uniform split).
+    """
+    return ml_collections.ConfigDict(settings.as_dict())
 
 
 def default_data_config(name: str) -> ml_collections.ConfigDict:
@@ -157,6 +175,8 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
         c.mixture = ()
         # Row i holds only configuration i % K (the controller's balanced validation rows).
         c.objective_per_row = False
+        # How the objective set is built (objective_settings_config: every field; the paper's).
+        c.objective_settings = objective_settings_config()
     elif name == "recall":
         # Packed rows of the recall task and Birdie's objectives over key-value text
         # (train/data/recall.py), generated when read. The task's layout (RecallTask): queried
@@ -182,6 +202,8 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
         c.data_seed = 0
         # Row i holds only action i % (K + 1) (the controller's balanced validation rows).
         c.objective_per_row = False
+        # How the objective set is built (objective_settings_config: every field; the paper's).
+        c.objective_settings = objective_settings_config()
     elif name == "passkey":
         # Passkey prompts (the landmark paper's, train/data/passkey_data.py) mixed with windows
         # of the local prose corpus; generated when read.
@@ -259,7 +281,19 @@ def resolve_data_config(data_config: ml_collections.ConfigDict | Mapping[str, An
             f"allowed: {sorted(full.keys())}"
         )
     for key, value in given.items():
-        full[key] = tuple(value) if isinstance(full[key], tuple) else value
+        if isinstance(full[key], ml_collections.ConfigDict):   # nested: fields it sets, checked
+            sub = dict(value.items()) if hasattr(value, "items") else value
+            if not isinstance(sub, dict):
+                raise ValueError(f"data_config.{key}={value!r} is not allowed; allowed: a "
+                                 f"ConfigDict of fields {sorted(full[key].keys())}")
+            bad = sorted(set(sub) - set(full[key].keys()))
+            if bad:
+                raise ValueError(f"data_config.{key} fields {bad} are unknown; allowed: "
+                                 f"{sorted(full[key].keys())}")
+            for k, v in sub.items():
+                full[key][k] = tuple(v) if isinstance(full[key][k], tuple) else v
+        else:
+            full[key] = tuple(value) if isinstance(full[key], tuple) else value
     return full
 
 
@@ -342,7 +376,8 @@ def make_source(
             phonebook_queries=tuple(data_config.phonebook_queries),
             validation_percent=data_config.validation_percent, num_train=data_config.num_train,
             num_validation=data_config.num_validation, seed=data_config.data_seed,
-            mixture=tuple(data_config.mixture), objective_per_row=data_config.objective_per_row)
+            mixture=tuple(data_config.mixture), objective_per_row=data_config.objective_per_row,
+            objective_settings=data_config.objective_settings)
         return birdie_data.BirdieSource(spec, split), "examples"
     if name == "recall":
         _check_choice("split", split, recall.SPLITS)

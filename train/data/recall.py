@@ -110,25 +110,28 @@ def pick_weighted(rng: np.random.Generator, cdf: np.ndarray) -> int:
     return int(cdf.searchsorted(rng.random(), side="right"))
 
 
-def objective_set(kind: str, length_bins: Sequence[int], row_length: int):
-    """The pre-training objectives of an arm: Birdie's 18 configurations or plain NTP. Rows
-    shorter than 256 tokens get a shorter selective-copying query (≤2 spans of ≤4 tokens with
-    1–2-token delimiters) so that one example fits a row."""
+def objective_set(kind: str, length_bins: Sequence[int], row_length: int,
+                  settings: birdie.ObjectiveSettings = birdie.PAPER_SETTINGS):
+    """The pre-training objectives of an arm: Birdie's configurations built with `settings`, or
+    plain NTP. Rows shorter than 256 tokens get a shorter selective-copying query (≤2 spans of
+    ≤4 tokens with 1–2-token delimiters, the query where `settings` puts it) so that one example
+    fits a row."""
     if kind != "birdie":
         return birdie.ntp_objectives()
-    objs = birdie.birdie_objectives(length_bins=length_bins)
+    objs = birdie.birdie_objectives(length_bins=length_bins, settings=settings)
     if row_length < 256:
-        short = (("max_spans", 2), ("delimiter_length", (1, 2)), ("span_length", (1, 4)))
-        objs = tuple(dataclasses.replace(o, kwargs=short) if o.fn == "selective_copying" else o
-                     for o in objs)
+        short = {"max_spans": 2, "delimiter_length": (1, 2), "span_length": (1, 4)}
+        objs = tuple(dataclasses.replace(o, kwargs=tuple({**dict(o.kwargs), **short}.items()))
+                     if o.fn == "selective_copying" else o for o in objs)
     return objs
 
 
-def recall_objectives(kind: str, pairs: Sequence[int], row_length: int):
+def recall_objectives(kind: str, pairs: Sequence[int], row_length: int,
+                      settings: birdie.ObjectiveSettings = birdie.PAPER_SETTINGS):
     """The objective set over the key-value text of tasks with `pairs` pair counts: infilling's
     length bins stop at the longest text."""
     bins = tuple(b for b in (16, 32, 64, 128) if b <= 2 * max(pairs)) or (2 * max(pairs),)
-    return objective_set(kind, bins, row_length)
+    return objective_set(kind, bins, row_length, settings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,8 +155,12 @@ class RecallDataSpec:
     num_validation: int = 256          # rows in "validation"
     seed: int = 0                      # content seed
     objective_per_row: bool = False    # row i: action i % (K + 1) only (controller validation)
+    # how the objective set is built (a mapping or ConfigDict of its fields is converted)
+    objective_settings: birdie.ObjectiveSettings = birdie.PAPER_SETTINGS
 
     def __post_init__(self):
+        object.__setattr__(self, "objective_settings",
+                           birdie.ObjectiveSettings.from_mapping(self.objective_settings))
         object.__setattr__(self, "pairs", tuple(int(p) for p in self.pairs))
         object.__setattr__(self, "mixture", tuple(float(w) for w in self.mixture))
         if self.objectives not in OBJECTIVE_SETS:
@@ -179,7 +186,8 @@ class RecallDataSpec:
                                  "for the task alone")
 
     def objective_set(self):
-        return recall_objectives(self.objectives, self.pairs, self.seq_len)
+        return recall_objectives(self.objectives, self.pairs, self.seq_len,
+                                 self.objective_settings)
 
     def action_names(self) -> tuple:
         return tuple(o.name for o in self.objective_set()) + ("task",)
@@ -258,7 +266,8 @@ def spec_from_config(data_config, seq_len: int) -> RecallDataSpec:
                           objectives=c.objectives, mixture=tuple(c.mixture),
                           with_prefix=c.with_prefix, num_train=c.num_train,
                           num_validation=c.num_validation, seed=c.data_seed,
-                          objective_per_row=c.objective_per_row)
+                          objective_per_row=c.objective_per_row,
+                          objective_settings=c.objective_settings)
 
 
 def pad_rows(batch: dict, rows: int) -> dict:

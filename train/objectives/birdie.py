@@ -2,8 +2,9 @@
 
 Blouir et al. 2024, "Birdie: Advancing State Space Models with Reward-Driven Objectives and
 Curricula". Every objective is a pure function of (tokens, key) → `Example(inputs, labels,
-prefix)`: it builds a (prompt, target) pair, both starting with the objective's paradigm token
-in the prompt, and `make_example` lays it out as
+prefix)`: it builds a (prompt, target) pair, the prompt starting with the objective's paradigm
+token (an `Objective` may move it to the prompt's end: `ObjectiveSettings.paradigm_placement`),
+and `make_example` lays it out as
 
     inputs  = prompt ++ [START_GENERATING] ++ target[:-1]
     labels  = [IGNORE] * len(prompt) ++ target          (labels[t] is the token after inputs[t])
@@ -38,7 +39,8 @@ from train.objectives.lm import token_losses
 # 293..308, except the sentinels, SEP and EOS which the tokenizer names itself).
 # ---------------------------------------------------------------------------------------------
 BIRDIE_TOKENS: dict[str, int] = {
-    # paradigm tokens, the first token of every prompt
+    # paradigm tokens, the first (or, by ObjectiveSettings.paradigm_placement, last) token
+    # of every prompt
     "NTP": tok.paradigm(0),
     "PREFIX_LM": tok.paradigm(1),
     "INFILLING": tok.paradigm(2),
@@ -60,6 +62,8 @@ BIRDIE_TOKENS: dict[str, int] = {
 }
 START_GENERATING = BIRDIE_TOKENS["START_GENERATING"]
 IGNORE = -1  # label of positions that carry no loss (the prompt)
+QUERY_POSITIONS = ("before", "after", "either")      # selective copying: query vs context
+PARADIGM_PLACEMENTS = ("prepend", "append", "either")  # paradigm token: first or last of prompt
 
 
 def sentinel(i: int) -> int:
@@ -258,20 +262,40 @@ def autoencoding(tokens, key, *, corruption_rate: float = 0.15, mean_span: float
     return make_example(prompt, text)
 
 
-def deshuffling(tokens, key, *, mean_chunk: float = 8.0, max_length: Optional[int] = None,
+def _partial_permutation(k: int, fraction: float, rng) -> np.ndarray:
+    """[k] a new order of k units: round(fraction·k) of them (at least 2) chosen, then permuted
+    among themselves; the others stay where they are. fraction 1: a permutation of all k."""
+    if fraction >= 1.0:
+        return rng.permutation(k)
+    m = int(np.clip(round(fraction * k), 2, k))
+    chosen = np.sort(rng.choice(k, m, replace=False))
+    order = np.arange(k)
+    order[chosen] = chosen[rng.permutation(m)]
+    return order
+
+
+def deshuffling(tokens, key, *, fraction: float = 1.0, mean_chunk: float = 8.0,
+                max_length: Optional[int] = None,
                 paradigm: int = BIRDIE_TOKENS["DESHUFFLING"]) -> Example:
-    """The text cut in chunks (mean length mean_chunk) and shuffled; the target is the original."""
+    """A `fraction` of the text's units shuffled among their own positions; the target is the
+    original. Units are single tokens (mean_chunk=1: the paper's deshuffling, fraction 0.5 or 1)
+    or chunks of mean length mean_chunk (the compact settings: chunks of 8, all shuffled)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"deshuffling fraction={fraction} is not allowed; allowed: (0, 1]")
     if mean_chunk < 1:
-        raise ValueError(f"deshuffling mean_chunk={mean_chunk} must be >= 1")
+        raise ValueError(f"deshuffling mean_chunk={mean_chunk} is not allowed; allowed: >= 1")
     text = _text(tokens)
     rng = _rng(key)
     n = _largest_fit(text.size, 2, lambda n: 2 * n + 1, max_length, "deshuffling")
     text = _window(text, n, rng)
-    k = int(np.clip(round(n / mean_chunk), 2, n))
-    sizes = _random_partition(n, k, rng)
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
-    order = rng.permutation(k)
-    shuffled = np.concatenate([text[bounds[i]:bounds[i + 1]] for i in order])
+    if mean_chunk == 1:   # single tokens: no partition to draw
+        shuffled = text[_partial_permutation(n, fraction, rng)]
+    else:
+        k = int(np.clip(round(n / mean_chunk), 2, n))
+        sizes = _random_partition(n, k, rng)
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        order = _partial_permutation(k, fraction, rng)
+        shuffled = np.concatenate([text[bounds[i]:bounds[i + 1]] for i in order])
     return make_example(np.concatenate([[paradigm], shuffled]), text)
 
 
@@ -285,13 +309,19 @@ def copying(tokens, key, *, max_length: Optional[int] = None,
 
 
 def selective_copying(tokens, key, *, max_spans: int = 4, delimiter_length: tuple = (2, 6),
-                      span_length: tuple = (2, 16), max_length: Optional[int] = None,
+                      span_length: tuple = (2, 16), query_position: str = "before",
+                      max_length: Optional[int] = None,
                       paradigm: int = BIRDIE_TOKENS["SELECTIVE_COPYING"]) -> Example:
-    """[SC] ([START] pre [END] post)* [CONTEXT] text → span1 [SEP] span2 ... [DONE].
+    """[SC] query [CONTEXT] text → span1 [SEP] span2 ... [DONE]; query: ([START] pre [END] post)*.
 
     1..max_spans spans of the text (non-overlapping, each with its pre/post delimiters) are asked
-    in random order; span_i is the text between pre_i and post_i.
+    in random order; span_i is the text between pre_i and post_i. query_position "after" puts
+    the query after the context ([SC] [CONTEXT] text query), "either" draws one of the two,
+    half each (the paper's setting); the target is the same.
     """
+    if query_position not in QUERY_POSITIONS:
+        raise ValueError(f"selective_copying query_position={query_position!r} is not allowed; "
+                         f"allowed: {QUERY_POSITIONS}")
     dmin, dmax = delimiter_length
     smin, smax = span_length
     if not (1 <= dmin <= dmax and 1 <= smin <= smax and max_spans >= 1):
@@ -324,16 +354,18 @@ def selective_copying(tokens, key, *, max_spans: int = 4, delimiter_length: tupl
         spans.append((pre, span, post))
         pos = start + lp + ls + lq
     order = rng.permutation(len(spans))
-    prompt, target = [paradigm], []
+    query, target = [], []
     for j, i in enumerate(order):
         pre, span, post = spans[i]
-        prompt += [BIRDIE_TOKENS["SC_START"], *pre, BIRDIE_TOKENS["SC_END"], *post]
+        query += [BIRDIE_TOKENS["SC_START"], *pre, BIRDIE_TOKENS["SC_END"], *post]
         if j:
             target.append(BIRDIE_TOKENS["SC_SEP"])
         target.extend(span)
     target.append(BIRDIE_TOKENS["SC_DONE"])
-    prompt.append(BIRDIE_TOKENS["SC_CONTEXT"])
-    prompt.extend(text)
+    # drawn last, so "before" (no draw) gives the examples of the query-first layout bit for bit
+    after = query_position == "after" or (query_position == "either" and rng.random() < 0.5)
+    context = [BIRDIE_TOKENS["SC_CONTEXT"], *text]
+    prompt = [paradigm] + (context + query if after else query + context)
     return make_example(prompt, target)
 
 
@@ -356,62 +388,222 @@ OBJECTIVE_FNS: dict[str, Callable[..., Example]] = {
 
 
 # ---------------------------------------------------------------------------------------------
+# The objectives' settings (Birdie §3.1 and Appendix; issue 21)
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ObjectiveSettings:
+    """How Birdie's objective set is built; the defaults are the paper's (PAPER_SETTINGS).
+
+    COMPACT_SETTINGS: deshuffling of chunks (mean 8, all shuffled), query-first selective
+    copying with spans 2-16 and delimiters 2-6, the paradigm token always first, the UL2 S split
+    uniform in [0, 1]: the settings the CPU figures' recipes were tuned on (README, Birdie).
+    """
+    # Where the published birdie_rl package differs, these follow the paper (issue 21) and say so.
+    # Deshuffling: one configuration per fraction of units shuffled (chosen positions permuted
+    # among themselves); the paper shuffles 50 % or 100 % of the tokens (the package's example
+    # config uses 75 % and 25 % of the characters).
+    deshuffle_fractions: tuple = (0.5, 1.0)
+    # Deshuffling's unit: 1 = single tokens (the paper); > 1 = chunks of this mean length.
+    deshuffle_mean_chunk: float = 1.0
+    # Selective copying: the query "before" or "after" the context, or "either" (drawn per
+    # example, half each; the package makes the two layouts separate configurations).
+    selective_copying_query: str = "either"
+    # Selective copying: copied span lengths and delimiter lengths, inclusive (min, max); the
+    # paper's 4-32 and 1-8 (the package draws spans around a mean, delimiters of 2-16 tokens).
+    selective_copying_spans: tuple = (4, 32)
+    selective_copying_delimiters: tuple = (1, 8)
+    # The paradigm token of every objective (UL2's R/X/S too): "prepend" (first prompt token),
+    # "append" (last prompt token, just before [START_GENERATING]) or "either" (appended half of
+    # the time, drawn per example's key): the paper's; the package always prepends it.
+    paradigm_placement: str = "either"
+    # UL2's S-denoiser: the prompt's share of the text, drawn uniformly in [low, high]; the
+    # paper (and the package) split at 75 %.
+    ul2_s_prefix: tuple = (0.75, 0.75)
+
+    def __post_init__(self):
+        def bad(field, allowed):
+            return ValueError(f"objective_settings.{field}={getattr(self, field)!r} is not "
+                              f"allowed; allowed: {allowed}")
+
+        def convert(field, fn, allowed):
+            try:
+                object.__setattr__(self, field, fn(getattr(self, field)))
+            except (TypeError, ValueError):
+                raise bad(field, allowed) from None
+
+        def pair(kind):
+            def fn(v):
+                if isinstance(v, (str, bytes)) or len(v) != 2:
+                    raise ValueError
+                return kind(v[0]), kind(v[1])
+            return fn
+
+        def floats(v):
+            if isinstance(v, (str, bytes)):
+                raise ValueError
+            return tuple(float(f) for f in v)
+
+        fractions = "a tuple of distinct fractions in (0, 1]"
+        convert("deshuffle_fractions", floats, fractions)
+        fr = self.deshuffle_fractions
+        if not fr or len(set(fr)) != len(fr) or not all(0.0 < f <= 1.0 for f in fr):
+            raise bad("deshuffle_fractions", fractions)
+        convert("deshuffle_mean_chunk", float, ">= 1 (1: single tokens)")
+        if not self.deshuffle_mean_chunk >= 1.0:
+            raise bad("deshuffle_mean_chunk", ">= 1 (1: single tokens)")
+        if self.selective_copying_query not in QUERY_POSITIONS:
+            raise bad("selective_copying_query", QUERY_POSITIONS)
+        if self.paradigm_placement not in PARADIGM_PLACEMENTS:
+            raise bad("paradigm_placement", PARADIGM_PLACEMENTS)
+        for field in ("selective_copying_spans", "selective_copying_delimiters"):
+            convert(field, pair(int), "a pair of integers 1 <= min <= max")
+            lo, hi = getattr(self, field)
+            if not 1 <= lo <= hi:
+                raise bad(field, "a pair of integers 1 <= min <= max")
+        convert("ul2_s_prefix", pair(float), "a pair of fractions 0 <= low <= high <= 1")
+        lo, hi = self.ul2_s_prefix
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise bad("ul2_s_prefix", "a pair of fractions 0 <= low <= high <= 1")
+
+    @classmethod
+    def from_mapping(cls, fields) -> "ObjectiveSettings":
+        """The settings of a mapping or ConfigDict of fields (missing ones: the paper's)."""
+        if isinstance(fields, cls):
+            return fields
+        given = dict(fields.items())
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(given) - set(allowed))
+        if unknown:
+            raise ValueError(f"objective_settings fields {unknown} are unknown; allowed: "
+                             f"{allowed}")
+        return cls(**given)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PAPER_SETTINGS = ObjectiveSettings()
+COMPACT_SETTINGS = ObjectiveSettings(
+    deshuffle_fractions=(1.0,), deshuffle_mean_chunk=8.0, selective_copying_query="before",
+    selective_copying_spans=(2, 16), selective_copying_delimiters=(2, 6),
+    paradigm_placement="prepend", ul2_s_prefix=(0.0, 1.0))
+
+
+def _side_rng(key, stream: int) -> np.random.Generator:
+    """A generator seeded by (key, stream): draws independent of the objective's own (`_rng`)."""
+    if isinstance(key, (int, np.integer)):
+        words = [int(key)]
+    else:
+        key = jnp.asarray(key) if not isinstance(key, np.ndarray) else key
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            key = jax.random.key_data(key)
+        words = np.asarray(key, np.uint32).ravel().tolist()
+    return np.random.default_rng(words + [stream])
+
+
+_PLACEMENT_STREAM = 0x9A7AD16   # non-zero: SeedSequence pads short entropy with zeros
+
+
+def paradigm_last(placement: str, key) -> bool:
+    """Whether an example drawn with `key` has its paradigm token last ("either": half of the
+    keys, from a stream of the key independent of the objective's draws)."""
+    if placement == "either":
+        return bool(_side_rng(key, _PLACEMENT_STREAM).random() < 0.5)
+    return placement == "append"
+
+
+def move_paradigm_last(ex: Example) -> Example:
+    """The example with its first prompt token (the paradigm token) moved to the prompt's end,
+    just before [START_GENERATING]; labels and prefix are unchanged."""
+    p = int(ex.prefix.sum())
+    if p < 2:
+        return ex
+    inputs = ex.inputs.copy()
+    inputs[:p] = np.roll(ex.inputs[:p], -1)
+    return Example(inputs, ex.labels, ex.prefix)
+
+
+# ---------------------------------------------------------------------------------------------
 # Objective configurations and mixtures
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """One configuration of one objective: `fn` is a key of OBJECTIVE_FNS, `group` the class the
-    controller scales by 1/(its size), `kwargs` the function's keyword arguments."""
+    controller scales by 1/(its size), `kwargs` the function's keyword arguments, `placement`
+    where the paradigm token goes (PARADIGM_PLACEMENTS; drawn per example's key)."""
     name: str
     fn: str
     group: str
     kwargs: tuple = ()
+    placement: str = "prepend"
 
     def __post_init__(self):
         if self.fn not in OBJECTIVE_FNS:
             raise ValueError(f"objective fn={self.fn!r} is not allowed; use one of "
                              f"{sorted(OBJECTIVE_FNS)}")
+        if self.placement not in PARADIGM_PLACEMENTS:
+            raise ValueError(f"objective placement={self.placement!r} is not allowed; "
+                             f"allowed: {PARADIGM_PLACEMENTS}")
 
     def __call__(self, tokens, key, *, max_length: Optional[int] = None) -> Example:
-        return OBJECTIVE_FNS[self.fn](tokens, key, max_length=max_length, **dict(self.kwargs))
+        ex = OBJECTIVE_FNS[self.fn](tokens, key, max_length=max_length, **dict(self.kwargs))
+        if self.placement != "prepend" and paradigm_last(self.placement, key):
+            ex = move_paradigm_last(ex)
+        return ex
 
 
 INFILL_LENGTH_BINS = (64, 128, 256, 512, 1024)
 
 
-def birdie_objectives(*, length_bins: Sequence[int] = INFILL_LENGTH_BINS) -> tuple[Objective, ...]:
-    """Birdie's action space: 7 objective classes, 18 configurations."""
-    objs = [Objective("next_token_prediction", "next_token_prediction", "next_token_prediction"),
-            Objective("prefix_lm", "prefix_lm", "prefix_lm")]
+def birdie_objectives(*, length_bins: Sequence[int] = INFILL_LENGTH_BINS,
+                      settings: ObjectiveSettings = PAPER_SETTINGS) -> tuple[Objective, ...]:
+    """Birdie's action space: 7 objective classes; 18 configurations plus one per deshuffling
+    fraction beyond the first (the paper's settings: 19, deshuffling 50 % and 100 %)."""
+    at = settings.paradigm_placement
+    objs = [Objective("next_token_prediction", "next_token_prediction", "next_token_prediction",
+                      placement=at),
+            Objective("prefix_lm", "prefix_lm", "prefix_lm", placement=at)]
     for rate in (0.05, 0.15, 0.5):
         for span in (3, 8, 32):
             objs.append(Objective(f"infilling_r{int(rate * 100)}_s{span}", "infilling", "infilling",
                                   (("corruption_rate", rate), ("mean_span", float(span)),
-                                   ("length_bins", tuple(length_bins)))))
+                                   ("length_bins", tuple(length_bins))), placement=at))
     for deshuffle in (False, True):
         for rate, span in ((0.15, 3), (0.5, 8)):
             tag = "autoencoding_deshuffling" if deshuffle else "autoencoding"
             objs.append(Objective(f"{tag}_r{int(rate * 100)}_s{span}", "autoencoding",
                                   "autoencoding", (("corruption_rate", rate),
                                                    ("mean_span", float(span)),
-                                                   ("deshuffle", deshuffle))))
-    objs += [Objective("deshuffling", "deshuffling", "deshuffling"),
-             Objective("copying", "copying", "copying"),
-             Objective("selective_copying", "selective_copying", "selective_copying")]
+                                                   ("deshuffle", deshuffle)), placement=at))
+    fractions = settings.deshuffle_fractions
+    for f in fractions:
+        name = "deshuffling" if len(fractions) == 1 else f"deshuffling_p{f * 100:g}"
+        objs.append(Objective(name, "deshuffling", "deshuffling",
+                              (("fraction", f), ("mean_chunk", settings.deshuffle_mean_chunk)),
+                              placement=at))
+    objs += [Objective("copying", "copying", "copying", placement=at),
+             Objective("selective_copying", "selective_copying", "selective_copying",
+                       (("span_length", settings.selective_copying_spans),
+                        ("delimiter_length", settings.selective_copying_delimiters),
+                        ("query_position", settings.selective_copying_query)), placement=at)]
     return tuple(objs)
 
 
-def ul2_objectives() -> tuple[Objective, ...]:
+def ul2_objectives(*, settings: ObjectiveSettings = PAPER_SETTINGS) -> tuple[Objective, ...]:
     """UL2's mixture of denoisers (Tay et al. 2022): R (rate 15%, spans 3, 8), X (50% with spans
-    3, 8, 64; 15% with span 64), S (prefix-LM). Sampled uniformly over the 7 (`uniform_mixture`)."""
+    3, 8, 64; 15% with span 64), S (prefix-LM, the prompt settings.ul2_s_prefix of the text:
+    75 % in the paper). Sampled uniformly over the 7 (`uniform_mixture`)."""
     R, X, S = (BIRDIE_TOKENS[k] for k in ("UL2_R", "UL2_X", "UL2_S"))
+    at = settings.paradigm_placement
     objs = []
     for tag, paradigm, rate, span in (("r", R, 0.15, 3), ("r", R, 0.15, 8), ("x", X, 0.5, 3),
                                       ("x", X, 0.5, 8), ("x", X, 0.5, 64), ("x", X, 0.15, 64)):
         objs.append(Objective(f"ul2_{tag}_r{int(rate * 100)}_s{span}", "infilling", f"ul2_{tag}",
                               (("corruption_rate", rate), ("mean_span", float(span)),
-                               ("paradigm", paradigm))))
-    objs.append(Objective("ul2_s", "prefix_lm", "ul2_s", (("low", 0.0), ("paradigm", S))))
+                               ("paradigm", paradigm)), placement=at))
+    low, high = settings.ul2_s_prefix
+    objs.append(Objective("ul2_s", "prefix_lm", "ul2_s",
+                          (("low", low), ("high", high), ("paradigm", S)), placement=at))
     return tuple(objs)
 
 

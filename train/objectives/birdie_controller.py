@@ -261,10 +261,12 @@ def hook_config(every: int, **controller_fields) -> ml_collections.ConfigDict:
 
 def action_space(config: ml_collections.ConfigDict) -> tuple[tuple, tuple, int | None]:
     """(names, class sizes, index of the task action or None) of the actions the controller
-    mixes: the run's data config decides them (see the module docstring)."""
+    mixes: the run's data config decides them (see the module docstring), its
+    `objective_settings` included, so the controller and the data agree on K."""
     data = pipeline.resolve_data_config(config.data)
     if data.name == "birdie":
-        objectives = birdie_data.objective_set(data.objectives)
+        objectives = birdie_data.objective_set(
+            data.objectives, birdie.ObjectiveSettings.from_mapping(data.objective_settings))
         return (tuple(o.name for o in objectives),
                 tuple(int(g) for g in birdie.group_sizes(objectives)), None)
     if data.name == "recall":
