@@ -19,6 +19,9 @@ size is allocated. Prints one JSON object:
     total_bytes_per_device             arguments + scratch: what one chip must hold
     fits                               {chip: total ≤ its HBM} for common chips (HBM_BYTES)
 
+`--out FILE` also writes it to FILE with what made it: the command, the git commit (and whether
+tracked code differed from it), the host and the jax/flax versions (results/dryrun/*.json).
+
 The compiled program is the CPU's: its scratch is indicative of an accelerator's, not equal to
 it (fusion and layouts differ); the parameter and optimizer shares are exact.
 """
@@ -38,6 +41,9 @@ HBM_BYTES = {"tpu_v4": 32 * 2**30, "tpu_v5e": 16 * 2**30, "tpu_v5p": 95 * 2**30,
              "tpu_v6e": 32 * 2**30, "h100_80g": 80 * 10**9, "h200": 141 * 10**9}
 
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 8, "Fake CPU devices to compile for.")
+_COMMAND: list[str] = []      # the command line as given (run() sets it), for --out
+_OUT = flags.DEFINE_string("out", None, "Also write the report to this JSON file, with the "
+                           "command, the git commit and the versions it was made with.")
 
 
 def _leaf_bytes(x, per_device: bool) -> int:
@@ -78,15 +84,21 @@ def abstract_batch(run):
     return out
 
 
-def dry_run(config, devices=None) -> dict:
-    """The report above for `config` on `devices` (default: every device)."""
+def compile_train_step(config, devices=None):
+    """(run, abstract state, abstract batch, compiled train step) for `config` on `devices`
+    (default: every device); nothing of the model's size is allocated."""
     import jax
-    from train import sharding as shd
     from train import trainer
     run = trainer.setup(config, devices=devices or jax.devices())
     state = trainer.abstract_state(run)
     batch = abstract_batch(run)
-    compiled = trainer.make_train_step(run).lower(state, batch).compile()
+    return run, state, batch, trainer.make_train_step(run).lower(state, batch).compile()
+
+
+def dry_run(config, devices=None) -> dict:
+    """The report above for `config` on `devices` (default: every device)."""
+    from train import sharding as shd
+    run, state, batch, compiled = compile_train_step(config, devices)
     mem = compiled.memory_analysis()
     temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
     args = int(getattr(mem, "argument_size_in_bytes", 0)) if mem is not None else 0
@@ -102,8 +114,38 @@ def dry_run(config, devices=None) -> dict:
             "fits": {chip: total <= hbm for chip, hbm in HBM_BYTES.items()}}
 
 
+def provenance(argv: Sequence[str]) -> dict:
+    """What made a report: the command (without --out), the checkout's commit and whether a
+    tracked file outside results/ differed from it, the host and the versions."""
+    import subprocess
+    from importlib import metadata
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args, skip = [], False
+    for a in argv[1:]:
+        if skip or a.startswith("--out="):
+            skip = False
+            continue
+        if a == "--out":
+            skip = True
+            continue
+        args.append(a)
+
+    def git(*a):
+        try:
+            r = subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
+    return {"command": " ".join(["python -m train.dryrun", *args]),
+            "commit": git("rev-parse", "--short", "HEAD"),
+            "dirty": None if status is None else bool(status),
+            "device": f"cpu (fake host devices), {os.cpu_count()} cores",
+            "versions": {p: metadata.version(p) for p in ("jax", "flax")}}
+
+
 def main(argv):
-    del argv
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
     config = train_main._CONFIG.value
@@ -116,6 +158,10 @@ def main(argv):
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(json.dumps(report), flush=True)
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            json.dump({**provenance(_COMMAND), **report}, f, indent=1)
+            f.write("\n")
     return 0
 
 
@@ -132,6 +178,7 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
     """`python -m train.dryrun`: fakes the devices before jax loads, then parses like
     mnemax-train (configs by name or path, one-line errors)."""
     argv = list(sys.argv if argv is None else argv)
+    _COMMAND[:] = argv
     try:
         n = _num_devices(argv)
     except ValueError:
