@@ -146,12 +146,14 @@ def provenance(argv: Sequence[str]) -> dict:
 
 
 def main(argv):
+    del argv
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
     config = train_main._CONFIG.value
     if config is None:
         print("error: --config must be given", file=sys.stderr)
         return 2
+    made_by = provenance(_COMMAND) if _OUT.value else None   # the checkout the run starts from
     try:
         report = dry_run(config)
     except ValueError as e:
@@ -160,7 +162,7 @@ def main(argv):
     print(json.dumps(report), flush=True)
     if _OUT.value:
         with open(_OUT.value, "w") as f:
-            json.dump({**provenance(_COMMAND), **report}, f, indent=1)
+            json.dump({**made_by, **report}, f, indent=1)
             f.write("\n")
     return 0
 
