@@ -6,9 +6,12 @@
 `--num_devices N` fakes N CPU devices (XLA's host platform device count, set before jax loads),
 builds the run's mesh and shardings (train/trainer.py: setup), and lowers and compiles the
 jitted train step on abstract inputs: the state from `jax.eval_shape` of the sharded init, a
-batch of the config's shapes (text windows: inputs, targets, weights [B, seq_len]; other data:
-one real row of the pipeline gives each field's trailing shape and dtype). Nothing of the model's
-size is allocated. Prints one JSON object:
+batch of the config's shapes (text windows: inputs, targets, weights [B, seq_len]; precomputed
+embeddings: z [B, *input_shape], y [B]; other data: one real row of the pipeline gives each
+field's trailing shape and dtype). DKVB's codebooks, which read their keys' data at init, read
+a keys.npz of zeros of the embeddings' width when the config's data_dir has none (the memory's
+shapes depend only on that width). Nothing of the model's size is allocated. Prints one JSON
+object:
 
     num_devices, mesh                  the mesh the config makes on N devices
     params_bytes_total                 every parameter, unsharded
@@ -62,7 +65,8 @@ def tree_bytes(tree, *, per_device: bool = False) -> int:
 
 def abstract_batch(run):
     """The train batch's ShapeDtypeStructs [batch_size, ...], rows on the batch-parallel axes:
-    trailing shapes and dtypes from one row of the config's data pipeline."""
+    trailing shapes and dtypes from one row of the config's data pipeline (text windows and
+    precomputed embeddings: from the config, nothing read)."""
     import jax
     import numpy as np
     from train.data import pipeline
@@ -71,6 +75,8 @@ def abstract_batch(run):
         T = c.seq_len
         one = {"inputs": np.zeros((1, T), np.int32), "targets": np.zeros((1, T), np.int32),
                "weights": np.zeros((1, T), np.float32)}
+    elif c.data.name == "embeddings":       # train/data/embeddings.py's record: z [D], y
+        one = {"z": np.zeros((1, *c.input_shape), np.float32), "y": np.zeros((1,), np.int32)}
     else:
         one = next(iter(pipeline.make_dataset(c.data, split="train", seed=c.seed,
                                               global_batch_size=1, seq_len=c.get("seq_len", 0),
@@ -84,13 +90,31 @@ def abstract_batch(run):
     return out
 
 
+def _synthetic_keys(config, tmp: str):
+    """`config`, or a copy whose data_dir is `tmp` with a keys.npz of zeros when DKVB's codebooks
+    would read one that is not there: its width is the embeddings' (input_shape), and the
+    memory's shapes (all the dry run takes from it) depend on neither its values nor its rows."""
+    import numpy as np
+    from train.data import embeddings
+    settings = config.get("memory", {}).get("dkvb_codebooks")
+    if settings is None or os.path.exists(os.path.join(str(config.data.data_dir), "keys.npz")):
+        return config
+    config = config.copy_and_resolve_references()
+    config.data.data_dir = tmp
+    rows = max(config.model.num_keys, settings.key_init_batch)
+    embeddings.save(tmp, "keys", np.zeros((rows, *config.input_shape), np.float32))
+    return config
+
+
 def compile_train_step(config, devices=None):
     """(run, abstract state, abstract batch, compiled train step) for `config` on `devices`
     (default: every device); nothing of the model's size is allocated."""
+    import tempfile
     import jax
     from train import trainer
-    run = trainer.setup(config, devices=devices or jax.devices())
-    state = trainer.abstract_state(run)
+    with tempfile.TemporaryDirectory(prefix="dryrun_") as tmp:
+        run = trainer.setup(_synthetic_keys(config, tmp), devices=devices or jax.devices())
+        state = trainer.abstract_state(run)
     batch = abstract_batch(run)
     return run, state, batch, trainer.make_train_step(run).lower(state, batch).compile()
 

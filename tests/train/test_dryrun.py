@@ -88,3 +88,18 @@ def test_a_written_report_says_what_made_it():
                             "--config.mesh.data=1")                  # without --out
     assert p["commit"] and p["dirty"] in (True, False)               # a checkout: its commit
     assert set(p["versions"]) == {"jax", "flax"}
+
+
+def test_dkvb_without_its_embeddings():
+    """DKVB's embeddings and keys need not be prepared: the batch and the keys' width come
+    from input_shape."""
+    from train.configs import dkvb
+    c = dkvb.get_config("dkvb")
+    c.data.data_dir = "/nonexistent"
+    c.input_shape, c.batch_size = (24,), 16
+    c.model.num_codebooks, c.model.num_keys = 4, 8
+    run, state, batch, _ = dryrun.compile_train_step(c, devices=jax.devices()[:2])
+    assert batch["z"].shape == (16, 24) and batch["y"].shape == (16,)
+    dk = c.memory.dkvb_codebooks.key_dim
+    assert state.memory["dkvb_codebooks"]["projection"].shape == (4, 24, dk)
+    assert state.memory["dkvb_codebooks"]["keys"].shape == (4, 8, dk)
