@@ -13,8 +13,10 @@ and KEY names a builder in BUILDERS: one per registered figure (reading
 `results/figures/KEY-SIZE-seedS.json`, written by `python -m eval.figures --results
 results/figures`; a column per committed size and seed) and `benchmarks` (reading
 `results/benchmarks/*.json`, written by `benchmarks/harness.py`). A builder with no files yet
-writes a one-line "no committed results yet" instead of a table. So a number inside a marked
-section comes from a committed file, and `--check` (run by the tests) fails when the two disagree.
+writes a one-line "no committed results yet" instead of a table. `dryrun` reads
+`results/dryrun/CONFIG-N.json` (written by `python -m train.dryrun --out`). So a number inside a
+marked section comes from a committed file, and `--check` (run by the tests) fails when the two
+disagree.
 """
 from __future__ import annotations
 
@@ -486,11 +488,61 @@ def demo_table(results: pathlib.Path) -> str:
             + f"From `results/figures/*-quick-seedS.json` (commit {', '.join(commits)}).")
 
 
+# ---------------------------------------------------------------------------------------------
+# Will it fit? The dry runs (results/dryrun/CONFIG-N.json, written by train.dryrun --out)
+# ---------------------------------------------------------------------------------------------
+DRYRUN_ORDER = ("lm:", "landmark:", "mac:", "birdie:paper:transformer", "birdie:paper:gated",
+                "birdie:paper:hawk", "dkvb:")   # the README's order of the families
+MESH_FLAGS = ("--config.mesh.fsdp=-1", "--config.mesh.data=1")   # every row's mesh
+
+
+def _gb(nbytes: int, digits: int = 3) -> str:
+    """Bytes in GB (10⁹): `digits` decimals, 3 below 1 GB."""
+    return f"{nbytes / 1e9:.{digits if nbytes >= 1e9 else 3}f} GB"
+
+
+def dryrun_table(results: pathlib.Path) -> str:
+    """A row per dry run: the config (with any override but the mesh's), the devices and mesh,
+    parameters (all, per device), Adam state, scratch and total per device, and the chips the
+    total fits, ordered by DRYRUN_ORDER and device count."""
+    paths = sorted((results / "dryrun").glob("*.json"))
+    if not paths:
+        return "`dryrun`: no committed results yet (`results/dryrun/CONFIG-N.json`)."
+    docs = []
+    for path in paths:
+        d = load_json(path)
+        for field in ("command", "commit", "num_devices", "mesh", "fits"):
+            if field not in d:
+                raise ValueError(f"dry-run file {path} has no {field!r}; "
+                                 "`python -m train.dryrun --out` writes it")
+        args = d["command"].split()
+        config = args[args.index("--config") + 1]
+        extra = [a[len("--config."):] for a in args
+                 if a.startswith("--config.") and a not in MESH_FLAGS]
+        rank = next((i for i, p in enumerate(DRYRUN_ORDER) if config.startswith(p)),
+                    len(DRYRUN_ORDER))
+        docs.append(((rank, config, " ".join(extra), d["num_devices"]), config, extra, d))
+    rows = []
+    for _, config, extra, d in sorted(docs, key=lambda x: x[0]):
+        label = f"`{config}`" + (f" ({', '.join(f'`{e}`' for e in extra)})" if extra else "")
+        rows.append([label, f"{d['num_devices']} ({d['mesh'].replace(' × ', '×')})",
+                     _gb(d["params_bytes_total"]), _gb(d["params_bytes_per_device"]),
+                     _gb(d["optimizer_bytes_per_device"]), _gb(d["temp_bytes_per_device"], 1),
+                     _gb(d["total_bytes_per_device"], 1),
+                     ", ".join(k for k, v in d["fits"].items() if v) or "none"])
+    commits = sorted({d["commit"] for *_, d in docs})
+    return (markdown_table(["config", "devices (mesh)", "parameters, all", "parameters / device",
+                            "Adam state / device", "CPU scratch / device", "total / device",
+                            "fits (by the CPU total)"], rows) + "\n\n"
+            + f"From `results/dryrun/CONFIG-N.json` (commit {', '.join(commits)}).")
+
+
 BUILDERS: dict[str, Callable[[pathlib.Path], str]] = {
     **{name: (lambda results, name=name, rows=rows: seed_table(name, results, rows))
        for name, rows in FIGURE_ROWS.items()},
     "benchmarks": benchmarks_table,
     "demo": demo_table,
+    "dryrun": dryrun_table,
 }
 
 

@@ -129,7 +129,10 @@ class Embed(nn.Module):
             (self.vocab_size, self.features), self.param_dtype)
 
     def __call__(self, tokens_BxT):
-        return jnp.take(self.embedding, tokens_BxT, axis=0).astype(self.dtype)
+        # The table whole along D (under fsdp: gathered, as every weight is) so that the lookup
+        # keeps the tokens' batch sharding instead of gathering the whole batch's tokens.
+        table = nn.with_logical_constraint(self.embedding, ("vocab", None))
+        return jnp.take(table, tokens_BxT, axis=0).astype(self.dtype)
 
     def attend(self, x_BxTxD):
         return jnp.einsum("btd,vd->btv", x_BxTxD, self.embedding.astype(self.dtype))

@@ -6,9 +6,12 @@
 `--num_devices N` fakes N CPU devices (XLA's host platform device count, set before jax loads),
 builds the run's mesh and shardings (train/trainer.py: setup), and lowers and compiles the
 jitted train step on abstract inputs: the state from `jax.eval_shape` of the sharded init, a
-batch of the config's shapes (text windows: inputs, targets, weights [B, seq_len]; other data:
-one real row of the pipeline gives each field's trailing shape and dtype). Nothing of the model's
-size is allocated. Prints one JSON object:
+batch of the config's shapes (text windows: inputs, targets, weights [B, seq_len]; precomputed
+embeddings: z [B, *input_shape], y [B]; other data: one real row of the pipeline gives each
+field's trailing shape and dtype). DKVB's codebooks, which read their keys' data at init, read
+a keys.npz of zeros of the embeddings' width when the config's data_dir has none (the memory's
+shapes depend only on that width). Nothing of the model's size is allocated. Prints one JSON
+object:
 
     num_devices, mesh                  the mesh the config makes on N devices
     params_bytes_total                 every parameter, unsharded
@@ -18,6 +21,9 @@ size is allocated. Prints one JSON object:
     argument_bytes_per_device          the step's inputs (state and batch) on one device
     total_bytes_per_device             arguments + scratch: what one chip must hold
     fits                               {chip: total ≤ its HBM} for common chips (HBM_BYTES)
+
+`--out FILE` also writes it to FILE with what made it: the command, the git commit (and whether
+tracked code differed from it), the host and the jax/flax versions (results/dryrun/*.json).
 
 The compiled program is the CPU's: its scratch is indicative of an accelerator's, not equal to
 it (fusion and layouts differ); the parameter and optimizer shares are exact.
@@ -38,6 +44,9 @@ HBM_BYTES = {"tpu_v4": 32 * 2**30, "tpu_v5e": 16 * 2**30, "tpu_v5p": 95 * 2**30,
              "tpu_v6e": 32 * 2**30, "h100_80g": 80 * 10**9, "h200": 141 * 10**9}
 
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 8, "Fake CPU devices to compile for.")
+_COMMAND: list[str] = []      # the command line as given (run() sets it), for --out
+_OUT = flags.DEFINE_string("out", None, "Also write the report to this JSON file, with the "
+                           "command, the git commit and the versions it was made with.")
 
 
 def _leaf_bytes(x, per_device: bool) -> int:
@@ -56,7 +65,8 @@ def tree_bytes(tree, *, per_device: bool = False) -> int:
 
 def abstract_batch(run):
     """The train batch's ShapeDtypeStructs [batch_size, ...], rows on the batch-parallel axes:
-    trailing shapes and dtypes from one row of the config's data pipeline."""
+    trailing shapes and dtypes from one row of the config's data pipeline (text windows and
+    precomputed embeddings: from the config, nothing read)."""
     import jax
     import numpy as np
     from train.data import pipeline
@@ -65,6 +75,8 @@ def abstract_batch(run):
         T = c.seq_len
         one = {"inputs": np.zeros((1, T), np.int32), "targets": np.zeros((1, T), np.int32),
                "weights": np.zeros((1, T), np.float32)}
+    elif c.data.name == "embeddings":       # train/data/embeddings.py's record: z [D], y
+        one = {"z": np.zeros((1, *c.input_shape), np.float32), "y": np.zeros((1,), np.int32)}
     else:
         one = next(iter(pipeline.make_dataset(c.data, split="train", seed=c.seed,
                                               global_batch_size=1, seq_len=c.get("seq_len", 0),
@@ -78,15 +90,39 @@ def abstract_batch(run):
     return out
 
 
+def _synthetic_keys(config, tmp: str):
+    """`config`, or a copy whose data_dir is `tmp` with a keys.npz of zeros when DKVB's codebooks
+    would read one that is not there: its width is the embeddings' (input_shape), and the
+    memory's shapes (all the dry run takes from it) depend on neither its values nor its rows."""
+    import numpy as np
+    from train.data import embeddings
+    settings = config.get("memory", {}).get("dkvb_codebooks")
+    if settings is None or os.path.exists(os.path.join(str(config.data.data_dir), "keys.npz")):
+        return config
+    config = config.copy_and_resolve_references()
+    config.data.data_dir = tmp
+    rows = max(config.model.num_keys, settings.key_init_batch)
+    embeddings.save(tmp, "keys", np.zeros((rows, *config.input_shape), np.float32))
+    return config
+
+
+def compile_train_step(config, devices=None):
+    """(run, abstract state, abstract batch, compiled train step) for `config` on `devices`
+    (default: every device); nothing of the model's size is allocated."""
+    import tempfile
+    import jax
+    from train import trainer
+    with tempfile.TemporaryDirectory(prefix="dryrun_") as tmp:
+        run = trainer.setup(_synthetic_keys(config, tmp), devices=devices or jax.devices())
+        state = trainer.abstract_state(run)
+    batch = abstract_batch(run)
+    return run, state, batch, trainer.make_train_step(run).lower(state, batch).compile()
+
+
 def dry_run(config, devices=None) -> dict:
     """The report above for `config` on `devices` (default: every device)."""
-    import jax
     from train import sharding as shd
-    from train import trainer
-    run = trainer.setup(config, devices=devices or jax.devices())
-    state = trainer.abstract_state(run)
-    batch = abstract_batch(run)
-    compiled = trainer.make_train_step(run).lower(state, batch).compile()
+    run, state, batch, compiled = compile_train_step(config, devices)
     mem = compiled.memory_analysis()
     temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
     args = int(getattr(mem, "argument_size_in_bytes", 0)) if mem is not None else 0
@@ -102,6 +138,37 @@ def dry_run(config, devices=None) -> dict:
             "fits": {chip: total <= hbm for chip, hbm in HBM_BYTES.items()}}
 
 
+def provenance(argv: Sequence[str]) -> dict:
+    """What made a report: the command (without --out), the checkout's commit and whether a
+    tracked file outside results/ differed from it, the host and the versions."""
+    import subprocess
+    from importlib import metadata
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args, skip = [], False
+    for a in argv[1:]:
+        if skip or a.startswith("--out="):
+            skip = False
+            continue
+        if a == "--out":
+            skip = True
+            continue
+        args.append(a)
+
+    def git(*a):
+        try:
+            r = subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
+    return {"command": " ".join(["python -m train.dryrun", *args]),
+            "commit": git("rev-parse", "--short", "HEAD"),
+            "dirty": None if status is None else bool(status),
+            "device": f"cpu (fake host devices), {os.cpu_count()} cores",
+            "versions": {p: metadata.version(p) for p in ("jax", "flax")}}
+
+
 def main(argv):
     del argv
     from absl import logging as absl_logging
@@ -110,12 +177,17 @@ def main(argv):
     if config is None:
         print("error: --config must be given", file=sys.stderr)
         return 2
+    made_by = provenance(_COMMAND) if _OUT.value else None   # the checkout the run starts from
     try:
         report = dry_run(config)
     except ValueError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(json.dumps(report), flush=True)
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            json.dump({**made_by, **report}, f, indent=1)
+            f.write("\n")
     return 0
 
 
@@ -132,6 +204,7 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
     """`python -m train.dryrun`: fakes the devices before jax loads, then parses like
     mnemax-train (configs by name or path, one-line errors)."""
     argv = list(sys.argv if argv is None else argv)
+    _COMMAND[:] = argv
     try:
         n = _num_devices(argv)
     except ValueError:

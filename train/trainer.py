@@ -291,7 +291,8 @@ def build_hooks(config) -> tuple:
 def init_state(run: Run) -> TrainState:
     """Sharded init: each leaf is created directly in its sharding (jit out_shardings)."""
     seed_key = jax.random.key(run.config.seed)
-    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+    with jax.sharding.use_abstract_mesh(run.mesh.abstract_mesh), \
+                nn.logical_axis_rules(run.rules):
         boxed = jax.jit(run.init_fn, out_shardings=run.state_shardings)(seed_key)
     return nn.unbox(boxed)
 
@@ -360,7 +361,10 @@ def make_train_step(run: Run):
                              memory={**state.memory, **new_memory}), metrics
 
     def wrapped(state, batch):
-        with nn.logical_axis_rules(run.rules):
+        # The mesh in context while tracing: without it Flax drops every activation constraint
+        # (nn.with_logical_constraint), and under fsdp XLA gathers the whole batch's activations.
+        with jax.sharding.use_abstract_mesh(run.mesh.abstract_mesh), \
+                nn.logical_axis_rules(run.rules):
             return step_fn(state, batch)
 
     rep = shd.replicated(run.mesh)
@@ -376,7 +380,8 @@ def make_train_step(run: Run):
 
 def make_eval_step(run: Run):
     def eval_fn(params, memory, batch):
-        with nn.logical_axis_rules(run.rules):
+        with jax.sharding.use_abstract_mesh(run.mesh.abstract_mesh), \
+                nn.logical_axis_rules(run.rules):   # as in make_train_step
             loss_sum, aux = run.objective(run.model.apply, params, batch, jax.random.key(0),
                                           memory=memory)
         aux.pop("memory", None)

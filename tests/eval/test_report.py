@@ -167,3 +167,22 @@ def test_demo_table_checks_each_quick_figure_against_its_bar(tmp_path):
     mqar = next(line for line in lines if line.startswith("| `lm_mqar`"))
     assert mqar.endswith("| – | – |")
     assert lines[-1].startswith("From `results/figures/*-quick-seedS.json`")
+
+
+def test_dryrun_table_from_the_dry_runs_files(tmp_path):
+    (tmp_path / "dryrun").mkdir()
+    doc = {"command": "python -m train.dryrun --config lm:paper --num_devices 4 "
+                      "--config.mesh.fsdp=-1 --config.mesh.data=1 --config.seq_len=64",
+           "commit": "abc1234", "num_devices": 4, "mesh": "data=1 × fsdp=4 × model=1",
+           "params_bytes_total": 340798464, "params_bytes_per_device": 85199616,
+           "optimizer_bytes_per_device": 170399240, "temp_bytes_per_device": 12_123_456_789,
+           "total_bytes_per_device": 12_379_055_645, "fits": {"tpu_v4": True, "h200": False}}
+    (tmp_path / "dryrun" / "lm-paper-4.json").write_text(json.dumps(doc))
+    table = report.BUILDERS["dryrun"](tmp_path)
+    assert ("| `lm:paper` (`seq_len=64`) | 4 (data=1×fsdp=4×model=1) | 0.341 GB | 0.085 GB | "
+            "0.170 GB | 12.1 GB | 12.4 GB | tpu_v4 |") in table      # the mesh flags left out
+    assert "(commit abc1234)" in table
+    del doc["fits"]
+    (tmp_path / "dryrun" / "lm-paper-4.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="lm-paper-4.json has no 'fits'"):
+        report.BUILDERS["dryrun"](tmp_path)

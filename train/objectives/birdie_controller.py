@@ -348,7 +348,9 @@ class ControllerHook:
             K = len(self.names)
 
             def losses(p, batch):
-                with nn.logical_axis_rules(run.rules):
+                # the mesh in context, as in trainer.make_train_step: the activation constraints
+                with jax.sharding.use_abstract_mesh(run.mesh.abstract_mesh), \
+                        nn.logical_axis_rules(run.rules):
                     mean, count = birdie.per_objective_losses(
                         birdie.packed_logits(run.model.apply, p, batch), batch, K)
                 return mean * count, count
