@@ -470,9 +470,10 @@ def test_nan_loss_stops_and_the_run_resumes(cli_in_process, trained, tmp_path):
     resumes(workdir, 4)
 
 
-def test_checkpoint_write_fails_half_way(trained, tmp_path, monkeypatch):
-    """Disk full while step 4's checkpoint is written (the data item's file half written): the
-    error names the device and the folder, step 2 stays the latest, and a rerun resumes it."""
+def test_checkpoint_write_fails_half_way(cli_in_process, trained, tmp_path, monkeypatch):
+    """Disk full while step 4's checkpoint is written (the data item's file half written): one
+    line naming the device, the folder and the checkpoint kept (exit 1); step 2 stays the latest,
+    and a rerun resumes it."""
     import grain.python as grain
     workdir = run_copy(trained, tmp_path)
 
@@ -481,8 +482,11 @@ def test_checkpoint_write_fails_half_way(trained, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device", str(directory))
 
     monkeypatch.setattr(grain.PyGrainCheckpointHandler, "save", disk_full)
-    with pytest.raises(OSError, match=r"No space left on device: '.*checkpoints/4"):
-        trainer.train(tiny_config(num_steps=4), workdir, devices=jax.devices()[:1])
+    code, line = cli_in_process("--config", "lm:tiny", "--workdir", str(workdir),
+                                *cli_args(num_steps=4))
+    assert code == 1, line
+    assert re.search(r"No space left on device: '.*checkpoints/4", line), line
+    assert "the last complete checkpoint (step 2) is kept" in line
     monkeypatch.undo()
     restores(workdir, 2)
     resumes(workdir, 4)

@@ -156,15 +156,20 @@ def run_control_diff(stored: Any, current: Any) -> list[str]:
     return _lines(a, b, keys)
 
 
+ALLOW_ALL = "all"   # allow_changes=["all"]: every field may differ
+
+
 def check_compatible(stored: Any, current: Any, *, allow_changes: Iterable[str] = (),
                      where: str = "the workdir") -> list[str]:
     """Raises ConfigMismatchError (one line) if an identity field differs that `allow_changes`
-    does not name (a name covers the fields under it: "data" allows every data.* field);
-    else returns the allowed differences as config_diff's lines.
+    does not name (a name covers the fields under it: "data" allows every data.* field; "all"
+    allows every field); else returns the allowed differences as config_diff's lines.
 
     A name in allow_changes that is no field of either config raises ConfigMismatchError too (a
     typo would otherwise allow nothing, silently)."""
     allow = [x.strip() for x in allow_changes if x and x.strip()]
+    if ALLOW_ALL in allow:          # every field: a deliberate override, logged by the trainer
+        return config_diff(stored, current)
     fields = set(flatten(as_json(current))) | set(flatten(as_json(stored)))
     unknown = [x for x in allow if not any(_covers(x, f) for f in fields)]
     if unknown:

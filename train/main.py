@@ -36,7 +36,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 _ALLOW = flags.DEFINE_list(
     "allow_config_change", [],
     "Config fields (dotted, comma-separated; a name covers the fields under it) that may differ "
-    "from the config the workdir's run was trained with.")
+    "from the config the workdir's run was trained with; 'all': any field (the start row of "
+    "metrics.jsonl logs what changed).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", None,
                                  "Force jax.distributed.initialize() (default: from environment).")
 _HEARTBEAT = flags.DEFINE_integer(
@@ -84,6 +85,12 @@ def main(argv):
         os._exit(2)
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:        # a write that failed (disk full, a lost mount)
+        steps = checkpoint.saved_steps(_WORKDIR.value)
+        kept = f"step {steps[-1]}" if steps else "none"
+        print(f"error: {e}; the last complete checkpoint ({kept}) is kept: free the space and "
+              "rerun the same command to resume", file=sys.stderr)
         return 1
     out = {k: v for k, v in summary.items() if isinstance(v, (int, float, bool, str))}
     print(json.dumps(out), flush=True)

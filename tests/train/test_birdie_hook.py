@@ -8,7 +8,6 @@ import jax
 import numpy as np
 import pytest
 
-from train import checkpoint as ckpt_lib
 from train import trainer
 from train.configs import birdie as birdie_config
 from train.data import birdie_data as bd

@@ -97,6 +97,9 @@ def test_trainer_compares_with_config_json_when_no_checkpoint(tmp_path):
     assert trainer.check_workdir(c, tmp_path, allow_changes=("seq_len",)) == {
         "config_changes": ["seq_len: 64 -> 32"],
         "run_control_changes": [f"num_steps: {n - 1} -> {n}"]}
+    c.model.num_heads = 8       # "all" allows any field, and says which changed
+    assert trainer.check_workdir(c, tmp_path, allow_changes=("all",))["config_changes"] == [
+        "model.num_heads: 4 -> 8", "seq_len: 64 -> 32"]
 
 
 def test_recipe_hash_covers_every_phase_and_its_end_step():
