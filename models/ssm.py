@@ -73,6 +73,8 @@ class SSMConfig:
     chunk_size: int = 0                # >0: chunked scan (associative within chunks of C steps)
     block_chunk: int = 0               # >0: each block runs in chunks of C positions (Block._chunked;
                                        #     long prefills: every intermediate [B, C, ·])
+    remat: bool = False                # recompute each block in the backward pass (training
+                                       #     memory: one block's activations, not every layer's)
     norm_eps: float = 1e-6
     dtype: Any = jnp.float32           # compute dtype of the matmuls; recurrences stay float32
     param_dtype: Any = jnp.float32
@@ -629,7 +631,10 @@ class BiSSMLM(nn.Module):
         c = self.cfg
         self.embed = layers.Embed(c.vocab_size, c.width, dtype=c.dtype, param_dtype=c.param_dtype,
                                   init_std=c.init_std)
-        self.blocks = [Block(c, bidir) for bidir in c.bidirectional]
+        # remat: Block.__call__ under jax.checkpoint; its return_state (argument 4, self being 0)
+        # is a Python bool, so static. Parameters are the same either way.
+        block_cls = nn.remat(Block, static_argnums=(4,)) if c.remat else Block
+        self.blocks = [block_cls(c, bidir) for bidir in c.bidirectional]
         self.final_norm = layers.RMSNorm(eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
         if not c.tie_embeddings:
             self.lm_head = nn.DenseGeneral(
@@ -657,7 +662,7 @@ class BiSSMLM(nn.Module):
         segment_ids, prefix = self._check(tokens_BxT, segment_ids, prefix)
         x = nn.with_logical_constraint(self.embed(tokens_BxT), ("batch", "length", "embed"))
         for blk in self.blocks:
-            x = blk(x, segment_ids, prefix)
+            x = blk(x, segment_ids, prefix, False)
         logits = self._logits(x)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
@@ -672,7 +677,7 @@ class BiSSMLM(nn.Module):
         x = self.embed(prompt_BxP)
         states = []
         for blk in self.blocks:
-            x, s = blk(x, segment_ids, prefix, return_state=True)
+            x, s = blk(x, segment_ids, prefix, True)   # return_state, positional (remat: static)
             states.append(s)
         return self._logits(x), tuple(states)
 

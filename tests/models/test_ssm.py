@@ -227,6 +227,33 @@ def test_chunked_prefill_state_and_gradients_match_one_pass(lm, chunk):
     chex.assert_trees_all_close(grads[0], grads[1], atol=2e-5, rtol=2e-4)
 
 
+def test_remat_keeps_parameters_logits_prefill_and_gradients(lm):
+    """remat (recompute each block in the backward pass): the same parameter tree, logits,
+    prefill state and gradients; the backward pass holds fewer saved residuals."""
+    model, params, _, apply = lm
+    m = ssm.BiSSMLM(model.cfg.replace(remat=True))
+    tokens = _tokens(jax.random.key(13))
+    seg, pre = jnp.ones_like(tokens), _prefix(2)
+    shapes = jax.eval_shape(m.init, jax.random.key(0), tokens)["params"]
+    chex.assert_trees_all_equal_shapes(_unbox(shapes), params)
+    chex.assert_trees_all_close(jax.jit(m.apply)({"params": params}, tokens, segment_ids=seg,
+                                                 prefix=pre), apply(params, tokens, seg, pre))
+    prefill = lambda mdl: jax.jit(lambda p: mdl.apply(  # noqa: E731
+        {"params": p}, tokens, segment_ids=seg, method=ssm.BiSSMLM.prefill))(params)
+    chex.assert_trees_all_close(prefill(m), prefill(model))
+
+    def loss(mdl, p):
+        logits = mdl.apply({"params": p}, tokens, segment_ids=seg, prefix=pre)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 7])
+    grads = [jax.jit(jax.grad(functools.partial(loss, mdl)))(params) for mdl in (m, model)]
+    chex.assert_trees_all_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+    # What the backward pass keeps from the forward one: less under remat.
+    saved = [sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(
+        jax.eval_shape(lambda p: jax.vjp(functools.partial(loss, mdl), p)[1], params)))
+        for mdl in (m, model)]
+    assert saved[0] < saved[1], saved
+
+
 def test_bfloat16_compute_keeps_float32_logits(lm):
     model, params, _, _ = lm
     if model.cfg.mixer != "hawk":

@@ -98,6 +98,7 @@ def _model(name: str, paper: bool) -> ml_collections.ConfigDict:
     m.hawk_heads = s.get("hawk_heads", 1)        # Hawk: block-diagonal gate blocks
     m.conv_width = 4                             # Hawk: causal Conv1D width
     m.chunk_size = 256 if paper else 0           # chunked scan for long rows (0: one scan)
+    m.remat = paper                              # recompute blocks in the backward pass
     m.tie_embeddings = True                      # lm head = embedding table transposed
     m.dtype = "bfloat16" if paper else "float32"   # matmul dtype; recurrences stay float32
     return m
