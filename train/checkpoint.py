@@ -35,7 +35,13 @@ def as_path(workdir: str | pathlib.Path | epath.Path) -> epath.Path:
     """A run directory as an epath: local paths made absolute, gs:// and other URLs kept
     (cloud paths need the matching filesystem package, e.g. gcsfs, installed)."""
     s = str(workdir)
-    return epath.Path(s if "://" in s else os.path.abspath(s))
+    return epath.Path(s if is_url(s) else os.path.abspath(s))
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether `path` is a URL (gs://, s3://, ...: an object store, which cannot append) rather
+    than a local path or mount."""
+    return "://" in os.fspath(path)
 
 
 def check_workdir_path(workdir: str | os.PathLike) -> None:
@@ -43,7 +49,7 @@ def check_workdir_path(workdir: str | os.PathLike) -> None:
     in a place this process may write (not a file, not under a file, not read-only). Nothing is
     created. Remote paths (gs://...) are not checked."""
     s = str(workdir)
-    if "://" in s:
+    if is_url(s):
         return
     path = pathlib.Path(os.path.abspath(s))
     if path.exists() and not path.is_dir():

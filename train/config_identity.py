@@ -126,11 +126,16 @@ def config_hash(config: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 # Differences
 # ---------------------------------------------------------------------------------------------
-def changed_fields(stored: Any, current: Any) -> list[str]:
-    """Dotted names of the identity fields that differ (present in one only counts), sorted."""
-    a, b = identity(stored), identity(current)
+def _differing(a: dict, b: dict) -> list[str]:
+    """The keys of two flattened configs whose values differ (present in one only counts),
+    sorted."""
     return [k for k in sorted(set(a) | set(b))
             if k not in a or k not in b or _dumps(a[k]) != _dumps(b[k])]
+
+
+def changed_fields(stored: Any, current: Any) -> list[str]:
+    """Dotted names of the identity fields that differ (present in one only counts), sorted."""
+    return _differing(identity(stored), identity(current))
 
 
 def _fmt(v: Any) -> str:
@@ -151,8 +156,7 @@ def config_diff(stored: Any, current: Any) -> list[str]:
 def run_control_diff(stored: Any, current: Any) -> list[str]:
     """The EXCLUDED (run-control) fields that differ, as config_diff's lines."""
     a, b = flatten(as_json(stored)), flatten(as_json(current))
-    keys = [k for k in sorted(set(a) | set(b)) if any(_covers(e, k) for e in EXCLUDED)
-            and (k not in a or k not in b or _dumps(a[k]) != _dumps(b[k]))]
+    keys = [k for k in _differing(a, b) if any(_covers(e, k) for e in EXCLUDED)]
     return _lines(a, b, keys)
 
 

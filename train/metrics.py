@@ -32,14 +32,11 @@ import jax
 import numpy as np
 from etils import epath
 
+from train import checkpoint as ckpt_lib
+
 log = logging.getLogger(__name__)
 
 FILENAME = "metrics.jsonl"
-
-
-def is_local(path) -> bool:
-    """Whether `path` is on a filesystem that can append (not a URL such as gs://...)."""
-    return "://" not in os.fspath(path)
 
 
 def _json_value(v):
@@ -67,7 +64,7 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0
         self.workdir = epath.Path(workdir)
         self.path = self.workdir / FILENAME
-        self.local = is_local(self.workdir)
+        self.local = not ckpt_lib.is_url(self.workdir)
         self.flush_every_s = flush_every_s
         self._lines: list[str] = []        # object stores: the whole file
         self._dirty = False

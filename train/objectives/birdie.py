@@ -104,13 +104,18 @@ def split_example(ex: Example) -> tuple[np.ndarray, np.ndarray]:
     return ex.inputs[:p], ex.labels[p:]
 
 
-def _rng(key) -> np.random.Generator:
-    if isinstance(key, (int, np.integer)):
-        return np.random.default_rng(int(key))
+def _key_words(key) -> list[int]:
+    """A JAX PRNG key (typed or raw uint32) as the uint32 words that seed a numpy Generator."""
     key = jnp.asarray(key) if not isinstance(key, np.ndarray) else key
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
-    return np.random.default_rng(np.asarray(key, np.uint32).ravel().tolist())
+    return np.asarray(key, np.uint32).ravel().tolist()
+
+
+def _rng(key) -> np.random.Generator:
+    if isinstance(key, (int, np.integer)):
+        return np.random.default_rng(int(key))
+    return np.random.default_rng(_key_words(key))
 
 
 def _text(tokens) -> np.ndarray:
@@ -491,13 +496,7 @@ COMPACT_SETTINGS = ObjectiveSettings(
 
 def _side_rng(key, stream: int) -> np.random.Generator:
     """A generator seeded by (key, stream): draws independent of the objective's own (`_rng`)."""
-    if isinstance(key, (int, np.integer)):
-        words = [int(key)]
-    else:
-        key = jnp.asarray(key) if not isinstance(key, np.ndarray) else key
-        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-            key = jax.random.key_data(key)
-        words = np.asarray(key, np.uint32).ravel().tolist()
+    words = [int(key)] if isinstance(key, (int, np.integer)) else _key_words(key)
     return np.random.default_rng(words + [stream])
 
 
@@ -555,38 +554,40 @@ class Objective:
 INFILL_LENGTH_BINS = (64, 128, 256, 512, 1024)
 
 
+def _placed(objs: Sequence[Objective], placement: str) -> tuple[Objective, ...]:
+    """The objectives with their paradigm token placed by `placement` (PARADIGM_PLACEMENTS)."""
+    return tuple(dataclasses.replace(o, placement=placement) for o in objs)
+
+
 def birdie_objectives(*, length_bins: Sequence[int] = INFILL_LENGTH_BINS,
                       settings: ObjectiveSettings = PAPER_SETTINGS) -> tuple[Objective, ...]:
     """Birdie's action space: 7 objective classes; 18 configurations plus one per deshuffling
     fraction beyond the first (the paper's settings: 19, deshuffling 50 % and 100 %)."""
-    at = settings.paradigm_placement
-    objs = [Objective("next_token_prediction", "next_token_prediction", "next_token_prediction",
-                      placement=at),
-            Objective("prefix_lm", "prefix_lm", "prefix_lm", placement=at)]
+    objs = [Objective("next_token_prediction", "next_token_prediction", "next_token_prediction"),
+            Objective("prefix_lm", "prefix_lm", "prefix_lm")]
     for rate in (0.05, 0.15, 0.5):
         for span in (3, 8, 32):
             objs.append(Objective(f"infilling_r{int(rate * 100)}_s{span}", "infilling", "infilling",
                                   (("corruption_rate", rate), ("mean_span", float(span)),
-                                   ("length_bins", tuple(length_bins))), placement=at))
+                                   ("length_bins", tuple(length_bins)))))
     for deshuffle in (False, True):
         for rate, span in ((0.15, 3), (0.5, 8)):
             tag = "autoencoding_deshuffling" if deshuffle else "autoencoding"
             objs.append(Objective(f"{tag}_r{int(rate * 100)}_s{span}", "autoencoding",
                                   "autoencoding", (("corruption_rate", rate),
                                                    ("mean_span", float(span)),
-                                                   ("deshuffle", deshuffle)), placement=at))
+                                                   ("deshuffle", deshuffle))))
     fractions = settings.deshuffle_fractions
     for f in fractions:
         name = "deshuffling" if len(fractions) == 1 else f"deshuffling_p{f * 100:g}"
         objs.append(Objective(name, "deshuffling", "deshuffling",
-                              (("fraction", f), ("mean_chunk", settings.deshuffle_mean_chunk)),
-                              placement=at))
-    objs += [Objective("copying", "copying", "copying", placement=at),
+                              (("fraction", f), ("mean_chunk", settings.deshuffle_mean_chunk))))
+    objs += [Objective("copying", "copying", "copying"),
              Objective("selective_copying", "selective_copying", "selective_copying",
                        (("span_length", settings.selective_copying_spans),
                         ("delimiter_length", settings.selective_copying_delimiters),
-                        ("query_position", settings.selective_copying_query)), placement=at)]
-    return tuple(objs)
+                        ("query_position", settings.selective_copying_query)))]
+    return _placed(objs, settings.paradigm_placement)
 
 
 def ul2_objectives(*, settings: ObjectiveSettings = PAPER_SETTINGS) -> tuple[Objective, ...]:
@@ -594,17 +595,16 @@ def ul2_objectives(*, settings: ObjectiveSettings = PAPER_SETTINGS) -> tuple[Obj
     3, 8, 64; 15% with span 64), S (prefix-LM, the prompt settings.ul2_s_prefix of the text:
     75 % in the paper). Sampled uniformly over the 7 (`uniform_mixture`)."""
     R, X, S = (BIRDIE_TOKENS[k] for k in ("UL2_R", "UL2_X", "UL2_S"))
-    at = settings.paradigm_placement
     objs = []
     for tag, paradigm, rate, span in (("r", R, 0.15, 3), ("r", R, 0.15, 8), ("x", X, 0.5, 3),
                                       ("x", X, 0.5, 8), ("x", X, 0.5, 64), ("x", X, 0.15, 64)):
         objs.append(Objective(f"ul2_{tag}_r{int(rate * 100)}_s{span}", "infilling", f"ul2_{tag}",
                               (("corruption_rate", rate), ("mean_span", float(span)),
-                               ("paradigm", paradigm)), placement=at))
+                               ("paradigm", paradigm))))
     low, high = settings.ul2_s_prefix
     objs.append(Objective("ul2_s", "prefix_lm", "ul2_s",
-                          (("low", low), ("high", high), ("paradigm", S)), placement=at))
-    return tuple(objs)
+                          (("low", low), ("high", high), ("paradigm", S))))
+    return _placed(objs, settings.paradigm_placement)
 
 
 def ntp_objectives() -> tuple[Objective, ...]:
