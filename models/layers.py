@@ -5,6 +5,7 @@ names (see `train/sharding.py` for the rules that map them onto the mesh).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Optional
 
@@ -35,16 +36,58 @@ def check_init_std(value) -> None:
 # ---------------------------------------------------------------------------------------------
 # RoPE
 # ---------------------------------------------------------------------------------------------
-def rope_frequencies(dim: int, base: float = 10000.0) -> jax.Array:
-    """inv_freq [dim/2] = base^(-2i/dim), computed in float32 as the official landmark code does."""
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """A rescaling of RoPE's frequencies for context extension (Hugging Face's `rope_scaling`).
+
+    kind 'linear': every frequency divided by `factor` (positions interpolated);
+    kind 'llama3': Llama 3.1's — wavelengths longer than original_max_positions / low_freq_factor
+    divided by `factor`, shorter than original_max_positions / high_freq_factor kept, a smooth
+    blend between.
+    """
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_positions: int = 8192
+
+    def __post_init__(self):
+        if self.kind not in ("linear", "llama3"):
+            raise ValueError(f"rope_scaling kind={self.kind!r} is not allowed; use 'linear' or "
+                             "'llama3'")
+        if not self.factor > 0:
+            raise ValueError(f"rope_scaling factor={self.factor!r} must be > 0")
+        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(f"rope_scaling high_freq_factor={self.high_freq_factor!r} must be "
+                             f"> low_freq_factor={self.low_freq_factor!r}")
+
+    def apply(self, inv_freq: jax.Array) -> jax.Array:
+        if self.kind == "linear":
+            return inv_freq / self.factor
+        low_wavelen = self.original_max_positions / self.low_freq_factor
+        high_wavelen = self.original_max_positions / self.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / self.factor, inv_freq)
+        smooth = ((self.original_max_positions / wavelen - self.low_freq_factor)
+                  / (self.high_freq_factor - self.low_freq_factor))
+        blended = (1 - smooth) * scaled / self.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, blended, scaled)
+
+
+def rope_frequencies(dim: int, base: float = 10000.0,
+                     scaling: Optional[RopeScaling] = None) -> jax.Array:
+    """inv_freq [dim/2] = base^(-2i/dim), computed in float32 as the official landmark code does,
+    then rescaled by `scaling` if given."""
     if dim % 2:
         raise ValueError(f"head_dim={dim} must be even for RoPE")
     exponent = jnp.arange(0, dim, 2, dtype=jnp.float32) / jnp.float32(dim)
-    return jnp.float32(base) ** (-exponent)
+    inv_freq = jnp.float32(base) ** (-exponent)
+    return inv_freq if scaling is None else scaling.apply(inv_freq)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, *, base: float = 10000.0,
-               interleaved: bool = True) -> jax.Array:
+               interleaved: bool = True, scaling: Optional[RopeScaling] = None) -> jax.Array:
     """Rotates x [B, T, H, D] by positions [T] or [B, T].
 
     `interleaved=True` rotates pairs (x0, x1), (x2, x3), ... (GPT-NeoX-J / official landmark code);
@@ -58,7 +101,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, *, base: float = 10000.0,
         positions = positions[None, :]
     if positions.shape[-1] != T:
         raise ValueError(f"positions has length {positions.shape[-1]}, x has T={T}")
-    inv_freq = rope_frequencies(D, base).astype(x.dtype)                 # [D/2]
+    inv_freq = rope_frequencies(D, base, scaling).astype(x.dtype)                 # [D/2]
     angles = positions.astype(x.dtype)[..., None] * inv_freq              # [B|1, T, D/2]
     sin = jnp.sin(angles)[:, :, None, :]                                  # [B|1, T, 1, D/2]
     cos = jnp.cos(angles)[:, :, None, :]
@@ -90,10 +133,12 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with a weight and no bias (the official landmark GPT's); statistics in float32."""
+    """LayerNorm with a weight and, if `use_bias`, a bias (GPT-2's); without one it is the official
+    landmark GPT's. Statistics in float32."""
     eps: float = 1e-5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -102,15 +147,22 @@ class LayerNorm(nn.Module):
         xf = x.astype(jnp.promote_types(jnp.float32, x.dtype))
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * scale).astype(self.dtype)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * scale
+        if self.use_bias:
+            y = y + self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                    ("embed",)),
+                               (x.shape[-1],), self.param_dtype)
+        return y.astype(self.dtype)
 
 
-def make_norm(kind: str, *, eps: float, dtype, param_dtype, name: str) -> nn.Module:
+def make_norm(kind: str, *, eps: float, dtype, param_dtype, name: str,
+              use_bias: bool = False) -> nn.Module:
+    """RMSNorm ('rmsnorm', never a bias) or LayerNorm ('layernorm', a bias if `use_bias`)."""
     if kind == "rmsnorm":
         return RMSNorm(eps=eps, dtype=dtype, param_dtype=param_dtype, name=name)
     if kind == "layernorm":
-        return LayerNorm(eps=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+        return LayerNorm(eps=eps, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias,
+                         name=name)
     raise ValueError(f"norm={kind!r} is not allowed; use 'rmsnorm' or 'layernorm'")
 
 
@@ -143,7 +195,7 @@ def gelu_exact(x):
 
 
 class MLP(nn.Module):
-    """GELU (x → W2 gelu(W1 x)) or SwiGLU (x → W2 (silu(Wg x) ⊙ W1 x)); no biases.
+    """GELU (x → W2 gelu(W1 x)) or SwiGLU (x → W2 (silu(Wg x) ⊙ W1 x)); biases if `use_bias`.
 
     x [..., D] → [..., D]; a [B, T, D] input's hidden activations are constrained to the logical
     axes (batch, length, mlp)."""
@@ -153,14 +205,16 @@ class MLP(nn.Module):
     param_dtype: Dtype = jnp.float32
     init_std: float = DEFAULT_INIT_STD  # normal init of the kernels
     kernel_init: Optional[Callable] = None   # replaces the normal(init_std) init (MAC: fan-in)
+    use_bias: bool = False                   # GPT-2's biases (zero-initialised)
 
     @nn.compact
     def __call__(self, x_BxTxD):
         D = x_BxTxD.shape[-1]
         init = self.kernel_init or nn.initializers.normal(stddev=self.init_std)
         dense = lambda n, shape_names, name: nn.DenseGeneral(  # noqa: E731
-            n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-            kernel_init=nn.with_logical_partitioning(init, shape_names))
+            n, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+            kernel_init=nn.with_logical_partitioning(init, shape_names),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, shape_names[1:]))
         h = dense(self.hidden, ("embed", "mlp"), "fc_in")(x_BxTxD)
         if self.kind == "gelu":
             h = gelu_exact(h)
@@ -188,6 +242,7 @@ def causal_mask(q_len: int, k_len: int, *, offset: int = 0) -> jax.Array:
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           causal: bool = True,
+                          q_offset=0,
                           segment_ids: Optional[jax.Array] = None,
                           prompt: Optional[jax.Array] = None,
                           prefix_k: Optional[jax.Array] = None,
@@ -195,6 +250,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           prefix_mask: Optional[jax.Array] = None) -> jax.Array:
     """Softmax attention, q, k, v [B, T, H, Dh] → [B, T, H, Dh]; scores and softmax in float32.
 
+    q_offset (int or int32 scalar, causal only): the queries sit at key positions q_offset..
+    q_offset+T-1 of k and v, which may be longer than q (KV-cache decoding: keys past the last
+    query are masked).
     segment_ids [B, T]: packed samples attend only within their segment.
     prompt [B, T] bool (causal only): prefix-LM attention, the prompt positions also see every
     later prompt position (of their own segment); the positions after it stay causal.
@@ -208,7 +266,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=acc) * scale
     mask = jnp.ones((B, 1, T, k.shape[1]), bool)
     if causal:
-        mask = mask & causal_mask(T, k.shape[1])[None, None]
+        mask = mask & causal_mask(T, k.shape[1], offset=q_offset)[None, None]
         if prompt is not None:
             chex.assert_shape(prompt, (B, T))
             mask = mask | (prompt[:, None, :, None] & prompt[:, None, None, :])

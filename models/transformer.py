@@ -13,7 +13,7 @@ attention (`layers.dot_product_attention`); `models.landmark.LandmarkLM` passes 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import chex
 import flax.linen as nn
@@ -41,13 +41,19 @@ class TransformerConfig:
     num_layers: int = 2                # L
     num_heads: int = 4                 # H
     head_dim: Optional[int] = None     # Dh: defaults to D // H
+    num_kv_heads: Optional[int] = None  # Hkv: grouped-query attention (LLaMA); None = H
     mlp_hidden: Optional[int] = None   # defaults to 4·D
     mlp: str = "gelu"                  # 'gelu' (exact) | 'gelu_tanh' | 'swiglu'
-    norm: str = "rmsnorm"              # 'rmsnorm' | 'layernorm' (weight only, no bias)
+    norm: str = "rmsnorm"              # 'rmsnorm' | 'layernorm' (with a bias iff `bias`)
+    bias: bool = False                 # biases in every projection, MLP and LayerNorm (GPT-2)
+    positions: str = "rope"            # 'rope' | 'learned' (GPT-2: a table of max_positions rows)
+    max_positions: int = 0             # rows of the learned position table ('learned' only)
     norm_eps: float = 1e-5
     tie_embeddings: bool = True        # lm head = embedding table transposed
     rope_base: float = 10000.0
     rope_interleaved: bool = True      # pairs (x0,x1),(x2,x3)… ; False = half rotation
+    rope_scaling: Optional[layers.RopeScaling] = None  # context-extension rescaling (a dict of
+                                                       # RopeScaling's fields is accepted)
     attention: str = "dense"           # 'dense' (Transformer); 'landmark' | 'landmark_dense'
                                        # (models.landmark.LandmarkLM)
     dtype: Any = jnp.float32           # compute dtype (bfloat16 on accelerators)
@@ -66,8 +72,21 @@ class TransformerConfig:
         if self.head_dim is None and self.width % self.num_heads:
             raise ValueError(f"width={self.width} must be divisible by num_heads={self.num_heads} "
                              "(or set head_dim)")
-        if self.hd % 2:
+        if self.positions not in ("rope", "learned"):
+            raise ValueError(f"positions={self.positions!r} is not allowed; use 'rope' or "
+                             "'learned'")
+        if self.positions == "learned" and self.max_positions <= 0:
+            raise ValueError(f"max_positions={self.max_positions!r} must be a positive integer "
+                             "with positions='learned'")
+        if self.positions == "rope" and self.hd % 2:
             raise ValueError(f"head_dim={self.hd} must be even (RoPE rotates pairs)")
+        if self.num_kv_heads is not None and (
+                not isinstance(self.num_kv_heads, int) or self.num_kv_heads <= 0
+                or self.num_heads % self.num_kv_heads):
+            raise ValueError(f"num_kv_heads={self.num_kv_heads!r} must be a positive divisor of "
+                             f"num_heads={self.num_heads}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, layers.RopeScaling):
+            object.__setattr__(self, "rope_scaling", layers.RopeScaling(**dict(self.rope_scaling)))
         if self.mlp not in ("gelu", "gelu_tanh", "swiglu"):
             raise ValueError(f"mlp={self.mlp!r} is not allowed; use 'gelu', 'gelu_tanh' or 'swiglu'")
         if self.norm not in ("rmsnorm", "layernorm"):
@@ -79,6 +98,10 @@ class TransformerConfig:
     @property
     def hd(self) -> int:
         return self.head_dim or self.width // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
 
     @property
     def hidden(self) -> int:
@@ -105,73 +128,121 @@ def num_params(params) -> int:
 AttentionFn = Callable[..., jax.Array]
 
 
+class KVCache(NamedTuple):
+    """Keys and values of the tokens decoded so far, for every layer: k, v [L, B, S, Hkv, Dh]
+    (S: the most tokens the cache holds; keys rotated at their positions) and `length`, an int32
+    scalar: how many of the S slots hold tokens (the next token goes to slot `length`)."""
+    k: jax.Array
+    v: jax.Array
+    length: jax.Array
+
+
+def init_cache(cfg: TransformerConfig, batch: int, max_len: int) -> KVCache:
+    """An empty cache for `batch` rows of up to `max_len` tokens (compute dtype)."""
+    shape = (cfg.num_layers, batch, max_len, cfg.kv_heads, cfg.hd)
+    return KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype),
+                   jnp.zeros((), jnp.int32))
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention: x [B,T,D] → [B,T,D]; projections [D,H,Dh] without biases;
-    `attention_fn` combines the projected heads (default: dense causal softmax attention)."""
+    """Multi-head self-attention: x [B,T,D] → [B,T,D]; projections [D,H,Dh] (keys and values
+    [D,Hkv,Dh]: grouped-query attention shares each of Hkv heads among H/Hkv query heads), biases
+    if cfg.bias; `attention_fn` combines the projected heads (default: dense causal softmax
+    attention)."""
     cfg: TransformerConfig
     attention_fn: AttentionFn = layers.dot_product_attention
 
     def setup(self):
         c = self.cfg
-        proj = lambda shape, names, name: self.param(  # noqa: E731
-            name, nn.with_logical_partitioning(nn.initializers.normal(c.init_std), names), shape,
-            c.param_dtype)
-        hd = (c.width, c.num_heads, c.hd)
-        self.w_query = proj(hd, ("embed", "heads", "kv"), "query")
-        self.w_key = proj(hd, ("embed", "heads", "kv"), "key")
-        self.w_value = proj(hd, ("embed", "heads", "kv"), "value")
-        self.w_out = proj((c.num_heads, c.hd, c.width), ("heads", "kv", "embed"), "out")
+        param = lambda name, shape, names, init: self.param(  # noqa: E731
+            name, nn.with_logical_partitioning(init, names), shape, c.param_dtype)
+        normal, zeros = nn.initializers.normal(c.init_std), nn.initializers.zeros
+        self.w_query = param("query", (c.width, c.num_heads, c.hd), ("embed", "heads", "kv"),
+                             normal)
+        self.w_key = param("key", (c.width, c.kv_heads, c.hd), ("embed", "heads", "kv"), normal)
+        self.w_value = param("value", (c.width, c.kv_heads, c.hd), ("embed", "heads", "kv"),
+                             normal)
+        self.w_out = param("out", (c.num_heads, c.hd, c.width), ("heads", "kv", "embed"), normal)
+        if c.bias:
+            self.b_query = param("query_bias", (c.num_heads, c.hd), ("heads", "kv"), zeros)
+            self.b_key = param("key_bias", (c.kv_heads, c.hd), ("heads", "kv"), zeros)
+            self.b_value = param("value_bias", (c.kv_heads, c.hd), ("heads", "kv"), zeros)
+            self.b_out = param("out_bias", (c.width,), ("embed",), zeros)
 
-    def _proj(self, x_BxTxD, w_DxHxK):
+    def _proj(self, x_BxTxD, w_DxHxK, b_HxK=None):
         c = self.cfg
-        return jnp.einsum("btd,dhk->bthk", x_BxTxD.astype(c.dtype), w_DxHxK.astype(c.dtype))
+        y = jnp.einsum("btd,dhk->bthk", x_BxTxD.astype(c.dtype), w_DxHxK.astype(c.dtype))
+        return y if b_HxK is None else y + b_HxK.astype(c.dtype)
 
     def out(self, y_BxTxHxK):
         c = self.cfg
-        return jnp.einsum("bthk,hkd->btd", y_BxTxHxK.astype(c.dtype), self.w_out.astype(c.dtype))
+        y = jnp.einsum("bthk,hkd->btd", y_BxTxHxK.astype(c.dtype), self.w_out.astype(c.dtype))
+        return y + self.b_out.astype(c.dtype) if c.bias else y
 
     def qkv(self, x_BxTxD, positions):
-        """Projected heads [B,T,H,Dh]; q and k rotated at `positions`, v not."""
+        """Projected heads: q [B,T,H,Dh], k and v [B,T,Hkv,Dh]; q and k rotated at `positions`
+        (cfg.positions 'rope'), v not."""
         c = self.cfg
-        q, k, v = (self._proj(x_BxTxD, w) for w in (self.w_query, self.w_key, self.w_value))
+        bias = (self.b_query, self.b_key, self.b_value) if c.bias else (None,) * 3
+        q, k, v = (self._proj(x_BxTxD, w, b) for w, b in
+                   zip((self.w_query, self.w_key, self.w_value), bias))
+        if c.positions == "learned":
+            return q, k, v
         rope = lambda t: layers.apply_rope(t, positions, base=c.rope_base,  # noqa: E731
-                                           interleaved=c.rope_interleaved)
+                                           interleaved=c.rope_interleaved, scaling=c.rope_scaling)
         return rope(q), rope(k), v
 
     def __call__(self, x_BxTxD, positions, *, segment_ids=None, prefix_k=None, prefix_v=None,
-                 prefix_mask=None, attention_kwargs=None):
+                 prefix_mask=None, attention_kwargs=None, cache=None):
+        """y [B,T,D]; with `cache` = (k [B,S,Hkv,Dh], v, length): (y, (k, v)), the new keys and
+        values written at slots length..length+T-1 and the queries attending to every slot up to
+        their own (dense attention only)."""
+        c = self.cfg
         q, k, v = self.qkv(x_BxTxD, positions)
         names = ("batch", "length", "heads", "kv")
         q, k, v = (nn.with_logical_constraint(t, names) for t in (q, k, v))
         kwargs = dict(attention_kwargs or {})
+        if cache is not None:
+            k_all, v_all, start = cache
+            k = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), start, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), start, axis=1)
+            cache, kwargs["q_offset"] = (k, v), start
         if segment_ids is not None:
             kwargs["segment_ids"] = segment_ids
         if prefix_k is not None:
             kwargs.update(prefix_k=prefix_k, prefix_v=prefix_v, prefix_mask=prefix_mask)
-        y = self.attention_fn(q, k, v, **kwargs)
-        y = nn.with_logical_constraint(y, names)
-        return self.out(y)
+        group = c.num_heads // c.kv_heads
+        y = self.attention_fn(q, jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2),
+                              **kwargs)
+        y = self.out(nn.with_logical_constraint(y, names))
+        return y if cache is None else (y, cache)
 
 
 class Block(nn.Module):
-    """Pre-norm block: x + attn(norm x), then x + mlp(norm x)."""
+    """Pre-norm block: x + attn(norm x), then x + mlp(norm x). With `cache` (see
+    `Attention.__call__`): (x, the layer's new (k, v))."""
     cfg: TransformerConfig
     attention_fn: AttentionFn = layers.dot_product_attention
 
     @nn.compact
     def __call__(self, x, positions, segment_ids=None, prefix_k=None, prefix_v=None,
-                 prefix_mask=None, attention_kwargs=None):
+                 prefix_mask=None, attention_kwargs=None, cache=None):
         c = self.cfg
         norm = lambda name: layers.make_norm(c.norm, eps=c.norm_eps, dtype=c.dtype,  # noqa: E731
-                                             param_dtype=c.param_dtype, name=name)
+                                             param_dtype=c.param_dtype, use_bias=c.bias,
+                                             name=name)
         h = norm("ln_1")(x)
         attn = Attention(c, self.attention_fn, name="attn")
-        x = x + attn(h, positions, segment_ids=segment_ids, prefix_k=prefix_k, prefix_v=prefix_v,
-                     prefix_mask=prefix_mask, attention_kwargs=attention_kwargs)
+        y = attn(h, positions, segment_ids=segment_ids, prefix_k=prefix_k, prefix_v=prefix_v,
+                 prefix_mask=prefix_mask, attention_kwargs=attention_kwargs, cache=cache)
+        if cache is not None:
+            y, cache = y
+        x = x + y
         h = norm("ln_2")(x)
         x = x + layers.MLP(c.hidden, c.mlp, dtype=c.dtype, param_dtype=c.param_dtype,
-                           init_std=c.init_std, name="mlp")(h)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+                           init_std=c.init_std, use_bias=c.bias, name="mlp")(h)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return x if cache is None else (x, cache)
 
 
 class Transformer(nn.Module):
@@ -183,6 +254,8 @@ class Transformer(nn.Module):
     prefix_kv [L, 2, B, P, H, Dh] with prefix_mask [B, P]: per-layer prefix keys/values (not rotated),
     attention_kwargs: passed to the attention function (e.g. {"is_landmark": [B,T] bool}).
     attention_fn: every block's attention (`AttentionFn`); None: dense (`cfg.attention` 'dense').
+    kv_cache (`KVCache`, dense attention only): decode T new tokens after the cache's `length`
+    (positions default to length..length+T-1); returns (logits, the updated cache).
     """
     cfg: TransformerConfig
     attention_fn: Optional[AttentionFn] = None
@@ -190,7 +263,7 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens_BxT, *, positions=None, segment_ids=None, prefix=None,
                  prefix_kv=None, prefix_mask=None, attention_kwargs=None,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, kv_cache: Optional[KVCache] = None):
         c = self.cfg
         if self.attention_fn is None and c.attention != "dense":
             raise ValueError(f"attention={c.attention!r} is not allowed in Transformer without an "
@@ -203,8 +276,14 @@ class Transformer(nn.Module):
             attention_kwargs = {**(attention_kwargs or {}), "prompt": prefix.astype(bool)}
         chex.assert_rank(tokens_BxT, 2)
         B, T = tokens_BxT.shape
+        if kv_cache is not None and (self.attention_fn is not None or prefix is not None
+                                     or segment_ids is not None or prefix_kv is not None):
+            raise ValueError("kv_cache decoding takes dense causal attention without prefix, "
+                             "segment_ids or prefix_kv")
         if positions is None:
             positions = jnp.arange(T, dtype=jnp.int32)
+            if kv_cache is not None:
+                positions = positions + kv_cache.length
         if prefix_kv is not None:
             chex.assert_shape(prefix_kv, (c.num_layers, 2, B, None, c.num_heads, c.hd))
             if prefix_mask is None:
@@ -212,32 +291,53 @@ class Transformer(nn.Module):
         return decoder_forward(c, tokens_BxT, positions=positions, segment_ids=segment_ids,
                                prefix_kv=prefix_kv, prefix_mask=prefix_mask,
                                attention_kwargs=attention_kwargs, return_hidden=return_hidden,
-                               attention_fn=self.attention_fn or layers.dot_product_attention)
+                               attention_fn=self.attention_fn or layers.dot_product_attention,
+                               kv_cache=kv_cache)
 
 
 def decoder_forward(c: TransformerConfig, tokens_BxT, *, positions, segment_ids=None,
                     prefix_kv=None, prefix_mask=None, attention_kwargs=None,
                     return_hidden: bool = False,
-                    attention_fn: AttentionFn = layers.dot_product_attention):
+                    attention_fn: AttentionFn = layers.dot_product_attention,
+                    kv_cache: Optional[KVCache] = None):
     """Embed → blocks → final norm → logits. Call it from inside a compact `__call__`: the
     submodules (embed, block_i, ln_f, lm_head) are created in the caller's scope, so every model
     built on it (Transformer, LandmarkLM) has the same parameter tree. Every block's attention
-    is `attention_fn` (see `AttentionFn`)."""
+    is `attention_fn` (see `AttentionFn`). With `kv_cache`: (logits or hidden, the new cache)."""
     embed = layers.Embed(c.vocab_size, c.width, dtype=c.dtype, param_dtype=c.param_dtype,
                          init_std=c.init_std, name="embed")
     x = embed(tokens_BxT)
+    if c.positions == "learned":
+        x = x + layers.Embed(c.max_positions, c.width, dtype=c.dtype, param_dtype=c.param_dtype,
+                             init_std=c.init_std, name="pos_embed")(positions)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     block_cls = nn.remat(Block) if c.remat else Block
+    new_k, new_v = [], []
     for i in range(c.num_layers):
         pk = pv = None
         if prefix_kv is not None:
             pk, pv = prefix_kv[i, 0], prefix_kv[i, 1]
         block = block_cls(c, attention_fn, name=f"block_{i}")
-        x = block(x, positions, segment_ids, pk, pv, prefix_mask, attention_kwargs)
+        if kv_cache is None:
+            x = block(x, positions, segment_ids, pk, pv, prefix_mask, attention_kwargs)
+        else:
+            layer_cache = (kv_cache.k[i], kv_cache.v[i], kv_cache.length)
+            x, (k, v) = block(x, positions, None, None, None, None, attention_kwargs, layer_cache)
+            new_k.append(k)
+            new_v.append(v)
     x = layers.make_norm(c.norm, eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
-                         name="ln_f")(x)
+                         use_bias=c.bias, name="ln_f")(x)
+    if kv_cache is not None:
+        cache = KVCache(jnp.stack(new_k), jnp.stack(new_v),
+                        kv_cache.length + tokens_BxT.shape[1])
+        out = x if return_hidden else _logits(c, embed, x)
+        return out, cache
     if return_hidden:
         return x
+    return _logits(c, embed, x)
+
+
+def _logits(c: TransformerConfig, embed: layers.Embed, x):
     if c.tie_embeddings:
         logits = embed.attend(x)
     else:
@@ -248,3 +348,22 @@ def decoder_forward(c: TransformerConfig, tokens_BxT, *, positions, segment_ids=
             name="lm_head")(x)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
     return logits.astype(jnp.promote_types(jnp.float32, logits.dtype))
+
+
+def greedy_generate(model: Transformer, params, prompt_BxP, num_tokens: int) -> jax.Array:
+    """int32 [B, num_tokens]: the tokens greedy decoding appends to prompt_BxP (no early stop).
+    The prompt is read in one pass into a `KVCache` of P + num_tokens slots, then one token per
+    step attends to the cache. Call it under `jax.jit` (num_tokens static) for speed."""
+    B, P = prompt_BxP.shape
+    variables = {"params": params}
+    cache = init_cache(model.cfg, B, P + num_tokens)
+    logits, cache = model.apply(variables, prompt_BxP, kv_cache=cache)
+    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+
+    def body(carry, _):
+        tok, cache = carry
+        logits, cache = model.apply(variables, tok[:, None], kv_cache=cache)
+        return (jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache), tok
+
+    _, out = jax.lax.scan(body, (first, cache), None, length=num_tokens)
+    return jnp.moveaxis(out, 0, 1)

@@ -1,0 +1,371 @@
+"""Pretrained Hugging Face checkpoints as mnemax models: GPT-2, LLaMA-family and T5.
+
+    model, params = from_hf("/path/to/save_pretrained_dir")           # or a hub id, when online
+    logits_BxTxV = model.apply({"params": params}, input_ids_BxT)      # GPT-2, LLaMA
+    logits_BxTxV = model.apply({"params": params}, input_ids_BxS, decoder_input_ids_BxT)  # T5
+
+A checkpoint is a directory as `save_pretrained` writes it: `config.json` and `model.safetensors`,
+or shards `model-0000k-of-0000n.safetensors` with `model.safetensors.index.json`. No torch: the
+safetensors files are read tensor by tensor (`SafetensorsReader`, plain reads into host memory,
+no memory map), each tensor converted to the module's layout, cast to `dtype` and placed on the
+devices — into its sharding on `mesh` when one is given (the logical axis names of the module's
+parameters and `rules`, as the trainer shards them) — before the next tensor is read. The whole
+model is never one host array.
+
+The decoder-only families are configurations of mnemax's own `models.transformer.Transformer`
+(GPT-2: learned positions, LayerNorm and biases, tanh GELU, tied head; LLaMA: RMSNorm, SwiGLU,
+half-rotation RoPE with `rope_theta` and `rope_scaling`, grouped-query attention); T5 is
+`models.t5`. A config field a module does not implement is refused with a ValueError naming it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import layers
+from models.transformer import Transformer, TransformerConfig, as_dtype
+
+Path = tuple[str, ...]                            # a parameter's path in the Flax params tree
+Convert = Callable[[Any, Callable[[str], np.ndarray]], Iterator[tuple[Path, np.ndarray]]]
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+              "BOOL": np.bool_}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading safetensors files
+# ---------------------------------------------------------------------------------------------
+class SafetensorsReader:
+    """The tensors of a checkpoint directory by name, read one at a time from disk.
+
+    `read(name)` returns a numpy array (a fresh host copy; bfloat16 as ml_dtypes' bfloat16) and
+    records the name in `used`; `names` is every tensor of the checkpoint."""
+
+    def __init__(self, directory: str):
+        index = os.path.join(directory, "model.safetensors.index.json")
+        single = os.path.join(directory, "model.safetensors")
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif os.path.exists(single):
+            files = ["model.safetensors"]
+        else:
+            raise ValueError(f"checkpoint directory {directory!r} has neither model.safetensors "
+                             "nor model.safetensors.index.json (save it with "
+                             "save_pretrained(..., safe_serialization=True))")
+        self._where: dict[str, tuple[str, dict, int]] = {}
+        for name in files:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            for key, info in header.items():
+                self._where[key] = (path, info, 8 + n)
+        self.names = frozenset(self._where)
+        self.used: set[str] = set()
+
+    def read(self, name: str) -> np.ndarray:
+        if name not in self._where:
+            raise ValueError(f"checkpoint has no tensor {name!r}")
+        path, info, base = self._where[name]
+        if info["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype={info['dtype']!r}; allowed: "
+                             f"{sorted(_ST_DTYPES)}")
+        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+        start, end = info["data_offsets"]
+        count = (end - start) // dtype.itemsize
+        arr = np.fromfile(path, dtype=dtype, count=count, offset=base + start)
+        self.used.add(name)
+        return arr.reshape(info["shape"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Families: config.json → module config, and HF tensors → Flax params
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one `model_type` becomes a mnemax module.
+
+    config(hf, dtype, param_dtype) → the module's config (ValueError on unsupported fields);
+    module(cfg) → the Linen module; example(cfg) → arguments of `module.init` after the rng;
+    convert(cfg, read) → (path, array in the Flax layout) for every parameter;
+    ignored: HF tensors that are not parameters (buffers some checkpoints carry);
+    optional_prefix: a prefix some checkpoints put before every name (GPT-2: GPT2LMHeadModel
+    writes `transformer.h.0…`, the hub's checkpoints have bare `h.0…`); `convert` reads the bare
+    names."""
+    config: Callable[..., Any]
+    module: Callable[[Any], nn.Module]
+    example: Callable[[Any], tuple]
+    convert: Convert
+    ignored: str = r"$^"
+    optional_prefix: str = ""
+
+
+def _check(hf: dict, name: str, allowed, default=None) -> Any:
+    value = hf.get(name, default)
+    if value not in allowed:
+        raise ValueError(f"config.json field {name}={value!r} is not supported; allowed: "
+                         f"{sorted(allowed, key=repr)}")
+    return value
+
+
+# GPT-2 ---------------------------------------------------------------------------------------
+_GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
+def gpt2_config(hf: dict, *, dtype=jnp.float32, param_dtype=jnp.float32) -> TransformerConfig:
+    act = _check(hf, "activation_function", _GPT2_ACT, "gelu_new")
+    _check(hf, "scale_attn_weights", {True}, True)
+    _check(hf, "scale_attn_by_inverse_layer_idx", {False}, False)
+    _check(hf, "add_cross_attention", {False}, False)
+    _check(hf, "tie_word_embeddings", {True}, True)
+    return TransformerConfig(
+        vocab_size=hf["vocab_size"], width=hf["n_embd"], num_layers=hf["n_layer"],
+        num_heads=hf["n_head"], mlp_hidden=hf.get("n_inner") or 4 * hf["n_embd"],
+        mlp=_GPT2_ACT[act], norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        bias=True, positions="learned", max_positions=hf["n_positions"], tie_embeddings=True,
+        dtype=dtype, param_dtype=param_dtype)
+
+
+def _gpt2_convert(c: TransformerConfig, read) -> Iterator[tuple[Path, np.ndarray]]:
+    # Names without the optional `transformer.` prefix (see Family.optional_prefix).
+    H, K, D = c.num_heads, c.hd, c.width
+    yield ("embed", "embedding"), read("wte.weight")
+    yield ("pos_embed", "embedding"), read("wpe.weight")
+    for i in range(c.num_layers):
+        h, b = f"h.{i}.", f"block_{i}"
+        for ln in ("ln_1", "ln_2"):
+            yield (b, ln, "scale"), read(h + ln + ".weight")
+            yield (b, ln, "bias"), read(h + ln + ".bias")
+        # Conv1D weights are [in, out]: the Flax kernel layout already.
+        qkv = read(h + "attn.c_attn.weight").reshape(D, 3, H, K)
+        qkv_b = read(h + "attn.c_attn.bias").reshape(3, H, K)
+        for j, name in enumerate(("query", "key", "value")):
+            yield (b, "attn", name), qkv[:, j]
+            yield (b, "attn", name + "_bias"), qkv_b[j]
+        yield (b, "attn", "out"), read(h + "attn.c_proj.weight").reshape(H, K, D)
+        yield (b, "attn", "out_bias"), read(h + "attn.c_proj.bias")
+        for hf_name, name in (("c_fc", "fc_in"), ("c_proj", "fc_out")):
+            yield (b, "mlp", name, "kernel"), read(f"{h}mlp.{hf_name}.weight")
+            yield (b, "mlp", name, "bias"), read(f"{h}mlp.{hf_name}.bias")
+    yield ("ln_f", "scale"), read("ln_f.weight")
+    yield ("ln_f", "bias"), read("ln_f.bias")
+
+
+# LLaMA ---------------------------------------------------------------------------------------
+def _rope_scaling(hf: dict) -> Optional[layers.RopeScaling]:
+    rs = hf.get("rope_scaling")
+    if not rs:
+        return None
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind == "default":
+        return None
+    if kind not in ("linear", "llama3"):
+        raise ValueError(f"config.json field rope_scaling.rope_type={kind!r} is not supported; "
+                         "allowed: 'default', 'linear', 'llama3'")
+    if kind == "linear":
+        return layers.RopeScaling("linear", float(rs["factor"]))
+    return layers.RopeScaling(
+        "llama3", float(rs["factor"]), float(rs["low_freq_factor"]),
+        float(rs["high_freq_factor"]), int(rs["original_max_position_embeddings"]))
+
+
+def llama_config(hf: dict, *, dtype=jnp.float32, param_dtype=jnp.float32) -> TransformerConfig:
+    _check(hf, "hidden_act", {"silu"}, "silu")
+    _check(hf, "attention_bias", {False}, False)
+    _check(hf, "mlp_bias", {False}, False)
+    heads = hf["num_attention_heads"]
+    return TransformerConfig(
+        vocab_size=hf["vocab_size"], width=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        mlp_hidden=hf["intermediate_size"], mlp="swiglu", norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_base=float(hf.get("rope_theta", 10000.0)),
+        rope_interleaved=False, rope_scaling=_rope_scaling(hf),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        dtype=dtype, param_dtype=param_dtype)
+
+
+def _llama_convert(c: TransformerConfig, read) -> Iterator[tuple[Path, np.ndarray]]:
+    H, G, K, D = c.num_heads, c.kv_heads, c.hd, c.width
+    yield ("embed", "embedding"), read("model.embed_tokens.weight")
+    for i in range(c.num_layers):
+        h, b = f"model.layers.{i}.", f"block_{i}"
+        yield (b, "ln_1", "scale"), read(h + "input_layernorm.weight")
+        yield (b, "ln_2", "scale"), read(h + "post_attention_layernorm.weight")
+        # nn.Linear weights are [out, in].
+        for hf_name, name, heads in (("q_proj", "query", H), ("k_proj", "key", G),
+                                     ("v_proj", "value", G)):
+            yield (b, "attn", name), read(f"{h}self_attn.{hf_name}.weight").T.reshape(D, heads, K)
+        yield (b, "attn", "out"), read(h + "self_attn.o_proj.weight").T.reshape(H, K, D)
+        for hf_name, name in (("gate_proj", "fc_gate"), ("up_proj", "fc_in"),
+                              ("down_proj", "fc_out")):
+            yield (b, "mlp", name, "kernel"), read(f"{h}mlp.{hf_name}.weight").T
+    yield ("ln_f", "scale"), read("model.norm.weight")
+    if not c.tie_embeddings:
+        yield ("lm_head", "kernel"), read("lm_head.weight").T
+
+
+def _decoder_example(c: TransformerConfig) -> tuple:
+    return (jnp.zeros((1, 1), jnp.int32),)
+
+
+def _t5_family() -> Family:
+    from models import t5
+    return Family(config=t5.T5Config.from_hf, module=t5.T5,
+                  example=lambda c: (jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32)),
+                  convert=t5.convert_hf)
+
+
+FAMILIES: dict[str, Callable[[], Family]] = {
+    "gpt2": lambda: Family(gpt2_config, Transformer, _decoder_example, _gpt2_convert,
+                           ignored=r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias|lm_head\.weight",
+                           optional_prefix="transformer."),
+    "llama": lambda: Family(llama_config, Transformer, _decoder_example, _llama_convert,
+                            ignored=r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"),
+    "t5": _t5_family,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+def resolve(path: str) -> str:
+    """A local checkpoint directory for `path`: the directory itself, or a hub id downloaded
+    (config, safetensors and tokenizer files) when `huggingface_hub` is installed and online."""
+    if os.path.isdir(path):
+        return path
+    hint = (f"path={path!r} is not a local directory; pass a directory written by "
+            "save_pretrained (config.json + model.safetensors)")
+    if os.path.exists(path) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
+        raise ValueError(hint)
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise ValueError(f"{hint}, or install huggingface_hub to fetch hub ids") from None
+    try:
+        return huggingface_hub.snapshot_download(
+            path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    except Exception as e:  # offline, unknown repo, gated repo: one message for all
+        raise ValueError(f"{hint} (fetching it from the hub failed: {type(e).__name__})") from None
+
+
+def read_config(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise ValueError(f"checkpoint directory {directory!r} has no config.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def from_hf(path: str, dtype: Any = jnp.float32, *, compute_dtype: Any = None,
+            mesh: Optional[jax.sharding.Mesh] = None, rules=None) -> tuple[nn.Module, dict]:
+    """(model, params) of the Hugging Face checkpoint at `path` (see the module docstring).
+
+    dtype: the parameters' dtype (float32 or bfloat16); compute_dtype: the activations' (default
+    `dtype`). mesh: place every parameter in its sharding on `mesh` under `rules`
+    (train.sharding.DEFAULT_RULES when None); without a mesh, on the default device."""
+    directory = resolve(path)
+    hf = read_config(directory)
+    family = _family(hf)
+    param_dtype = as_dtype(dtype)
+    cfg = family.config(hf, dtype=as_dtype(compute_dtype or dtype), param_dtype=param_dtype)
+    model = family.module(cfg)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), *family.example(cfg)))
+    abstract = abstract["params"]
+    shapes = _flatten(layers.unbox(abstract))
+    shardings = None
+    if mesh is not None:
+        from train import sharding
+        rules = sharding.DEFAULT_RULES if rules is None else rules
+        specs = nn.get_partition_spec(abstract)
+        shardings = _flatten(sharding.logical_to_mesh_sharding(specs, mesh, rules),
+                             leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+    reader = SafetensorsReader(directory)
+    read = reader.read
+    pre = family.optional_prefix
+    if pre and any(n.startswith(pre) for n in reader.names):
+        read = lambda name: reader.read(pre + name)  # noqa: E731
+    params: dict = {}
+    done: set[Path] = set()
+    for p, arr in family.convert(cfg, read):
+        if p not in shapes:
+            raise ValueError(f"converted parameter {'/'.join(p)} is not in the model")
+        if p in done:
+            raise ValueError(f"parameter {'/'.join(p)} converted twice")
+        done.add(p)
+        want = shapes[p].shape
+        if arr.shape != want:
+            raise ValueError(f"parameter {'/'.join(p)} has shape {arr.shape} in the checkpoint; "
+                             f"the model (config.json) wants {want}")
+        arr = np.asarray(arr).astype(param_dtype)
+        leaf = jax.device_put(arr, shardings[p]) if shardings else jnp.asarray(arr)
+        _set(params, p, leaf)
+        del arr
+    missing = sorted(set(shapes) - done)
+    if missing:
+        raise ValueError(f"the checkpoint gives no value for {'/'.join(missing[0])} "
+                         f"({len(missing)} parameters missing)")
+    unused = sorted(n for n in reader.names - reader.used if not re.fullmatch(family.ignored, n))
+    if unused:
+        raise ValueError(f"checkpoint tensor {unused[0]!r} is not used by the model "
+                         f"({len(unused)} unused); is config.json the checkpoint's own?")
+    return model, params
+
+
+def _family(hf: dict) -> Family:
+    model_type = hf.get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(f"config.json field model_type={model_type!r} is not supported; "
+                         f"allowed: {sorted(FAMILIES)}")
+    return FAMILIES[model_type]()
+
+
+def _flatten(tree: dict, prefix: Path = (), leaf=None) -> dict[Path, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and not (leaf and leaf(v)):
+            out.update(_flatten(v, prefix + (k,), leaf))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _set(tree: dict, path: Path, value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def resize_embeddings(params: dict, vocab_size: int) -> dict:
+    """`params` with the token embedding (and an untied `lm_head`) grown to `vocab_size` rows; the
+    new rows are the mean of the old (tokens added to a pretrained vocabulary: BOS/PAD, the
+    landmark token). The model's config must be rebuilt with the new vocab_size."""
+    table = params["embed"]["embedding"]
+    old = table.shape[0]
+    if vocab_size < old:
+        raise ValueError(f"vocab_size={vocab_size} must be >= the checkpoint's {old}")
+
+    def grow(x, axis):
+        mean = jnp.mean(x.astype(jnp.float32), axis=axis, keepdims=True).astype(x.dtype)
+        reps = [1] * x.ndim
+        reps[axis] = vocab_size - old
+        return jnp.concatenate([x, jnp.tile(mean, reps)], axis=axis)
+
+    out = {**params, "embed": {**params["embed"], "embedding": grow(table, 0)}}
+    if "lm_head" in params:
+        out["lm_head"] = {**params["lm_head"], "kernel": grow(params["lm_head"]["kernel"], 1)}
+    return out
