@@ -369,3 +369,48 @@ def resize_embeddings(params: dict, vocab_size: int) -> dict:
     if "lm_head" in params:
         out["lm_head"] = {**params["lm_head"], "kernel": grow(params["lm_head"]["kernel"], 1)}
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning with the trainer (train/configs/lm.py:hf=PATH, config.init_from_hf)
+# ---------------------------------------------------------------------------------------------
+# TransformerConfig fields a checkpoint does not fix: how it computes, not what.
+_FREE_FIELDS = ("vocab_size", "dtype", "param_dtype", "remat", "init_std")
+
+
+def model_config(path: str) -> dict:
+    """The trainer's `model` section for the decoder-only checkpoint at `path`:
+    {"family": "transformer", every TransformerConfig field but dtypes} (plain JSON values)."""
+    hf = read_config(resolve(path))
+    if hf.get("model_type") not in ("gpt2", "llama"):
+        raise ValueError(f"config.json field model_type={hf.get('model_type')!r} cannot be "
+                         "trained as an LM; allowed: 'gpt2', 'llama'")
+    cfg = _family(hf).config(hf)
+    out = {"family": "transformer"}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in ("dtype", "param_dtype"):
+            continue
+        out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def params_for(cfg: TransformerConfig, path: str, *, mesh=None, rules=None) -> dict:
+    """The checkpoint's parameters for a Transformer of config `cfg` (a run's model): every
+    architecture field must equal the checkpoint's (ValueError naming the first that differs);
+    `cfg.vocab_size` may exceed the checkpoint's (tokens added: `resize_embeddings`)."""
+    model, params = from_hf(path, cfg.param_dtype, compute_dtype=cfg.dtype, mesh=mesh,
+                            rules=rules)
+    for f in dataclasses.fields(cfg):
+        if f.name in _FREE_FIELDS:
+            continue
+        mine, theirs = getattr(cfg, f.name), getattr(model.cfg, f.name)
+        if mine != theirs:
+            raise ValueError(f"model.{f.name}={mine!r} differs from the checkpoint's {theirs!r} "
+                             f"({path}); take the model section from pretrained.model_config")
+    if cfg.vocab_size != model.cfg.vocab_size:
+        grown = resize_embeddings(params, cfg.vocab_size)
+        params = jax.tree_util.tree_map(
+            lambda new, old: jax.device_put(new, old.sharding) if mesh is not None else new,
+            grown, params)
+    return params

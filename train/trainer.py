@@ -22,6 +22,9 @@ raises `FloatingPointError` naming the step, after the last good checkpoint is s
 two runs with one seed give bit-identical results on CPU. A run with `config.init_from` (another
 run's workdir) starts from that run's newest parameters (checkpoint.restore_params) with a fresh
 optimizer, RNG and hook state: a fine-tune; once it has saved, it resumes from its own checkpoints.
+`config.init_from_hf` (a Hugging Face checkpoint directory or hub id) does the same from a
+pretrained GPT-2 or LLaMA-family model (models/pretrained.py; the model section must be the
+checkpoint's, `pretrained.model_config`, with vocab_size possibly larger).
 
 A run with `config.base_lm` (a whole trainer config: MAC's stage 1) first trains that run into
 WORKDIR/base_lm (skipped once it reached base_lm.num_steps), and starts its own params["lm"]
@@ -128,7 +131,7 @@ REQUIRED_FIELDS = ("seed", "num_steps", "batch_size", "checkpoint_every", "eval_
 KNOWN_FIELDS = set(REQUIRED_FIELDS) | {
     "seq_len", "log_every", "keep_checkpoints", "async_checkpoints", "sharding_rules", "model",
     "data", "optim", "eval", "objective", "objective_config", "debug", "progress", "name",
-    "hooks", "init_from", "base_lm", "input_shape", "memory"}
+    "hooks", "init_from", "init_from_hf", "base_lm", "input_shape", "memory"}
 
 
 def _resolve(table: dict[str, str], name: str, what: str) -> Callable:
@@ -180,6 +183,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"optim.clip_norm={o.clip_norm!r} must be positive or None")
     if config.get("base_lm"):
         validate_config(config.base_lm)
+    if config.get("init_from_hf") and config.model.get("family", "transformer") != "transformer":
+        raise ValueError(f"init_from_hf needs model.family='transformer', not "
+                         f"{config.model.family!r}")
     vocab = config.model.get("vocab_size")
     if vocab is not None and config.data.name in TOKEN_DATASETS:
         need = pipeline.vocab_size(config.data)
@@ -559,6 +565,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
             state = state.replace(params=params)
             log.info("parameters from %s (step %d)", cfg.init_from, from_step)
             start_row["init_from"] = {"workdir": str(cfg.init_from), "step": from_step}
+        if cfg.get("init_from_hf"):   # a pretrained Hugging Face checkpoint (models/pretrained)
+            from models import pretrained
+            state = state.replace(params=pretrained.params_for(
+                run.model.cfg, cfg.init_from_hf, mesh=run.mesh, rules=run.rules))
+            log.info("parameters from %s", cfg.init_from_hf)
+            start_row["init_from_hf"] = str(cfg.init_from_hf)
         if cfg.get("base_lm"):   # params["lm"] from the first stage's run
             lm, from_step = ckpt_lib.restore_params(workdir / "base_lm",
                                                     abstract_state(run).params["lm"])
