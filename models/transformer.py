@@ -350,20 +350,24 @@ def _logits(c: TransformerConfig, embed: layers.Embed, x):
     return logits.astype(jnp.promote_types(jnp.float32, logits.dtype))
 
 
-def greedy_generate(model: Transformer, params, prompt_BxP, num_tokens: int) -> jax.Array:
-    """int32 [B, num_tokens]: the tokens greedy decoding appends to prompt_BxP (no early stop).
+def greedy_generate(model: Transformer, params, prompt_BxP, num_tokens: int, *,
+                    with_logits: bool = False):
+    """int32 [B, num_tokens]: the tokens greedy decoding appends to prompt_BxP (no early stop);
+    with_logits: (tokens, the logits [B, num_tokens, V] each token was chosen from).
     The prompt is read in one pass into a `KVCache` of P + num_tokens slots, then one token per
     step attends to the cache. Call it under `jax.jit` (num_tokens static) for speed."""
     B, P = prompt_BxP.shape
     variables = {"params": params}
     cache = init_cache(model.cfg, B, P + num_tokens)
     logits, cache = model.apply(variables, prompt_BxP, kv_cache=cache)
-    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
 
     def body(carry, _):
-        tok, cache = carry
+        logits_BxV, cache = carry
+        tok = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
         logits, cache = model.apply(variables, tok[:, None], kv_cache=cache)
-        return (jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache), tok
+        return (logits[:, -1], cache), (tok, logits_BxV)
 
-    _, out = jax.lax.scan(body, (first, cache), None, length=num_tokens)
-    return jnp.moveaxis(out, 0, 1)
+    _, (tokens, step_logits) = jax.lax.scan(body, (logits[:, -1], cache), None,
+                                            length=num_tokens)
+    tokens = jnp.moveaxis(tokens, 0, 1)
+    return (tokens, jnp.moveaxis(step_logits, 0, 1)) if with_logits else tokens

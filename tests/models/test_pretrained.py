@@ -4,6 +4,7 @@ The fixtures in tests/data/hf/ (tools/make_hf_fixtures.py; README there) are tin
 saved with `save_pretrained`, with transformers' logits and greedy tokens. MNEMAX_REFERENCE
 points the tests at a regenerated set (another seed: checkpoints these tests never saw).
 """
+import functools
 import json
 import shutil
 
@@ -44,9 +45,11 @@ def test_logits_match_transformers(loaded, name):
 def test_kv_cache_greedy_decoding_matches_transformers(loaded, name):
     _, ref, model, params = loaded[name]
     steps = ref["greedy_tokens"].shape[1]
-    tokens = jax.jit(greedy_generate, static_argnums=(0, 3))(model, params,
-                                                            ref["greedy_prompt"], steps)
+    decode = jax.jit(functools.partial(greedy_generate, with_logits=True), static_argnums=(0, 3))
+    tokens, logits = decode(model, params, ref["greedy_prompt"], steps)
     np.testing.assert_array_equal(np.asarray(tokens), ref["greedy_tokens"])
+    # random tiny models repeat themselves: the logits check every cached step numerically
+    np.testing.assert_allclose(np.asarray(logits), ref["greedy_logits"], atol=1e-4, rtol=1e-4)
 
 
 def test_both_gpt2_layouts_and_sharded_files_are_what_the_fixtures_hold(loaded):
