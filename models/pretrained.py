@@ -292,8 +292,9 @@ def from_hf(path: str, dtype: Any = jnp.float32, *, compute_dtype: Any = None,
         from train import sharding
         rules = sharding.DEFAULT_RULES if rules is None else rules
         specs = nn.get_partition_spec(abstract)
-        shardings = _flatten(sharding.logical_to_mesh_sharding(specs, mesh, rules),
-                             leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+        tree = sharding.logical_to_mesh_sharding(specs, mesh, rules)
+        sharding.check_divisible(layers.unbox(abstract), tree)
+        shardings = _flatten(tree, leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
     reader = SafetensorsReader(directory)
     read = reader.read
     pre = family.optional_prefix

@@ -51,6 +51,17 @@ GREEDY_NEW = 16  # tokens each greedy decode generates
 # at these widths (scores ~0.03), so position handling would barely show in the logits.
 INIT_STD = 0.1
 
+# --other_shapes: config fields that replace the committed fixtures' shapes (checkpoints the
+# tests never saw: other widths, head counts, depths, head dims ≠ width / heads, buckets).
+OTHER_SHAPES = {
+    "gpt2": dict(n_embd=48, n_head=6, n_layer=3, n_inner=80),
+    "llama": dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=3, head_dim=8,
+                  intermediate_size=160, num_hidden_layers=3),
+    "t5": dict(d_model=48, d_kv=16, num_heads=4, d_ff=80, relative_attention_num_buckets=16,
+               relative_attention_max_distance=32),
+}
+SHAPES: dict = {}   # the active overrides (set by main)
+
 
 # ---------------------------------------------------------------- models
 
@@ -116,11 +127,12 @@ def _saved_keys(folder):
 def _gpt2_config(n_embd):
     """2 layers, 4 heads, 64 positions, gelu_new, no dropout; BOS = EOS = the last id (the
     default, 50256, lies outside this vocabulary)."""
-    return transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=n_embd, n_layer=2,
-                                   n_head=4, activation_function="gelu_new",
+    kw = {**dict(n_embd=n_embd, n_layer=2, n_head=4), **SHAPES.get("gpt2", {})}
+    return transformers.GPT2Config(vocab_size=VOCAB, n_positions=64,
+                                   activation_function="gelu_new",
                                    bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
                                    initializer_range=INIT_STD, resid_pdrop=0.0, embd_pdrop=0.0,
-                                   attn_pdrop=0.0, attn_implementation="eager")
+                                   attn_pdrop=0.0, attn_implementation="eager", **kw)
 
 
 def gpt2(folder):
@@ -163,6 +175,7 @@ def llama_gqa(folder):
               rope_theta=500000.0, hidden_act="silu", rms_norm_eps=1e-5,
               tie_word_embeddings=False, initializer_range=INIT_STD,
               attn_implementation="eager")
+    kw.update(SHAPES.get("llama", {}))
     model = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(rope_scaling=rope_scaling, **kw)).eval()
     model.save_pretrained(folder, safe_serialization=True)
@@ -178,14 +191,16 @@ def llama_gqa(folder):
 def llama_tied(folder):
     """LlamaForCausalLM with tied embeddings, plain RoPE, as many KV heads as query heads, saved
     in several safetensors shards with an index."""
+    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=4)
+    kw.update({k: v for k, v in SHAPES.get("llama", {}).items() if k != "num_key_value_heads"})
+    kw["num_key_value_heads"] = kw["num_attention_heads"]
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-        hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=True,
-        initializer_range=INIT_STD, attn_implementation="eager")
+        vocab_size=VOCAB, max_position_embeddings=64, hidden_act="silu", rms_norm_eps=1e-6,
+        tie_word_embeddings=True, initializer_range=INIT_STD, attn_implementation="eager", **kw)
     model = transformers.LlamaForCausalLM(config).eval()
     model.save_pretrained(folder, safe_serialization=True, max_shard_size="40KB")
-    assert len(list(folder.glob("model-0000*-of-0000*.safetensors"))) >= 2
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) >= 2
     assert (folder / "model.safetensors.index.json").exists()
     return _lm_reference(model)
 
@@ -194,9 +209,10 @@ def _t5(folder, **kw):
     """T5ForConditionalGeneration (d_model 32, 4 heads of 8, 2 encoder layers, 8 relative
     buckets up to distance 20) with its reference: logits for teacher-forced decoder inputs, the
     encoder output, and the 16 tokens greedy decoding generates after the decoder start token."""
+    kw = {**dict(d_model=32, d_kv=8, d_ff=64, num_heads=4, relative_attention_num_buckets=8,
+                 relative_attention_max_distance=20), **SHAPES.get("t5", {}), **kw}
     config = transformers.T5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=20, dropout_rate=0.0,
+        vocab_size=VOCAB, num_layers=2, dropout_rate=0.0,
         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, attn_implementation="eager",
         **kw)
     model = transformers.T5ForConditionalGeneration(config).eval()
@@ -431,7 +447,12 @@ def main():
     parser.add_argument("--big_llama_params", type=float,
                         help="instead of the fixtures, write one random LLaMA checkpoint of "
                              "about this many parameters")
+    parser.add_argument("--other_shapes", action="store_true",
+                        help="the model fixtures at other shapes (OTHER_SHAPES), e.g. with "
+                             "another --seed into another --out, to test on unseen checkpoints")
     args = parser.parse_args()
+    if args.other_shapes:
+        SHAPES.update(OTHER_SHAPES)
     names = args.only.split(",")
     unknown = set(names) - set(FIXTURES)
     if unknown:
