@@ -15,7 +15,8 @@ tokens; every setting at a length scores the same windows, all LENGTH targets of
 - `landmark_k{K}_cache{N}`: the same with a ring cache of only N blocks (older blocks forgotten).
 
 Sizes in train/configs/landmark.py: PASSKEY_SIZES for the runs, PERPLEXITY_SIZES for the
-lengths and windows.
+lengths and windows. `prose_windows(..., tokenizer=)` cuts the same prose into another
+tokenizer's ids (perplexity is then per token of that tokenizer); the figure's runs are bytes.
 
 JSON {"perplexity": {SETTING: {LENGTH: ppl}}}.
 """
@@ -28,7 +29,8 @@ import numpy as np
 
 from eval import figures, metrics, passkey
 from train.configs import landmark as landmark_configs
-from train.data import passkey_data
+from train.data import passkey_data, text_corpus
+from train.data import tokenizer as tok
 
 # (name, top_k, cache_blocks); None: full attention.
 MEMORY_SETTINGS = (("landmark_k2", 2, None), ("landmark_k4", 4, None),
@@ -59,9 +61,16 @@ def validate_size(size: str) -> None:
                              f"cache_blocks={cache}; use 0 <= top_k <= cache_blocks")
 
 
-def prose_windows(length: int, windows: int, *, validation_percent: int = 10) -> np.ndarray:
-    """tokens [windows, length + 1]: consecutive windows of the EOS-joined validation prose."""
-    stream = np.concatenate(passkey_data.corpus_tokens("validation", validation_percent))
+def prose_windows(length: int, windows: int, *, validation_percent: int = 10,
+                  tokenizer: tok.Tokenizer | None = None) -> np.ndarray:
+    """tokens [windows, length + 1]: consecutive windows of the EOS-joined validation prose,
+    encoded by `tokenizer` (default bytes)."""
+    if tokenizer is None or tokenizer.spec == "byte":
+        docs = passkey_data.corpus_tokens("validation", validation_percent)
+    else:
+        docs = [tokenizer.encode(r["text"], add_eos=True)
+                for r in text_corpus.documents("validation", validation_percent)]
+    stream = np.concatenate(docs)
     need = windows * (length + 1)
     if stream.size < need:
         raise ValueError(f"the validation prose has {stream.size} tokens; {windows} windows of "

@@ -10,8 +10,11 @@ with plain full attention over the whole prompt, landmarks inserted); a plain tr
 (`tiny_baseline`, given as --workdir or --baseline_workdir) is scored as `baseline`.
 
 The prompt is the paper's (train/data/passkey_data.py): filler, the key line at a uniformly random
-depth, the question; LENGTH is the prompt's length in bytes (= tokens), keys are random 5-digit
-numbers, and a trial is right when the whole answer " K" is produced.
+depth, the question; LENGTH is the prompt's length in bytes (= tokens with the byte tokenizer),
+keys are random 5-digit numbers, and a trial is right when the whole answer " K" is produced.
+Another tokenizer (`tokenizer=`; the CLI takes the run's data.tokenizer) encodes the prompt and
+the answer apart, so the answer's tokens are the ones scored; rows are right-padded to the
+longest.
 
 Decoding. A trial is scored by greedy decoding, computed exactly with one teacher-forced pass:
 the model reads prompt + " K" and the trial is right iff the argmax at each answer position is
@@ -60,19 +63,38 @@ TOP_K = 4   # blocks retrieved per token and head (the paper evaluates k = 2 and
 # ---------------------------------------------------------------------------------------------
 # Trials
 # ---------------------------------------------------------------------------------------------
-def make_trials(length: int, trials: int, seed: int, *, num_digits: int = 5,
-                intro: bool = False) -> np.ndarray:
-    """tokens [N, length + 1 + num_digits] int32: prompt of `length` bytes, then the answer " K".
+def encode_trials(length: int, trials: int, seed: int, *, num_digits: int = 5,
+                  intro: bool = False, tokenizer: Optional[tok.Tokenizer] = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [N, L] int32, answer [N, L] bool): each trial's prompt of `length` bytes and its
+    answer " K", encoded apart by `tokenizer` (default: bytes) and right-padded to the longest
+    row (PAD, or EOS where the tokenizer has none); `answer` marks the answer's tokens.
 
-    Key and depth are random per trial, drawn from (seed, length)."""
+    Key and depth are random per trial, drawn from (seed, length). With bytes every row is
+    length + 1 + num_digits tokens, the answer the last 1 + num_digits."""
+    tokenizer = tokenizer or tok.ByteTokenizer()
     rng = np.random.default_rng([seed, length, 0x9a55])
     rows = []
     for _ in range(trials):
         key = passkey_data.random_key(rng, num_digits)
         prompt, answer = passkey_data.make_prompt(length, key, float(rng.random()),
                                                   num_digits=num_digits, intro=intro)
-        rows.append(tok.encode(prompt + answer))
-    return np.stack(rows).astype(np.int32)
+        rows.append((tokenizer.encode(prompt), tokenizer.encode(answer)))
+    width = max(len(p) + len(a) for p, a in rows)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.special("EOS")
+    tokens = np.full((trials, width), pad, np.int32)
+    is_answer = np.zeros((trials, width), bool)
+    for i, (p, a) in enumerate(rows):
+        tokens[i, :len(p) + len(a)] = np.concatenate([p, a])
+        is_answer[i, len(p):len(p) + len(a)] = True
+    return tokens, is_answer
+
+
+def make_trials(length: int, trials: int, seed: int, *, num_digits: int = 5,
+                intro: bool = False) -> np.ndarray:
+    """tokens [N, length + 1 + num_digits] int32 (bytes): prompt of `length` bytes, then the
+    answer " K" (`encode_trials` with the byte tokenizer)."""
+    return encode_trials(length, trials, seed, num_digits=num_digits, intro=intro)[0]
 
 
 def answer_correct(logits_NxTxV, tokens_NxT, prompt_len: int) -> np.ndarray:
@@ -80,6 +102,13 @@ def answer_correct(logits_NxTxV, tokens_NxT, prompt_len: int) -> np.ndarray:
     logits = np.asarray(logits_NxTxV)
     pred = logits[:, prompt_len - 1:-1].argmax(-1)
     return np.all(pred == np.asarray(tokens_NxT)[:, prompt_len:], axis=-1)
+
+
+def answers_correct(logits_NxTxV, tokens_NxT, answer_NxT) -> np.ndarray:
+    """bool [N]: the argmax before every answer token (answer_NxT True) equals that token."""
+    logits = np.asarray(logits_NxTxV)
+    hit = logits[:, :-1].argmax(-1) == np.asarray(tokens_NxT)[:, 1:]
+    return np.all(hit | ~np.asarray(answer_NxT)[:, 1:], axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,22 +148,26 @@ def memory_inference_logits(model, params, tokens, *, top_k: int = TOP_K, chunk_
 
 
 def passkey_accuracy(scorer, lengths: Sequence[int], trials: int, seed: int, *,
-                     num_digits: int = 5, intro: bool = False) -> dict:
-    """{length: accuracy} of `scorer(tokens [N, T]) -> logits [N, T, V]`."""
+                     num_digits: int = 5, intro: bool = False,
+                     tokenizer: Optional[tok.Tokenizer] = None) -> dict:
+    """{length: accuracy} of `scorer(tokens [N, T]) -> logits [N, T, V]` (prompts of `length`
+    bytes, encoded by `tokenizer`, default bytes)."""
     acc = {}
     for length in lengths:
-        tokens = make_trials(length, trials, seed, num_digits=num_digits, intro=intro)
-        acc[int(length)] = float(answer_correct(scorer(tokens), tokens, length).mean())
+        tokens, answer = encode_trials(length, trials, seed, num_digits=num_digits, intro=intro,
+                                       tokenizer=tokenizer)
+        acc[int(length)] = float(answers_correct(scorer(tokens), tokens, answer).mean())
     return acc
 
 
 def evaluate_run(model, params, lengths, trials, seed, *, top_k: int = TOP_K,
                  chunk_len: int = 128, num_digits: int = 5, intro: bool = False,
-                 methods: Optional[Sequence[str]] = None) -> dict:
+                 methods: Optional[Sequence[str]] = None,
+                 tokenizer: Optional[tok.Tokenizer] = None) -> dict:
     """{METHOD: {LENGTH: acc}} for one trained model: a LandmarkLM → landmark_memory and
-    landmark_full; a Transformer → baseline."""
+    landmark_full; a Transformer → baseline. `tokenizer`: the model's (default bytes)."""
     params = jax.device_get(params)
-    kw = dict(num_digits=num_digits, intro=intro)
+    kw = dict(num_digits=num_digits, intro=intro, tokenizer=tokenizer)
     if isinstance(model, landmark.LandmarkLM):
         scorers = {"landmark_memory": functools.partial(
                        memory_inference_logits, model, params, top_k=top_k, chunk_len=chunk_len),
@@ -364,7 +397,8 @@ def main(argv=None) -> int:
         accuracy.update(evaluate_run(
             model, params, lengths, a.trials, a.seed, top_k=a.top_k,
             chunk_len=a.chunk_len or max(int(config.seq_len) // 2, 1),
-            num_digits=int(data.get("num_digits", 5)), intro=bool(data.get("intro", False))))
+            num_digits=int(data.get("num_digits", 5)), intro=bool(data.get("intro", False)),
+            tokenizer=tok.load_tokenizer(data.get("tokenizer", "byte"))))
     print(json.dumps({"train_context": train_context,
                       "accuracy": {m: {str(n): v for n, v in accs.items()}
                                    for m, accs in accuracy.items()},

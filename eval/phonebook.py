@@ -11,7 +11,10 @@ digits reproduced at their position among the generated digits.
     python -m eval.phonebook --workdir RUN --seed S --entries N --queries Q [--examples E]
 
 prints one JSON line {"digit_accuracy", "exact_match", "entries", "queries", "examples", ...}.
-The examples are drawn by `train.data.phonebook.make_example` (deterministic per seed).
+The examples are drawn by `train.data.phonebook.make_example` (deterministic per seed). Prompts
+are encoded and answers decoded by a tokenizer (`evaluate(..., tokenizer=)`; the CLI takes the
+run's data.tokenizer; default bytes). Birdie's start-generating token is a byte-vocabulary id, so
+with another tokenizer no start token follows the prompt unless one is given.
 """
 from __future__ import annotations
 
@@ -50,16 +53,16 @@ def digit_accuracy(prediction: str, target: str) -> float:
 ModelFn = Callable[..., jax.Array]
 
 
-def left_pad(prompts: Sequence[np.ndarray], length: Optional[int] = None
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens [B,P], segment_ids [B,P]): prompts right-aligned, PAD in segment 0 before them.
+def left_pad(prompts: Sequence[np.ndarray], length: Optional[int] = None, *,
+             pad_id: int = tok.PAD) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [B,P], segment_ids [B,P]): prompts right-aligned, pad_id in segment 0 before them.
     P = length (≥ the longest prompt) or the longest prompt."""
     P = max(len(p) for p in prompts)
     if length is not None:
         if length < P:
             raise ValueError(f"length={length} is shorter than the longest prompt ({P})")
         P = length
-    toks = np.full((len(prompts), P), tok.PAD, np.int32)
+    toks = np.full((len(prompts), P), pad_id, np.int32)
     seg = np.zeros((len(prompts), P), np.int32)
     for i, p in enumerate(prompts):
         toks[i, P - len(p):] = p
@@ -85,17 +88,20 @@ def _greedy_full(model_fn, params, buf, seg, prefix, start: int, num_new: int):
 
 
 def greedy_generate(model_fn: ModelFn, params, prompts: Sequence[np.ndarray], num_new: int,
-                    *, start_token: int, pad_to: Optional[int] = None) -> np.ndarray:
+                    *, start_token: Optional[int], pad_to: Optional[int] = None,
+                    pad_id: int = tok.PAD) -> np.ndarray:
     """Greedy continuation by full forward passes (works for any model): tokens [B, num_new]
-    generated after prompt ++ [start_token]; the prompt is the prefix, left padding its own
-    segment (pad_to: the prompt length to pad to, so batches share one compilation). Each step
-    reruns the model on the whole buffer (O(T) per token; evaluation only)."""
-    toks, seg = left_pad([np.concatenate([p, [start_token]]) for p in prompts],
-                         None if pad_to is None else pad_to + 1)
+    generated after prompt ++ [start_token] (None: after the prompt, whose last token then
+    plays its part); the prompt is the prefix, left padding (pad_id) its own segment (pad_to:
+    the prompt length to pad to, so batches share one compilation). Each step reruns the model
+    on the whole buffer (O(T) per token; evaluation only)."""
+    start = [] if start_token is None else [start_token]
+    toks, seg = left_pad([np.concatenate([p, start]).astype(np.int32) for p in prompts],
+                         None if pad_to is None else pad_to + len(start), pad_id=pad_id)
     B, L = toks.shape
     prefix = (seg == 1) & (np.arange(L)[None] < L - 1)
     extra = num_new - 1  # room for the generated tokens that are fed back
-    toks = np.concatenate([toks, np.full((B, extra), tok.PAD, np.int32)], axis=1)
+    toks = np.concatenate([toks, np.full((B, extra), pad_id, np.int32)], axis=1)
     seg = np.concatenate([seg, np.ones((B, extra), np.int32)], axis=1)
     prefix = np.concatenate([prefix, np.zeros((B, extra), bool)], axis=1)
     return np.asarray(_greedy_full(model_fn, params, jnp.asarray(toks), jnp.asarray(seg),
@@ -105,21 +111,25 @@ def greedy_generate(model_fn: ModelFn, params, prompts: Sequence[np.ndarray], nu
 def evaluate(model_fn: ModelFn, params, *, seed: int = 0, entries: int = 16, queries: int = 4,
              examples: int = 16, batch_size: int = 8, prompt_prefix: Sequence[int] = (),
              start_token: Optional[int] = None,
-             generate_fn: Optional[Callable[[Sequence[np.ndarray], int], np.ndarray]] = None
-             ) -> dict:
+             generate_fn: Optional[Callable[[Sequence[np.ndarray], int], np.ndarray]] = None,
+             tokenizer: Optional[tok.Tokenizer] = None) -> dict:
     """Digit accuracy of greedy answers on `examples` phone books.
 
     model_fn(params, tokens, segment_ids, prefix) → logits (see `model_fn_for`); prompt_prefix:
     tokens put before each encoded prompt (e.g. a paradigm token); start_token: the token after
-    the prompt (default Birdie's start-generating token); generate_fn(prompts, num_new) → tokens
-    [B, num_new] replaces the default greedy decoder (e.g. SSM recurrent decoding).
+    the prompt (default: Birdie's start-generating token with the byte tokenizer, none with
+    another); generate_fn(prompts, num_new) → tokens [B, num_new] replaces the default greedy
+    decoder (e.g. SSM recurrent decoding); tokenizer: encodes prompts, decodes answers (default
+    bytes).
     """
-    if start_token is None:
+    tokenizer = tokenizer or tok.ByteTokenizer()
+    if start_token is None and tokenizer.spec == "byte":
         start_token = START_GENERATING
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.special("EOS")
     exs = [make_example(seed, entries, queries, i) for i in range(examples)]
-    num_new = len(tok.encode(exs[0].target)) + 1
-    all_prompts = [np.concatenate([np.asarray(prompt_prefix, np.int32), tok.encode(e.prompt)])
-                   for e in exs]
+    num_new = len(tokenizer.encode(exs[0].target)) + 1
+    all_prompts = [np.concatenate([np.asarray(prompt_prefix, np.int32),
+                                   tokenizer.encode(e.prompt)]) for e in exs]
     pad_to = max(len(p) for p in all_prompts)
     accs, exact = [], []
     for s in range(0, examples, batch_size):
@@ -129,11 +139,12 @@ def evaluate(model_fn: ModelFn, params, *, seed: int = 0, entries: int = 16, que
             # A short last batch is filled with copies so every batch has one shape.
             filled = prompts + [prompts[-1]] * (batch_size - len(prompts))
             gen = greedy_generate(model_fn, params, filled, num_new, start_token=start_token,
-                                  pad_to=pad_to)[: len(prompts)]
+                                  pad_to=pad_to, pad_id=pad_id)[: len(prompts)]
         else:
             gen = np.asarray(generate_fn(prompts, num_new))
         for e, g in zip(chunk, gen):
-            text = tok.decode(g)
+            # A model's vocabulary may be wider than its tokenizer's (T5: 32128 rows, 32100 ids).
+            text = tokenizer.decode(g[g < tokenizer.vocab_size])
             accs.append(digit_accuracy(text, e.target))
             exact.append(text[: len(e.target)] == e.target)
     return {"digit_accuracy": float(np.mean(accs)), "exact_match": float(np.mean(exact)),
@@ -161,7 +172,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     prefix_tokens = tuple(getattr(config, "phonebook_prompt_prefix", ()) or ())
     out = evaluate(model_fn_for(model), params, seed=args.seed, entries=args.entries,
                    queries=args.queries, examples=args.examples, batch_size=args.batch_size,
-                   prompt_prefix=prefix_tokens)
+                   prompt_prefix=prefix_tokens,
+                   tokenizer=tok.load_tokenizer(config.data.get("tokenizer", "byte")))
     out["workdir"] = str(args.workdir)
     print(json.dumps(out))
     return out

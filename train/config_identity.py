@@ -13,7 +13,8 @@ version that wrote that JSON is recognised as matching when nothing changed.
 
 The identity is the flattened config (dotted names) without the fields in EXCLUDED below: those
 that say how a run is executed, not which model it trains, on which data, with which objective
-and optimizer. Every other field, present or absent, is part of it.
+and optimizer. Every other field, present or absent, is part of it, except a field of
+ADDED_DEFAULTS at the value that runs stored before it existed had (so they still match).
 """
 from __future__ import annotations
 
@@ -51,6 +52,14 @@ EXCLUDED = (
     # processes, and restores only into the same count.)
     "data.read_threads", "data.read_buffer",
 )
+
+# Fields added after runs were stored, each with the value that gives those runs exactly: at that
+# value a field is left out of the identity, as if absent, so a run stored before the field
+# existed keeps its hash and resumes; any other value is a different run.
+ADDED_DEFAULTS = {
+    # The text datasets' tokenizer (train/data/pipeline.py): "byte" is what they always used.
+    "data.tokenizer": "byte",
+}
 
 ABSENT = "<absent>"
 
@@ -109,9 +118,11 @@ def _covers(name: str, field: str) -> bool:
 
 
 def identity(config: Any) -> dict[str, Any]:
-    """The flattened config without the EXCLUDED run-control fields, keys sorted."""
+    """The flattened config without the EXCLUDED run-control fields and the ADDED_DEFAULTS
+    fields at their defaults, keys sorted."""
     flat = flatten(as_json(config))
-    return {k: flat[k] for k in sorted(flat) if not any(_covers(e, k) for e in EXCLUDED)}
+    return {k: flat[k] for k in sorted(flat) if not any(_covers(e, k) for e in EXCLUDED)
+            and not (k in ADDED_DEFAULTS and _dumps(flat[k]) == _dumps(ADDED_DEFAULTS[k]))}
 
 
 def _dumps(x: Any) -> str:

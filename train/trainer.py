@@ -190,9 +190,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if vocab is not None and config.data.name in TOKEN_DATASETS:
         need = pipeline.vocab_size(config.data)
         if vocab < need:
+            tok = config.data.get("tokenizer", "byte")
+            with_tok = f" with data.tokenizer={tok!r}" if tok != "byte" else ""
             raise ValueError(f"model.vocab_size={vocab} is not allowed: data.name="
-                             f"{config.data.name!r} produces token ids up to {need - 1}; use "
-                             f">= {need}")
+                             f"{config.data.name!r}{with_tok} produces token ids up to "
+                             f"{need - 1}; use >= {need}")
     mem_freq = config.model.get("mem_freq")
     if config.model.get("family") == "landmark" and mem_freq and config.get("seq_len"):
         if config.seq_len < mem_freq:   # a row must hold a whole block and its landmark

@@ -22,10 +22,12 @@ The pipeline (grain 0.2.18 "Dataset" API: `grain.MapDataset` / `grain.IterDatase
    and equally long;
 3. shuffle with `seed` (a bijective index shuffle, reseeded per epoch), repeat `num_epochs`
    times (None: forever);
-4. text: byte-tokenize each document and append EOS (BOS first if `add_bos`); then either pack
+4. text: tokenize each document with `data.tokenizer` (default "byte"; `data_tokenizer`) and
+   append EOS (BOS first if `add_bos`); then either pack
    (`grain.experimental.ConcatThenSplitIterDataset`: the document stream is concatenated and cut
    into windows of T + 1 tokens, a document may span windows; only the very end of a finite
-   stream is padded) or pad (each document cut/padded to T + 1 tokens on its own);
+   stream is padded, with the tokenizer's PAD, or EOS where it has none) or pad (each document
+   cut/padded to T + 1 tokens on its own);
 5. window [T + 1] -> inputs = window[:-1], targets = window[1:]; batch B rows, dropping a last
    incomplete batch (so an epoch of evaluation may skip up to B - 1 rows; pick sizes that
    divide when every row matters);
@@ -58,6 +60,7 @@ batch size, seq_len and process layout.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -150,6 +153,11 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
         c.pack = True
         # Put BOS before every document (EOS always follows one).
         c.add_bos = False
+        # Tokenizer (train/data/tokenizer.py: load_tokenizer): "byte" (UTF-8 bytes + specials,
+        # V = 320), or a tokenizer.json / SentencePiece .model file or a folder holding one,
+        # "+NAME,..." appending specials ("+PAD,LANDMARK"). It must have EOS (and BOS with
+        # add_bos); model.vocab_size must be >= its vocab_size.
+        c.tokenizer = "byte"
     elif name == "birdie":
         # Packed rows of Birdie objectives (train/data/birdie_data.py), generated when read.
         # Objective set: "birdie" | "ul2" | "ntp" (plain next-token prediction).
@@ -256,9 +264,10 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
         c.text_key = "book_text"
         # Let TFDS download and prepare the dataset if missing (never in tests or demos).
         c.download = False
-        # As for "text": pack documents into full windows, or one per row.
+        # As for "text": pack documents into full windows, or one per row; BOS; the tokenizer.
         c.pack = True
         c.add_bos = False
+        c.tokenizer = "byte"
     return c
 
 
@@ -298,8 +307,11 @@ def resolve_data_config(data_config: ml_collections.ConfigDict | Mapping[str, An
 
 
 def vocab_size(data_config: ml_collections.ConfigDict) -> int:
-    """Smallest vocabulary (V) that holds every id the dataset produces: at least 320 (bytes + specials)."""
+    """Smallest vocabulary (V) that holds every id the dataset produces: the text datasets'
+    tokenizer's vocab_size (320 for "byte"); the others at least 320 (bytes + specials)."""
     data_config = resolve_data_config(data_config)
+    if "tokenizer" in data_config:
+        return data_tokenizer(data_config).vocab_size
     if data_config.name == "mqar":
         return max(
             tokenizer.VOCAB_SIZE,
@@ -308,6 +320,30 @@ def vocab_size(data_config: ml_collections.ConfigDict) -> int:
             int(data_config.fill_token) + 1,
         )
     return tokenizer.VOCAB_SIZE
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(spec: str) -> tokenizer.Tokenizer:
+    return tokenizer.load_tokenizer(spec)
+
+
+def data_tokenizer(data_config: ml_collections.ConfigDict) -> tokenizer.Tokenizer:
+    """The tokenizer of a dataset: `data.tokenizer` for the text datasets ("text", "tfds"), the
+    byte tokenizer for every other (their generators are defined on byte ids). Checks that it
+    has what the pipeline inserts (EOS after every document, BOS before it with add_bos)."""
+    data_config = resolve_data_config(data_config)
+    spec = data_config.get("tokenizer", "byte")
+    try:
+        tok = _load_tokenizer(spec)
+    except ValueError as e:
+        raise ValueError(f"data.tokenizer: {e}") from None
+    needs = ["EOS"] + (["BOS"] if data_config.get("add_bos") else [])
+    for name in needs:
+        if name not in tok.specials:
+            raise ValueError(f"data.tokenizer={spec!r} is not allowed: it has no {name} token, "
+                             f"which data.name={data_config.name!r} inserts; allowed: a tokenizer "
+                             f"with one, or append it: {tok.add_special_tokens([name]).spec!r}")
+    return tok
 
 
 def splits(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -435,24 +471,32 @@ def make_source(
 
 
 class _Tokenize(grain.transforms.Map):
-    """{"text": bytes} -> {"tokens": int32 [L]}: bytes, then EOS (BOS first if asked)."""
+    """{"text": bytes} -> {"tokens": int32 [L]}: the tokenizer's ids, then EOS (BOS first if
+    asked). Holds the tokenizer's spec, not the tokenizer, so grain workers load their own."""
 
-    def __init__(self, add_bos: bool):
-        self._add_bos = add_bos
+    def __init__(self, spec: str, add_bos: bool):
+        self._spec, self._add_bos = spec, add_bos
 
     def map(self, record):
-        return {"tokens": tokenizer.encode(record["text"], add_bos=self._add_bos, add_eos=True)}
+        tok = _load_tokenizer(self._spec)
+        return {"tokens": tok.encode(record["text"], add_bos=self._add_bos, add_eos=True)}
+
+
+def _pad_id(tok: tokenizer.Tokenizer) -> int:
+    """The id padding gets (weight 0, after the real tokens): PAD, or EOS where there is none
+    (GPT-2), so that a pretrained vocabulary need not grow for it."""
+    return tok.pad_id if tok.pad_id is not None else tok.special("EOS")
 
 
 class _PadWindow(grain.transforms.Map):
     """{"tokens": [L]} -> {inputs, targets, weights} [T]: cut/pad one document to T + 1 tokens."""
 
-    def __init__(self, seq_len: int):
-        self._seq_len = seq_len
+    def __init__(self, seq_len: int, pad_id: int = tokenizer.PAD):
+        self._seq_len, self._pad_id = seq_len, pad_id
 
     def map(self, record):
         tokens = record["tokens"][: self._seq_len + 1]
-        window = np.full(self._seq_len + 1, tokenizer.PAD, dtype=np.int32)
+        window = np.full(self._seq_len + 1, self._pad_id, dtype=np.int32)
         window[: len(tokens)] = tokens
         weights = (np.arange(self._seq_len) < len(tokens) - 1).astype(np.float32)
         return {"inputs": window[:-1], "targets": window[1:], "weights": weights}
@@ -461,9 +505,12 @@ class _PadWindow(grain.transforms.Map):
 class _PackedWindow(grain.transforms.Map):
     """ConcatThenSplit output (tokens, tokens_segment_ids [T+1]) -> {inputs, targets, weights} [T]."""
 
+    def __init__(self, pad_id: int = tokenizer.PAD):
+        self._pad_id = pad_id
+
     def map(self, record):
         valid = record["tokens_segment_ids"] != 0  # 0 marks padding at the end of the stream
-        window = np.where(valid, record["tokens"], tokenizer.PAD).astype(np.int32)
+        window = np.where(valid, record["tokens"], self._pad_id).astype(np.int32)
         weights = (valid[:-1] & valid[1:]).astype(np.float32)
         return {"inputs": window[:-1], "targets": window[1:], "weights": weights}
 
@@ -593,9 +640,10 @@ def make_dataset(
     if kind == "examples":
         ds = ds.map(_CheckExample(seq_len))
     elif kind == "text":
-        ds = ds.map(_Tokenize(bool(data_config.add_bos)))
+        tok = data_tokenizer(data_config)
+        ds = ds.map(_Tokenize(tok.spec, bool(data_config.add_bos)))
         if not pack:
-            ds = ds.map(_PadWindow(seq_len))
+            ds = ds.map(_PadWindow(seq_len, _pad_id(tok)))
     read_options = grain.ReadOptions(
         num_threads=max(int(data_config.read_threads), 0),
         prefetch_buffer_size=max(int(data_config.read_buffer), 1),
@@ -605,7 +653,7 @@ def make_dataset(
         it = grain.experimental.ConcatThenSplitIterDataset(
             it, length_struct={"tokens": seq_len + 1}
         )
-        it = it.map(_PackedWindow())
+        it = it.map(_PackedWindow(_pad_id(tok)))
     if by_rows:
         it = it.batch(global_batch_size, drop_remainder=True)
         it = it.map(_Rows(shard.shard_index * batch_size, batch_size))
