@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import layers
+from models import layers, vocab
 from models.transformer import Transformer, TransformerConfig, as_dtype
 
 Path = tuple[str, ...]                            # a parameter's path in the Flax params tree
@@ -351,24 +351,16 @@ def _set(tree: dict, path: Path, value) -> None:
     tree[path[-1]] = value
 
 
-def resize_embeddings(params: dict, vocab_size: int) -> dict:
-    """`params` with the token embedding (and an untied `lm_head`) grown to `vocab_size` rows; the
-    new rows are the mean of the old (tokens added to a pretrained vocabulary: BOS/PAD, the
-    landmark token). The model's config must be rebuilt with the new vocab_size."""
-    table = params["embed"]["embedding"]
-    old = table.shape[0]
-    if vocab_size < old:
-        raise ValueError(f"vocab_size={vocab_size} must be >= the checkpoint's {old}")
-
-    def grow(x, axis):
-        mean = jnp.mean(x.astype(jnp.float32), axis=axis, keepdims=True).astype(x.dtype)
-        reps = [1] * x.ndim
-        reps[axis] = vocab_size - old
-        return jnp.concatenate([x, jnp.tile(mean, reps)], axis=axis)
-
-    out = {**params, "embed": {**params["embed"], "embedding": grow(table, 0)}}
+def resize_params_vocab(params: dict, vocab_size: int) -> dict:
+    """`params` of a Transformer with the token embedding (and an untied `lm_head`) grown to
+    `vocab_size` entries, the new ones the mean of the old (models/vocab.py): tokens added to a
+    pretrained vocabulary (BOS/PAD, the landmark token). Rebuild the model's config with the new
+    vocab_size."""
+    out = {**params, "embed": {**params["embed"], "embedding": vocab.resize_embeddings(
+        params["embed"]["embedding"], vocab_size)}}
     if "lm_head" in params:
-        out["lm_head"] = {**params["lm_head"], "kernel": grow(params["lm_head"]["kernel"], 1)}
+        out["lm_head"] = {**params["lm_head"], "kernel": vocab.resize_embeddings(
+            params["lm_head"]["kernel"], vocab_size, axis=1)}
     return out
 
 
@@ -399,7 +391,7 @@ def model_config(path: str) -> dict:
 def params_for(cfg: TransformerConfig, path: str, *, mesh=None, rules=None) -> dict:
     """The checkpoint's parameters for a Transformer of config `cfg` (a run's model): every
     architecture field must equal the checkpoint's (ValueError naming the first that differs);
-    `cfg.vocab_size` may exceed the checkpoint's (tokens added: `resize_embeddings`)."""
+    `cfg.vocab_size` may exceed the checkpoint's (tokens added: `resize_params_vocab`)."""
     model, params = from_hf(path, cfg.param_dtype, compute_dtype=cfg.dtype, mesh=mesh,
                             rules=rules)
     for f in dataclasses.fields(cfg):
@@ -410,7 +402,7 @@ def params_for(cfg: TransformerConfig, path: str, *, mesh=None, rules=None) -> d
             raise ValueError(f"model.{f.name}={mine!r} differs from the checkpoint's {theirs!r} "
                              f"({path}); take the model section from pretrained.model_config")
     if cfg.vocab_size != model.cfg.vocab_size:
-        grown = resize_embeddings(params, cfg.vocab_size)
+        grown = resize_params_vocab(params, cfg.vocab_size)
         params = jax.tree_util.tree_map(
             lambda new, old: jax.device_put(new, old.sharding) if mesh is not None else new,
             grown, params)

@@ -129,18 +129,18 @@ def test_missing_directory_and_offline_hub_id_name_the_local_form(tmp_path, monk
         pretrained.from_hf(str(tmp_path / "empty"))
 
 
-def test_resize_embeddings_appends_the_mean_row(loaded):
+def test_resize_params_vocab_appends_the_mean_row(loaded):
     _, _, model, params = loaded["llama_gqa"]
     V = model.cfg.vocab_size
-    grown = pretrained.resize_embeddings(params, V + 3)
+    grown = pretrained.resize_params_vocab(params, V + 3)
     table, head = grown["embed"]["embedding"], grown["lm_head"]["kernel"]
     assert table.shape[0] == V + 3 and head.shape[1] == V + 3
     np.testing.assert_array_equal(table[:V], params["embed"]["embedding"])
     np.testing.assert_allclose(table[V:], np.broadcast_to(
         params["embed"]["embedding"].mean(0), (3, table.shape[1])), rtol=1e-6)
     np.testing.assert_allclose(head[:, V + 2], params["lm_head"]["kernel"].mean(1), rtol=1e-6)
-    with pytest.raises(ValueError, match=r"vocab_size=3 must be >="):
-        pretrained.resize_embeddings(params, 3)
+    with pytest.raises(ValueError, match=r"new_vocab=3 is not allowed"):
+        pretrained.resize_params_vocab(params, 3)
 
 
 def test_trainer_fine_tunes_from_a_checkpoint(loaded, tmp_path):

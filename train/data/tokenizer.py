@@ -523,24 +523,39 @@ class SentencePieceTokenizer(Tokenizer):
         return np.asarray(self._sp.encode(_as_text(text)), dtype=np.int32)
 
     def _decode(self, ids, skip_special, added):
+        # transformers' slow-tokenizer decode: ids outside the model file (T5's extra ids, an
+        # appended special) split the text; each stretch between them is decoded as
+        # T5Tokenizer.convert_tokens_to_string does (`_decode_pieces`); the parts are joined
+        # with spaces (spaces_between_special_tokens).
+        parts, run = [], []
+        for i in ids:
+            if skip_special and (i in self._special_ids or i in added):
+                continue
+            if i < self._pieces:
+                run.append(i)
+                continue
+            if run:
+                parts.append(self._decode_pieces(run))
+                run = []
+            parts.append(added[i] if i in added else self._piece(i))
+        if run or not parts:
+            parts.append(self._decode_pieces(run))
+        out = " ".join(p for p in parts if p)
+        return _clean_up_spaces(out) if self._clean_up else out
+
+    def _decode_pieces(self, ids):
         # T5Tokenizer.convert_tokens_to_string: pieces between specials decoded together; a
-        # special written as its token (an appended one as <NAME>), after a space unless
-        # another special precedes it.
+        # special written as its token, after a space unless another special precedes it.
         out, run, prev_special = "", [], False
         for i in ids:
-            if i in self._special_ids or i in added:
-                if skip_special:
-                    continue
-                piece = added[i] if i in added else self._piece(i)
-                out += ("" if prev_special else " ") + self._sp.decode(run) + piece
+            if i in self._special_ids:
+                out += ("" if prev_special else " ") + self._sp.decode(run) + self._piece(i)
                 run, prev_special = [], True
             else:
                 run.append(i)
                 prev_special = False
         out += self._sp.decode(run)
-        if self._t5:
-            out = out.strip()
-        return _clean_up_spaces(out) if self._clean_up else out
+        return out.strip() if self._t5 else out
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
