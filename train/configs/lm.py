@@ -9,6 +9,12 @@ on 2 CPU cores; `paper` is a GPT-2-small-sized (~125M parameter) LM on the local
 size a GPU/TPU user starts from. Any field can be overridden with --config.FIELD=VALUE.
 The `lm_mqar` figure (eval/lm_mqar.py) trains `tiny` at its sizes (`--size quick|cpu|paper`):
 MQAR_SIZES below, the run's trainer config `mqar_config`.
+
+`hf=CHECKPOINT[,tokenizer=TOKENIZER]` fine-tunes a pretrained GPT-2 or LLaMA-family model (a
+`save_pretrained` directory, or a hub id when online; models/pretrained.py) on the local prose
+corpus, tokenized by the checkpoint's own tokenizer (its folder) or TOKENIZER:
+
+    python -m train.main --config train/configs/lm.py:hf=/models/gpt2 --workdir runs/gpt2_ft
 """
 import ml_collections
 
@@ -17,8 +23,11 @@ from train.data import pipeline
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    if arg.startswith("hf="):
+        return hf_config(arg)
     if arg not in ("tiny", "paper"):
-        raise ValueError(f"config variant {arg!r} is not allowed; use 'tiny' or 'paper'")
+        raise ValueError(f"config variant {arg!r} is not allowed; use 'tiny', 'paper' or "
+                         "'hf=CHECKPOINT[,tokenizer=TOKENIZER]'")
     paper = arg == "paper"
     c = ml_collections.ConfigDict()
     c.name = f"lm_{arg}"                     # run name (logs only)
@@ -107,4 +116,39 @@ def mqar_config(size: str, seed: int) -> ml_collections.ConfigDict:
     c.checkpoint_every = 0
     c.eval_every = max(100, s["num_steps"] // 5)
     c.log_every = 10
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning a pretrained checkpoint (models/pretrained.py)
+# ---------------------------------------------------------------------------------------------
+def hf_config(arg: str) -> ml_collections.ConfigDict:
+    """The `hf=CHECKPOINT[,tokenizer=TOKENIZER]` variant: the model section is the checkpoint's
+    (`pretrained.model_config`), `init_from_hf` loads its weights, the text dataset uses its
+    tokenizer; model.vocab_size grows to the tokenizer's if that is larger (new rows: the mean
+    row). Sizes for a few hundred CPU steps; raise them on accelerators."""
+    from models import pretrained
+    from train.data import tokenizer as tok_lib
+    fields = dict(part.partition("=")[::2] for part in arg.split(","))
+    unknown = sorted(set(fields) - {"hf", "tokenizer"})
+    if unknown or not fields.get("hf"):
+        raise ValueError(f"config variant {arg!r} is not allowed; use "
+                         "'hf=CHECKPOINT[,tokenizer=TOKENIZER]'")
+    checkpoint = fields["hf"]
+    tokenizer = fields.get("tokenizer") or pretrained.resolve(checkpoint)
+    vocab = tok_lib.load_tokenizer(tokenizer).vocab_size
+    c = get_config("tiny")
+    c.name = "lm_hf"
+    c.init_from_hf = checkpoint              # weights (models/pretrained.py: from_hf)
+    c.model = ml_collections.ConfigDict(pretrained.model_config(checkpoint))
+    c.model.vocab_size = max(c.model.vocab_size, vocab)
+    c.model.dtype = "float32"                # compute dtype ("bfloat16" on accelerators)
+    c.num_steps = 200
+    c.batch_size = 8
+    c.seq_len = min(256, c.model.max_positions or 256)
+    c.checkpoint_every = 100
+    c.eval_every = 100
+    c.data = pipeline.default_data_config("text")
+    c.data.tokenizer = tokenizer
+    c.optim = common.optim(lr=5e-5, warmup_steps=20, weight_decay=0.0)
     return c
