@@ -345,7 +345,20 @@ def landmark_attention_summary(d: dict) -> str:
             f"{infer_ratios} at {' / '.join(kilo(r['context']) for r in inf)} context")
 
 
+def hf_load_summary(d: dict) -> str:
+    rows = {r["mode"]: r for r in d["results"]}
+    t, w = rows["tensorwise"], rows.get("whole_state_dict")
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    base = (f"; the whole state dict first: {gib(w['peak_rss_bytes'])} "
+            f"({w['peak_over_checkpoint']:.2f}×)") if w else ""
+    return (f"{t['num_params'] / 1e9:.2f}B-parameter LLaMA ({gib(d['checkpoint_bytes'])} "
+            f"float32) onto {d['mesh']['devices']} fake devices (fsdp {d['mesh']['fsdp']}): "
+            f"peak resident **{gib(t['peak_rss_bytes'])} = {t['peak_over_checkpoint']:.2f}×** "
+            f"the checkpoint in {t['seconds']:.1f} s{base}")
+
+
 BENCHMARK_SUMMARIES: dict[str, Callable[[dict], str]] = {
+    "hf_load": hf_load_summary,
     "trainer": trainer_summary,
     "dkvb": dkvb_summary,
     "mac": mac_summary,

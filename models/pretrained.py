@@ -20,6 +20,7 @@ half-rotation RoPE with `rope_theta` and `rope_scaling`, grouped-query attention
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -223,8 +224,13 @@ def _decoder_example(c: TransformerConfig) -> tuple:
     return (jnp.zeros((1, 1), jnp.int32),)
 
 
-def _t5_family() -> Family:
+def _t5_family(encoder_only: bool = False) -> Family:
     from models import t5
+    if encoder_only:   # T5EncoderModel: a full checkpoint's decoder and head are left unread
+        return Family(config=functools.partial(t5.T5Config.from_hf, encoder_only=True),
+                      module=t5.T5Encoder, example=lambda c: (jnp.zeros((1, 1), jnp.int32),),
+                      convert=functools.partial(t5.convert_hf, encoder_only=True),
+                      ignored="|".join(re.escape(p) + ".*" for p in t5.ENCODER_ONLY_UNUSED))
     return Family(config=t5.T5Config.from_hf, module=t5.T5,
                   example=lambda c: (jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32)),
                   convert=t5.convert_hf)
@@ -272,15 +278,20 @@ def read_config(directory: str) -> dict:
 
 
 def from_hf(path: str, dtype: Any = jnp.float32, *, compute_dtype: Any = None,
-            mesh: Optional[jax.sharding.Mesh] = None, rules=None) -> tuple[nn.Module, dict]:
+            mesh: Optional[jax.sharding.Mesh] = None, rules=None,
+            encoder_only: bool = False) -> tuple[nn.Module, dict]:
     """(model, params) of the Hugging Face checkpoint at `path` (see the module docstring).
+
+    encoder_only (T5 only): the encoder alone (`models.t5.T5Encoder`: input ids → hidden
+    [B, S, D]; MAC's amortization and aggregation networks), from a T5ForConditionalGeneration
+    or a T5EncoderModel checkpoint.
 
     dtype: the parameters' dtype (float32 or bfloat16); compute_dtype: the activations' (default
     `dtype`). mesh: place every parameter in its sharding on `mesh` under `rules`
     (train.sharding.DEFAULT_RULES when None); without a mesh, on the default device."""
     directory = resolve(path)
     hf = read_config(directory)
-    family = _family(hf)
+    family = _family(hf, encoder_only)
     param_dtype = as_dtype(dtype)
     cfg = family.config(hf, dtype=as_dtype(compute_dtype or dtype), param_dtype=param_dtype)
     model = family.module(cfg)
@@ -327,11 +338,16 @@ def from_hf(path: str, dtype: Any = jnp.float32, *, compute_dtype: Any = None,
     return model, params
 
 
-def _family(hf: dict) -> Family:
+def _family(hf: dict, encoder_only: bool = False) -> Family:
     model_type = hf.get("model_type")
     if model_type not in FAMILIES:
         raise ValueError(f"config.json field model_type={model_type!r} is not supported; "
                          f"allowed: {sorted(FAMILIES)}")
+    if encoder_only and model_type != "t5":
+        raise ValueError(f"encoder_only=True is not allowed for model_type={model_type!r}; "
+                         "allowed: 't5'")
+    if model_type == "t5":
+        return _t5_family(encoder_only)
     return FAMILIES[model_type]()
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from models import pretrained
+from models import pretrained, t5
 from models.transformer import greedy_generate
 from train import trainer
 from train.configs import lm as lm_config
@@ -166,3 +166,25 @@ def test_trainer_fine_tunes_from_a_checkpoint(loaded, tmp_path):
     with pytest.raises(ValueError, match=rf"model.num_layers={layers + 1} differs from the "
                                          rf"checkpoint's {layers}"):
         trainer.train(c, tmp_path / "other")
+
+
+@pytest.mark.parametrize("name", ("t5_relu", "t5_gated"))
+def test_t5_through_from_hf(reference_dir, name):
+    """T5 (tests/models/test_t5.py checks the module in depth) loaded by from_hf: logits, the
+    encoder alone from the same checkpoint, and greedy decoding."""
+    folder = reference_dir / "hf" / name
+    ref = dict(np.load(folder / "reference.npz"))
+    model, params = pretrained.from_hf(str(folder))
+    logits = model.apply({"params": params}, ref["input_ids"], ref["decoder_input_ids"])
+    np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-5, rtol=1e-5)
+    encoder, enc_params = pretrained.from_hf(str(folder), encoder_only=True)
+    assert set(enc_params) == {"shared", "encoder"}
+    np.testing.assert_allclose(np.asarray(encoder.apply({"params": enc_params},
+                                                        ref["input_ids"])),
+                               ref["encoder_hidden"], atol=1e-5, rtol=1e-5)
+    steps = ref["greedy_tokens"].shape[1]
+    tokens = t5.greedy_decode(model, params, ref["input_ids"], steps)
+    np.testing.assert_array_equal(np.asarray(tokens), ref["greedy_tokens"])
+    with pytest.raises(ValueError, match=r"encoder_only=True is not allowed for "
+                                         r"model_type='gpt2'"):
+        pretrained.from_hf(str(reference_dir / "hf" / "gpt2"), encoder_only=True)
