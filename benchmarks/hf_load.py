@@ -34,7 +34,7 @@ jax.block_until_ready(jax.device_put(np.zeros(8), jax.devices()[0]))
 before = rss()
 t0 = time.perf_counter()
 if mode == "tensorwise":
-    model, params = pretrained.from_hf(ckpt, mesh=mesh)
+    model, params = pretrained.from_hf(ckpt, mesh=mesh, rules=sharding.DEFAULT_RULES)
 else:
     import flax.linen as nn
     from safetensors.numpy import load_file

@@ -287,8 +287,8 @@ def from_hf(path: str, dtype: Any = jnp.float32, *, compute_dtype: Any = None,
     or a T5EncoderModel checkpoint.
 
     dtype: the parameters' dtype (float32 or bfloat16); compute_dtype: the activations' (default
-    `dtype`). mesh: place every parameter in its sharding on `mesh` under `rules`
-    (train.sharding.DEFAULT_RULES when None); without a mesh, on the default device."""
+    `dtype`). mesh: place every parameter in its sharding on `mesh` under `rules` (logical-axis
+    rules, e.g. train.sharding.DEFAULT_RULES); without a mesh, on the default device."""
     directory = resolve(path)
     hf = read_config(directory)
     family = _family(hf, encoder_only)
@@ -300,11 +300,10 @@ def from_hf(path: str, dtype: Any = jnp.float32, *, compute_dtype: Any = None,
     shapes = _flatten(layers.unbox(abstract))
     shardings = None
     if mesh is not None:
-        from train import sharding
-        rules = sharding.DEFAULT_RULES if rules is None else rules
-        specs = nn.get_partition_spec(abstract)
-        tree = sharding.logical_to_mesh_sharding(specs, mesh, rules)
-        sharding.check_divisible(layers.unbox(abstract), tree)
+        if rules is None:
+            raise ValueError("from_hf(mesh=...) needs rules, the logical-axis rules "
+                             "(train.sharding.DEFAULT_RULES, or a run's rules)")
+        tree = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
         shardings = _flatten(tree, leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
     reader = SafetensorsReader(directory)
     read = reader.read
@@ -324,7 +323,7 @@ def from_hf(path: str, dtype: Any = jnp.float32, *, compute_dtype: Any = None,
             raise ValueError(f"parameter {'/'.join(p)} has shape {arr.shape} in the checkpoint; "
                              f"the model (config.json) wants {want}")
         arr = np.asarray(arr).astype(param_dtype)
-        leaf = jax.device_put(arr, shardings[p]) if shardings else jnp.asarray(arr)
+        leaf = _place(p, arr, shardings[p]) if shardings else jnp.asarray(arr)
         _set(params, p, leaf)
         del arr
     missing = sorted(set(shapes) - done)
@@ -336,6 +335,17 @@ def from_hf(path: str, dtype: Any = jnp.float32, *, compute_dtype: Any = None,
         raise ValueError(f"checkpoint tensor {unused[0]!r} is not used by the model "
                          f"({len(unused)} unused); is config.json the checkpoint's own?")
     return model, params
+
+
+def _place(path: Path, arr: np.ndarray, sharding: jax.sharding.NamedSharding) -> jax.Array:
+    try:
+        return jax.device_put(arr, sharding)
+    except ValueError as e:    # jax's IndivisibleError
+        if "divide" not in str(e):
+            raise
+        raise ValueError(f"parameter {'/'.join(path)} has shape {arr.shape}: it is not "
+                         f"divisible by the mesh axes {tuple(sharding.spec)} of mesh "
+                         f"{dict(sharding.mesh.shape)}; change the mesh or the rules") from None
 
 
 def _family(hf: dict, encoder_only: bool = False) -> Family:

@@ -13,6 +13,7 @@ cost no process start; one case (a shard that breaks in the middle of a run) run
 tests, one row each; `test_readme_table_lists_every_case` keeps the two equal.
 """
 import errno
+import json
 import os
 import pathlib
 import re
@@ -185,7 +186,8 @@ def test_unknown_config_name(cli_in_process, tmp_path):
 def test_unknown_config_variant(cli_in_process, tmp_path):
     code, line = cli_in_process("--config", "lm:huge", "--workdir", str(tmp_path / "run"))
     assert code == 2 and line.endswith(
-        "lm.py:huge: config variant 'huge' is not allowed; use 'tiny' or 'paper'"), line
+        "lm.py:huge: config variant 'huge' is not allowed; use 'tiny', 'paper' or "
+        "'hf=CHECKPOINT[,tokenizer=TOKENIZER]'"), line
 
 
 def test_unknown_override_names_the_nearest_field(cli_in_process, tmp_path):
@@ -397,6 +399,39 @@ def test_nan_in_the_data(tmp_path):
     with pytest.raises(ValueError, match=r"train.npz: z has non-finite values \(NaN or inf\) in "
                                          r"1 rows, first row 3; allowed: finite embeddings"):
         embeddings.EmbeddingSource(str(tmp_path), "train")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretrained checkpoints and tokenizers (models/pretrained.py, train/data/tokenizer.py)
+# ---------------------------------------------------------------------------------------------
+def test_pretrained_checkpoint_missing(cli_in_process, tmp_path):
+    code, line = cli_in_process("--config", f"lm:hf={tmp_path / 'nothing'}", "--workdir",
+                                str(tmp_path / "run"))
+    assert code == 2 and line.endswith(
+        f"path='{tmp_path / 'nothing'}' is not a local directory; pass a directory written by "
+        "save_pretrained (config.json + model.safetensors)"), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_pretrained_config_field_not_supported(cli_in_process, reference_dir, tmp_path):
+    shutil.copytree(reference_dir / "hf" / "llama_gqa", tmp_path / "ckpt")
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg))
+    code, line = cli_in_process(
+        "--config", f"lm:hf={tmp_path / 'ckpt'},tokenizer={reference_dir / 'hf' / 'tok_bpe'}",
+        "--workdir", str(tmp_path / "run"))
+    assert code == 2 and line.endswith(
+        "config.json field rope_scaling.rope_type='yarn' is not supported; allowed: 'default', "
+        "'linear', 'llama3'"), line
+
+
+def test_tokenizer_file_missing(cli_in_process, tmp_path):
+    code, line = cli_in_process("--config", "lm:paper", "--workdir", str(tmp_path / "run"),
+                                f"--config.data.tokenizer={tmp_path / 'tok.json'}")
+    assert code == 2 and f"tokenizer spec='{tmp_path / 'tok.json'}'" in line, line
+    assert "allowed: 'byte', a tokenizer.json or SentencePiece .model file" in line, line
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from jax.sharding import AxisType
 
 from models import pretrained, t5
 from models.transformer import greedy_generate
+from train import sharding as shd
 from train import trainer
 from train.configs import lm as lm_config
 
@@ -66,7 +67,7 @@ def test_sharded_load_equals_unsharded(loaded):
     m = 2 if unsharded_model.cfg.kv_heads % 2 == 0 else 1
     shape = (2, 4 // m, m)
     mesh = jax.make_mesh(shape, ("data", "fsdp", "model"), axis_types=(AxisType.Auto,) * 3)
-    model, sharded = pretrained.from_hf(str(folder), mesh=mesh)
+    model, sharded = pretrained.from_hf(str(folder), mesh=mesh, rules=shd.DEFAULT_RULES)
     q = sharded["block_0"]["attn"]["query"]
     assert len(q.addressable_shards) == 8
     assert q.addressable_shards[0].data.shape == (q.shape[0] // shape[1], q.shape[1] // m,
@@ -115,7 +116,10 @@ def test_unsupported_config_is_refused(loaded, tmp_path, name, changes, match):
 
 def test_a_mesh_that_cannot_split_a_parameter_is_refused(loaded):
     mesh = jax.make_mesh((1, 1, 8), ("data", "fsdp", "model"), axis_types=(AxisType.Auto,) * 3)
-    with pytest.raises(ValueError, match=r"parameter .* is not divisible by mesh axes"):
+    with pytest.raises(ValueError, match=r"parameter block_0/attn/query has shape .* not "
+                                         r"divisible by the mesh axes"):
+        pretrained.from_hf(str(loaded["llama_gqa"][0]), mesh=mesh, rules=shd.DEFAULT_RULES)
+    with pytest.raises(ValueError, match=r"needs rules"):
         pretrained.from_hf(str(loaded["llama_gqa"][0]), mesh=mesh)
 
 
