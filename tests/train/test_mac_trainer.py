@@ -2,6 +2,7 @@
 with the LM frozen by the optimizer, the bank curriculum following the step, exact resume, and
 the run read back by the evaluator."""
 import json
+import shutil
 
 import chex
 import jax
@@ -89,7 +90,9 @@ def test_the_base_lm_is_frozen_in_stage_two(mac_run):
 
 def test_resume_is_exact_and_a_finished_base_lm_is_not_retrained(mac_run, tmp_path):
     workdir, summary = mac_run
-    # Two steps, then the same command extended to four: the straight run's parameters.
+    # The first stage's finished run in place (the trainer must not retrain it), then two steps
+    # of the second, then the same command extended to four: the straight run's parameters.
+    shutil.copytree(workdir / "base_lm", tmp_path / "run" / "base_lm")
     trainer.train(tiny_config(num_steps=2), tmp_path / "run")
     before = (tmp_path / "run" / "base_lm" / "metrics.jsonl").read_text()
     resumed = trainer.train(tiny_config(num_steps=4), tmp_path / "run")
