@@ -156,8 +156,8 @@ def test_encoder_fitting_refuses_what_it_cannot_fit():
 @pytest.fixture(scope="module")
 def cifar_backbone_run(tmp_path_factory, reference_dir):
     """The CLI on mocked CIFAR-10 (keys from mocked CIFAR-100) with the tiny CLIP fixture as
-    backbone, at the tiny sizes given as flags; run twice (the second finds the cached
-    embeddings). Returns (metrics, workdir, backbone folder, mocked data, embed calls)."""
+    backbone, at the tiny sizes given as flags; then the embeddings asked for again (a later run
+    finds them cached). Returns (metrics, workdir, backbone folder, mocked data, embed calls)."""
     tfds = pytest.importorskip("tensorflow_datasets")
     from train.data import backbones
     folder = reference_dir / "hf" / "clip_vision"
@@ -182,7 +182,8 @@ def cifar_backbone_run(tmp_path_factory, reference_dir):
                                                                  methods=("dkvb", "linear")))
         assert ci.main(argv) == 0
         first = len(calls)
-        assert ci.main(argv) == 0
+        again = ci.backbone_embeddings("cifar10", str(folder), out=work)   # a later run's
+        assert again["train"][0].shape == (100, 24)
         data = {k: ci.load_cifar(*k) for k in (("cifar10", "train"), ("cifar10", "test"),
                                                 ("cifar100", "train"))}
     metrics = json.loads((work / "metrics.json").read_text())
