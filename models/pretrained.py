@@ -1,8 +1,11 @@
-"""Pretrained Hugging Face checkpoints as mnemax models: GPT-2, LLaMA-family and T5.
+"""Pretrained Hugging Face checkpoints as mnemax models: GPT-2, LLaMA-family, T5, and the vision
+backbones CLIP (vision tower) and ResNet.
 
     model, params = from_hf("/path/to/save_pretrained_dir")           # or a hub id, when online
     logits_BxTxV = model.apply({"params": params}, input_ids_BxT)      # GPT-2, LLaMA
     logits_BxTxV = model.apply({"params": params}, input_ids_BxS, decoder_input_ids_BxT)  # T5
+    image_embeds_BxP = model.apply({"params": params}, pixels_BxHxWxC)  # CLIP (NHWC pixels)
+    pooled_BxC = model.apply({"params": params}, pixels_BxHxWxC)        # ResNet
 
 A checkpoint is a directory as `save_pretrained` writes it: `config.json` and `model.safetensors`,
 or shards `model-0000k-of-0000n.safetensors` with `model.safetensors.index.json`. No torch: the
@@ -15,7 +18,10 @@ model is never one host array.
 The decoder-only families are configurations of mnemax's own `models.transformer.Transformer`
 (GPT-2: learned positions, LayerNorm and biases, tanh GELU, tied head; LLaMA: RMSNorm, SwiGLU,
 half-rotation RoPE with `rope_theta` and `rope_scaling`, grouped-query attention); T5 is
-`models.t5`. A config field a module does not implement is refused with a ValueError naming it.
+`models.t5`; CLIP's vision tower is `models.clip_vision` (CLIPVisionModelWithProjection, or the
+vision half of a CLIPModel) and ResNet `models.resnet` (batch norm with the checkpoint's running
+statistics). Images are NHWC, where torch takes NCHW. A config field a module does not implement
+is refused with a ValueError naming it.
 """
 from __future__ import annotations
 
@@ -236,6 +242,20 @@ def _t5_family(encoder_only: bool = False) -> Family:
                   convert=t5.convert_hf)
 
 
+def _clip_family() -> Family:
+    from models import clip_vision
+    return Family(config=clip_vision.CLIPVisionConfig.from_hf, module=clip_vision.CLIPVision,
+                  example=clip_vision.example, convert=clip_vision.convert_hf,
+                  ignored=clip_vision.UNUSED)
+
+
+def _resnet_family() -> Family:
+    from models import resnet
+    return Family(config=resnet.ResNetConfig.from_hf, module=resnet.ResNet,
+                  example=resnet.example, convert=resnet.convert_hf, ignored=resnet.UNUSED,
+                  optional_prefix="resnet.")
+
+
 FAMILIES: dict[str, Callable[[], Family]] = {
     "gpt2": lambda: Family(gpt2_config, Transformer, _decoder_example, _gpt2_convert,
                            ignored=r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias|lm_head\.weight",
@@ -243,6 +263,10 @@ FAMILIES: dict[str, Callable[[], Family]] = {
     "llama": lambda: Family(llama_config, Transformer, _decoder_example, _llama_convert,
                             ignored=r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"),
     "t5": _t5_family,
+    # Vision backbones (DKVB's frozen encoders): pixels [B, H, W, C] (NHWC) → features.
+    "clip_vision_model": _clip_family,      # CLIPVisionModelWithProjection → image_embeds
+    "clip": _clip_family,                   # CLIPModel: its vision tower and projection
+    "resnet": _resnet_family,               # ResNetModel / …ForImageClassification → pooled
 }
 
 

@@ -362,9 +362,120 @@ def tok_sp_llama(folder, seed):
     _sp_reference(folder, tok, kwargs, model_file)
 
 
+# ---------------------------------------------------------------- vision backbones (issue 20)
+# Inputs are saved NHWC (`pixel_values` [B, H, W, 3], mnemax's layout); torch gets them as NCHW.
+OTHER_SHAPES["clip_vision"] = dict(hidden_size=48, intermediate_size=80, num_attention_heads=6,
+                                   num_hidden_layers=3, image_size=24, patch_size=6,
+                                   projection_dim=20)
+OTHER_SHAPES["resnet"] = dict(embedding_size=12, hidden_sizes=[24, 40, 48], depths=[2, 1, 1],
+                              downsample_in_bottleneck=True, downsample_in_first_stage=True)
+
+
+def _clip_vision_config(**kw):
+    """Two layers of width 32 (4 heads of 8, MLP 64), 32x32 images in 8x8 patches (16 patches +
+    the class token), quick_gelu, projection to 24, layer-norm eps 1e-5."""
+    kw = {**dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                 num_hidden_layers=2, image_size=32, patch_size=8, projection_dim=24,
+                 hidden_act="quick_gelu"), **SHAPES.get("clip_vision", {}), **kw}
+    return transformers.CLIPVisionConfig(layer_norm_eps=1e-5, attention_dropout=0.0,
+                                         attn_implementation="eager", **kw)
+
+
+def _vision_reference(pixels_NCHW, out):
+    """pixel_values saved NHWC, every output array named as transformers names it."""
+    return dict(pixel_values=pixels_NCHW.permute(0, 2, 3, 1), **out)
+
+
+def _save_processor(folder, size, mean, std):
+    """preprocessor_config.json as CLIPImageProcessor.save_pretrained writes it (written directly:
+    the image processors need PIL, which this venv lacks) for images of `size` (bicubic resize
+    of the shortest edge, centre crop) with the checkpoint's normalisation: what mnemax's
+    preprocessing reads."""
+    config = dict(crop_size={"height": size, "width": size}, do_center_crop=True,
+                  do_convert_rgb=True, do_normalize=True, do_rescale=True, do_resize=True,
+                  image_mean=mean, image_processor_type="CLIPImageProcessor", image_std=std,
+                  resample=3, rescale_factor=1 / 255, size={"shortest_edge": size})
+    (folder / "preprocessor_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def clip_vision(folder):
+    """CLIPVisionModelWithProjection (model_type clip_vision_model; keys `vision_model.…`,
+    `visual_projection.weight`): image_embeds, pooler_output (post-layernorm class token) and
+    last_hidden_state for 2 random images, plus a preprocessor_config.json."""
+    config = _clip_vision_config()
+    model = transformers.CLIPVisionModelWithProjection(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    _save_processor(folder, config.image_size, [0.48145466, 0.4578275, 0.40821073],
+                    [0.26862954, 0.26130258, 0.27577711])
+    pixels = torch.randn(2, 3, config.image_size, config.image_size)
+    out = model(pixel_values=pixels)
+    return _vision_reference(pixels, dict(image_embeds=out.image_embeds,
+                                          pooler_output=model.vision_model(pixels).pooler_output,
+                                          last_hidden_state=out.last_hidden_state))
+
+
+def clip(folder):
+    """CLIPModel (model_type clip, the hub's openai/clip-vit-* layout: vision_config nested,
+    a tiny text tower of vocab 64 whose tensors the vision loader leaves unread):
+    get_image_features for 2 random images."""
+    text = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=8)
+    vision = _clip_vision_config(hidden_act="gelu").to_dict()
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    model = transformers.CLIPModel(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    size = config.vision_config.image_size
+    _save_processor(folder, size, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    pixels = torch.randn(2, 3, size, size)
+    feats = model.get_image_features(pixel_values=pixels)
+    return _vision_reference(pixels, dict(image_embeds=feats))
+
+
+def _randomise_batch_norms(model):
+    """Random scale, shift and running statistics in every BatchNorm2d (a fresh model has mean 0,
+    var 1, scale 1, shift 0, which would hide a normalisation that ignores them)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0.0, 0.2)
+            m.running_mean.normal_(0.0, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+
+
+def _resnet(folder, **kw):
+    kw = {**kw, **SHAPES.get("resnet", {})}
+    model = transformers.ResNetModel(transformers.ResNetConfig(**kw)).eval()
+    _randomise_batch_norms(model)
+    model.save_pretrained(folder, safe_serialization=True)
+    _save_processor(folder, 32, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    pixels = torch.randn(2, 3, 32, 28)   # not square: strides and padding on both axes differ
+    out = model(pixel_values=pixels)
+    return _vision_reference(pixels, dict(
+        pooler_output=out.pooler_output.flatten(1),
+        last_hidden_state=out.last_hidden_state.permute(0, 2, 3, 1)))
+
+
+def resnet(folder):
+    """ResNetModel, bottleneck layers (ResNet-50's kind: 1x1 reduce by 4, 3x3, 1x1), stem width 8,
+    stages of 16 and 32 channels with 1 and 2 layers, downsampling in the 3x3 conv as the hub's
+    microsoft/resnet-50; batch norms with random running statistics. pooler_output flattened
+    [B, C], last_hidden_state NHWC, for 2 random 32x28 images."""
+    return _resnet(folder, embedding_size=8, hidden_sizes=[16, 32], depths=[1, 2],
+                   layer_type="bottleneck", downsample_in_first_stage=False,
+                   downsample_in_bottleneck=False)
+
+
+def resnet_basic(folder):
+    """ResNetModel, basic layers (ResNet-18/34's kind: two 3x3 convs), stem width 8, stages of 8
+    and 16 channels with 2 and 1 layers, downsample_in_first_stage (a stride-2 first stage)."""
+    return _resnet(folder, embedding_size=8, hidden_sizes=[8, 16], depths=[2, 1],
+                   layer_type="basic", downsample_in_first_stage=True)
+
+
 # ---------------------------------------------------------------- driver
 
-MODELS = [gpt2, gpt2_bare, llama_gqa, llama_tied, t5_relu, t5_gated]
+MODELS = [gpt2, gpt2_bare, llama_gqa, llama_tied, t5_relu, t5_gated, clip_vision, clip, resnet,
+          resnet_basic]
 TOKENIZERS = [tok_bpe, tok_sp, tok_sp_llama]
 FIXTURES = {f.__name__: f for f in MODELS + TOKENIZERS}
 

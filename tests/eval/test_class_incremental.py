@@ -1,7 +1,8 @@
 """Class-incremental DKVB protocol: data, task splits, a tiny toy run, the TFDS CIFAR path, the
-split-digits figure's unsupervised encoder."""
+split-digits figure's unsupervised encoder, pretrained backbones on CIFAR, the paper's sizes."""
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -148,3 +149,137 @@ def test_encoder_fitting_refuses_what_it_cannot_fit():
         ci.fit_encoder("ae", 0, x)
     with pytest.raises(ValueError, match="epochs=0"):
         ci.encoder_config("ae", dataset="mnist_8x8", seed=0, fit_epochs=0)
+
+# --------------------------------------------------------------------------- pretrained backbones
+
+
+@pytest.fixture(scope="module")
+def cifar_backbone_run(tmp_path_factory, reference_dir):
+    """The CLI on mocked CIFAR-10 (keys from mocked CIFAR-100) with the tiny CLIP fixture as
+    backbone, at the tiny sizes given as flags; then the embeddings asked for again (a later run
+    finds them cached). Returns (metrics, workdir, backbone folder, mocked data, embed calls)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from train.data import backbones
+    folder = reference_dir / "hf" / "clip_vision"
+    work = tmp_path_factory.mktemp("cifar_clip")
+    calls = []
+    embed = backbones.embed_images
+
+    def spy(bb, x, **kw):
+        calls.append(len(x))
+        return embed(bb, x, **kw)
+
+    argv = ["--dataset", "cifar10", "--backbone", str(folder), "--workdir", str(work),
+            "--num_codebooks", "4", "--num_keys", "16", "--key_dim", "4", "--key_init_epochs",
+            "1", "--key_init_batch", "32", "--epochs_per_task", "2", "--size", "tiny"]
+    with tfds.testing.mock_data(num_examples=100, policy=tfds.testing.MockPolicy.USE_CODE), \
+            pytest.MonkeyPatch.context() as mp:
+        mp.setattr(backbones, "embed_images", spy)
+        # two learners, no i.i.d. runs: the CLI's path, at a test's cost
+        mp.setattr(ci, "METHODS", ("dkvb", "linear"))
+        numbers = ci.cifar_numbers
+        mp.setattr(ci, "cifar_numbers", lambda *a, **kw: numbers(*a, **kw, iid=False,
+                                                                 methods=("dkvb", "linear")))
+        assert ci.main(argv) == 0
+        first = len(calls)
+        again = ci.backbone_embeddings("cifar10", str(folder), out=work)   # a later run's
+        assert again["train"][0].shape == (100, 24)
+        data = {k: ci.load_cifar(*k) for k in (("cifar10", "train"), ("cifar10", "test"),
+                                                ("cifar100", "train"))}
+    metrics = json.loads((work / "metrics.json").read_text())
+    return metrics, work, folder, data, (first, len(calls))
+
+
+def test_cifar_backbone_protocol_end_to_end(cifar_backbone_run):
+    metrics, work, folder, data, (first, total) = cifar_backbone_run
+    all_, seen = (metrics["accuracy_all_classes_after_task"],
+                  metrics["accuracy_seen_classes_after_task"])
+    assert metrics["accuracy_after_task"] == all_          # the paper reports all classes
+    _, y_test = data[("cifar10", "test")]
+    for name in ("dkvb", "linear"):
+        assert len(all_[name]) == len(seen[name]) == 5
+        for t, (a, s) in enumerate(zip(all_[name], seen[name])):
+            # right answers on all test items >= right answers on the seen classes' items
+            n_seen = np.isin(y_test, sorted(set(range(2 * t + 2)))).sum()
+            assert a * len(y_test) >= s * n_seen - 1e-6 and 0 <= a <= 1 and 0 <= s <= 1
+    # tfds' mock data gives train and test the same 100 random images: DKVB keeps the values
+    # it wrote for earlier tasks, the probe (lr 1e-3, 2 epochs a task) barely moves
+    assert all_["dkvb"][-1] > all_["linear"][-1] + 0.2, all_
+    assert metrics["dkvb"]["num_keys"] == 16 and metrics["epochs_per_task"] == 2
+    # embedded once: train, test and the keys' data (the other CIFAR), none on the rerun
+    assert first == 3 and total == 3
+    (cache,) = (work / "runs" / "dkvb_embeddings").glob("backbone-*")
+    files = sorted(p.name.rsplit("-", 1)[0] for p in cache.glob("*.npz"))
+    assert files == ["cifar10-test", "cifar10-train", "cifar100-train"]
+    # the keys were initialised on CIFAR-100's embeddings; probes at 1e-3, DKVB at 0.3
+    (keys_file,) = (work / "runs").glob("dkvb_data-cifar10-*/keys.npz")
+    (cached_keys,) = cache.glob("cifar100-train-*.npz")
+    np.testing.assert_array_equal(np.load(keys_file)["z"], np.load(cached_keys)["z"])
+    lrs = {}
+    for run in (work / "runs").glob("dkvb-cifar10-*"):
+        cfg = json.loads((run / "config.json").read_text())
+        lrs[cfg["model"]["family"]] = cfg["optim"]["lr"]
+    assert lrs == {"dkvb": 0.3, "probe": 1e-3}
+
+
+def test_cached_embeddings_are_the_backbone_on_preprocessed_images(cifar_backbone_run):
+    from models import pretrained
+    from train.data import backbones
+    _, work, folder, data, _ = cifar_backbone_run
+    x, _ = data[("cifar10", "test")]
+    model, params = pretrained.from_hf(str(folder))
+    bb = backbones.load_backbone(str(folder))
+    assert bb.image_size == 32 and bb.mean[0] == pytest.approx(0.48145466)
+    direct = jax.jit(model.apply)({"params": params}, backbones.preprocess(bb, x[:8]))
+    (cached,) = (work / "runs" / "dkvb_embeddings").glob("backbone-*/cifar10-test-*.npz")
+    # sharded over 8 devices in batches vs one call: the same numbers up to float32 noise
+    np.testing.assert_allclose(np.load(cached)["z"][:8], np.asarray(direct), atol=1e-5)
+
+
+def _plan(argv, capsys):
+    assert ci.main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("backbone", ["clip_vision", "resnet"])
+def test_paper_sizes_validate_without_running(reference_dir, capsys, backbone):
+    """The paper's command line, and --size paper, give the paper's sizes and check every
+    learner's first-phase config, the CIFAR data spec and the backbone's width without
+    embedding or training (the tiny fixtures stand in for ViT-B/32 and ResNet-50)."""
+    folder = str(reference_dir / "hf" / backbone)
+    flags = ["--num_codebooks", "256", "--num_keys", "4096", "--key_dim", "14",
+             "--epochs_per_task", "2000", "--probe_lr", "1e-3"]
+    by_flags = _plan(["--dataset", "cifar10", "--size", "tiny", "--backbone", folder,
+                      "--validate_only", *flags], capsys)
+    paper = _plan(["--dataset", "cifar10", "--size", "paper", "--backbone", folder,
+                   "--validate_only"], capsys)
+    for plan in (by_flags, paper):
+        d = plan["dkvb"]
+        assert (d["num_codebooks"], d["num_keys"], d["key_dim"], d["probe_lr"]) == (
+            256, 4096, 14, 1e-3)
+        assert plan["epochs_per_task"] == 2000 and plan["tasks"] == 5
+        assert plan["keys_from"] == "cifar100"
+        assert plan["data"]["cifar10"]["classes"] == 10
+        assert plan["data"]["cifar100"]["classes"] == 100
+        # 5,000 images per class x 2 classes x 2000 epochs / batches of 256
+        assert plan["learners"]["dkvb"] == {"lr": 0.3, "optimizer": "sgd", "batch_size": 256,
+                                            "steps_per_task": 78125}
+        assert plan["learners"]["linear"]["lr"] == plan["learners"]["mlp"]["lr"] == 1e-3
+    assert paper["embed_dim"] == (24 if backbone == "clip_vision" else 32)
+    c100 = _plan(["--dataset", "cifar100", "--size", "paper", "--backbone", folder,
+                  "--validate_only"], capsys)
+    assert c100["tasks"] == 50 and c100["epochs_per_task"] == 500
+    assert c100["keys_from"] == "cifar10"
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--dataset", "cifar10", "--num_keys", "0", "--validate_only"], "num_keys=0"),
+    (["--dataset", "cifar10", "--probe_lr", "-1", "--validate_only"], "probe_lr=-1.0"),
+    (["--dataset", "toy", "--num_keys", "64"], "--num_keys is for --dataset cifar10"),
+    (["--dataset", "digits", "--backbone", "x"], "--backbone is for --dataset cifar10"),
+    (["--dataset", "cifar10", "--backbone", "/nonexistent/dir", "--validate_only"],
+     "not a local directory"),
+])
+def test_cifar_flags_refuse_bad_input(argv, match):
+    with pytest.raises(ValueError, match=match):
+        ci.main(argv)

@@ -5,8 +5,9 @@ Protocol, for DKVB and for its baselines alike (train/configs/dkvb.py): a stream
 classes each), one trainer phase per task in one workdir, no task identities, no regulariser
 that needs task boundaries, one optimizer carried across tasks — SGD *without momentum* (with
 momentum, values fetched in an earlier task would keep moving after they stop being fetched),
-learning rate 0.3, batch 256, global gradient-norm clip 1.0, label smoothing 0.1, several epochs
-per task. DKVB values start at zero.
+learning rate 0.3 for DKVB's values and 1e-3 for the probes (the official sweeps; the toy and
+split-digits figures train their probes at 0.3), batch 256, global gradient-norm clip 1.0, label
+smoothing 0.1, several epochs per task. DKVB values start at zero.
 
 Locality: a value no item of a batch fetched gets a zero gradient, and under plain SGD a zero
 update, so it stays exactly where it is; `check_config` refuses any other optimizer for DKVB
