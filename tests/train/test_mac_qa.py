@@ -139,7 +139,7 @@ def test_mac_qa_records_two_tokenizers():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     c = mac_qa_configs.get_config("tiny")
-    c.num_steps, c.eval_every, c.optim.grad_accum = 3, 3, 1
+    c.num_steps, c.eval_every, c.optim.grad_accum = 3, 0, 1   # one compiled step, no eval
     workdir = tmp_path_factory.mktemp("mac_qa_tiny")
     out = trainer.train(c, workdir, devices=jax.devices()[:1])
     return c, workdir, out
@@ -164,7 +164,7 @@ def test_tiny_trains_frozen_gpt2_with_t5_encoders(tiny_run):
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-3),
                                mine["encoder"], jax.device_get(t5["encoder"]))
     rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert any("eval_qa_loss" in r for r in rows)
+    assert [r["step"] for r in rows if "qa_loss" in r] == [1, 2, 3]
     assert rows[0]["init_from_hf"]["lm"].endswith("hf/gpt2")
 
 
@@ -185,8 +185,10 @@ def test_tiny_evaluates_on_the_real_stream_cli(tiny_run):
 # ---------------------------------------------------------------------------------------------
 # Paper variants: built and validated at their sizes, nothing run
 # ---------------------------------------------------------------------------------------------
+# distilgpt2 (one T5 for g and h) and LLaMA-2-7B (t5-large g, t5-base h, T = 24, ρ = 0.25); the
+# GPT-2-large / XL variants differ from these only in the table's numbers (config.json files
+# for them are in tests/data/qa/hf_configs too).
 PAPER = {"paper": ("distilgpt2", "t5-base", "t5-base", 12, 1.0, 6, 12, 64),
-         "paper-gpt2-xl": ("gpt2-xl", "t5-large", "t5-base", 24, 0.25, 48, 25, 64),
          "paper-llama2-7b": ("llama2-7b", "t5-large", "t5-base", 24, 0.25, 32, 32, 128)}
 
 
