@@ -12,8 +12,8 @@ loss, learning rate picked from a small sweep on a validation stream).
     python -m eval.streaming_qa --dataset streamingqa --data_dir D --workdir RUN [--split test]
 
 The first reads the newest checkpoint of the MAC run the trainer wrote to RUN (`mnemax-train
---config mac:tiny --workdir RUN`) and evaluates it on the synthetic fact stream; the second evaluates a
-run of train/configs/mac_qa.py (a pretrained LM, T5-initialised g and h) on an official split
+--config mac:tiny --workdir RUN`) and evaluates it on the synthetic fact stream; the second
+evaluates a run of train/configs/mac_qa.py (a pretrained LM, T5-initialised g and h) on an official split
 of a real stream (`evaluate_qa`: official, SQuAD and lenient EM/F1 of MAC, the no-memory LM
 and the gold-removed bank). Each prints one JSON line.
 """
