@@ -2,9 +2,21 @@
 
 Text metrics follow the official SQuAD v1.1 evaluation script: answers are normalised (lower case,
 punctuation and the articles a/an/the removed, whitespace collapsed) before exact match and the
-token-level F1; with several gold answers the best one counts. `lenient=True` gives the lenient
-exact match of MAC's official code (a prediction counts if the normalised gold answer occurs in
-the normalised prediction, or vice versa), which forgives a decoder that keeps generating.
+token-level F1; with several gold answers the best one counts.
+
+Two other exact matches, for MAC's streaming QA:
+- `official_scores` is what the official MAC evaluation computes (jihoontack/MAC, utils.py:
+  `exact_match(prediction, ground_truth, match_length=False)` and `f1_score`, called by
+  `evals/qa_utils.py: qa_eval` and `AmortEncDecAggregateWrapper.compute_qa_metrics`): one gold
+  answer (the shortest, see train/data/facts.py), EM = the normalised prediction *cut to the
+  normalised gold's length in characters* equals the normalised gold (so a prediction that
+  starts with the answer and keeps generating counts, and so does "Osloville" for "Oslo"); F1 =
+  SQuAD token F1 against that one gold, 0 when either side normalises to nothing.
+- `lenient=True` (of `exact_match` / `squad_scores`) is looser than the official EM in one way
+  and stricter in none: it also counts a prediction that *contains* a gold answer anywhere or is
+  contained in one ("in Oslo" for "Oslo", "Os" for "Oslo"), both non-empty, and takes the best of
+  several golds; every official match is a lenient match except when the gold normalises to ""
+  (official: always a match; lenient: only an empty prediction matches).
 """
 from __future__ import annotations
 
@@ -82,6 +94,39 @@ def squad_scores(predictions: Sequence[str], answers: Sequence[Answers], *,
         raise ValueError("predictions=[] is not allowed: nothing to score")
     em = [exact_match(p, a, lenient=lenient) for p, a in zip(predictions, answers)]
     f1 = [f1_score(p, a) for p, a in zip(predictions, answers)]
+    return {"em": float(np.mean(em)), "f1": float(np.mean(f1)), "count": len(predictions)}
+
+
+def official_exact_match(prediction: str, gold: str) -> float:
+    """MAC's official EM (module docstring): 1.0 if the normalised prediction, cut to the
+    normalised gold's length in characters, equals the normalised gold."""
+    g = normalize_answer(gold)
+    return float(normalize_answer(prediction)[:len(g)] == g)
+
+
+def official_f1(prediction: str, gold: str) -> float:
+    """MAC's official F1: SQuAD token F1 against one gold, 0.0 without a common token (also when
+    both sides are empty, unlike `f1_score`)."""
+    p_tokens, g_tokens = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    same = sum((collections.Counter(p_tokens) & collections.Counter(g_tokens)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(p_tokens), same / len(g_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def official_scores(predictions: Sequence[str], golds: Sequence[str]) -> dict:
+    """Mean official EM and F1 (in [0, 1]) over paired predictions and single gold targets."""
+    if len(predictions) != len(golds):
+        raise ValueError(f"len(predictions)={len(predictions)} must equal len(golds)={len(golds)}")
+    if not predictions:
+        raise ValueError("predictions=[] is not allowed: nothing to score")
+    for g in golds:
+        if not isinstance(g, str):
+            raise ValueError(f"gold={g!r} is not allowed; the official scores take one gold "
+                             "string per question (the target answer)")
+    em = [official_exact_match(p, g) for p, g in zip(predictions, golds)]
+    f1 = [official_f1(p, g) for p, g in zip(predictions, golds)]
     return {"em": float(np.mean(em)), "f1": float(np.mean(f1)), "count": len(predictions)}
 
 

@@ -9,9 +9,13 @@ Baselines: the frozen LM without memory; MAC with the answer's document removed 
 loss, learning rate picked from a small sweep on a validation stream).
 
     python -m eval.streaming_qa --workdir RUN --seed S --documents N
+    python -m eval.streaming_qa --dataset streamingqa --data_dir D --workdir RUN [--split test]
 
-reads the newest checkpoint of the MAC run the trainer wrote to RUN (`mnemax-train --config
-mac:tiny --workdir RUN`) and prints one JSON line.
+The first reads the newest checkpoint of the MAC run the trainer wrote to RUN (`mnemax-train
+--config mac:tiny --workdir RUN`) and evaluates it on the synthetic fact stream; the second
+evaluates a run of train/configs/mac_qa.py (a pretrained LM, T5-initialised g and h) on an official split
+of a real stream (`evaluate_qa`: official, SQuAD and lenient EM/F1 of MAC, the no-memory LM
+and the gold-removed bank). Each prints one JSON line.
 """
 from __future__ import annotations
 
@@ -66,13 +70,15 @@ def stream_documents(cfg: MACConfig, params, docs_NxS, bank: bank_lib.Bank) -> b
 # ---------------------------------------------------------------------------------------------
 # Answering
 # ---------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new", "window", "topk", "use_memory"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new", "window", "topk", "use_memory",
+                                             "eos_id", "pad_id"))
 def _answer(cfg: MACConfig, params, lm_params, questions_BxQ, prompts_BxL, prompt_len_B,
             memory_NxTxD, valid_BxN, *, max_new: int, window: int, topk: int,
-            use_memory: bool):
-    """Greedy decoding after `question SEP`: tokens [B, L + max_new] with the answers filled in."""
+            use_memory: bool, eos_id: int = tok.EOS, pad_id: int = tok.PAD):
+    """Greedy decoding after the prompts (right-padded, prompt_len_B real tokens each): tokens
+    [B, L + max_new] with the answers filled in; a row stops after its first `eos_id`."""
     B, L = prompts_BxL.shape
-    buf = jnp.concatenate([prompts_BxL, jnp.full((B, max_new), tok.PAD, jnp.int32)], axis=1)
+    buf = jnp.concatenate([prompts_BxL, jnp.full((B, max_new), pad_id, jnp.int32)], axis=1)
     if use_memory:
         mac = MAC(cfg)
         z = mac.apply({"params": params}, questions_BxQ, memory_NxTxD, valid_BxN,
@@ -86,8 +92,9 @@ def _answer(cfg: MACConfig, params, lm_params, questions_BxQ, prompts_BxL, promp
         logits = modulated_logits(cfg, lm_params, buf, prefix_kv)
         pos = prompt_len_B + i - 1                      # the last filled position
         nxt = jnp.argmax(logits[rows, pos], -1).astype(jnp.int32)
-        done = (jnp.arange(buf.shape[1])[None] < prompt_len_B[:, None] + i) & (buf == tok.EOS)
-        nxt = jnp.where(done.any(-1), tok.PAD, nxt)
+        gen = jnp.arange(buf.shape[1])[None]
+        done = (gen >= prompt_len_B[:, None]) & (gen < prompt_len_B[:, None] + i) & (buf == eos_id)
+        nxt = jnp.where(done.any(-1), pad_id, nxt)
         return buf.at[rows, prompt_len_B + i].set(nxt)
 
     return jax.lax.fori_loop(0, max_new, body, buf)
@@ -242,6 +249,118 @@ def relative_retention(f1: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# The real streams (StreamingQA, ArchivalQA, SQuAD): train/configs/mac_qa.py runs
+# ---------------------------------------------------------------------------------------------
+MAX_NEW = 16   # answer tokens decoded (official: max_length = prompt + 16)
+
+
+def answer_tokens(cfg: MACConfig, params, lm_params, lm_tok, questions_BxQ, prompts: list,
+                  *, memory=None, valid=None, window: int = 0, topk: int = 0,
+                  max_new: int = MAX_NEW, batch: int = 32) -> list[str]:
+    """Greedy answers (the LM tokenizer's decode of the tokens before the first EOS, stripped, as
+    the official `decode_to_clean_text`) to LM prompts (token arrays) with h's question tokens
+    [B, Q], from `memory` [N, T, D] (+ valid [B, N]) or the frozen LM alone (memory None)."""
+    from train.data import mac_qa
+    eos, pad = lm_tok.eos_id, mac_qa.pad_id(lm_tok)
+    width = max(len(p) for p in prompts)
+    room = (cfg.lm.max_positions or 1 << 30) - cfg.prefix_len - max_new
+    if width > room:   # the official code keeps the last 256 prompt tokens; keep what fits
+        prompts, width = [p[-room:] for p in prompts], room
+    buf = np.full((len(prompts), width), pad, np.int32)
+    for i, p in enumerate(prompts):
+        buf[i, :len(p)] = p
+    plen = np.array([len(p) for p in prompts], np.int32)
+    use_memory = memory is not None
+    if not use_memory:
+        memory = jnp.zeros((1, cfg.num_tokens, cfg.width))
+    n = len(prompts)
+    valid = np.broadcast_to(np.ones((1, memory.shape[0]), bool) if valid is None
+                            else np.asarray(valid, bool), (n, memory.shape[0]))
+    q = np.asarray(questions_BxQ)
+    out = []
+    for s in range(0, n, batch):
+        e = min(n, s + batch)
+        pad_rows = batch - (e - s) if n > batch else 0
+        sl = lambda a: np.concatenate([a[s:e], np.repeat(a[s:s + 1], pad_rows, 0)])  # noqa: E731
+        res = np.asarray(_answer(cfg, params, lm_params, jnp.asarray(sl(q)), jnp.asarray(sl(buf)),
+                                 jnp.asarray(sl(plen)), jnp.asarray(memory),
+                                 jnp.asarray(sl(valid)), max_new=max_new, window=window,
+                                 topk=topk, use_memory=use_memory, eos_id=eos, pad_id=pad))
+        for b in range(e - s):
+            gen = res[b, plen[s + b]:]
+            stop = np.flatnonzero(gen == eos)
+            out.append(lm_tok.decode(gen[: stop[0]] if stop.size else gen).strip())
+    return out
+
+
+def qa_scores(preds: Sequence[str], records: Sequence[dict]) -> dict:
+    """{"official": MAC's EM/F1 against the target answer, "squad": SQuAD EM/F1 against every
+    gold, "lenient": the lenient EM (eval/metrics.py says how each differs)}."""
+    golds = [r["answers"] for r in records]
+    return {"official": metrics.official_scores(list(preds), [r["answer"] for r in records]),
+            "squad": metrics.squad_scores(list(preds), golds),
+            "lenient": metrics.squad_scores(list(preds), golds, lenient=True)}
+
+
+def evaluate_qa(cfg: MACConfig, params, lm_params, records: Sequence[dict], *, lm_tokenizer: str,
+                amort_tokenizer: str, doc_len: int, q_len: int, window: int = 0, topk: int = 0,
+                baselines: bool = True, max_new: int = MAX_NEW) -> dict:
+    """Online adaptation on a real stream (facts.load_qa_split records): every distinct document
+    is amortized once into the bank (one g forward each, in stream order, no gradients), then
+    every question is answered greedily from the whole bank (mac; with window/topk W, k > 0 the
+    hierarchical / top-k aggregation) and, with `baselines`, by the frozen LM without memory
+    (no_memory) and from the bank without the question's own document (gold_removed)."""
+    from train.data import mac_qa
+    if not records:
+        raise ValueError("records=[] is not allowed: nothing to evaluate")
+    lm, amort = mac_qa.tokenizer(lm_tokenizer), mac_qa.tokenizer(amort_tokenizer)
+    docs = list(dict.fromkeys(r["document"] for r in records))
+    gold = np.array([docs.index(r["document"]) for r in records])
+    dtok = mac_qa.encode_texts(amort, docs, doc_len)
+    qtok = mac_qa.encode_texts(amort, [r["question"] for r in records], q_len)
+    prompts = [mac_qa.encode_prompt(lm, r["question"]) for r in records]
+    t0 = time.perf_counter()
+    bank = stream_documents(cfg, params, dtok, init_bank(cfg, len(docs)))
+    jax.block_until_ready(bank.values)
+    adapt_s = time.perf_counter() - t0
+    mem, valid = bank.values, np.asarray(bank.valid)
+    run = functools.partial(answer_tokens, cfg, params, lm_params, lm, qtok, prompts,
+                            max_new=max_new)
+    preds = {"mac": run(memory=mem, valid=valid, window=window, topk=topk)}
+    if baselines:
+        preds["no_memory"] = run()
+        if len(docs) > 1:
+            preds["gold_removed"] = run(memory=mem, valid=gold_removed_valid(valid, gold))
+    res: dict[str, Any] = {m: qa_scores(p, records) for m, p in preds.items()}
+    res.update(documents=len(docs), questions=len(records),
+               adapt_seconds_per_document=adapt_s / len(docs),
+               examples=[{"question": r["question"], "target": r["answer"], "mac": p}
+                         for r, p in zip(records[:3], preds["mac"][:3])])
+    return res
+
+
+def evaluate_run_on_stream(workdir, *, dataset: str, data_dir: str, split: str = "test",
+                           seed: int = 0, limit: Optional[int] = None, window: int = 0,
+                           topk: int = 0, baselines: bool = True) -> dict:
+    """`evaluate_qa` of the MAC run in `workdir` (train/configs/mac_qa.py) on the official
+    `split` ("train" | "val" | "test") of `dataset` in data_dir, with the run's tokenizers and
+    lengths."""
+    config, params, model = trainer.restore_for_eval(workdir)
+    if not isinstance(model, mac_obj.MetaModel) or config.data.name != "mac_qa":
+        raise ValueError(f"workdir={str(workdir)!r} holds no MAC run on a real QA stream "
+                         "(train one with mnemax-train --config mac_qa:tiny --workdir DIR)")
+    params = jax.device_get(params)
+    recs = facts.load_qa_split(dataset, data_dir, split, seed=seed, limit=limit,
+                               full_passage=bool(config.data.full_passage))
+    d = config.data
+    res = evaluate_qa(model.cfg, params["mac"], params["lm"], recs,
+                      lm_tokenizer=d.lm_tokenizer, amort_tokenizer=d.amort_tokenizer,
+                      doc_len=d.doc_length, q_len=d.question_length, window=window, topk=topk,
+                      baselines=baselines)
+    return {"dataset": dataset, "split": split, **res}
+
+
+# ---------------------------------------------------------------------------------------------
 # Runs on disk
 # ---------------------------------------------------------------------------------------------
 def load_run(workdir) -> tuple[MACConfig, Any, Any]:
@@ -262,6 +381,12 @@ def load_run(workdir) -> tuple[MACConfig, Any, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description="MAC streaming QA evaluation (one JSON line)")
     p.add_argument("--workdir", required=True)
+    p.add_argument("--dataset", choices=facts.QA_FORMATS, default=None,
+                   help="a real stream (a mac_qa run): streamingqa | archivalqa | squad")
+    p.add_argument("--data_dir", default="",
+                   help="the official train/val/test.csv folder (squad: the TFDS data_dir)")
+    p.add_argument("--split", choices=facts.QA_SPLITS, default="test")
+    p.add_argument("--limit", type=int, default=0, help="rows of the split read (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--documents", type=int, default=16)
     p.add_argument("--banks", type=int, default=1,
@@ -271,6 +396,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--lenient", action="store_true")
     p.add_argument("--no_baselines", action="store_true")
     a = p.parse_args(argv)
+    if a.dataset:
+        res = evaluate_run_on_stream(a.workdir, dataset=a.dataset, data_dir=a.data_dir,
+                                     split=a.split, seed=a.seed, limit=a.limit or None,
+                                     window=a.window, topk=a.topk,
+                                     baselines=not a.no_baselines)
+        print(json.dumps(res, sort_keys=True))
+        return 0
     cfg, params, lm_params = load_run(a.workdir)
     res = evaluate(cfg, params, lm_params, documents=a.documents, seed=a.seed,
                    window=a.window or None, topk=a.topk or None, baselines=not a.no_baselines,

@@ -5,7 +5,10 @@ Three networks modulate a frozen decoder-only LM (`models/transformer.py`):
 
 - amortization network g: document tokens [B, S] → modulation φ [B, T, D] (paper §3.1, eq. 2):
   an encoder over the tokens, T learnable query tokens cross-attending to it (an encoder–decoder,
-  as MAC's T5), then a per-slot MLP  φ_t = x_t + W2_t tanh(W1_t LN(x_t)).
+  as MAC's T5), then a per-slot MLP  φ_t = x_t + W2_t tanh(W1_t LN(x_t)). The encoder is either
+  a small RoPE encoder trained from scratch or, with `doc_encoder` / `question_encoder` set, a
+  T5 encoder (`models/t5.py`, weights from a checkpoint: train/objectives/mac.py
+  `params_from_hf`) over T5's own vocabulary; the T queries then work at that T5's width.
   Padding is masked in the cross-attention (the official code forgets to).
 - aggregation network h: question tokens → z0 [B, T, D] by its own encoder–decoder, then
   `agg_blocks` pre-LN blocks  z ← z + MHA(LN z, LN C);  z ← z + FFN(LN z)  over the bank flattened
@@ -27,7 +30,10 @@ Three networks modulate a frozen decoder-only LM (`models/transformer.py`):
     prefix_kv = mac.apply({"params": params}, z_BxTxD, method=MAC.prefix)
     logits = modulated_logits(cfg, lm_params, tokens_BxT, prefix_kv)
 
-Padding is `pad_id` (train/data/tokenizer.PAD = 256) in every token input.
+Padding: `pad_id` marks padding in g's and h's inputs (documents and questions), the padding id
+of the tokenizer that made them (the byte tokenizer's PAD, or T5's <pad> = 0); the trainer config
+sets it from the data's tokenizer. The LM's own inputs need no pad id here: they are causal, and
+their loss weights and decoding lengths say which positions are real.
 """
 from __future__ import annotations
 
@@ -40,9 +46,8 @@ import jax
 import jax.numpy as jnp
 
 from models import layers
+from models.t5 import T5Config, T5Encoder
 from models.transformer import Transformer, TransformerConfig, as_dtype
-
-PAD_ID = 256  # train/data/tokenizer.PAD; models/ never imports train/, so it is repeated here.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +67,10 @@ class MACConfig:
     prefix_gain_init: float = 1.0         # initial per-row gain of the prefix rows (0: no-op start)
     window: Optional[int] = None          # W: hierarchical chunk (documents); None = flat
     topk: Optional[int] = None            # CMT top-k documents before aggregating; None = all
-    pad_id: int = PAD_ID                  # padding token id of documents and questions
+    pad_id: int = 256                     # padding id of documents and questions (their
+                                          # tokenizer's: byte PAD 256, T5 <pad> 0)
+    doc_encoder: Optional[T5Config] = None       # g's encoder: a T5 encoder (None: RoPE, enc_*)
+    question_encoder: Optional[T5Config] = None  # h's question encoder: a T5 encoder (None: RoPE)
     dtype: Any = jnp.float32              # compute dtype
     param_dtype: Any = jnp.float32        # parameters stay float32
 
@@ -90,6 +98,16 @@ class MACConfig:
         if self.window is not None and self.window < 2:
             raise ValueError(f"window={self.window} is not allowed; hierarchical aggregation "
                              "needs chunks of at least 2 documents (or None for flat)")
+        if isinstance(self.pad_id, bool) or not isinstance(self.pad_id, int) or self.pad_id < 0:
+            raise ValueError(f"pad_id={self.pad_id!r} is not allowed; use the tokenizer's padding "
+                             "id (an integer >= 0)")
+        for name in ("doc_encoder", "question_encoder"):
+            t5 = getattr(self, name)
+            if t5 is not None and not isinstance(t5, T5Config):
+                raise ValueError(f"{name}={t5!r} is not allowed; use None or a T5Config")
+            if t5 is not None and t5.d_model % self.enc_heads:
+                raise ValueError(f"{name}.d_model={t5.d_model} must be divisible by "
+                                 f"enc_heads={self.enc_heads}")
         if self.enc_width % self.enc_heads:
             raise ValueError(f"enc_width={self.enc_width} must be divisible by "
                              f"enc_heads={self.enc_heads}")
@@ -212,30 +230,38 @@ def _ffn(hidden, dtype, param_dtype, name, init_scale=1.0):
 class EncoderDecoder(nn.Module):
     """tokens [B, S] (pad = cfg.pad_id) → [B, T, D]: encoder, then T queries cross-attending.
 
-    The encoder is bidirectional with RoPE and a padding mask; the decoder's T learnable query
-    tokens attend to each other and to the unpadded encoder states (as T5's decoder with T fixed
-    input tokens, the way MAC uses T5). The output is projected to the LM width D.
+    The encoder is bidirectional with a padding mask: `t5` (a T5 encoder, MAC's initialisation,
+    parameters under "t5" as `models.t5.T5Encoder`'s) or, when None, RoPE blocks of width
+    enc_width over the LM's vocabulary. The decoder's T learnable query tokens attend to each
+    other and to the unpadded encoder states (as T5's decoder with T fixed input tokens, the way
+    MAC uses T5), at the encoder's width; the output is projected to the LM width D.
     """
     cfg: MACConfig
+    t5: Optional[T5Config] = None
 
     @nn.compact
     def __call__(self, tokens_BxS):
         c = self.cfg
         chex.assert_rank(tokens_BxS, 2)
         B, S = tokens_BxS.shape
-        E, dt, pdt = c.enc_width, c.dtype, c.param_dtype
+        dt, pdt = c.dtype, c.param_dtype
         mask_BxS = tokens_BxS != c.pad_id
-        emb = self.param("embedding", nn.with_logical_partitioning(
-            nn.initializers.normal(1.0), ("vocab", "embed")), (c.lm.vocab_size, E), pdt)
-        x = jnp.take(emb, tokens_BxS, axis=0).astype(dt)
-        pos = jnp.arange(S, dtype=jnp.int32)
-        for i in range(c.enc_layers):
-            h = _ln(f"enc_{i}_ln_1", dt, pdt)(x)
-            x = x + MHA(c.enc_heads, E, dt, pdt, c.init_scale, name=f"enc_{i}_attn")(
-                h, h, mask_BxS, q_positions=pos, k_positions=pos)
-            h = _ln(f"enc_{i}_ln_2", dt, pdt)(x)
-            x = x + _ffn(c.mlp_ratio * E, dt, pdt, f"enc_{i}_mlp", c.init_scale)(h)
-        enc = _ln("enc_ln_f", dt, pdt)(x)
+        if self.t5 is not None:
+            E = self.t5.d_model
+            enc = T5Encoder(self.t5, name="t5")(tokens_BxS, mask_BxS).astype(dt)
+        else:
+            E = c.enc_width
+            emb = self.param("embedding", nn.with_logical_partitioning(
+                nn.initializers.normal(1.0), ("vocab", "embed")), (c.lm.vocab_size, E), pdt)
+            x = jnp.take(emb, tokens_BxS, axis=0).astype(dt)
+            pos = jnp.arange(S, dtype=jnp.int32)
+            for i in range(c.enc_layers):
+                h = _ln(f"enc_{i}_ln_1", dt, pdt)(x)
+                x = x + MHA(c.enc_heads, E, dt, pdt, c.init_scale, name=f"enc_{i}_attn")(
+                    h, h, mask_BxS, q_positions=pos, k_positions=pos)
+                h = _ln(f"enc_{i}_ln_2", dt, pdt)(x)
+                x = x + _ffn(c.mlp_ratio * E, dt, pdt, f"enc_{i}_mlp", c.init_scale)(h)
+            enc = _ln("enc_ln_f", dt, pdt)(x)
         queries = self.param("queries", nn.with_logical_partitioning(
             nn.initializers.normal(1.0), (None, "embed")), (c.num_tokens, E), pdt)
         z = jnp.broadcast_to(queries.astype(dt)[None], (B, c.num_tokens, E))
@@ -339,9 +365,9 @@ class MAC(nn.Module):
     def setup(self):
         c = self.cfg
         dt, pdt = c.dtype, c.param_dtype
-        self.doc_encoder = EncoderDecoder(c, name="doc_encoder")
+        self.doc_encoder = EncoderDecoder(c, c.doc_encoder, name="doc_encoder")
         self.slot_mlp = PerSlotMLP(c.mlp_ratio * c.width, dt, pdt, c.init_scale, name="slot_mlp")
-        self.question_encoder = EncoderDecoder(c, name="question_encoder")
+        self.question_encoder = EncoderDecoder(c, c.question_encoder, name="question_encoder")
         self.agg_ln_q = [_ln(f"agg_{i}_ln_q", dt, pdt) for i in range(c.agg_blocks)]
         self.agg_ln_c = [_ln(f"agg_{i}_ln_c", dt, pdt) for i in range(c.agg_blocks)]
         self.agg_attn = [MHA(c.agg_heads, c.width, dt, pdt, c.init_scale, name=f"agg_{i}_attn")

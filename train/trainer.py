@@ -122,6 +122,13 @@ OBJECTIVE_CHECKS: dict[str, str] = {
 MEMORY: dict[str, str] = {
     "dkvb_codebooks": "train.objectives.dkvb:init_codebooks",
 }
+# model.family → "module:function" load(model, init_from_hf, params, *, mesh, rules) -> params:
+# a fresh init's params with a pretrained Hugging Face checkpoint's weights (config.init_from_hf:
+# a checkpoint path for "transformer"; MAC: {lm, doc_encoder, question_encoder} paths).
+INIT_FROM_HF: dict[str, str] = {
+    "transformer": "train.trainer:transformer_from_hf",
+    "mac": "train.objectives.mac:params_from_hf",
+}
 # name → "module:function" with build(hook_config, config) -> Hook (see the module docstring).
 HOOKS: dict[str, str] = {
     "birdie_controller": "train.objectives.birdie_controller:make_hook",
@@ -144,6 +151,14 @@ def _resolve(table: dict[str, str], name: str, what: str) -> Callable:
 def build_transformer(model_cfg: dict) -> nn.Module:
     cfg = {k: v for k, v in model_cfg.items() if k != "family"}
     return Transformer(TransformerConfig.from_dict(cfg))
+
+
+def transformer_from_hf(model: nn.Module, init_from_hf: str, params, *, mesh=None,
+                        rules=None) -> dict:
+    """INIT_FROM_HF["transformer"]: the checkpoint's parameters (models/pretrained.params_for)."""
+    del params   # every parameter comes from the checkpoint
+    from models import pretrained
+    return pretrained.params_for(model.cfg, init_from_hf, mesh=mesh, rules=rules)
 
 
 def build_model(model_cfg: Any) -> nn.Module:
@@ -183,9 +198,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"optim.clip_norm={o.clip_norm!r} must be positive or None")
     if config.get("base_lm"):
         validate_config(config.base_lm)
-    if config.get("init_from_hf") and config.model.get("family", "transformer") != "transformer":
-        raise ValueError(f"init_from_hf needs model.family='transformer', not "
-                         f"{config.model.family!r}")
+    family = config.model.get("family", "transformer")
+    if config.get("init_from_hf") and family not in INIT_FROM_HF:
+        raise ValueError(f"init_from_hf needs model.family in {sorted(INIT_FROM_HF)}, not "
+                         f"{family!r}")
     vocab = config.model.get("vocab_size")
     if vocab is not None and config.data.name in TOKEN_DATASETS:
         need = pipeline.vocab_size(config.data)
@@ -568,11 +584,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
             log.info("parameters from %s (step %d)", cfg.init_from, from_step)
             start_row["init_from"] = {"workdir": str(cfg.init_from), "step": from_step}
         if cfg.get("init_from_hf"):   # a pretrained Hugging Face checkpoint (models/pretrained)
-            from models import pretrained
-            state = state.replace(params=pretrained.params_for(
-                run.model.cfg, cfg.init_from_hf, mesh=run.mesh, rules=run.rules))
+            load = _resolve(INIT_FROM_HF, cfg.model.get("family", "transformer"), "model.family")
+            state = state.replace(params=load(run.model, cfg.init_from_hf, state.params,
+                                              mesh=run.mesh, rules=run.rules))
             log.info("parameters from %s", cfg.init_from_hf)
-            start_row["init_from_hf"] = str(cfg.init_from_hf)
+            start_row["init_from_hf"] = (cfg.init_from_hf.to_dict()
+                                         if hasattr(cfg.init_from_hf, "to_dict")
+                                         else str(cfg.init_from_hf))
         if cfg.get("base_lm"):   # params["lm"] from the first stage's run
             lm, from_step = ckpt_lib.restore_params(workdir / "base_lm",
                                                     abstract_state(run).params["lm"])

@@ -20,7 +20,7 @@ N, S, Q, B = 6, 12, 8, 2
 def setup():
     k = jax.random.split(jax.random.key(0), 4)
     docs = jax.random.randint(k[0], (N, S), 0, 256)
-    docs = docs.at[:, 9:].set(mac_lib.PAD_ID)       # padded tails
+    docs = docs.at[:, 9:].set(CFG.pad_id)       # padded tails
     qs = jax.random.randint(k[1], (B, Q), 0, 256)
     boxed = jax.jit(MAC(CFG).init)(k[2], docs, qs)["params"]
     params = nn.unbox(boxed)
@@ -144,11 +144,11 @@ def test_topk_selects_most_similar(setup):
 def test_padding_is_masked_in_amortization(setup):
     s = setup
     # Changing what sits under the padding changes nothing (the tails are PAD from index 9).
-    other = s["docs"].at[:, 9:].set(mac_lib.PAD_ID + 1)
-    other = jnp.where(s["docs"] == mac_lib.PAD_ID, mac_lib.PAD_ID, other)
+    other = s["docs"].at[:, 9:].set(CFG.pad_id + 1)
+    other = jnp.where(s["docs"] == CFG.pad_id, CFG.pad_id, other)
     chex.assert_trees_all_equal(s["amortize"](other), s["phi"])
     # Extra padding columns change nothing beyond float summation order.
-    longer = jnp.concatenate([s["docs"], jnp.full((N, 5), mac_lib.PAD_ID)], 1)
+    longer = jnp.concatenate([s["docs"], jnp.full((N, 5), CFG.pad_id)], 1)
     chex.assert_trees_all_close(s["amortize"](longer), s["phi"], atol=1e-5)
     # A real token in place of padding does change the modulation.
     assert float(jnp.max(jnp.abs(s["amortize"](s["docs"].at[:, 10].set(65)) - s["phi"]))) > 1e-5

@@ -73,36 +73,18 @@ def test_encode_qa_weights_only_answer():
         facts.encode_qa(["Where?"], ["Oslo"], 8)
 
 
-def test_load_qa_file_csv_and_jsonl(tmp_path):
-    csv_path = tmp_path / "streamingqa.csv"
-    csv_path.write_text("question,answer,text\n"
-                        "Who won?,Ana|Ana Lopez,Ana won the race.\n"
-                        "Where?,Oslo,Ana won the race.\n"
-                        "When?,1999,It was 1999.\n")
-    rows = facts.load_qa_file(csv_path)
-    assert [r["doc_id"] for r in rows] == [0, 0, 1]
-    assert rows[0]["answer"] == ["Ana", "Ana Lopez"]
-    jl = tmp_path / "archivalqa.jsonl"
+def test_load_qa_file_jsonl(tmp_path):
+    """The official columns from JSONL too (the CSV files: tests/train/test_mac_qa.py)."""
+    jl = tmp_path / "test.jsonl"
     jl.write_text("\n".join(json.dumps(r) for r in [
-        {"question": "Q1", "answer": ["a"], "text": "T1"},
-        {"question": "Q2", "answer": "b", "text": "T2"}]) + "\n")
-    rows = facts.load_qa_file(jl, limit=1)
-    assert rows == [{"doc_id": 0, "document": "T1", "question": "Q1", "answer": ["a"]}]
-    bad = tmp_path / "bad.csv"
-    bad.write_text("question,answer\nq,a\n")
-    with pytest.raises(ValueError, match="text"):
-        facts.load_qa_file(bad)
-
-
-def test_load_squad_through_tfds_mock():
-    tfds = pytest.importorskip("tensorflow_datasets")
-    with tfds.testing.mock_data(num_examples=5):
-        try:
-            rows = facts.load_squad("validation", limit=3)
-        except Exception as e:  # mock_data's data_source path needs a TFDS build with it
-            pytest.skip(f"tfds.data_source under mock_data unavailable: {e}")
-    assert len(rows) == 3
-    assert all(isinstance(r["document"], str) and isinstance(r["answer"], list) for r in rows)
+        {"question": " Who won? ", "answers": "Ana Lopez\\Ana", "text": "Ana won the race."},
+        {"question": "Where?", "answers": "Oslo", "text": "Ana won the race."},
+        {"question": "When?", "answers": "1999", "text": "It was 1999."}]) + "\n")
+    rows = facts.load_qa_file(jl, format="streamingqa")
+    assert [r["doc_id"] for r in rows] == [0, 0, 1]
+    assert rows[0]["question"] == "Who won?" and rows[0]["answer"] == "Ana"
+    assert rows[0]["answers"] == ["Ana Lopez", "Ana"]
+    assert facts.load_qa_file(jl, format="streamingqa", limit=1) == rows[:1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,11 +9,10 @@ can only be read from that document. Entity names are two- or three-syllable inv
 into train / validation / test sets by a fixed permutation (independent of the stream seed), so
 the splits never share an entity. Streams are deterministic per (split, seed).
 
-Real data, same record format ({"document", "question", "answer", "doc_id"}):
-- SQuAD through `tfds.data_source("squad")` (needs the prepared TFDS dataset; nothing is
-  downloaded at run time);
-- StreamingQA / ArchivalQA from local CSV or JSONL in the official column format
-  (question, answer, text).
+Real data (`load_qa_file`, `load_squad`, `load_qa_split`): StreamingQA and ArchivalQA files in
+their official columns and SQuAD v1.1 through `tfds.data_source("squad")` (a prepared TFDS build;
+nothing is downloaded at run time), with the official MAC code's splits, order and targets;
+records {"doc_id", "document", "question", "answer" (the target), "answers" (every gold)}.
 
 Token layout (train/data/tokenizer.py bytes): documents are right-padded with PAD to S; a QA row
 is `question SEP answer EOS` padded to Q, with the loss on the answer and EOS only.
@@ -183,15 +182,98 @@ def encode_qa(questions: Sequence[str], answers: Sequence[str], length: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# Real data
+# Real data: StreamingQA, ArchivalQA and SQuAD in their official formats
 # ---------------------------------------------------------------------------------------------
-def load_qa_file(path, *, limit: Optional[int] = None) -> list[dict]:
-    """StreamingQA / ArchivalQA rows from a local .csv or .jsonl with columns question, answer,
-    text; documents are de-duplicated into doc_ids in order of first appearance.
+# The official MAC code (jihoontack/MAC, common/dataset.py: StreamingQADataset, ArchivalQADataset,
+# SquadDataset; conf/dataset/*.yaml) reads {train,val,test}.csv for StreamingQA and ArchivalQA
+# and slices SQuAD v1.1's train split for training and validation, testing on its validation.
+QA_FORMATS = ("streamingqa", "archivalqa", "squad")
+QA_SPLITS = ("train", "val", "test")          # file names D/SPLIT.csv (the official layout)
+_COLUMNS = {"streamingqa": ("question", "answers", "text"),
+            "archivalqa": ("question", "answer", "ans_paragraph", "ans_text", "doc_id",
+                           "para_num")}
+# SQuAD v1.1 rows of the official splits (conf/dataset/squad.yaml): [start, end) of a TFDS split.
+SQUAD_SPLITS = {"train": ("train", 42118, 82011), "val": ("train", 82011, 87599),
+                "test": ("validation", 0, None)}
 
-    `answer` may hold several answers separated by '|' or (JSONL) a list; records keep a list.
-    """
+
+def _capitalize_first(s: str) -> str:
+    """The official ArchivalQA / SQuAD target: the first character upper-cased, if lower."""
+    return s[0].upper() + s[1:] if s and s[0].islower() else s
+
+
+def qa_record(fmt: str, row: dict, *, full_passage: bool = False) -> dict:
+    """One official-format row → {"document", "question", "answer", "answers", "group"}.
+
+    answer is the official training and scoring target: StreamingQA the shortest of the
+    `answers` split on a backslash; ArchivalQA `answer`, SQuAD the shortest stripped gold, both
+    with the first letter capitalised (as the official `get_qa`). answers keeps every gold
+    answer (for the SQuAD-style max-over-golds scores). group is what the official split
+    shuffles by (ArchivalQA doc_id, SQuAD title; StreamingQA none: rows are shuffled)."""
+    if fmt == "streamingqa":
+        answers = [a for a in str(row["answers"]).split("\\")]
+        return {"document": row["text"], "question": row["question"].strip(),
+                "answer": min(answers, key=len), "answers": answers, "group": None}
+    if fmt == "archivalqa":
+        return {"document": row["ans_text" if full_passage else "ans_paragraph"],
+                "question": row["question"].strip(),
+                "answer": _capitalize_first(str(row["answer"])), "answers": [str(row["answer"])],
+                "group": str(row["doc_id"]), "para_num": int(row["para_num"])}
+    if fmt == "squad":
+        answers = [a.strip() for a in row["answers"]]
+        return {"document": row["context"], "question": row["question"].strip(),
+                "answer": _capitalize_first(min(answers, key=len)), "answers": answers,
+                "group": row["title"]}
+    raise ValueError(f"format={fmt!r} is not allowed; use one of {QA_FORMATS}")
+
+
+def shuffle_groups(records: Sequence[dict], seed: int) -> list[dict]:
+    """The records with the order of their groups (record["group"], in order of first
+    appearance) permuted by `seed` and the order within a group kept: the official
+    `utils.shuffle_groups`, with a seeded generator instead of numpy's global one."""
+    groups = list(dict.fromkeys(r["group"] for r in records))
+    rank = {g: i for i, g in enumerate(np.random.default_rng(seed).permutation(len(groups)))}
+    rank = {groups[i]: r for i, r in rank.items()}
+    return sorted(records, key=lambda r: rank[r["group"]])   # sorted() is stable
+
+
+def _with_doc_ids(records: Sequence[dict]) -> list[dict]:
+    """doc_id = index of the record's document text in order of first appearance."""
+    ids: dict[str, int] = {}
+    return [{**r, "doc_id": ids.setdefault(r["document"], len(ids))} for r in records]
+
+
+def official_order(fmt: str, records: Sequence[dict], seed: int) -> list[dict]:
+    """The official split's order: StreamingQA rows shuffled (`sample(frac=1)`); ArchivalQA
+    rows stably sorted by para_num, then shuffled by doc_id groups; SQuAD shuffled by title
+    groups. Documents then get doc_ids in the new order."""
+    if fmt == "streamingqa":
+        order = np.random.default_rng(seed).permutation(len(records))
+        records = [records[i] for i in order]
+    elif fmt == "archivalqa":
+        records = shuffle_groups(sorted(records, key=lambda r: r["para_num"]), seed)
+    elif fmt == "squad":
+        records = shuffle_groups(records, seed)
+    else:
+        raise ValueError(f"format={fmt!r} is not allowed; use one of {QA_FORMATS}")
+    return _with_doc_ids(records)
+
+
+def load_qa_file(path, *, format: str, full_passage: bool = False,
+                 limit: Optional[int] = None) -> list[dict]:
+    """The rows of an official StreamingQA or ArchivalQA file (.csv as released, or .jsonl with
+    the same fields) as `qa_record`s in file order, with doc_ids by first appearance.
+
+    streamingqa needs columns question, answers (golds separated by a backslash), text;
+    archivalqa question, answer, ans_paragraph, ans_text, doc_id, para_num (full_passage: the
+    document is ans_text instead of ans_paragraph, the official option). Other columns are
+    ignored. A missing column or an empty question / answer is a ValueError naming the row."""
+    if format not in _COLUMNS:
+        raise ValueError(f"format={format!r} is not allowed for a file; use one of "
+                         f"{tuple(_COLUMNS)} (SQuAD: load_squad)")
     path = pathlib.Path(path)
+    if not path.is_file():
+        raise ValueError(f"path={str(path)!r} is not a file")
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
@@ -200,36 +282,60 @@ def load_qa_file(path, *, limit: Optional[int] = None) -> list[dict]:
             rows = [json.loads(line) for line in f if line.strip()]
     else:
         raise ValueError(f"path={str(path)!r} is not allowed: use a .csv or .jsonl file")
-    out, doc_ids = [], {}
-    for n, r in enumerate(rows):
-        missing = {"question", "answer", "text"} - set(r)
+    out = []
+    for n, r in enumerate(rows[:limit] if limit is not None else rows):
+        missing = [c for c in _COLUMNS[format] if c not in r]
         if missing:
-            raise ValueError(f"{path}: row {n} lacks columns {sorted(missing)}; the official "
-                             "format has question, answer, text")
-        ans = r["answer"]
-        answers = list(ans) if isinstance(ans, list) else [a.strip() for a in str(ans).split("|")]
-        did = doc_ids.setdefault(r["text"], len(doc_ids))
-        out.append({"doc_id": did, "document": r["text"], "question": r["question"],
-                    "answer": answers})
-        if limit is not None and len(out) >= limit:
-            break
-    return out
+            raise ValueError(f"{path}: row {n} lacks columns {missing}; the official {format} "
+                             f"format has {list(_COLUMNS[format])}")
+        rec = qa_record(format, r, full_passage=full_passage)
+        if not rec["question"] or not rec["answer"] or not rec["document"]:
+            raise ValueError(f"{path}: row {n} has an empty question, answer or document")
+        out.append(rec)
+    return _with_doc_ids(out)
 
 
-def load_squad(split: str = "validation", *, limit: Optional[int] = None,
+def load_squad(split: str = "test", *, limit: Optional[int] = None,
                data_dir: Optional[str] = None) -> list[dict]:
-    """SQuAD v1.1 records through `tfds.data_source` (the prepared TFDS dataset; no download)."""
-    source = tfds.data_source("squad", split=split, data_dir=data_dir, download=False)
-    out, doc_ids = [], {}
-    n = len(source) if limit is None else min(limit, len(source))
-    for i in range(n):
+    """SQuAD v1.1 rows of the official MAC split ("train": train[42118:82011], "val":
+    train[82011:87599], "test": the validation split) through `tfds.data_source("squad")` (a
+    prepared TFDS build; nothing is downloaded), as `qa_record`s in source order."""
+    if split not in SQUAD_SPLITS:
+        raise ValueError(f"split={split!r} is not allowed; use one of {tuple(SQUAD_SPLITS)}")
+    tfds_split, lo, hi = SQUAD_SPLITS[split]
+    source = tfds.data_source("squad", split=tfds_split, data_dir=data_dir, download=False)
+    hi = len(source) if hi is None else min(hi, len(source))
+    if limit is not None:
+        hi = min(hi, lo + limit)
+    out = []
+    for i in range(lo, hi):
         ex = source[i]
-        ctx = _text(ex["context"])
-        answers = [_text(a) for a in ex["answers"]["text"]]
-        did = doc_ids.setdefault(ctx, len(doc_ids))
-        out.append({"doc_id": did, "document": ctx, "question": _text(ex["question"]),
-                    "answer": answers})
-    return out
+        out.append(qa_record("squad", {
+            "context": _text(ex["context"]), "question": _text(ex["question"]),
+            "title": _text(ex["title"]), "answers": [_text(a) for a in ex["answers"]["text"]]}))
+    return _with_doc_ids(out)
+
+
+def load_qa_split(fmt: str, data_dir, split: str, *, seed: int = 0, full_passage: bool = False,
+                  limit: Optional[int] = None) -> list[dict]:
+    """One official split in the official order (`official_order` with `seed`): StreamingQA
+    and ArchivalQA from DATA_DIR/SPLIT.csv (or .jsonl), SQuAD from the TFDS build in data_dir
+    ("" = TFDS's default)."""
+    if split not in QA_SPLITS:
+        raise ValueError(f"split={split!r} is not allowed; use one of {QA_SPLITS}")
+    if fmt == "squad":
+        recs = load_squad(split, limit=limit, data_dir=str(data_dir) or None)
+    elif fmt in _COLUMNS:
+        d = pathlib.Path(data_dir)
+        files = [d / f"{split}{ext}" for ext in (".csv", ".jsonl")]
+        path = next((f for f in files if f.is_file()), None)
+        if path is None:
+            raise ValueError(f"data_dir={str(data_dir)!r} has no {split}.csv or {split}.jsonl "
+                             f"({fmt}'s official layout: train.csv, val.csv, test.csv)")
+        recs = load_qa_file(path, format=fmt, full_passage=full_passage, limit=limit)
+    else:
+        raise ValueError(f"format={fmt!r} is not allowed; use one of {QA_FORMATS}")
+    return official_order(fmt, recs, seed)
 
 
 def _text(x) -> str:

@@ -184,7 +184,7 @@ def _rows(spec: MacDataSpec, split: str, seq_len: int) -> dict:
     return mixed_lm_rows(docs, seq_len, spec.qa_only_fraction)
 
 
-class _ArraySource:
+class ArraySource:
     """Random access to record i of a dict of arrays with a common first axis."""
 
     def __init__(self, arrays: dict):
@@ -198,11 +198,11 @@ class _ArraySource:
         return {k: v[i] for k, v in self._arrays.items()}
 
 
-def meta_source(spec: MacDataSpec, split: str) -> _ArraySource:
+def meta_source(spec: MacDataSpec, split: str) -> ArraySource:
     """"mac_meta": one record per document of `split` (module docstring)."""
-    return _ArraySource(_encoded(spec, split))
+    return ArraySource(_encoded(spec, split))
 
 
-def lm_source(spec: MacDataSpec, split: str, seq_len: int) -> _ArraySource:
+def lm_source(spec: MacDataSpec, split: str, seq_len: int) -> ArraySource:
     """"mac_lm": stage-1 rows {inputs, targets, weights} [seq_len] of `split`'s documents."""
-    return _ArraySource(_rows(spec, split, seq_len))
+    return ArraySource(_rows(spec, split, seq_len))

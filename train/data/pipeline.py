@@ -7,7 +7,8 @@ trainer calls. It returns a grain `DatasetIterator` over process-local batches
 
 with B = global_batch_size // process_count, targets[:, t] the token after inputs[:, t] (for MQAR
 too), and weights 0 wherever the target is padding (MQAR: 1 only at the answer positions);
-"mac_meta" batches hold documents and their questions instead (train/data/mac_data.py),
+"mac_meta" and "mac_qa" batches hold documents and their questions instead
+(train/data/mac_data.py, train/data/mac_qa.py),
 "images" batches images and labels (train/data/images.py), "embeddings" batches embeddings
 and labels (train/data/embeddings.py). Feed
 a batch to a jitted step with `to_global_array(batch, mesh)`.
@@ -70,12 +71,12 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from train.data import (birdie_data, catalog, embeddings, images, mac_data, mqar,
+from train.data import (birdie_data, catalog, embeddings, images, mac_data, mac_qa, mqar,
                         passkey_data, recall, text_corpus, tokenizer)
 from train.objectives import birdie
 
 DATASET_NAMES = ("mqar", "text", "tfds", "birdie", "recall", "passkey", "mac_lm", "mac_meta",
-                 "images", "embeddings")
+                 "mac_qa", "images", "embeddings")
 SOURCES = ("tfds", "memory")
 
 
@@ -243,6 +244,25 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
         if name == "mac_lm":
             # Fraction of rows that are packed `question SEP answer EOS` without the document.
             c.qa_only_fraction = 0.5
+    elif name == "mac_qa":
+        # MAC's real QA streams (train/data/mac_qa.py): "streamingqa" | "archivalqa" (files
+        # data_dir/{train,val,test}.csv in the official columns) | "squad" (the TFDS build in
+        # data_dir; "" = TFDS's default folder).
+        c.format = "streamingqa"
+        # Tokenizer specs (train/data/tokenizer.load_tokenizer): the base LM's (questions and
+        # answers) and the amortization networks' (T5's: documents and h's questions).
+        c.lm_tokenizer = ""
+        c.amort_tokenizer = ""
+        # Token lengths of documents, h's questions and the LM's `question answer EOS` rows.
+        c.doc_length = 512
+        c.question_length = 64
+        c.qa_length = 96
+        # Seed of the official order (row or document-group shuffle, facts.official_order).
+        c.data_seed = 0
+        # ArchivalQA: whole articles (ans_text) as documents instead of paragraphs.
+        c.full_passage = False
+        # Rows read per split (0: all).
+        c.limit = 0
     elif name == "images":
         # Images for DKVB's encoders (train/data/images.py): "mnist_8x8" | "cifar10" | "cifar100".
         c.dataset = "mnist_8x8"
@@ -360,6 +380,8 @@ def splits(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
         return passkey_data.SPLITS
     if data_config.name in ("mac_lm", "mac_meta"):
         return mac_data.SPLITS
+    if data_config.name == "mac_qa":
+        return mac_qa.SPLITS
     if data_config.name == "images":
         return images.SPLITS.get(data_config.dataset, ())
     if data_config.name == "embeddings":
@@ -440,6 +462,9 @@ def make_source(
         if name == "mac_lm":
             return mac_data.lm_source(spec, split, seq_len), "examples"
         return mac_data.meta_source(spec, split), "fields"
+    if name == "mac_qa":
+        _check_choice("split", split, mac_qa.SPLITS)
+        return mac_qa.source(mac_qa.spec_from_config(data_config), split), "fields"
     if name == "embeddings":
         classes = data_config.classes if split == "train" else data_config.eval_classes
         return embeddings.EmbeddingSource(data_config.data_dir, split,

@@ -42,6 +42,7 @@ Stage-2 batches (`meta_loss`) are dicts of arrays:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Optional, Sequence
@@ -52,6 +53,7 @@ import jax.numpy as jnp
 import optax
 
 from models.mac import MAC, MACConfig, modulated_logits, slot_keys
+from models.t5 import T5Config
 from models.transformer import Transformer, TransformerConfig
 from train.data import tokenizer as tok
 from train.objectives.lm import token_losses
@@ -308,12 +310,80 @@ class MetaModel(nn.Module):
 
 def mac_config(model_cfg: dict) -> MACConfig:
     """The MACConfig of a trainer model config {family: "mac", lm: {...}, MACConfig fields,
-    readout_relations} (window/topk 0 = None)."""
+    readout_relations} (window/topk 0 = None; doc_encoder / question_encoder: T5Config fields,
+    empty or absent = None)."""
     m = {k: v for k, v in dict(model_cfg).items() if k not in ("family", "readout_relations")}
     lm = TransformerConfig.from_dict(dict(m.pop("lm")))
     m["window"] = m.get("window") or None
     m["topk"] = m.get("topk") or None
+    for name in ("doc_encoder", "question_encoder"):
+        t5 = m.get(name)
+        m[name] = T5Config(**dict(t5)) if t5 else None
     return MACConfig(lm=lm, **m)
+
+
+def t5_fields(path: str, vocab_size: int) -> dict:
+    """A trainer model config's `doc_encoder` / `question_encoder`: the T5Config fields of the
+    checkpoint at `path` (its config.json; encoder only) with the vocabulary grown to
+    `vocab_size` (the amortization tokenizer's, if larger; new rows the mean row)."""
+    from models import pretrained
+    cfg = T5Config.from_hf(pretrained.read_config(pretrained.resolve(path)), encoder_only=True)
+    out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+           if f.name not in ("dtype", "param_dtype")}
+    out["vocab_size"] = max(cfg.vocab_size, vocab_size)
+    return out
+
+
+def _grown(tree, path, vocab_size):
+    """`tree` with the 2-D table at `path` grown to vocab_size rows (models/vocab.py)."""
+    from models import vocab
+    node = tree
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = vocab.resize_embeddings(node[path[-1]], vocab_size)
+    return tree
+
+
+def params_from_hf(model: "MetaModel", init_from_hf, params: dict, *, mesh=None,
+                   rules=None) -> dict:
+    """train.trainer.INIT_FROM_HF["mac"]: `params` ({"lm", "mac", ...}, a fresh init) with the
+    frozen LM from init_from_hf.lm (a GPT-2 / LLaMA checkpoint, models/pretrained.params_for:
+    vocabulary grown to the LM tokenizer's) and the T5 encoders of g and h from
+    init_from_hf.doc_encoder / question_encoder (T5 checkpoints read encoder-only, vocabulary
+    grown likewise); each leaf placed in the sharding of the leaf it replaces."""
+    from models import pretrained
+    cfg = model.cfg
+    init = dict(init_from_hf)
+    unknown = sorted(set(init) - {"lm", "doc_encoder", "question_encoder"})
+    if unknown or not init.get("lm"):
+        raise ValueError(f"init_from_hf={init!r} is not allowed for model.family='mac'; give "
+                         "{lm: CHECKPOINT, doc_encoder: T5_CHECKPOINT, question_encoder: "
+                         "T5_CHECKPOINT} (the encoders optional)")
+    out = {**params, "mac": dict(params["mac"])}
+    out["lm"] = pretrained.params_for(cfg.lm, init["lm"], mesh=mesh, rules=rules)
+    for name in ("doc_encoder", "question_encoder"):
+        path, t5 = init.get(name), getattr(cfg, name)
+        if not path:
+            continue
+        if t5 is None:
+            raise ValueError(f"init_from_hf.{name}={path!r} needs model.{name} (the T5Config "
+                             "fields, t5_fields(path, vocab))")
+        enc, p = pretrained.from_hf(path, t5.param_dtype, compute_dtype=t5.dtype,
+                                    encoder_only=True)
+        for f in dataclasses.fields(t5):
+            if f.name not in ("vocab_size", "dtype", "param_dtype", "num_decoder_layers",
+                              "decoder_start_token_id", "tie_word_embeddings") \
+                    and getattr(t5, f.name) != getattr(enc.cfg, f.name):
+                raise ValueError(f"model.{name}.{f.name}={getattr(t5, f.name)!r} differs from "
+                                 f"the checkpoint's {getattr(enc.cfg, f.name)!r} ({path})")
+        p = _grown(jax.tree_util.tree_map(lambda x: x, p), ("shared", "embedding"),
+                   t5.vocab_size)
+        old = params["mac"][name]["t5"]
+        p = jax.tree_util.tree_map(lambda new, o: jax.device_put(new, o.sharding), p, old)
+        out["mac"][name] = {**params["mac"][name], "t5": p}
+    out["lm"] = jax.tree_util.tree_map(lambda new, o: jax.device_put(new, o.sharding),
+                                       out["lm"], params["lm"])
+    return out
 
 
 def build_model(model_cfg: dict) -> MetaModel:
