@@ -6,6 +6,19 @@ landmarks score highest.
 - `memory_attention(...)`: one layer with the block memory (reference README steps 2–7);
 - `memory_logits(...)`: the whole model (`LandmarkLM` params), one jitted call per chunk;
   `init_caches`, `memory_step`, `chunk_start` are its parts.
+
+Positions (`positions=`). 'lm_benchmark' (default) is the official GPT code's mem-cache
+(lm_benchmark/models/caches/mem_cache.py): the chunk starts at min(n, k + 1)·S + L for n blocks
+seen, k retrieved, S = mem_freq + 1, L the trailing partial block. 'llama' is the official
+LLaMA fine-tune's (llama/llama_mem.py, `LlamaAttention.forward` with `mem_freq`): queries at their
+absolute position n·S + L + t, the k' = min(k, n) retrieved blocks (`top_k = min(cache_top_k,
+num_mems)`) placed from `prefix_len = full_len - (k' + 1)·S`, the landmark of cached block c
+scored at prefix_len + m·S + mem_freq (m = c - (n - k') + 1 for the last k' blocks, else 0), the
+j-th chosen block's keys at prefix_len + j·S (+ S when it is one of the last k'). RoPE depends only
+on differences, so this computes the same as rotating everything relative to prefix_len:
+the chunk starts at (k' + 1)·S + L. For n > k the two modes agree; they differ while n <= k.
+Selection 'max_over_tokens' is what the official LLaMA code forces with `offload_cache_to_cpu`
+(the softmax over landmarks, then the max over the chunk's tokens, one choice per head).
 """
 from __future__ import annotations
 
@@ -21,37 +34,54 @@ from memory import block_cache
 from models import landmark, layers, transformer
 
 SELECTIONS = ("per_token_and_head", "max_over_heads", "max_over_tokens")
+POSITIONS = ("lm_benchmark", "llama")
 
 
-def chunk_start(cache: block_cache.BlockCache, top_k: int) -> jax.Array:
-    """The chunk's first position: min(blocks seen, k + 1)·(mem_freq + 1) + L (README step 2)."""
+def effective_top_k(cache: block_cache.BlockCache, top_k: int, positions: str) -> jax.Array:
+    """The k whose slots place the blocks: top_k ('lm_benchmark'); min(top_k, blocks cached)
+    ('llama': `top_k = min(cache_top_k, num_mems)`)."""
+    if positions == "llama":
+        return jnp.minimum(top_k, block_cache.num_cached(cache))
+    return jnp.asarray(top_k, jnp.int32)
+
+
+def chunk_start(cache: block_cache.BlockCache, top_k: int,
+                positions: str = "lm_benchmark") -> jax.Array:
+    """The chunk's first position: min(blocks seen, k + 1)·(mem_freq + 1) + L (README step 2);
+    'llama': (min(k, blocks cached) + 1)·(mem_freq + 1) + L (see the module docstring)."""
     S = cache.block_len
+    if positions == "llama":
+        return (effective_top_k(cache, top_k, positions) + 1) * S + cache.tail_len
     return jnp.minimum(cache.num_blocks, top_k + 1) * S + cache.tail_len
 
 
-def _rope(x, positions, *, base, interleaved):
+def _rope(x, positions, *, base, interleaved, scaling=None):
     """Rotates x [..., D] at integer positions [...] with `layers.apply_rope`'s numerics."""
     D = x.shape[-1]
     flat = x.reshape(1, -1, 1, D)
     pos = jnp.broadcast_to(positions, x.shape[:-1]).reshape(-1)
-    return layers.apply_rope(flat, pos, base=base, interleaved=interleaved).reshape(x.shape)
+    return layers.apply_rope(flat, pos, base=base, interleaved=interleaved,
+                             scaling=scaling).reshape(x.shape)
 
 
 def memory_attention(q, k, v, is_landmark, cache: block_cache.BlockCache, *, top_k: int,
                      selection: str = "per_token_and_head", valid_len=None,
                      rope_base: float = 10000.0, rope_interleaved: bool = True,
-                     return_retrieved: bool = False):
+                     rope_scaling: Optional[layers.RopeScaling] = None,
+                     positions: str = "lm_benchmark", return_retrieved: bool = False):
     """One chunk of one attention layer with the landmark memory (reference README steps 2–7).
 
     q, k, v [B, T, H, Dh]: the chunk's projections, NOT rotated (this function rotates q and the
     chunk's keys at start + t, the trailing block at start - L + j, and each retrieved block at its
     slot). is_landmark [B, T] bool; valid_len: how many of the T rows are real (the rest is padding
-    after them), default T. Returns (y [B, T, H, Dh], the cache with the chunk appended) and, with
+    after them), default T. positions: 'lm_benchmark' | 'llama' (module docstring). Returns (y [B, T, H, Dh], the cache with the chunk appended) and, with
     return_retrieved, the chosen blocks' chronological ids [B, H, T, k] (-1 where none).
     """
     is_landmark = landmark.check_qkv(q, k, v, is_landmark)
     if selection not in SELECTIONS:
         raise ValueError(f"selection={selection!r} is not allowed; use one of {SELECTIONS}")
+    if positions not in POSITIONS:
+        raise ValueError(f"positions={positions!r} is not allowed; use one of {POSITIONS}")
     if not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k={top_k!r} must be a non-negative integer")
     if top_k > cache.capacity:
@@ -60,9 +90,11 @@ def memory_attention(q, k, v, is_landmark, cache: block_cache.BlockCache, *, top
     S, F = cache.block_len, cache.mem_freq
     acc = landmark.acc_dtype(q)
     scale = 1.0 / math.sqrt(Dh)
-    rope = functools.partial(_rope, base=rope_base, interleaved=rope_interleaved)
+    rope = functools.partial(_rope, base=rope_base, interleaved=rope_interleaved,
+                             scaling=rope_scaling)
     valid_len = jnp.asarray(T if valid_len is None else valid_len, jnp.int32)
-    start = chunk_start(cache, top_k)
+    start = chunk_start(cache, top_k, positions)
+    k_eff = effective_top_k(cache, top_k, positions)
     L = cache.tail_len
     t = jnp.arange(T)
     q_rot = rope(q, (start + t)[None, :, None])
@@ -79,7 +111,7 @@ def memory_attention(q, k, v, is_landmark, cache: block_cache.BlockCache, *, top
     if top_k > 0:
         n = block_cache.num_cached(cache)
         c, slot_valid = block_cache.chronological_index(cache)              # [N], [N]
-        m = jnp.where(c >= n - top_k, c - (n - top_k) + 1, 0)               # slot of each block
+        m = jnp.where(c >= n - k_eff, c - (n - k_eff) + 1, 0)               # slot of each block
         lm_k = rope(block_cache.landmark_keys(cache), (m * S + F)[None, :, None])  # [B, N, H, Dh]
         s_lm = jnp.einsum("bthd,bnhd->bhtn", q_rot, lm_k, preferred_element_type=acc) * scale
         s_lm = jnp.where(slot_valid, s_lm, -jnp.inf)
@@ -99,7 +131,7 @@ def memory_attention(q, k, v, is_landmark, cache: block_cache.BlockCache, *, top
         chosen_c = jnp.sort(chosen_c, axis=-1)                               # chronological order
         chosen_valid = chosen_c < jnp.iinfo(jnp.int32).max
         chosen_c = jnp.where(chosen_valid, chosen_c, 0)
-        chosen_m = jnp.where(chosen_c >= n - top_k, chosen_c - (n - top_k) + 1, 0)
+        chosen_m = jnp.where(chosen_c >= n - k_eff, chosen_c - (n - k_eff) + 1, 0)
         slots = block_cache.slot_of_chronological(cache, chosen_c)
         mem_k, mem_v = block_cache.gather_blocks(cache, slots)              # [B, H, T, k, S, Dh]
         j = jnp.arange(top_k)
@@ -141,24 +173,30 @@ class _MemoryBlock(nn.Module):
     cfg: transformer.TransformerConfig
     top_k: int
     selection: str
+    positions: str = "lm_benchmark"
 
     @nn.compact
     def __call__(self, x, is_landmark, cache, valid_len, with_retrieved: bool):
         c = self.cfg
         norm = lambda name: layers.make_norm(c.norm, eps=c.norm_eps, dtype=c.dtype,  # noqa: E731
-                                             param_dtype=c.param_dtype, name=name)
+                                             param_dtype=c.param_dtype, use_bias=c.bias,
+                                             name=name)
         attn = transformer.Attention(c, name="attn")
         h = norm("ln_1")(x)
         # Position 0 rotates by the identity (cos 0 = 1, sin 0 = 0 exactly): un-rotated q, k, v.
         q, k, v = attn.qkv(h, jnp.zeros((x.shape[1],), jnp.int32))
+        # Grouped-query attention: each key/value head serves H / Hkv query heads; the cache keeps
+        # the repeated heads (as `Attention` repeats them before its attention function).
+        group = c.num_heads // c.kv_heads
+        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
         y, cache, retrieved = memory_attention(
             q, k, v, is_landmark, cache, top_k=self.top_k, selection=self.selection,
             valid_len=valid_len, rope_base=c.rope_base, rope_interleaved=c.rope_interleaved,
-            return_retrieved=True)
+            rope_scaling=c.rope_scaling, positions=self.positions, return_retrieved=True)
         x = x + attn.out(y)
         h = norm("ln_2")(x)
         x = x + layers.MLP(c.hidden, c.mlp, dtype=c.dtype, param_dtype=c.param_dtype,
-                           name="mlp")(h)
+                           use_bias=c.bias, name="mlp")(h)
         return x, cache, (retrieved if with_retrieved else None)
 
 
@@ -167,6 +205,7 @@ class _MemoryLM(nn.Module):
     cfg: landmark.LandmarkConfig
     top_k: int
     selection: str
+    positions: str = "lm_benchmark"
 
     @nn.compact
     def __call__(self, raw_BxM, n_raw, caches, with_retrieved: bool = False):
@@ -189,12 +228,13 @@ class _MemoryLM(nn.Module):
         x = embed(tokens)
         new_caches, retrieved = [], []
         for li in range(c.num_layers):
-            x, cache, r = _MemoryBlock(c, self.top_k, self.selection, name=f"block_{li}")(
+            x, cache, r = _MemoryBlock(c, self.top_k, self.selection, self.positions,
+                                       name=f"block_{li}")(
                 x, is_landmark, caches[li], valid_len, with_retrieved)
             new_caches.append(cache)
             retrieved.append(r)
         x = layers.make_norm(c.norm, eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
-                             name="ln_f")(x)
+                             use_bias=c.bias, name="ln_f")(x)
         x = jnp.take(x, aug_pos, axis=1)            # landmark rows dropped (README step 8)
         if c.tie_embeddings:
             logits = embed.attend(x)
@@ -216,9 +256,11 @@ def init_caches(config: landmark.LandmarkConfig, batch: int, cache_blocks: int) 
                  for _ in range(c.num_layers))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "top_k", "selection", "with_retrieved"))
+@functools.partial(jax.jit, static_argnames=("config", "top_k", "selection", "with_retrieved",
+                                             "positions"))
 def memory_step(params, raw_BxM, caches, n_raw=None, *, config: landmark.LandmarkConfig, top_k: int,
-                selection: str = "per_token_and_head", with_retrieved: bool = False):
+                selection: str = "per_token_and_head", with_retrieved: bool = False,
+                positions: str = "lm_benchmark"):
     """One chunk of raw tokens [B, M] → (logits [B, M, V], new caches[, retrieved per layer]).
 
     n_raw (traced scalar, default M): only the first n_raw tokens are real; the rest is padding whose
@@ -227,20 +269,21 @@ def memory_step(params, raw_BxM, caches, n_raw=None, *, config: landmark.Landmar
     """
     if n_raw is None:
         n_raw = raw_BxM.shape[1]
-    return _MemoryLM(config, top_k, selection).apply({"params": params}, raw_BxM,
+    return _MemoryLM(config, top_k, selection, positions).apply({"params": params}, raw_BxM,
                                                      jnp.asarray(n_raw, jnp.int32), caches,
                                                      with_retrieved)
 
 
 def memory_logits(params, config: landmark.LandmarkConfig, raw_tokens, *, chunk_len: int,
                   top_k: int, cache_blocks: Optional[int], selection: str = "per_token_and_head",
-                  return_retrieved: bool = False):
+                  positions: str = "lm_benchmark", return_retrieved: bool = False):
     """The official mem-cache inference: raw tokens [B, T_raw] (no landmarks) → logits
     [B, T_raw, V].
 
     Chunks of `chunk_len` raw tokens, each one jitted call; landmarks are inserted across chunks,
     each layer keeps a ring of `cache_blocks` complete blocks (None: enough for the whole input, the
-    unbounded-context mode) and retrieves `top_k` blocks per token and head (`selection`).
+    unbounded-context mode) and retrieves `top_k` blocks per token and head (`selection`), placed
+    at `positions` ('lm_benchmark' | 'llama', see the module docstring).
     """
     config = landmark.as_landmark_config(config)
     raw_tokens = jnp.asarray(raw_tokens)
@@ -266,7 +309,8 @@ def memory_logits(params, config: landmark.LandmarkConfig, raw_tokens, *, chunk_
         if n < chunk_len:                          # pad: one compiled step for every chunk
             chunk = jnp.pad(chunk, ((0, 0), (0, chunk_len - n)))
         res = memory_step(params, chunk, caches, n, config=config, top_k=top_k,
-                          selection=selection, with_retrieved=return_retrieved)
+                          selection=selection, with_retrieved=return_retrieved,
+                          positions=positions)
         outs.append(res[0][:, :n])
         caches = res[1]
         if return_retrieved:

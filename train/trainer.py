@@ -24,7 +24,9 @@ run's workdir) starts from that run's newest parameters (checkpoint.restore_para
 optimizer, RNG and hook state: a fine-tune; once it has saved, it resumes from its own checkpoints.
 `config.init_from_hf` (a Hugging Face checkpoint directory or hub id) does the same from a
 pretrained GPT-2 or LLaMA-family model (models/pretrained.py; the model section must be the
-checkpoint's, `pretrained.model_config`, with vocab_size possibly larger).
+checkpoint's, `pretrained.model_config`, with vocab_size possibly larger), into a Transformer or
+into the decoder a family wraps (HF_FAMILIES; `body_config`: a LandmarkLM's config.model, whose
+attention may differ: the parameters are the same).
 
 A run with `config.base_lm` (a whole trainer config: MAC's stage 1) first trains that run into
 WORKDIR/base_lm (skipped once it reached base_lm.num_steps), and starts its own params["lm"]
@@ -146,6 +148,23 @@ def build_transformer(model_cfg: dict) -> nn.Module:
     return Transformer(TransformerConfig.from_dict(cfg))
 
 
+# families whose model is a decoder a Hugging Face checkpoint fills (config.init_from_hf)
+HF_FAMILIES = ("transformer", "landmark")
+
+
+def body_config(model: nn.Module) -> TransformerConfig:
+    """The decoder config of a model `init_from_hf` fills: a Transformer's `cfg`, or the
+    TransformerConfig a family's config wraps as `.model` (LandmarkLM)."""
+    cfg = getattr(model, "cfg", None)
+    if isinstance(cfg, TransformerConfig):
+        return cfg
+    inner = getattr(getattr(model, "config", None), "model", None)
+    if isinstance(inner, TransformerConfig):
+        return inner
+    raise ValueError(f"init_from_hf cannot fill a {type(model).__name__}: it has no "
+                     "TransformerConfig (`cfg`, or `config.model`)")
+
+
 def build_model(model_cfg: Any) -> nn.Module:
     d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
     return _resolve(MODELS, d.get("family", "transformer"), "model.family")(d)
@@ -183,8 +202,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"optim.clip_norm={o.clip_norm!r} must be positive or None")
     if config.get("base_lm"):
         validate_config(config.base_lm)
-    if config.get("init_from_hf") and config.model.get("family", "transformer") != "transformer":
-        raise ValueError(f"init_from_hf needs model.family='transformer', not "
+    if config.get("init_from_hf") and config.model.get("family", "transformer") not in HF_FAMILIES:
+        raise ValueError(f"init_from_hf needs model.family in {HF_FAMILIES}, not "
                          f"{config.model.family!r}")
     vocab = config.model.get("vocab_size")
     if vocab is not None and config.data.name in TOKEN_DATASETS:
@@ -570,7 +589,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         if cfg.get("init_from_hf"):   # a pretrained Hugging Face checkpoint (models/pretrained)
             from models import pretrained
             state = state.replace(params=pretrained.params_for(
-                run.model.cfg, cfg.init_from_hf, mesh=run.mesh, rules=run.rules))
+                body_config(run.model), cfg.init_from_hf, mesh=run.mesh, rules=run.rules))
             log.info("parameters from %s", cfg.init_from_hf)
             start_row["init_from_hf"] = str(cfg.init_from_hf)
         if cfg.get("base_lm"):   # params["lm"] from the first stage's run
