@@ -29,6 +29,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from memory import block_cache
 from models import landmark, layers, transformer
@@ -319,3 +320,58 @@ def memory_logits(params, config: landmark.LandmarkConfig, raw_tokens, *, chunk_
     if return_retrieved:
         return logits, retrieved
     return logits
+
+
+def memory_generate(params, config: landmark.LandmarkConfig, prompt_BxP, num_tokens: int, *,
+                    chunk_len: int, top_k: int, cache_blocks: Optional[int] = None,
+                    selection: str = "per_token_and_head", positions: str = "lm_benchmark"
+                    ) -> jax.Array:
+    """int32 [B, num_tokens]: greedy decoding with the block memory, as the official LLaMA
+    generation (llama/llama_mem.py `prepare_inputs_for_generation`): the prompt [B, P] (raw
+    tokens, rows of one length) is read in chunks of `chunk_len` tokens, then every generated
+    token is a chunk of its own that attends to the trailing partial block, itself and the top_k
+    retrieved blocks (a landmark is inserted after it when it completes a block). Logits are the
+    regular tokens' (landmark rows are never read). cache_blocks None: enough for the prompt and
+    the generated tokens (unbounded); pass one value for prompts of several lengths to reuse the
+    two compiled steps (chunk_len tokens, one token)."""
+    config = landmark.as_landmark_config(config)
+    prompt_BxP = np.asarray(prompt_BxP)
+    if prompt_BxP.ndim != 2 or prompt_BxP.shape[1] < 1:
+        raise ValueError(f"prompt has shape {prompt_BxP.shape}; it must be [B, P] with P >= 1")
+    if not isinstance(num_tokens, int) or num_tokens < 1:
+        raise ValueError(f"num_tokens={num_tokens!r} must be a positive integer")
+    if not isinstance(chunk_len, int) or chunk_len <= 0:
+        raise ValueError(f"chunk_len={chunk_len!r} must be a positive integer")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r} is not allowed; use one of {SELECTIONS}")
+    if positions not in POSITIONS:
+        raise ValueError(f"positions={positions!r} is not allowed; use one of {POSITIONS}")
+    B, P = prompt_BxP.shape
+    if cache_blocks is None:
+        cache_blocks = max((P + num_tokens) // config.mem_freq, top_k, 1)
+    if not isinstance(top_k, int) or not 0 <= top_k <= cache_blocks:
+        raise ValueError(f"top_k={top_k!r} must be an integer in [0, cache_blocks={cache_blocks}]")
+    params = layers.unbox(params)
+    caches = init_caches(config, B, cache_blocks)
+    kw = dict(config=config, top_k=top_k, selection=selection, positions=positions)
+    prompt = np.asarray(prompt_BxP)              # chunks are cut on the host: no eager op compiles
+    for s in range(0, P, chunk_len):
+        chunk = prompt[:, s:s + chunk_len]
+        n = chunk.shape[1]
+        if n < chunk_len:
+            chunk = np.pad(chunk, ((0, 0), (0, chunk_len - n)))
+        tok, caches = _step_greedy(params, chunk, caches, n, **kw)
+    out = [tok]
+    for _ in range(num_tokens - 1):
+        tok, caches = _step_greedy(params, tok[:, None], caches, 1, **kw)
+        out.append(tok)
+    return jnp.stack(out, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "top_k", "selection", "positions"))
+def _step_greedy(params, raw_BxM, caches, n_raw, *, config, top_k, selection, positions):
+    """(argmax of the logits after raw token n_raw - 1 [B] int32, new caches): `memory_step`."""
+    logits, caches = memory_step(params, raw_BxM, caches, n_raw, config=config, top_k=top_k,
+                                 selection=selection, positions=positions)
+    last = jax.lax.dynamic_index_in_dim(logits, n_raw - 1, axis=1, keepdims=False)
+    return jnp.argmax(last, axis=-1).astype(jnp.int32), caches
