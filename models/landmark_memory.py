@@ -65,8 +65,17 @@ def _rope(x, positions, *, base, interleaved, scaling=None):
                              scaling=scaling).reshape(x.shape)
 
 
+def selection_index(selection) -> jax.Array:
+    """int32 index into SELECTIONS of a name (checked), or a traced index as it is."""
+    if isinstance(selection, str):
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection={selection!r} is not allowed; use one of {SELECTIONS}")
+        return jnp.asarray(SELECTIONS.index(selection), jnp.int32)
+    return jnp.asarray(selection, jnp.int32)
+
+
 def memory_attention(q, k, v, is_landmark, cache: block_cache.BlockCache, *, top_k: int,
-                     selection: str = "per_token_and_head", valid_len=None,
+                     selection="per_token_and_head", valid_len=None,
                      rope_base: float = 10000.0, rope_interleaved: bool = True,
                      rope_scaling: Optional[layers.RopeScaling] = None,
                      positions: str = "lm_benchmark", return_retrieved: bool = False):
@@ -79,8 +88,7 @@ def memory_attention(q, k, v, is_landmark, cache: block_cache.BlockCache, *, top
     return_retrieved, the chosen blocks' chronological ids [B, H, T, k] (-1 where none).
     """
     is_landmark = landmark.check_qkv(q, k, v, is_landmark)
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection={selection!r} is not allowed; use one of {SELECTIONS}")
+    sel = selection_index(selection)
     if positions not in POSITIONS:
         raise ValueError(f"positions={positions!r} is not allowed; use one of {POSITIONS}")
     if not isinstance(top_k, int) or top_k < 0:
@@ -118,12 +126,11 @@ def memory_attention(q, k, v, is_landmark, cache: block_cache.BlockCache, *, top
         s_lm = jnp.where(slot_valid, s_lm, -jnp.inf)
         p_lm = jax.nn.softmax(s_lm, axis=-1)
         p_lm = jnp.where(slot_valid, p_lm, 0)                               # n = 0: no NaN
-        if selection == "max_over_heads":
-            p_lm = jnp.broadcast_to(jnp.max(p_lm, axis=1, keepdims=True), p_lm.shape)
-        elif selection == "max_over_tokens":
-            real = (t < valid_len)[None, None, :, None]
-            p_lm = jnp.broadcast_to(jnp.max(jnp.where(real, p_lm, 0), axis=2, keepdims=True),
-                                    p_lm.shape)
+        # The selection is data (one compiled step serves all three); a constant folds away.
+        real = (t < valid_len)[None, None, :, None]
+        over_heads = jnp.max(p_lm, axis=1, keepdims=True)
+        over_tokens = jnp.max(jnp.where(real, p_lm, 0), axis=2, keepdims=True)
+        p_lm = jnp.where(sel == 1, over_heads, jnp.where(sel == 2, over_tokens, p_lm))
         # Ties cannot be resolved portably (official: torch.topk); valid blocks outrank empty slots.
         rank = jnp.where(slot_valid, p_lm, -1.0)
         _, chosen = jax.lax.top_k(rank, top_k)                               # [B, H, T, k] slots
@@ -173,11 +180,10 @@ def memory_attention(q, k, v, is_landmark, cache: block_cache.BlockCache, *, top
 class _MemoryBlock(nn.Module):
     cfg: transformer.TransformerConfig
     top_k: int
-    selection: str
     positions: str = "lm_benchmark"
 
     @nn.compact
-    def __call__(self, x, is_landmark, cache, valid_len, with_retrieved: bool):
+    def __call__(self, x, is_landmark, cache, valid_len, selection, with_retrieved: bool):
         c = self.cfg
         norm = lambda name: layers.make_norm(c.norm, eps=c.norm_eps, dtype=c.dtype,  # noqa: E731
                                              param_dtype=c.param_dtype, use_bias=c.bias,
@@ -191,7 +197,7 @@ class _MemoryBlock(nn.Module):
         group = c.num_heads // c.kv_heads
         k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
         y, cache, retrieved = memory_attention(
-            q, k, v, is_landmark, cache, top_k=self.top_k, selection=self.selection,
+            q, k, v, is_landmark, cache, top_k=self.top_k, selection=selection,
             valid_len=valid_len, rope_base=c.rope_base, rope_interleaved=c.rope_interleaved,
             rope_scaling=c.rope_scaling, positions=self.positions, return_retrieved=True)
         x = x + attn.out(y)
@@ -205,11 +211,10 @@ class _MemoryLM(nn.Module):
     """One chunk of raw tokens through the model with per-layer block caches."""
     cfg: landmark.LandmarkConfig
     top_k: int
-    selection: str
     positions: str = "lm_benchmark"
 
     @nn.compact
-    def __call__(self, raw_BxM, n_raw, caches, with_retrieved: bool = False):
+    def __call__(self, raw_BxM, n_raw, caches, selection, with_retrieved: bool = False):
         lc = self.cfg
         c = lc.model
         B, M = raw_BxM.shape
@@ -229,9 +234,8 @@ class _MemoryLM(nn.Module):
         x = embed(tokens)
         new_caches, retrieved = [], []
         for li in range(c.num_layers):
-            x, cache, r = _MemoryBlock(c, self.top_k, self.selection, self.positions,
-                                       name=f"block_{li}")(
-                x, is_landmark, caches[li], valid_len, with_retrieved)
+            x, cache, r = _MemoryBlock(c, self.top_k, self.positions, name=f"block_{li}")(
+                x, is_landmark, caches[li], valid_len, selection, with_retrieved)
             new_caches.append(cache)
             retrieved.append(r)
         x = layers.make_norm(c.norm, eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
@@ -257,8 +261,6 @@ def init_caches(config: landmark.LandmarkConfig, batch: int, cache_blocks: int) 
                  for _ in range(c.num_layers))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "top_k", "selection", "with_retrieved",
-                                             "positions"))
 def memory_step(params, raw_BxM, caches, n_raw=None, *, config: landmark.LandmarkConfig, top_k: int,
                 selection: str = "per_token_and_head", with_retrieved: bool = False,
                 positions: str = "lm_benchmark"):
@@ -266,13 +268,20 @@ def memory_step(params, raw_BxM, caches, n_raw=None, *, config: landmark.Landmar
 
     n_raw (traced scalar, default M): only the first n_raw tokens are real; the rest is padding whose
     logits are meaningless and which never enters the cache (so a short last chunk reuses the
-    compiled step of the full-length ones).
+    compiled step of the full-length ones). The selection is passed as data: the three share one
+    compiled step.
     """
     if n_raw is None:
         n_raw = raw_BxM.shape[1]
-    return _MemoryLM(config, top_k, selection, positions).apply({"params": params}, raw_BxM,
-                                                     jnp.asarray(n_raw, jnp.int32), caches,
-                                                     with_retrieved)
+    return _memory_step(params, raw_BxM, caches, jnp.asarray(n_raw, jnp.int32),
+                        selection_index(selection), config=config, top_k=top_k,
+                        with_retrieved=with_retrieved, positions=positions)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "top_k", "with_retrieved", "positions"))
+def _memory_step(params, raw_BxM, caches, n_raw, sel, *, config, top_k, with_retrieved, positions):
+    return _MemoryLM(config, top_k, positions).apply({"params": params}, raw_BxM, n_raw, caches,
+                                                     sel, with_retrieved)
 
 
 def memory_logits(params, config: landmark.LandmarkConfig, raw_tokens, *, chunk_len: int,
@@ -287,13 +296,12 @@ def memory_logits(params, config: landmark.LandmarkConfig, raw_tokens, *, chunk_
     at `positions` ('lm_benchmark' | 'llama', see the module docstring).
     """
     config = landmark.as_landmark_config(config)
-    raw_tokens = jnp.asarray(raw_tokens)
+    raw_tokens = np.asarray(raw_tokens)          # chunks are cut on the host: no eager op compiles
     if raw_tokens.ndim != 2:
         raise ValueError(f"raw_tokens has shape {raw_tokens.shape}; it must be [B, T_raw]")
     if not isinstance(chunk_len, int) or chunk_len <= 0:
         raise ValueError(f"chunk_len={chunk_len!r} must be a positive integer")
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection={selection!r} is not allowed; use one of {SELECTIONS}")
+    selection_index(selection)
     B, T_raw = raw_tokens.shape
     if cache_blocks is None:
         cache_blocks = max(T_raw // config.mem_freq, top_k, 1)
@@ -308,15 +316,15 @@ def memory_logits(params, config: landmark.LandmarkConfig, raw_tokens, *, chunk_
         chunk = raw_tokens[:, s:s + chunk_len]
         n = chunk.shape[1]
         if n < chunk_len:                          # pad: one compiled step for every chunk
-            chunk = jnp.pad(chunk, ((0, 0), (0, chunk_len - n)))
+            chunk = np.pad(chunk, ((0, 0), (0, chunk_len - n)))
         res = memory_step(params, chunk, caches, n, config=config, top_k=top_k,
                           selection=selection, with_retrieved=return_retrieved,
                           positions=positions)
-        outs.append(res[0][:, :n])
+        outs.append(np.asarray(res[0])[:, :n])
         caches = res[1]
         if return_retrieved:
             retrieved.append(res[2])
-    logits = jnp.concatenate(outs, axis=1)
+    logits = jnp.asarray(np.concatenate(outs, axis=1))
     if return_retrieved:
         return logits, retrieved
     return logits
@@ -342,8 +350,7 @@ def memory_generate(params, config: landmark.LandmarkConfig, prompt_BxP, num_tok
         raise ValueError(f"num_tokens={num_tokens!r} must be a positive integer")
     if not isinstance(chunk_len, int) or chunk_len <= 0:
         raise ValueError(f"chunk_len={chunk_len!r} must be a positive integer")
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection={selection!r} is not allowed; use one of {SELECTIONS}")
+    selection_index(selection)
     if positions not in POSITIONS:
         raise ValueError(f"positions={positions!r} is not allowed; use one of {POSITIONS}")
     B, P = prompt_BxP.shape
@@ -353,25 +360,26 @@ def memory_generate(params, config: landmark.LandmarkConfig, prompt_BxP, num_tok
         raise ValueError(f"top_k={top_k!r} must be an integer in [0, cache_blocks={cache_blocks}]")
     params = layers.unbox(params)
     caches = init_caches(config, B, cache_blocks)
-    kw = dict(config=config, top_k=top_k, selection=selection, positions=positions)
+    kw = dict(config=config, top_k=top_k, positions=positions)
+    sel = selection_index(selection)
     prompt = np.asarray(prompt_BxP)              # chunks are cut on the host: no eager op compiles
     for s in range(0, P, chunk_len):
         chunk = prompt[:, s:s + chunk_len]
         n = chunk.shape[1]
         if n < chunk_len:
             chunk = np.pad(chunk, ((0, 0), (0, chunk_len - n)))
-        tok, caches = _step_greedy(params, chunk, caches, n, **kw)
+        tok, caches = _step_greedy(params, chunk, caches, n, sel, **kw)
     out = [tok]
     for _ in range(num_tokens - 1):
-        tok, caches = _step_greedy(params, tok[:, None], caches, 1, **kw)
+        tok, caches = _step_greedy(params, tok[:, None], caches, 1, sel, **kw)
         out.append(tok)
     return jnp.stack(out, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "top_k", "selection", "positions"))
-def _step_greedy(params, raw_BxM, caches, n_raw, *, config, top_k, selection, positions):
+@functools.partial(jax.jit, static_argnames=("config", "top_k", "positions"))
+def _step_greedy(params, raw_BxM, caches, n_raw, sel, *, config, top_k, positions):
     """(argmax of the logits after raw token n_raw - 1 [B] int32, new caches): `memory_step`."""
-    logits, caches = memory_step(params, raw_BxM, caches, n_raw, config=config, top_k=top_k,
-                                 selection=selection, positions=positions)
+    logits, caches = _memory_step(params, raw_BxM, caches, n_raw, sel, config=config,
+                                  top_k=top_k, with_retrieved=False, positions=positions)
     last = jax.lax.dynamic_index_in_dim(logits, n_raw - 1, axis=1, keepdims=False)
     return jnp.argmax(last, axis=-1).astype(jnp.int32), caches

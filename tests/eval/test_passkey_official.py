@@ -7,7 +7,6 @@ Fixtures: tests/data/hf/llama_gqa (vocabulary 256, GQA, llama3 rope scaling, unt
 LLaMA-2-style SentencePiece tokenizer tests/data/hf/tok_sp_llama (500 ids; + LANDMARK = 501, so
 the embedding and head grow).
 """
-import dataclasses
 import json
 import pathlib
 import random
@@ -16,8 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from eval import passkey, passkey_official
-from models import landmark as lmk
+from eval import landmark_perplexity, passkey, passkey_official
 from models import landmark_memory, pretrained
 from train import trainer
 from train.configs import landmark as landmark_configs
@@ -106,17 +104,18 @@ def test_hf_variant_is_the_checkpoint_with_landmarks(hf_landmark):
 def test_memory_generation_retrieving_every_block_is_full_attention(hf_landmark):
     """With top_k >= the blocks there are, the official LLaMA positions place every retrieved
     block at its own position (relative to the queries): memory decoding then computes full
-    landmark attention, so its greedy tokens equal full attention's. Blocks of 8 tokens, chunks
-    of 16, a 45-token prompt: 6 blocks by the end, 8 retrieved."""
+    landmark attention, so its greedy tokens equal full attention's. Blocks of 50 tokens, chunks
+    of 50, a 150-token prompt and 10 new tokens: 0 to 3 blocks cached, 4 retrieved (the
+    lm_benchmark positions, which compress the slots, decode other tokens from the third on)."""
     _, model, params = hf_landmark
-    small = lmk.LandmarkLM(dataclasses.replace(model.config, mem_freq=8))
-    prompt = np.random.default_rng(0).integers(3, 500, (1, 45)).astype(np.int32)
-    full = passkey_official.full_generate(small, params, list(prompt), 10)
-    mem = landmark_memory.memory_generate(params, small.config, prompt, 10, chunk_len=16,
-                                          top_k=8, positions="llama")
+    # ids the checkpoint knows (its 256; the rows grown for 256..500 are all the mean row)
+    prompt = np.random.default_rng(0).integers(3, 256, (1, 150)).astype(np.int32)
+    full = passkey_official.full_generate(model, params, list(prompt), 10)
+    mem = landmark_memory.memory_generate(params, model.config, prompt, 10, chunk_len=50,
+                                          top_k=4, cache_blocks=4, positions="llama")
     np.testing.assert_array_equal(np.asarray(mem), full)
     with pytest.raises(ValueError, match="positions='abs' is not allowed"):
-        landmark_memory.memory_generate(params, small.config, prompt, 2, chunk_len=16, top_k=2,
+        landmark_memory.memory_generate(params, model.config, prompt, 2, chunk_len=50, top_k=2,
                                         positions="abs")
 
 
@@ -132,7 +131,7 @@ def test_finetune_then_official_protocol_cli(tmp_path, capsys):
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
     assert passkey.main(["--protocol", "official", "--workdir", str(tmp_path / "run"),
                          "--base", str(HF / "llama_gqa"), "--lengths", "0,100", "--trials", "2",
-                         "--top_k", "2", "--chunk_len", "50"]) == 0
+                         "--top_k", "4", "--chunk_len", "50"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["protocol"] == "official" and out["tokenizer"].endswith("+LANDMARK")
     assert set(out["accuracy"]) == {"landmark_memory", "base"}
@@ -140,3 +139,22 @@ def test_finetune_then_official_protocol_cli(tmp_path, capsys):
         assert set(accs) == {"0", "100"} and all(v in (0.0, 0.5, 1.0) for v in accs.values())
     # The task line alone is > 100 tokens of this tokenizer: several 50-token blocks in memory.
     assert 100 < out["prompt_tokens"]["0"] < out["prompt_tokens"]["100"]
+    # Table 1 of the same run, the tiny grid: held-out windows of its own prose (tokenized by its
+    # tokenizer), full attention and the three selection methods (a cache of 3 blocks, top-1, so
+    # the choice matters).
+    assert landmark_perplexity.main(["--workdir", str(tmp_path / "run"), "--grid", "tiny",
+                                     "--windows", "2"]) == 0
+    ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
+    names = ["full"] + [f"k1_cache3_chunk50_{m}" for m in landmark_memory.SELECTIONS]
+    assert list(ppl) == names and all(set(ppl[n]) == {"200"} for n in names)
+    assert all(1 < ppl[n]["200"] < 1e4 for n in names)
+    assert ppl[names[1]]["200"] != ppl[names[2]]["200"]   # per token and head vs max over heads
+
+
+def test_table1_grids_and_bad_input():
+    grid = landmark_perplexity.OFFICIAL_GRID
+    assert {s.length for s in grid} == {512, 2048, 4096} and {s.top_k for s in grid} == {2, 3, 4}
+    assert {s.selection for s in grid} == set(landmark_memory.SELECTIONS)
+    assert all(s.top_k <= s.cache and s.chunk in (250, 300, 350) for s in grid)
+    with pytest.raises(ValueError, match="grid='huge' is not allowed"):
+        landmark_perplexity.table1(None, None, None, grid="huge")
