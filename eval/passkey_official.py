@@ -10,9 +10,10 @@ The prompt (`official_prompt(n_garbage, rng)` → (text, pass_key)), in the orde
    `n_garbage_suffix = n_garbage - n_garbage_prefix`;
 2. `pass_key = randint(1, 50000)`;
 
-and the text is "\\n".join of the five lines
+and the text is "\\n".join of the five lines (the first is one line: TASK_DESCRIPTION)
 
-    There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will quiz you about the important information there.
+    There is an important info hidden inside a lot of irrelevant text. Find it and memorize them.
+        I will quiz you about the important information there.
     GARBAGE_INF[:n_garbage_prefix]
     The pass key is {pass_key}. Remember it. {pass_key} is the pass key.
     GARBAGE_INF[:n_garbage_suffix]
@@ -110,8 +111,8 @@ def encode_prompt(tokenizer: tok.Tokenizer, text: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("model",))
 def _next_token(model, params, tokens_BxT, at_B):
-    """The argmax [B] of the logits at position at_B of each row, full attention (a LandmarkLM reads the raw
-    rows with landmarks inserted)."""
+    """The argmax [B] of the logits at position at_B of each row, full attention (a LandmarkLM
+    reads the raw rows with landmarks inserted)."""
     if isinstance(model, landmark.LandmarkLM):
         lc = model.config
         F = lc.mem_freq

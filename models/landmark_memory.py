@@ -84,7 +84,8 @@ def memory_attention(q, k, v, is_landmark, cache: block_cache.BlockCache, *, top
     q, k, v [B, T, H, Dh]: the chunk's projections, NOT rotated (this function rotates q and the
     chunk's keys at start + t, the trailing block at start - L + j, and each retrieved block at its
     slot). is_landmark [B, T] bool; valid_len: how many of the T rows are real (the rest is padding
-    after them), default T. positions: 'lm_benchmark' | 'llama' (module docstring). Returns (y [B, T, H, Dh], the cache with the chunk appended) and, with
+    after them), default T. positions: 'lm_benchmark' | 'llama' (module docstring). Returns
+    (y [B, T, H, Dh], the cache with the chunk appended) and, with
     return_retrieved, the chosen blocks' chronological ids [B, H, T, k] (-1 where none).
     """
     is_landmark = landmark.check_qkv(q, k, v, is_landmark)
