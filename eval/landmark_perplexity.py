@@ -19,15 +19,34 @@ lengths and windows. `prose_windows(..., tokenizer=)` cuts the same prose into a
 tokenizer's ids (perplexity is then per token of that tokenizer); the figure's runs are bytes.
 
 JSON {"perplexity": {SETTING: {LENGTH: ppl}}}.
+
+Table 1 of any trained run (`main`):
+
+    python -m eval.landmark_perplexity --workdir RUN [--grid official|tiny] [--windows N]
+
+evaluates the official grid (lm_benchmark/eval_cmd_generator.py, the pg19_landmark rows:
+evaluation lengths 512 / 2048 / 4096, chunks (`--mid_length`) of 250 (and 300, 350), caches of
+10 … 80 blocks (`--mem_cache_size`), top-k 2, 3, 4, the three selection methods; OFFICIAL_GRID)
+plus full attention at every length, on held-out windows of the run's own dataset
+(`held_out_windows`: the evaluation split of data.name 'text' or 'tfds' (e.g. pg19), the prose
+of 'passkey', tokenized by the run's data.tokenizer, EOS after each document, consecutive
+windows of LENGTH + 1 tokens). A transformer run is scored with full attention only. Prints one
+JSON line {"perplexity": {SETTING: {LENGTH: ppl}}, "grid", "windows", "workdir"}; SETTING is
+"full" or "k{K}_cache{N}_chunk{C}_{selection}". Not here: the Transformer-XL baseline
+(`kv_cache_train`, the official pg19_xl rows).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import pathlib
+import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
-from eval import figures, metrics, passkey
+from eval import cli, figures, metrics, passkey
 from train.configs import landmark as landmark_configs
 from train.data import passkey_data, text_corpus
 from train.data import tokenizer as tok
@@ -140,3 +159,110 @@ def landmark_perplexity_figure(*, size: str, seed: int, out: pathlib.Path, **_) 
     return {"perplexity": {n: {str(k): v for k, v in ppl[n].items()} for n in names},
             "train_context": int(c.seq_len), "windows": s["windows"],
             "seconds": round(time.time() - t0, 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 1 of any run: the official evaluation grid
+# ---------------------------------------------------------------------------------------------
+class Setting(NamedTuple):
+    """One memory-inference evaluation (official eval.py flags in brackets)."""
+    length: int          # tokens per window (--eval_seq_length)
+    chunk: int           # raw tokens per chunk (--mid_length)
+    cache: int           # blocks the cache holds (--mem_cache_size)
+    top_k: int           # blocks retrieved (--cache_topk)
+    selection: str = "per_token_and_head"   # --cache_selection_method
+
+    @property
+    def name(self) -> str:
+        return f"k{self.top_k}_cache{self.cache}_chunk{self.chunk}_{self.selection}"
+
+
+# lm_benchmark/eval_cmd_generator.py, the pg19_landmark rows (duplicates dropped), in its order.
+OFFICIAL_GRID = (
+    Setting(512, 250, 10, 2),
+    Setting(2048, 250, 40, 2), Setting(2048, 350, 40, 2), Setting(2048, 300, 40, 3),
+    Setting(2048, 250, 20, 4), Setting(2048, 250, 40, 4),
+    Setting(4096, 250, 40, 4), Setting(4096, 250, 80, 2), Setting(4096, 250, 80, 4),
+    Setting(2048, 250, 40, 2, "max_over_heads"), Setting(2048, 250, 40, 4, "max_over_heads"),
+    Setting(4096, 250, 80, 4, "max_over_heads"),
+    Setting(2048, 250, 40, 2, "max_over_tokens"), Setting(2048, 250, 40, 4, "max_over_tokens"),
+    Setting(4096, 250, 80, 4, "max_over_tokens"),
+)
+# CPU: two short lengths, a cache of 3 blocks and top-1 (so the choice matters), the three
+# selection methods (tests; blocks of 50).
+TINY_GRID = (
+    Setting(200, 50, 3, 1), Setting(200, 50, 3, 1, "max_over_heads"),
+    Setting(200, 50, 3, 1, "max_over_tokens"),
+)
+FULL_LENGTHS = {"official": (512, 2048, 4096), "tiny": (200,)}
+GRIDS = {"official": OFFICIAL_GRID, "tiny": TINY_GRID}
+
+
+def held_out_windows(config, length: int, windows: int) -> np.ndarray:
+    """tokens [windows, length + 1]: consecutive windows of the run's held-out stream (module
+    docstring), tokenized by its data.tokenizer."""
+    from train import trainer
+    from train.data import pipeline
+    data = config.data
+    tokenizer = tok.load_tokenizer(data.get("tokenizer", "byte"))
+    if data.name == "passkey":
+        records = text_corpus.documents("validation", data.validation_percent)
+    elif data.name in ("text", "tfds"):
+        records, _ = pipeline.make_source(data, split=trainer.eval_split(config),
+                                          seq_len=int(config.seq_len))
+    else:
+        raise ValueError(f"data.name={data.name!r} has no held-out text; Table 1 reads 'text', "
+                         "'tfds' or 'passkey' runs")
+    need, have, docs = windows * (length + 1), 0, []
+    for i in range(len(records)):
+        ids = tokenizer.encode(records[i]["text"], add_eos=True)
+        docs.append(ids)
+        have += len(ids)
+        if have >= need:
+            break
+    if have < need:
+        raise ValueError(f"windows={windows} of length={length} need {need} held-out tokens; "
+                         f"the run's {data.name!r} evaluation split has {have}")
+    return np.concatenate(docs)[:need].reshape(windows, length + 1).astype(np.int32)
+
+
+def table1(model, params, config, *, grid: str = "official", windows: int = 8) -> dict:
+    """{SETTING: {LENGTH: perplexity}}: full attention at FULL_LENGTHS[grid], and for a
+    LandmarkLM every Setting of GRIDS[grid] (`memory_logits`, lm_benchmark positions)."""
+    from models import landmark
+    if grid not in GRIDS:
+        raise ValueError(f"grid={grid!r} is not allowed; use one of {sorted(GRIDS)}")
+    if not isinstance(windows, int) or windows < 1:
+        raise ValueError(f"windows={windows!r} must be a positive integer")
+    is_landmark = isinstance(model, landmark.LandmarkLM)
+    settings = GRIDS[grid] if is_landmark else ()
+    lengths = sorted(set(FULL_LENGTHS[grid]) | {s.length for s in settings})
+    data = {n: held_out_windows(config, n, windows) for n in lengths}
+    out: dict[str, dict[int, float]] = {}
+    for n in FULL_LENGTHS[grid]:
+        out.setdefault("full", {})[n] = window_perplexity(
+            lambda x: passkey.full_attention_logits(model, params, x), data[n])
+    for s in settings:
+        out.setdefault(s.name, {})[s.length] = window_perplexity(
+            lambda x, s=s: passkey.memory_inference_logits(
+                model, params, x, top_k=s.top_k, chunk_len=s.chunk, cache_blocks=s.cache,
+                selection=s.selection), data[s.length])
+    return out
+
+
+def main(argv=None) -> int:
+    from train import trainer
+    p = argparse.ArgumentParser(description="Table 1: perplexity over the official grid")
+    p.add_argument("--workdir", required=True, help="a trained run (landmark or transformer)")
+    p.add_argument("--grid", default="official", choices=sorted(GRIDS))
+    p.add_argument("--windows", type=int, default=8, help="held-out windows per length")
+    a = p.parse_args(argv)
+    config, params, model = trainer.restore_for_eval(a.workdir)
+    ppl = table1(model, params, config, grid=a.grid, windows=a.windows)
+    print(json.dumps({"perplexity": {k: {str(n): v for n, v in d.items()} for k, d in ppl.items()},
+                      "grid": a.grid, "windows": a.windows, "workdir": a.workdir}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

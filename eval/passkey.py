@@ -2,6 +2,17 @@
 
     python -m eval.passkey --workdir RUN --seed S --lengths 256,512,1024,2048 --trials N \
         [--baseline_workdir RUN2] [--top_k 4] [--chunk_len 128]
+    python -m eval.passkey --protocol official --workdir RUN [--base HF_DIR] [--seed S] \
+        [--lengths 0,100,...] [--trials 50] [--top_k 5] [--chunk_len 250]
+
+`--protocol official` is the official zero-shot LLaMA test (eval/passkey_official.py:
+`official_prompt`, generation of 10 tokens, the first integer scored, 50 trials per filler length
+0 … 38000 characters): the landmark run (RUN: family 'landmark', e.g.
+train/configs/landmark.py:hf=...) with the block memory (`landmark_memory`), and the base model
+(`base`: the Hugging Face weights directory HF_DIR, or RUN itself when it is a transformer run)
+with full attention; prompts are encoded by the run's tokenizer (--tokenizer overrides). It
+prints one JSON line {"protocol": "official", "accuracy": {METHOD: {N_GARBAGE: acc}},
+"prompt_tokens", ...}. The default protocol, `figure`, is the one below.
 
 prints one JSON line {"train_context", "accuracy": {METHOD: {LENGTH: acc}}, ...}. A landmark run
 (train/configs/landmark.py:tiny) is scored as `landmark_memory` (the official mem-cache inference,
@@ -45,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval import cli, figures
+from eval import cli, figures, passkey_official
 from models import landmark, landmark_memory
 from train import checkpoint as ckpt_lib
 from train import config_identity
@@ -56,6 +67,8 @@ from train.data import pipeline
 from train.data import tokenizer as tok
 
 METHODS = ("landmark_memory", "landmark_full", "baseline")
+
+official_prompt = passkey_official.official_prompt   # the official LLaMA test's prompt
 
 TOP_K = 4   # blocks retrieved per token and head (the paper evaluates k = 2 and 4)
 
@@ -376,33 +389,98 @@ def landmark_passkey_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> 
     return numbers
 
 
+def _official(a) -> dict:
+    """--protocol official: the landmark run with memory, the base model with full attention."""
+    from models import pretrained
+    generators, tokenizer, base_dir = {}, None, a.base
+    if a.workdir:
+        config, params, model = trainer.restore_for_eval(a.workdir)
+        tokenizer = tok.load_tokenizer(a.tokenizer or config.data.get("tokenizer", "byte"))
+        if isinstance(model, landmark.LandmarkLM):
+            generators["landmark_memory"] = lambda rows, n: passkey_official.memory_generate(
+                model, params, rows, n, top_k=a.top_k or passkey_official.TOP_K,
+                chunk_len=a.chunk_len or passkey_official.CHUNK_LEN, selection=a.selection)
+        else:
+            generators["base"] = lambda rows, n: passkey_official.full_generate(
+                model, params, rows, n, pad_id=_pad(tokenizer))
+    if base_dir:
+        base_model, base_params = pretrained.from_hf(base_dir)
+        if tokenizer is None:
+            tokenizer = tok.load_tokenizer(a.tokenizer or pretrained.resolve(base_dir))
+        if tokenizer.vocab_size > base_model.cfg.vocab_size:   # the run's added tokens (LANDMARK)
+            base_params = pretrained.resize_params_vocab(base_params, tokenizer.vocab_size)
+            base_model = type(base_model)(base_model.cfg.replace(
+                vocab_size=tokenizer.vocab_size))
+        generators["base"] = lambda rows, n: passkey_official.full_generate(
+            base_model, base_params, rows, n, pad_id=_pad(tokenizer))
+    lengths = ([int(x) for x in a.lengths.split(",")] if a.lengths
+               else list(passkey_official.LENGTHS))
+    res = passkey_official.run(generators, tokenizer, lengths=lengths,
+                               trials=a.trials or passkey_official.TRIALS, seed=a.seed)
+    return {"protocol": "official",
+            "accuracy": {m: {str(n): v for n, v in accs.items()}
+                         for m, accs in res["accuracy"].items()},
+            "prompt_tokens": {str(n): v for n, v in res["prompt_tokens"].items()},
+            "trials": a.trials or passkey_official.TRIALS, "seed": a.seed,
+            "top_k": a.top_k or passkey_official.TOP_K,
+            "chunk_len": a.chunk_len or passkey_official.CHUNK_LEN, "selection": a.selection,
+            "workdir": a.workdir, "base": base_dir, "tokenizer": tokenizer.spec}
+
+
+def _pad(tokenizer: tok.Tokenizer) -> int:
+    return tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.special("EOS")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Passkey retrieval accuracy of trained runs")
-    p.add_argument("--workdir", required=True, help="a landmark run (or a transformer run)")
+    p.add_argument("--protocol", default="figure", choices=("figure", "official"),
+                   help="figure: byte-length prompts scored teacher-forced (the landmark_passkey "
+                        "figure); official: the official LLaMA test (eval/passkey_official.py)")
+    p.add_argument("--workdir", default=None, help="a landmark run (or a transformer run)")
     p.add_argument("--baseline_workdir", default=None, help="a plain transformer run to compare")
+    p.add_argument("--base", default=None,
+                   help="official: a Hugging Face weights directory scored with full attention")
+    p.add_argument("--tokenizer", default=None,
+                   help="official: the tokenizer spec (default: the run's data.tokenizer)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lengths", default="256,512,1024,2048",
-                   help="comma-separated prompt lengths in tokens")
-    p.add_argument("--trials", type=int, default=50)
-    p.add_argument("--top_k", type=int, default=TOP_K)
+    p.add_argument("--lengths", default=None,
+                   help="comma-separated prompt lengths in tokens (figure; default "
+                        "256,512,1024,2048) or filler lengths in characters (official; default "
+                        "the official 0..38000)")
+    p.add_argument("--trials", type=int, default=None, help="trials per length (default 50)")
+    p.add_argument("--top_k", type=int, default=None,
+                   help=f"blocks retrieved (default {TOP_K}; official {passkey_official.TOP_K})")
     p.add_argument("--chunk_len", type=int, default=None,
-                   help="raw tokens per memory-inference chunk (default: half the training context)")
+                   help="raw tokens per memory-inference chunk (default: half the training "
+                        f"context; official {passkey_official.CHUNK_LEN})")
+    p.add_argument("--selection", default="per_token_and_head",
+                   choices=landmark_memory.SELECTIONS,
+                   help="official: block selection (max_over_tokens: the official offload mode)")
     a = p.parse_args(argv)
-    lengths = [int(x) for x in a.lengths.split(",")]
+    if a.protocol == "official":
+        if not a.workdir and not a.base:
+            raise ValueError("--protocol official needs --workdir RUN and/or --base HF_DIR")
+        print(json.dumps(_official(a)))
+        return 0
+    if not a.workdir:
+        raise ValueError("--workdir is required (a landmark or transformer run)")
+    lengths = [int(x) for x in (a.lengths or "256,512,1024,2048").split(",")]
+    trials = a.trials or 50
+    top_k = a.top_k or TOP_K
     accuracy, train_context = {}, None
     for wd in [a.workdir] + ([a.baseline_workdir] if a.baseline_workdir else []):
         config, params, model = trainer.restore_for_eval(wd)
         train_context = train_context or int(config.seq_len)
         data = config.data
         accuracy.update(evaluate_run(
-            model, params, lengths, a.trials, a.seed, top_k=a.top_k,
+            model, params, lengths, trials, a.seed, top_k=top_k,
             chunk_len=a.chunk_len or max(int(config.seq_len) // 2, 1),
             num_digits=int(data.get("num_digits", 5)), intro=bool(data.get("intro", False)),
             tokenizer=tok.load_tokenizer(data.get("tokenizer", "byte"))))
     print(json.dumps({"train_context": train_context,
                       "accuracy": {m: {str(n): v for n, v in accs.items()}
                                    for m, accs in accuracy.items()},
-                      "trials": a.trials, "seed": a.seed, "top_k": a.top_k,
+                      "trials": trials, "seed": a.seed, "top_k": top_k,
                       "workdir": a.workdir, "baseline_workdir": a.baseline_workdir}))
     return 0
 

@@ -417,8 +417,9 @@ def resize_params_vocab(params: dict, vocab_size: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Fine-tuning with the trainer (train/configs/lm.py:hf=PATH, config.init_from_hf)
 # ---------------------------------------------------------------------------------------------
-# TransformerConfig fields a checkpoint does not fix: how it computes, not what.
-_FREE_FIELDS = ("vocab_size", "dtype", "param_dtype", "remat", "init_std")
+# TransformerConfig fields a checkpoint does not fix: how it computes, not what (`attention`:
+# which attention function reads the same q/k/v parameters, e.g. LandmarkLM's 'landmark').
+_FREE_FIELDS = ("vocab_size", "dtype", "param_dtype", "remat", "init_std", "attention")
 
 
 def model_config(path: str) -> dict:

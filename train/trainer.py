@@ -24,7 +24,10 @@ run's workdir) starts from that run's newest parameters (checkpoint.restore_para
 optimizer, RNG and hook state: a fine-tune; once it has saved, it resumes from its own checkpoints.
 `config.init_from_hf` (a Hugging Face checkpoint directory or hub id) does the same from a
 pretrained GPT-2 or LLaMA-family model (models/pretrained.py; the model section must be the
-checkpoint's, `pretrained.model_config`, with vocab_size possibly larger).
+checkpoint's, `pretrained.model_config`, with vocab_size possibly larger), into a Transformer or
+into the decoder a family wraps (`body_config`: a LandmarkLM's config.model, whose attention may
+differ: the parameters are the same); INIT_FROM_HF names the loader of each family (MAC: a
+frozen LM and T5 encoders).
 
 A run with `config.base_lm` (a whole trainer config: MAC's stage 1) first trains that run into
 WORKDIR/base_lm (skipped once it reached base_lm.num_steps), and starts its own params["lm"]
@@ -127,6 +130,7 @@ MEMORY: dict[str, str] = {
 # a checkpoint path for "transformer"; MAC: {lm, doc_encoder, question_encoder} paths).
 INIT_FROM_HF: dict[str, str] = {
     "transformer": "train.trainer:transformer_from_hf",
+    "landmark": "train.trainer:transformer_from_hf",
     "mac": "train.objectives.mac:params_from_hf",
 }
 # name → "module:function" with build(hook_config, config) -> Hook (see the module docstring).
@@ -153,12 +157,26 @@ def build_transformer(model_cfg: dict) -> nn.Module:
     return Transformer(TransformerConfig.from_dict(cfg))
 
 
+def body_config(model: nn.Module) -> TransformerConfig:
+    """The decoder config of a model `init_from_hf` fills: a Transformer's `cfg`, or the
+    TransformerConfig a family's config wraps as `.model` (LandmarkLM)."""
+    cfg = getattr(model, "cfg", None)
+    if isinstance(cfg, TransformerConfig):
+        return cfg
+    inner = getattr(getattr(model, "config", None), "model", None)
+    if isinstance(inner, TransformerConfig):
+        return inner
+    raise ValueError(f"init_from_hf cannot fill a {type(model).__name__}: it has no "
+                     "TransformerConfig (`cfg`, or `config.model`)")
+
+
 def transformer_from_hf(model: nn.Module, init_from_hf: str, params, *, mesh=None,
                         rules=None) -> dict:
-    """INIT_FROM_HF["transformer"]: the checkpoint's parameters (models/pretrained.params_for)."""
+    """INIT_FROM_HF["transformer"] and ["landmark"]: the checkpoint's parameters for the model's
+    decoder (`body_config`; models/pretrained.params_for)."""
     del params   # every parameter comes from the checkpoint
     from models import pretrained
-    return pretrained.params_for(model.cfg, init_from_hf, mesh=mesh, rules=rules)
+    return pretrained.params_for(body_config(model), init_from_hf, mesh=mesh, rules=rules)
 
 
 def build_model(model_cfg: Any) -> nn.Module:

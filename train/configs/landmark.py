@@ -33,6 +33,25 @@ AdamW β=(0.9, 0.95), weight decay 1e-3, lr 2e-3 with cosine decay and 2% warm-u
 PG-19 read through TFDS (array_record; prepare it once with `data.download=True` or point
 `data.data_dir` at a prepared copy). Differences from the paper: byte tokens (V = 320) instead of
 GPT-2's BPE. Any field can be overridden with --config.FIELD=VALUE.
+
+`hf=CHECKPOINT[,tokenizer=TOKENIZER][,size=tiny|paper]` fine-tunes a pretrained LLaMA-family
+model with landmarks, as the official `llama/` recipe (epfml/landmark-attention, llama/train.py
+and the README's fine-tuning command): the checkpoint's decoder (models/pretrained.py:
+model_config; GQA, RoPE base and scaling, SwiGLU, RMSNorm, untied head) with the grouped softmax
+in every layer, the tokenizer (the checkpoint's folder, or TOKENIZER) with the LANDMARK token
+appended, the embedding (and head) grown to hold it (new rows: the mean row, as the official
+`smart_tokenizer_and_embedding_resize`), a landmark after every 50 tokens:
+
+    python -m train.main --config train/configs/landmark.py:hf=/models/llama-7b,size=paper \
+        --workdir gs://BUCKET/llama_landmark --config.mesh.fsdp=-1 --config.mesh.data=1
+
+`size=paper` is the official fine-tune: 15,000 steps of 128 rows × 512 tokens (8 GPUs × 2 rows ×
+8 accumulation steps), AdamW lr 2e-5, weight decay 0.1, 3% warm-up then cosine to ~10% (HF
+`get_cosine_schedule_with_warmup` with num_cycles 0.4 ends at 0.095; ours decays to 0.1),
+bfloat16. It trains on the local prose corpus unless `data` is pointed elsewhere (the official
+run read RedPajama-Data-1T-Sample through `datasets`, which is not read here). `size=tiny`
+(default): a few steps on CPU for the tests (tests/data/hf/llama_gqa with the
+tests/data/hf/tok_sp_llama tokenizer).
 """
 import ml_collections
 
@@ -43,8 +62,11 @@ VARIANTS = ("tiny", "tiny_baseline", "paper")
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    if arg.startswith("hf="):
+        return hf_config(arg)
     if arg not in VARIANTS:
-        raise ValueError(f"config variant {arg!r} is not allowed; use one of {VARIANTS}")
+        raise ValueError(f"config variant {arg!r} is not allowed; use one of {VARIANTS} or "
+                         "'hf=CHECKPOINT[,tokenizer=TOKENIZER][,size=tiny|paper]'")
     paper = arg == "paper"
     baseline = arg == "tiny_baseline"
     c = ml_collections.ConfigDict()
@@ -194,3 +216,73 @@ PERPLEXITY_SIZES = {
     "cpu": dict(lengths=(256, 512, 1024, 2048), windows=8),
     "paper": dict(lengths=(512, 2048, 4096, 8192), windows=8),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# A pretrained LLaMA-family model fine-tuned with landmarks (the official llama/ recipe)
+# ---------------------------------------------------------------------------------------------
+HF_MEM_FREQ = 50      # a landmark after every 50 tokens (official run_test.py: mem_freq=50; the
+                      # llama/train.py flag defaults to 63, the README's command leaves it)
+
+
+def landmark_tokenizer(spec: str):
+    """The tokenizer at `spec` with the LANDMARK special appended (kept if `spec` has one)."""
+    t = tokenizer.load_tokenizer(spec)
+    try:
+        t.special("LANDMARK")
+        return t
+    except ValueError:
+        return t.add_special_tokens(["LANDMARK"])
+
+
+def hf_config(arg: str) -> ml_collections.ConfigDict:
+    """The `hf=CHECKPOINT[,tokenizer=TOKENIZER][,size=tiny|paper]` variant (module docstring):
+    model = the checkpoint's decoder (family 'landmark', attention 'landmark'), init_from_hf loads
+    its weights, the text dataset uses the tokenizer with LANDMARK appended, vocab_size grows to
+    hold it."""
+    from models import pretrained
+    fields = dict(part.partition("=")[::2] for part in arg.split(","))
+    unknown = sorted(set(fields) - {"hf", "tokenizer", "size"})
+    size = fields.get("size", "tiny")
+    if unknown or not fields.get("hf") or size not in ("tiny", "paper"):
+        raise ValueError(f"config variant {arg!r} is not allowed; use "
+                         "'hf=CHECKPOINT[,tokenizer=TOKENIZER][,size=tiny|paper]'")
+    paper = size == "paper"
+    checkpoint = fields["hf"]
+    tok = landmark_tokenizer(fields.get("tokenizer") or pretrained.resolve(checkpoint))
+    body = pretrained.model_config(checkpoint)
+    if body.get("positions") != "rope":
+        raise ValueError(f"hf={checkpoint!r} has positions={body.get('positions')!r}; landmark "
+                         "fine-tuning needs a RoPE decoder (LLaMA family)")
+    c = get_config("tiny")
+    c.name = f"landmark_hf_{size}"
+    c.init_from_hf = checkpoint              # weights (models/pretrained.py: from_hf)
+    c.seed = 0
+    c.num_steps = 15_000 if paper else 3     # official: --max_steps 15000
+    c.batch_size = 128 if paper else 2       # official: 8 GPUs × 2 rows × 8 accumulation steps
+    c.seq_len = 512 if paper else 100        # raw tokens per row (official model_max_length 512)
+    c.checkpoint_every = 2000 if paper else 0   # official: --save_steps 2000
+    c.eval_every = 0                         # official: --evaluation_strategy "no"
+    c.log_every = 1                          # official: --logging_steps 1
+    c.progress = paper                       # tqdm progress bar
+    c.objective = "landmark"
+    c.model = ml_collections.ConfigDict(body)
+    c.model.family = "landmark"              # models.landmark.LandmarkLM over the checkpoint's body
+    c.model.attention = "landmark"           # the grouped softmax in every layer
+    c.model.vocab_size = max(body["vocab_size"], tok.vocab_size)   # grown to hold LANDMARK
+    c.model.mem_freq = HF_MEM_FREQ           # regular tokens per block
+    c.model.landmark_id = tok.special("LANDMARK")   # the appended token (official "<landmark>")
+    c.model.pos_jump = 0                     # the LLaMA fine-tune uses no positional jumps
+    c.model.dtype = "bfloat16" if paper else "float32"   # official: --bf16 True
+    c.model.remat = paper                    # recompute blocks in the backward pass
+    c.data = pipeline.default_data_config("text")
+    c.data.tokenizer = tok.spec              # e.g. "/models/llama-7b+LANDMARK"
+    # official: AdamW (HF Trainer: β = (0.9, 0.999), ε 1e-8), lr 2e-5, weight decay 0.1,
+    # warm-up 3% of the steps, cosine (num_cycles 0.4: ends near 10% of the peak).
+    c.optim = common.optim(lr=2e-5, weight_decay=0.1, b2=0.999, min_lr_ratio=0.1,
+                           warmup_steps=max(1, round(0.03 * c.num_steps)),
+                           grad_accum=8 if paper else 1)
+    if not paper:
+        c.optim.lr = 1e-3                    # a few CPU steps: large enough to move the loss
+    c.eval = common.evaluation(4)
+    return c
