@@ -38,8 +38,9 @@ EXCLUDED = (
     # (tests/train/test_trainer.py: test_restore_onto_different_mesh) and the data pipeline gives
     # each process its rows of the same global batch; only float rounding order changes.
     "mesh", "sharding_rules",
-    # Fault injection for tests (SIGKILL or a NaN loss at a given step).
-    "debug",
+    # Fault injection for tests (SIGKILL or a NaN loss at a given step); which steps a profiler
+    # traces.
+    "debug", "profile_steps",
     # Validation batches per evaluation: what is measured, not what is trained.
     "eval",
     # Recomputing each block in the backward pass: the same function, parameters and gradients,
@@ -59,6 +60,8 @@ EXCLUDED = (
 ADDED_DEFAULTS = {
     # The text datasets' tokenizer (train/data/pipeline.py): "byte" is what they always used.
     "data.tokenizer": "byte",
+    # The lm objective's chunked cross-entropy (train/objectives/lm.py): 0 is the plain loss.
+    "objective_config.ce_chunk": 0,
 }
 
 ABSENT = "<absent>"

@@ -65,6 +65,7 @@ import math
 import os
 import pathlib
 import signal
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -142,7 +143,7 @@ REQUIRED_FIELDS = ("seed", "num_steps", "batch_size", "checkpoint_every", "eval_
 KNOWN_FIELDS = set(REQUIRED_FIELDS) | {
     "seq_len", "log_every", "keep_checkpoints", "async_checkpoints", "sharding_rules", "model",
     "data", "optim", "eval", "objective", "objective_config", "debug", "progress", "name",
-    "hooks", "init_from", "init_from_hf", "base_lm", "input_shape", "memory"}
+    "hooks", "init_from", "init_from_hf", "base_lm", "input_shape", "memory", "profile_steps"}
 
 
 def _resolve(table: dict[str, str], name: str, what: str) -> Callable:
@@ -203,6 +204,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         v = config[f]
         if not isinstance(v, int) or v < 0:
             raise ValueError(f"{f}={v!r} must be an integer ≥ 0")
+    prof = tuple(config.get("profile_steps") or ())
+    if prof and not (len(prof) == 2 and all(isinstance(v, int) for v in prof)
+                     and 1 <= prof[0] <= prof[1]):
+        raise ValueError(f"profile_steps={prof!r} is not allowed; use (FIRST, LAST) with "
+                         "1 <= FIRST <= LAST, or () for no trace")
     if not isinstance(config.batch_size, int) or config.batch_size <= 0:
         raise ValueError(f"batch_size={config.batch_size!r} must be a positive integer")
     if config.get("seq_len", 1) <= 0:
@@ -661,10 +667,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
             bar.update(1)
         summary["final_loss"] = loss
 
+    profile = _Profile(cfg, workdir, start_row_writer=writer)
     with _Stop() as stop:
         try:
             pending = None   # (step, metrics) dispatched but not read yet
             while step < cfg.num_steps:
+                profile.before(step + 1)
                 batch = to_device(next(data_iter), run.batch_sharding)
                 state, metrics = train_step(state, batch)
                 step += 1
@@ -685,9 +693,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                     os.kill(os.getpid(), signal.SIGTERM)   # fault injection for tests
                 stop_now = stop.at(step)
                 if (step == cfg.num_steps or stop_now or evaluate_now or due or save_now
-                        or kill_now):
+                        or kill_now or profile.ends(step)):
                     record(*pending)
                     pending = None
+                profile.after(step)
                 if evaluate_now:
                     ev = evaluate(run, eval_step, state.params, state.memory,
                                   num_batches=cfg.eval.num_batches)
@@ -716,6 +725,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
             if last_saved != step:
                 ckpt.save(step, state, data_iter=data_iter, config=config_dict)
         finally:
+            profile.close()
             ckpt.close()
             writer.close()
             if bar is not None:
@@ -724,6 +734,38 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     summary["state"] = state
     summary["run"] = run
     return summary
+
+
+class _Profile:
+    """config.profile_steps = (FIRST, LAST): a jax.profiler trace of steps FIRST..LAST (1-based,
+    as logged), in WORKDIR/profile (a local folder's; under a URL workdir, a local temporary
+    folder, named in metrics.jsonl). Open it with TensorBoard's profile plugin or Perfetto."""
+
+    def __init__(self, cfg, workdir, *, start_row_writer):
+        self.first, self.last = tuple(cfg.get("profile_steps") or ()) or (0, -1)
+        self.active = False
+        self._writer = start_row_writer
+        self.directory = (tempfile.mkdtemp(prefix="mnemax-profile-")
+                          if ckpt_lib.is_url(workdir) else str(workdir / "profile"))
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+            self._writer.write(step, {"event": "profile", "directory": self.directory,
+                                      "steps": [self.first, self.last]})
+
+    def ends(self, step: int) -> bool:
+        return self.active and step >= self.last
+
+    def after(self, step: int) -> None:
+        if self.ends(step):
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
 
 
 def restore_for_eval(workdir, *, step: Optional[int] = None, devices=None):

@@ -98,3 +98,25 @@ def test_local_rows_are_on_disk_as_soon_as_written(tmp_path):
     w.close()
     assert [r["step"] for r in metrics_lib.read_metrics(tmp_path)] == [1, 2, 2, 3]
     assert len([p for p in (tmp_path / "tb").iterdir() if "tfevents" in p.name]) == 2
+
+
+def test_profile_steps_write_a_trace_of_those_steps(tmp_path):
+    """config.profile_steps = (2, 3): a jax.profiler trace in WORKDIR/profile, its row in
+    metrics.jsonl; a bad range is refused at start."""
+    from train import trainer
+    from train.configs import lm
+    c = lm.get_config("tiny")
+    c.num_steps, c.checkpoint_every, c.eval_every, c.progress = 4, 0, 0, False
+    c.batch_size, c.seq_len, c.model.width = 8, 32, 32
+    c.data.source = "memory"
+    c.profile_steps = (2, 3)
+    trainer.train(c, tmp_path / "run")
+    traces = list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 0
+    rows = metrics_lib.read_metrics(tmp_path / "run")
+    assert [r for r in rows if r.get("event") == "profile"] == [
+        {"step": 2, "event": "profile", "directory": str(tmp_path / "run" / "profile"),
+         "steps": [2, 3]}]
+    c.profile_steps = (3, 2)
+    with pytest.raises(ValueError, match=r"profile_steps=\(3, 2\) is not allowed"):
+        trainer.train(c, tmp_path / "bad")

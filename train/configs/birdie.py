@@ -162,6 +162,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.optim.no_decay = optim.NO_DECAY
     c.eval = common.evaluation(20 if paper else 2)
     c.debug = common.debug()
+    c.profile_steps = ()                     # (FIRST, LAST): trace those steps (WORKDIR/profile)
     return c
 
 

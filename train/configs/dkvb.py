@@ -77,6 +77,7 @@ def get_config(arg: str = "dkvb") -> ml_collections.ConfigDict:
     c.optim.schedule = "constant"
     c.eval = common.evaluation(4)                # test batches per evaluation
     c.debug = common.debug()
+    c.profile_steps = ()                     # (FIRST, LAST): trace those steps (WORKDIR/profile)
     return c
 
 

@@ -67,6 +67,7 @@ def get_config(arg: str = "ae") -> ml_collections.ConfigDict:
     c.objective = "reconstruct" if kind == "ae" else "classify"   # train/objectives/encoders.py
     c.eval = common.evaluation(1)
     c.debug = common.debug()
+    c.profile_steps = ()                     # (FIRST, LAST): trace those steps (WORKDIR/profile)
     return c
 
 

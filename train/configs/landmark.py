@@ -144,6 +144,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.optim.weight_decay = 0.0
     c.eval = common.evaluation(20 if paper else 4)
     c.debug = common.debug()
+    c.profile_steps = ()                     # (FIRST, LAST): trace those steps (WORKDIR/profile)
     return c
 
 

@@ -42,6 +42,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.async_checkpoints = True               # save in a background thread
     c.progress = True                        # tqdm progress bar (loss, tokens/s)
     c.objective = "lm"                       # key into train.trainer.OBJECTIVES
+    # the objective's settings (train/objectives/lm.py: loss): ce_chunk > 0 computes the
+    # cross-entropy that many positions at a time (large vocabularies); 0: all at once
+    c.objective_config = ml_collections.ConfigDict({"ce_chunk": 0})
 
     # Mesh axes: -1 means "all the remaining devices". data × fsdp × model = device count.
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
@@ -69,6 +72,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
                            weight_decay=0.1 if paper else 0.01)
     c.eval = common.evaluation(20 if paper else 4)
     c.debug = common.debug()
+    c.profile_steps = ()                     # (FIRST, LAST): trace those steps (WORKDIR/profile)
     return c
 
 

@@ -116,6 +116,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # above 0.1 one time in ten.
     c.eval.banks = 1 if quick else 4
     c.debug = common.debug()
+    c.profile_steps = ()                     # (FIRST, LAST): trace those steps (WORKDIR/profile)
 
     # Stage 1, the base LM: its own trainer run in WORKDIR/base_lm, before stage 2.
     b = c.base_lm = ml_collections.ConfigDict()

@@ -173,4 +173,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     ob.curriculum_steps = 0
     c.eval = common.evaluation(1 if tiny else 20)   # validation batches per evaluation
     c.debug = common.debug()
+    c.profile_steps = ()                     # (FIRST, LAST): trace those steps (WORKDIR/profile)
     return c
