@@ -341,6 +341,7 @@ def evaluate_qa(cfg: MACConfig, params, lm_params, records: Sequence[dict], *, l
         raise ValueError("val_records=() is not allowed with baselines.ft_lrs: the uniform "
                          "baseline's learning rate is chosen on the validation split")
     lm, amort = mac_qa.tokenizer(lm_tokenizer), mac_qa.tokenizer(amort_tokenizer)
+    params, lm_params = jax.device_put((params, lm_params))   # once, not at every batch
     docs = list(dict.fromkeys(r["document"] for r in records))
     gold = np.array([docs.index(r["document"]) for r in records])
     dtok = mac_qa.encode_texts(amort, docs, doc_len)
