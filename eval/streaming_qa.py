@@ -368,9 +368,11 @@ def evaluate_qa(cfg: MACConfig, params, lm_params, records: Sequence[dict], *, l
         if len(docs) > 1:
             preds["gold_removed"] = run(memory=mem, valid=gold_removed_valid(valid, gold))
     if extra.ft_lrs:
-        def finetuned(recs, lr):
+        ft_len = min(extra.ft_doc_length, cfg.lm.max_positions or extra.ft_doc_length)
+
+        def finetuned(recs, lr):   # a document longer than the LM's positions is cut there
             toks, w = qa_baselines.encode_documents(
-                lm, qa_baselines.ft_documents(recs, dedupe=dedupe), extra.ft_doc_length)
+                lm, qa_baselines.ft_documents(recs, dedupe=dedupe), ft_len)
             return qa_baselines.uniform_finetune(cfg.lm, lm_params, toks, w, lr=lr,
                                                  clip_norm=extra.ft_clip_norm)
 
@@ -424,7 +426,9 @@ def evaluate_run_on_stream(workdir, *, dataset: str, data_dir: str, split: str =
     recs = facts.load_qa_split(dataset, data_dir, split, seed=seed, limit=limit,
                                full_passage=full)
     b = qa_baselines.from_config(config, ft_lrs=tuple(ft_lrs) if ft_lrs else None)
-    b = dataclasses.replace(b, ft_lrs=b.ft_lrs if uniform else (), retrieval=retrieval)
+    # a run configured before eval.baselines existed sweeps the official rates
+    b = dataclasses.replace(b, ft_lrs=(b.ft_lrs or qa_baselines.OFFICIAL_FT_LRS) if uniform
+                            else (), retrieval=retrieval)
     val = (facts.load_qa_split(dataset, data_dir, "val", seed=seed, limit=limit,
                                full_passage=full) if b.ft_lrs else ())
     d = config.data
