@@ -10,16 +10,20 @@ loss, learning rate picked from a small sweep on a validation stream).
 
     python -m eval.streaming_qa --workdir RUN --seed S --documents N
     python -m eval.streaming_qa --dataset streamingqa --data_dir D --workdir RUN [--split test]
+                                [--uniform [--ft_lrs 1e-4,2.5e-5]] [--retrieval]
 
 The first reads the newest checkpoint of the MAC run the trainer wrote to RUN (`mnemax-train
 --config mac:tiny --workdir RUN`) and evaluates it on the synthetic fact stream; the second
-evaluates a run of train/configs/mac_qa.py (a pretrained LM, T5-initialised g and h) on an official split
-of a real stream (`evaluate_qa`: official, SQuAD and lenient EM/F1 of MAC, the no-memory LM
-and the gold-removed bank). Each prints one JSON line.
+evaluates a run of train/configs/mac_qa.py (a pretrained LM, T5-initialised g and h) on an
+official split of a real stream (`evaluate_qa`: official, SQuAD and lenient EM/F1 of MAC, the
+no-memory LM and the gold-removed bank; with --uniform the official uniform fine-tuning of the
+same LM, its lr swept on the val split; with --retrieval BM25 top-1 prompting, alone and with
+MAC: eval/qa_baselines.py). Each prints one JSON line.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import pathlib
@@ -31,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval import cli, metrics
+from eval import cli, metrics, qa_baselines
 from eval.figures import register, write_csv
 from memory import bank as bank_lib
 from models.mac import MAC, MACConfig, modulated_logits, slot_keys
@@ -254,16 +258,24 @@ def relative_retention(f1: dict) -> dict:
 MAX_NEW = 16   # answer tokens decoded (official: max_length = prompt + 16)
 
 
+def prompt_room(cfg: MACConfig, max_new: int = MAX_NEW) -> int:
+    """LM prompt tokens that fit after the P prefix positions with `max_new` answer tokens."""
+    return (cfg.lm.max_positions or 1 << 30) - cfg.prefix_len - max_new
+
+
 def answer_tokens(cfg: MACConfig, params, lm_params, lm_tok, questions_BxQ, prompts: list,
                   *, memory=None, valid=None, window: int = 0, topk: int = 0,
-                  max_new: int = MAX_NEW, batch: int = 32) -> list[str]:
+                  max_new: int = MAX_NEW, batch: int = 32,
+                  width: Optional[int] = None) -> list[str]:
     """Greedy answers (the LM tokenizer's decode of the tokens before the first EOS, stripped, as
     the official `decode_to_clean_text`) to LM prompts (token arrays) with h's question tokens
-    [B, Q], from `memory` [N, T, D] (+ valid [B, N]) or the frozen LM alone (memory None)."""
+    [B, Q], from `memory` [N, T, D] (+ valid [B, N]) or the frozen LM alone (memory None).
+    `width` (≥ the longest prompt) pads every call to one compiled shape; a prompt longer than
+    the LM's room keeps its last tokens."""
     from train.data import mac_qa
     eos, pad = lm_tok.eos_id, mac_qa.pad_id(lm_tok)
-    width = max(len(p) for p in prompts)
-    room = (cfg.lm.max_positions or 1 << 30) - cfg.prefix_len - max_new
+    width = max([len(p) for p in prompts] + [width or 0])
+    room = prompt_room(cfg, max_new)
     if width > room:   # the official code keeps the last 256 prompt tokens; keep what fits
         prompts, width = [p[-room:] for p in prompts], room
     buf = np.full((len(prompts), width), pad, np.int32)
@@ -304,34 +316,90 @@ def qa_scores(preds: Sequence[str], records: Sequence[dict]) -> dict:
 
 def evaluate_qa(cfg: MACConfig, params, lm_params, records: Sequence[dict], *, lm_tokenizer: str,
                 amort_tokenizer: str, doc_len: int, q_len: int, window: int = 0, topk: int = 0,
-                baselines: bool = True, max_new: int = MAX_NEW) -> dict:
+                baselines: bool = True, max_new: int = MAX_NEW,
+                extra: Optional[qa_baselines.Baselines] = None,
+                val_records: Sequence[dict] = (), dedupe: bool = False) -> dict:
     """Online adaptation on a real stream (facts.load_qa_split records): every distinct document
     is amortized once into the bank (one g forward each, in stream order, no gradients), then
     every question is answered greedily from the whole bank (mac; with window/topk W, k > 0 the
     hierarchical / top-k aggregation) and, with `baselines`, by the frozen LM without memory
-    (no_memory) and from the bank without the question's own document (gold_removed)."""
+    (no_memory) and from the bank without the question's own document (gold_removed).
+
+    `extra` (eval/qa_baselines.py) adds: uniform_ft (the LM fine-tuned on the stream, one Adam
+    step per document — every record's, or each distinct one once with `dedupe` — at the best
+    learning rate of `extra.ft_lrs` by official F1 on `val_records`, each rate fine-tuning from
+    the run's LM on the validation stream; uniform_ft_sweep holds those F1s); with
+    `extra.retrieval` bm25 (the frozen LM, the BM25 top-1 document of the stream before the
+    question) and mac_bm25 (the same prompts, answered from the bank), and bm25_recall_at_1 (how
+    often the top-1 is the question's own document). All rows decode the same way: greedy, at
+    the prefix's position offset, every call padded to one prompt width."""
     from train.data import mac_qa
     if not records:
         raise ValueError("records=[] is not allowed: nothing to evaluate")
+    extra = extra or qa_baselines.Baselines()
+    if extra.ft_lrs and not val_records:
+        raise ValueError("val_records=() is not allowed with baselines.ft_lrs: the uniform "
+                         "baseline's learning rate is chosen on the validation split")
     lm, amort = mac_qa.tokenizer(lm_tokenizer), mac_qa.tokenizer(amort_tokenizer)
+    params, lm_params = jax.device_put((params, lm_params))   # once, not at every batch
     docs = list(dict.fromkeys(r["document"] for r in records))
     gold = np.array([docs.index(r["document"]) for r in records])
     dtok = mac_qa.encode_texts(amort, docs, doc_len)
     qtok = mac_qa.encode_texts(amort, [r["question"] for r in records], q_len)
     prompts = [mac_qa.encode_prompt(lm, r["question"]) for r in records]
+    val_prompts = [mac_qa.encode_prompt(lm, r["question"]) for r in val_records]
+    if extra.retrieval:
+        top1 = qa_baselines.retrieve(docs, [r["question"] for r in records])
+        rprompts = qa_baselines.retrieval_prompts(lm, docs, top1, [r["question"] for r in records],
+                                                  extra.retrieval_doc_length,
+                                                  room=prompt_room(cfg, max_new))
+    width = max(len(p) for p in prompts + val_prompts + (rprompts if extra.retrieval else []))
     t0 = time.perf_counter()
     bank = stream_documents(cfg, params, dtok, init_bank(cfg, len(docs)))
     jax.block_until_ready(bank.values)
     adapt_s = time.perf_counter() - t0
     mem, valid = bank.values, np.asarray(bank.valid)
     run = functools.partial(answer_tokens, cfg, params, lm_params, lm, qtok, prompts,
-                            max_new=max_new)
+                            max_new=max_new, width=width)
     preds = {"mac": run(memory=mem, valid=valid, window=window, topk=topk)}
+    res: dict[str, Any] = {}
     if baselines:
         preds["no_memory"] = run()
         if len(docs) > 1:
             preds["gold_removed"] = run(memory=mem, valid=gold_removed_valid(valid, gold))
-    res: dict[str, Any] = {m: qa_scores(p, records) for m, p in preds.items()}
+    if extra.ft_lrs:
+        ft_len = min(extra.ft_doc_length, cfg.lm.max_positions or extra.ft_doc_length)
+
+        def finetuned(recs, lr):   # a document longer than the LM's positions is cut there
+            toks, w = qa_baselines.encode_documents(
+                lm, qa_baselines.ft_documents(recs, dedupe=dedupe), ft_len)
+            return qa_baselines.uniform_finetune(cfg.lm, lm_params, toks, w, lr=lr,
+                                                 clip_norm=extra.ft_clip_norm)
+
+        vq = mac_qa.encode_texts(amort, [r["question"] for r in val_records], q_len)
+        sweep = {}
+        for lr in extra.ft_lrs:
+            p = answer_tokens(cfg, params, finetuned(val_records, lr), lm, vq, val_prompts,
+                              max_new=max_new, width=width)
+            sweep[lr] = metrics.official_scores(p, [r["answer"] for r in val_records])["f1"]
+        best = max(sweep, key=sweep.get)          # ties: the first (the largest official lr)
+        t0 = time.perf_counter()
+        ft_params = finetuned(records, best)
+        ft_s = time.perf_counter() - t0
+        preds["uniform_ft"] = answer_tokens(cfg, params, ft_params, lm, qtok, prompts,
+                                            max_new=max_new, width=width)
+        res["uniform_ft_sweep"] = {str(k): v for k, v in sweep.items()}
+    if extra.retrieval:
+        rrun = functools.partial(answer_tokens, cfg, params, lm_params, lm, qtok, rprompts,
+                                 max_new=max_new, width=width)
+        preds["bm25"] = rrun()
+        preds["mac_bm25"] = rrun(memory=mem, valid=valid, window=window, topk=topk)
+        res["bm25_recall_at_1"] = float(np.mean(top1 == gold))
+    res.update({m: qa_scores(p, records) for m, p in preds.items()})
+    if extra.ft_lrs:
+        res["uniform_ft"]["lr"] = best
+        res["uniform_ft"]["seconds_per_document"] = ft_s / len(
+            qa_baselines.ft_documents(records, dedupe=dedupe))
     res.update(documents=len(docs), questions=len(records),
                adapt_seconds_per_document=adapt_s / len(docs),
                examples=[{"question": r["question"], "target": r["answer"], "mac": p}
@@ -341,22 +409,34 @@ def evaluate_qa(cfg: MACConfig, params, lm_params, records: Sequence[dict], *, l
 
 def evaluate_run_on_stream(workdir, *, dataset: str, data_dir: str, split: str = "test",
                            seed: int = 0, limit: Optional[int] = None, window: int = 0,
-                           topk: int = 0, baselines: bool = True) -> dict:
+                           topk: int = 0, baselines: bool = True, uniform: bool = False,
+                           retrieval: bool = False,
+                           ft_lrs: Optional[Sequence[float]] = None) -> dict:
     """`evaluate_qa` of the MAC run in `workdir` (train/configs/mac_qa.py) on the official
     `split` ("train" | "val" | "test") of `dataset` in data_dir, with the run's tokenizers and
-    lengths."""
+    lengths; `uniform` adds the uniform fine-tuning row (its lr swept on the "val" split, the
+    same `limit` of rows), `retrieval` the bm25 and mac_bm25 rows, with the settings of the
+    run's config.eval.baselines (`ft_lrs` replaces its sweep)."""
     config, params, model = trainer.restore_for_eval(workdir)
     if not isinstance(model, mac_obj.MetaModel) or config.data.name != "mac_qa":
         raise ValueError(f"workdir={str(workdir)!r} holds no MAC run on a real QA stream "
                          "(train one with mnemax-train --config mac_qa:tiny --workdir DIR)")
     params = jax.device_get(params)
+    full = bool(config.data.full_passage)
     recs = facts.load_qa_split(dataset, data_dir, split, seed=seed, limit=limit,
-                               full_passage=bool(config.data.full_passage))
+                               full_passage=full)
+    b = qa_baselines.from_config(config, ft_lrs=tuple(ft_lrs) if ft_lrs else None)
+    # a run configured before eval.baselines existed sweeps the official rates
+    b = dataclasses.replace(b, ft_lrs=(b.ft_lrs or qa_baselines.OFFICIAL_FT_LRS) if uniform
+                            else (), retrieval=retrieval)
+    val = (facts.load_qa_split(dataset, data_dir, "val", seed=seed, limit=limit,
+                               full_passage=full) if b.ft_lrs else ())
     d = config.data
     res = evaluate_qa(model.cfg, params["mac"], params["lm"], recs,
                       lm_tokenizer=d.lm_tokenizer, amort_tokenizer=d.amort_tokenizer,
                       doc_len=d.doc_length, q_len=d.question_length, window=window, topk=topk,
-                      baselines=baselines)
+                      baselines=baselines, extra=b, val_records=val,
+                      dedupe=qa_baselines.dedupes(dataset))
     return {"dataset": dataset, "split": split, **res}
 
 
@@ -395,12 +475,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--topk", type=int, default=0)
     p.add_argument("--lenient", action="store_true")
     p.add_argument("--no_baselines", action="store_true")
+    p.add_argument("--uniform", action="store_true",
+                   help="a real stream: add uniform fine-tuning (lr swept on the val split)")
+    p.add_argument("--ft_lrs", default="",
+                   help="comma-separated lrs of that sweep (default: the run's config)")
+    p.add_argument("--retrieval", action="store_true",
+                   help="a real stream: add BM25 top-1 retrieval, alone and with MAC")
     a = p.parse_args(argv)
+    if (a.uniform or a.retrieval or a.ft_lrs) and not a.dataset:
+        raise ValueError("--uniform, --ft_lrs and --retrieval are not allowed without --dataset "
+                         "(the synthetic stream has its own uniform_ft row)")
     if a.dataset:
+        try:
+            lrs = tuple(float(x) for x in a.ft_lrs.split(",")) if a.ft_lrs else None
+        except ValueError:
+            raise ValueError(f"--ft_lrs={a.ft_lrs!r} is not allowed; use comma-separated "
+                             "learning rates, e.g. 1e-4,2.5e-5") from None
         res = evaluate_run_on_stream(a.workdir, dataset=a.dataset, data_dir=a.data_dir,
                                      split=a.split, seed=a.seed, limit=a.limit or None,
                                      window=a.window, topk=a.topk,
-                                     baselines=not a.no_baselines)
+                                     baselines=not a.no_baselines, uniform=a.uniform,
+                                     retrieval=a.retrieval, ft_lrs=lrs)
         print(json.dumps(res, sort_keys=True))
         return 0
     cfg, params, lm_params = load_run(a.workdir)

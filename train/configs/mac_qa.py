@@ -4,6 +4,7 @@
 
     mnemax-train --config mac_qa:VARIANT[,OPTION=VALUE...] --workdir RUN
     python -m eval.streaming_qa --dataset streamingqa --data_dir D --workdir RUN
+        [--uniform] [--retrieval]      (the baselines beside MAC: eval/qa_baselines.py)
 
 VARIANT: `tiny` (CPU, the tests: tests/data/hf/gpt2 with tests/data/hf/tok_bpe, T5 encoders from
 tests/data/hf/t5_relu with tests/data/hf/tok_sp, the synthetic tests/data/qa files) or a paper
@@ -172,6 +173,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     ob.curriculum_start = 0                      # CPU-toy bank curriculum: off
     ob.curriculum_steps = 0
     c.eval = common.evaluation(1 if tiny else 20)   # validation batches per evaluation
+    # Baselines of `eval.streaming_qa --dataset D --uniform --retrieval` (eval/qa_baselines.py).
+    b = c.eval.baselines = ml_collections.ConfigDict()
+    b.ft_lrs = (1e-3, 1e-2) if tiny else (1e-4, 2.5e-5, 6.25e-6, 1.5625e-6)  # uniform lr sweep
+    b.ft_doc_length = 48 if tiny else 1024       # LM tokens fine-tuned on per document
+    b.ft_clip_norm = 750.0                       # gradient global-norm clip (official)
+    b.retrieval_doc_length = 24 if tiny else 864  # LM tokens of the retrieved document shown
     c.debug = common.debug()
     c.profile_steps = ()                     # (FIRST, LAST): trace those steps (WORKDIR/profile)
     return c

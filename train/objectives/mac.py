@@ -98,14 +98,41 @@ def finetune_init(lm_params, lr: float):
     return state
 
 
+def _finetune_update(loss_fn, lm_params, opt_state, clip_norm):
+    """One Adam step on loss_fn(params), the gradient first clipped to global norm `clip_norm`."""
+    g = jax.grad(loss_fn)(lm_params)
+    g = jax.tree.map(lambda x: x * jnp.minimum(1.0, clip_norm / (optax.global_norm(g) + 1e-12)),
+                     g)
+    u, opt_state = finetune_optimizer().update(g, opt_state, lm_params)
+    return optax.apply_updates(lm_params, u), opt_state
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def finetune_step(cfg: MACConfig, lm_params, opt_state, doc_1xS):
     """One Adam step of the base LM on one document's next-token loss: (params, opt_state)."""
     batch = {"inputs": doc_1xS[:, :-1], "targets": doc_1xS[:, 1:],
              "weights": (doc_1xS[:, 1:] != tok.PAD).astype(jnp.float32)}
-    g = jax.grad(lambda q: lm_loss(cfg.lm, q, batch))(lm_params)
-    u, opt_state = finetune_optimizer().update(g, opt_state, lm_params)
-    return optax.apply_updates(lm_params, u), opt_state
+    return _finetune_update(lambda q: lm_loss(cfg.lm, q, batch), lm_params, opt_state, jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("lm_cfg",))
+def lm_finetune_step(lm_cfg: TransformerConfig, lm_params, opt_state, tokens_1xS, weights_1xS,
+                     clip_norm):
+    """One Adam step of a pretrained LM on one document in its own tokens [1, S] (its pad may be
+    a real token, GPT-2's EOS): (params, opt_state).
+
+    The loss is the official uniform baseline's (CaMeLS, nathanhu0/CaMeLS util.py
+    `weighted_lm_loss` with weight 1 on the real tokens): next-token cross-entropy where
+    weights[t+1] = 1, summed and divided by the S - 1 predicted positions of the padded row, so a
+    short document gives a smaller gradient. The gradient is clipped at global norm `clip_norm`
+    (a scalar array, like the learning rate in the optimizer state: one compiled step serves a
+    whole sweep)."""
+    def loss(q):
+        logits = Transformer(lm_cfg).apply({"params": q}, tokens_1xS[:, :-1])
+        ce, _ = token_losses(logits, tokens_1xS[:, 1:])
+        return jnp.sum(ce * weights_1xS[:, 1:].astype(jnp.float32)) / ce.size
+
+    return _finetune_update(loss, lm_params, opt_state, clip_norm)
 
 
 def uniform_finetune(cfg: MACConfig, lm_params, docs_NxS, *, lr: float):
