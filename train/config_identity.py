@@ -46,7 +46,7 @@ EXCLUDED = (
     # traded for memory.
     "model.remat",
     # Where the same TFDS build lives (a local copy, a bucket) and whether TFDS may prepare it.
-    "data.data_dir", "data.download",
+    "data.data_dir", "data.download", "data.stream_dir",
     # Reader threads and read-ahead: grain yields records in the same order whatever they are.
     # (data.worker_count stays in: the data iterator's checkpoint is that of grain's worker
     # processes, and restores only into the same count.)
@@ -59,6 +59,13 @@ EXCLUDED = (
 ADDED_DEFAULTS = {
     # The text datasets' tokenizer (train/data/pipeline.py): "byte" is what they always used.
     "data.tokenizer": "byte",
+    # The text datasets' window layout (train/data/token_stream.py): today's packed windows.
+    "data.windows": "packed",
+    "data.mask_after_eos": False,
+    "data.stream_mem_freq": 0,
+    # Landmark attention's group dropout and the Transformer-XL objective's settings (absent
+    # before; off).
+    "model.group_dropout": 0.0,
 }
 
 ABSENT = "<absent>"
