@@ -8,6 +8,9 @@ The official semantics restated here for comparison (epfml/landmark-attention): 
 add_mem_tokens (a landmark after stream index t with t % F == F - 1) and optim/utils.py get_batch
 (targets skip a landmark; -1 where the input is a landmark or EOS).
 """
+import pathlib
+import pickle
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,7 +18,7 @@ import numpy as np
 import pytest
 
 from eval import landmark_perplexity
-from models import landmark, transformer
+from models import landmark
 from train import optim, trainer
 from train.configs import landmark as landmark_configs
 from train.data import pipeline, token_stream
@@ -24,6 +27,7 @@ from train.objectives import landmark as landmark_objective
 from train.objectives import transformer_xl
 
 LM, EOS, F = 63, 62, 5        # landmark id, EOS id, mem_freq of the small checks
+EOS_BYTE = tok.special("EOS")
 
 
 def _official_window(stream, o, T):
@@ -44,7 +48,7 @@ def _official_window(stream, o, T):
     return x, np.where((x == LM) | (x == EOS), -1, y)
 
 
-def test_stream_windows_are_the_official_windows():
+def test_stream_windows_are_the_official_windows(tmp_path):
     rng = np.random.default_rng(0)
     stream = rng.integers(0, 60, 300).astype(np.int32)
     stream[[40, 41, 97, 150]] = EOS
@@ -66,6 +70,18 @@ def test_stream_windows_are_the_official_windows():
         np.testing.assert_array_equal(aug[b, real], x)
         np.testing.assert_array_equal(np.where(aug_w[b, real] > 0, aug_t[b, real], -1), y)
         assert real[0] == int(shift[b, 0]) and np.all(np.diff(real) == 1)
+    # the split's stream (EOS after each document), written once and reopened by workers
+    records = [{"text": b"ab"}, {"text": "c\u00e9".encode()}] * 20
+    byte_tok = tok.load_tokenizer("byte")
+    built = token_stream.token_stream(records, byte_tok, cache_dir=str(tmp_path), key="k")
+    again = token_stream.token_stream(records, byte_tok, cache_dir=str(tmp_path), key="k")
+    assert isinstance(again, np.memmap) and built.dtype == np.uint16
+    np.testing.assert_array_equal(again[:7], [97, 98, EOS_BYTE, 99, 0xC3, 0xA9, EOS_BYTE])
+    src = token_stream.StreamWindows(again, seq_len=8, split="train", eos_id=EOS_BYTE,
+                                     mask_after_eos=False)
+    data = pickle.dumps(src)
+    assert len(data) < 2000
+    np.testing.assert_array_equal(pickle.loads(data)[3]["inputs"], src[3]["inputs"])
     with pytest.raises(ValueError, match="needs a stream longer than seq_len"):
         token_stream.StreamWindows(stream[:20], seq_len=23, split="train", eos_id=EOS,
                                    mask_after_eos=True)
@@ -172,6 +188,16 @@ def test_paper_variants_validate():
               jax.tree_util.tree_leaves_with_path(optim.decay_mask(optim.NO_DECAY, shapes))}
     assert not decays["embed/embedding"] and not decays["block_0/ln_1/scale"]
     assert decays["block_0/attn/query"] and decays["block_0/mlp/fc_in/kernel"]
+    # GPT-2-style BPE (the fixture tok_bpe: 500 ids, <|endoftext|> = EOS): LANDMARK appended,
+    # the vocabulary rounded up to 64 as the official 50304
+    bpe = str(pathlib.Path(__file__).resolve().parents[1] / "data" / "hf" / "tok_bpe")
+    for variant, landmark_id in (("paper", 500), ("paper_xl", None)):
+        c = landmark_configs.get_config(f"{variant},tokenizer={bpe}")
+        trainer.validate_config(c)
+        assert (c.model.vocab_size, c.model.get("landmark_id")) == (512, landmark_id)
+        assert c.data.tokenizer == bpe + ("+LANDMARK" if landmark_id else "")
+    with pytest.raises(ValueError, match="use 'paper,tokenizer=TOKENIZER'"):
+        landmark_configs.get_config("paper,vocab=gpt2")
     paper.model.mem_freq = 40                 # the stream's landmarks follow the model's blocks
     assert paper.data.stream_mem_freq == 40
     paper.data.windows = "packed"

@@ -31,8 +31,22 @@ Evaluate it far beyond 256 bytes with
 `paper` is the paper's LM (Sec. 4.1): 12 layers, 8 heads × 128, context 512, blocks of 50,
 AdamW β=(0.9, 0.95), weight decay 1e-3, lr 2e-3 with cosine decay and 2% warm-up, batch 128, on
 PG-19 read through TFDS (array_record; prepare it once with `data.download=True` or point
-`data.data_dir` at a prepared copy). Differences from the paper: byte tokens (V = 320) instead of
-GPT-2's BPE. Any field can be overridden with --config.FIELD=VALUE.
+`data.data_dir` at a prepared copy), in the official lm_benchmark training layout
+(`official_layout`, train/data/token_stream.py: the split as one EOS-separated token stream,
+rows at random offsets of it, a landmark after every 50th token of the stream, EOS inputs'
+targets masked; `official_optim`: no weight decay on norms and the embedding, no clipping,
+cosine to lr/5 as the official OneCycleLR). `model.group_dropout` (official --group_dropout) is
+0 (off) in every variant. Differences from the paper: byte tokens (V = 320) instead of GPT-2's
+BPE; a row holds 512 raw tokens (the official 512 count its landmarks). Any field can be
+overridden with --config.FIELD=VALUE.
+
+`tiny_official` is `tiny`'s model on the local prose corpus in that layout (CPU);
+`tiny_xl` / `paper_xl` the Transformer-XL baseline of Table 1 (objective `transformer_xl`,
+train/objectives/transformer_xl.py: rows read in pieces, each attending to a cache of the
+tokens before it; XL_SIZES), on the same data without landmarks:
+
+    python -m train.main --config train/configs/landmark.py:paper_xl --workdir gs://BUCKET/xl
+    python -m eval.landmark_perplexity --workdir gs://BUCKET/xl     # full + the pg19_xl rows
 
 `hf=CHECKPOINT[,tokenizer=TOKENIZER][,size=tiny|paper]` fine-tunes a pretrained LLaMA-family
 model with landmarks, as the official `llama/` recipe (epfml/landmark-attention, llama/train.py
@@ -67,6 +81,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         return hf_config(arg)
     if arg in ("tiny_official", "tiny_xl", "paper_xl"):
         return official_config(arg)
+    if arg.split(",")[0] in ("paper", "paper_xl") and "," in arg:
+        return tokenizer_config(arg)
     if arg not in VARIANTS:
         raise ValueError(f"config variant {arg!r} is not allowed; use one of {VARIANTS} or "
                          "'hf=CHECKPOINT[,tokenizer=TOKENIZER][,size=tiny|paper]'")
@@ -181,6 +197,29 @@ def official_optim(o: ml_collections.ConfigDict) -> None:
     o.no_decay = optim_lib.NO_DECAY
     o.clip_norm = None
     o.min_lr_ratio = 0.2
+
+
+def tokenizer_config(arg: str) -> ml_collections.ConfigDict:
+    """`paper,tokenizer=TOKENIZER` / `paper_xl,tokenizer=TOKENIZER`: the variant on another
+    tokenizer's ids (train/data/tokenizer.py: load_tokenizer; GPT-2's BPE as the official
+    lm_benchmark: a folder with its tokenizer.json, prepared once with
+    `transformers.AutoTokenizer.from_pretrained("gpt2").save_pretrained(DIR)`). The landmark
+    variant appends LANDMARK (official: GPT-2's 50257 ids, the landmark 50260); the vocabulary
+    is rounded up to a multiple of 64 (official 50304)."""
+    name, _, rest = arg.partition(",")
+    fields = dict(part.partition("=")[::2] for part in rest.split(","))
+    if set(fields) != {"tokenizer"} or not fields["tokenizer"]:
+        raise ValueError(f"config variant {arg!r} is not allowed; use "
+                         f"'{name},tokenizer=TOKENIZER' (a tokenizer file or folder)")
+    c = get_config(name)
+    xl = name == "paper_xl"
+    tok = (tokenizer.load_tokenizer(fields["tokenizer"]) if xl
+           else landmark_tokenizer(fields["tokenizer"]))
+    c.data.tokenizer = tok.spec              # e.g. "/models/gpt2+LANDMARK"
+    c.model.vocab_size = -(-tok.vocab_size // 64) * 64
+    if not xl:
+        c.model.landmark_id = tok.special("LANDMARK")
+    return c
 
 
 # Transformer-XL (official --optimization_process transformer_xl, --lm_cache kv_cache_train;

@@ -43,25 +43,30 @@ WINDOWS = ("packed", "random")
 
 def token_stream(records: Sequence[Mapping[str, Any]], tokenizer: tok_lib.Tokenizer, *,
                  add_bos: bool = False, cache_dir: str = "", key: str = "") -> np.ndarray:
-    """int32 [N]: every record's "text" in source order, tokenized, EOS after each (BOS before
-    with add_bos), concatenated (official prepare.py). With `cache_dir`, the stream is written
-    once to cache_dir/<key hash>.npy (key: what identifies the split and tokenizer) and read back
-    memory-mapped afterwards; "" keeps it in memory."""
+    """ids [N] (uint16 when the vocabulary fits, as the official .bin files; else int32): every
+    record's "text" in source order, tokenized, EOS after each (BOS before with add_bos),
+    concatenated (official prepare.py). With `cache_dir`, the stream is written once to
+    cache_dir/stream-<hash of key and tokenizer>.npy (key: what identifies the split) and read
+    memory-mapped (grain workers reopen the file instead of copying it); "" keeps it in memory.
+    One process tokenizes the whole split: build it once before a multi-host run (or on a disk
+    the hosts share)."""
     path = None
     if cache_dir:
         digest = hashlib.sha256(f"{key}|{tokenizer.spec}|bos={add_bos}".encode()).hexdigest()[:16]
         path = pathlib.Path(os.path.expanduser(cache_dir)) / f"stream-{digest}.npy"
         if path.exists():
             return np.load(path, mmap_mode="r")
+    dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.int32
     parts = [np.asarray(tokenizer.encode(records[i]["text"], add_bos=add_bos, add_eos=True),
-                        np.int32) for i in range(len(records))]
-    stream = np.concatenate(parts) if parts else np.zeros((0,), np.int32)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, stream)
-        os.replace(tmp, path)      # atomic: processes building the same stream agree
-    return stream
+                        dtype) for i in range(len(records))]
+    stream = np.concatenate(parts) if parts else np.zeros((0,), dtype)
+    if path is None:
+        return stream
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
+    np.save(tmp, stream)
+    os.replace(tmp, path)          # atomic: processes building the same stream agree
+    return np.load(path, mmap_mode="r")
 
 
 class StreamWindows:
@@ -103,6 +108,17 @@ class StreamWindows:
         if self._F:
             out["stream_phase"] = ((o + np.arange(T)) % self._F).astype(np.int32)
         return out
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if isinstance(self._stream, np.memmap) and self._stream.filename:
+            state["_stream"] = str(self._stream.filename)    # reopened, not copied
+        return state
+
+    def __setstate__(self, state):
+        if isinstance(state["_stream"], str):
+            state["_stream"] = np.load(state["_stream"], mmap_mode="r")
+        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return (f"StreamWindows(tokens={self._stream.shape[0]}, seq_len={self._T}, "
