@@ -30,10 +30,13 @@ evaluation lengths 512 / 2048 / 4096, chunks (`--mid_length`) of 250 (and 300, 3
 plus full attention at every length, on held-out windows of the run's own dataset
 (`held_out_windows`: the evaluation split of data.name 'text' or 'tfds' (e.g. pg19), the prose
 of 'passkey', tokenized by the run's data.tokenizer, EOS after each document, consecutive
-windows of LENGTH + 1 tokens). A transformer run is scored with full attention only. Prints one
-JSON line {"perplexity": {SETTING: {LENGTH: ppl}}, "grid", "windows", "workdir"}; SETTING is
-"full" or "k{K}_cache{N}_chunk{C}_{selection}". Not here: the Transformer-XL baseline
-(`kv_cache_train`, the official pg19_xl rows).
+windows of LENGTH + 1 tokens). A transformer run (the baseline, or the Transformer-XL
+baseline trained by train/configs/landmark.py:tiny_xl|paper_xl) is scored with full attention
+and read as Transformer-XL (XL_GRIDS: the official pg19_xl rows, `--lm_cache kv
+--mem_cache_size 256 --mid_length 256` at 2048 and 4096 tokens;
+train/objectives/transformer_xl.py: xl_logits). Prints one JSON line {"perplexity": {SETTING:
+{LENGTH: ppl}}, "grid", "windows", "workdir"}; SETTING is "full",
+"k{K}_cache{N}_chunk{C}_{selection}" or "xl_cache{N}_chunk{C}" (N tokens).
 """
 from __future__ import annotations
 
@@ -198,6 +201,22 @@ FULL_LENGTHS = {"official": (512, 2048, 4096), "tiny": (200,)}
 GRIDS = {"official": OFFICIAL_GRID, "tiny": TINY_GRID}
 
 
+class XLSetting(NamedTuple):
+    """One Transformer-XL evaluation (official eval.py flags with --lm_cache kv)."""
+    length: int          # tokens per window (--eval_seq_length)
+    chunk: int           # tokens per piece (--mid_length)
+    cache: int           # earlier tokens each piece sees (--mem_cache_size)
+
+    @property
+    def name(self) -> str:
+        return f"xl_cache{self.cache}_chunk{self.chunk}"
+
+
+# eval_cmd_generator.py, the pg19_xl rows; tiny: pieces and a cache of 50 tokens at 200.
+XL_GRIDS = {"official": (XLSetting(2048, 256, 256), XLSetting(4096, 256, 256)),
+            "tiny": (XLSetting(200, 50, 50),)}
+
+
 def held_out_windows(config, length: int, windows: int) -> np.ndarray:
     """tokens [windows, length + 1]: consecutive windows of the run's held-out stream (module
     docstring), tokenized by its data.tokenizer."""
@@ -208,7 +227,9 @@ def held_out_windows(config, length: int, windows: int) -> np.ndarray:
     if data.name == "passkey":
         records = text_corpus.documents("validation", data.validation_percent)
     elif data.name in ("text", "tfds"):
-        records, _ = pipeline.make_source(data, split=trainer.eval_split(config),
+        # the documents themselves, also for runs trained on random windows of their stream
+        docs = pipeline.resolve_data_config(data, {"windows": "packed"})
+        records, _ = pipeline.make_source(docs, split=trainer.eval_split(config),
                                           seq_len=int(config.seq_len))
     else:
         raise ValueError(f"data.name={data.name!r} has no held-out text; Table 1 reads 'text', "
@@ -228,15 +249,22 @@ def held_out_windows(config, length: int, windows: int) -> np.ndarray:
 
 def table1(model, params, config, *, grid: str = "official", windows: int = 8) -> dict:
     """{SETTING: {LENGTH: perplexity}}: full attention at FULL_LENGTHS[grid], and for a
-    LandmarkLM every Setting of GRIDS[grid] (`memory_logits`, lm_benchmark positions)."""
+    LandmarkLM every Setting of GRIDS[grid] (`memory_logits`, lm_benchmark positions), for a
+    Transformer every XLSetting of XL_GRIDS[grid] (`xl_logits`)."""
+    import functools
+
+    import jax
+
     from models import landmark
+    from train.objectives import transformer_xl
     if grid not in GRIDS:
         raise ValueError(f"grid={grid!r} is not allowed; use one of {sorted(GRIDS)}")
     if not isinstance(windows, int) or windows < 1:
         raise ValueError(f"windows={windows!r} must be a positive integer")
     is_landmark = isinstance(model, landmark.LandmarkLM)
     settings = GRIDS[grid] if is_landmark else ()
-    lengths = sorted(set(FULL_LENGTHS[grid]) | {s.length for s in settings})
+    xl_settings = () if is_landmark else XL_GRIDS[grid]
+    lengths = sorted(set(FULL_LENGTHS[grid]) | {s.length for s in settings + xl_settings})
     data = {n: held_out_windows(config, n, windows) for n in lengths}
     out: dict[str, dict[int, float]] = {}
     for n in FULL_LENGTHS[grid]:
@@ -247,6 +275,11 @@ def table1(model, params, config, *, grid: str = "official", windows: int = 8) -
             lambda x, s=s: passkey.memory_inference_logits(
                 model, params, x, top_k=s.top_k, chunk_len=s.chunk, cache_blocks=s.cache,
                 selection=s.selection), data[s.length])
+    for s in xl_settings:
+        fn = jax.jit(functools.partial(transformer_xl.xl_logits, model.apply, piece_len=s.chunk,
+                                       cache_len=s.cache))
+        out.setdefault(s.name, {})[s.length] = window_perplexity(
+            lambda x, fn=fn: fn(params, x), data[s.length])
     return out
 
 

@@ -61,13 +61,15 @@ def _gather_segments(x_seg, ids):
     return jnp.take_along_axis(x_seg, ids, axis=-1)
 
 
-def grouped_softmax(s, key_is_landmark, key_block, query_block, visible):
+def grouped_softmax(s, key_is_landmark, key_block, query_block, visible, keep=None):
     """The landmark grouped softmax on scores s [..., Tq, K] → probs [..., Tq, K] (s's dtype).
 
     key_is_landmark, key_block: [..., 1 or Tq, K] (bool, int32; block id = landmarks strictly before
     the key in this key sequence, so ids are non-decreasing along K); query_block: [..., Tq, 1];
     visible: [..., Tq, K] bool (causal/segment/validity mask). Maxima only stabilise (the result does
     not depend on them), so they are stop_gradient'ed and gradients are exact.
+    keep [..., Tq, ≥ K + 1] (group dropout, `group_keep`): earlier block b's weights are scaled by
+    keep[..., b] (0, or 1/(1-p)); own-block weights are not.
     """
     K = s.shape[-1]
     earlier = key_block < query_block
@@ -92,6 +94,8 @@ def grouped_softmax(s, key_is_landmark, key_block, query_block, visible):
     d_blk = _segment_reduce(e_past, key_block, nseg, "sum")
     g_blk = _segment_reduce(jnp.where(gate, p_top, zero), key_block, nseg, "sum")  # gate b has id b
     f_blk = g_blk / jnp.where(d_blk > 0, d_blk, 1)
+    if keep is not None:
+        f_blk = f_blk * keep[..., :nseg].astype(f_blk.dtype)
     return jnp.where(own, p_top, zero) + e_past * _gather_segments(f_blk, key_block)
 
 
@@ -120,7 +124,19 @@ def acc_dtype(x):
     return jnp.promote_types(jnp.float32, x.dtype)
 
 
-def _tile_probs(q_tile, k_keys, is_lm, ids, q_start: int, segment_ids=None):
+def group_keep(key, rate: float, shape_BxH, q_start: int, Tq: int, n: int):
+    """Group dropout's scales [B, H, Tq, n]: 0 with probability `rate`, else 1 / (1 - rate), one
+    per (row, head, query, earlier block) — the official `landmark_grouped_softmax`'s
+    `dropout(group_prob, p_group_dropout)` (lm_benchmark models/landmark.py): a dropped block's
+    weights all become 0, a kept one's are rescaled, the own block is never dropped. Query i's
+    draws come from fold_in(key, i), so they do not depend on how queries are tiled."""
+    rows = q_start + jnp.arange(Tq)
+    u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (*shape_BxH, n)))(rows)
+    keep = (jnp.moveaxis(u, 0, 2) >= rate).astype(jnp.float32)      # [B, H, Tq, n]
+    return keep / (1.0 - rate)
+
+
+def _tile_probs(q_tile, k_keys, is_lm, ids, q_start: int, segment_ids=None, keep=None):
     """probs [B, H, Tq, K] for queries q_start + [0, Tq) over keys [0, K)."""
     B, Tq, H, D = q_tile.shape
     K = k_keys.shape[1]
@@ -136,32 +152,49 @@ def _tile_probs(q_tile, k_keys, is_lm, ids, q_start: int, segment_ids=None):
     key_lm = is_lm[:, None, None, :K]
     key_blk = ids[:, None, None, :K]
     q_blk = ids[:, None, q_start:q_start + Tq, None]
-    return grouped_softmax(s, key_lm, key_blk, q_blk, visible)
+    return grouped_softmax(s, key_lm, key_blk, q_blk, visible, keep)
 
 
-def landmark_attention_weights(q, k, is_landmark, *, segment_ids=None):
+def _check_group_dropout(group_dropout, key):
+    if not isinstance(group_dropout, (int, float)) or not 0 <= group_dropout < 1:
+        raise ValueError(f"group_dropout={group_dropout!r} must be a number in [0, 1)")
+    return bool(group_dropout) and key is not None
+
+
+def landmark_attention_weights(q, k, is_landmark, *, segment_ids=None, group_dropout=0.0,
+                               dropout_key=None):
     """Grouped-softmax weights [B, H, T, T] (float32, or float64 for float64 inputs).
 
     q, k [B, T, H, D] (already rotated), is_landmark [B, T] bool; scores are q·k/sqrt(D).
+    group_dropout p with a `dropout_key`: each earlier block's weights dropped with probability
+    p (kept ones scaled by 1/(1-p); `group_keep`); without a key, no dropout.
     """
     is_landmark = check_qkv(q, k, None, is_landmark)
-    return _tile_probs(q, k, is_landmark, block_ids(is_landmark), 0, segment_ids)
+    keep = None
+    if _check_group_dropout(group_dropout, dropout_key):
+        B, T, H, _ = q.shape
+        keep = group_keep(dropout_key, group_dropout, (B, H), 0, T, T + 1)
+    return _tile_probs(q, k, is_landmark, block_ids(is_landmark), 0, segment_ids, keep)
 
 
-def landmark_attention_dense(q, k, v, is_landmark, *, segment_ids=None):
+def landmark_attention_dense(q, k, v, is_landmark, *, segment_ids=None, group_dropout=0.0,
+                             dropout_key=None):
     """y [B, T, H, D] = weights @ v with the full [B, H, T, T] weights (the reference version)."""
-    p = landmark_attention_weights(q, k, is_landmark, segment_ids=segment_ids)
+    p = landmark_attention_weights(q, k, is_landmark, segment_ids=segment_ids,
+                                   group_dropout=group_dropout, dropout_key=dropout_key)
     y = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)
     return y.astype(q.dtype)
 
 
-def _periodic_tile(q_tile, k_keys, v_keys, start: int, block_len: int, segment_ids=None):
+def _periodic_tile(q_tile, k_keys, v_keys, start: int, block_len: int, segment_ids=None,
+                   keep=None):
     """y [B, Tq, H, D] for queries start + [0, Tq) when landmarks sit exactly at t % S == S - 1.
 
     Keys [0, K) with K a multiple of S = block_len, reshaped to [NB, S] blocks: every segment
     reduction of `grouped_softmax` becomes a reduction over the last axis (no scatter/gather).
     Same formula: own block (j ≤ i, regular) and gates in one softmax, a softmax inside each earlier
-    block scaled by its gate's probability; landmark values never reach the output.
+    block scaled by its gate's probability; landmark values never reach the output. keep
+    [B, H, Tq, ≥ NB]: group dropout's scales of the earlier blocks (`group_keep`).
     """
     B, Tq, H, D = q_tile.shape
     K = k_keys.shape[1]
@@ -205,12 +238,15 @@ def _periodic_tile(q_tile, k_keys, v_keys, start: int, block_len: int, segment_i
     # by it in the discarded branch would still put 0 · inf = NaN into the gradient.
     d_safe = jnp.where(own_blk | (d_blk <= 0), 1, d_blk)
     fac = jnp.where(own_blk, inv_z, e_gate * inv_z / d_safe)
+    if keep is not None:
+        fac = fac * jnp.where(own_blk, 1, keep[..., :NB].astype(fac.dtype))
     w = (e * fac[..., None]).reshape(B, H, Tq, NB * S)
     return jnp.einsum("bhqk,bkhd->bqhd", w.astype(v_keys.dtype), v_keys).astype(q_tile.dtype)
 
 
 def landmark_attention(q, k, v, is_landmark, *, segment_ids=None, q_block: int = 256,
-                       mem_freq: Optional[int] = None):
+                       mem_freq: Optional[int] = None, group_dropout: float = 0.0,
+                       dropout_key=None):
     """Landmark attention y [B, T, H, D], blockwise over queries.
 
     Query tiles of `q_block` rows only score the causal key prefix [0, tile end), and each tile is
@@ -222,24 +258,33 @@ def landmark_attention(q, k, v, is_landmark, *, segment_ids=None, q_block: int =
     (landmark at t % (mem_freq+1) == mem_freq, as `insert_landmarks` makes), a reshape-based tile
     runs instead of the general segment reductions; any other is_landmark takes the general path
     (decided at run time with lax.cond, so the result never depends on the hint).
+
+    group_dropout p with a `dropout_key` (training): the official group dropout (`group_keep`);
+    both paths and `landmark_attention_dense` draw the same scales for the same key.
     """
     is_landmark = check_qkv(q, k, v, is_landmark)
     if not isinstance(q_block, int) or q_block <= 0:
         raise ValueError(f"q_block={q_block!r} must be a positive integer")
     B, T, H, D = q.shape
     starts = list(range(0, T, q_block))
+    dropout = _check_group_dropout(group_dropout, dropout_key)
+
+    def keep_of(start, end):
+        if not dropout:
+            return None
+        return group_keep(dropout_key, group_dropout, (B, H), start, end - start, T + 1)
 
     def general(q, k, v, is_landmark, segment_ids):
         ids = block_ids(is_landmark)
 
-        def tile(q_tile, k_keys, v_keys, is_lm, ids_, seg, start):
-            p = _tile_probs(q_tile, k_keys, is_lm, ids_, start, seg)
+        def tile(q_tile, k_keys, v_keys, is_lm, ids_, seg, start, end):
+            p = _tile_probs(q_tile, k_keys, is_lm, ids_, start, seg, keep_of(start, end))
             return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v_keys.dtype), v_keys).astype(q.dtype)
 
         outs = []
         for start in starts:
             end = min(start + q_block, T)
-            fn = jax.checkpoint(functools.partial(tile, start=start))
+            fn = jax.checkpoint(functools.partial(tile, start=start, end=end))
             outs.append(fn(q[:, start:end], k[:, :end], v[:, :end], is_landmark, ids,
                            segment_ids))
         return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
@@ -259,7 +304,8 @@ def landmark_attention(q, k, v, is_landmark, *, segment_ids=None, q_block: int =
             end = min(start + q_block, T)
             end_p = -(-end // S) * S
             fn = jax.checkpoint(functools.partial(_periodic_tile, start=start, block_len=S))
-            outs.append(fn(q[:, start:end], kp[:, :end_p], vp[:, :end_p], segment_ids=seg))
+            outs.append(fn(q[:, start:end], kp[:, :end_p], vp[:, :end_p], segment_ids=seg,
+                           keep=keep_of(start, end)))
         return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
     layout = (jnp.arange(T) % S) == S - 1
@@ -270,17 +316,20 @@ def landmark_attention(q, k, v, is_landmark, *, segment_ids=None, q_block: int =
 # The attention functions LandmarkLM passes to the decoder (models.transformer.AttentionFn), by
 # `model.attention`: blockwise ('landmark', the default) or the dense reference.
 def _blockwise_attention_fn(q, k, v, *, is_landmark, segment_ids=None, q_block=256,
-                            mem_freq=None, **unused):
+                            mem_freq=None, group_dropout=0.0, group_dropout_key=None, **unused):
     if unused:
         raise ValueError(f"landmark attention got unsupported arguments {sorted(unused)}")
     return landmark_attention(q, k, v, is_landmark, segment_ids=segment_ids, q_block=q_block,
-                              mem_freq=mem_freq)
+                              mem_freq=mem_freq, group_dropout=group_dropout,
+                              dropout_key=group_dropout_key)
 
 
-def _dense_attention_fn(q, k, v, *, is_landmark, segment_ids=None, mem_freq=None, **unused):
+def _dense_attention_fn(q, k, v, *, is_landmark, segment_ids=None, mem_freq=None,
+                        group_dropout=0.0, group_dropout_key=None, **unused):
     if unused:
         raise ValueError(f"landmark attention got unsupported arguments {sorted(unused)}")
-    return landmark_attention_dense(q, k, v, is_landmark, segment_ids=segment_ids)
+    return landmark_attention_dense(q, k, v, is_landmark, segment_ids=segment_ids,
+                                    group_dropout=group_dropout, dropout_key=group_dropout_key)
 
 
 ATTENTION_FNS = {"landmark": _blockwise_attention_fn, "landmark_dense": _dense_attention_fn}
@@ -367,9 +416,15 @@ class LandmarkConfig:
     landmark_id: int = 0                   # token id of the landmark (an extra vocabulary entry)
     pos_jump: int = 0                      # training only: positional jumps in [0, pos_jump) after
                                            # each landmark (paper's augmentation; 0 = off)
+    group_dropout: float = 0.0             # training only: each earlier block dropped from a
+                                           # query's attention with this probability (official
+                                           # --group_dropout; 0 = off)
 
     def __post_init__(self):
         _check_mem_freq(self.mem_freq)
+        if (not isinstance(self.group_dropout, (int, float)) or isinstance(self.group_dropout, bool)
+                or not 0 <= self.group_dropout < 1):
+            raise ValueError(f"group_dropout={self.group_dropout!r} must be a number in [0, 1)")
         if not isinstance(self.pos_jump, int) or self.pos_jump < 0:
             raise ValueError(f"pos_jump={self.pos_jump!r} must be a non-negative integer")
         if self.model.attention not in ATTENTION_FNS:
@@ -410,12 +465,14 @@ class LandmarkLM(nn.Module):
     attn/{query,key,value,out}, ln_2, mlp}, ln_f), so checkpoints and converters are shared.
     is_landmark [B, T] defaults to tokens == landmark_id (as the official code); positions [T] or
     [B, T] default to 0..T-1 (use `landmark_positions` for the paper's positional jumps).
+    group_dropout_key (training): with config.group_dropout > 0, every layer drops blocks with
+    its own key (fold_in(key, layer)); None: no dropout (evaluation).
     """
     config: LandmarkConfig
 
     @nn.compact
     def __call__(self, tokens_BxT, *, positions=None, is_landmark=None, segment_ids=None,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, group_dropout_key=None):
         lc = as_landmark_config(self.config)
         c = lc.model
         chex.assert_rank(tokens_BxT, 2)
@@ -424,24 +481,32 @@ class LandmarkLM(nn.Module):
             is_landmark = tokens_BxT == lc.landmark_id
         if positions is None:
             positions = jnp.arange(T, dtype=jnp.int32)
-        # mem_freq is bound into the attention function, not passed with the arrays: under
-        # remat (model.remat) every block argument is traced, and mem_freq must stay static.
+        # mem_freq and the dropout rate are bound into the attention function, not passed with
+        # the arrays: under remat (model.remat) every block argument is traced, and they must
+        # stay static.
+        layer_kwargs = None
+        if lc.group_dropout and group_dropout_key is not None:
+            layer_kwargs = [{"group_dropout_key": jax.random.fold_in(group_dropout_key, i)}
+                            for i in range(c.num_layers)]
         return transformer.decoder_forward(
             c, tokens_BxT, positions=positions, segment_ids=segment_ids,
             attention_kwargs={"is_landmark": is_landmark}, return_hidden=return_hidden,
-            attention_fn=functools.partial(ATTENTION_FNS[c.attention], mem_freq=lc.mem_freq))
+            layer_attention_kwargs=layer_kwargs,
+            attention_fn=functools.partial(ATTENTION_FNS[c.attention], mem_freq=lc.mem_freq,
+                                           group_dropout=lc.group_dropout))
 
 
 
 # ---------------------------------------------------------------------------------------------
 # The trainer's model builder (train/trainer.py MODELS; the objective: train/objectives/landmark.py)
 # ---------------------------------------------------------------------------------------------
-_LANDMARK_FIELDS = ("mem_freq", "landmark_id", "pos_jump")
+_LANDMARK_FIELDS = ("mem_freq", "landmark_id", "pos_jump", "group_dropout")
 
 
 def config_from_dict(model_cfg: Mapping[str, Any]) -> LandmarkConfig:
     """A `LandmarkConfig` from a flat model config dict: the `TransformerConfig` fields plus
-    mem_freq, landmark_id, pos_jump ('family' is ignored; attention defaults to 'landmark')."""
+    mem_freq, landmark_id, pos_jump, group_dropout ('family' is ignored; attention defaults to
+    'landmark')."""
     d = dict(model_cfg)
     d.pop("family", None)
     missing = [f for f in ("mem_freq", "landmark_id") if f not in d]

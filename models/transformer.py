@@ -299,11 +299,13 @@ def decoder_forward(c: TransformerConfig, tokens_BxT, *, positions, segment_ids=
                     prefix_kv=None, prefix_mask=None, attention_kwargs=None,
                     return_hidden: bool = False,
                     attention_fn: AttentionFn = layers.dot_product_attention,
-                    kv_cache: Optional[KVCache] = None):
+                    kv_cache: Optional[KVCache] = None, layer_attention_kwargs=None):
     """Embed → blocks → final norm → logits. Call it from inside a compact `__call__`: the
     submodules (embed, block_i, ln_f, lm_head) are created in the caller's scope, so every model
     built on it (Transformer, LandmarkLM) has the same parameter tree. Every block's attention
-    is `attention_fn` (see `AttentionFn`). With `kv_cache`: (logits or hidden, the new cache)."""
+    is `attention_fn` (see `AttentionFn`). With `kv_cache`: (logits or hidden, the new cache).
+    layer_attention_kwargs: None, or one dict per layer added to block i's attention_kwargs
+    (e.g. a dropout key per layer)."""
     embed = layers.Embed(c.vocab_size, c.width, dtype=c.dtype, param_dtype=c.param_dtype,
                          init_std=c.init_std, name="embed")
     x = embed(tokens_BxT)
@@ -318,11 +320,14 @@ def decoder_forward(c: TransformerConfig, tokens_BxT, *, positions, segment_ids=
         if prefix_kv is not None:
             pk, pv = prefix_kv[i, 0], prefix_kv[i, 1]
         block = block_cls(c, attention_fn, name=f"block_{i}")
+        kwargs = attention_kwargs
+        if layer_attention_kwargs is not None:
+            kwargs = {**(attention_kwargs or {}), **layer_attention_kwargs[i]}
         if kv_cache is None:
-            x = block(x, positions, segment_ids, pk, pv, prefix_mask, attention_kwargs)
+            x = block(x, positions, segment_ids, pk, pv, prefix_mask, kwargs)
         else:
             layer_cache = (kv_cache.k[i], kv_cache.v[i], kv_cache.length)
-            x, (k, v) = block(x, positions, None, None, None, None, attention_kwargs, layer_cache)
+            x, (k, v) = block(x, positions, None, None, None, None, kwargs, layer_cache)
             new_k.append(k)
             new_v.append(v)
     x = layers.make_norm(c.norm, eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,

@@ -47,7 +47,7 @@ EXCLUDED = (
     # traded for memory.
     "model.remat",
     # Where the same TFDS build lives (a local copy, a bucket) and whether TFDS may prepare it.
-    "data.data_dir", "data.download",
+    "data.data_dir", "data.download", "data.stream_dir",
     # Reader threads and read-ahead: grain yields records in the same order whatever they are.
     # (data.worker_count stays in: the data iterator's checkpoint is that of grain's worker
     # processes, and restores only into the same count.)
@@ -62,6 +62,13 @@ ADDED_DEFAULTS = {
     "data.tokenizer": "byte",
     # The lm objective's chunked cross-entropy (train/objectives/lm.py): 0 is the plain loss.
     "objective_config.ce_chunk": 0,
+    # The text datasets' window layout (train/data/token_stream.py): today's packed windows.
+    "data.windows": "packed",
+    "data.mask_after_eos": False,
+    "data.stream_mem_freq": 0,
+    # Landmark attention's group dropout (models/landmark.py): off, as before it existed
+    # (0.0 in a config; its JSON round trip writes 0).
+    "model.group_dropout": 0,
 }
 
 ABSENT = "<absent>"

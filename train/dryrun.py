@@ -75,6 +75,8 @@ def abstract_batch(run):
         T = c.seq_len
         one = {"inputs": np.zeros((1, T), np.int32), "targets": np.zeros((1, T), np.int32),
                "weights": np.zeros((1, T), np.float32)}
+        if c.data.get("stream_mem_freq"):   # the official landmark layout's rows
+            one["stream_phase"] = np.zeros((1, T), np.int32)
     elif c.data.name == "embeddings":       # train/data/embeddings.py's record: z [D], y
         one = {"z": np.zeros((1, *c.input_shape), np.float32), "y": np.zeros((1,), np.int32)}
     else:

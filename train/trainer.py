@@ -108,6 +108,7 @@ MODELS: dict[str, str] = {
 OBJECTIVES: dict[str, str] = {
     "lm": "train.objectives.lm:loss",
     "landmark": "train.objectives.landmark:loss",
+    "transformer_xl": "train.objectives.transformer_xl:loss",
     "birdie": "train.objectives.birdie:trainer_loss",
     "mac_meta": "train.objectives.mac:meta_objective",
     "reconstruct": "train.objectives.encoders:reconstruct_loss",
@@ -117,6 +118,8 @@ OBJECTIVES: dict[str, str] = {
 }
 # objective name → "module:function" check(config) raising a ValueError for settings it cannot use
 OBJECTIVE_CHECKS: dict[str, str] = {
+    "landmark": "train.objectives.landmark:check_config",
+    "transformer_xl": "train.objectives.transformer_xl:check_config",
     "mac_meta": "train.objectives.mac:check_config",
     "dkvb": "train.objectives.dkvb:check_config",
 }

@@ -31,8 +31,22 @@ Evaluate it far beyond 256 bytes with
 `paper` is the paper's LM (Sec. 4.1): 12 layers, 8 heads × 128, context 512, blocks of 50,
 AdamW β=(0.9, 0.95), weight decay 1e-3, lr 2e-3 with cosine decay and 2% warm-up, batch 128, on
 PG-19 read through TFDS (array_record; prepare it once with `data.download=True` or point
-`data.data_dir` at a prepared copy). Differences from the paper: byte tokens (V = 320) instead of
-GPT-2's BPE. Any field can be overridden with --config.FIELD=VALUE.
+`data.data_dir` at a prepared copy), in the official lm_benchmark training layout
+(`official_layout`, train/data/token_stream.py: the split as one EOS-separated token stream,
+rows at random offsets of it, a landmark after every 50th token of the stream, EOS inputs'
+targets masked; `official_optim`: no weight decay on norms and the embedding, no clipping,
+cosine to lr/5 as the official OneCycleLR). `model.group_dropout` (official --group_dropout) is
+0 (off) in every variant. Differences from the paper: byte tokens (V = 320) instead of GPT-2's
+BPE; a row holds 512 raw tokens (the official 512 count its landmarks). Any field can be
+overridden with --config.FIELD=VALUE.
+
+`tiny_official` is `tiny`'s model on the local prose corpus in that layout (CPU);
+`tiny_xl` / `paper_xl` the Transformer-XL baseline of Table 1 (objective `transformer_xl`,
+train/objectives/transformer_xl.py: rows read in pieces, each attending to a cache of the
+tokens before it; XL_SIZES), on the same data without landmarks:
+
+    python -m train.main --config train/configs/landmark.py:paper_xl --workdir gs://BUCKET/xl
+    python -m eval.landmark_perplexity --workdir gs://BUCKET/xl     # full + the pg19_xl rows
 
 `hf=CHECKPOINT[,tokenizer=TOKENIZER][,size=tiny|paper]` fine-tunes a pretrained LLaMA-family
 model with landmarks, as the official `llama/` recipe (epfml/landmark-attention, llama/train.py
@@ -55,15 +69,20 @@ tests/data/hf/tok_sp_llama tokenizer).
 """
 import ml_collections
 
+from train import optim as optim_lib
 from train.configs import common
 from train.data import pipeline, tokenizer
 
-VARIANTS = ("tiny", "tiny_baseline", "paper")
+VARIANTS = ("tiny", "tiny_baseline", "paper", "tiny_official", "tiny_xl", "paper_xl")
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if arg.startswith("hf="):
         return hf_config(arg)
+    if arg in ("tiny_official", "tiny_xl", "paper_xl"):
+        return official_config(arg)
+    if arg.split(",")[0] in ("paper", "paper_xl") and "," in arg:
+        return tokenizer_config(arg)
     if arg not in VARIANTS:
         raise ValueError(f"config variant {arg!r} is not allowed; use one of {VARIANTS} or "
                          "'hf=CHECKPOINT[,tokenizer=TOKENIZER][,size=tiny|paper]'")
@@ -110,14 +129,17 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.model.mem_freq = 50 if paper else 31    # regular tokens per block (block = them + 1 landmark)
         c.model.landmark_id = tokenizer.LANDMARK  # the landmark token (id 260)
         c.model.pos_jump = 0                  # paper's positional jumps after landmarks (0: off)
+        # official --group_dropout: each earlier block dropped from a query's attention with
+        # this probability in training (models/landmark.py: group_keep); 0 (official None): off
+        c.model.group_dropout = 0.0
 
     if paper:
-        # PG-19 through the real TFDS path (array_record via tfds.data_source; nothing in tests).
+        # PG-19 through the real TFDS path (array_record via tfds.data_source; nothing in tests),
+        # in the official lm_benchmark layout (train/data/token_stream.py).
         c.data = pipeline.default_data_config("tfds")
         c.data.tfds_name = "pg19"
         c.data.text_key = "book_text"
-        c.data.shard_mode = "records"        # each process reads its own 1/P of the books
-        c.data.worker_count = 4              # tokenising books is CPU work: use grain workers
+        official_layout(c.data, c.model.get_ref("mem_freq"))
     else:
         # The local prose corpus mixed with the paper's passkey prompts (generated when read).
         c.data = pipeline.default_data_config("passkey")
@@ -136,7 +158,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # warm-up (a reference: overriding num_steps moves it too).
     c.optim = common.optim(lr=2e-3, weight_decay=1e-3,
                            warmup_steps=c.get_ref("num_steps") // 50 if paper else 60)
-    if not paper:
+    if paper:
+        official_optim(c.optim)
+    else:
         # tiny: constant lr (the copy circuit forms late; a cosine decay had lowered the lr before
         # it), AdamW's usual β2 = 0.999 and no weight decay.
         c.optim.min_lr_ratio = 1.0
@@ -145,6 +169,107 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.eval = common.evaluation(20 if paper else 4)
     c.debug = common.debug()
     c.profile_steps = ()                     # (FIRST, LAST): trace those steps (WORKDIR/profile)
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# The official lm_benchmark training layout, and the Transformer-XL baseline
+# ---------------------------------------------------------------------------------------------
+def official_layout(data: ml_collections.ConfigDict, mem_freq) -> None:
+    """Sets a text data config ('text' or 'tfds') to the official lm_benchmark layout
+    (train/data/token_stream.py): the split as one EOS-separated token stream, rows at uniformly
+    random offsets of it (optim/utils.py: get_batch), landmarks after every `mem_freq`-th token
+    of the stream (data/utils.py: add_mem_tokens; 0: no landmarks), EOS inputs' targets
+    masked. The stream is cached under ~/.cache/mnemax/streams (override data.stream_dir)."""
+    data.windows = "random"
+    data.mask_after_eos = True
+    data.stream_mem_freq = mem_freq
+    data.stream_dir = "~/.cache/mnemax/streams"
+    data.shard_mode = "records"              # each process reads its own windows
+    data.worker_count = 4                    # reading windows is CPU work: use grain workers
+
+
+def official_optim(o: ml_collections.ConfigDict) -> None:
+    """The official optimizer groups and schedule on top of `common.optim` (main.py,
+    models/base_new.py: get_parameter_group_specs): no weight decay on biases, norms and the
+    (tied) embedding (optim.NO_DECAY), no gradient clipping, and OneCycleLR's cosine end: its
+    initial lr is lr / div_factor (100), its last that divided by final_div_factor (0.05), i.e.
+    lr / 5 (its warm-up starts at lr / 100; ours at 0)."""
+    o.no_decay = optim_lib.NO_DECAY
+    o.clip_norm = None
+    o.min_lr_ratio = 0.2
+
+
+def tokenizer_config(arg: str) -> ml_collections.ConfigDict:
+    """`paper,tokenizer=TOKENIZER` / `paper_xl,tokenizer=TOKENIZER`: the variant on another
+    tokenizer's ids (train/data/tokenizer.py: load_tokenizer; GPT-2's BPE as the official
+    lm_benchmark: a folder with its tokenizer.json, prepared once with
+    `transformers.AutoTokenizer.from_pretrained("gpt2").save_pretrained(DIR)`). The landmark
+    variant appends LANDMARK (official: GPT-2's 50257 ids, the landmark 50260); the vocabulary
+    is rounded up to a multiple of 64 (official 50304)."""
+    name, _, rest = arg.partition(",")
+    fields = dict(part.partition("=")[::2] for part in rest.split(","))
+    if set(fields) != {"tokenizer"} or not fields["tokenizer"]:
+        raise ValueError(f"config variant {arg!r} is not allowed; use "
+                         f"'{name},tokenizer=TOKENIZER' (a tokenizer file or folder)")
+    c = get_config(name)
+    xl = name == "paper_xl"
+    tok = (tokenizer.load_tokenizer(fields["tokenizer"]) if xl
+           else landmark_tokenizer(fields["tokenizer"]))
+    c.data.tokenizer = tok.spec              # e.g. "/models/gpt2+LANDMARK"
+    c.model.vocab_size = -(-tok.vocab_size // 64) * 64
+    if not xl:
+        c.model.landmark_id = tok.special("LANDMARK")
+    return c
+
+
+# Transformer-XL (official --optimization_process transformer_xl, --lm_cache kv_cache_train;
+# train/objectives/transformer_xl.py): the row length (--total_sequence_length), the piece
+# length (--sequence_length) and the cache (--mem_cache_size). The official repository gives no
+# training command for its pg19_xl run; the piece and the cache are its evaluation's
+# (eval_cmd_generator.py pg19_xl rows: --mid_length 256, --mem_cache_size 256), the row length
+# that of its longer Table 1 column but one (2048).
+XL_SIZES = {"tiny_xl": dict(seq_len=128, piece_len=32, cache_len=32),
+            "paper_xl": dict(seq_len=2048, piece_len=256, cache_len=256)}
+
+
+def official_config(arg: str) -> ml_collections.ConfigDict:
+    """`tiny_official` (the tiny landmark LM on the local prose in the official layout, CPU),
+    `tiny_xl` and `paper_xl` (the Transformer-XL baseline: `paper`'s model without landmarks,
+    dense attention, trained with the XL cache, in the official layout)."""
+    xl = arg in XL_SIZES
+    paper = arg == "paper_xl"
+    c = get_config("paper" if paper else "tiny")
+    c.name = f"landmark_{arg}"
+    if paper:
+        c.data = pipeline.default_data_config("tfds")     # PG-19, as `paper`
+        c.data.tfds_name = "pg19"
+        c.data.text_key = "book_text"
+        official_layout(c.data, 0)                        # no landmarks
+    else:
+        # the local prose corpus (generated in memory) instead of the passkey mixture
+        c.data = pipeline.default_data_config("text")
+        c.data.source = "memory"
+        official_layout(c.data, 0 if xl else c.model.get_ref("mem_freq"))
+        c.data.stream_dir = ""               # small: kept in memory
+        c.data.shard_mode = "rows"
+        c.data.worker_count = 0
+        c.num_steps = 200
+        c.seq_len = 128
+        c.checkpoint_every = c.eval_every = 100
+        official_optim(c.optim)
+        c.optim.weight_decay = 1e-3          # the paper's decay, so no_decay has work to do
+    if xl:
+        s = XL_SIZES[arg]
+        c.seq_len = s["seq_len"]             # tokens per row, read in pieces
+        c.objective = "transformer_xl"
+        # piece_len: tokens per forward pass; cache_len: earlier tokens each piece attends to
+        c.objective_config = ml_collections.ConfigDict(
+            {"piece_len": s["piece_len"], "cache_len": s["cache_len"]})
+        c.model.family = "transformer"
+        c.model.attention = "dense"
+        for f in ("mem_freq", "landmark_id", "pos_jump", "group_dropout"):
+            del c.model[f]
     return c
 
 

@@ -28,7 +28,10 @@ The pipeline (grain 0.2.18 "Dataset" API: `grain.MapDataset` / `grain.IterDatase
    (`grain.experimental.ConcatThenSplitIterDataset`: the document stream is concatenated and cut
    into windows of T + 1 tokens, a document may span windows; only the very end of a finite
    stream is padded, with the tokenizer's PAD, or EOS where it has none) or pad (each document
-   cut/padded to T + 1 tokens on its own);
+   cut/padded to T + 1 tokens on its own); `data.windows="random"` instead reads the split as
+   one token stream and each record is a window at a random offset of it (the official
+   landmark-attention layout, train/data/token_stream.py); `mask_after_eos` weighs 0 the
+   targets of EOS inputs;
 5. window [T + 1] -> inputs = window[:-1], targets = window[1:]; batch B rows, dropping a last
    incomplete batch (so an epoch of evaluation may skip up to B - 1 rows; pick sizes that
    divide when every row matters);
@@ -72,7 +75,7 @@ import numpy as np
 from absl import flags
 
 from train.data import (birdie_data, catalog, embeddings, images, mac_data, mac_qa, mqar,
-                        passkey_data, recall, text_corpus, tokenizer)
+                        passkey_data, recall, text_corpus, token_stream, tokenizer)
 from train.objectives import birdie
 
 DATASET_NAMES = ("mqar", "text", "tfds", "birdie", "recall", "passkey", "mac_lm", "mac_meta",
@@ -159,6 +162,20 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
         # "+NAME,..." appending specials ("+PAD,LANDMARK"). It must have EOS (and BOS with
         # add_bos); model.vocab_size must be >= its vocab_size.
         c.tokenizer = "byte"
+        # Windows: "packed" (the documents, shuffled, concatenated and cut into consecutive
+        # windows, as set by `pack`) or "random" (official lm_benchmark, train/data/token_stream.py:
+        # the split's documents in source order as one EOS-separated stream, each row a window at
+        # a uniformly random offset of it).
+        c.windows = "packed"
+        # Weight 0 on the target of an EOS input (official get_batch: a document's last token
+        # does not predict the next document's first); both window kinds.
+        c.mask_after_eos = False
+        # windows="random": rows carry stream_phase [T] = stream index mod this (the landmark
+        # objective puts a landmark after every mem_freq-th token of the stream); 0: none.
+        c.stream_mem_freq = 0
+        # windows="random": folder where each split's token stream is written once and read
+        # memory-mapped ("" keeps it in memory: small corpora).
+        c.stream_dir = ""
     elif name == "birdie":
         # Packed rows of Birdie objectives (train/data/birdie_data.py), generated when read.
         # Objective set: "birdie" | "ul2" | "ntp" (plain next-token prediction).
@@ -288,6 +305,12 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
         c.pack = True
         c.add_bos = False
         c.tokenizer = "byte"
+        # As for "text": windows "packed" | "random" (PG-19 at the official layout), the mask
+        # after EOS, stream_phase rows, the stream's folder.
+        c.windows = "packed"
+        c.mask_after_eos = False
+        c.stream_mem_freq = 0
+        c.stream_dir = ""
     return c
 
 
@@ -483,12 +506,25 @@ def make_source(
     if name == "text":
         pct = data_config.validation_percent
         if data_config.source == "memory":
-            return text_corpus.documents(split, pct), "text"
-        return text_corpus.data_source(split, pct, data_dir), "text"
-    source = catalog.catalog_data_source(
-        data_config.tfds_name, split=split, data_dir=data_dir, download=data_config.download
-    )
-    return catalog.TextFieldSource(source, data_config.text_key), "text"
+            source = text_corpus.documents(split, pct)
+        else:
+            source = text_corpus.data_source(split, pct, data_dir)
+        key = f"text-{text_corpus.python_version_tag()}-{pct}-{split}"
+    else:
+        source = catalog.TextFieldSource(catalog.catalog_data_source(
+            data_config.tfds_name, split=split, data_dir=data_dir,
+            download=data_config.download), data_config.text_key)
+        key = f"tfds-{data_config.tfds_name}-{data_config.text_key}-{split}"
+    _check_choice("data_config.windows", data_config.windows, token_stream.WINDOWS)
+    if data_config.windows == "packed":
+        return source, "text"
+    tok = data_tokenizer(data_config)
+    stream = token_stream.token_stream(source, tok, add_bos=bool(data_config.add_bos),
+                                       cache_dir=data_config.stream_dir, key=key)
+    return token_stream.StreamWindows(
+        stream, seq_len=seq_len, split=split, eos_id=tok.special("EOS"),
+        mask_after_eos=bool(data_config.mask_after_eos),
+        mem_freq=data_config.stream_mem_freq), "examples"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,15 +564,18 @@ class _PadWindow(grain.transforms.Map):
 
 
 class _PackedWindow(grain.transforms.Map):
-    """ConcatThenSplit output (tokens, tokens_segment_ids [T+1]) -> {inputs, targets, weights} [T]."""
+    """ConcatThenSplit output (tokens, tokens_segment_ids [T+1]) -> {inputs, targets, weights} [T];
+    with `mask_after_eos` (an EOS id), weight 0 where the input is EOS."""
 
-    def __init__(self, pad_id: int = tokenizer.PAD):
-        self._pad_id = pad_id
+    def __init__(self, pad_id: int = tokenizer.PAD, mask_after_eos: int | None = None):
+        self._pad_id, self._eos = pad_id, mask_after_eos
 
     def map(self, record):
         valid = record["tokens_segment_ids"] != 0  # 0 marks padding at the end of the stream
         window = np.where(valid, record["tokens"], self._pad_id).astype(np.int32)
         weights = (valid[:-1] & valid[1:]).astype(np.float32)
+        if self._eos is not None:
+            weights[window[:-1] == self._eos] = 0.0
         return {"inputs": window[:-1], "targets": window[1:], "weights": weights}
 
 
@@ -552,8 +591,9 @@ class _CheckExample(grain.transforms.Map):
             "targets": np.asarray(record["targets"], np.int32),
             "weights": np.asarray(record["weights"], np.float32),
         }
-        # Packed rows (birdie) also carry segment ids, objective ids and the prefix flag.
-        for key in ("segment_ids", "objective_ids"):
+        # Packed rows (birdie) also carry segment ids, objective ids and the prefix flag; the
+        # official landmark layout's rows (token_stream.py) their stream phase.
+        for key in ("segment_ids", "objective_ids", "stream_phase"):
             if key in record:
                 out[key] = np.asarray(record[key], np.int32)
         if "prefix" in record:
@@ -678,7 +718,8 @@ def make_dataset(
         it = grain.experimental.ConcatThenSplitIterDataset(
             it, length_struct={"tokens": seq_len + 1}
         )
-        it = it.map(_PackedWindow(_pad_id(tok)))
+        it = it.map(_PackedWindow(_pad_id(tok), tok.special("EOS")
+                                  if data_config.mask_after_eos else None))
     if by_rows:
         it = it.batch(global_batch_size, drop_remainder=True)
         it = it.map(_Rows(shard.shard_index * batch_size, batch_size))
