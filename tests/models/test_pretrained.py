@@ -149,7 +149,7 @@ def test_resize_params_vocab_appends_the_mean_row(loaded):
 
 def test_trainer_fine_tunes_from_a_checkpoint(loaded, tmp_path):
     """init_from_hf: the run starts from the checkpoint (its vocabulary grown to the byte
-    tokenizer's 320 rows), then trains."""
+    tokenizer's 320 rows); a model section that differs from the checkpoint is refused."""
     folder, _, _, params = loaded["gpt2"]
     c = lm_config.get_config("tiny")
     c.model = pretrained.model_config(str(folder))
@@ -162,9 +162,7 @@ def test_trainer_fine_tunes_from_a_checkpoint(loaded, tmp_path):
                                   params["embed"]["embedding"])
     np.testing.assert_array_equal(np.asarray(start["block_1"]["mlp"]["fc_out"]["kernel"]),
                                   params["block_1"]["mlp"]["fc_out"]["kernel"])
-    c.num_steps = 3
-    tuned = trainer.train(c, tmp_path / "run")
-    assert int(tuned["state"].step) == 3 and np.isfinite(tuned["final_loss"])
+    # (colabs/pretrained.py, executed by the tests, fine-tunes such a run and checks its loss)
     layers = c.model.num_layers
     c.model.num_layers = layers + 1
     with pytest.raises(ValueError, match=rf"model.num_layers={layers + 1} differs from the "

@@ -90,10 +90,10 @@ def test_the_base_lm_is_frozen_in_stage_two(mac_run):
 
 def test_resume_is_exact_and_a_finished_base_lm_is_not_retrained(mac_run, tmp_path):
     workdir, summary = mac_run
-    # The first stage's finished run in place (the trainer must not retrain it), then two steps
-    # of the second, then the same command extended to four: the straight run's parameters.
-    shutil.copytree(workdir / "base_lm", tmp_path / "run" / "base_lm")
-    trainer.train(tiny_config(num_steps=2), tmp_path / "run")
+    # The module's run as it stood after step 2 (its finished first stage included, which the
+    # trainer must not retrain), resumed to step 4: the straight run's parameters.
+    shutil.copytree(workdir, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")
     before = (tmp_path / "run" / "base_lm" / "metrics.jsonl").read_text()
     resumed = trainer.train(tiny_config(num_steps=4), tmp_path / "run")
     assert resumed["start_step"] == 2
