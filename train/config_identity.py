@@ -60,6 +60,10 @@ EXCLUDED = (
 ADDED_DEFAULTS = {
     # The text datasets' tokenizer (train/data/pipeline.py): "byte" is what they always used.
     "data.tokenizer": "byte",
+    # The text dataset's local corpus folder and its file patterns (train/data/text_corpus.py):
+    # "" is Python's docs, as before.
+    "data.text_dir": "",
+    "data.text_patterns": ["*.txt", "*.tex"],
     # The lm objective's chunked cross-entropy (train/objectives/lm.py): 0 is the plain loss.
     "objective_config.ce_chunk": 0,
     # The text datasets' window layout (train/data/token_stream.py): today's packed windows.

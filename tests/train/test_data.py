@@ -503,3 +503,45 @@ def test_concurrent_builds_share_one_build(tmp_path, monkeypatch):
     for b in builders:
         assert len(b.as_data_source(split="train")) == 8
     assert len(list(tmp_path.rglob("mqar-train.array_record*"))) == 1
+
+
+def test_local_text_corpus_is_built_from_a_folder_and_feeds_the_text_pipeline(tmp_path):
+    """data.text_dir: a folder of .tex / .txt files (the arXiv-math set's form) as the "text"
+    dataset: one document per file, split by hash of its path, built once per content digest;
+    other files and empty ones left out; the landmark `paper,text_dir=` variant uses it."""
+    corpus = tmp_path / "arxiv"
+    (corpus / "math").mkdir(parents=True)
+    texts = {f"math/p{i:02d}.tex": f"\\section{{Lemma {i}}} Let $x_{i} > 0$. " * 8
+             for i in range(12)}
+    texts["notes.txt"] = "A plain text note about primes. " * 8
+    for name, text in texts.items():
+        (corpus / name).write_text(text)
+    (corpus / "paper.pdf").write_bytes(b"%PDF-1.5 binary")
+    (corpus / "empty.tex").write_text("  \n")
+    docs = text_corpus.local_documents(str(corpus))
+    assert [i for i, _ in docs] == sorted(texts)
+    data_dir = str(tmp_path / "tfds")
+    sources = {split: text_corpus.local_data_source(split, str(corpus), validation_percent=25,
+                                                    data_dir=data_dir)
+               for split in text_corpus.SPLITS}
+    ids = {split: [src[i]["id"].decode() for i in range(len(src))]
+           for split, src in sources.items()}
+    assert sorted(ids["train"] + ids["validation"]) == sorted(texts)
+    assert ids["train"] and ids["validation"]
+    assert all(text_corpus.split_of(i, 25) == "validation" for i in ids["validation"])
+    c = pipeline.default_data_config("text")
+    c.text_dir, c.validation_percent, c.data_dir = str(corpus), 25, data_dir
+    batch = next(iter(pipeline.make_dataset(c, split="train", seed=0, global_batch_size=2,
+                                            seq_len=32)))
+    row = tokenizer.decode(batch["inputs"][0])
+    assert any(row[:16] in t for t in texts.values()), row
+    before = text_corpus.local_digest(str(corpus))
+    (corpus / "notes.txt").write_text("Changed.")
+    assert text_corpus.local_digest(str(corpus)) != before      # a new build, not a stale one
+    with pytest.raises(ValueError, match=r"data.text_dir='.*nowhere' is not a folder"):
+        text_corpus.local_documents(str(tmp_path / "nowhere"))
+    from train import trainer
+    from train.configs import landmark
+    cfg = landmark.get_config(f"paper,text_dir={corpus}")
+    assert (cfg.data.name, cfg.data.text_dir, cfg.data.windows) == ("text", str(corpus), "random")
+    trainer.validate_config(cfg)

@@ -196,7 +196,7 @@ def test_paper_variants_validate():
         trainer.validate_config(c)
         assert (c.model.vocab_size, c.model.get("landmark_id")) == (512, landmark_id)
         assert c.data.tokenizer == bpe + ("+LANDMARK" if landmark_id else "")
-    with pytest.raises(ValueError, match="use 'paper,tokenizer=TOKENIZER'"):
+    with pytest.raises(ValueError, match="use 'paper,tokenizer=TOKENIZER\\[,text_dir=DIR\\]'"):
         landmark_configs.get_config("paper,vocab=gpt2")
     paper.model.mem_freq = 40                 # the stream's landmarks follow the model's blocks
     assert paper.data.stream_mem_freq == 40

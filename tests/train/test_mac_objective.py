@@ -231,11 +231,15 @@ def test_readouts_add_to_the_loss_and_get_gradients(setup):
     s = setup
     rho = 0.5
     ro = obj.init_readouts(CFG, len(facts.RELATIONS))
-    base, m0 = obj.meta_loss(CFG, s["params"], s["lm_params"], s["batch"], rho)
-    off, _ = obj.meta_loss(CFG, s["params"], s["lm_params"], s["batch"], rho, readouts=ro,
-                           readout_weight=0.0)
-    on, m1 = obj.meta_loss(CFG, s["params"], s["lm_params"], s["batch"], rho, readouts=ro,
-                           readout_weight=0.5)
+
+    @jax.jit   # one compilation of the three losses instead of op-by-op dispatch
+    def losses(params, lm_params, batch, ro):
+        return (obj.meta_loss(CFG, params, lm_params, batch, rho),
+                obj.meta_loss(CFG, params, lm_params, batch, rho, readouts=ro,
+                              readout_weight=0.0)[0],
+                obj.meta_loss(CFG, params, lm_params, batch, rho, readouts=ro,
+                              readout_weight=0.5))
+    (base, m0), off, (on, m1) = losses(s["params"], s["lm_params"], s["batch"], ro)
     assert float(off) == float(base)
     # Zero heads predict uniformly: each readout's cross-entropy is log V; the retrieval term
     # is the cross-entropy of question i picking document i among the K by cosine similarity.

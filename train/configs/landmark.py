@@ -201,18 +201,28 @@ def official_optim(o: ml_collections.ConfigDict) -> None:
 
 
 def tokenizer_config(arg: str) -> ml_collections.ConfigDict:
-    """`paper,tokenizer=TOKENIZER` / `paper_xl,tokenizer=TOKENIZER`: the variant on another
+    """`paper,tokenizer=TOKENIZER[,text_dir=DIR]` / `paper_xl,...`: the variant on another
     tokenizer's ids (train/data/tokenizer.py: load_tokenizer; GPT-2's BPE as the official
     lm_benchmark: a folder with its tokenizer.json, prepared once with
-    `transformers.AutoTokenizer.from_pretrained("gpt2").save_pretrained(DIR)`). The landmark
+    `transformers.AutoTokenizer.from_pretrained("gpt2").save_pretrained(DIR)`) and/or another
+    corpus: `text_dir` a folder of .txt / .tex files (the arXiv-math set: the papers' sources,
+    prepared by the user; the "local_text" TFDS build, train/data/text_corpus.py). The landmark
     variant appends LANDMARK (official: GPT-2's 50257 ids, the landmark 50260); the vocabulary
     is rounded up to a multiple of 64 (official 50304)."""
     name, _, rest = arg.partition(",")
     fields = dict(part.partition("=")[::2] for part in rest.split(","))
-    if set(fields) != {"tokenizer"} or not fields["tokenizer"]:
+    if not fields or not set(fields) <= {"tokenizer", "text_dir"} or not all(fields.values()):
         raise ValueError(f"config variant {arg!r} is not allowed; use "
-                         f"'{name},tokenizer=TOKENIZER' (a tokenizer file or folder)")
+                         f"'{name},tokenizer=TOKENIZER[,text_dir=DIR]' or '{name},text_dir=DIR'")
     c = get_config(name)
+    if fields.get("text_dir"):   # the "text" dataset on the folder, in PG-19's layout
+        pg19, c.data = c.data, pipeline.default_data_config("text")
+        for key in ("pack", "add_bos", "tokenizer", "windows", "mask_after_eos",
+                    "stream_mem_freq", "stream_dir"):
+            c.data[key] = pg19[key]
+        c.data.text_dir = fields["text_dir"]
+    if not fields.get("tokenizer"):
+        return c
     xl = name == "paper_xl"
     tok = (tokenizer.load_tokenizer(fields["tokenizer"]) if xl
            else landmark_tokenizer(fields["tokenizer"]))

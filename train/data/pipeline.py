@@ -150,6 +150,11 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
     elif name == "text":
         # "tfds": the "python_docs" TFDS build in data_dir; "memory": the same documents as a list.
         c.source = "tfds"
+        # A folder of local files to read instead of Python's docs (e.g. arXiv math .tex
+        # sources): one document per file matching text_patterns, built once into data_dir as
+        # the "local_text" TFDS dataset (text_corpus.local_data_source). "": Python's docs.
+        c.text_dir = ""
+        c.text_patterns = text_corpus.DEFAULT_PATTERNS
         # Percent of documents (chosen by hash of their id) in split "validation".
         c.validation_percent = 10
         # True: concatenate documents (EOS-separated) into full windows; False: one document per
@@ -503,7 +508,18 @@ def make_source(
         if data_config.source == "memory":
             return mqar.MqarSource(spec, split), "examples"
         return mqar.data_source(spec, split, data_dir), "examples"
-    if name == "text":
+    if name == "text" and data_config.get("text_dir"):
+        pct, patterns = data_config.validation_percent, tuple(data_config.text_patterns)
+        if data_config.source == "memory":
+            source = [{"id": i.encode("utf-8"), "text": t.encode("utf-8")}
+                      for i, t in text_corpus.local_documents(data_config.text_dir, patterns)
+                      if text_corpus.split_of(i, pct) == split]
+        else:
+            source = text_corpus.local_data_source(split, data_config.text_dir, patterns, pct,
+                                                   data_dir)
+        digest = text_corpus.local_digest(data_config.text_dir, patterns)
+        key = f"text-files_{digest}-{pct}-{split}"
+    elif name == "text":
         pct = data_config.validation_percent
         if data_config.source == "memory":
             source = text_corpus.documents(split, pct)

@@ -23,8 +23,10 @@ import dataclasses
 import hashlib
 import importlib
 import inspect
+import pathlib
 import sys
 import warnings
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -182,6 +184,96 @@ def data_source(split: str, validation_percent: int = 10, data_dir: str | None =
     built = build(validation_percent, data_dir)
     return catalog.CheckedSource(built.as_data_source(split=split),
                                  f"the python_docs build in {built.data_dir}",
+                                 f"delete {built.data_dir} and rerun (it is built again)")
+
+
+# ---------------------------------------------------------------------------------------------
+# A corpus of local files (data.text_dir): e.g. arXiv math papers' .tex sources, as the landmark
+# paper's arXiv-math set, prepared by the user (nothing is downloaded).
+
+DEFAULT_PATTERNS = ("*.txt", "*.tex")
+
+
+def local_documents(text_dir: str, patterns: Sequence[str] = DEFAULT_PATTERNS
+                    ) -> list[tuple[str, str]]:
+    """(relative path, text) of every file under `text_dir` (recursively) matching one of
+    `patterns`, sorted by path; UTF-8, undecodable bytes replaced, empty files left out."""
+    root = pathlib.Path(text_dir)
+    if not root.is_dir():
+        raise ValueError(f"data.text_dir={text_dir!r} is not a folder; give the folder of the "
+                         f"corpus's {', '.join(patterns)} files")
+    paths = sorted({p for pat in patterns for p in root.rglob(pat) if p.is_file()})
+    docs = [(p.relative_to(root).as_posix(), p.read_text("utf-8", errors="replace").strip())
+            for p in paths]
+    docs = [(i, t) for i, t in docs if t]
+    if not docs:
+        raise ValueError(f"data.text_dir={text_dir!r} holds no non-empty file matching "
+                         f"{list(patterns)}")
+    return docs
+
+
+def local_digest(text_dir: str, patterns: Sequence[str] = DEFAULT_PATTERNS) -> str:
+    """12 hex digits naming a local corpus's content (each file's path and bytes): a changed
+    folder is a new build."""
+    h = hashlib.sha256()
+    for doc_id, text in local_documents(text_dir, patterns):
+        h.update(doc_id.encode("utf-8") + b"\0" + hashlib.sha256(text.encode()).digest())
+    return h.hexdigest()[:12]
+
+
+@dataclasses.dataclass(eq=False)
+class LocalTextConfig(tfds.core.BuilderConfig):
+    """Config: the corpus folder, its file patterns and the validation percentage (the name
+    carries the content's digest)."""
+
+    text_dir: str = ""
+    patterns: tuple = DEFAULT_PATTERNS
+    validation_percent: int = 10
+
+
+class LocalText(catalog.LocalBuilder):
+    """TFDS dataset "local_text": the files of a local folder (data.text_dir), one document
+    each, id = the file's relative path, split by hash of the id as "python_docs"."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS: ClassVar[list[LocalTextConfig]] = []
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self, description=LocalText.__doc__,
+            features=tfds.features.FeaturesDict(
+                {"id": tfds.features.Text(), "text": tfds.features.Text()}),
+            disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download
+        return {split: self._generate_examples(split) for split in SPLITS}
+
+    def _generate_examples(self, split: str):
+        cfg = self.builder_config
+        for doc_id, text in local_documents(cfg.text_dir, cfg.patterns):
+            if split_of(doc_id, cfg.validation_percent) == split:
+                yield doc_id, {"id": doc_id, "text": text}
+
+
+def local_data_source(split: str, text_dir: str, patterns: Sequence[str] = DEFAULT_PATTERNS,
+                      validation_percent: int = 10, data_dir: str | None = None) -> Any:
+    """Random-access source of `split` of the local corpus in `text_dir` ({"id", "text"} bytes),
+    built once into data_dir per content digest."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not a corpus split; allowed: {SPLITS}")
+    if not 1 <= validation_percent <= 99:
+        raise ValueError(f"data.validation_percent={validation_percent} is not allowed: 0 or 100 "
+                         "leaves a split of the local_text build empty; use 1..99")
+    patterns = tuple(patterns)
+    name = f"files_{local_digest(text_dir, patterns)}_val{validation_percent}"
+    config = LocalTextConfig(name=name, text_dir=str(text_dir), patterns=patterns,
+                             validation_percent=validation_percent)
+    built = catalog.prepare(lambda: LocalText(
+        config=config, data_dir=catalog.resolve_data_dir(data_dir), file_format="array_record"))
+    return catalog.CheckedSource(built.as_data_source(split=split),
+                                 f"the local_text build in {built.data_dir}",
                                  f"delete {built.data_dir} and rerun (it is built again)")
 
 
