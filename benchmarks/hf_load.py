@@ -37,6 +37,7 @@ if mode == "tensorwise":
     model, params = pretrained.from_hf(ckpt, mesh=mesh, rules=sharding.DEFAULT_RULES)
 else:
     import flax.linen as nn
+    from flax import traverse_util
     from safetensors.numpy import load_file
     state = {}
     for f in sorted(os.listdir(ckpt)):
@@ -47,11 +48,10 @@ else:
     model = pretrained.Transformer(cfg)
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 1), np.int32)))
     specs = nn.get_partition_spec(abstract["params"])
-    shardings = pretrained._flatten(
-        sharding.logical_to_mesh_sharding(specs, mesh, sharding.DEFAULT_RULES),
-        leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
-    placed = [jax.device_put(a, shardings[p]) for p, a in pretrained._llama_convert(cfg, state.__getitem__)]
-    params = placed
+    shardings = traverse_util.flatten_dict(
+        sharding.logical_to_mesh_sharding(specs, mesh, sharding.DEFAULT_RULES))
+    params = [jax.device_put(a, shardings[p])
+              for p, a in pretrained._llama_convert(cfg, state.__getitem__)]
 jax.block_until_ready(params)
 n = sum(x.size for x in jax.tree_util.tree_leaves(params))
 print(json.dumps({"mode": mode, "rss_before_bytes": before, "peak_rss_bytes": rss(),

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -321,36 +322,33 @@ def from_hf(path: str, dtype: Any = jnp.float32, *, compute_dtype: Any = None,
     model = family.module(cfg)
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), *family.example(cfg)))
     abstract = abstract["params"]
-    shapes = _flatten(layers.unbox(abstract))
+    shapes = traverse_util.flatten_dict(layers.unbox(abstract))
     shardings = None
     if mesh is not None:
         if rules is None:
             raise ValueError("from_hf(mesh=...) needs rules, the logical-axis rules "
                              "(train.sharding.DEFAULT_RULES, or a run's rules)")
         tree = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
-        shardings = _flatten(tree, leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+        shardings = traverse_util.flatten_dict(tree)
     reader = SafetensorsReader(directory)
     read = reader.read
     pre = family.optional_prefix
     if pre and any(n.startswith(pre) for n in reader.names):
         read = lambda name: reader.read(pre + name)  # noqa: E731
-    params: dict = {}
-    done: set[Path] = set()
+    flat: dict[Path, jax.Array] = {}
     for p, arr in family.convert(cfg, read):
         if p not in shapes:
             raise ValueError(f"converted parameter {'/'.join(p)} is not in the model")
-        if p in done:
+        if p in flat:
             raise ValueError(f"parameter {'/'.join(p)} converted twice")
-        done.add(p)
         want = shapes[p].shape
         if arr.shape != want:
             raise ValueError(f"parameter {'/'.join(p)} has shape {arr.shape} in the checkpoint; "
                              f"the model (config.json) wants {want}")
         arr = np.asarray(arr).astype(param_dtype)
-        leaf = _place(p, arr, shardings[p]) if shardings else jnp.asarray(arr)
-        _set(params, p, leaf)
+        flat[p] = _place(p, arr, shardings[p]) if shardings else jnp.asarray(arr)
         del arr
-    missing = sorted(set(shapes) - done)
+    missing = sorted(set(shapes) - set(flat))
     if missing:
         raise ValueError(f"the checkpoint gives no value for {'/'.join(missing[0])} "
                          f"({len(missing)} parameters missing)")
@@ -358,7 +356,7 @@ def from_hf(path: str, dtype: Any = jnp.float32, *, compute_dtype: Any = None,
     if unused:
         raise ValueError(f"checkpoint tensor {unused[0]!r} is not used by the model "
                          f"({len(unused)} unused); is config.json the checkpoint's own?")
-    return model, params
+    return model, traverse_util.unflatten_dict(flat)
 
 
 def _place(path: Path, arr: np.ndarray, sharding: jax.sharding.NamedSharding) -> jax.Array:
@@ -383,22 +381,6 @@ def _family(hf: dict, encoder_only: bool = False) -> Family:
     if model_type == "t5":
         return _t5_family(encoder_only)
     return FAMILIES[model_type]()
-
-
-def _flatten(tree: dict, prefix: Path = (), leaf=None) -> dict[Path, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and not (leaf and leaf(v)):
-            out.update(_flatten(v, prefix + (k,), leaf))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _set(tree: dict, path: Path, value) -> None:
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
 
 
 def resize_params_vocab(params: dict, vocab_size: int) -> dict:

@@ -670,7 +670,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
             bar.update(1)
         summary["final_loss"] = loss
 
-    profile = _Profile(cfg, workdir, start_row_writer=writer)
+    profile = _Profile(cfg, workdir, writer)
     with _Stop() as stop:
         try:
             pending = None   # (step, metrics) dispatched but not read yet
@@ -744,18 +744,18 @@ class _Profile:
     as logged), in WORKDIR/profile (a local folder's; under a URL workdir, a local temporary
     folder, named in metrics.jsonl). Open it with TensorBoard's profile plugin or Perfetto."""
 
-    def __init__(self, cfg, workdir, *, start_row_writer):
+    def __init__(self, cfg, workdir, writer):
         self.first, self.last = tuple(cfg.get("profile_steps") or ()) or (0, -1)
         self.active = False
-        self._writer = start_row_writer
-        self.directory = (tempfile.mkdtemp(prefix="mnemax-profile-")
-                          if ckpt_lib.is_url(workdir) else str(workdir / "profile"))
+        self._workdir, self._writer = workdir, writer
 
     def before(self, step: int) -> None:
         if step == self.first:
-            jax.profiler.start_trace(self.directory)
+            directory = (tempfile.mkdtemp(prefix="mnemax-profile-")
+                         if ckpt_lib.is_url(self._workdir) else str(self._workdir / "profile"))
+            jax.profiler.start_trace(directory)
             self.active = True
-            self._writer.write(step, {"event": "profile", "directory": self.directory,
+            self._writer.write(step, {"event": "profile", "directory": directory,
                                       "steps": [self.first, self.last]})
 
     def ends(self, step: int) -> bool:

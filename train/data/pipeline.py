@@ -510,14 +510,14 @@ def make_source(
         return mqar.data_source(spec, split, data_dir), "examples"
     if name == "text" and data_config.get("text_dir"):
         pct, patterns = data_config.validation_percent, tuple(data_config.text_patterns)
+        digest = text_corpus.local_digest(data_config.text_dir, patterns)
         if data_config.source == "memory":
             source = [{"id": i.encode("utf-8"), "text": t.encode("utf-8")}
                       for i, t in text_corpus.local_documents(data_config.text_dir, patterns)
                       if text_corpus.split_of(i, pct) == split]
         else:
             source = text_corpus.local_data_source(split, data_config.text_dir, patterns, pct,
-                                                   data_dir)
-        digest = text_corpus.local_digest(data_config.text_dir, patterns)
+                                                   data_dir, digest=digest)
         key = f"text-files_{digest}-{pct}-{split}"
     elif name == "text":
         pct = data_config.validation_percent

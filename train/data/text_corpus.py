@@ -258,16 +258,17 @@ class LocalText(catalog.LocalBuilder):
 
 
 def local_data_source(split: str, text_dir: str, patterns: Sequence[str] = DEFAULT_PATTERNS,
-                      validation_percent: int = 10, data_dir: str | None = None) -> Any:
+                      validation_percent: int = 10, data_dir: str | None = None, *,
+                      digest: str | None = None) -> Any:
     """Random-access source of `split` of the local corpus in `text_dir` ({"id", "text"} bytes),
-    built once into data_dir per content digest."""
+    built once into data_dir per content digest (`local_digest`; pass it if already known)."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not a corpus split; allowed: {SPLITS}")
     if not 1 <= validation_percent <= 99:
         raise ValueError(f"data.validation_percent={validation_percent} is not allowed: 0 or 100 "
                          "leaves a split of the local_text build empty; use 1..99")
     patterns = tuple(patterns)
-    name = f"files_{local_digest(text_dir, patterns)}_val{validation_percent}"
+    name = f"files_{digest or local_digest(text_dir, patterns)}_val{validation_percent}"
     config = LocalTextConfig(name=name, text_dir=str(text_dir), patterns=patterns,
                              validation_percent=validation_percent)
     built = catalog.prepare(lambda: LocalText(
