@@ -69,6 +69,7 @@ from train import config_identity, trainer
 from train import metrics as metrics_lib
 from train.configs import birdie as birdie_config
 from train.configs.birdie import ARMS, RECALL_MODELS
+from train.data import birdie_data
 from train.data import phonebook as phonebook_data
 from train.data import pipeline
 from train.data.recall import RecallTask, pad_rows, recall_example
@@ -325,17 +326,32 @@ def validate_size(size: str) -> None:
         trainer.build_hooks(c)              # the controller's settings check themselves
         pipeline.make_source(c.data, split="train", seq_len=c.seq_len)   # the data's
     s, where = birdie_config.PHONEBOOK_SIZES[size], f"PHONEBOOK_SIZES[{size!r}]"
-    _check_common(s, where)
-    if not s["queries"] or not 1 <= min(s["queries"]) <= max(s["queries"]) <= s["entries"]:
+    for field in ("entries", "train_entries"):
+        lo, hi = s[field]
+        if not 1 <= lo <= hi:
+            raise ValueError(f"{where}.{field}={tuple(s[field])} is not allowed; use (lo, hi) "
+                             "with 1 <= lo <= hi")
+    fewest = min(s["entries"][0], s["train_entries"][0])
+    if not s["queries"] or not 1 <= min(s["queries"]) <= max(s["queries"]) <= fewest:
         raise ValueError(f"{where}.queries={tuple(s['queries'])} is not allowed; use "
-                         f"1..entries={s['entries']}")
-    longest = phonebook_data.max_example_length(s["entries"], max(s["queries"]))
-    if longest > s["row_length"]:
-        raise ValueError(f"{where}.row_length={s['row_length']} is not allowed: a book of "
-                         f"{s['entries']} entries with {max(s['queries'])} queries makes "
-                         f"examples of up to {longest} tokens")
+                         f"1..entries={fewest}")
+    for field in ("finetune_steps", "finetune_rows", "row_length", "eval_examples"):
+        if not (isinstance(s[field], int) and s[field] >= 1):
+            raise ValueError(f"{where}.{field}={s[field]!r} is not allowed; use an int >= 1")
+    if not s["finetune_lr"] > 0:
+        raise ValueError(f"{where}.finetune_lr={s['finetune_lr']} is not allowed; use > 0")
+    if s["tokenizer"] == "byte":   # other tokenizers: BirdieSource checks each book as it is made
+        most = max(s["entries"][1], s["train_entries"][1])
+        longest = phonebook_data.max_example_length(most, max(s["queries"]))
+        if longest > s["row_length"]:
+            raise ValueError(f"{where}.row_length={s['row_length']} is not allowed: a book of "
+                             f"{most} entries with {max(s['queries'])} queries makes "
+                             f"examples of up to {longest} tokens")
+    if size != "paper":
+        total = s["pretrain_steps"] + s["finetune_steps"]
+        _check_common(dict(s, steps=total, pretrain_frac=s["pretrain_steps"] / total), where)
     for name in PHONEBOOK_MODELS:
-        for c in birdie_config.phonebook_phases(size, name, 0):
+        for c in birdie_config.phonebook_phases(size, name, 0, tokenizer=s["tokenizer"] or "byte"):
             trainer.validate_config(c)
             trainer.build_model(c.model)    # the model configs check themselves
 
@@ -346,13 +362,15 @@ def phonebook_figure_settings(size: str) -> dict:
     return birdie_config.PHONEBOOK_SIZES[size]
 
 
-def phonebook_run(size: str, name: str, seed: int, out: pathlib.Path):
+def phonebook_run(size: str, name: str, seed: int, out: pathlib.Path, *,
+                  tokenizer: str | None = None, tfds_name: str = ""):
     """Trains arm `name` of the phone-book figure through the trainer, pre-training then
-    fine-tuning (train/configs/birdie.py: phonebook_phases), in
+    fine-tuning (train/configs/birdie.py: phonebook_phases; tokenizer, tfds_name: see there), in
     OUT/runs/birdie_phonebook-SIZE-seedS-NAME-HASH/{pretrain,finetune} (HASH: the phases'
     recipe, so a changed recipe trains into a new folder; a finished run is reused). Returns
     (model, params) of the fine-tuned run."""
-    pre, tune = birdie_config.phonebook_phases(size, name, seed)
+    pre, tune = birdie_config.phonebook_phases(size, name, seed, tokenizer=tokenizer,
+                                               tfds_name=tfds_name)
     h = config_identity.recipe_hash([pre, tune])
     root = pathlib.Path(out) / "runs" / f"birdie_phonebook-{size}-seed{seed}-{name}-{h}"
     one = jax.devices()[:1]
@@ -365,7 +383,8 @@ def phonebook_run(size: str, name: str, seed: int, out: pathlib.Path):
 # Not in the demo: at a demo's minutes no model reads a phone book (every quick run scored
 # 0.0); `--size cpu` or `--only birdie_phonebook --size quick` still run it.
 @figures.register("birdie_phonebook", settings=phonebook_figure_settings, in_demo=False)
-def birdie_phonebook_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> dict:
+def birdie_phonebook_figure(*, size: str, seed: int, out: pathlib.Path,
+                            tokenizer: str | None = None, tfds_name: str = "", **_) -> dict:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -373,9 +392,11 @@ def birdie_phonebook_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> 
     validate_size(size)
     out = pathlib.Path(out)
     s = birdie_config.PHONEBOOK_SIZES[size]
+    tokenizer = tokenizer or s["tokenizer"]
     acc, exact, nparams = {}, {}, {}
     for name in PHONEBOOK_MODELS:
-        model, params = phonebook_run(size, name, seed, out)
+        model, params = phonebook_run(size, name, seed, out, tokenizer=tokenizer,
+                                      tfds_name=tfds_name)
         model_fn = phonebook.model_fn_for(model)
         if isinstance(model, ssm.BiSSMLM) and not ARMS[name].bidirectional:
             # a causal SSM has no prefix: the same model sees every position as generated
@@ -383,9 +404,11 @@ def birdie_phonebook_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> 
             model_fn = lambda p, t, sg, pre: inner(p, t, sg, jnp.zeros_like(pre))  # noqa: E731
         acc[name], exact[name] = {}, {}
         for q in s["queries"]:
-            r = phonebook.evaluate(model_fn, params, seed=seed + 1000, entries=s["entries"],
-                                   queries=q, examples=s["eval_examples"],
-                                   batch_size=min(8, s["eval_examples"]))
+            r = phonebook.evaluate(model_fn, params, seed=seed + 1000,
+                                   entries=tuple(s["entries"]), queries=q,
+                                   examples=s["eval_examples"],
+                                   batch_size=min(8, s["eval_examples"]),
+                                   tokenizer=birdie_data.eval_tokenizer(tokenizer))
             acc[name][str(q)], exact[name][str(q)] = r["digit_accuracy"], r["exact_match"]
         nparams[name] = sum(x.size for x in jax.tree_util.tree_leaves(params))
         print(f"{name}: digit accuracy {acc[name]}", flush=True)
@@ -398,10 +421,12 @@ def birdie_phonebook_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> 
         ax.plot(s["queries"], [acc[m][str(q)] for q in s["queries"]], "o-", label=m)
     ax.axhline(0.1, color="gray", ls=":", label="chance (10%)")
     ax.set(xlabel="phone numbers asked", ylabel="digit accuracy", ylim=(0, 1.02),
-           title=f"phone book, {s['entries']} entries ({size})")
+           title=f"phone book, {s['entries'][0]}–{s['entries'][1]} entries ({size})")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "birdie_phonebook.png", dpi=120)
     plt.close(fig)
     return {"digit_accuracy": acc, "exact_match": exact, "params": nparams,
-            "entries": s["entries"], "steps": s["steps"]}
+            "entries": list(s["entries"]), "train_entries": list(s["train_entries"]),
+            "pretrain_steps": s["pretrain_steps"] or birdie_config.get_config("paper").num_steps,
+            "finetune_steps": s["finetune_steps"]}

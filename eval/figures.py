@@ -231,6 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="also write DIR/NAME-SIZE-seedS.json (make figures: results/figures)")
     p.add_argument("--class_order", default=None,
                    help="comma-separated class permutation (figures that split classes into tasks)")
+    p.add_argument("--tokenizer", default=None,
+                   help="birdie_phonebook: the tokenizer its rows are counted in (paper: required)")
+    p.add_argument("--tfds_name", default="",
+                   help="birdie_phonebook at paper size: the prepared pre-training corpus")
     p.add_argument("--list", action="store_true", help="list the registered figures and exit")
     args = p.parse_args(argv)
     figures = load_all()
@@ -251,10 +255,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = {}
     if args.class_order is not None:
         options["class_order"] = [int(c) for c in args.class_order.split(",")]
+    phonebook_options = {k: v for k, v in (("tokenizer", args.tokenizer),
+                                           ("tfds_name", args.tfds_name)) if v}
     bar = tqdm(names, desc="figures", unit="figure", dynamic_ncols=True)
     for n in bar:
         bar.set_postfix_str(n)
-        opts = options if n.startswith("dkvb_") else {}
+        opts = (options if n.startswith("dkvb_") else
+                phonebook_options if n == "birdie_phonebook" else {})
         run_figure(n, size=args.size, seed=args.seed, out=args.out, results=args.results,
                    **opts)
     return 0

@@ -31,6 +31,7 @@ import numpy as np
 from eval import cli
 from models.ssm import BiSSMLM
 from train import trainer
+from train.data import birdie_data
 from train.data import tokenizer as tok
 from train.data.phonebook import make_example
 from train.objectives.birdie import START_GENERATING
@@ -108,12 +109,25 @@ def greedy_generate(model_fn: ModelFn, params, prompts: Sequence[np.ndarray], nu
                                    jnp.asarray(prefix), L, num_new))
 
 
-def evaluate(model_fn: ModelFn, params, *, seed: int = 0, entries: int = 16, queries: int = 4,
+def book_sizes(seed: int, entries, examples: int) -> list[int]:
+    """Entries of each of `examples` books: `entries` itself (an int), or drawn uniformly from
+    the inclusive range (lo, hi), deterministic in (seed, lo, hi)."""
+    if isinstance(entries, (int, np.integer)):
+        return [int(entries)] * examples
+    lo, hi = (int(v) for v in entries)
+    if not 1 <= lo <= hi:
+        raise ValueError(f"entries={tuple(entries)} is not allowed; use an int or (lo, hi) with "
+                         "1 <= lo <= hi")
+    return [int(v) for v in np.random.default_rng([seed, lo, hi]).integers(lo, hi + 1, examples)]
+
+
+def evaluate(model_fn: ModelFn, params, *, seed: int = 0, entries=16, queries: int = 4,
              examples: int = 16, batch_size: int = 8, prompt_prefix: Sequence[int] = (),
              start_token: Optional[int] = None,
              generate_fn: Optional[Callable[[Sequence[np.ndarray], int], np.ndarray]] = None,
              tokenizer: Optional[tok.Tokenizer] = None) -> dict:
-    """Digit accuracy of greedy answers on `examples` phone books.
+    """Digit accuracy of greedy answers on `examples` phone books of `entries` names (an int, or
+    an inclusive range (lo, hi) each book's size is drawn from: `book_sizes`).
 
     model_fn(params, tokens, segment_ids, prefix) → logits (see `model_fn_for`); prompt_prefix:
     tokens put before each encoded prompt (e.g. a paradigm token); start_token: the token after
@@ -123,10 +137,11 @@ def evaluate(model_fn: ModelFn, params, *, seed: int = 0, entries: int = 16, que
     bytes).
     """
     tokenizer = tokenizer or tok.ByteTokenizer()
-    if start_token is None and tokenizer.spec == "byte":
-        start_token = START_GENERATING
+    if start_token is None and (tokenizer.spec == "byte" or tokenizer.spec.startswith("birdie:")):
+        start_token = START_GENERATING      # bytes, or a tokenizer in Birdie's id space
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.special("EOS")
-    exs = [make_example(seed, entries, queries, i) for i in range(examples)]
+    exs = [make_example(seed, n, queries, i)
+           for i, n in enumerate(book_sizes(seed, entries, examples))]
     num_new = len(tokenizer.encode(exs[0].target)) + 1
     all_prompts = [np.concatenate([np.asarray(prompt_prefix, np.int32),
                                    tokenizer.encode(e.prompt)]) for e in exs]
@@ -148,7 +163,8 @@ def evaluate(model_fn: ModelFn, params, *, seed: int = 0, entries: int = 16, que
             accs.append(digit_accuracy(text, e.target))
             exact.append(text[: len(e.target)] == e.target)
     return {"digit_accuracy": float(np.mean(accs)), "exact_match": float(np.mean(exact)),
-            "entries": entries, "queries": queries, "examples": examples, "seed": seed}
+            "entries": entries if isinstance(entries, (int, np.integer)) else list(entries),
+            "queries": queries, "examples": examples, "seed": seed}
 
 
 def model_fn_for(model) -> ModelFn:
@@ -157,6 +173,15 @@ def model_fn_for(model) -> ModelFn:
     if isinstance(model, BiSSMLM):
         return lambda p, t, s, pre: model.apply({"params": p}, t, segment_ids=s, prefix=pre)
     return lambda p, t, s, pre: model.apply({"params": p}, t, segment_ids=s)
+
+
+def _run_tokenizer(data_config):
+    """The tokenizer a run's prompts are encoded with: Birdie's rows map a tokenizer's ids
+    around its specials (train/data/birdie_data.py), the text datasets use it as it is."""
+    spec = data_config.get("tokenizer", "byte")
+    if data_config.get("name") == "birdie":
+        return birdie_data.eval_tokenizer(spec)
+    return tok.load_tokenizer(spec)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -173,7 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     out = evaluate(model_fn_for(model), params, seed=args.seed, entries=args.entries,
                    queries=args.queries, examples=args.examples, batch_size=args.batch_size,
                    prompt_prefix=prefix_tokens,
-                   tokenizer=tok.load_tokenizer(config.data.get("tokenizer", "byte")))
+                   tokenizer=_run_tokenizer(config.data))
     out["workdir"] = str(args.workdir)
     print(json.dumps(out))
     return out

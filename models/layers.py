@@ -194,13 +194,17 @@ def gelu_exact(x):
     return jax.nn.gelu(x, approximate=False)
 
 
+MLP_KINDS = ("gelu", "gelu_tanh", "swiglu", "geglu")
+
+
 class MLP(nn.Module):
-    """GELU (x → W2 gelu(W1 x)) or SwiGLU (x → W2 (silu(Wg x) ⊙ W1 x)); biases if `use_bias`.
+    """GELU (x → W2 gelu(W1 x)), SwiGLU (x → W2 (silu(Wg x) ⊙ W1 x)) or GeGLU (x → W2 (gelu(Wg x)
+    ⊙ W1 x), Griffin's gated MLP); biases if `use_bias`.
 
     x [..., D] → [..., D]; a [B, T, D] input's hidden activations are constrained to the logical
     axes (batch, length, mlp)."""
     hidden: int
-    kind: str = "gelu"            # 'gelu' (exact), 'gelu_tanh' or 'swiglu'
+    kind: str = "gelu"            # 'gelu' (exact), 'gelu_tanh', 'swiglu' or 'geglu'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     init_std: float = DEFAULT_INIT_STD  # normal init of the kernels
@@ -220,11 +224,11 @@ class MLP(nn.Module):
             h = gelu_exact(h)
         elif self.kind == "gelu_tanh":
             h = jax.nn.gelu(h, approximate=True)
-        elif self.kind == "swiglu":
+        elif self.kind in ("swiglu", "geglu"):
             g = dense(self.hidden, ("embed", "mlp"), "fc_gate")(x_BxTxD)
-            h = jax.nn.silu(g) * h
+            h = (jax.nn.silu(g) if self.kind == "swiglu" else gelu_exact(g)) * h
         else:
-            raise ValueError(f"mlp={self.kind!r} is not allowed; use 'gelu', 'gelu_tanh' or 'swiglu'")
+            raise ValueError(f"mlp={self.kind!r} is not allowed; use one of {MLP_KINDS}")
         if h.ndim == 3:
             h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         return dense(D, ("mlp", "embed"), "fc_out")(h)

@@ -58,7 +58,8 @@ class SSMConfig:
     num_layers: int = 2                # L: recurrent blocks
     mixer: str = "gated"               # 'gated' (Birdie §3.4) | 'hawk' (Griffin RG-LRU)
     layer_pattern: str = "bc"          # cycled over layers: 'b' bidirectional, 'c' causal
-    mlp_hidden: int = 0                # >0: a GELU MLP block after every recurrent block (Griffin)
+    mlp_hidden: int = 0                # >0: an MLP block after every recurrent block (Griffin)
+    mlp: str = "gelu"                  # its kind, layers.MLP_KINDS ('geglu': Griffin's gated MLP)
     hawk_heads: int = 1                # Hawk: block-diagonal gate matrices W_a, W_x with H blocks
     conv_width: int = 4                # Hawk: causal depthwise Conv1D width
     hawk_c: float = 8.0                # Hawk: a = exp(−c·r·softplus(Λ)); Griffin's c = 8
@@ -91,6 +92,8 @@ class SSMConfig:
         if self.state_width is not None and (not isinstance(self.state_width, (int, np.integer))
                                              or self.state_width <= 0):
             raise ValueError(f"state_width={self.state_width!r} must be a positive integer or None")
+        if self.mlp not in layers.MLP_KINDS:
+            raise ValueError(f"mlp={self.mlp!r} is not allowed; use one of {layers.MLP_KINDS}")
         if self.mixer not in MIXERS:
             raise ValueError(f"mixer={self.mixer!r} is not allowed; use one of {MIXERS}")
         if not self.layer_pattern or set(self.layer_pattern) - {"b", "c"}:
@@ -523,7 +526,7 @@ class Block(nn.Module):
         self.mixer = mixer_cls(c, self.bidirectional)
         if c.mlp_hidden:
             self.mlp_norm = layers.RMSNorm(eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
-            self.mlp = layers.MLP(c.mlp_hidden, "gelu", dtype=c.dtype, param_dtype=c.param_dtype,
+            self.mlp = layers.MLP(c.mlp_hidden, c.mlp, dtype=c.dtype, param_dtype=c.param_dtype,
                                   init_std=c.init_std)
 
     def _mlp(self, x):

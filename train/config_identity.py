@@ -70,6 +70,9 @@ ADDED_DEFAULTS = {
     "data.windows": "packed",
     "data.mask_after_eos": False,
     "data.stream_mem_freq": 0,
+    # Birdie's corpus sources (train/data/birdie_data.py: "local_text", "tfds"), unused before.
+    "data.tfds_name": "",
+    "data.text_key": "text",
     # Landmark attention's group dropout (models/landmark.py): off, as before it existed
     # (0.0 in a config; its JSON round trip writes 0).
     "model.group_dropout": 0,

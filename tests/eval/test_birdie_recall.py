@@ -215,11 +215,20 @@ def test_config_variants_and_errors():
 
 
 def test_config_models_have_equal_parameters():
-    # (the paper sizes, 1.35–1.42B, are checked the same way by `param_counts("paper")`; tracing
-    # five 1.4B models takes too long for this file)
     from train.configs import birdie as cfg
     counts = cfg.param_counts("tiny")
     assert max(counts.values()) / min(counts.values()) < 1.1, counts
+
+
+def test_paper_architectures_are_the_papers_1_4b():
+    # one model per architecture (the others share its parameters: the same model, other data)
+    from train.configs import birdie as cfg
+    counts = cfg.param_counts("paper", ("transformer_birdie", "gated_birdie", "hawk_birdie"))
+    assert all(abs(n / 1.4e9 - 1) <= 0.02 for n in counts.values()), counts
+    t, g, h = (cfg.get_config(f"paper:{n}").model for n in counts)
+    assert (t.num_layers, t.rope_base, g.num_layers, g.state_width, g.mlp_hidden) == (
+        24, 250_000.0, 48, 2560, 0)
+    assert (h.num_layers, h.mlp_hidden / h.width, h.mlp) == (20, 3, "geglu")
 
 
 def test_birdie_data_rows():
@@ -242,7 +251,9 @@ def test_birdie_data_rows():
 # sha256[:16] of the first rows each figure recipe's data config gives, computed with the code
 # before the objective settings existed (commit d38f131): the recipes set the compact settings,
 # so their data (and so the committed figures) are unchanged bit for bit.
-RECIPE_ROWS = {"tiny": "e3cd48d571024ffe", "phonebook_cpu": "77b06e478f368696",
+# Since the Birdie issue's items 5 and 7, tiny pre-trains on the prose alone (no phone book, no
+# task) and the cpu phone book keeps the paper's proportions (books of 5–21 entries, rows of 1,024).
+RECIPE_ROWS = {"tiny": "b8032d476dd8ace1", "phonebook_cpu": "d88b50fc82ca7dec",
                "recall_cpu": "e4786297ee3b5337", "recall_quick": "e4786297ee3b5337"}
 
 
@@ -270,7 +281,7 @@ def test_figure_recipes_keep_their_data_bit_for_bit():
     assert got == RECIPE_ROWS
     # the paper-size recipes use the paper's settings
     for c in (birdie_config.get_config("paper:gated_birdie"),
-              birdie_config.phonebook_phases("paper", "gated_birdie", 0)[0],
+              birdie_config.phonebook_phases("paper", "gated_birdie", 0, tokenizer="byte")[0],
               birdie_config.recall_config("paper", "gated_birdie", 0)):
         assert birdie.ObjectiveSettings.from_mapping(c.data.objective_settings) == \
             birdie.PAPER_SETTINGS
@@ -370,7 +381,8 @@ def test_recall_table_on_a_tiny_size(tiny_size, tmp_path):
 def test_phonebook_figure_on_a_tiny_size(monkeypatch, tmp_path):
     """Each arm pre-trains then fine-tunes through the trainer (the Birdie arm with its
     controller), from the pre-trained parameters, and is scored; a rerun reuses the runs."""
-    tiny = dict(birdie_config.PHONEBOOK_SIZES["quick"], steps=4, controller_every=1,
+    tiny = dict(birdie_config.PHONEBOOK_SIZES["quick"], pretrain_steps=2, finetune_steps=2,
+                controller_every=1,
                 eval_examples=2, queries=(1, 2), width=16, state_width=16, num_heads=2)
     monkeypatch.setitem(birdie_config.PHONEBOOK_SIZES, "tiny", tiny)
     monkeypatch.setitem(birdie_config.RECALL_SIZES, "tiny", dict(TINY_SIZE))   # validated too
@@ -379,7 +391,8 @@ def test_phonebook_figure_on_a_tiny_size(monkeypatch, tmp_path):
     assert set(res["digit_accuracy"]) == {"transformer_ntp", "gated_birdie_causal"}
     for m, acc in res["digit_accuracy"].items():
         assert set(acc) == {"1", "2"} and all(0.0 <= a <= 1.0 for a in acc.values())
-    assert (res["entries"], res["steps"]) == (tiny["entries"], 4)
+    assert (res["entries"], res["pretrain_steps"], res["finetune_steps"]) == (
+        list(tiny["entries"]), 2, 2)
     assert {p.name for p in tmp_path.iterdir()} >= {"birdie_phonebook.csv",
                                                     "birdie_phonebook.png"}
     runs = sorted((tmp_path / "runs").iterdir())

@@ -87,16 +87,36 @@ def test_phonebook_rejects_examples_longer_than_rows(monkeypatch):
     from eval import birdie_recall as br
     from train.configs import birdie as birdie_config
     from train.data import phonebook as pb
-    s = birdie_config.PHONEBOOK_SIZES["paper"]
-    longest = pb.max_example_length(s["entries"], max(s["queries"]))
-    monkeypatch.setitem(birdie_config.PHONEBOOK_SIZES, "paper", dict(s, row_length=longest - 1))
+    s = birdie_config.PHONEBOOK_SIZES["cpu"]
+    longest = pb.max_example_length(21, max(s["queries"]))     # the largest book, train or eval
+    monkeypatch.setitem(birdie_config.PHONEBOOK_SIZES, "cpu", dict(s, row_length=longest - 1))
     with pytest.raises(ValueError, match=f"row_length={longest - 1} is not allowed.*{longest}"):
-        br.validate_size("paper")
-    monkeypatch.setitem(birdie_config.PHONEBOOK_SIZES, "paper", dict(s, row_length=longest))
-    br.validate_size("paper")
-    monkeypatch.setitem(birdie_config.PHONEBOOK_SIZES, "paper", dict(s, queries=(1, 64)))
-    with pytest.raises(ValueError, match=r"queries=\(1, 64\) is not allowed; use 1..entries=32"):
-        br.validate_size("paper")
+        br.validate_size("cpu")
+    monkeypatch.setitem(birdie_config.PHONEBOOK_SIZES, "cpu", dict(s, row_length=longest))
+    br.validate_size("cpu")
+    monkeypatch.setitem(birdie_config.PHONEBOOK_SIZES, "cpu", dict(s, queries=(1, 8)))
+    with pytest.raises(ValueError, match=r"queries=\(1, 8\) is not allowed; use 1..entries=5"):
+        br.validate_size("cpu")
+
+
+def test_phonebook_paper_protocol():
+    # the paper's: the pre-trained 1.4B model, then 1,000 steps of 64 × 16k tokens at lr 5e-5 on
+    # books of 200–800 entries; evaluated on 1,024 books of 750–800 entries, 1–32 numbers asked
+    from train.configs import birdie as birdie_config
+    s = birdie_config.PHONEBOOK_SIZES["paper"]
+    assert (s["entries"], s["queries"], s["eval_examples"]) == ((750, 800),
+                                                               (1, 2, 4, 8, 16, 32), 1024)
+    with pytest.raises(ValueError, match="tokenizer is None"):
+        birdie_config.phonebook_phases("paper", "gated_birdie", 0)
+    pre, tune = birdie_config.phonebook_phases("paper", "gated_birdie", 0, tokenizer="TOK",
+                                               tfds_name="pile")
+    paper = birdie_config.get_config("paper:gated_birdie")
+    assert (pre.model, pre.num_steps, pre.batch_size, pre.seq_len, pre.data.corpus,
+            pre.data.task_weight) == (paper.model, 50_000, 256, 2048, "tfds", 0.0)
+    assert (tune.num_steps, tune.batch_size, tune.seq_len, tune.optim.lr, tune.data.task_weight,
+            tune.data.phonebook_entries, tune.data.phonebook_queries, tune.data.tokenizer) == (
+        1000, 64, 16384, 5e-5, 1.0, (200, 800), (1, 32), "TOK")
+    assert "hooks" in pre and "hooks" not in tune
 
 
 def test_class_incremental_rejects_a_bad_codebook(monkeypatch):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import ssm
+from models import layers, ssm
 
 V = 320
 T = 24
@@ -278,6 +278,7 @@ def test_bfloat16_compute_keeps_float32_logits(lm):
     (dict(block_chunk=-1), "block_chunk"),
     (dict(dtype="int8"), "dtype"),
     (dict(init_std=0.0), "init_std"),
+    (dict(mlp="relu"), "mlp"),
 ])
 def test_config_validation(kw, field):
     base = dict(vocab_size=V, width=16, num_layers=2)
@@ -302,6 +303,16 @@ def test_init_std_sets_embedding_mlp_and_head(std):
     # the mixer projections keep their fan-in (LeCun normal) init whatever init_std is
     w_out = flat["['blocks_0']['mixer']['w_out']['kernel']"]
     assert abs(w_out.std() * np.sqrt(w_out.shape[0]) - 1) < 0.15
+
+
+def test_geglu_mlp_is_griffins_gated_mlp():
+    # Hawk's `paper` MLP: W_out (gelu(W_gate x) ⊙ W_in x), exact GELU
+    mlp = layers.MLP(8, "geglu")
+    x = jax.random.normal(jax.random.key(1), (2, 3, 4))
+    p = nn.unbox(mlp.init(jax.random.key(0), x)["params"])
+    k = lambda name: p[name]["kernel"]  # noqa: E731
+    want = (jax.nn.gelu(x @ k("fc_gate"), approximate=False) * (x @ k("fc_in"))) @ k("fc_out")
+    np.testing.assert_allclose(mlp.apply({"params": p}, x), want, rtol=1e-5, atol=1e-6)
 
 
 def test_layer_pattern_cycles():

@@ -22,9 +22,16 @@ balanced rows the controller measures each objective's validation loss on.
   prompt: what a Transformer-NTP baseline trains on), built with `objective_settings`
   (`birdie.ObjectiveSettings`: the paper's by default; the controller builds its actions from
   the same settings, so both agree on K);
-- corpus: "text" (the local Python-docs prose, train/data/text_corpus.py), "phonebook" (phone-book
-  text, eval/phonebook.py's format, the synthetic retrieval text) or "mix" (both, half each);
-- task: the phone-book lookup prompt → "numbers" + EOS, the fine-tuning/evaluation task.
+- corpus: "text" (the local Python-docs prose, train/data/text_corpus.py), "local_text" (the
+  documents of a local folder, `text_dir`, through text_corpus's local_text TFDS build), "tfds"
+  (a prepared TFDS text dataset, `tfds_name` / `text_key`: the Pile-style pre-training corpus),
+  "phonebook" (phone-book text, eval/phonebook.py's format, the synthetic retrieval text) or
+  "mix" (Python-docs prose and phone books, half each). "text", "local_text" and "tfds" hold no
+  phone-book text: with task_weight 0 pre-training never sees the task;
+- task: the phone-book lookup prompt → "numbers" + EOS, the fine-tuning/evaluation task;
+- tokenizer: "byte" (ids 0..255 bytes, 256..319 the specials Birdie's objectives use) or any
+  `load_tokenizer` spec, whose ids are mapped around Birdie's specials (`to_birdie_ids`: an id
+  t ≥ 256 becomes t + 64), so the model's vocabulary is the tokenizer's + 64 (`vocab_size`).
 
 The Transformer has no prefix: configs for it set with_prefix=False so batches carry no
 `prefix` field (train/objectives/birdie.py:trainer_loss passes only the fields a batch has).
@@ -37,14 +44,16 @@ from typing import Any
 
 import numpy as np
 
-from train.data import phonebook, text_corpus
+from train.data import catalog, phonebook, text_corpus
 from train.data import tokenizer as tok
 from train.objectives import birdie
 
 SPLITS = ("train", "validation")
 _SPLIT_CODE = {"train": 0, "validation": 1}
 OBJECTIVE_SETS = ("birdie", "ul2", "ntp")
-CORPORA = ("text", "phonebook", "mix")
+CORPORA = ("text", "local_text", "tfds", "phonebook", "mix")
+# Birdie's special ids (the byte vocabulary's 256..319); another tokenizer's ids move above them.
+NUM_SPECIAL_IDS = tok.VOCAB_SIZE - tok.NUM_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +73,12 @@ class BirdieDataSpec:
     objective_per_row: bool = False    # row i: configuration i % K only (controller validation)
     # how the objective set is built (a mapping or ConfigDict of its fields is converted)
     objective_settings: birdie.ObjectiveSettings = birdie.PAPER_SETTINGS
+    tokenizer: str = "byte"            # load_tokenizer spec of the text (see to_birdie_ids)
+    text_dir: str = ""                 # corpus "local_text": the folder of documents
+    text_patterns: tuple = text_corpus.DEFAULT_PATTERNS   # its file patterns
+    tfds_name: str = ""                # corpus "tfds": the prepared dataset ("name[/config]")
+    text_key: str = "text"             # its feature holding the text
+    data_dir: str = ""                 # where TFDS builds live ("" = TFDS's default)
 
     def __post_init__(self):
         object.__setattr__(self, "objective_settings",
@@ -76,6 +91,11 @@ class BirdieDataSpec:
                              f"{OBJECTIVE_SETS}")
         if self.corpus not in CORPORA:
             raise ValueError(f"corpus={self.corpus!r} is not allowed; use one of {CORPORA}")
+        object.__setattr__(self, "text_patterns", tuple(self.text_patterns))
+        needs = {"local_text": "text_dir", "tfds": "tfds_name"}.get(self.corpus)
+        if needs and not getattr(self, needs):
+            raise ValueError(f"corpus={self.corpus!r} needs {needs}; give "
+                             f"--config.data.{needs}=...")
         if not 0.0 <= self.task_weight <= 1.0:
             raise ValueError(f"task_weight={self.task_weight} must be in [0, 1]")
         if self.seq_len < 32:
@@ -112,9 +132,82 @@ def objective_set(name: str, settings: birdie.ObjectiveSettings = birdie.PAPER_S
     return birdie.ntp_objectives()
 
 
+@functools.lru_cache(maxsize=8)
+def _tokenizer(spec: str) -> tok.Tokenizer:
+    return tok.load_tokenizer(spec)
+
+
+def vocab_size(tokenizer: str = "byte") -> int:
+    """The model vocabulary rows need for Birdie's rows of `tokenizer`: 320 for "byte", else the
+    tokenizer's vocab_size + NUM_SPECIAL_IDS."""
+    if tokenizer == "byte":
+        return tok.VOCAB_SIZE
+    return _tokenizer(tokenizer).vocab_size + NUM_SPECIAL_IDS
+
+
+def to_birdie_ids(ids: np.ndarray) -> np.ndarray:
+    """A (non-byte) tokenizer's ids in Birdie's id space: t < 256 stays, t ≥ 256 → t + 64, so
+    256..319 stay Birdie's specials. `from_birdie_ids` inverts it."""
+    ids = np.asarray(ids, np.int32)
+    return np.where(ids >= tok.NUM_BYTES, ids + NUM_SPECIAL_IDS, ids).astype(np.int32)
+
+
+def from_birdie_ids(ids: np.ndarray) -> np.ndarray:
+    """The tokenizer's ids of Birdie-space ids (specials 256..319 map to -1)."""
+    ids = np.asarray(ids, np.int32)
+    special = (ids >= tok.NUM_BYTES) & (ids < tok.VOCAB_SIZE)
+    out = np.where(ids >= tok.VOCAB_SIZE, ids - NUM_SPECIAL_IDS, ids)
+    return np.where(special, -1, out).astype(np.int32)
+
+
+def encode(text: str | bytes, tokenizer: str = "byte", *, add_eos: bool = False) -> np.ndarray:
+    """Birdie-space ids of `text` under `tokenizer` (EOS, Birdie's, appended with add_eos)."""
+    if tokenizer == "byte":
+        return tok.encode(text, add_eos=add_eos)
+    ids = to_birdie_ids(_tokenizer(tokenizer).encode(text))
+    return np.append(ids, np.int32(tok.EOS)).astype(np.int32) if add_eos else ids
+
+
+class BirdieTokenizer:
+    """A tokenizer seen through Birdie's id space (`to_birdie_ids`): encode, decode, vocab_size,
+    pad_id and special("EOS") as a `tok.Tokenizer`, for evaluating a Birdie run trained with a
+    non-byte tokenizer (eval/phonebook.py)."""
+
+    def __init__(self, spec: str):
+        self._tok = _tokenizer(spec)
+        self.spec = f"birdie:{spec}"
+        self.vocab_size = vocab_size(spec)
+        self.pad_id = tok.PAD
+
+    def special(self, name: str) -> int:
+        return tok.special(name)
+
+    def encode(self, text: str | bytes) -> np.ndarray:
+        return to_birdie_ids(self._tok.encode(text))
+
+    def decode(self, ids) -> str:
+        ids = from_birdie_ids(np.asarray(ids))
+        return self._tok.decode(ids[ids >= 0])
+
+
+def eval_tokenizer(spec: str = "byte"):
+    """What encodes a Birdie run's evaluation prompts: the byte tokenizer, or `BirdieTokenizer`."""
+    return tok.ByteTokenizer() if spec == "byte" else BirdieTokenizer(spec)
+
+
 @functools.lru_cache(maxsize=4)
-def _corpus_tokens(split: str, validation_percent: int) -> tuple[np.ndarray, ...]:
-    return tuple(tok.encode(d["text"]) for d in text_corpus.documents(split, validation_percent))
+def _corpus_tokens(split: str, validation_percent: int, tokenizer: str) -> tuple[np.ndarray, ...]:
+    return tuple(encode(d["text"], tokenizer)
+                 for d in text_corpus.documents(split, validation_percent))
+
+
+def _document_source(spec: BirdieDataSpec, split: str):
+    """Random-access {"text": bytes} documents of corpus "local_text" / "tfds"."""
+    if spec.corpus == "local_text":
+        return text_corpus.local_data_source(split, spec.text_dir, spec.text_patterns,
+                                             spec.validation_percent, spec.data_dir or None)
+    return catalog.TextFieldSource(catalog.catalog_data_source(
+        spec.tfds_name, split=split, data_dir=spec.data_dir or None), spec.text_key)
 
 
 def row_generator(seed: int, split: str, index: int, length: int) -> np.random.Generator:
@@ -132,6 +225,7 @@ class BirdieSource:
         self._spec = spec
         self._split = split
         self._len = spec.num_examples(split)
+        self._documents = None          # corpus "local_text" / "tfds": opened on first read
         self._objectives = objective_set(spec.objectives, spec.objective_settings)
         if spec.mixture:
             w = np.asarray(spec.mixture, np.float64)
@@ -148,9 +242,15 @@ class BirdieSource:
         if use_book:
             entries = int(rng.integers(s.phonebook_entries[0], s.phonebook_entries[1] + 1))
             ex = phonebook.make_example(int(rng.integers(2**31)), entries, 1)
-            return tok.encode(ex.prompt + ex.target)
-        docs = _corpus_tokens(self._split, s.validation_percent)
-        doc = docs[int(rng.integers(len(docs)))]
+            return encode(ex.prompt + ex.target, s.tokenizer)
+        if s.corpus in ("local_text", "tfds"):
+            if self._documents is None:
+                self._documents = _document_source(s, self._split)
+            doc = encode(self._documents[int(rng.integers(len(self._documents)))]["text"],
+                         s.tokenizer)
+        else:
+            docs = _corpus_tokens(self._split, s.validation_percent, s.tokenizer)
+            doc = docs[int(rng.integers(len(docs)))]
         n = min(doc.size, s.seq_len)
         start = int(rng.integers(0, doc.size - n + 1))
         return doc[start: start + n]
@@ -161,7 +261,8 @@ class BirdieSource:
         queries = int(rng.integers(s.phonebook_queries[0],
                                    min(s.phonebook_queries[1], entries) + 1))
         ex = phonebook.make_example(int(rng.integers(2**31)), entries, queries)
-        prompt, target = tok.encode(ex.prompt), tok.encode(ex.target, add_eos=True)
+        prompt = encode(ex.prompt, s.tokenizer)
+        target = encode(ex.target, s.tokenizer, add_eos=True)
         if prompt.size + target.size > s.seq_len:
             raise ValueError(f"a phone book of {entries} entries needs "
                              f"{prompt.size + target.size} tokens > seq_len={s.seq_len}")
@@ -186,6 +287,9 @@ class BirdieSource:
         rng = row_generator(s.seed, self._split, index, self._len)
         return birdie.pack_row(lambda: self._example(rng, index), s.seq_len,
                                with_prefix=s.with_prefix)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_documents": None}   # reopened in the worker
 
     def __repr__(self) -> str:
         return f"BirdieSource({self._spec}, split={self._split!r})"

@@ -185,8 +185,18 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
         # Packed rows of Birdie objectives (train/data/birdie_data.py), generated when read.
         # Objective set: "birdie" | "ul2" | "ntp" (plain next-token prediction).
         c.objectives = "birdie"
-        # Text the objectives read: "text" (local prose) | "phonebook" | "mix" (half each).
+        # Text the objectives read: "text" (local prose) | "local_text" (the files of text_dir)
+        # | "tfds" (a prepared TFDS text dataset, tfds_name/text_key) | "phonebook" | "mix"
+        # (prose and phone books, half each). Only "phonebook" and "mix" hold the task's text.
         c.corpus = "mix"
+        # Tokenizer of the text (load_tokenizer spec); a non-byte one's ids are mapped around
+        # Birdie's 64 specials (birdie_data.to_birdie_ids): model vocab = its vocab + 64.
+        c.tokenizer = "byte"
+        # corpus "local_text": the folder and file patterns; corpus "tfds": dataset and feature.
+        c.text_dir = ""
+        c.text_patterns = text_corpus.DEFAULT_PATTERNS
+        c.tfds_name = ""
+        c.text_key = "text"
         # Probability that a drawn example is the phone-book task (prompt -> numbers).
         c.task_weight = 0.0
         # Emit the per-token prefix flag (False for models without a prefix: the Transformer).
@@ -356,8 +366,14 @@ def resolve_data_config(data_config: ml_collections.ConfigDict | Mapping[str, An
 
 def vocab_size(data_config: ml_collections.ConfigDict) -> int:
     """Smallest vocabulary (V) that holds every id the dataset produces: the text datasets'
-    tokenizer's vocab_size (320 for "byte"); the others at least 320 (bytes + specials)."""
+    tokenizer's vocab_size (320 for "byte"); Birdie's rows its tokenizer's + 64
+    (birdie_data.vocab_size); the others at least 320 (bytes + specials)."""
     data_config = resolve_data_config(data_config)
+    if data_config.name == "birdie":
+        try:
+            return birdie_data.vocab_size(data_config.tokenizer)
+        except ValueError as e:
+            raise ValueError(f"data.tokenizer: {e}") from None
     if "tokenizer" in data_config:
         return data_tokenizer(data_config).vocab_size
     if data_config.name == "mqar":
@@ -463,7 +479,10 @@ def make_source(
             validation_percent=data_config.validation_percent, num_train=data_config.num_train,
             num_validation=data_config.num_validation, seed=data_config.data_seed,
             mixture=tuple(data_config.mixture), objective_per_row=data_config.objective_per_row,
-            objective_settings=data_config.objective_settings)
+            objective_settings=data_config.objective_settings,
+            tokenizer=data_config.tokenizer, text_dir=data_config.text_dir,
+            text_patterns=tuple(data_config.text_patterns), tfds_name=data_config.tfds_name,
+            text_key=data_config.text_key, data_dir=data_config.data_dir)
         return birdie_data.BirdieSource(spec, split), "examples"
     if name == "recall":
         _check_choice("split", split, recall.SPLITS)
