@@ -66,7 +66,8 @@ def tree_bytes(tree, *, per_device: bool = False) -> int:
 def abstract_batch(run):
     """The train batch's ShapeDtypeStructs [batch_size, ...], rows on the batch-parallel axes:
     trailing shapes and dtypes from one row of the config's data pipeline (text windows and
-    precomputed embeddings: from the config, nothing read)."""
+    precomputed embeddings: from the config, nothing read; Birdie's rows over a corpus that needs
+    preparing: one row over the local prose, the same fields and shapes)."""
     import jax
     import numpy as np
     from train.data import pipeline
@@ -80,7 +81,12 @@ def abstract_batch(run):
     elif c.data.name == "embeddings":       # train/data/embeddings.py's record: z [D], y
         one = {"z": np.zeros((1, *c.input_shape), np.float32), "y": np.zeros((1,), np.int32)}
     else:
-        one = next(iter(pipeline.make_dataset(c.data, split="train", seed=c.seed,
+        data = c.data
+        if data.name == "birdie" and data.corpus in ("local_text", "tfds"):
+            # a row's fields and shapes do not depend on the text: read one off the local prose
+            data = data.copy_and_resolve_references()
+            data.corpus, data.tokenizer = "text", "byte"
+        one = next(iter(pipeline.make_dataset(data, split="train", seed=c.seed,
                                               global_batch_size=1, seq_len=c.get("seq_len", 0),
                                               process_index=0, process_count=1)))
     rows = run.batch_sharding.spec[0]

@@ -37,7 +37,7 @@ def test_pretraining_text_holds_no_phone_book(corpus, tmp_path, repo_root):
         c = birdie_config.get_config(f"{size}:gated_birdie").data
         assert c.corpus == ("text" if size == "tiny" else "tfds") and c.task_weight == 0.0
     with pytest.raises(ValueError, match="corpus='tfds' needs tfds_name"):
-        bd.BirdieDataSpec(corpus="tfds")
+        bd.BirdieSource(bd.BirdieDataSpec(corpus="tfds", objectives="ntp"), "train")[0]
 
 
 def test_rows_under_a_pretrained_tokenizer_keep_birdies_specials():

@@ -92,10 +92,6 @@ class BirdieDataSpec:
         if self.corpus not in CORPORA:
             raise ValueError(f"corpus={self.corpus!r} is not allowed; use one of {CORPORA}")
         object.__setattr__(self, "text_patterns", tuple(self.text_patterns))
-        needs = {"local_text": "text_dir", "tfds": "tfds_name"}.get(self.corpus)
-        if needs and not getattr(self, needs):
-            raise ValueError(f"corpus={self.corpus!r} needs {needs}; give "
-                             f"--config.data.{needs}=...")
         if not 0.0 <= self.task_weight <= 1.0:
             raise ValueError(f"task_weight={self.task_weight} must be in [0, 1]")
         if self.seq_len < 32:
@@ -202,7 +198,11 @@ def _corpus_tokens(split: str, validation_percent: int, tokenizer: str) -> tuple
 
 
 def _document_source(spec: BirdieDataSpec, split: str):
-    """Random-access {"text": bytes} documents of corpus "local_text" / "tfds"."""
+    """Random-access {"text": bytes} documents of corpus "local_text" / "tfds" (opened at the
+    first read, so a config can be compiled, e.g. by train/dryrun.py, before the corpus exists)."""
+    needs = "text_dir" if spec.corpus == "local_text" else "tfds_name"
+    if not getattr(spec, needs):
+        raise ValueError(f"corpus={spec.corpus!r} needs {needs}; give --config.data.{needs}=...")
     if spec.corpus == "local_text":
         return text_corpus.local_data_source(split, spec.text_dir, spec.text_patterns,
                                              spec.validation_percent, spec.data_dir or None)
