@@ -1,12 +1,21 @@
-"""Tokens/s and MFU of the baseline LM's train step, against a matmul peak measured in the same run.
+"""Tokens/s and MFU of the baseline LM's train step and of the trainer's real loop.
 
     python -m benchmarks.trainer                      # size "small", float32 on CPU
     python -m benchmarks.trainer --size tiny --steps 5
-    python -m benchmarks.trainer --size medium --devices 0     # accelerators: all local chips
+    python -m benchmarks.trainer --size 125m --devices 0       # accelerators: all local chips
+    python -m benchmarks.trainer --size 350m --devices 0
 
-What is timed: one jitted, donated train step of `train.trainer` (forward, backward, AdamW update)
-on a fixed batch already on the device, median of `--steps` runs after warm-up
-(`benchmarks.harness.time_fn`). Data loading is not timed.
+What is timed, in one run:
+- the step: one jitted, donated train step of `train.trainer` (forward, backward, AdamW update)
+  on a fixed batch already on the device, median of `--steps` runs after warm-up
+  (`benchmarks.harness.time_fn`);
+- the real loop: `trainer.train` itself for `--loop-steps` steps on the `text` dataset (grain
+  pipeline, host-to-device copies, metrics read one step late and written every `--log-every`
+  steps, an asynchronous checkpoint every `--checkpoint-every` steps), tokens/s the median of its
+  metrics rows' `tokens_per_s` after the first (which holds the compilation).
+
+MFU against two peaks: the device's specification (dense, no sparsity; `SPEC_PEAKS`, by
+`device_kind`; none for a CPU) and the matmul peak measured in the same run (below).
 
 Peak: the median time of a jitted [n, n] @ [n, n] matmul in the compute dtype on one device,
 FLOP/s = 2n³ / t (n = `--peak-n`: 2048 on a CPU; on an accelerator 8192, chained 10 times in one
@@ -27,7 +36,10 @@ Writes `results/benchmarks/trainer-DEVICE.json` (device, versions, shapes, times
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import pathlib
+import tempfile
 import time
 
 import jax
@@ -38,14 +50,46 @@ from benchmarks import harness
 from train import trainer
 from train.configs import lm as lm_config
 
-# Sizes: the model and batch of each. "tiny" is train/configs/lm.py:tiny; "small" is large enough
-# that the step is matmul-bound on a CPU and still runs in about a minute on 2 cores; "medium" is
-# for accelerators (GPT-2-small shape at a short sequence).
+# Sizes: the model and batch (per device) of each. "tiny" is train/configs/lm.py:tiny; "small" is
+# large enough that the step is matmul-bound on a CPU and still runs in about a minute on 2 cores;
+# "medium" is for accelerators (GPT-2-small shape at a short sequence, the byte vocabulary);
+# "125m" and "350m" are GPT-3 Small and Medium (Brown et al. 2020, table 2.1: 12 × 768 and
+# 24 × 1024, T = 2048) with GPT-2's vocabulary padded to 50,304, tied: 124M and 354M parameters.
 SIZES = {
     "tiny": dict(width=64, num_layers=2, num_heads=4, seq_len=64, batch_size=32),
     "small": dict(width=256, num_layers=4, num_heads=4, seq_len=256, batch_size=8),
     "medium": dict(width=768, num_layers=12, num_heads=12, seq_len=1024, batch_size=16),
+    "125m": dict(width=768, num_layers=12, num_heads=12, seq_len=2048, batch_size=8,
+                 vocab_size=50304),
+    "350m": dict(width=1024, num_layers=24, num_heads=16, seq_len=2048, batch_size=8,
+                 vocab_size=50304),
 }
+
+# Dense (no sparsity) matmul peaks from the vendors' specifications, FLOP/s per chip, by a
+# lower-case substring of jax's `device_kind` (first match wins): bfloat16 = float16.
+SPEC_PEAKS = (
+    ("h100 pcie", {"bfloat16": 756e12}),
+    ("h100", {"bfloat16": 989.4e12}),       # SXM (NVIDIA H100 datasheet)
+    ("h200", {"bfloat16": 989.4e12}),       # same compute as the H100 SXM
+    ("a100", {"bfloat16": 312e12}),
+    ("tpu v4", {"bfloat16": 275e12}),
+    ("tpu v5 lite", {"bfloat16": 197e12}),  # v5e
+    ("tpu v5e", {"bfloat16": 197e12}),
+    ("tpu v5", {"bfloat16": 459e12}),       # v5p
+    ("tpu v6 lite", {"bfloat16": 918e12}),  # v6e (Trillium)
+    ("tpu v6e", {"bfloat16": 918e12}),
+)
+
+
+def spec_peak(device_kind: str, dtype: str) -> float | None:
+    """The specification's dense peak FLOP/s of one chip of `device_kind` in `dtype`, or None
+    (a CPU, an unlisted chip, or float32, whose matmul precision varies by backend)."""
+    dtype = "bfloat16" if dtype == "float16" else dtype
+    kind = device_kind.lower()
+    for key, peaks in SPEC_PEAKS:
+        if key in kind:
+            return peaks.get(dtype)
+    return None
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -59,6 +103,7 @@ def make_config(size: str, *, dtype: str, num_devices: int):
     c.model.width = s["width"]
     c.model.num_layers = s["num_layers"]
     c.model.num_heads = s["num_heads"]
+    c.model.vocab_size = s.get("vocab_size", c.model.vocab_size)
     c.model.dtype = dtype
     c.model.remat = False
     c.seq_len = s["seq_len"]
@@ -117,8 +162,29 @@ def synthetic_batch(config, rng: np.random.Generator) -> dict:
             "weights": np.ones((B, T), np.float32)}
 
 
+def real_loop(config, devices, *, steps: int, log_every: int, checkpoint_every: int,
+              workdir: str) -> dict:
+    """Tokens/s of `trainer.train` on the `text` dataset for `steps` steps (see the module
+    docstring): the median of its metrics rows' tokens_per_s after the first."""
+    c = config.copy_and_resolve_references()
+    c.num_steps, c.log_every, c.checkpoint_every = steps, log_every, checkpoint_every
+    c.async_checkpoints, c.keep_checkpoints = True, 1
+    c.data.source = "memory"
+    out = trainer.train(c, workdir, devices=devices)
+    rows = [json.loads(line) for line in
+            (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    if len(tps) < 2:
+        raise ValueError(f"loop_steps={steps} with log_every={log_every} gives {len(tps)} "
+                         "metrics rows; need >= 2 (the first holds the compilation)")
+    return {"steps": steps, "log_every": log_every, "checkpoint_every": checkpoint_every,
+            "tokens_per_s_rows": tps[1:], "tokens_per_s": float(np.median(tps[1:])),
+            "final_loss": out["final_loss"]}
+
+
 def run(size: str = "small", *, steps: int = 5, warmup: int = 2, devices: int = 1,
-        dtype: str | None = None, peak_n: int | None = None, out_dir=None) -> dict:
+        dtype: str | None = None, peak_n: int | None = None, out_dir=None,
+        loop_steps: int = 20, log_every: int = 5, checkpoint_every: int = 10) -> dict:
     """Measures and writes the benchmark; returns the JSON payload (without harness fields)."""
     all_devices = jax.devices()
     if devices < 0 or devices > len(all_devices):
@@ -162,6 +228,11 @@ def run(size: str = "small", *, steps: int = 5, warmup: int = 2, devices: int = 
     if not math.isfinite(loss):
         raise FloatingPointError(f"benchmark train step produced loss={loss}")
 
+    del box, state
+    with tempfile.TemporaryDirectory() as workdir:
+        loop = real_loop(config, devs, steps=loop_steps, log_every=log_every,
+                         checkpoint_every=checkpoint_every, workdir=workdir)
+
     peak_after = measure_peak(peak_n, _DTYPES[dtype], devs[0], reps=peak_reps)
     peak = max(peak_before, peak_after, key=lambda p: p["flops_per_s"])
     peak = {**peak, "flops_per_s_before": peak_before["flops_per_s"],
@@ -171,6 +242,11 @@ def run(size: str = "small", *, steps: int = 5, warmup: int = 2, devices: int = 
     tokens_per_s = tokens_per_step / t["median_s"]
     model_flops_per_s = tokens_per_s * flops["flops_per_token"]
     peak_total = peak["flops_per_s"] * len(devs)
+    spec = spec_peak(devs[0].device_kind, dtype)
+    spec_total = spec * len(devs) if spec else None
+    loop["model_flops_per_s"] = loop["tokens_per_s"] * flops["flops_per_token"]
+    loop["mfu_spec"] = loop["model_flops_per_s"] / spec_total if spec_total else None
+    loop["mfu_measured_peak"] = loop["model_flops_per_s"] / peak_total
     m = config.model
     payload = {
         "size": size,
@@ -192,6 +268,10 @@ def run(size: str = "small", *, steps: int = 5, warmup: int = 2, devices: int = 
         "peak_flops_per_s_total": peak_total,
         # The ratio: model FLOP/s over the matmul peak measured above.
         "mfu": model_flops_per_s / peak_total,
+        # ... and over the chip's specification (SPEC_PEAKS; null where none is listed).
+        "spec_peak_flops_per_s_total": spec_total,
+        "mfu_spec": model_flops_per_s / spec_total if spec_total else None,
+        "real_loop": loop,
         "last_loss": loss,
     }
     harness.write_result("trainer", payload, out_dir=out_dir)
@@ -208,14 +288,23 @@ def main(argv=None) -> int:
                    help="compute dtype (default float32 on CPU, bfloat16 elsewhere)")
     p.add_argument("--peak-n", type=int, default=None,
                    help="matmul size for the peak (default 2048 on CPU, 8192 elsewhere)")
+    p.add_argument("--loop-steps", type=int, default=20, help="steps of the real loop")
+    p.add_argument("--log-every", type=int, default=5, help="real loop: steps between rows")
+    p.add_argument("--checkpoint-every", type=int, default=10,
+                   help="real loop: steps between (asynchronous) checkpoints")
     p.add_argument("--out", default=None, help="results folder (default results/benchmarks)")
     a = p.parse_args(argv)
     res = run(a.size, steps=a.steps, warmup=a.warmup, devices=a.devices, dtype=a.dtype,
-              peak_n=a.peak_n, out_dir=a.out)
-    print(f"{res['size']}: {res['tokens_per_s']:,.0f} tokens/s, "
-          f"{res['model_flops_per_s'] / 1e9:.2f} model GFLOP/s, peak "
+              peak_n=a.peak_n, out_dir=a.out, loop_steps=a.loop_steps, log_every=a.log_every,
+              checkpoint_every=a.checkpoint_every)
+    spec = (f", MFU {100 * res['mfu_spec']:.1f}% of the specification"
+            if res["mfu_spec"] is not None else "")
+    print(f"{res['size']}: step {res['tokens_per_s']:,.0f} tokens/s, "
+          f"{res['model_flops_per_s'] / 1e9:.2f} model GFLOP/s, measured peak "
           f"{res['peak_flops_per_s_total'] / 1e9:.2f} GFLOP/s ({res['peak']['dtype']}), "
-          f"MFU {100 * res['mfu']:.1f}%")
+          f"MFU {100 * res['mfu']:.1f}%{spec}; real loop "
+          f"{res['real_loop']['tokens_per_s']:,.0f} tokens/s "
+          f"(MFU {100 * res['real_loop']['mfu_measured_peak']:.1f}% of the measured peak)")
     return 0
 
 

@@ -56,8 +56,18 @@ def test_bad_arguments():
         bench.run("tiny", dtype="int8")
 
 
+def test_spec_peaks_by_device_kind():
+    assert bench.spec_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4e12
+    assert bench.spec_peak("NVIDIA H100 PCIe", "float16") == 756e12
+    assert bench.spec_peak("TPU v5 lite", "bfloat16") == 197e12
+    assert bench.spec_peak("TPU v5p", "bfloat16") == 459e12
+    assert bench.spec_peak("cpu", "float32") is None
+    assert bench.spec_peak("NVIDIA H200", "float32") is None
+
+
 def test_trainer_benchmark_tiny(tmp_path):
-    res = bench.run("tiny", steps=2, warmup=1, devices=1, peak_n=256, out_dir=tmp_path)
+    res = bench.run("tiny", steps=2, warmup=1, devices=1, peak_n=256, out_dir=tmp_path,
+                    loop_steps=6, log_every=2, checkpoint_every=3)
     doc = json.loads((tmp_path / f"trainer-{harness.device_tag()}.json").read_text())
     for key in ("device", "versions", "shapes", "step_time", "peak", "tokens_per_s", "mfu",
                 "flops_per_token", "flops_formula"):
@@ -75,3 +85,10 @@ def test_trainer_benchmark_tiny(tmp_path):
     assert doc["peak"]["dtype"] == "float32" and doc["peak"]["n"] == 256
     assert doc["peak"]["reps"] == 1  # one product per call on a CPU
     assert math.isfinite(res["last_loss"])
+    # the real loop: trainer.train's own rows after the first (the compilation), the spec's MFU
+    # null on a CPU
+    loop = doc["real_loop"]
+    assert len(loop["tokens_per_s_rows"]) == 2 and loop["tokens_per_s"] > 0
+    assert math.isclose(loop["mfu_measured_peak"],
+                        loop["tokens_per_s"] * doc["flops_per_token"] / doc["peak_flops_per_s_total"])
+    assert doc["mfu_spec"] is None and loop["mfu_spec"] is None
