@@ -292,10 +292,16 @@ def kilo(n: int) -> str:
 
 def trainer_summary(d: dict) -> str:
     s = d["shapes"]
-    return (f"{d['tokens_per_s']:,.0f} tokens/s, MFU {d['mfu']:.2f} of the measured "
-            f"{si(d['peak_flops_per_s_total'], 'FLOP/s')} ({d['n_params_total']:,} parameters, "
-            f"width {s['width']}, {s['num_layers']} layers, T {s['seq_len']}, "
-            f"{s['compute_dtype']})")
+    spec = (f", {d['mfu_spec']:.2f} of the specification's "
+            f"{si(d['spec_peak_flops_per_s_total'], 'FLOP/s')}" if d.get("mfu_spec") else "")
+    loop = d.get("real_loop")
+    loop = (f"; the real loop (data, metrics, checkpoints) {loop['tokens_per_s']:,.0f} tokens/s, "
+            f"MFU {loop['mfu_measured_peak']:.2f}"
+            + (f" / {loop['mfu_spec']:.2f}" if loop.get("mfu_spec") else "") if loop else "")
+    return (f"step {d['tokens_per_s']:,.0f} tokens/s, MFU {d['mfu']:.2f} of the measured "
+            f"{si(d['peak_flops_per_s_total'], 'FLOP/s')}{spec}{loop} "
+            f"({d['n_params_total']:,} parameters, width {s['width']}, {s['num_layers']} layers, "
+            f"T {s['seq_len']}, {s['compute_dtype']})")
 
 
 def dkvb_summary(d: dict) -> str:

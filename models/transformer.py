@@ -59,6 +59,10 @@ class TransformerConfig:
     dtype: Any = jnp.float32           # compute dtype (bfloat16 on accelerators)
     param_dtype: Any = jnp.float32     # parameters stay float32 (float64 for parity runs)
     remat: bool = False                # rematerialise each block in the backward pass
+    remat_policy: str = "full"         # with remat: what a block keeps (REMAT_POLICIES)
+    scan_layers: bool = False          # the blocks as one nn.scan over stacked parameters
+                                       # (params["blocks"]["block"], leading axis "layers"): one block
+                                       # compiled instead of L; `unstack_layers` converts
     init_std: float = layers.DEFAULT_INIT_STD  # normal init of every weight matrix and the
                                                # embedding (see layers.DEFAULT_INIT_STD)
     prefix_lm: bool = False            # read `prefix` (Birdie's prompt) bidirectionally:
@@ -91,6 +95,9 @@ class TransformerConfig:
             raise ValueError(f"mlp={self.mlp!r} is not allowed; use 'gelu', 'gelu_tanh' or 'swiglu'")
         if self.norm not in ("rmsnorm", "layernorm"):
             raise ValueError(f"norm={self.norm!r} is not allowed; use 'rmsnorm' or 'layernorm'")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r} is not allowed; use one of "
+                             f"{sorted(REMAT_POLICIES)}")
         layers.check_init_std(self.init_std)
         object.__setattr__(self, "dtype", as_dtype(self.dtype))
         object.__setattr__(self, "param_dtype", as_dtype(self.param_dtype))
@@ -117,6 +124,33 @@ class TransformerConfig:
         if unknown:
             raise ValueError(f"model config has unknown fields {unknown}; allowed: {sorted(names)}")
         return cls(**d)
+
+
+# What a rematerialised block keeps for the backward pass (jax.checkpoint_policies): 'full'
+# keeps nothing (recomputes the block), 'dots' keeps every matmul's output, 'dots_no_batch' the
+# matmuls without a batch dimension (the projections, not attention's scores).
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+    """A `scan_layers` model's params as the per-layer tree (block_0 … block_{L-1}) of the same
+    model without it (KV-cache decoding, Hugging Face export)."""
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    for i in range(num_layers):
+        out[f"block_{i}"] = jax.tree_util.tree_map(lambda x: x[i], params["blocks"]["block"])
+    return out
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+    """The inverse of `unstack_layers`: per-layer blocks stacked into params["blocks"]."""
+    blocks = [params[f"block_{i}"] for i in range(num_layers)]
+    out = {k: v for k, v in params.items() if not k.startswith("block_")}
+    out["blocks"] = {"block": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)}
+    return out
 
 
 def num_params(params) -> int:
@@ -313,7 +347,18 @@ def decoder_forward(c: TransformerConfig, tokens_BxT, *, positions, segment_ids=
         x = x + layers.Embed(c.max_positions, c.width, dtype=c.dtype, param_dtype=c.param_dtype,
                              init_std=c.init_std, name="pos_embed")(positions)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    block_cls = nn.remat(Block) if c.remat else Block
+    block_cls = (nn.remat(Block, policy=REMAT_POLICIES[c.remat_policy]) if c.remat else Block)
+    if c.scan_layers:
+        if kv_cache is not None or prefix_kv is not None or layer_attention_kwargs is not None:
+            raise ValueError("scan_layers=True runs the full forward only: kv_cache, prefix_kv "
+                             "and per-layer attention kwargs need scan_layers=False (convert "
+                             "the parameters with transformer.unstack_layers)")
+        scanned = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
+                          in_axes=nn.broadcast, length=c.num_layers,
+                          metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = scanned(c, attention_fn, block_cls, name="blocks")(
+            x, positions, segment_ids, attention_kwargs)
+        return _head(c, embed, x, return_hidden)
     new_k, new_v = [], []
     for i in range(c.num_layers):
         pk = pv = None
@@ -330,16 +375,30 @@ def decoder_forward(c: TransformerConfig, tokens_BxT, *, positions, segment_ids=
             x, (k, v) = block(x, positions, None, None, None, None, kwargs, layer_cache)
             new_k.append(k)
             new_v.append(v)
-    x = layers.make_norm(c.norm, eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
-                         use_bias=c.bias, name="ln_f")(x)
     if kv_cache is not None:
         cache = KVCache(jnp.stack(new_k), jnp.stack(new_v),
                         kv_cache.length + tokens_BxT.shape[1])
-        out = x if return_hidden else _logits(c, embed, x)
-        return out, cache
-    if return_hidden:
-        return x
-    return _logits(c, embed, x)
+        return _head(c, embed, x, return_hidden), cache
+    return _head(c, embed, x, return_hidden)
+
+
+class _ScanBody(nn.Module):
+    """One block as an nn.scan body: (x, broadcast inputs) → (x, None)."""
+    cfg: TransformerConfig
+    attention_fn: AttentionFn
+    block_cls: Any
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, attention_kwargs):
+        block = self.block_cls(self.cfg, self.attention_fn, name="block")
+        return block(x, positions, segment_ids, None, None, None, attention_kwargs), None
+
+
+def _head(c: TransformerConfig, embed: layers.Embed, x, return_hidden: bool):
+    """Final norm, then the hidden states or the logits."""
+    x = layers.make_norm(c.norm, eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
+                         use_bias=c.bias, name="ln_f")(x)
+    return x if return_hidden else _logits(c, embed, x)
 
 
 def _logits(c: TransformerConfig, embed: layers.Embed, x):

@@ -43,9 +43,9 @@ EXCLUDED = (
     "debug", "profile_steps",
     # Validation batches per evaluation: what is measured, not what is trained.
     "eval",
-    # Recomputing each block in the backward pass: the same function, parameters and gradients,
-    # traded for memory.
-    "model.remat",
+    # Recomputing each block in the backward pass (and what it keeps): the same function,
+    # parameters and gradients, traded for memory.
+    "model.remat", "model.remat_policy",
     # Where the same TFDS build lives (a local copy, a bucket) and whether TFDS may prepare it.
     "data.data_dir", "data.download", "data.stream_dir",
     # Reader threads and read-ahead: grain yields records in the same order whatever they are.
@@ -73,6 +73,9 @@ ADDED_DEFAULTS = {
     # Birdie's corpus sources (train/data/birdie_data.py: "local_text", "tfds"), unused before.
     "data.tfds_name": "",
     "data.text_key": "text",
+    # The Transformer's blocks as one scan over stacked parameters (models/transformer.py): off,
+    # the per-layer parameter tree every run before it had.
+    "model.scan_layers": False,
     # Landmark attention's group dropout (models/landmark.py): off, as before it existed
     # (0.0 in a config; its JSON round trip writes 0).
     "model.group_dropout": 0,

@@ -63,6 +63,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.rope_interleaved = False         # half-rotation RoPE (True: pairs, as GPT-J)
     c.model.dtype = "bfloat16" if paper else "float32"   # compute dtype; params stay float32
     c.model.remat = paper                    # recompute blocks in the backward pass
+    c.model.remat_policy = "full"            # what remat keeps: 'full' (nothing), 'dots', ...
+    c.model.scan_layers = False              # blocks as one nn.scan (one block compiled)
 
     # Data: MQAR for tiny (learnable in a minute), the local prose corpus for paper.
     c.data = pipeline.default_data_config("text" if paper else "mqar")
