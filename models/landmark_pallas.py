@@ -140,23 +140,25 @@ def _block_sum(g: _Geometry, local, x):
     return [jnp.sum(jnp.where((local == r)[None, :], x, zero), axis=1) for r in range(g.R)]
 
 
-def _in_block_probs(g: _Geometry, s, past, local):
-    """q_j [bq, bk]: key j's softmax probability inside its (earlier) landmark block; 0 off past.
-
-    Stabilised by each (row, block) maximum: an earlier block's weight is set by its gate, not by
-    its scores, so a block far below the row's other scores must not underflow to nothing.
-    """
+def _block_max(g: _Geometry, s, past, local):
+    """Per-slot maximum [bq, bk] of the row's past scores in the slot's landmark block (0 where
+    the block has none): the in-block softmax's stabiliser. Per block, not per row: an earlier
+    block's weight is set by its gate, not by its scores, so a block far below the row's other
+    scores must not underflow to nothing."""
     ninf = jnp.asarray(-jnp.inf, s.dtype)
-    zero = jnp.zeros((), s.dtype)
     if g.R == 1:
         maxes = [jnp.max(jnp.where(past, s, ninf), axis=1)]
     else:
         maxes = [jnp.max(jnp.where(past & (local == r)[None, :], s, ninf), axis=1)
                  for r in range(g.R)]
-    maxes = [jnp.where(m > ninf, m, zero) for m in maxes]
-    e = jnp.where(past, jnp.exp(s - _per_block(g, local, maxes)), zero)
-    d = [jnp.where(x > 0, x, jnp.ones((), s.dtype)) for x in _block_sum(g, local, e)]
-    return e / _per_block(g, local, d)
+    return _per_block(g, local, [jnp.where(m > ninf, m, jnp.zeros((), s.dtype)) for m in maxes])
+
+
+def _in_block_probs(g: _Geometry, e_past, local):
+    """q_j [bq, bk]: key j's probability inside its earlier landmark block, from e_past =
+    exp(s − block max) on past slots (0 elsewhere)."""
+    d = [jnp.where(x > 0, x, jnp.ones((), x.dtype)) for x in _block_sum(g, local, e_past)]
+    return e_past / _per_block(g, local, d)
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, sq_ref, sk_ref, o_ref, lse_ref, *, g: _Geometry,
@@ -181,10 +183,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, sq_ref, sk_ref, o_ref, lse_ref, *, g: _Geom
         m_new = jnp.maximum(m, jnp.max(jnp.where(top, s, ninf), axis=1))
         m_safe = jnp.where(m_new > ninf, m_new, zero)
         alpha = jnp.exp(m - m_safe)                              # 0 while m is -inf
-        e_top = jnp.where(top, jnp.exp(s - m_safe[:, None]), zero)
-        e_gate = _block_sum(g, local, jnp.where(gate, e_top, zero))
-        w = jnp.where(own, e_top, zero) + _in_block_probs(g, s, past, local) * _per_block(
-            g, local, e_gate)
+        # One exp per score: past keys against their block's max, the rest against the row's.
+        e = jnp.exp(s - jnp.where(past, _block_max(g, s, past, local), m_safe[:, None]))
+        e_top = jnp.where(top, e, zero)
+        e_gate = _block_sum(g, local, jnp.where(gate, e, zero))
+        qj = _in_block_probs(g, jnp.where(past, e, zero), local)
+        w = jnp.where(own, e, zero) + qj * _per_block(g, local, e_gate)
         acc = alpha[:, None] * acc + _dot(w.astype(v.dtype), v)
         l = alpha * l + jnp.sum(e_top, axis=1)
         return acc, m_new, l
@@ -208,8 +212,10 @@ def _bwd_tile(g: _Geometry, q, k, v, do, lse, delta, rows, seg_q, kt, seg_k):
     zero = jnp.zeros((), acc_t)
     s = _dot(q, k, trans_b=True) * g.scale
     own, past, gate, local = _tile_masks(g, rows, seg_q, kt, seg_k)
-    p_top = jnp.where(own | gate, jnp.exp(s - lse[:, None]), zero)   # lse = inf: row has nothing
-    qj = _in_block_probs(g, s, past, local)
+    # One exp per score (as in the forward); lse = inf (a row with nothing to attend to) → 0.
+    e = jnp.exp(s - jnp.where(past, _block_max(g, s, past, local), lse[:, None]))
+    p_top = jnp.where(own | gate, e, zero)
+    qj = _in_block_probs(g, jnp.where(past, e, zero), local)
     dp = _dot(do, v, trans_b=True)                                    # dy_i · v_j
     p_gate = _per_block(g, local, _block_sum(g, local, jnp.where(gate, p_top, zero)))
     du = _per_block(g, local, _block_sum(g, local, qj * dp))          # dy_i · u_b
