@@ -15,7 +15,9 @@
      k, v, is_mem, sm_scale=None, block_size=64)`, layout [B, H, T, D]) when torch and triton
      import and --official_kernel names its file; skipped with the reason otherwise.
    Inputs are bfloat16 on accelerators and float32 on CPU (--dtype). A run that fails (e.g. out
-   of memory: dense attention at 32k) is recorded with its error instead of a time.
+   of memory: dense attention at 32k) is recorded with its error instead of a time. On an
+   accelerator the Pallas kernels are first checked against the XLA path (float32, T 1024:
+   largest differences of y and the gradients, `pallas_parity_float32`).
 2. Inference: one generated token (a chunk of one query) through
    `models.landmark_memory.memory_attention` with a block cache holding the whole context
    (context/64 blocks, top-k 4) vs one query against a full KV cache of the same context with
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import statistics
 import time
 
@@ -118,6 +121,30 @@ def _ratio(a: dict, b: dict):
     return None
 
 
+def pallas_parity(T: int, *, pallas_blocks, interpret: bool = False) -> dict:
+    """Largest |pallas − xla| of y and of the q, k, v gradients, float32, compiled for the
+    device (not interpret mode): checks the lowering's numbers before it is timed."""
+    keys = jax.random.split(jax.random.key(T + 1), 4)
+    q, k, v, ct = (jax.random.normal(kk, (B, T, H, D), jnp.float32) for kk in keys)
+    is_lm = jnp.asarray((np.arange(T) % (MEM_FREQ + 1) == MEM_FREQ)[None])
+
+    def value_and_grads(impl):
+        f = lambda q, k, v: lmk.landmark_attention(  # noqa: E731
+            q, k, v, is_lm, mem_freq=MEM_FREQ, impl=impl, pallas_blocks=pallas_blocks,
+            interpret=interpret)
+        y, vjp = jax.vjp(f, q, k, v)
+        return (y, *vjp(ct))
+
+    try:
+        got = jax.jit(lambda: value_and_grads("pallas"))()
+    except Exception as e:  # noqa: BLE001
+        return {"T": T, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    want = jax.jit(lambda: value_and_grads("xla"))()
+    names = ("y", "dq", "dk", "dv")
+    return {"T": T, "max_abs_diff": {n: float(jnp.max(jnp.abs(a - b)))
+                                     for n, a, b in zip(names, got, want)}}
+
+
 def train_step_times(T: int, dtype, *, runs: int, warmup: int, pallas_blocks,
                      official_kernel=None) -> dict:
     keys = jax.random.split(jax.random.key(T), 4)
@@ -205,6 +232,10 @@ def main(argv=None):
     lengths = ints(a.lengths or ("2048,8192,32768" if accel else "512,1024,2048"))
     dtype = jnp.dtype(a.dtype or ("bfloat16" if accel else "float32"))
     blocks = tuple(ints(a.pallas_blocks))
+    parity = None
+    if accel:   # the kernels' numbers on this device first: a wrong kernel is not worth timing
+        parity = pallas_parity(1024, pallas_blocks=blocks)
+        print(json.dumps({"pallas_parity_float32": parity}), flush=True)
     train = [train_step_times(T, dtype, runs=a.runs, warmup=a.warmup, pallas_blocks=blocks,
                               official_kernel=a.official_kernel) for T in lengths]
     infer = [inference_token_times(c, top_k=a.top_k, runs=a.runs, warmup=a.warmup)
@@ -212,6 +243,8 @@ def main(argv=None):
     payload = {"shapes": {"B": B, "H": H, "D": D, "block": MEM_FREQ + 1,
                           "training_dtype": dtype.name},
                "training_fwd_bwd": train, "inference_per_token": infer}
+    if parity is not None:
+        payload["pallas_parity_float32"] = parity
     return harness.write_result("landmark_attention", payload, out_dir=a.out_dir)
 
 
