@@ -293,6 +293,9 @@ def landmark_attention(q, k, v, is_landmark, *, segment_ids=None, q_block: int =
     dropout = _check_group_dropout(group_dropout, dropout_key)
     impl = resolve_impl(impl, mem_freq=mem_freq, dropout=dropout)
     if impl == "pallas":
+        if not interpret and jax.default_backend() == "cpu":
+            raise ValueError("impl='pallas' is not allowed on the cpu backend without "
+                             "interpret=True (slow; tests); use impl='auto' (xla on CPU) or 'xla'")
         if mem_freq is None:
             raise ValueError("mem_freq=None is not allowed with impl='pallas': the kernel runs "
                              "the training layout; pass mem_freq, or use impl='xla'")
@@ -464,7 +467,8 @@ class LandmarkConfig:
                                            # --group_dropout; 0 = off)
     attention_impl: str = "xla"            # 'landmark' attention's implementation: 'xla'
                                            # (blockwise), 'pallas' (models/landmark_pallas.py
-                                           # kernels) or 'auto' (pallas on gpu/tpu)
+                                           # kernels; gpu/tpu) or 'auto' (pallas on gpu/tpu,
+                                           # xla on cpu: a run evaluated on another backend)
 
     def __post_init__(self):
         _check_mem_freq(self.mem_freq)
