@@ -249,14 +249,16 @@ IMPLS = ("xla", "pallas", "auto")
 
 
 def resolve_impl(impl: str, *, mem_freq=None, dropout: bool = False) -> str:
-    """'xla' or 'pallas' for `landmark_attention`'s impl: 'auto' is 'pallas' on gpu/tpu backends
-    when the Pallas kernel serves the call (mem_freq given, no group dropout), else 'xla'."""
+    """'xla' or 'pallas' for `landmark_attention`'s impl: 'auto' is 'pallas' on the gpu backend
+    when the Pallas kernel serves the call (mem_freq given, no group dropout), else 'xla' (on
+    TPUs too: the kernels are written in the Triton style, and their Mosaic lowering has not
+    been made or checked; impl='pallas' still tries it there)."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
     if impl != "auto":
         return impl
-    on_accelerator = jax.default_backend() in ("gpu", "tpu")
-    return "pallas" if on_accelerator and mem_freq is not None and not dropout else "xla"
+    on_gpu = jax.default_backend() == "gpu"
+    return "pallas" if on_gpu and mem_freq is not None and not dropout else "xla"
 
 
 def landmark_attention(q, k, v, is_landmark, *, segment_ids=None, q_block: int = 256,
@@ -281,9 +283,9 @@ def landmark_attention(q, k, v, is_landmark, *, segment_ids=None, q_block: int =
     impl (static): "xla" (the default) is the above; "pallas" runs the training layout through
     the flash-style kernels of models/landmark_pallas.py (forward and backward; the same numbers
     to float32 rounding) and needs mem_freq, takes no group dropout, and sends any other
-    is_landmark to the general XLA path under the same lax.cond; "auto" is "pallas" on gpu/tpu
-    backends when it serves the call, else "xla". interpret: run the kernels in Pallas interpret
-    mode (CPU; tests). pallas_blocks: the kernels' (query, key) tile sizes, powers of two ≥ 16.
+    is_landmark to the general XLA path under the same lax.cond; "auto" is "pallas" on the gpu
+    backend when it serves the call, else "xla" (`resolve_impl`). interpret: run the kernels in
+    Pallas interpret mode (CPU; tests). pallas_blocks: the kernels' (query, key) tile sizes, powers of two ≥ 16.
     """
     is_landmark = check_qkv(q, k, v, is_landmark)
     if not isinstance(q_block, int) or q_block <= 0:
@@ -467,8 +469,8 @@ class LandmarkConfig:
                                            # --group_dropout; 0 = off)
     attention_impl: str = "xla"            # 'landmark' attention's implementation: 'xla'
                                            # (blockwise), 'pallas' (models/landmark_pallas.py
-                                           # kernels; gpu/tpu) or 'auto' (pallas on gpu/tpu,
-                                           # xla on cpu: a run evaluated on another backend)
+                                           # kernels; gpu) or 'auto' (pallas on gpu, else
+                                           # xla: a run evaluated on another backend)
 
     def __post_init__(self):
         _check_mem_freq(self.mem_freq)

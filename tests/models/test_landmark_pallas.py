@@ -101,6 +101,8 @@ def test_auto_is_xla_on_cpu_and_pallas_on_gpu(monkeypatch):
     assert lmk.resolve_impl("auto", mem_freq=None) == "xla"
     assert lmk.resolve_impl("auto", mem_freq=7, dropout=True) == "xla"
     assert _has_kernel("auto") and _has_kernel("pallas") and not _has_kernel("xla")
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert lmk.resolve_impl("auto", mem_freq=7) == "xla"     # Mosaic lowering not checked
 
 
 def test_errors():
