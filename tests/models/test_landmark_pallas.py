@@ -4,16 +4,18 @@ blockwise XLA path of models/landmark.py — outputs and gradients — and the i
 Tolerance 1e-5 (float32): both compute the same grouped softmax with float32 accumulation; they
 differ only in summation order (online softmax over key tiles vs one softmax per query tile).
 """
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType
 
 from models import landmark as lmk
 from models import landmark_pallas as lmp
 from models import transformer
 
-B, H, D = 1, 2, 16
+B, H, D = 2, 2, 16
 TOL = 1e-5
 
 
@@ -52,18 +54,21 @@ T = 72    # not a multiple of any tile below
 
 
 def test_kernel_with_segments_matches_xla(xla_reference):
-    """Landmark blocks of 8 (two per 16-slot key tile), query tiles of 16 spanning two blocks,
-    two packed segments split mid-block."""
+    """Landmark blocks of 8 (two per 16-slot key tile), query tiles of 16 spanning two blocks;
+    packed segments: row 0 split mid-block, row 1 at a landmark (whose query then has nothing
+    to attend to) and again mid-block."""
     F = 7
     q, k, v, ct = _inputs(T, 0)
-    seg = jnp.broadcast_to((jnp.arange(T) >= 29).astype(jnp.int32), (B, T))
+    t = jnp.arange(T)
+    seg = jnp.stack([(t >= 29), (t >= 15).astype(jnp.int32) + (t >= 50)]).astype(jnp.int32)
     pallas = _value_and_grads(lambda q, k, v, seg: lmp.landmark_attention_pallas(
         q, k, v, mem_freq=F, segment_ids=seg, block_q=16, block_k=16, interpret=True))
     _assert_close(pallas(q, k, v, ct, seg), xla_reference(q, k, v, ct, _periodic(T, F), seg))
 
 
 def test_impl_pallas_matches_xla_on_both_layouts(xla_reference):
-    """impl='pallas' through models.landmark: blocks of 21 (padded to 32 slots, one per key
+    """impl='pallas' through models.landmark on a 2 × 2 (batch × heads) mesh of fake devices
+    (the kernel runs per shard, under shard_map): blocks of 21 (padded to 32 slots, one per key
     tile); one compiled function, run on the training layout (the kernels) and on a non-periodic
     layout with two adjacent landmarks (the general XLA path under the same lax.cond)."""
     F = 20
@@ -72,8 +77,14 @@ def test_impl_pallas_matches_xla_on_both_layouts(xla_reference):
         q, k, v, is_lm, mem_freq=F, impl="pallas", interpret=True, pallas_blocks=(16, 16)))
     irregular = jnp.zeros((B, T), bool).at[:, jnp.array([5, 6, 30, 47])].set(True)
     one_segment = jnp.zeros((B, T), jnp.int32)
-    for is_lm in (_periodic(T, F), irregular):
-        _assert_close(pallas(q, k, v, ct, is_lm), xla_reference(q, k, v, ct, is_lm, one_segment))
+    mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "model"), axis_types=(AxisType.Auto,) * 3,
+                         devices=jax.devices()[:4])
+    with jax.set_mesh(mesh), nn.logical_axis_rules([("batch", ("data", "fsdp")),
+                                                    ("heads", "model")]):
+        assert "shard_map" in str(jax.make_jaxpr(pallas)(q, k, v, ct, irregular))
+        got = [pallas(q, k, v, ct, is_lm) for is_lm in (_periodic(T, F), irregular)]
+    for is_lm, g in zip((_periodic(T, F), irregular), got):
+        _assert_close(g, xla_reference(q, k, v, ct, is_lm, one_segment))
 
 
 def _tiny_body():
