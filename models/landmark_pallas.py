@@ -16,7 +16,8 @@ How the kernels tile it
 - Keys are laid out block-aligned: each landmark block of S keys is padded to Pb = next power of
   two ≥ S slots (zeros, masked), so a key tile of bk = max(block_k, Pb) slots holds R = bk / Pb
   whole landmark blocks and every statistic of the in-block softmax (its max and sum) is a
-  reduction inside one tile. This is what lets the backward pass recompute the weights from the
+  reduction inside one tile (the price: Pb − S wasted slots per block, e.g. 13 of 64 for the
+  paper's blocks of 50 + 1). This is what lets the backward pass recompute the weights from the
   per-row top-level log-sum-exp alone, as in FlashAttention; it is also how the official Triton
   kernel (epfml/landmark-attention, llama/ltriton) works, with one block per tile.
 - Forward (grid: query tiles × B × H): the online softmax of FlashAttention over the top-level
@@ -33,14 +34,19 @@ How the kernels tile it
 
 Lowering: `pl.pallas_call` with static block shapes (block sizes are powers of two ≥ 16, the
 head dimension padded to a power of two ≥ 16) and loops of `lax.fori_loop` whose bounds are
-scalar functions of the program id. On GPU the compiler parameters are Triton's; `interpret=True`
-runs the same kernels on CPU (what the tests do).
+scalar functions of the program id, in the style of the Triton lowering (whole-sequence key
+blocks sliced with `pl.ds`, row statistics as 1-D vectors; compiler parameters are Triton's on
+GPU). A Mosaic (TPU) lowering would need TPU-shaped blocks (key tiles on the grid, row vectors
+as lane-aligned 2-D blocks) and has not been made. `interpret=True` runs the same kernels on CPU
+(what the tests do). One `pallas_call` is not partitioned across devices: under a mesh,
+`models.landmark.landmark_attention` runs it per shard (`shard_map`).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
