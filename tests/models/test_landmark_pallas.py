@@ -47,7 +47,7 @@ def xla_reference():
     """The XLA path (impl='xla'; without mem_freq, its general segment-reduction path, which
     tests/models/test_landmark.py checks against the periodic one and the dense reference)."""
     return _value_and_grads(lambda q, k, v, is_lm, seg: lmk.landmark_attention(
-        q, k, v, is_lm, segment_ids=seg, q_block=32))
+        q, k, v, is_lm, segment_ids=seg))
 
 
 T = 72    # not a multiple of any tile below
