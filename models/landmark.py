@@ -310,7 +310,8 @@ def landmark_attention(q, k, v, is_landmark, *, segment_ids=None, q_block: int =
     to float32 rounding) and needs mem_freq, takes no group dropout, and sends any other
     is_landmark to the general XLA path under the same lax.cond; "auto" is "pallas" on the gpu
     backend when it serves the call, else "xla" (`resolve_impl`). interpret: run the kernels in
-    Pallas interpret mode (CPU; tests). pallas_blocks: the kernels' (query, key) tile sizes, powers of two ≥ 16.
+    Pallas interpret mode (CPU; tests). pallas_blocks: the kernels' (query, key) tile sizes,
+    powers of two ≥ 16.
     """
     is_landmark = check_qkv(q, k, v, is_landmark)
     if not isinstance(q_block, int) or q_block <= 0:
