@@ -83,10 +83,14 @@ def official_triton_times(path, T: int, dtype, *, runs: int, warmup: int) -> dic
                            "llama/ltriton/flash_landmark_attention.py)"}
     if not torch.cuda.is_available():
         return {"skipped": "torch sees no CUDA device"}
-    spec = importlib.util.spec_from_file_location("flash_landmark_attention", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    tdt = {jnp.bfloat16: torch.bfloat16, jnp.float16: torch.float16}.get(dtype, torch.float32)
+    try:
+        spec = importlib.util.spec_from_file_location("flash_landmark_attention", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    except Exception as e:  # noqa: BLE001 - a missing file or a triton it does not build with
+        return {"error": f"loading {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    tdt = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(jnp.dtype(dtype).name,
+                                                                    torch.float32)
     gen = torch.Generator(device="cuda").manual_seed(T)
     q, k, v, ct = (torch.randn(B, H, T, D, device="cuda", dtype=tdt, generator=gen)
                    for _ in range(4))
