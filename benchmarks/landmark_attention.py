@@ -1,10 +1,23 @@
 """Landmark attention speed: training attention and per-token memory inference vs dense attention.
 
     python -m benchmarks.landmark_attention [--lengths 512,1024,2048] [--contexts 4096,...,32768]
+        [--official_kernel PATH/landmark-attention/llama/ltriton/flash_landmark_attention.py]
 
-1. Training: forward+backward of `models.landmark.landmark_attention` (blockwise, mem_freq 63 so a
-   block is 64 tokens with its landmark) vs `models.layers.dot_product_attention` (dense causal),
-   B 1, H 8, D 64, at each length T.
+1. Training: forward+backward (grads of q, k, v) at each length T, B 1, H 8, D 64, mem_freq 63
+   (a block is 64 tokens with its landmark), of
+   - `models.landmark.landmark_attention`, impl "xla" (blockwise) and impl "pallas" (the kernels
+     of models/landmark_pallas.py; GPU/TPU only: interpret mode on CPU is too slow to time, so
+     it is reported skipped there),
+   - `jax.nn.dot_product_attention` causal (implementation "cudnn", FlashAttention in cuDNN,
+     where it runs; else jax's default),
+   - `models.layers.dot_product_attention` (dense causal XLA attention, the in-repo baseline),
+   - the official fused Triton kernel of epfml/landmark-attention (`fused_landmark_attention(q,
+     k, v, is_mem, sm_scale=None, block_size=64)`, layout [B, H, T, D]) when torch and triton
+     import and --official_kernel names its file; skipped with the reason otherwise.
+   Inputs are bfloat16 on accelerators and float32 on CPU (--dtype). A run that fails (e.g. out
+   of memory: dense attention at 32k) is recorded with its error instead of a time. On an
+   accelerator the Pallas kernels are first checked against the XLA path (float32, T 1024:
+   largest differences of y and the gradients, `pallas_parity_float32`).
 2. Inference: one generated token (a chunk of one query) through
    `models.landmark_memory.memory_attention` with a block cache holding the whole context
    (context/64 blocks, top-k 4) vs one query against a full KV cache of the same context with
@@ -14,6 +27,10 @@ Writes results/benchmarks/landmark_attention-DEVICE.json (medians, ratios) via t
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -29,20 +46,155 @@ B, H, D = 1, 8, 64
 MEM_FREQ = 63            # block of 64 tokens including its landmark
 
 
-def train_step_times(T: int, *, runs: int, warmup: int) -> dict:
-    keys = jax.random.split(jax.random.key(T), 4)
+def _timed(fn, *, runs: int, warmup: int) -> dict:
+    """{"median_s", "min_s"} of fn(), or {"error": one line} when it fails (e.g. out of memory)."""
+    try:
+        t = harness.time_fn(fn, warmup=warmup, runs=runs)
+    except Exception as e:  # noqa: BLE001 - a failed candidate is a result, not a crash
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    return {"median_s": t["median_s"], "min_s": t["min_s"]}
+
+
+def _cudnn_dpa(q, k, v, ct):
+    """(fn, implementation) for jax.nn.dot_product_attention: cuDNN's where it compiles."""
+    for impl in ("cudnn", None):
+        if impl == "cudnn" and jax.default_backend() != "gpu":
+            continue
+        fn = jax.jit(jax.grad(lambda q, k, v, impl=impl: jnp.sum(jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation=impl).astype(jnp.float32) * ct),
+            argnums=(0, 1, 2)))
+        try:
+            harness.block(fn(q, k, v))
+        except Exception:  # noqa: BLE001 - cuDNN unavailable for this shape/dtype/device
+            continue
+        return fn, impl or "default"
+    raise RuntimeError("jax.nn.dot_product_attention did not compile")
+
+
+def official_triton_times(path, T: int, dtype, *, runs: int, warmup: int) -> dict:
+    """fwd+bwd of the official `fused_landmark_attention` (torch), or {"skipped": why}."""
+    try:
+        import torch
+        import triton  # noqa: F401
+    except ImportError as e:
+        return {"skipped": f"torch + triton not importable ({e})"}
+    if not path:
+        return {"skipped": "--official_kernel not given (the path of epfml/landmark-attention's "
+                           "llama/ltriton/flash_landmark_attention.py)"}
+    if not torch.cuda.is_available():
+        return {"skipped": "torch sees no CUDA device"}
+    try:
+        spec = importlib.util.spec_from_file_location("flash_landmark_attention", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    except Exception as e:  # noqa: BLE001 - a missing file or a triton it does not build with
+        return {"error": f"loading {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    tdt = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(jnp.dtype(dtype).name,
+                                                                    torch.float32)
+    gen = torch.Generator(device="cuda").manual_seed(T)
+    q, k, v, ct = (torch.randn(B, H, T, D, device="cuda", dtype=tdt, generator=gen)
+                   for _ in range(4))
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    is_mem = (torch.arange(T, device="cuda") % (MEM_FREQ + 1)) == MEM_FREQ
+
+    def step():
+        for x in (q, k, v):
+            x.grad = None
+        out = mod.fused_landmark_attention(q, k, v, is_mem, block_size=MEM_FREQ + 1)
+        out.backward(ct)
+
+    try:
+        for _ in range(warmup):
+            step()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    return {"median_s": statistics.median(times), "min_s": min(times)}
+
+
+def _ratio(a: dict, b: dict):
+    if "median_s" in a and "median_s" in b:
+        return a["median_s"] / b["median_s"]
+    return None
+
+
+def pallas_parity(T: int, *, pallas_blocks, interpret: bool = False) -> dict:
+    """Largest |pallas − xla| of y and of the q, k, v gradients, float32, compiled for the
+    device (not interpret mode): checks the lowering's numbers before it is timed."""
+    keys = jax.random.split(jax.random.key(T + 1), 4)
     q, k, v, ct = (jax.random.normal(kk, (B, T, H, D), jnp.float32) for kk in keys)
     is_lm = jnp.asarray((np.arange(T) % (MEM_FREQ + 1) == MEM_FREQ)[None])
 
-    def fwd_bwd(fn):
-        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * ct), argnums=(0, 1, 2)))
+    def value_and_grads(impl):
+        f = lambda q, k, v: lmk.landmark_attention(  # noqa: E731
+            q, k, v, is_lm, mem_freq=MEM_FREQ, impl=impl, pallas_blocks=pallas_blocks,
+            interpret=interpret)
+        y, vjp = jax.vjp(f, q, k, v)
+        return (y, *vjp(ct))
 
-    dense = fwd_bwd(lambda q, k, v: layers.dot_product_attention(q, k, v))
-    landmark = fwd_bwd(lambda q, k, v: lmk.landmark_attention(q, k, v, is_lm, mem_freq=MEM_FREQ))
-    td = harness.time_fn(lambda: dense(q, k, v), warmup=warmup, runs=runs)
-    tl = harness.time_fn(lambda: landmark(q, k, v), warmup=warmup, runs=runs)
-    return {"T": T, "dense_causal_s": td["median_s"], "landmark_s": tl["median_s"],
-            "ratio": tl["median_s"] / td["median_s"]}
+    try:
+        got = jax.jit(lambda: value_and_grads("pallas"))()
+    except Exception as e:  # noqa: BLE001
+        return {"T": T, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    want = jax.jit(lambda: value_and_grads("xla"))()
+    names = ("y", "dq", "dk", "dv")
+    return {"T": T, "max_abs_diff": {n: float(jnp.max(jnp.abs(a - b)))
+                                     for n, a, b in zip(names, got, want)}}
+
+
+def train_step_times(T: int, dtype, *, runs: int, warmup: int, pallas_blocks,
+                     official_kernel=None) -> dict:
+    keys = jax.random.split(jax.random.key(T), 4)
+    q, k, v, ct = (jax.random.normal(kk, (B, T, H, D), jnp.float32).astype(dtype) for kk in keys)
+    ct = ct.astype(jnp.float32)
+    is_lm = jnp.asarray((np.arange(T) % (MEM_FREQ + 1) == MEM_FREQ)[None])
+
+    def fwd_bwd(fn):
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * ct),
+                                argnums=(0, 1, 2)))
+
+    def run(fn):
+        return _timed(lambda: fn(q, k, v), warmup=warmup, runs=runs)
+
+    out = {"T": T}
+    out["dense_causal"] = run(fwd_bwd(lambda q, k, v: layers.dot_product_attention(q, k, v)))
+    # The XLA path's query tiles unroll in Python: at most 32 of them keeps 32k compilable.
+    q_block = max(256, T // 32)
+    out["landmark_xla"] = run(fwd_bwd(lambda q, k, v: lmk.landmark_attention(
+        q, k, v, is_lm, mem_freq=MEM_FREQ, q_block=q_block)))
+    out["landmark_xla"]["q_block"] = q_block
+    if jax.default_backend() in ("gpu", "tpu"):
+        out["landmark_pallas"] = run(fwd_bwd(lambda q, k, v: lmk.landmark_attention(
+            q, k, v, is_lm, mem_freq=MEM_FREQ, impl="pallas", pallas_blocks=pallas_blocks)))
+        out["landmark_pallas"]["blocks"] = list(pallas_blocks)
+    else:
+        out["landmark_pallas"] = {"skipped": "no GPU/TPU: Pallas interpret mode on CPU is a "
+                                             "correctness check (tests), too slow to time"}
+    try:
+        dpa, impl = _cudnn_dpa(q, k, v, ct)
+        out["dot_product_attention"] = {**run(dpa), "implementation": impl}
+    except RuntimeError as e:
+        out["dot_product_attention"] = {"error": str(e)}
+    out["official_triton"] = official_triton_times(official_kernel, T, dtype, runs=runs,
+                                                   warmup=warmup)
+    # Kept as before: "landmark_s" and "ratio" are the XLA landmark path against dense causal.
+    out["dense_causal_s"] = out["dense_causal"].get("median_s")
+    out["landmark_s"] = out["landmark_xla"].get("median_s")
+    out["ratio"] = _ratio(out["landmark_xla"], out["dense_causal"])
+    # Of the fastest runs: a shared machine's other jobs only ever add time.
+    if "min_s" in out["landmark_xla"] and "min_s" in out["dense_causal"]:
+        out["ratio_of_minima"] = out["landmark_xla"]["min_s"] / out["dense_causal"]["min_s"]
+    out["pallas_over_dot_product_attention"] = _ratio(out["landmark_pallas"],
+                                                      out["dot_product_attention"])
+    out["pallas_over_official_triton"] = _ratio(out["landmark_pallas"], out["official_triton"])
+    return out
 
 
 def inference_token_times(context: int, *, top_k: int, runs: int, warmup: int) -> dict:
@@ -71,19 +223,38 @@ def inference_token_times(context: int, *, top_k: int, runs: int, warmup: int) -
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", default="512,1024,2048", help="training lengths T")
+    ap.add_argument("--lengths", default=None, help="training lengths T (default: 2048,8192,"
+                    "32768 on GPU/TPU, 512,1024,2048 on CPU)")
     ap.add_argument("--contexts", default="4096,8192,16384,32768", help="inference contexts")
     ap.add_argument("--top_k", type=int, default=4)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="training inputs (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    ap.add_argument("--pallas_blocks", default="64,64", help="Pallas query,key tile sizes")
+    ap.add_argument("--official_kernel", default=None,
+                    help="path of epfml/landmark-attention's llama/ltriton/"
+                         "flash_landmark_attention.py (needs torch + triton + CUDA)")
     ap.add_argument("--out_dir", default=None)
     a = ap.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    train = [train_step_times(T, runs=a.runs, warmup=a.warmup) for T in ints(a.lengths)]
+    accel = jax.default_backend() in ("gpu", "tpu")
+    lengths = ints(a.lengths or ("2048,8192,32768" if accel else "512,1024,2048"))
+    dtype = jnp.dtype(a.dtype or ("bfloat16" if accel else "float32"))
+    blocks = tuple(ints(a.pallas_blocks))
+    parity = None
+    if accel:   # the kernels' numbers on this device first: a wrong kernel is not worth timing
+        parity = pallas_parity(1024, pallas_blocks=blocks)
+        print(json.dumps({"pallas_parity_float32": parity}), flush=True)
+    train = [train_step_times(T, dtype, runs=a.runs, warmup=a.warmup, pallas_blocks=blocks,
+                              official_kernel=a.official_kernel) for T in lengths]
     infer = [inference_token_times(c, top_k=a.top_k, runs=a.runs, warmup=a.warmup)
              for c in ints(a.contexts)]
-    payload = {"shapes": {"B": B, "H": H, "D": D, "block": MEM_FREQ + 1},
+    payload = {"shapes": {"B": B, "H": H, "D": D, "block": MEM_FREQ + 1,
+                          "training_dtype": dtype.name},
                "training_fwd_bwd": train, "inference_per_token": infer}
+    if parity is not None:
+        payload["pallas_parity_float32"] = parity
     return harness.write_result("landmark_attention", payload, out_dir=a.out_dir)
 
 

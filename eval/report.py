@@ -346,9 +346,15 @@ def landmark_attention_summary(d: dict) -> str:
     tr, inf = d["training_fwd_bwd"], d["inference_per_token"]
     train_ratios = " / ".join(f"{r['ratio']:.2f}" for r in tr)
     infer_ratios = " / ".join(f"{r['ratio']:.3f}" for r in inf)
+    pallas = ""
+    for key, label in (("pallas_over_dot_product_attention", "jax.nn.dot_product_attention"),
+                       ("pallas_over_official_triton", "the official Triton kernel")):
+        if any(r.get(key) is not None for r in tr):
+            cells = " / ".join("—" if r.get(key) is None else f"{r[key]:.2f}" for r in tr)
+            pallas += f"; Pallas ÷ {label} {cells}"
     return (f"training fwd+bwd ÷ dense causal {train_ratios} at "
-            f"T {' / '.join(str(r['T']) for r in tr)}; per-token memory inference ÷ full KV "
-            f"{infer_ratios} at {' / '.join(kilo(r['context']) for r in inf)} context")
+            f"T {' / '.join(str(r['T']) for r in tr)}{pallas}; per-token memory inference ÷ "
+            f"full KV {infer_ratios} at {' / '.join(kilo(r['context']) for r in inf)} context")
 
 
 def hf_load_summary(d: dict) -> str:

@@ -7,7 +7,8 @@ Contents
   out densely; the reference for everything else.
 - `landmark_attention(q, k, v, is_landmark)`: the same numbers, blockwise over queries (causal key
   ranges, one rematerialised tile at a time), `LandmarkLM`'s attention "landmark": the one that
-  trains.
+  trains; `impl="pallas"` runs the training layout through the flash-style Pallas kernels of
+  models/landmark_pallas.py instead (`LandmarkConfig.attention_impl`).
 - `LandmarkConfig`, `official_gpt_config`, `LandmarkLM`, `insert_landmarks`, `landmark_targets`,
   `landmark_positions` (the paper's positional jumps), `make_landmark_batch`.
 - `config_from_dict`, `build_from_config`: the trainer's model builder (the objective is
@@ -244,9 +245,51 @@ def _periodic_tile(q_tile, k_keys, v_keys, start: int, block_len: int, segment_i
     return jnp.einsum("bhqk,bkhd->bqhd", w.astype(v_keys.dtype), v_keys).astype(q_tile.dtype)
 
 
+IMPLS = ("xla", "pallas", "auto")
+
+
+def _per_shard(kernel, q, k, v, segment_ids):
+    """kernel(q, k, v, segment_ids=...) on each device's shard of the batch and heads when a mesh
+    with more than one device is set (`jax.set_mesh` / `use_abstract_mesh`): a `pallas_call` is
+    not partitioned by the compiler, so it runs under `shard_map` with q, k, v split as the
+    logical axes 'batch' and 'heads' say (flax's current rules; an axis that does not divide
+    stays whole). Without such a mesh: kernel(...) as is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(q, k, v, segment_ids=segment_ids)
+    B, _, H, _ = q.shape
+    axes = []
+    for name, n in zip(("batch", "heads"), (B, H)):
+        a = nn.logical_to_mesh_axes((name,))[0]
+        size = math.prod(mesh.shape[x] for x in ((a,) if isinstance(a, str) else a or ()))
+        axes.append(a if n % size == 0 else None)
+    spec = jax.sharding.PartitionSpec(axes[0], None, axes[1], None)
+    if segment_ids is None:
+        return jax.shard_map(lambda q, k, v: kernel(q, k, v, segment_ids=None), mesh=mesh,
+                             in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
+    seg_spec = jax.sharding.PartitionSpec(axes[0], None)
+    return jax.shard_map(lambda q, k, v, s: kernel(q, k, v, segment_ids=s), mesh=mesh,
+                         in_specs=(spec,) * 3 + (seg_spec,), out_specs=spec,
+                         check_vma=False)(q, k, v, segment_ids)
+
+
+def resolve_impl(impl: str, *, mem_freq=None, dropout: bool = False) -> str:
+    """'xla' or 'pallas' for `landmark_attention`'s impl: 'auto' is 'pallas' on the gpu backend
+    when the Pallas kernel serves the call (mem_freq given, no group dropout), else 'xla' (on
+    TPUs too: the kernels are written in the Triton style, and their Mosaic lowering has not
+    been made or checked; impl='pallas' still tries it there)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    on_gpu = jax.default_backend() == "gpu"
+    return "pallas" if on_gpu and mem_freq is not None and not dropout else "xla"
+
+
 def landmark_attention(q, k, v, is_landmark, *, segment_ids=None, q_block: int = 256,
                        mem_freq: Optional[int] = None, group_dropout: float = 0.0,
-                       dropout_key=None):
+                       dropout_key=None, impl: str = "xla", interpret: bool = False,
+                       pallas_blocks: tuple[int, int] = (64, 64)):
     """Landmark attention y [B, T, H, D], blockwise over queries.
 
     Query tiles of `q_block` rows only score the causal key prefix [0, tile end), and each tile is
@@ -261,6 +304,14 @@ def landmark_attention(q, k, v, is_landmark, *, segment_ids=None, q_block: int =
 
     group_dropout p with a `dropout_key` (training): the official group dropout (`group_keep`);
     both paths and `landmark_attention_dense` draw the same scales for the same key.
+
+    impl (static): "xla" (the default) is the above; "pallas" runs the training layout through
+    the flash-style kernels of models/landmark_pallas.py (forward and backward; the same numbers
+    to float32 rounding) and needs mem_freq, takes no group dropout, and sends any other
+    is_landmark to the general XLA path under the same lax.cond; "auto" is "pallas" on the gpu
+    backend when it serves the call, else "xla" (`resolve_impl`). interpret: run the kernels in
+    Pallas interpret mode (CPU; tests). pallas_blocks: the kernels' (query, key) tile sizes,
+    powers of two ≥ 16.
     """
     is_landmark = check_qkv(q, k, v, is_landmark)
     if not isinstance(q_block, int) or q_block <= 0:
@@ -268,6 +319,22 @@ def landmark_attention(q, k, v, is_landmark, *, segment_ids=None, q_block: int =
     B, T, H, D = q.shape
     starts = list(range(0, T, q_block))
     dropout = _check_group_dropout(group_dropout, dropout_key)
+    impl = resolve_impl(impl, mem_freq=mem_freq, dropout=dropout)
+    if impl == "pallas":
+        if not interpret and jax.default_backend() == "cpu":
+            raise ValueError("impl='pallas' is not allowed on the cpu backend without "
+                             "interpret=True (slow; tests); use impl='auto' (xla on CPU) or 'xla'")
+        if mem_freq is None:
+            raise ValueError("mem_freq=None is not allowed with impl='pallas': the kernel runs "
+                             "the training layout; pass mem_freq, or use impl='xla'")
+        if dropout:
+            raise ValueError(f"group_dropout={group_dropout!r} is not allowed with impl='pallas'"
+                             " (no dropout in the kernel); use impl='xla' or group_dropout=0")
+        if (not isinstance(pallas_blocks, (tuple, list)) or len(pallas_blocks) != 2
+                or not all(isinstance(b, int) and b >= 16 and not b & (b - 1)
+                           for b in pallas_blocks)):
+            raise ValueError(f"pallas_blocks={pallas_blocks!r} must be two powers of two ≥ 16 "
+                             "(query tile, key tile)")
 
     def keep_of(start, end):
         if not dropout:
@@ -296,6 +363,12 @@ def landmark_attention(q, k, v, is_landmark, *, segment_ids=None, q_block: int =
     pad = ((0, 0), (0, T_pad - T), (0, 0), (0, 0))
 
     def periodic(q, k, v, is_landmark, segment_ids):
+        if impl == "pallas":
+            from models import landmark_pallas
+            kernel = functools.partial(
+                landmark_pallas.landmark_attention_pallas, mem_freq=S - 1,
+                block_q=pallas_blocks[0], block_k=pallas_blocks[1], interpret=interpret)
+            return _per_shard(kernel, q, k, v, segment_ids)
         kp, vp = jnp.pad(k, pad), jnp.pad(v, pad)
         seg = None if segment_ids is None else jnp.pad(segment_ids, ((0, 0), (0, T_pad - T)),
                                                        constant_values=-1)
@@ -316,16 +389,18 @@ def landmark_attention(q, k, v, is_landmark, *, segment_ids=None, q_block: int =
 # The attention functions LandmarkLM passes to the decoder (models.transformer.AttentionFn), by
 # `model.attention`: blockwise ('landmark', the default) or the dense reference.
 def _blockwise_attention_fn(q, k, v, *, is_landmark, segment_ids=None, q_block=256,
-                            mem_freq=None, group_dropout=0.0, group_dropout_key=None, **unused):
+                            mem_freq=None, group_dropout=0.0, group_dropout_key=None,
+                            impl="xla", **unused):
     if unused:
         raise ValueError(f"landmark attention got unsupported arguments {sorted(unused)}")
     return landmark_attention(q, k, v, is_landmark, segment_ids=segment_ids, q_block=q_block,
                               mem_freq=mem_freq, group_dropout=group_dropout,
-                              dropout_key=group_dropout_key)
+                              dropout_key=group_dropout_key, impl=impl)
 
 
 def _dense_attention_fn(q, k, v, *, is_landmark, segment_ids=None, mem_freq=None,
-                        group_dropout=0.0, group_dropout_key=None, **unused):
+                        group_dropout=0.0, group_dropout_key=None, impl="xla", **unused):
+    del impl  # the dense reference has one implementation
     if unused:
         raise ValueError(f"landmark attention got unsupported arguments {sorted(unused)}")
     return landmark_attention_dense(q, k, v, is_landmark, segment_ids=segment_ids,
@@ -419,12 +494,23 @@ class LandmarkConfig:
     group_dropout: float = 0.0             # training only: each earlier block dropped from a
                                            # query's attention with this probability (official
                                            # --group_dropout; 0 = off)
+    attention_impl: str = "xla"            # 'landmark' attention's implementation: 'xla'
+                                           # (blockwise), 'pallas' (models/landmark_pallas.py
+                                           # kernels; gpu) or 'auto' (pallas on gpu, else
+                                           # xla: a run evaluated on another backend)
 
     def __post_init__(self):
         _check_mem_freq(self.mem_freq)
         if (not isinstance(self.group_dropout, (int, float)) or isinstance(self.group_dropout, bool)
                 or not 0 <= self.group_dropout < 1):
             raise ValueError(f"group_dropout={self.group_dropout!r} must be a number in [0, 1)")
+        if self.attention_impl not in IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r} must be one of {IMPLS}")
+        if (self.attention_impl == "pallas" and self.group_dropout
+                and self.model.attention == "landmark"):
+            raise ValueError(f"attention_impl='pallas' is not allowed with group_dropout="
+                             f"{self.group_dropout} (no dropout in the kernel); use 'xla' or "
+                             "'auto'")
         if not isinstance(self.pos_jump, int) or self.pos_jump < 0:
             raise ValueError(f"pos_jump={self.pos_jump!r} must be a non-negative integer")
         if self.model.attention not in ATTENTION_FNS:
@@ -493,20 +579,21 @@ class LandmarkLM(nn.Module):
             attention_kwargs={"is_landmark": is_landmark}, return_hidden=return_hidden,
             layer_attention_kwargs=layer_kwargs,
             attention_fn=functools.partial(ATTENTION_FNS[c.attention], mem_freq=lc.mem_freq,
-                                           group_dropout=lc.group_dropout))
+                                           group_dropout=lc.group_dropout,
+                                           impl=lc.attention_impl))
 
 
 
 # ---------------------------------------------------------------------------------------------
 # The trainer's model builder (train/trainer.py MODELS; the objective: train/objectives/landmark.py)
 # ---------------------------------------------------------------------------------------------
-_LANDMARK_FIELDS = ("mem_freq", "landmark_id", "pos_jump", "group_dropout")
+_LANDMARK_FIELDS = ("mem_freq", "landmark_id", "pos_jump", "group_dropout", "attention_impl")
 
 
 def config_from_dict(model_cfg: Mapping[str, Any]) -> LandmarkConfig:
     """A `LandmarkConfig` from a flat model config dict: the `TransformerConfig` fields plus
-    mem_freq, landmark_id, pos_jump, group_dropout ('family' is ignored; attention defaults to
-    'landmark')."""
+    mem_freq, landmark_id, pos_jump, group_dropout, attention_impl ('family' is ignored;
+    attention defaults to 'landmark')."""
     d = dict(model_cfg)
     d.pop("family", None)
     missing = [f for f in ("mem_freq", "landmark_id") if f not in d]

@@ -79,6 +79,8 @@ ADDED_DEFAULTS = {
     # Landmark attention's group dropout (models/landmark.py): off, as before it existed
     # (0.0 in a config; its JSON round trip writes 0).
     "model.group_dropout": 0,
+    # Landmark attention's implementation (models/landmark.py): the blockwise XLA path, as before.
+    "model.attention_impl": "xla",
 }
 
 ABSENT = "<absent>"

@@ -36,9 +36,10 @@ PG-19 read through TFDS (array_record; prepare it once with `data.download=True`
 rows at random offsets of it, a landmark after every 50th token of the stream, EOS inputs'
 targets masked; `official_optim`: no weight decay on norms and the embedding, no clipping,
 cosine to lr/5 as the official OneCycleLR). `model.group_dropout` (official --group_dropout) is
-0 (off) in every variant. Differences from the paper: byte tokens (V = 320) instead of GPT-2's
-BPE; a row holds 512 raw tokens (the official 512 count its landmarks). Any field can be
-overridden with --config.FIELD=VALUE.
+0 (off) in every variant; `model.attention_impl` is 'xla' (the blockwise attention; 'pallas'
+runs the flash-style kernels of models/landmark_pallas.py on a GPU; 'auto' too). Differences from
+the paper: byte tokens (V = 320) instead of GPT-2's BPE; a row holds 512 raw tokens (the
+official 512 count its landmarks). Any field can be overridden with --config.FIELD=VALUE.
 
 `tiny_official` is `tiny`'s model on the local prose corpus in that layout (CPU);
 `tiny_xl` / `paper_xl` the Transformer-XL baseline of Table 1 (objective `transformer_xl`,
@@ -132,6 +133,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         # official --group_dropout: each earlier block dropped from a query's attention with
         # this probability in training (models/landmark.py: group_keep); 0 (official None): off
         c.model.group_dropout = 0.0
+        # 'landmark' attention's implementation (models.landmark.IMPLS): 'xla' blockwise,
+        # 'pallas' (flash-style kernels, models/landmark_pallas.py; GPU, no group dropout),
+        # 'auto' (pallas on a GPU, xla elsewhere)
+        c.model.attention_impl = "xla"
 
     if paper:
         # PG-19 through the real TFDS path (array_record via tfds.data_source; nothing in tests),
@@ -278,7 +283,7 @@ def official_config(arg: str) -> ml_collections.ConfigDict:
             {"piece_len": s["piece_len"], "cache_len": s["cache_len"]})
         c.model.family = "transformer"
         c.model.attention = "dense"
-        for f in ("mem_freq", "landmark_id", "pos_jump", "group_dropout"):
+        for f in ("mem_freq", "landmark_id", "pos_jump", "group_dropout", "attention_impl"):
             del c.model[f]
     return c
 

@@ -1,0 +1,428 @@
+"""Landmark attention (Mohtashami & Jaggi 2023) as flash-style Pallas kernels: forward, backward,
+and a `jax.custom_vjp` tying them together.
+
+    landmark_attention_pallas(q, k, v, mem_freq=F, segment_ids=None, block_q=64, block_k=64,
+                              interpret=False) -> y [B, T, H, D]
+
+The layout is the training one (`models.landmark.insert_landmarks`): a landmark at every
+t % S == S - 1, S = mem_freq + 1. The numbers are `models.landmark.landmark_attention`'s (the
+grouped softmax of `grouped_softmax`): for query i in block qb = i // S, one softmax runs over
+its own block's regular keys j ≤ i and the landmarks ("gates") of earlier blocks; an earlier
+block's regular keys share its gate's probability through a softmax inside the block. Landmark
+values never reach the output. Callers that may hold another layout go through
+`models.landmark.landmark_attention(..., impl="pallas")`, which checks the layout at run time.
+
+How the kernels tile it
+- Keys are laid out block-aligned: each landmark block of S keys is padded to Pb = next power of
+  two ≥ S slots (zeros, masked), so a key tile of bk = max(block_k, Pb) slots holds R = bk / Pb
+  whole landmark blocks and every statistic of the in-block softmax (its max and sum) is a
+  reduction inside one tile (the price: Pb − S wasted slots per block, e.g. 13 of 64 for the
+  paper's blocks of 50 + 1). This is what lets the backward pass recompute the weights from the
+  per-row top-level log-sum-exp alone, as in FlashAttention; it is also how the official Triton
+  kernel (epfml/landmark-attention, llama/ltriton) works, with one block per tile.
+- Forward (grid: query tiles × B × H): the online softmax of FlashAttention over the top-level
+  items (own keys and gates); a gate's "value" is its block's in-block average of v, formed in
+  the same tile, so one matmul w @ v per tile carries both levels. Writes y and the top-level
+  lse [B, H, T].
+- Backward: two kernels, dk/dv (grid: key tiles × B × H, loop over the query tiles that see
+  them) and dq (grid: query tiles × B × H, loop over key tiles), each recomputing the tile's
+  weights. With δ_i = dy_i · y_i, dp_j = dy_i · v_j and u_b the block average:
+  own key: ds = p_j (dp_j − δ); gate of block b: ds = p_g (dy·u_b − δ); past key j of b:
+  ds = p_g q_j (dp_j − dy·u_b), where q_j is j's in-block probability.
+- Scores, softmax statistics and accumulators are float32 (float64 for float64 inputs); the two
+  matmuls with weights take v's (or q's) dtype, as `models.landmark` does.
+
+Lowering: `pl.pallas_call` with static block shapes (block sizes are powers of two ≥ 16, the
+head dimension padded to a power of two ≥ 16) and loops of `lax.fori_loop` whose bounds are
+scalar functions of the program id, in the style of the Triton lowering (whole-sequence key
+blocks sliced with `pl.ds`, row statistics as 1-D vectors; compiler parameters are Triton's on
+GPU). A Mosaic (TPU) lowering would need TPU-shaped blocks (key tiles on the grid, row vectors
+as lane-aligned 2-D blocks) and has not been made. `interpret=True` runs the same kernels on CPU
+(what the tests do). One `pallas_call` is not partitioned across devices: under a mesh,
+`models.landmark.landmark_attention` runs it per shard (`shard_map`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+
+def _check_block(name: str, value) -> int:
+    if (not isinstance(value, int) or isinstance(value, bool) or value < 16
+            or value & (value - 1)):
+        raise ValueError(f"{name}={value!r} must be a power of two ≥ 16")
+    return value
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _dot(a, b, *, trans_a=False, trans_b=False):
+    """a @ b (optionally transposed) with float32 accumulation (float64 for float64 inputs)."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    acc = jnp.promote_types(jnp.float32, a.dtype)
+    # Full float32 products on GPUs too (no TF32), so float32 inputs give float32 results.
+    prec = lax.Precision.HIGHEST if a.dtype in (jnp.float32, jnp.float64) else None
+    return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=acc)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """Static sizes shared by the three kernels (hashable: a custom_vjp static argument)."""
+    T: int            # sequence length
+    S: int            # landmark block: mem_freq keys + its landmark
+    Pb: int           # padded slots per landmark block (power of two ≥ S)
+    bk: int           # key tile (slots)
+    R: int            # whole landmark blocks per key tile
+    bq: int           # query tile
+    NB: int           # landmark blocks (the last may be partial)
+    NBp: int          # ... rounded up to whole key tiles
+    Kp: int           # padded key slots
+    NKT: int          # key tiles
+    Tq: int           # padded queries
+    NQT: int          # query tiles
+    Dp: int           # padded head dimension
+    scale: float      # 1 / sqrt(D)
+
+    @classmethod
+    def make(cls, T: int, mem_freq: int, D: int, block_q: int, block_k: int) -> "_Geometry":
+        S = mem_freq + 1
+        Pb = _next_pow2(S)
+        bk = max(block_k, Pb)
+        R = bk // Pb
+        NB = -(-T // S)
+        NBp = -(-NB // R) * R
+        Tq = -(-T // block_q) * block_q
+        return cls(T=T, S=S, Pb=Pb, bk=bk, R=R, bq=block_q, NB=NB, NBp=NBp, Kp=NBp * Pb,
+                   NKT=NBp * Pb // bk, Tq=Tq, NQT=Tq // block_q, Dp=max(16, _next_pow2(D)),
+                   scale=1.0 / math.sqrt(D))
+
+
+def _tile_masks(g: _Geometry, rows, seg_q, kt, seg_k):
+    """Masks [bq, bk] of query rows `rows` against key tile kt: own (regular keys of the row's
+    block, j ≤ i), past (regular keys of earlier blocks), gate (landmarks of earlier blocks), and
+    the tile-local landmark-block index of each slot [bk] (0..R-1)."""
+    u = kt * g.bk + lax.iota(jnp.int32, g.bk)       # slot index
+    blk = lax.div(u, g.Pb)
+    t = u - blk * g.Pb
+    pos = blk * g.S + t                             # position in the unpadded sequence
+    key_ok = (t < g.S) & (pos < g.T)
+    is_lm = t == g.S - 1
+    qb = lax.div(rows, g.S)
+    row_ok = rows < g.T
+    vis = (pos[None, :] <= rows[:, None]) & key_ok[None, :] & row_ok[:, None]
+    if seg_q is not None:
+        vis = vis & (seg_q[:, None] == seg_k[None, :])
+    same = blk[None, :] == qb[:, None]
+    earlier = blk[None, :] < qb[:, None]
+    own = vis & same & ~is_lm[None, :]
+    past = vis & earlier & ~is_lm[None, :]
+    gate = vis & earlier & is_lm[None, :]
+    return own, past, gate, blk - kt * g.R
+
+
+def _per_block(g: _Geometry, local, x_rows_by_block):
+    """Per-(row, local block) values back on their slots: R vectors [bq] → [bq, bk]."""
+    if g.R == 1:
+        return x_rows_by_block[0][:, None]
+    out = x_rows_by_block[0][:, None]
+    for r in range(1, g.R):
+        out = jnp.where((local == r)[None, :], x_rows_by_block[r][:, None], out)
+    return out
+
+
+def _block_sum(g: _Geometry, local, x):
+    """Per-row sums of x [bq, bk] inside each local landmark block → list of R [bq] vectors."""
+    if g.R == 1:
+        return [jnp.sum(x, axis=1)]
+    zero = jnp.zeros((), x.dtype)
+    return [jnp.sum(jnp.where((local == r)[None, :], x, zero), axis=1) for r in range(g.R)]
+
+
+def _block_max(g: _Geometry, s, past, local):
+    """Per-slot maximum [bq, bk] of the row's past scores in the slot's landmark block (0 where
+    the block has none): the in-block softmax's stabiliser. Per block, not per row: an earlier
+    block's weight is set by its gate, not by its scores, so a block far below the row's other
+    scores must not underflow to nothing."""
+    ninf = jnp.asarray(-jnp.inf, s.dtype)
+    if g.R == 1:
+        maxes = [jnp.max(jnp.where(past, s, ninf), axis=1)]
+    else:
+        maxes = [jnp.max(jnp.where(past & (local == r)[None, :], s, ninf), axis=1)
+                 for r in range(g.R)]
+    return _per_block(g, local, [jnp.where(m > ninf, m, jnp.zeros((), s.dtype)) for m in maxes])
+
+
+def _in_block_probs(g: _Geometry, e_past, local):
+    """q_j [bq, bk]: key j's probability inside its earlier landmark block, from e_past =
+    exp(s − block max) on past slots (0 elsewhere)."""
+    d = [jnp.where(x > 0, x, jnp.ones((), x.dtype)) for x in _block_sum(g, local, e_past)]
+    return e_past / _per_block(g, local, d)
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, sq_ref, sk_ref, o_ref, lse_ref, *, g: _Geometry,
+                segments: bool):
+    iq = pl.program_id(0)
+    q = q_ref[...]                                               # [bq, Dp]
+    acc_t = jnp.promote_types(jnp.float32, q.dtype)
+    rows = iq * g.bq + lax.iota(jnp.int32, g.bq)
+    seg_q = sq_ref[...] if segments else None
+    ninf = jnp.asarray(-jnp.inf, acc_t)
+    zero = jnp.zeros((), acc_t)
+
+    def body(kt, carry):
+        acc, m, l = carry
+        kslice = pl.ds(kt * g.bk, g.bk)
+        k = k_ref[kslice, :]
+        v = v_ref[kslice, :]
+        seg_k = sk_ref[kslice] if segments else None
+        s = _dot(q, k, trans_b=True) * g.scale                    # [bq, bk]
+        own, past, gate, local = _tile_masks(g, rows, seg_q, kt, seg_k)
+        top = own | gate
+        m_new = jnp.maximum(m, jnp.max(jnp.where(top, s, ninf), axis=1))
+        m_safe = jnp.where(m_new > ninf, m_new, zero)
+        alpha = jnp.exp(m - m_safe)                              # 0 while m is -inf
+        # One exp per score: past keys against their block's max, the rest against the row's.
+        e = jnp.exp(s - jnp.where(past, _block_max(g, s, past, local), m_safe[:, None]))
+        e_top = jnp.where(top, e, zero)
+        e_gate = _block_sum(g, local, jnp.where(gate, e, zero))
+        qj = _in_block_probs(g, jnp.where(past, e, zero), local)
+        w = jnp.where(own, e, zero) + qj * _per_block(g, local, e_gate)
+        acc = alpha[:, None] * acc + _dot(w.astype(v.dtype), v)
+        l = alpha * l + jnp.sum(e_top, axis=1)
+        return acc, m_new, l
+
+    # Key tiles up to the one holding the landmark block of the tile's last query.
+    last_block = lax.div(iq * g.bq + (g.bq - 1), g.S)
+    n_kt = jnp.minimum(lax.div(last_block, g.R) + 1, g.NKT)
+    init = (jnp.zeros((g.bq, g.Dp), acc_t), jnp.full((g.bq,), -jnp.inf, acc_t),
+            jnp.zeros((g.bq,), acc_t))
+    acc, m, l = lax.fori_loop(0, n_kt, body, init)
+    has = l > 0                                  # a row with nothing to attend to outputs 0
+    o_ref[...] = (acc / jnp.where(has, l, 1)[:, None]).astype(o_ref.dtype)
+    m_safe = jnp.where(m > ninf, m, zero)
+    lse_ref[...] = jnp.where(has, m_safe + jnp.log(jnp.where(has, l, 1)), jnp.inf).astype(
+        lse_ref.dtype)
+
+
+def _bwd_tile(g: _Geometry, q, k, v, do, lse, delta, rows, seg_q, kt, seg_k):
+    """Recomputed weights w [bq, bk] and score gradients ds [bq, bk] (before the 1/sqrt(D))."""
+    acc_t = lse.dtype
+    zero = jnp.zeros((), acc_t)
+    s = _dot(q, k, trans_b=True) * g.scale
+    own, past, gate, local = _tile_masks(g, rows, seg_q, kt, seg_k)
+    # One exp per score (as in the forward); lse = inf (a row with nothing to attend to) → 0.
+    e = jnp.exp(s - jnp.where(past, _block_max(g, s, past, local), lse[:, None]))
+    p_top = jnp.where(own | gate, e, zero)
+    qj = _in_block_probs(g, jnp.where(past, e, zero), local)
+    dp = _dot(do, v, trans_b=True)                                    # dy_i · v_j
+    p_gate = _per_block(g, local, _block_sum(g, local, jnp.where(gate, p_top, zero)))
+    du = _per_block(g, local, _block_sum(g, local, qj * dp))          # dy_i · u_b
+    w = jnp.where(own, p_top, zero) + qj * p_gate
+    ds_top = p_top * (jnp.where(gate, du, dp) - delta[:, None])
+    ds = ds_top + p_gate * qj * (dp - du)
+    return w, ds
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, sq_ref, sk_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                 *, g: _Geometry, segments: bool):
+    kt = pl.program_id(0)
+    k = k_ref[...]                                               # [bk, Dp]
+    v = v_ref[...]
+    seg_k = sk_ref[...] if segments else None
+    acc_t = lse_ref.dtype
+
+    def body(iq, carry):
+        dk, dv = carry
+        qslice = pl.ds(iq * g.bq, g.bq)
+        q = q_ref[qslice, :]
+        do = do_ref[qslice, :]
+        rows = iq * g.bq + lax.iota(jnp.int32, g.bq)
+        seg_q = sq_ref[qslice] if segments else None
+        w, ds = _bwd_tile(g, q, k, v, do, lse_ref[qslice], delta_ref[qslice], rows, seg_q, kt,
+                          seg_k)
+        dv = dv + _dot(w.astype(do.dtype), do, trans_a=True)
+        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+        return dk, dv
+
+    # Query tiles from the one holding the tile's first key position.
+    first_iq = lax.div(kt * (g.R * g.S), g.bq)
+    init = (jnp.zeros((g.bk, g.Dp), acc_t), jnp.zeros((g.bk, g.Dp), acc_t))
+    dk, dv = lax.fori_loop(jnp.minimum(first_iq, g.NQT), g.NQT, body, init)
+    dk_ref[...] = (dk * g.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, sq_ref, sk_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+               g: _Geometry, segments: bool):
+    iq = pl.program_id(0)
+    q = q_ref[...]
+    do = do_ref[...]
+    lse = lse_ref[...]
+    delta = delta_ref[...]
+    rows = iq * g.bq + lax.iota(jnp.int32, g.bq)
+    seg_q = sq_ref[...] if segments else None
+
+    def body(kt, dq):
+        kslice = pl.ds(kt * g.bk, g.bk)
+        k = k_ref[kslice, :]
+        seg_k = sk_ref[kslice] if segments else None
+        _, ds = _bwd_tile(g, q, k, v_ref[kslice, :], do, lse, delta, rows, seg_q, kt, seg_k)
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    last_block = lax.div(iq * g.bq + (g.bq - 1), g.S)
+    n_kt = jnp.minimum(lax.div(last_block, g.R) + 1, g.NKT)
+    dq = lax.fori_loop(0, n_kt, body, jnp.zeros((g.bq, g.Dp), lse.dtype))
+    dq_ref[...] = (dq * g.scale).astype(dq_ref.dtype)
+
+
+def _compiler_params(interpret: bool):
+    if interpret or jax.default_backend() != "gpu":
+        return None
+    from jax.experimental.pallas import triton as plgpu
+    return plgpu.CompilerParams(num_warps=4, num_stages=2)
+
+
+def _specs(g: _Geometry):
+    """BlockSpecs (grid index i, b, h) of: a query tile, all queries, a key tile, all keys, and
+    the matching [B, T] segment-id slices and [B, H, T] row statistics."""
+    q_tile = pl.BlockSpec((None, None, g.bq, g.Dp), lambda i, b, h: (b, h, i, 0))
+    q_all = pl.BlockSpec((None, None, g.Tq, g.Dp), lambda i, b, h: (b, h, 0, 0))
+    k_tile = pl.BlockSpec((None, None, g.bk, g.Dp), lambda i, b, h: (b, h, i, 0))
+    k_all = pl.BlockSpec((None, None, g.Kp, g.Dp), lambda i, b, h: (b, h, 0, 0))
+    sq_tile = pl.BlockSpec((None, g.bq), lambda i, b, h: (b, i))
+    sq_all = pl.BlockSpec((None, g.Tq), lambda i, b, h: (b, 0))
+    sk_tile = pl.BlockSpec((None, g.bk), lambda i, b, h: (b, i))
+    sk_all = pl.BlockSpec((None, g.Kp), lambda i, b, h: (b, 0))
+    row_tile = pl.BlockSpec((None, None, g.bq), lambda i, b, h: (b, h, i))
+    row_all = pl.BlockSpec((None, None, g.Tq), lambda i, b, h: (b, h, 0))
+    return q_tile, q_all, k_tile, k_all, sq_tile, sq_all, sk_tile, sk_all, row_tile, row_all
+
+
+def _forward(g, segments, interpret, qp, kp, vp, sq, sk):
+    B, H = qp.shape[:2]
+    q_tile, _, _, k_all, sq_tile, _, _, sk_all, row_tile, _ = _specs(g)
+    acc_t = jnp.promote_types(jnp.float32, qp.dtype)
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, g=g, segments=segments),
+        grid=(g.NQT, B, H),
+        in_specs=[q_tile, k_all, k_all, sq_tile, sk_all],
+        out_specs=[q_tile, row_tile],
+        out_shape=[jax.ShapeDtypeStruct(qp.shape, qp.dtype),
+                   jax.ShapeDtypeStruct((B, H, g.Tq), acc_t)],
+        compiler_params=_compiler_params(interpret), interpret=interpret,
+        name="landmark_attention_fwd")(qp, kp, vp, sq, sk)
+
+
+def _backward(g, segments, interpret, qp, kp, vp, sq, sk, op, lse, dop):
+    B, H = qp.shape[:2]
+    q_tile, q_all, k_tile, k_all, sq_tile, sq_all, sk_tile, sk_all, row_tile, row_all = _specs(g)
+    delta = jnp.sum(op.astype(lse.dtype) * dop.astype(lse.dtype), axis=-1)   # δ_i = dy_i · y_i
+    cp = _compiler_params(interpret)
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, g=g, segments=segments),
+        grid=(g.NKT, B, H),
+        in_specs=[q_all, k_tile, k_tile, sq_all, sk_tile, q_all, row_all, row_all],
+        out_specs=[k_tile, k_tile],
+        out_shape=[jax.ShapeDtypeStruct(kp.shape, kp.dtype),
+                   jax.ShapeDtypeStruct(vp.shape, vp.dtype)],
+        compiler_params=cp, interpret=interpret,
+        name="landmark_attention_dkdv")(qp, kp, vp, sq, sk, dop, lse, delta)
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, g=g, segments=segments),
+        grid=(g.NQT, B, H),
+        in_specs=[q_tile, k_all, k_all, sq_tile, sk_all, q_tile, row_tile, row_tile],
+        out_specs=q_tile,
+        out_shape=jax.ShapeDtypeStruct(qp.shape, qp.dtype),
+        compiler_params=cp, interpret=interpret,
+        name="landmark_attention_dq")(qp, kp, vp, sq, sk, dop, lse, delta)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _attention(g, segments, interpret, qp, kp, vp, sq, sk):
+    return _forward(g, segments, interpret, qp, kp, vp, sq, sk)[0]
+
+
+def _attention_fwd(g, segments, interpret, qp, kp, vp, sq, sk):
+    op, lse = _forward(g, segments, interpret, qp, kp, vp, sq, sk)
+    return op, (qp, kp, vp, sq, sk, op, lse)
+
+
+def _attention_bwd(g, segments, interpret, res, dop):
+    qp, kp, vp, sq, sk, op, lse = res
+    dq, dk, dv = _backward(g, segments, interpret, qp, kp, vp, sq, sk, op, lse, dop)
+    return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _queries(g: _Geometry, x_BxTxHxD):
+    """[B, T, H, D] → [B, H, Tq, Dp] (zero padded)."""
+    x = jnp.swapaxes(x_BxTxHxD, 1, 2)
+    D = x.shape[-1]
+    return jnp.pad(x, ((0, 0), (0, 0), (0, g.Tq - g.T), (0, g.Dp - D)))
+
+
+def _keys(g: _Geometry, x_BxTxHxD):
+    """[B, T, H, D] → block-aligned [B, H, Kp, Dp]: landmark block b's S keys at slots
+    b·Pb .. b·Pb + S − 1, zeros elsewhere."""
+    B, T, H, D = x_BxTxHxD.shape
+    x = jnp.swapaxes(x_BxTxHxD, 1, 2)
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, g.NB * g.S - T), (0, g.Dp - D)))
+    x = x.reshape(B, H, g.NB, g.S, g.Dp)
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, g.NBp - g.NB), (0, g.Pb - g.S), (0, 0)))
+    return x.reshape(B, H, g.Kp, g.Dp)
+
+
+def _segment_slots(g: _Geometry, seg_BxT):
+    """segment ids [B, T] → (query side [B, Tq], key side [B, Kp]); padding is masked anyway."""
+    B, T = seg_BxT.shape
+    sq = jnp.pad(seg_BxT, ((0, 0), (0, g.Tq - T)))
+    sk = jnp.pad(seg_BxT, ((0, 0), (0, g.NB * g.S - T))).reshape(B, g.NB, g.S)
+    sk = jnp.pad(sk, ((0, 0), (0, g.NBp - g.NB), (0, g.Pb - g.S))).reshape(B, g.Kp)
+    return sq, sk
+
+
+def landmark_attention_pallas(q, k, v, *, mem_freq: int, segment_ids=None, block_q: int = 64,
+                              block_k: int = 64, interpret: bool = False):
+    """Landmark attention y [B, T, H, D] for the training layout (a landmark at every
+    t % (mem_freq + 1) == mem_freq), by the Pallas kernels; differentiable in q, k, v.
+
+    q, k, v [B, T, H, D] (already rotated; v's D equal to q's); segment_ids [B, T] int or None
+    (attention only within equal ids). block_q, block_k: query and key tile sizes (powers of two
+    ≥ 16; a key tile grows to hold at least one landmark block). interpret: run the kernels in
+    Pallas interpret mode (CPU). The landmark layout is assumed, not checked: use
+    `models.landmark.landmark_attention(..., impl="pallas")` when it may differ.
+    """
+    if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v have shapes {q.shape}, {k.shape}, {v.shape}; they must be "
+                         "one [B, T, H, D] shape")
+    if (not isinstance(mem_freq, int) or isinstance(mem_freq, bool)) or mem_freq <= 0:
+        raise ValueError(f"mem_freq={mem_freq!r} must be a positive integer")
+    _check_block("block_q", block_q)
+    _check_block("block_k", block_k)
+    B, T, H, D = q.shape
+    g = _Geometry.make(T, mem_freq, D, block_q, block_k)
+    segments = segment_ids is not None
+    if segments:
+        segment_ids = jnp.asarray(segment_ids)
+        if segment_ids.shape != (B, T):
+            raise ValueError(f"segment_ids has shape {segment_ids.shape}; it must be [B, T]="
+                             f"{(B, T)}")
+        sq, sk = _segment_slots(g, segment_ids.astype(jnp.int32))
+    else:
+        sq = jnp.zeros((B, g.Tq), jnp.int32)
+        sk = jnp.zeros((B, g.Kp), jnp.int32)
+    y = _attention(g, segments, bool(interpret), _queries(g, q), _keys(g, k), _keys(g, v), sq,
+                   sk)
+    return jnp.swapaxes(y[:, :, :T, :D], 1, 2)
+

@@ -1,0 +1,142 @@
+"""models/landmark_pallas.py: the Pallas landmark kernels (interpret mode on CPU) against the
+blockwise XLA path of models/landmark.py — outputs and gradients — and the impl switch.
+
+Tolerance 1e-5 (float32): both compute the same grouped softmax with float32 accumulation; they
+differ only in summation order (online softmax over key tiles vs one softmax per query tile).
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+
+from models import landmark as lmk
+from models import landmark_pallas as lmp
+from models import transformer
+
+B, H, D = 2, 2, 16
+TOL = 1e-5
+
+
+def _inputs(T, seed):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    return tuple(jax.random.normal(kk, (B, T, H, D), jnp.float32) for kk in keys)
+
+
+def _value_and_grads(attn):
+    """jit of (q, k, v, ct, *rest) → (y, (dq, dk, dv)) for y = attn(q, k, v, *rest)."""
+    @jax.jit
+    def run(q, k, v, ct, *rest):
+        y, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, *rest), q, k, v)
+        return y, vjp(ct)
+    return run
+
+
+def _periodic(T, mem_freq):
+    return jnp.broadcast_to(jnp.arange(T) % (mem_freq + 1) == mem_freq, (B, T))
+
+
+def _assert_close(got, want):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=TOL, rtol=TOL)
+
+
+@pytest.fixture(scope="module")
+def xla_reference():
+    """The XLA path (impl='xla'; without mem_freq, its general segment-reduction path, which
+    tests/models/test_landmark.py checks against the periodic one and the dense reference)."""
+    return _value_and_grads(lambda q, k, v, is_lm, seg: lmk.landmark_attention(
+        q, k, v, is_lm, segment_ids=seg))
+
+
+T = 72    # not a multiple of any tile below
+
+
+def test_kernel_with_segments_matches_xla(xla_reference):
+    """Landmark blocks of 8 (two per 16-slot key tile), query tiles of 16 spanning two blocks;
+    packed segments: row 0 split mid-block, row 1 at a landmark (whose query then has nothing
+    to attend to) and again mid-block."""
+    F = 7
+    q, k, v, ct = _inputs(T, 0)
+    t = jnp.arange(T)
+    seg = jnp.stack([(t >= 29), (t >= 15).astype(jnp.int32) + (t >= 50)]).astype(jnp.int32)
+    pallas = _value_and_grads(lambda q, k, v, seg: lmp.landmark_attention_pallas(
+        q, k, v, mem_freq=F, segment_ids=seg, block_q=16, block_k=16, interpret=True))
+    _assert_close(pallas(q, k, v, ct, seg), xla_reference(q, k, v, ct, _periodic(T, F), seg))
+
+
+def test_impl_pallas_matches_xla_on_both_layouts(xla_reference):
+    """impl='pallas' through models.landmark on a 2 × 2 (batch × heads) mesh of fake devices
+    (the kernel runs per shard, under shard_map): blocks of 21 (padded to 32 slots, one per key
+    tile); one compiled function, run on the training layout (the kernels) and on a non-periodic
+    layout with two adjacent landmarks (the general XLA path under the same lax.cond)."""
+    F = 20
+    q, k, v, ct = _inputs(T, 1)
+    pallas = _value_and_grads(lambda q, k, v, is_lm: lmk.landmark_attention(
+        q, k, v, is_lm, mem_freq=F, impl="pallas", interpret=True, pallas_blocks=(16, 16)))
+    irregular = jnp.zeros((B, T), bool).at[:, jnp.array([5, 6, 30, 47])].set(True)
+    one_segment = jnp.zeros((B, T), jnp.int32)
+    mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "model"), axis_types=(AxisType.Auto,) * 3,
+                         devices=jax.devices()[:4])
+    with jax.set_mesh(mesh), nn.logical_axis_rules([("batch", ("data", "fsdp")),
+                                                    ("heads", "model")]):
+        assert "shard_map" in str(jax.make_jaxpr(pallas)(q, k, v, ct, irregular))
+        got = [pallas(q, k, v, ct, is_lm) for is_lm in (_periodic(T, F), irregular)]
+    for is_lm, g in zip((_periodic(T, F), irregular), got):
+        _assert_close(g, xla_reference(q, k, v, ct, is_lm, one_segment))
+
+
+def _tiny_body():
+    return {"vocab_size": 32, "width": 32, "num_layers": 1, "num_heads": H}
+
+
+def _has_kernel(attention_impl, T=24, F=7):
+    """Whether LandmarkLM with this attention_impl traces a pallas_call (tracing only)."""
+    model = lmk.build_from_config({**_tiny_body(), "mem_freq": F, "landmark_id": 0,
+                                   "attention_impl": attention_impl})
+    tokens = jnp.zeros((B, T), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    return "pallas_call" in str(jax.make_jaxpr(lambda p: model.apply(p, tokens))(params))
+
+
+def test_auto_is_xla_on_cpu_and_pallas_on_gpu(monkeypatch):
+    assert jax.default_backend() == "cpu"
+    assert lmk.resolve_impl("auto", mem_freq=7) == "xla"
+    assert not _has_kernel("auto")
+    with pytest.raises(ValueError, match=r"impl='pallas' is not allowed on the cpu backend"):
+        _has_kernel("pallas")
+    # On a GPU backend (traced, not compiled): 'auto' and the model config select the kernels.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert lmk.resolve_impl("auto", mem_freq=7) == "pallas"
+    assert lmk.resolve_impl("auto", mem_freq=None) == "xla"
+    assert lmk.resolve_impl("auto", mem_freq=7, dropout=True) == "xla"
+    assert _has_kernel("auto") and _has_kernel("pallas") and not _has_kernel("xla")
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert lmk.resolve_impl("auto", mem_freq=7) == "xla"     # Mosaic lowering not checked
+
+
+def test_errors():
+    T = 24
+    q, k, v, _ = _inputs(T, 3)
+    is_lm = _periodic(T, 7)
+    with pytest.raises(ValueError, match=r"impl='cuda' must be one of"):
+        lmk.landmark_attention(q, k, v, is_lm, mem_freq=7, impl="cuda")
+    with pytest.raises(ValueError, match=r"mem_freq=None is not allowed with impl='pallas'"):
+        lmk.landmark_attention(q, k, v, is_lm, impl="pallas", interpret=True)
+    with pytest.raises(ValueError, match=r"group_dropout=0.1 is not allowed with impl='pallas'"):
+        lmk.landmark_attention(q, k, v, is_lm, mem_freq=7, impl="pallas", interpret=True,
+                               group_dropout=0.1, dropout_key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"pallas_blocks=\(16, 24\) must be two powers of two"):
+        lmk.landmark_attention(q, k, v, is_lm, mem_freq=7, impl="pallas", interpret=True,
+                               pallas_blocks=(16, 24))
+    with pytest.raises(ValueError, match=r"block_k=8 must be a power of two ≥ 16"):
+        lmp.landmark_attention_pallas(q, k, v, mem_freq=7, block_k=8)
+    with pytest.raises(ValueError, match=r"segment_ids has shape \(1, 23\)"):
+        lmp.landmark_attention_pallas(q, k, v, mem_freq=7, segment_ids=jnp.zeros((1, 23)))
+    body = transformer.TransformerConfig(**_tiny_body(), attention="landmark")
+    with pytest.raises(ValueError, match=r"attention_impl='cuda' must be one of"):
+        lmk.LandmarkConfig(model=body, mem_freq=7, attention_impl="cuda")
+    with pytest.raises(ValueError, match=r"attention_impl='pallas' is not allowed with "
+                                         r"group_dropout=0.1"):
+        lmk.LandmarkConfig(model=body, mem_freq=7, attention_impl="pallas", group_dropout=0.1)
