@@ -31,7 +31,8 @@ embedding table when embeddings are untied (a lookup, not a matmul); with tied e
 is the LM head and is counted once. 12·L·T·D is attention's QKᵀ and AV, counted without the
 causal-mask saving. Norm scales are counted in N (a negligible overcount).
 
-Writes `results/benchmarks/trainer-DEVICE.json` (device, versions, shapes, times, ratio).
+Writes `results/benchmarks/trainer-DEVICE.json` (`trainer-125m-DEVICE.json`, `trainer-350m-...` for
+the GPT-3 sizes; device, versions, shapes, times, ratios).
 """
 from __future__ import annotations
 
@@ -249,7 +250,9 @@ def run(size: str = "small", *, steps: int = 5, warmup: int = 2, devices: int = 
         "real_loop": loop,
         "last_loss": loss,
     }
-    harness.write_result("trainer", payload, out_dir=out_dir)
+    # the GPT-3 sizes write files of their own (trainer-125m-DEVICE.json), so one machine keeps both
+    name = f"trainer-{size}" if size in ("125m", "350m") else "trainer"
+    harness.write_result(name, payload, out_dir=out_dir)
     return payload
 
 

@@ -377,6 +377,8 @@ def hf_load_summary(d: dict) -> str:
 BENCHMARK_SUMMARIES: dict[str, Callable[[dict], str]] = {
     "hf_load": hf_load_summary,
     "trainer": trainer_summary,
+    "trainer-125m": trainer_summary,
+    "trainer-350m": trainer_summary,
     "dkvb": dkvb_summary,
     "mac": mac_summary,
     "mac-paper": mac_summary,
