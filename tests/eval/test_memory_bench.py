@@ -65,19 +65,23 @@ def test_mixture_rows_mark_answers_and_prompts():
 def test_sliding_window_attention():
     cfg = transformer.TransformerConfig(vocab_size=32, width=16, num_layers=1, num_heads=2)
     tokens = jax.random.randint(jax.random.key(0), (1, 12), 0, 32)
-    full = transformer.Transformer(cfg)
-    params = full.init(jax.random.key(1), tokens)["params"]
+    params = transformer.Transformer(cfg).init(jax.random.key(1), tokens)["params"]
     win = lambda w: transformer.Transformer(cfg.replace(window=w))   # noqa: E731
-    out = full.apply({"params": params}, tokens)
+
+    @jax.jit
+    def outputs(params, tokens):
+        apply = lambda w, *a, **k: win(w).apply({"params": params}, *a, **k)  # noqa: E731
+        cache = transformer.init_cache(cfg, 1, 12)
+        _, cache = apply(3, tokens[:, :11], kv_cache=cache)
+        last, _ = apply(3, tokens[:, 11:], kv_cache=cache)
+        return apply(0, tokens), apply(12, tokens), apply(3, tokens), last
+
+    out, whole, short, last = outputs(params, tokens)
     # A window as long as the row changes nothing; a shorter one changes what it must.
-    chex.assert_trees_all_close(win(12).apply({"params": params}, tokens), out, atol=1e-6)
-    short = win(3).apply({"params": params}, tokens)
+    chex.assert_trees_all_close(whole, out, atol=1e-6)
     chex.assert_trees_all_close(short[:, :3], out[:, :3], atol=1e-6)
     assert not np.allclose(short[:, 3:], out[:, 3:], atol=1e-4)
     # Decoding with a KV cache applies the same window.
-    cache = transformer.init_cache(cfg, 1, 12)
-    _, cache = win(3).apply({"params": params}, tokens[:, :11], kv_cache=cache)
-    last, _ = win(3).apply({"params": params}, tokens[:, 11:], kv_cache=cache)
     chex.assert_trees_all_close(last[:, 0], short[:, 11], atol=1e-5)
     with pytest.raises(ValueError, match="window=-1 is not allowed"):
         cfg.replace(window=-1)

@@ -45,7 +45,7 @@ SIZES = {
                   eval_pairs=(2, 4, 8, 16, 32), eval_lengths=(128, 256, 512, 1024),
                   eval_entries=(1, 2, 4, 8, 16), eval_examples=32),
     "cpu": dict(seq_len=256, width=64, num_layers=2, num_heads=4, batch_size=16,
-                num_steps=600, lr=3e-3, init_std=0.125, mem_freq=31,
+                num_steps=400, lr=3e-3, init_std=0.125, mem_freq=31,
                 train_pairs=(1, 16), train_lengths=(mb_data.PASSKEY_MIN, 250),
                 train_entries=(1, 6),
                 eval_pairs=(2, 4, 8, 16, 32, 48), eval_lengths=(256, 512, 1024, 2048),
