@@ -345,7 +345,7 @@ def table(results: pathlib.Path, size: str = "cpu") -> str:
         cost = docs[0]["cost"][m]
         cells = [m, f"{docs[0]['params'][m]:,}"]
         cells += [" / ".join(f"{d['accuracy'][p][m]:.3f}" for d in docs) for p in probes]
-        cells += [f"{cost['train_tokens_per_s']:,.0f}", f"{cost['bytes_per_context_token']:.1f}",
+        cells += [f"{cost['train_tokens_per_s']:,.0f}", f"{cost['bytes_per_context_token']:.2f}",
                   f"{1e3 * cost['seconds_per_token']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     floor = ["no binding", ""] + [" / ".join(f"{d['no_binding'][p]:.3f}" for d in docs)
