@@ -53,6 +53,7 @@ FIGURE_MODULES = (
     "eval.birdie_recall",
     "eval.class_incremental",
     "eval.streaming_qa",
+    "eval.memory_bench",
 )
 
 # Packages whose versions a result file records.

@@ -569,9 +569,20 @@ def dryrun_table(results: pathlib.Path) -> str:
             + f"From `results/dryrun/CONFIG-N.json` (commit {', '.join(commits)}).")
 
 
+def memory_bench_table(results: pathlib.Path) -> str:
+    """The memory benchmark's `cpu` table (eval/memory_bench.py: table), one column group per
+    committed seed."""
+    if not sorted((results / "figures").glob("memory_bench-cpu-seed*.json")):
+        return ("`memory_bench`: no committed results yet "
+                "(`results/figures/memory_bench-SIZE-seedS.json`).")
+    from eval import memory_bench
+    return memory_bench.table(results / "figures", "cpu")
+
+
 BUILDERS: dict[str, Callable[[pathlib.Path], str]] = {
     **{name: (lambda results, name=name, rows=rows: seed_table(name, results, rows))
        for name, rows in FIGURE_ROWS.items()},
+    "memory_bench": memory_bench_table,
     "benchmarks": benchmarks_table,
     "demo": demo_table,
     "dryrun": dryrun_table,

@@ -237,11 +237,14 @@ class MLP(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Dense causal attention (the baseline every attention is compared against)
 # ---------------------------------------------------------------------------------------------
-def causal_mask(q_len: int, k_len: int, *, offset: int = 0) -> jax.Array:
-    """[q_len, k_len] bool: query i (at absolute index offset+i) sees keys j ≤ offset+i."""
+def causal_mask(q_len: int, k_len: int, *, offset: int = 0, window: int = 0) -> jax.Array:
+    """[q_len, k_len] bool: query i (at absolute index offset+i) sees keys j ≤ offset+i; with
+    window > 0 only the last `window` of them (j > offset+i − window: sliding-window
+    attention)."""
     qi = jnp.arange(q_len)[:, None] + offset
     kj = jnp.arange(k_len)[None, :]
-    return kj <= qi
+    mask = kj <= qi
+    return mask & (kj > qi - window) if window else mask
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -251,7 +254,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           prompt: Optional[jax.Array] = None,
                           prefix_k: Optional[jax.Array] = None,
                           prefix_v: Optional[jax.Array] = None,
-                          prefix_mask: Optional[jax.Array] = None) -> jax.Array:
+                          prefix_mask: Optional[jax.Array] = None,
+                          window: int = 0) -> jax.Array:
     """Softmax attention, q, k, v [B, T, H, Dh] → [B, T, H, Dh]; scores and softmax in float32.
 
     q_offset (int or int32 scalar, causal only): the queries sit at key positions q_offset..
@@ -262,15 +266,19 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     later prompt position (of their own segment); the positions after it stay causal.
     prefix_k/prefix_v [B, P, H, Dh] with prefix_mask [B, P] (True = visible): extra keys every query
     sees (P-tuning v2 prefixes for MAC). A row with no visible key returns zeros.
+    window (int, causal only; 0: off): each query sees only the `window` most recent keys, itself
+    included (sliding-window attention; with `prompt`, the prompt's bidirectional part is kept).
     """
     chex.assert_rank([q, k, v], 4)
+    if window and not causal:
+        raise ValueError(f"window={window} (sliding-window attention) needs causal=True")
     B, T, H, Dh = q.shape
     scale = 1.0 / math.sqrt(Dh)
     acc = jnp.promote_types(jnp.float32, q.dtype)
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=acc) * scale
     mask = jnp.ones((B, 1, T, k.shape[1]), bool)
     if causal:
-        mask = mask & causal_mask(T, k.shape[1], offset=q_offset)[None, None]
+        mask = mask & causal_mask(T, k.shape[1], offset=q_offset, window=window)[None, None]
         if prompt is not None:
             chex.assert_shape(prompt, (B, T))
             mask = mask | (prompt[:, None, :, None] & prompt[:, None, None, :])

@@ -67,6 +67,9 @@ class TransformerConfig:
                                                # embedding (see layers.DEFAULT_INIT_STD)
     prefix_lm: bool = False            # read `prefix` (Birdie's prompt) bidirectionally:
                                        # prefix-LM attention, causal after the prompt
+    window: int = 0                    # >0: sliding-window attention, each query sees its
+                                       # `window` most recent tokens (dense attention only;
+                                       # 0: full causal attention)
 
     def __post_init__(self):
         for name in ("vocab_size", "width", "num_layers", "num_heads"):
@@ -99,6 +102,9 @@ class TransformerConfig:
             raise ValueError(f"remat_policy={self.remat_policy!r} is not allowed; use one of "
                              f"{sorted(REMAT_POLICIES)}")
         layers.check_init_std(self.init_std)
+        if not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"window={self.window!r} is not allowed; use an integer >= 0 "
+                             "(0: full causal attention)")
         object.__setattr__(self, "dtype", as_dtype(self.dtype))
         object.__setattr__(self, "param_dtype", as_dtype(self.param_dtype))
 
@@ -318,6 +324,10 @@ class Transformer(nn.Module):
             positions = jnp.arange(T, dtype=jnp.int32)
             if kv_cache is not None:
                 positions = positions + kv_cache.length
+        if c.window:
+            if self.attention_fn is not None:
+                raise ValueError(f"window={c.window} needs dense attention (attention_fn=None)")
+            attention_kwargs = {**(attention_kwargs or {}), "window": c.window}
         if prefix_kv is not None:
             chex.assert_shape(prefix_kv, (c.num_layers, 2, B, None, c.num_heads, c.hd))
             if prefix_mask is None:

@@ -50,7 +50,8 @@ def test_configs_resolve_by_name_or_path():
     assert train_main.resolve_config_flag(["p", "--config=lm:tiny"])[1] == \
         f"--config={REPO / 'train' / 'configs' / 'lm.py'}:tiny"
     with pytest.raises(ValueError, match=r"config='nope:tiny'.*\['birdie', 'dkvb', "
-                                         r"'dkvb_encoder', 'landmark', 'lm', 'mac', 'mac_qa'\]"):
+                                         r"'dkvb_encoder', 'landmark', 'lm', 'mac', 'mac_qa', "
+                                         r"'memory_bench'\]"):
         train_main.config_path("nope:tiny")
 
 

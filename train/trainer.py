@@ -189,7 +189,8 @@ def build_model(model_cfg: Any) -> nn.Module:
 
 
 # datasets whose batches are token ids (a model's vocabulary must hold them all)
-TOKEN_DATASETS = ("mqar", "text", "tfds", "birdie", "recall", "passkey", "mac_lm")
+TOKEN_DATASETS = ("mqar", "text", "tfds", "birdie", "recall", "passkey", "mac_lm",
+                  "memory_bench")
 
 
 # ---------------------------------------------------------------------------------------------

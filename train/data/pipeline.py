@@ -74,12 +74,13 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from train.data import (birdie_data, catalog, embeddings, images, mac_data, mac_qa, mqar,
-                        passkey_data, recall, text_corpus, token_stream, tokenizer)
+from train.data import (birdie_data, catalog, embeddings, images, mac_data, mac_qa,
+                        memory_bench, mqar, passkey_data, recall, text_corpus, token_stream,
+                        tokenizer)
 from train.objectives import birdie
 
 DATASET_NAMES = ("mqar", "text", "tfds", "birdie", "recall", "passkey", "mac_lm", "mac_meta",
-                 "mac_qa", "images", "embeddings")
+                 "mac_qa", "images", "embeddings", "memory_bench")
 SOURCES = ("tfds", "memory")
 
 
@@ -261,6 +262,21 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
         c.num_train = 1_000_000
         c.num_validation = 512
         c.data_seed = 0
+    elif name == "memory_bench":
+        # The memory benchmark's probe mixture (train/data/memory_bench.py), generated when read:
+        # one probe example per row; weights 1 at the answer tokens; `prefix` marks the prompt.
+        # Probability of each probe (mqar, passkey, phonebook), normalised.
+        c.weights = (1.0, 1.0, 1.0)
+        # Training difficulty ranges (inclusive): MQAR pairs, passkey prompt bytes, book entries.
+        c.mqar_pairs = (1, 8)
+        c.passkey_lengths = (memory_bench.PASSKEY_MIN, 120)
+        c.phonebook_entries = (1, 3)
+        # Share of rows packed with Birdie's objectives over probe text instead (0: none).
+        c.birdie_fraction = 0.0
+        # Rows per split (generated on read); content seed.
+        c.num_train = 1_000_000
+        c.num_test = 256
+        c.data_seed = 0
     elif name in ("mac_lm", "mac_meta"):
         # MAC's fact-stream documents (train/data/mac_data.py), generated in memory: "mac_lm"
         # the base LM's rows (seq_len tokens), "mac_meta" one record per document.
@@ -422,6 +438,8 @@ def splits(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
         return recall.SPLITS
     if data_config.name == "passkey":
         return passkey_data.SPLITS
+    if data_config.name == "memory_bench":
+        return memory_bench.SPLITS
     if data_config.name in ("mac_lm", "mac_meta"):
         return mac_data.SPLITS
     if data_config.name == "mac_qa":
@@ -446,6 +464,18 @@ def mqar_spec(data_config: ml_collections.ConfigDict, seq_len: int) -> mqar.Mqar
         num_test=data_config.num_test,
         seed=data_config.data_seed,
     )
+
+
+def memory_bench_spec(data_config: ml_collections.ConfigDict,
+                      seq_len: int) -> memory_bench.MixtureSpec:
+    """The `MixtureSpec` of a memory_bench data config at sequence length T."""
+    return memory_bench.MixtureSpec(
+        seq_len=seq_len, weights=tuple(data_config.weights),
+        mqar_pairs=tuple(data_config.mqar_pairs),
+        passkey_lengths=tuple(data_config.passkey_lengths),
+        phonebook_entries=tuple(data_config.phonebook_entries),
+        num_train=data_config.num_train, num_test=data_config.num_test,
+        seed=data_config.data_seed, birdie_fraction=data_config.birdie_fraction)
 
 
 def _check_choice(field: str, value: Any, allowed: Sequence[Any]) -> None:
@@ -497,6 +527,10 @@ def make_source(
             validation_percent=data_config.validation_percent, num_train=data_config.num_train,
             num_validation=data_config.num_validation, seed=data_config.data_seed)
         return passkey_data.PasskeySource(spec, split), "examples"
+    if name == "memory_bench":
+        _check_choice("split", split, memory_bench.SPLITS)
+        return memory_bench.MixtureSource(memory_bench_spec(data_config, seq_len), split), \
+            "examples"
     if name in ("mac_lm", "mac_meta"):
         _check_choice("split", split, mac_data.SPLITS)
         lengths = mac_data.Lengths(doc=data_config.doc_length,

@@ -1,0 +1,148 @@
+"""The memory benchmark: equal parameters, the probes' generators, sliding-window attention, the
+cost measurement and one end-to-end run at a micro size."""
+import json
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from eval import figures
+from eval import memory_bench as mb
+from models import transformer
+from train.configs import memory_bench as mbc
+from train.data import memory_bench as mb_data
+
+MICRO = dict(seq_len=112, width=16, num_layers=1, num_heads=2, batch_size=8, num_steps=3,
+             lr=3e-3, init_std=0.125, mem_freq=15, train_pairs=(1, 4),
+             train_lengths=(mb_data.PASSKEY_MIN, 106), train_entries=(1, 2),
+             eval_pairs=(4,), eval_lengths=(128,), eval_entries=(2,), eval_examples=4)
+
+
+@pytest.mark.parametrize("size", sorted(mbc.SIZES))
+def test_parameter_counts_are_within_ten_percent(size):
+    counts = {m: mb.count_params(m, size) for m in mbc.EVAL_MODELS}   # shapes only
+    print(size, counts)
+    lo, hi = min(counts.values()), max(counts.values())
+    assert hi <= 1.10 * lo, counts
+
+
+def test_test_split_is_held_out_and_floors_are_exact():
+    for probe, d in (("mqar", 4), ("passkey", 120), ("phonebook", 3)):
+        assert mb_data.heldout_overlap(probe, d, 32, seed=0) == 0
+        a = mb_data.probe_example(probe, "test", d, 0, 0)
+        assert not np.array_equal(a["tokens"], mb_data.probe_example(probe, "train", d, 0, 0)[
+            "tokens"])
+        assert a["tokens"].size <= mb_data.probe_length(probe, d)
+    exs = [mb_data.probe_example("mqar", "test", 4, i, 0) for i in range(8)]
+    assert mb_data.no_binding("mqar", exs) == pytest.approx(1 / 4)     # 4 distinct values
+    one = [mb_data.probe_example("phonebook", "test", 1, i, 0) for i in range(4)]
+    assert mb_data.no_binding("phonebook", one) == 1.0                 # one number to copy
+    many = [mb_data.probe_example("phonebook", "test", 16, i, 0) for i in range(8)]
+    assert 1 / 16 < mb_data.no_binding("phonebook", many) < 0.2        # + chance digit matches
+    assert mb_data.no_binding("passkey", exs[:2]) == pytest.approx((1 / 9 + 0.4) / 5)
+    # The answer marks the tokens a model predicts: MQAR's values, the key's / number's digits.
+    ph = many[0]
+    assert bytes(ph["tokens"][ph["answer"]].astype(np.uint8)).decode().isdigit()
+    with pytest.raises(ValueError, match=r"pairs=65 is not allowed; allowed: 1..64"):
+        mb_data.mqar_probe(np.random.default_rng(0), 65)
+
+
+def test_mixture_rows_mark_answers_and_prompts():
+    spec = mb_data.MixtureSpec(seq_len=112, mqar_pairs=(1, 4), passkey_lengths=(99, 106),
+                               phonebook_entries=(1, 2))
+    src = mb_data.MixtureSource(spec, "train")
+    rows = [src[i] for i in range(12)]
+    for r in rows:
+        assert r["inputs"].shape == r["weights"].shape == r["prefix"].shape == (112,)
+        assert 1 <= r["weights"].sum() <= 10
+        # Answers come after the prompt (the bidirectional prefix never holds one).
+        assert not (r["prefix"][np.nonzero(r["weights"])[0] + 1].any())
+    with pytest.raises(ValueError, match="phonebook_entries=.*fits seq_len=112"):
+        mb_data.MixtureSpec(seq_len=112, passkey_lengths=(99, 106), phonebook_entries=(1, 8))
+
+
+def test_sliding_window_attention():
+    cfg = transformer.TransformerConfig(vocab_size=32, width=16, num_layers=1, num_heads=2)
+    tokens = jax.random.randint(jax.random.key(0), (1, 12), 0, 32)
+    params = transformer.Transformer(cfg).init(jax.random.key(1), tokens)["params"]
+    win = lambda w: transformer.Transformer(cfg.replace(window=w))   # noqa: E731
+
+    @jax.jit
+    def outputs(params, tokens):
+        apply = lambda w, *a, **k: win(w).apply({"params": params}, *a, **k)  # noqa: E731
+        cache = transformer.init_cache(cfg, 1, 12)
+        _, cache = apply(3, tokens[:, :11], kv_cache=cache)
+        last, _ = apply(3, tokens[:, 11:], kv_cache=cache)
+        return apply(0, tokens), apply(12, tokens), apply(3, tokens), last
+
+    out, whole, short, last = outputs(params, tokens)
+    # A window as long as the row changes nothing; a shorter one changes what it must.
+    chex.assert_trees_all_close(whole, out, atol=1e-6)
+    chex.assert_trees_all_close(short[:, :3], out[:, :3], atol=1e-6)
+    assert not np.allclose(short[:, 3:], out[:, 3:], atol=1e-4)
+    # Decoding with a KV cache applies the same window.
+    chex.assert_trees_all_close(last[:, 0], short[:, 11], atol=1e-5)
+    with pytest.raises(ValueError, match="window=-1 is not allowed"):
+        cfg.replace(window=-1)
+
+
+def test_window_keeps_a_window_of_cache(monkeypatch):
+    monkeypatch.setitem(mbc.SIZES, "quick", MICRO)
+    params = transformer.Transformer(mb.eval_model("dense", "quick").cfg).init(
+        jax.random.key(0), np.zeros((1, 4), np.int32))["params"]
+    cost = mb.measure_costs("sliding_window", "quick", params, 128, runs=1)
+    # 2 · L · H · Dh float32 per token for the window's T = 112 tokens (+ the int32 length).
+    assert cost["state_bytes"] == 2 * 1 * 2 * 8 * 4 * 112 + 4
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setitem(mbc.SIZES, "quick", MICRO)
+    mp.setattr(mbc, "MODELS", ("dense", "ssm_bidir"))
+    mp.setattr(mbc, "EVAL_MODELS", ("dense", "ssm_bidir"))   # the window: one more compile each
+    mp.setattr(mb, "PROBE_AXES", {k: mb.PROBE_AXES[k] for k in ("mqar", "phonebook")})
+    out = tmp_path_factory.mktemp("memory_bench")
+    doc = figures.run_figure("memory_bench", size="quick", seed=5, out=out)
+    yield doc, out
+    mp.undo()
+
+
+def test_end_to_end_json_structure_and_ranges(micro_run):
+    doc, out = micro_run
+    models = {"dense", "ssm_bidir"}
+    assert set(doc["accuracy"]) == {"mqar", "phonebook"}
+    for probe, by_model in doc["accuracy"].items():
+        assert set(by_model) == models
+        assert all(0.0 <= v <= 1.0 for v in by_model.values())
+        curve = doc["curves"][probe]
+        assert len(curve["difficulty"]) == len(curve["no_binding"]) == 1
+        assert curve["dense"]["accuracy"][-1] == by_model["dense"]
+    assert doc["no_binding"]["mqar"] == pytest.approx(0.25)
+    assert set(doc["cost"]) == models
+    for m, cost in doc["cost"].items():
+        assert cost["context"] == 128 and cost["seconds_per_token"] > 0
+        assert cost["train_tokens_per_s"] > 0
+    # Bytes per context token: a full KV cache (2 · L · H · Dh floats per token, + its int32
+    # length) > an SSM state of fixed size.
+    kv = 2 * 1 * 2 * 8 * 4
+    assert doc["cost"]["dense"]["bytes_per_context_token"] == kv + 4 / 128
+    assert doc["cost"]["ssm_bidir"]["bytes_per_context_token"] == 16 // 2 * 4 / 128
+    assert doc["params"]["dense"] != doc["params"]["ssm_bidir"]      # counted per model
+    assert len(set(doc["tokens_seen"].values())) == 1
+    assert (out / "memory_bench.png").stat().st_size > 0
+    assert json.loads((out / "memory_bench.json").read_text())["provenance"]["figure"] == \
+        "memory_bench"
+    lines = (out / "memory_bench.csv").read_text().splitlines()
+    assert lines[0] == "probe,model,difficulty,accuracy,exact_match,no_binding"
+    assert len(lines) == 1 + 2 * 2
+
+
+def test_table_reads_result_files(micro_run, tmp_path):
+    doc, _ = micro_run
+    (tmp_path / "memory_bench-cpu-seed5.json").write_text(json.dumps(doc))
+    text = mb.table(tmp_path, "cpu")
+    assert "| ssm_bidir |" in text and "no binding" in text
+    with pytest.raises(ValueError, match="holds no memory_bench-paper-seed"):
+        mb.table(tmp_path, "paper")

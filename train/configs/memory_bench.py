@@ -1,0 +1,161 @@
+"""The memory benchmark's models (the `memory_bench` figure, eval/memory_bench.py).
+
+    python -m train.main --config train/configs/memory_bench.py:dense --workdir runs/mb_dense
+    python -m train.main --config train/configs/memory_bench.py:ssm_bidir,size=cpu --workdir D
+
+Variants `MODEL[,size=quick|cpu|paper]` with MODEL one of MODELS. Every model is trained once per
+seed, through the shared trainer, on one mixture of the probes' training splits
+(train/data/memory_bench.py: a row is an MQAR, passkey or phone-book example, each probe a third
+of the rows, difficulties uniform in SIZES[size]'s training ranges; loss on the answer tokens
+only), with the same batch, steps and sequence length, so every model sees the same tokens:
+
+- dense        the baseline Transformer (full causal attention);
+- landmark     the same Transformer with landmark attention (blocks of mem_freq tokens), read
+               with the block memory at evaluation (models/landmark_memory.py);
+- ssm_causal   Birdie's gated SSM, every layer causal, an MLP after each block (mlp_hidden set so
+               that the parameter count is within 10 % of the Transformer's);
+- ssm_bidir    the same SSM with bidirectional layers ('bc'), reading the prompt both ways
+               (prefix-LM, the `prefix` the mixture's rows carry), trained with Birdie: a
+               BIRDIE_FRACTION of its rows are Birdie's objectives (compact settings, uniform
+               over the classes; no controller) over probe text, the rest the probes;
+- hawk         Griffin's RG-LRU blocks (mixer 'hawk') at the same parameter budget.
+
+The sliding-window Transformer (window = the training context T) is the dense run's parameters
+evaluated with `model.window = T`: inside a T-token row no query reaches further back than T,
+so its training is the dense run's, bit for bit (see `model_config`).
+"""
+import ml_collections
+
+from train.configs import common
+from train.data import memory_bench as mb_data
+from train.data import pipeline
+
+MODELS = ("dense", "landmark", "ssm_causal", "ssm_bidir", "hawk")
+# Models the figure evaluates: every trained one, and the window view of the dense run.
+EVAL_MODELS = ("dense", "sliding_window", "landmark", "ssm_causal", "ssm_bidir", "hawk")
+
+# One entry per size. seq_len: T, the training context; eval_*: the swept difficulties (MQAR
+# pairs, passkey prompt bytes up to 8 x T, phone-book entries); train_*: the mixture's ranges;
+# eval_examples: test examples per setting.
+SIZES = {
+    "quick": dict(seq_len=128, width=48, num_layers=2, num_heads=4, batch_size=16,
+                  num_steps=400, lr=3e-3, init_std=0.125, mem_freq=15,
+                  train_pairs=(1, 8), train_lengths=(mb_data.PASSKEY_MIN, 122),
+                  train_entries=(1, 2),
+                  eval_pairs=(2, 4, 8, 16, 32), eval_lengths=(128, 256, 512, 1024),
+                  eval_entries=(1, 2, 4, 8, 16), eval_examples=32),
+    "cpu": dict(seq_len=256, width=64, num_layers=2, num_heads=4, batch_size=16,
+                num_steps=400, lr=3e-3, init_std=0.125, mem_freq=31,
+                train_pairs=(1, 16), train_lengths=(mb_data.PASSKEY_MIN, 250),
+                train_entries=(1, 6),
+                eval_pairs=(2, 4, 8, 16, 32, 48), eval_lengths=(256, 512, 1024, 2048),
+                eval_entries=(1, 2, 4, 8, 16, 32), eval_examples=64),
+    # Not run here: accelerator sizes.
+    "paper": dict(seq_len=1024, width=512, num_layers=8, num_heads=8, batch_size=64,
+                  num_steps=20000, lr=1e-3, init_std=0.044, mem_freq=63,
+                  train_pairs=(1, 64), train_lengths=(mb_data.PASSKEY_MIN, 1018),
+                  train_entries=(1, 28),
+                  eval_pairs=(4, 8, 16, 32, 64), eval_lengths=(1024, 2048, 4096, 8192),
+                  eval_entries=(2, 8, 32, 64, 128), eval_examples=256),
+}
+BIRDIE_FRACTION = 0.25   # ssm_bidir: share of rows packed with Birdie's objectives
+TOP_K = 4          # landmark memory inference: blocks retrieved per token and head (paper: 2, 4)
+
+
+def ssm_mlp_hidden(width: int, num_layers: int) -> int:
+    """The SSM's MLP width whose parameter count matches the Transformer's at (width, layers).
+
+    Per layer the Transformer has 4·D² (attention) + 8·D² (4D MLP) + 2·D (norms); the gated SSM
+    4·D·D + D·D + D (w_in, w_out, b_f) + 2·D·h (MLP) + norms. Matching the D² terms gives
+    h = 3.5·D."""
+    del num_layers
+    return int(3.5 * width)
+
+
+def model_config(name: str, size: str) -> ml_collections.ConfigDict:
+    """The model section of model `name` (one of EVAL_MODELS) at `size`."""
+    if name not in EVAL_MODELS:
+        raise ValueError(f"model={name!r} is not allowed; allowed: {EVAL_MODELS}")
+    s = SIZES[size]
+    m = ml_collections.ConfigDict()
+    if name in ("dense", "sliding_window", "landmark"):
+        m.family = "landmark" if name == "landmark" else "transformer"   # train.trainer.MODELS
+        m.vocab_size = 320                  # byte tokenizer: 256 bytes + specials
+        m.width = s["width"]                # D
+        m.num_layers = s["num_layers"]      # L
+        m.num_heads = s["num_heads"]        # H
+        m.mlp = "gelu"                      # 4·D GELU MLP
+        m.norm = "rmsnorm"
+        m.tie_embeddings = True             # lm head = embedding table
+        m.rope_interleaved = False          # half-rotation RoPE
+        m.init_std = s["init_std"]          # N(0, init_std²) weights (MQAR learns from ~1/√D)
+        m.dtype = "float32"                 # compute dtype
+        if name == "sliding_window":
+            m.window = s["seq_len"]         # each query sees its T most recent tokens
+        if name == "landmark":
+            m.attention = "landmark"        # models.landmark.ATTENTION_FNS
+            m.mem_freq = s["mem_freq"]      # regular tokens per block (+ 1 landmark)
+            m.landmark_id = 260             # tokenizer.LANDMARK
+        return m
+    m.family = "ssm"                        # train.trainer.MODELS: models.ssm.BiSSMLM
+    m.vocab_size = 320
+    m.width = s["width"]                    # D; the recurrent state Dh = D
+    m.num_layers = s["num_layers"]          # L recurrent blocks
+    m.mixer = "hawk" if name == "hawk" else "gated"     # Griffin's RG-LRU | Birdie's gated SSM
+    m.layer_pattern = "bc" if name == "ssm_bidir" else "c"   # 'b' bidirectional, 'c' causal
+    m.mlp_hidden = ssm_mlp_hidden(s["width"], s["num_layers"])   # params ≈ the Transformer's
+    m.init_std = s["init_std"]              # embedding and MLP init
+    m.dtype = "float32"
+    return m
+
+
+def bench_config(name: str, size: str, seed: int) -> ml_collections.ConfigDict:
+    """The trainer config of model `name` (one of MODELS) at `size` under `seed`."""
+    if name not in MODELS:
+        raise ValueError(f"model={name!r} is not allowed; allowed: {MODELS}")
+    if size not in SIZES:
+        raise ValueError(f"size={size!r} is not allowed; use one of {sorted(SIZES)}")
+    s = SIZES[size]
+    c = ml_collections.ConfigDict()
+    c.name = f"memory_bench_{name}_{size}"   # run name (logs only)
+    c.seed = seed                            # init, shuffle and the mixture's content
+    c.num_steps = s["num_steps"]             # optimizer steps (same for every model)
+    c.batch_size = s["batch_size"]           # global batch (rows)
+    c.seq_len = s["seq_len"]                 # T: tokens per row (the training context)
+    c.checkpoint_every = 0                   # one checkpoint, at the end
+    c.eval_every = 0                         # the figure evaluates the probes itself
+    c.log_every = 10                         # metrics.jsonl rows (tokens_per_s: the cost)
+    c.keep_checkpoints = 1
+    c.async_checkpoints = False
+    c.progress = False
+    # lm: plain next-token loss; landmark: landmarks inserted in the step; birdie: the loss
+    # with the row's `prefix` passed to the model (the bidirectional SSM's prompt).
+    c.objective = {"landmark": "landmark", "ssm_bidir": "birdie"}.get(name, "lm")
+    c.objective_config = ml_collections.ConfigDict()
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+    c.sharding_rules = ml_collections.ConfigDict()
+    c.model = model_config(name, size)
+    c.data = pipeline.default_data_config("memory_bench")
+    c.data.mqar_pairs = s["train_pairs"]
+    c.data.passkey_lengths = s["train_lengths"]
+    c.data.phonebook_entries = s["train_entries"]
+    c.data.data_seed = seed
+    c.data.birdie_fraction = BIRDIE_FRACTION if name == "ssm_bidir" else 0.0
+    c.optim = common.optim(lr=s["lr"], warmup_steps=max(1, s["num_steps"] // 20),
+                           weight_decay=0.0)
+    c.eval = common.evaluation(1)
+    c.debug = common.debug()
+    c.profile_steps = ()
+    return c
+
+
+def get_config(arg: str = "dense") -> ml_collections.ConfigDict:
+    name, _, rest = arg.partition(",")
+    size = "quick"
+    if rest:
+        key, _, value = rest.partition("=")
+        if key != "size" or not value:
+            raise ValueError(f"config variant {arg!r} is not allowed; use "
+                             f"'MODEL[,size=SIZE]' with MODEL in {MODELS}")
+        size = value
+    return bench_config(name, size, 0)

@@ -1,0 +1,282 @@
+"""The memory benchmark's probes and their training mixture (the `memory_bench` figure).
+
+Every probe example is one token sequence (byte ids, V = 320) with its answer marked:
+
+    {"tokens": int32 [n], "answer": bool [n], "prefix_len": int}
+
+`answer[i]` marks the tokens a model must predict from tokens[:i] (scored by argmax under
+teacher forcing: all of an example's answer tokens right ⇔ greedy decoding writes the answer);
+tokens[:prefix_len] is the prompt a bidirectional model may read both ways (Birdie's prefix).
+
+Probes (`difficulty` is the swept setting):
+- "mqar": multi-query associative recall (train/data/mqar.py's generator), difficulty = P pairs;
+  the pairs are the prefix, then all P keys queried in a random order (seq 4P, no fill gaps).
+  Keys are ids in [128, 192), values in [192, 256): outside ASCII, so no text probe uses them.
+- "passkey": the landmark paper's prompt (train/data/passkey_data.py: make_prompt), difficulty =
+  the prompt's length in bytes; the answer is the key's digits.
+- "phonebook": a book of `difficulty` entries "Name Surname : XXX-XXX-XXXX" (train/data/
+  phonebook.py: make_book), then "Name Surname?"; the answer is the asked number's digits.
+
+Example i of split s ("train" | "test") under content seed S is drawn from
+`np.random.default_rng([S, PROBE_CODE, SPLIT_CODE, difficulty, i])`: the test split is another
+stream of the same generator. For MQAR and the phone book a test example's (pairs | book) is
+checked against nothing: collisions with training examples are possible but improbable
+(`heldout_overlap` counts them). `no_binding` gives each probe's honest floor: the answer-token
+accuracy of a model that reads the context's candidate answers but has not bound them to the
+query (MQAR: a value of the example's own pairs; phone book: a number of the example's own book;
+passkey: uniform digits, as its prompt holds one key only).
+
+`MixtureSource(spec, split)` is the training mixture (dataset "memory_bench" in
+train/data/pipeline.py): row i is one example of a probe drawn with `spec.weights`, at a
+difficulty drawn uniformly from the probe's training range, left-aligned in T + 1 tokens and
+padded with 0: {inputs, targets, weights, prefix} [T], weights 1 exactly at the answer targets.
+With `birdie_fraction` > 0 that share of the rows is instead packed with Birdie's objectives
+(train/objectives/birdie.py, the compact settings, uniform over its classes) over the text of
+probe examples drawn the same way (a configuration whose example cannot fit T tokens is drawn
+again), and every row also carries segment_ids and objective_ids
+(train/data/birdie_data.py's fields; a probe row: segment 1, objective K).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+from train.data import birdie_data, mqar, passkey_data, phonebook
+from train.data import tokenizer as tok
+from train.objectives import birdie
+
+PROBES = ("mqar", "passkey", "phonebook")
+SPLITS = ("train", "test")
+_PROBE_CODE = {p: i for i, p in enumerate(PROBES)}
+_SPLIT_CODE = {"train": 0, "test": 1}
+
+MQAR_KEYS = (128, 192)        # key ids [lo, hi)
+MQAR_VALUES = (192, 256)      # value ids [lo, hi)
+MAX_PAIRS = MQAR_KEYS[1] - MQAR_KEYS[0]
+PASSKEY_DIGITS = 5
+PASSKEY_MIN = passkey_data.fixed_length(PASSKEY_DIGITS)   # shortest passkey prompt (bytes)
+PHONE_QUESTION = "{name}?"
+
+
+def _check(field: str, value, allowed: str, ok: bool) -> None:
+    if not ok:
+        raise ValueError(f"{field}={value!r} is not allowed; allowed: {allowed}")
+
+
+def example_rng(seed: int, probe: str, split: str, difficulty: int,
+                index: int) -> np.random.Generator:
+    """The generator of example `index` of (`probe`, `split`, `difficulty`) under `seed`."""
+    _check("probe", probe, str(PROBES), probe in _PROBE_CODE)
+    _check("split", split, str(SPLITS), split in _SPLIT_CODE)
+    return np.random.default_rng([int(seed), _PROBE_CODE[probe], _SPLIT_CODE[split],
+                                  int(difficulty), int(index)])
+
+
+def _pack(prompt: np.ndarray, answer: np.ndarray, scored: np.ndarray) -> dict:
+    """tokens = prompt ++ answer; `scored` [len(answer)] marks which answer tokens count."""
+    tokens = np.concatenate([prompt, answer]).astype(np.int32)
+    mask = np.zeros(tokens.size, bool)
+    mask[prompt.size:] = scored
+    return {"tokens": tokens, "answer": mask, "prefix_len": int(prompt.size)}
+
+
+def mqar_probe(rng: np.random.Generator, pairs: int) -> dict:
+    """P = `pairs` key-value pairs, then every key queried once (query k_a → answer v_a)."""
+    _check("pairs", pairs, f"1..{MAX_PAIRS}", 1 <= pairs <= MAX_PAIRS)
+    ex = mqar.mqar_example(rng, seq_len=4 * pairs, num_pairs=pairs, num_queries=pairs,
+                           key_range=MQAR_KEYS, value_range=MQAR_VALUES, fill_token=0)
+    tokens = np.concatenate([ex["inputs"], ex["targets"][-1:]]).astype(np.int32)
+    mask = np.zeros(tokens.size, bool)
+    mask[1:] = ex["weights"] > 0             # target t = tokens[t + 1] answers query t
+    return {"tokens": tokens, "answer": mask, "prefix_len": 2 * pairs}
+
+
+def passkey_probe(rng: np.random.Generator, length: int) -> dict:
+    """The passkey prompt of `length` bytes (key at a uniform depth); answer " K", its digits
+    scored."""
+    _check("length", length, f">= {PASSKEY_MIN}", length >= PASSKEY_MIN)
+    key = passkey_data.random_key(rng, PASSKEY_DIGITS)
+    prompt, answer = passkey_data.make_prompt(length, key, float(rng.random()),
+                                              num_digits=PASSKEY_DIGITS)
+    a = tok.encode(answer)
+    return _pack(tok.encode(prompt), a, np.arange(a.size) > 0)    # the space is not scored
+
+
+def phonebook_lines(book) -> str:
+    return "".join(f"{n} : {p}\n" for n, p in book)
+
+
+def phonebook_probe(rng: np.random.Generator, entries: int) -> dict:
+    """A book of `entries` names, one of them asked; answer " XXX-XXX-XXXX" (digits scored)."""
+    _check("entries", entries, f"1..{phonebook.MAX_ENTRIES}",
+           1 <= entries <= phonebook.MAX_ENTRIES)
+    book = phonebook.make_book(rng, entries)
+    name, number = book[int(rng.integers(entries))]
+    prompt = phonebook_lines(book) + PHONE_QUESTION.format(name=name)
+    a = tok.encode(" " + number)
+    scored = np.array([c.isdigit() for c in " " + number])
+    return _pack(tok.encode(prompt), a, scored)
+
+
+GENERATORS = {"mqar": mqar_probe, "passkey": passkey_probe, "phonebook": phonebook_probe}
+
+
+def probe_example(probe: str, split: str, difficulty: int, index: int, seed: int) -> dict:
+    """Example `index` of `probe` at `difficulty` in `split` (deterministic)."""
+    return GENERATORS[probe](example_rng(seed, probe, split, difficulty, index), int(difficulty))
+
+
+def probe_length(probe: str, difficulty: int) -> int:
+    """The most tokens an example of `probe` at `difficulty` has."""
+    if probe == "mqar":
+        return 4 * difficulty + 1
+    if probe == "passkey":
+        return difficulty + 1 + PASSKEY_DIGITS
+    _check("probe", probe, str(PROBES), probe == "phonebook")
+    name = max(map(len, phonebook.FIRST_NAMES)) + 1 + max(map(len, phonebook.LAST_NAMES))
+    return difficulty * (name + 3 + 13) + name + 1 + 13
+
+
+def no_binding(probe: str, examples: list[dict], seed: int | None = None) -> float:
+    """The expected answer-token accuracy of answering from the context without binding (see the
+    module docstring), averaged over `examples` (a list of (example, difficulty) is not needed:
+    each example carries what its floor needs)."""
+    del seed
+    hits = total = 0.0
+    for ex in examples:
+        t, m = ex["tokens"], ex["answer"]
+        if probe == "mqar":
+            P = ex["prefix_len"] // 2
+            values = t[1:2 * P:2]
+            share = (values[None, :] == t[m][:, None]).mean(-1)
+            hits += float(share.sum())
+            total += float(m.sum())
+        elif probe == "passkey":
+            # A uniform key: the first digit 1 in 9, the others 1 in 10.
+            hits += 1 / 9 + (PASSKEY_DIGITS - 1) / 10
+            total += PASSKEY_DIGITS
+        else:
+            _check("probe", probe, str(PROBES), probe == "phonebook")
+            text = bytes(t[:ex["prefix_len"]].astype(np.uint8)).decode()
+            numbers = [ln.split(" : ")[1] for ln in text.split("\n")[:-1]]
+            digits = np.array([[c for c in n if c.isdigit()] for n in numbers])
+            asked = np.array([chr(c) for c in t[m]])
+            hits += float((digits == asked[None, :]).mean(0).sum())
+            total += float(m.sum())
+    return hits / max(total, 1.0)
+
+
+def heldout_overlap(probe: str, difficulty: int, num: int, seed: int) -> int:
+    """How many of the first `num` test examples also appear among the first `num` train ones."""
+    seen = {probe_example(probe, "train", difficulty, i, seed)["tokens"].tobytes()
+            for i in range(num)}
+    return sum(probe_example(probe, "test", difficulty, i, seed)["tokens"].tobytes() in seen
+               for i in range(num))
+
+
+# ---------------------------------------------------------------------------------------------
+# The training mixture
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureSpec:
+    seq_len: int                                   # T: tokens per row
+    weights: tuple = (1.0, 1.0, 1.0)               # probability of each of PROBES (normalised)
+    mqar_pairs: tuple = (1, 8)                     # training difficulty ranges (inclusive)
+    passkey_lengths: tuple = (PASSKEY_MIN, 120)
+    phonebook_entries: tuple = (1, 3)
+    num_train: int = 1_000_000                     # rows per split (generated when read)
+    num_test: int = 256
+    seed: int = 0                                  # content seed
+    birdie_fraction: float = 0.0                   # share of rows of Birdie objectives
+
+    def __post_init__(self):
+        _check("birdie_fraction", self.birdie_fraction, "a number in [0, 1]",
+               0.0 <= self.birdie_fraction <= 1.0)
+        w = tuple(float(x) for x in self.weights)
+        _check("weights", self.weights, f"{len(PROBES)} non-negative numbers, not all 0",
+               len(w) == len(PROBES) and min(w) >= 0 and sum(w) > 0)
+        object.__setattr__(self, "weights", w)
+        for probe, field in zip(PROBES, ("mqar_pairs", "passkey_lengths", "phonebook_entries")):
+            lo, hi = (int(x) for x in getattr(self, field))
+            object.__setattr__(self, field, (lo, hi))
+            _check(field, getattr(self, field), "(lo, hi) with 1 <= lo <= hi", 1 <= lo <= hi)
+            need = probe_length(probe, hi)
+            _check(field, (lo, hi), f"a longest example that fits seq_len={self.seq_len} + 1 "
+                   f"(it needs {need} tokens)", need <= self.seq_len + 1)
+        _check("passkey_lengths", self.passkey_lengths, f"lo >= {PASSKEY_MIN}",
+               self.passkey_lengths[0] >= PASSKEY_MIN)
+
+    def train_range(self, probe: str) -> tuple[int, int]:
+        return {"mqar": self.mqar_pairs, "passkey": self.passkey_lengths,
+                "phonebook": self.phonebook_entries}[probe]
+
+
+class MixtureSource:
+    """Random-access training rows of the probe mixture (see the module docstring; picklable)."""
+
+    def __init__(self, spec: MixtureSpec, split: str):
+        _check("split", split, str(SPLITS), split in _SPLIT_CODE)
+        self._spec, self._split = spec, split
+        self._len = spec.num_train if split == "train" else spec.num_test
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _draw(self, rng: np.random.Generator) -> dict:
+        s = self._spec
+        p = np.asarray(s.weights) / sum(s.weights)
+        probe = PROBES[int(rng.choice(len(PROBES), p=p))]
+        lo, hi = s.train_range(probe)
+        return GENERATORS[probe](rng, int(rng.integers(lo, hi + 1)))
+
+    def __getitem__(self, index: int) -> dict:
+        s = self._spec
+        rng = np.random.default_rng([s.seed, len(PROBES), _SPLIT_CODE[self._split], int(index)])
+        if not s.birdie_fraction:
+            return row(self._draw(rng), s.seq_len)
+        objectives = _birdie_objectives()
+        K = len(objectives)
+        if rng.random() >= s.birdie_fraction:
+            r = row(self._draw(rng), s.seq_len)
+            real = np.arange(s.seq_len) < int(np.nonzero(r["weights"])[0][-1]) + 1
+            r["segment_ids"] = real.astype(np.int32)
+            r["objective_ids"] = np.where(real, K, -1).astype(np.int32)
+            return r
+        mixture = birdie.uniform_mixture(objectives)
+
+        def draw():
+            # A configuration whose shortest example does not fit T tokens is drawn again.
+            for _ in range(64):
+                i = int(rng.choice(K, p=mixture))
+                text = self._draw(rng)["tokens"]
+                try:
+                    return objectives[i](text, int(rng.integers(2**31)),
+                                         max_length=s.seq_len), i
+                except ValueError:
+                    continue
+            raise ValueError(f"seq_len={s.seq_len} is not allowed with birdie_fraction="
+                             f"{s.birdie_fraction}: no Birdie example fits in 64 draws; "
+                             "allowed: a longer seq_len")
+        return birdie.pack_row(draw, s.seq_len, with_prefix=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _birdie_objectives():
+    """Birdie's objective set under the compact settings (the CPU figures')."""
+    return birdie_data.objective_set("birdie", birdie.COMPACT_SETTINGS)
+
+
+def row(ex: dict, seq_len: int) -> dict:
+    """An example as a training/eval row of T = seq_len: {inputs, targets, weights, prefix} [T]."""
+    n = ex["tokens"].size
+    _check("seq_len", seq_len, f">= {n - 1} (the example's tokens - 1)", n - 1 <= seq_len)
+    window = np.zeros(seq_len + 1, np.int32)
+    window[:n] = ex["tokens"]
+    weights = np.zeros(seq_len, np.float32)
+    weights[:n - 1] = ex["answer"][1:]
+    prefix = np.zeros(seq_len, bool)
+    prefix[:ex["prefix_len"]] = True
+    return {"inputs": window[:-1], "targets": window[1:], "weights": weights, "prefix": prefix}
