@@ -44,9 +44,10 @@ def test_reward_model_reads_the_history_causally():
     # padding (valid False) after the history leaves its state alone: scoring a candidate as
     # one step from that state equals appending it to the unpadded history
     cand = actions[1, -1:]
-    pred = jax.jit(pc.predict_candidates, static_argnums=0)(cfg, params, jnp.concatenate([losses[0, :4], losses[0, :2]]),
-                                 jnp.concatenate([actions[0, :4], actions[0, :2]]),
-                                 jnp.arange(6) < 4, losses[0, 4], cand)
+    predict = jax.jit(pc.predict_candidates, static_argnums=0)
+    pred = predict(cfg, params, jnp.concatenate([losses[0, :4], losses[0, :2]]),
+                   jnp.concatenate([actions[0, :4], actions[0, :2]]), jnp.arange(6) < 4,
+                   losses[0, 4], cand)
     full, _ = apply(params, losses[:1, :5], jnp.concatenate([actions[:1, :4], cand[None]], 1),
                     valid[:1, :5])
     np.testing.assert_allclose(pred[0], full[0, -1], atol=1e-5)

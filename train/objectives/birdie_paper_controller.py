@@ -218,8 +218,8 @@ def uniform_mixture(cfg: PaperControllerConfig) -> jax.Array:
 # The reward model: a gated SSM over the history of (losses, action) entries
 # ---------------------------------------------------------------------------------------------
 class GatedSSMBlock(nn.Module):
-    """x [B, T, D] → (x [B, T, D], final state [B, D]): a gated linear recurrence h_t = a_t·h_{t-1}
-    + (1 − a_t)·u_t·σ(g_in) read out through σ(g_out) (Birdie §3.4's gated SSM, as the
+    """x [B, T, D] → (x [B, T, D], final state [B, D]): a gated linear recurrence
+    h_t = a_t·h_{t-1} + (1 − a_t)·u_t·σ(g_in) read out through σ(g_out) (Birdie §3.4's gated SSM, as the
     package's GatedSSM), then a SwiGLU MLP; both residual. Entries with valid=False leave the
     state unchanged (history padding)."""
     mlp_hidden: int
