@@ -30,27 +30,33 @@ def test_reward_model_reads_the_history_causally():
     losses = jnp.asarray(rng.uniform(1, 3, (2, T, K)), jnp.float32)
     actions = jax.nn.softmax(jnp.asarray(rng.normal(size=(2, T, K)), jnp.float32))
     valid = jnp.ones((2, T), bool)
-    params = model.init(jax.random.key(0), losses, actions, valid)["params"]
-    apply = jax.jit(lambda p, l, a, v: model.apply({"params": p}, l, a, v))
-    out, h = apply(params, losses, actions, valid)
+    cand = actions[1, -1:]
+
+    @jax.jit                                # one compilation for every probe below
+    def probe(key):
+        params = model.init(key, losses, actions, valid)["params"]
+        apply = lambda l, a, v: model.apply({"params": params}, l, a, v)   # noqa: E731
+        out, h = apply(losses, actions, valid)
+        # one loss changed (the RMSNorm makes the loss input blind to a common scale)
+        early, _ = apply(losses.at[:, 0, 0].mul(2.0), actions, valid)
+        late, _ = apply(losses.at[:, 4, 0].mul(2.0), actions, valid)
+        # history of 4 entries padded to 6 (valid False): the candidate as one step from its
+        # state, and appended to the unpadded history
+        pred = pc.predict_candidates(cfg, params, jnp.concatenate([losses[0, :4], losses[0, :2]]),
+                                     jnp.concatenate([actions[0, :4], actions[0, :2]]),
+                                     jnp.arange(6) < 4, losses[0, 4], cand)
+        full, _ = apply(losses[:1, :5], jnp.concatenate([actions[:1, :4], cand[None]], 1),
+                        valid[:1, :5])
+        return out, h, early, late, pred[0], full[0, -1]
+
+    out, h, early, late, pred, full = probe(jax.random.key(0))
     assert out.shape == (2, T, K) and h.shape == (cfg.num_layers, 2, cfg.width)
     assert float(jnp.abs(out).max()) <= 1.0                       # tanh: rewards in [-1, 1]
     # an early entry changes the last prediction; a later one leaves earlier outputs alone
-    # (one loss changed: the RMSNorm makes the loss input blind to a common scale)
-    out2, _ = apply(params, losses.at[:, 0, 0].mul(2.0), actions, valid)
-    assert float(jnp.abs(out2[:, -1] - out[:, -1]).max()) > 1e-4
-    out3, _ = apply(params, losses.at[:, 4, 0].mul(2.0), actions, valid)
-    np.testing.assert_array_equal(out3[:, :4], out[:, :4])
-    # padding (valid False) after the history leaves its state alone: scoring a candidate as
-    # one step from that state equals appending it to the unpadded history
-    cand = actions[1, -1:]
-    predict = jax.jit(pc.predict_candidates, static_argnums=0)
-    pred = predict(cfg, params, jnp.concatenate([losses[0, :4], losses[0, :2]]),
-                   jnp.concatenate([actions[0, :4], actions[0, :2]]), jnp.arange(6) < 4,
-                   losses[0, 4], cand)
-    full, _ = apply(params, losses[:1, :5], jnp.concatenate([actions[:1, :4], cand[None]], 1),
-                    valid[:1, :5])
-    np.testing.assert_allclose(pred[0], full[0, -1], atol=1e-5)
+    assert float(jnp.abs(early[:, -1] - out[:, -1]).max()) > 1e-4
+    np.testing.assert_array_equal(late[:, :4], out[:, :4])
+    # padding leaves the state alone: scoring from it equals appending to the history
+    np.testing.assert_allclose(pred, full, atol=1e-5)
 
 
 def test_evaluation_schedule_steps_and_fractions():
@@ -69,7 +75,8 @@ def test_evaluation_schedule_steps_and_fractions():
 
 def test_exploration_is_a_cosine_with_a_hold():
     cfg = _cfg(total_steps=1000, explore_cook=10, explore_hold=100, explore_end=300)
-    eps = lambda s: float(pc.exploration(cfg, s))   # noqa: E731
+    schedule = jax.jit(pc.exploration, static_argnums=0)          # one compilation
+    eps = lambda s: float(schedule(cfg, s))   # noqa: E731
     assert eps(0) == eps(9) == 1.0                           # the cook period: always explore
     assert eps(10) == eps(100) == pytest.approx(0.5)         # held at explore_max
     assert eps(200) == pytest.approx(0.35, abs=1e-6)          # cosine midpoint
