@@ -23,7 +23,12 @@ number of training tokens:
   the reward-driven controller (the trainer hook of train/objectives/birdie_controller.py), over
   the key-value text with the recall task as one more action, for the first `pretrain_frac` of
   the steps, then fine-tuned on the recall task for the rest (the hook's `finetune_at`);
-- `gated_birdie_causal`: the same schedule with the causal gated SSM.
+- `gated_birdie_causal`: the same schedule with the causal gated SSM;
+- `gated_birdie_paper`: `gated_birdie` with the paper's controller (hook kind "paper",
+  train/objectives/birdie_paper_controller.py: the sequence reward model, uniform warm-up, the
+  paper's evaluation schedule, cosine exploration with a hold) in place of the simple one, its
+  schedule the paper's steps / 10 at the CPU sizes (train/configs/birdie.py:
+  RECALL_PAPER_CONTROLLER).
 
 The state is small and fixed (`state_width` channels per layer, half of them reverse channels in a
 bidirectional layer): a causal model has to store all P pairs in it, a bidirectional one only the Q
@@ -237,7 +242,8 @@ def birdie_recall_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> dic
             for m in models for P in pairs]
     figures.write_csv(out / "birdie_recall.csv", ["model", "pairs", "accuracy", "params",
                                                   "train_tokens"], rows)
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    mixed = [m for m in ("gated_birdie", "gated_birdie_paper") if res["mixtures"].get(m)]
+    fig, ax = plt.subplots(1, 1 + max(len(mixed), 1), figsize=(5 + 5 * max(len(mixed), 1), 3.6))
     for m in models:
         ax[0].plot(pairs, [res["accuracy"][m][P] for P in pairs], "o-", label=m)
     ax[0].axhline(res["chance"], color="gray", ls=":", label="chance")
@@ -248,18 +254,20 @@ def birdie_recall_figure(*, size: str, seed: int, out: pathlib.Path, **_) -> dic
     ax[0].minorticks_off()
     ax[0].set_xticks(pairs, [str(P) for P in pairs])
     ax[0].legend(fontsize=7)
-    mix = res["mixtures"].get("gated_birdie")
-    if mix:
+    for i, m in enumerate(mixed):
+        mix = res["mixtures"][m]
         steps = [h[0] for h in mix["history"]]
         weights = np.array([h[1] for h in mix["history"]])
         groups: dict[str, np.ndarray] = {}
         for j, a in enumerate(mix["actions"]):
             g = a.split("_r")[0] if a.startswith(("infilling", "autoencoding")) else a
             groups[g] = groups.get(g, 0) + weights[:, j]
-        ax[1].stackplot(steps, *groups.values(), labels=list(groups))
-        ax[1].set(xlabel="step", ylabel="mixture weight", ylim=(0, 1),
-                  title="gated_birdie: the controller's mixture")
-        ax[1].legend(fontsize=6, loc="upper right")
+        ax[1 + i].stackplot(steps, *groups.values(), labels=list(groups), step="post")
+        ax[1 + i].set(xlabel="step", ylabel="mixture weight", ylim=(0, 1),
+                      title=f"{m}: the controller's mixture")
+        ax[1 + i].legend(fontsize=6, loc="upper right")
+    if not mixed:
+        ax[1].axis("off")
     fig.tight_layout()
     fig.savefig(out / "birdie_recall.png", dpi=120)
     plt.close(fig)

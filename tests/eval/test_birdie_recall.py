@@ -183,7 +183,8 @@ def test_only_bidirectional_arms_read_the_prefix(name, tiny_size):
     # logits at the first prompt position change with a later prompt token, the causal ones'
     # do not (the names say which is which; the module docstring lists them), and only the
     # bidirectional arms' data carry the prefix.
-    bidirectional = {"transformer_birdie", "gated_bidir", "gated_birdie", "hawk_birdie"}
+    bidirectional = {"transformer_birdie", "gated_bidir", "gated_birdie", "hawk_birdie",
+                     "gated_birdie_paper"}
     assert birdie_config.ARMS[name].bidirectional == (name in bidirectional)
     if name in RECALL_MODELS:
         c = birdie_config.recall_config(tiny_size, name, 0)

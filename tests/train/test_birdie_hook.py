@@ -14,6 +14,7 @@ from train.data import birdie_data as bd
 from train.data import pipeline, recall
 from train.objectives import birdie
 from train.objectives import birdie_controller as bc
+from train.objectives import birdie_paper_controller as pc
 
 K = len(bd.objective_set("birdie"))
 
@@ -172,3 +173,56 @@ def test_objective_settings_reach_the_data_and_the_controller():
         assert len(names) == K + 1 and task == K and names[-1] == "task"
         spec = recall.spec_from_config(pipeline.resolve_data_config(rc.data), rc.seq_len)
         assert spec.action_names() == names
+
+
+# ---------------------------------------------------------------------------------------------
+# kind "paper" (train/objectives/birdie_paper_controller.py) in the trainer: the same run as
+# `straight` (one compiled train step) with the paper's controller, its reward model tiny
+# ---------------------------------------------------------------------------------------------
+def _paper_config():
+    c = _config()
+    c.hooks.birdie_controller = bc.hook_config(
+        every=2, kind="paper", eval_steps=(2,), warmup=5, width=16, num_layers=1,
+        train_steps=5, num_candidates=32, top_k=4)
+    return c
+
+
+@pytest.fixture(scope="module")
+def paper_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("paper")
+    out = trainer.train(_paper_config(), workdir, devices=jax.devices()[:2])
+    return workdir, out
+
+
+def test_paper_controller_warmup_is_uniform_then_it_chooses(paper_run):
+    workdir, out = paper_run
+    rows = _rows(workdir, "mixture")
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
+    uniform = birdie.uniform_mixture(bd.objective_set("birdie", birdie.ObjectiveSettings
+                                                      .from_mapping(_config().data
+                                                                    .objective_settings)))
+    for r in rows[:2]:                                  # steps 2, 4: before the warm-up's end
+        np.testing.assert_allclose(list(r["mixture"].values()), uniform, atol=1e-6)
+        assert r["explored"] is False
+    for r in rows[2:]:
+        assert np.abs(np.array(list(r["mixture"].values())) - uniform).max() > 0.01
+    state = out["state"].memory["birdie_controller"]
+    assert isinstance(state, pc.PaperControllerState)
+    assert int(state.count) == 5 and int(state.num_updates) == 6   # the first has no reward
+    np.testing.assert_allclose(np.asarray(state.mixture), list(rows[-1]["mixture"].values()),
+                               rtol=1e-6)
+
+
+def test_paper_controller_state_survives_a_checkpoint_round_trip(paper_run, tmp_path):
+    """Lost after step 8: resumes from checkpoint 8 with the controller's state (history,
+    reward model, key) and ends bit for bit where the straight run ended."""
+    workdir, out = paper_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "12")
+    (resumed / "metrics.jsonl").write_text("")
+    again = trainer.train(_paper_config(), resumed, devices=jax.devices()[:2])
+    assert again["start_step"] == 8
+    assert _rows(resumed, "mixture") == _rows(workdir, "mixture")[4:]   # steps 10, 12
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(again["state"]),
+                           jax.device_get(out["state"]))

@@ -300,6 +300,7 @@ class ArmSpec:
     bidirectional: bool     # SSM: bidir_pattern (True) or all 'c'; True: gets the prefix
     mixer: str = "gated"    # SSM mixer
     birdie: bool = False    # pre-train on the controller's objective mixture, then fine-tune
+    controller: str = "simple"   # the Birdie arms' controller kind (birdie_controller.KINDS)
 
 
 ARMS = {
@@ -310,9 +311,17 @@ ARMS = {
     "gated_birdie": ArmSpec("ssm", True, birdie=True),
     "gated_birdie_causal": ArmSpec("ssm", False, birdie=True),
     "hawk_birdie": ArmSpec("ssm", True, mixer="hawk", birdie=True),
+    # gated_birdie under the paper's controller (train/objectives/birdie_paper_controller.py)
+    "gated_birdie_paper": ArmSpec("ssm", True, birdie=True, controller="paper"),
 }
 RECALL_MODELS = ("transformer_ntp", "transformer_birdie", "gated_ntp", "gated_bidir",
-                 "gated_birdie", "gated_birdie_causal")
+                 "gated_birdie", "gated_birdie_causal", "gated_birdie_paper")
+
+# The paper controller's schedule in the recall figure's CPU recipe (RECALL_SIZES "quick"/"cpu",
+# whose controller chooses for 750 / 1,500 steps): the paper's steps (10, 50, 250, 500, 1000,
+# 1500, 2000, then every 1000; warm-up 250) divided by 10. The exploration steps stay the
+# controller's defaults (fractions of its steps); the reward model is the paper's.
+RECALL_PAPER_CONTROLLER = dict(eval_steps=(1, 5, 25, 50, 100, 150, 200), every=100, warmup=25)
 
 # Width-64 models: every model's embedding, untied head and (Transformer) weight matrices start at
 # N(0, 0.125²) ≈ N(0, 1/D) instead of the 0.02 that suits D ≈ 768, with no weight decay. With
@@ -433,10 +442,17 @@ def recall_config(size, name: str, seed: int) -> ml_collections.ConfigDict:
     if arm.birdie:
         pretrain = int(round(s["steps"] * s["pretrain_frac"]))
         c.hooks = ml_collections.ConfigDict()
-        c.hooks.birdie_controller = birdie_controller.hook_config(
-            every=s["controller_every"], finetune_at=pretrain if pretrain < s["steps"] else 0,
-            rows_per_objective=2,
-            history=64, hidden=32, train_steps=100, num_candidates=512)
+        finetune_at = pretrain if pretrain < s["steps"] else 0
+        if arm.controller == "paper":
+            # the paper's controller; at paper size its schedule, at CPU sizes the paper's / 10
+            sched = {} if size == "paper" else dict(RECALL_PAPER_CONTROLLER)
+            c.hooks.birdie_controller = birdie_controller.hook_config(
+                every=sched.pop("every", 1000), kind="paper", finetune_at=finetune_at,
+                rows_per_objective=2, **sched)
+        else:
+            c.hooks.birdie_controller = birdie_controller.hook_config(
+                every=s["controller_every"], finetune_at=finetune_at, rows_per_objective=2,
+                history=64, hidden=32, train_steps=100, num_candidates=512)
     c.optim = common.optim(lr=s["lr"], warmup_steps=max(s["steps"] // 20, 1), b2=0.98,
                            weight_decay=s.get("weight_decay", 0.01))
     c.eval = common.evaluation(1)

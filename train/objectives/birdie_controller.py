@@ -32,6 +32,17 @@ weight}, "controller_val_loss": {name: loss}}. The actions are the data's: datas
 (train/data/recall.py) has them and the task as one more action. With `finetune_at` (recall
 data only) the controller chooses until that step, then sets the mixture to the task alone and
 stops: pre-training and fine-tuning in one run, under one learning-rate schedule.
+
+`hooks.birdie_controller.kind` picks the controller: "simple" (this module; a config without
+`kind` is simple) or "paper" (train/objectives/birdie_paper_controller.py: the sequence reward
+model over the whole history, the uniform warm-up, the paper's evaluation schedule, cosine
+exploration with a hold focused on one or two objective classes). Both choose a mixture over the
+same actions. The paper's per-objective settings map onto them as far as mnemax's objectives
+go: the weights inside a class are the choice among that objective's settings (infilling:
+corruption rate × mean span; autoencoding: rate/span × with or without deshuffling;
+deshuffling: the fraction shuffled, one configuration per `deshuffle_fractions` entry). Length
+bins, selective copying's format / spans / context length and copying's length are drawn per
+example from `data.objective_settings` and are not the controller's to choose.
 """
 from __future__ import annotations
 
@@ -49,6 +60,7 @@ import optax
 
 from train.data import birdie_data, pipeline, recall
 from train.objectives import birdie
+from train.objectives import birdie_paper_controller as paper
 from train.objectives.birdie import reward_jnp
 
 
@@ -240,20 +252,53 @@ def controller_update(cfg: ControllerConfig, state: ControllerState, val_losses_
 # ---------------------------------------------------------------------------------------------
 # hooks.birdie_controller fields the hook reads itself; every other field is a ControllerConfig
 # field (group_sizes and total_steps come from the data config and num_steps).
-HOOK_FIELDS = ("every", "first", "rows_per_objective", "finetune_at")
-_FROM_RUN = ("group_sizes", "total_steps", "eval_every", "first_eval")
+HOOK_FIELDS = ("kind", "every", "first", "rows_per_objective", "finetune_at")
+KINDS = ("simple", "paper")
+_FROM_RUN = ("group_sizes", "total_steps", "eval_every", "first_eval", "group_ids")
 
 
-def hook_config(every: int, **controller_fields) -> ml_collections.ConfigDict:
+def hook_config(every, kind: str = "simple", **controller_fields) -> ml_collections.ConfigDict:
     """hooks.birdie_controller for a config: `every` steps between updates, `first` the first
     update step (0: `every`), `rows_per_objective` validation rows per action, `finetune_at` the
-    step where the mixture becomes the task alone (0: never), and any other ControllerConfig
-    field (history, hidden, train_steps, explore_start, ...)."""
+    step where the mixture becomes the task alone (0: never), and any other field of the
+    controller `kind`: "simple" (ControllerConfig: history, hidden, train_steps, explore_start,
+    ...; a config without `kind` is simple) or "paper" (birdie_paper_controller.
+    PaperControllerConfig, every field written out with the paper's value: there `every` is the
+    period after the listed `eval_steps` and `first` must stay 0)."""
+    if kind not in KINDS:
+        raise ValueError(f"hooks.birdie_controller.kind={kind!r} is not allowed; use one of "
+                         f"{KINDS}")
     c = ml_collections.ConfigDict()
+    if kind == "paper":
+        c.kind = "paper"             # the paper's controller (birdie_paper_controller.py)
     c.every = every                  # steps between controller updates
     c.first = 0                      # first update step (0: `every`)
     c.rows_per_objective = 1         # balanced validation rows per action
     c.finetune_at = 0                # the task alone from this step on (0: never)
+    if kind == "paper":
+        d = {f.name: f.default for f in dataclasses.fields(paper.PaperControllerConfig)
+             if f.name not in _FROM_RUN}
+        d.update(controller_fields)
+        # Each field's comment (the paper's value): birdie_paper_controller.PaperControllerConfig
+        c.eval_steps = tuple(d.pop("eval_steps"))   # listed update steps (paper: 10 .. 2000)
+        c.warmup = d.pop("warmup")                  # uniform mixture before it (paper: 250)
+        c.width = d.pop("width")                    # reward model width (paper: 256)
+        c.num_layers = d.pop("num_layers")          # gated-SSM blocks (paper: 4)
+        c.mlp_ratio = d.pop("mlp_ratio")            # SwiGLU width ratio (package: 8/3)
+        c.train_steps = d.pop("train_steps")        # fit steps per update (package: 200)
+        c.learning_rate = d.pop("learning_rate")    # fit AdamW rate (package: 5e-4)
+        c.weight_decay = d.pop("weight_decay")      # fit weight decay (package: 0.1)
+        c.grad_clip = d.pop("grad_clip")            # fit gradient clip (package: 1.0)
+        c.num_candidates = d.pop("num_candidates")  # candidates scored (package: 4096)
+        c.top_k = d.pop("top_k")                    # best candidates averaged (package: 8)
+        c.explore_max = d.pop("explore_max")        # ε after the cook period (paper: 0.5)
+        c.explore_min = d.pop("explore_min")        # ε at the end of the cosine (paper: 0.2)
+        c.explore_cook = d.pop("explore_cook")      # ε = 1 before it (package: 0.025 of steps)
+        c.explore_hold = d.pop("explore_hold")      # hold at explore_max until (package: 0.05)
+        c.explore_end = d.pop("explore_end")        # cosine reaches explore_min (package: 0.25)
+        c.explore_focus = d.pop("explore_focus")    # classes an exploring candidate picks (2)
+        c.explore_floor = d.pop("explore_floor")    # weight of the others (package: 0.005)
+        controller_fields = d                        # what is left is unknown: refused later
     for k, v in controller_fields.items():
         c[k] = v
     return c
@@ -277,6 +322,22 @@ def action_space(config: ml_collections.ConfigDict) -> tuple[tuple, tuple, int |
                      f"{data.name!r}")
 
 
+def action_groups(config: ml_collections.ConfigDict) -> tuple:
+    """[K] the class index of each action of `action_space(config)` (the objective's `group`,
+    the task a class of its own): what the paper controller's exploration focuses on."""
+    data = pipeline.resolve_data_config(config.data)
+    settings = birdie.ObjectiveSettings.from_mapping(data.objective_settings)
+    if data.name == "birdie":
+        groups = [o.group for o in birdie_data.objective_set(data.objectives, settings)]
+    elif data.name == "recall":
+        spec = recall.spec_from_config(data, config.seq_len)
+        groups = [o.group for o in spec.objective_set()] + ["task"]
+    else:
+        action_space(config)          # raises the ValueError naming the data
+    order = list(dict.fromkeys(groups))
+    return tuple(order.index(g) for g in groups)
+
+
 class ControllerHook:
     """Birdie's controller in the shared trainer (see the module docstring)."""
 
@@ -285,7 +346,12 @@ class ControllerHook:
     def __init__(self, settings: ml_collections.ConfigDict, config: ml_collections.ConfigDict):
         self.names, group_sizes, self.task_action = action_space(config)
         fields = dict(settings.items())
-        allowed = set(HOOK_FIELDS) | {f.name for f in dataclasses.fields(ControllerConfig)}
+        self.kind = fields.pop("kind", "simple")
+        if self.kind not in KINDS:
+            raise ValueError(f"hooks.birdie_controller.kind={self.kind!r} is not allowed; use "
+                             f"one of {KINDS}")
+        own = (ControllerConfig if self.kind == "simple" else paper.PaperControllerConfig)
+        allowed = set(HOOK_FIELDS) | {f.name for f in dataclasses.fields(own)}
         bad = sorted(set(fields) - allowed | set(fields) & set(_FROM_RUN))
         if bad:
             raise ValueError(f"hooks.birdie_controller fields {bad} are not allowed; allowed: "
@@ -307,16 +373,29 @@ class ControllerHook:
                              f"allowed; use 0 (never) or a step in 1..num_steps="
                              f"{config.num_steps}")
         every, first = fields.pop("every"), fields.pop("first", 0)
-        # exploration decays over the first half of the steps the controller chooses for
-        self.cfg = ControllerConfig(group_sizes=group_sizes,
-                                    total_steps=self.finetune_at or config.num_steps,
-                                    eval_every=every, first_eval=first, **fields)
+        total = self.finetune_at or config.num_steps
+        if self.kind == "paper":
+            if first:
+                raise ValueError(f"hooks.birdie_controller.first={first!r} is not allowed with "
+                                 "kind 'paper'; use 0 (its eval_steps list the first updates)")
+            self.cfg = paper.config_from_fields(action_groups(config), total, every, fields)
+        else:
+            # exploration decays over the first half of the steps the controller chooses for
+            self.cfg = ControllerConfig(group_sizes=group_sizes, total_steps=total,
+                                        eval_every=every, first_eval=first, **fields)
         self.config = config
         self._batches = None        # the balanced validation batches, on the run's mesh
         self._losses_fn = None
 
     def init(self, key) -> ControllerState:
+        if self.kind == "paper":
+            return paper.controller_init(self.cfg, key)
         return controller_init(self.cfg, key)
+
+    def _should_update(self, step: int) -> bool:
+        if self.kind == "paper":
+            return paper.should_update(self.cfg, step)
+        return should_update(self.cfg, step)
 
     def data_overrides(self, state: ControllerState) -> dict:
         return {"mixture": tuple(float(w) for w in np.asarray(state.mixture))}
@@ -324,8 +403,8 @@ class ControllerHook:
     def due(self, step: int) -> bool:
         if self.finetune_at:
             return step == self.finetune_at or (step < self.finetune_at
-                                                and should_update(self.cfg, step))
-        return should_update(self.cfg, step)
+                                                and self._should_update(step))
+        return self._should_update(step)
 
     def validation_losses(self, run, params) -> np.ndarray:
         """[K] mean validation loss of every configuration, on its balanced rows."""
@@ -378,11 +457,15 @@ class ControllerHook:
                 "event": "birdie_controller", "finetune": True,
                 "mixture": {n: float(w) for n, w in zip(self.names, np.asarray(task))}}
         losses = self.validation_losses(run, params)
-        state = controller_update(self.cfg, state, jnp.asarray(losses, jnp.float32), step)
+        update = paper.controller_update if self.kind == "paper" else controller_update
+        state = update(self.cfg, state, jnp.asarray(losses, jnp.float32), step)
         mixture = np.asarray(jax.device_get(state.mixture))
-        return state, {"event": "birdie_controller",
-                       "mixture": {n: float(w) for n, w in zip(self.names, mixture)},
-                       "controller_val_loss": {n: float(v) for n, v in zip(self.names, losses)}}
+        row = {"event": "birdie_controller",
+               "mixture": {n: float(w) for n, w in zip(self.names, mixture)},
+               "controller_val_loss": {n: float(v) for n, v in zip(self.names, losses)}}
+        if self.kind == "paper":
+            row["explored"] = bool(jax.device_get(state.explored))
+        return state, row
 
 
 def make_hook(settings, config) -> ControllerHook:
