@@ -48,8 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
-from benchmarks.peaks import SPEC_PEAKS, spec_peak  # noqa: F401  (re-exported)
 from train import trainer
+from train.chips import SPEC_PEAKS, spec_peak  # noqa: F401  (SPEC_PEAKS: re-exported)
 from train.configs import lm as lm_config
 
 # Sizes: the model and batch (per device) of each. "tiny" is train/configs/lm.py:tiny; "small" is

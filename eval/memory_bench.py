@@ -38,6 +38,7 @@ import json
 import pathlib
 import statistics
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -197,7 +198,6 @@ def train_tokens_per_s(workdir) -> float:
 def measure_costs(name: str, size: str, params, context: int, *, runs: int = 5) -> dict:
     """{"bytes_per_context_token", "state_bytes", "seconds_per_token", "context"} of model
     `name` after reading `context` tokens (batch 1; see the module docstring)."""
-    from benchmarks import harness
     from models import landmark_memory, ssm, transformer
     model = eval_model(name, size)
     tok = jnp.zeros((1,), jnp.int32)
@@ -229,10 +229,22 @@ def measure_costs(name: str, size: str, params, context: int, *, runs: int = 5) 
         state_bytes = _nbytes(state)
         step = jax.jit(lambda p, s, t: model.apply({"params": p}, s, t, method=ssm.BiSSMLM.step))
         fn = lambda: step(params, state, tok)                          # noqa: E731
-    t = harness.time_fn(fn, warmup=2, runs=runs)
     return {"context": context, "state_bytes": state_bytes,
             "bytes_per_context_token": state_bytes / context,
-            "seconds_per_token": t["median_s"]}
+            "seconds_per_token": _median_seconds(fn, runs)}
+
+
+def _median_seconds(fn, runs: int) -> float:
+    """The median wall time of `runs` calls of fn (its result waited for), after two untimed
+    calls (compilation, warm-up)."""
+    for _ in range(2):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -294,7 +294,7 @@ def trainer_summary(d: dict) -> str:
     s = d["shapes"]
     spec_total = d.get("spec_peak_flops_per_s_total")
     if "spec_peak_flops_per_s_total" not in d:   # a file from before the benchmark recorded it
-        from benchmarks.peaks import spec_peak
+        from train.chips import spec_peak
         one = spec_peak(d["device"]["device_kind"], s["compute_dtype"])
         spec_total = one * s["devices_used"] if one else None
     spec = (f", {d['model_flops_per_s'] / spec_total:.2f} of the specification's "

@@ -1,4 +1,5 @@
-"""The chips' specification peaks (no imports: `eval.report` reads them too)."""
+"""Accelerator chips' dense matmul peaks from their specifications, for MFU (benchmarks/trainer.py,
+and eval/report.py for committed files). No imports: anything may read it."""
 from __future__ import annotations
 
 # Dense (no sparsity) matmul peaks from the vendors' specifications, FLOP/s per chip, by a
