@@ -288,27 +288,23 @@ def test_figure_recipes_keep_their_data_bit_for_bit():
             birdie.PAPER_SETTINGS
 
 
-def test_train_main_runs_two_steps(tmp_path, repo_root):
+def test_train_main_trains_the_prefix_lm_transformer_with_the_controller(tmp_path, repo_root):
+    """`python -m train.main` runs birdie.py:tiny:transformer_birdie (prefix-LM attention, the
+    controller as a trainer hook)."""
+    c = birdie_config.get_config("tiny:transformer_birdie")
+    assert c.model.prefix_lm and c.data.with_prefix and "birdie_controller" in c.hooks
     env = {**os.environ, "XLA_FLAGS": os.environ["MNEMAX_TEST_XLA_FLAGS"]}   # one device
     out = subprocess.run(
-        [sys.executable, "-m", "train.main", "--config", "train/configs/birdie.py:tiny",
-         "--workdir", str(tmp_path / "run"), "--config.num_steps=2", "--config.progress=False"],
+        [sys.executable, "-m", "train.main", "--config",
+         "train/configs/birdie.py:tiny:transformer_birdie", "--workdir", str(tmp_path / "run"),
+         "--config.num_steps=2", "--config.batch_size=2", "--config.progress=False",
+         "--config.checkpoint_every=0", "--config.eval_every=0",
+         "--config.hooks.birdie_controller.every=2"],
         cwd=repo_root, env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["step"] == 2 and np.isfinite(summary["final_loss"])
-
-
-def test_prefix_lm_transformer_config_trains_with_the_controller(tmp_path):
-    c = birdie_config.get_config("tiny:transformer_birdie")
-    assert c.model.prefix_lm and c.data.with_prefix and "birdie_controller" in c.hooks
-    c.num_steps, c.batch_size = 2, 2
-    c.checkpoint_every = c.eval_every = 0
-    c.hooks.birdie_controller.every = 2
-    c.progress = False
-    out = trainer.train(c, tmp_path, devices=jax.devices()[:1])
-    assert out["step"] == 2 and np.isfinite(out["final_loss"])
-    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "mixture" in r] == [2]      # the controller ran
 
 
@@ -387,9 +383,10 @@ def test_phonebook_figure_on_a_tiny_size(monkeypatch, tmp_path):
                 eval_examples=2, queries=(1, 2), width=16, state_width=16, num_heads=2)
     monkeypatch.setitem(birdie_config.PHONEBOOK_SIZES, "tiny", tiny)
     monkeypatch.setitem(birdie_config.RECALL_SIZES, "tiny", dict(TINY_SIZE))   # validated too
-    monkeypatch.setattr(br, "PHONEBOOK_MODELS", ("transformer_ntp", "gated_birdie_causal"))
+    # one arm: a Birdie model, so the controller, the fine-tune and its init_from all run
+    monkeypatch.setattr(br, "PHONEBOOK_MODELS", ("gated_birdie_causal",))
     res = br.birdie_phonebook_figure(size="tiny", seed=0, out=tmp_path)
-    assert set(res["digit_accuracy"]) == {"transformer_ntp", "gated_birdie_causal"}
+    assert set(res["digit_accuracy"]) == {"gated_birdie_causal"}
     for m, acc in res["digit_accuracy"].items():
         assert set(acc) == {"1", "2"} and all(0.0 <= a <= 1.0 for a in acc.values())
     assert (res["entries"], res["pretrain_steps"], res["finetune_steps"]) == (
@@ -397,7 +394,7 @@ def test_phonebook_figure_on_a_tiny_size(monkeypatch, tmp_path):
     assert {p.name for p in tmp_path.iterdir()} >= {"birdie_phonebook.csv",
                                                     "birdie_phonebook.png"}
     runs = sorted((tmp_path / "runs").iterdir())
-    assert [r.name.split("-")[3] for r in runs] == ["gated_birdie_causal", "transformer_ntp"]
+    assert [r.name.split("-")[3] for r in runs] == ["gated_birdie_causal"]
     read = lambda p: [json.loads(l) for l in p.read_text().splitlines()]   # noqa: E731
     pre = read(runs[0] / "pretrain" / "metrics.jsonl")
     assert [r["step"] for r in pre if "mixture" in r] == [1, 2]          # the controller ran
