@@ -10,11 +10,9 @@ SEED ?= 0
 .PHONY: demo test figures bench venv lock clean
 
 # mnemax and its test extra at the exact versions the tests passed with (constraints.txt).
-# --no-compile: Python compiles the modules a run imports when it first imports them, instead of
-# pip compiling every file of every package up front (24 s of a 47 s install on 2 cores).
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --no-compile -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
