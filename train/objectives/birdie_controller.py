@@ -187,20 +187,8 @@ def _features(losses_K, action_K):
 def fit_reward_model(cfg: ControllerConfig, params: dict, inputs_MxI, rewards_MxK, valid_M):
     """`train_steps` AdamW steps of masked MSE on the history; returns (params, final loss)."""
     opt = optax.adamw(cfg.learning_rate, weight_decay=cfg.weight_decay)
-    w = valid_M.astype(jnp.float32)[:, None]
-
-    def mse(p):
-        err = reward_model(p, inputs_MxI) - rewards_MxK
-        return jnp.sum(w * err ** 2) / jnp.maximum(w.sum() * rewards_MxK.shape[-1], 1.0)
-
-    def body(_, carry):
-        p, o = carry
-        g = jax.grad(mse)(p)
-        upd, o = opt.update(g, o, p)
-        return optax.apply_updates(p, upd), o
-
-    params, _ = jax.lax.fori_loop(0, cfg.train_steps, body, (params, opt.init(params)))
-    return params, mse(params)
+    return paper.fit_masked_mse(lambda p: reward_model(p, inputs_MxI), params, rewards_MxK,
+                                valid_M, opt, cfg.train_steps)
 
 
 def propose_mixture(cfg: ControllerConfig, params: dict, losses_K, key) -> jax.Array:

@@ -331,27 +331,34 @@ def controller_init(cfg: PaperControllerConfig, key) -> PaperControllerState:
         num_updates=jnp.zeros((), jnp.int32), explored=jnp.zeros((), bool))
 
 
+def fit_masked_mse(predict, params, rewards_MxK, valid_M, opt, steps: int):
+    """`steps` updates of `opt` on the mean squared error of predict(params) [M, K] against
+    rewards_MxK over the rows where valid_M holds (both controllers' reward-model fit);
+    returns (params, the final error)."""
+    w = valid_M.astype(jnp.float32)[:, None]
+
+    def mse(p):
+        err = predict(p) - rewards_MxK
+        return jnp.sum(w * err ** 2) / jnp.maximum(w.sum() * rewards_MxK.shape[-1], 1.0)
+
+    def body(_, carry):
+        p, o = carry
+        upd, o = opt.update(jax.grad(mse)(p), o, p)
+        return optax.apply_updates(p, upd), o
+
+    params, _ = jax.lax.fori_loop(0, steps, body, (params, opt.init(params)))
+    return params, mse(params)
+
+
 def fit_reward_model(cfg: PaperControllerConfig, params, losses_MxK, actions_MxK, rewards_MxK,
                      valid_M):
     """`train_steps` AdamW steps (clipped) of masked MSE over the history; (params, loss)."""
     model = reward_model(cfg)
     opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                       optax.adamw(cfg.learning_rate, weight_decay=cfg.weight_decay))
-    w = valid_M.astype(jnp.float32)[:, None]
-
-    def mse(p):
-        pred, _ = model.apply({"params": p}, losses_MxK[None], actions_MxK[None], valid_M[None])
-        err = pred[0] - rewards_MxK
-        return jnp.sum(w * err ** 2) / jnp.maximum(w.sum() * rewards_MxK.shape[-1], 1.0)
-
-    def body(_, carry):
-        p, o = carry
-        g = jax.grad(mse)(p)
-        upd, o = opt.update(g, o, p)
-        return optax.apply_updates(p, upd), o
-
-    params, _ = jax.lax.fori_loop(0, cfg.train_steps, body, (params, opt.init(params)))
-    return params, mse(params)
+    predict = lambda p: model.apply({"params": p}, losses_MxK[None], actions_MxK[None],  # noqa
+                                    valid_M[None])[0][0]
+    return fit_masked_mse(predict, params, rewards_MxK, valid_M, opt, cfg.train_steps)
 
 
 def focused_candidates(cfg: PaperControllerConfig, key, n: int) -> jax.Array:
