@@ -14,7 +14,7 @@ What is timed, in one run:
   steps, an asynchronous checkpoint every `--checkpoint-every` steps), tokens/s the median of its
   metrics rows' `tokens_per_s` after the first (which holds the compilation).
 
-MFU against two peaks: the device's specification (dense, no sparsity; `SPEC_PEAKS`, by
+MFU against two peaks: the device's specification (dense, no sparsity; `train/chips.py`, by
 `device_kind`; none for a CPU) and the matmul peak measured in the same run (below).
 
 Peak: the median time of a jitted [n, n] @ [n, n] matmul in the compute dtype on one device,
@@ -49,7 +49,7 @@ import numpy as np
 
 from benchmarks import harness
 from train import trainer
-from train.chips import SPEC_PEAKS, spec_peak  # noqa: F401  (SPEC_PEAKS: re-exported)
+from train.chips import spec_peak
 from train.configs import lm as lm_config
 
 # Sizes: the model and batch (per device) of each. "tiny" is train/configs/lm.py:tiny; "small" is
@@ -204,7 +204,7 @@ def run(size: str = "small", *, steps: int = 5, warmup: int = 2, devices: int = 
     if not math.isfinite(loss):
         raise FloatingPointError(f"benchmark train step produced loss={loss}")
 
-    del box, state
+    box.clear()   # the step's state (the first `state` was donated): freed before the real loop
     with tempfile.TemporaryDirectory() as workdir:
         loop = real_loop(config, devs, steps=loop_steps, log_every=log_every,
                          checkpoint_every=checkpoint_every, workdir=workdir)
@@ -244,7 +244,7 @@ def run(size: str = "small", *, steps: int = 5, warmup: int = 2, devices: int = 
         "peak_flops_per_s_total": peak_total,
         # The ratio: model FLOP/s over the matmul peak measured above.
         "mfu": model_flops_per_s / peak_total,
-        # ... and over the chip's specification (SPEC_PEAKS; null where none is listed).
+        # ... and over the chip's specification (train/chips.py; null where none is listed).
         "spec_peak_flops_per_s_total": spec_total,
         "mfu_spec": model_flops_per_s / spec_total if spec_total else None,
         "real_loop": loop,

@@ -47,7 +47,7 @@ import ml_collections
 from models import layers
 from train import optim, trainer
 from train.configs import common
-from train.data import pipeline, recall
+from train.data import birdie_data, pipeline, recall
 from train.data import tokenizer as tok
 from train.objectives import birdie, birdie_controller
 
@@ -61,7 +61,7 @@ MODELS = ("transformer_ntp", "transformer_birdie", "gated_ntp", "gated_birdie",
 # 4/3·D (Griffin's), a gated (GeGLU) MLP as Griffin's. Vocabulary: the paper's 32k tokenizer plus
 # Birdie's 64 special ids (PAPER_VOCAB; train/data/birdie_data.py maps a tokenizer's ids around
 # them), untied input and output embeddings (the reference model's default).
-PAPER_VOCAB = 32_000 + tok.VOCAB_SIZE - tok.NUM_BYTES
+PAPER_VOCAB = 32_000 + birdie_data.NUM_SPECIAL_IDS
 PAPER = {
     "transformer": dict(width=2048, num_layers=24, num_heads=16, mlp="swiglu", mlp_hidden=5888,
                         rope_base=250_000.0),

@@ -128,17 +128,12 @@ def objective_set(name: str, settings: birdie.ObjectiveSettings = birdie.PAPER_S
     return birdie.ntp_objectives()
 
 
-@functools.lru_cache(maxsize=8)
-def _tokenizer(spec: str) -> tok.Tokenizer:
-    return tok.load_tokenizer(spec)
-
-
 def vocab_size(tokenizer: str = "byte") -> int:
     """The model vocabulary rows need for Birdie's rows of `tokenizer`: 320 for "byte", else the
     tokenizer's vocab_size + NUM_SPECIAL_IDS."""
     if tokenizer == "byte":
         return tok.VOCAB_SIZE
-    return _tokenizer(tokenizer).vocab_size + NUM_SPECIAL_IDS
+    return tok.cached_tokenizer(tokenizer).vocab_size + NUM_SPECIAL_IDS
 
 
 def to_birdie_ids(ids: np.ndarray) -> np.ndarray:
@@ -160,7 +155,7 @@ def encode(text: str | bytes, tokenizer: str = "byte", *, add_eos: bool = False)
     """Birdie-space ids of `text` under `tokenizer` (EOS, Birdie's, appended with add_eos)."""
     if tokenizer == "byte":
         return tok.encode(text, add_eos=add_eos)
-    ids = to_birdie_ids(_tokenizer(tokenizer).encode(text))
+    ids = to_birdie_ids(tok.cached_tokenizer(tokenizer).encode(text))
     return np.append(ids, np.int32(tok.EOS)).astype(np.int32) if add_eos else ids
 
 
@@ -170,7 +165,8 @@ class BirdieTokenizer:
     non-byte tokenizer (eval/phonebook.py)."""
 
     def __init__(self, spec: str):
-        self._tok = _tokenizer(spec)
+        self._spec = spec
+        self._tok = tok.cached_tokenizer(spec)
         self.spec = f"birdie:{spec}"
         self.vocab_size = vocab_size(spec)
         self.pad_id = tok.PAD
@@ -179,7 +175,7 @@ class BirdieTokenizer:
         return tok.special(name)
 
     def encode(self, text: str | bytes) -> np.ndarray:
-        return to_birdie_ids(self._tok.encode(text))
+        return encode(text, self._spec)
 
     def decode(self, ids) -> str:
         ids = from_birdie_ids(np.asarray(ids))

@@ -64,7 +64,6 @@ batch size, seq_len and process layout.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -402,11 +401,6 @@ def vocab_size(data_config: ml_collections.ConfigDict) -> int:
     return tokenizer.VOCAB_SIZE
 
 
-@functools.lru_cache(maxsize=8)
-def _load_tokenizer(spec: str) -> tokenizer.Tokenizer:
-    return tokenizer.load_tokenizer(spec)
-
-
 def data_tokenizer(data_config: ml_collections.ConfigDict) -> tokenizer.Tokenizer:
     """The tokenizer of a dataset: `data.tokenizer` for the text datasets ("text", "tfds"), the
     byte tokenizer for every other (their generators are defined on byte ids). Checks that it
@@ -414,7 +408,7 @@ def data_tokenizer(data_config: ml_collections.ConfigDict) -> tokenizer.Tokenize
     data_config = resolve_data_config(data_config)
     spec = data_config.get("tokenizer", "byte")
     try:
-        tok = _load_tokenizer(spec)
+        tok = tokenizer.cached_tokenizer(spec)
     except ValueError as e:
         raise ValueError(f"data.tokenizer: {e}") from None
     needs = ["EOS"] + (["BOS"] if data_config.get("add_bos") else [])
@@ -608,7 +602,7 @@ class _Tokenize(grain.transforms.Map):
         self._spec, self._add_bos = spec, add_bos
 
     def map(self, record):
-        tok = _load_tokenizer(self._spec)
+        tok = tokenizer.cached_tokenizer(self._spec)
         return {"tokens": tok.encode(record["text"], add_bos=self._add_bos, add_eos=True)}
 
 

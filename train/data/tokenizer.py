@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import functools
 import importlib
 import json
 import os
@@ -591,3 +592,9 @@ def load_tokenizer(spec: str) -> Tokenizer:
             raise ValueError(f"tokenizer spec={spec!r} is not allowed: {str(p)!r} {what}; "
                              f"{allowed}")
     return tok.add_special_tokens(names) if names else tok
+
+
+@functools.lru_cache(maxsize=8)
+def cached_tokenizer(spec: str) -> Tokenizer:
+    """`load_tokenizer(spec)`, built once per process: what the data sources share."""
+    return load_tokenizer(spec)
