@@ -76,6 +76,9 @@ ADDED_DEFAULTS = {
     # The Transformer's blocks as one scan over stacked parameters (models/transformer.py): off,
     # the per-layer parameter tree every run before it had.
     "model.scan_layers": False,
+    # Birdie's objective settings chosen by the controller (train/objectives/birdie.py
+    # ObjectiveSettings.controlled): none, every run's action space before it existed.
+    "data.objective_settings.controlled": [],
     # Landmark attention's group dropout (models/landmark.py): off, as before it existed
     # (0.0 in a config; its JSON round trip writes 0).
     "model.group_dropout": 0,

@@ -302,13 +302,14 @@ def test_compact_settings_reproduce_the_examples_from_before_the_settings():
             + b.ul2_objectives(settings=b.COMPACT_SETTINGS))
     assert {o.name: _settings_hash(o) for o in objs} == COMPACT_REFERENCE
     # the paper's settings give other examples (a check that the hash sees the settings)
-    paper = {o.name: o for o in b.birdie_objectives() + b.ul2_objectives()}
+    drawn = dataclasses.replace(b.PAPER_SETTINGS, controlled=())
+    paper = {o.name: o for o in b.birdie_objectives(settings=drawn) + b.ul2_objectives()}
     for name in ("ul2_s", "copying", "prefix_lm"):
         assert _settings_hash(paper[name]) != COMPACT_REFERENCE[name], name
 
 
 def test_the_paper_objective_set():
-    objs = b.birdie_objectives()
+    objs = b.birdie_objectives(settings=dataclasses.replace(b.PAPER_SETTINGS, controlled=()))
     names = [o.name for o in objs]
     assert len(objs) == 19 and len(set(names)) == 19
     assert names[15:17] == ["deshuffling_p50", "deshuffling_p100"]
@@ -319,6 +320,46 @@ def test_the_paper_objective_set():
     assert {o.placement for o in objs + b.ul2_objectives()} == {"either"}
     compact = b.birdie_objectives(settings=b.COMPACT_SETTINGS)
     assert {o.placement for o in compact} == {"prepend"} and len(compact) == 18
+
+
+def test_controlled_settings_are_configurations_of_their_own():
+    """The paper's action space: each controlled setting's values are configurations (the same
+    class), and each configuration's examples keep to its value."""
+    objs = b.birdie_objectives(length_bins=(32, 64, 128))       # the paper's settings: all
+    by_name = {o.name: o for o in objs}
+    assert len(by_name) == len(objs) == 2 + 9 * 3 + 4 + 2 + 3 + 2 * 3 * 3
+    assert len({o.group for o in objs}) == 7
+    assert b.uniform_mixture(objs)[[o.group == "copying" for o in objs]].sum() == \
+        pytest.approx(1 / 7)
+    text = _unique_text(300)
+    P = dataclasses.replace                                      # parse with the paradigm first
+    for n in (32, 64, 128):
+        for k in KEYS:
+            # infilling and copying cut the text to the bin; selective copying its context
+            pi, ti = b.split_example(P(by_name[f"infilling_r15_s3_b{n}"], placement="prepend")(
+                text, k))
+            kept = [t for t in np.concatenate([pi[1:], ti]) if t not in b.SENTINELS]
+            assert len(kept) == n
+            assert b.split_example(by_name[f"copying_b{n}"](text, k))[1].size == n
+            for q, first in (("before", True), ("after", False)):
+                o = P(by_name[f"selective_copying_q{q}_s8-15_c{n}"], placement="prepend")
+                prompt, target = b.split_example(o(text, k))
+                query, context, query_first = _sc_layout(prompt)
+                assert query_first is first and context.size == n and _is_window(context, text)
+                spans = np.split(target[:-1], np.flatnonzero(target[:-1] == b.BIRDIE_TOKENS[
+                    "SC_SEP"]))
+                assert all(8 <= s.size - (s[0] == b.BIRDIE_TOKENS["SC_SEP"]) <= 15
+                           for s in spans)
+    # a setting with one value is the configuration as drawn per example (no new name)
+    one = b.birdie_objectives(length_bins=(64,), settings=dataclasses.replace(
+        b.PAPER_SETTINGS, selective_copying_query="before", selective_copying_spans=(4, 6)))
+    drawn = b.birdie_objectives(length_bins=(64,), settings=dataclasses.replace(
+        b.PAPER_SETTINGS, selective_copying_query="before", selective_copying_spans=(4, 6),
+        controlled=()))
+    assert one == drawn and b.span_ranges(4, 32) == ((4, 7), (8, 15), (16, 32))
+    with pytest.raises(ValueError, match=r"^objective_settings.controlled=\('length',\) is not "
+                                         r"allowed; allowed: a tuple of distinct names from"):
+        b.ObjectiveSettings(controlled=("length",))
 
 
 @pytest.mark.parametrize("fraction", [0.5, 1.0])
@@ -400,7 +441,8 @@ def test_selective_copying_paper_spans_and_delimiters():
     text = _unique_text(256)
     E, SEP = b.BIRDIE_TOKENS["SC_END"], b.BIRDIE_TOKENS["SC_SEP"]
     S = b.BIRDIE_TOKENS["SC_START"]
-    obj = {o.name: o for o in b.birdie_objectives()}["selective_copying"]
+    drawn = dataclasses.replace(b.PAPER_SETTINGS, controlled=())
+    obj = {o.name: o for o in b.birdie_objectives(settings=drawn)}["selective_copying"]
     obj = dataclasses.replace(obj, placement="prepend")   # the paradigm first, to parse it
     span_sizes, delim_sizes = [], []
     for k in range(24):

@@ -37,7 +37,7 @@ def test_mixture_and_balanced_rows_reach_the_records():
                                "validation")
     for i in (0, 7, K + 3):
         assert set(balanced[i]["objective_ids"].tolist()) - {-1} == {i % K}
-    with pytest.raises(ValueError, match=r"mixture=\(1.0, 2.0\) is not allowed.*needs 19"):
+    with pytest.raises(ValueError, match=rf"mixture=\(1.0, 2.0\) is not allowed.*needs {K} "):
         bd.BirdieDataSpec(mixture=(1.0, 2.0))
     with pytest.raises(ValueError, match="mixture=.*non-negative"):
         bd.BirdieDataSpec(mixture=(-1.0,) + (1.0,) * (K - 1))
@@ -136,8 +136,12 @@ def test_objective_settings_reach_the_data_and_the_controller():
     paper = birdie_config.get_config("paper:gated_birdie")
     assert birdie.ObjectiveSettings.from_mapping(paper.data.objective_settings) == \
         birdie.PAPER_SETTINGS
+    # the paper's run: the paper's controller over the paper's actions, in its 7 classes
+    hook = trainer.build_hooks(paper)[0]
+    assert hook.kind == "paper" and hook.cfg.num_objectives == 72 and hook.cfg.num_classes == 7
     c.data.objective_per_row, c.data.num_validation = True, 20
-    for settings, K in ((birdie.COMPACT_SETTINGS, 18), (birdie.PAPER_SETTINGS, 19)):
+    # the paper's settings make its per-objective settings actions too (4 length bins: 72)
+    for settings, K in ((birdie.PAPER_SETTINGS, 72), (birdie.COMPACT_SETTINGS, 18)):
         c.data.objective_settings = pipeline.objective_settings_config(settings)
         names, sizes, task = bc.action_space(c)
         assert len(names) == len(sizes) == K and task is None
@@ -167,12 +171,20 @@ def test_objective_settings_reach_the_data_and_the_controller():
                                          r"allowed; allowed: \('prepend', 'append', 'either'\)$"):
         pipeline.make_source(c.data, split="validation", seq_len=c.seq_len)
     # recall data: the configurations, then the task
-    for size, K in (("cpu", 18), ("paper", 19)):
+    for size, K in (("cpu", 18), ("paper", 72)):
         rc = birdie_config.recall_config(size, "gated_birdie", 0)
         names, sizes, task = bc.action_space(rc)
         assert len(names) == K + 1 and task == K and names[-1] == "task"
         spec = recall.spec_from_config(pipeline.resolve_data_config(rc.data), rc.seq_len)
         assert spec.action_names() == names
+    # the paper controller's arm controls the settings too; in the CPU rows (texts of 12
+    # tokens, the query first, short fixed spans) each has one value, so its configurations are
+    # the simple controller arm's, example for example
+    specs = [recall.spec_from_config(pipeline.resolve_data_config(rc.data), rc.seq_len)
+             for rc in (birdie_config.recall_config("cpu", a, 0)
+                        for a in ("gated_birdie", "gated_birdie_paper"))]
+    assert specs[1].objective_settings.controlled == birdie.CONTROLLABLE
+    assert specs[0].objective_set() == specs[1].objective_set()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +192,8 @@ def test_objective_settings_reach_the_data_and_the_controller():
 # `straight` (one compiled train step) with the paper's controller, its reward model tiny
 # ---------------------------------------------------------------------------------------------
 def _paper_config():
-    c = _config()
+    c = _config()   # the paper's settings: its per-objective settings are actions (72)
+    c.data.objective_settings = pipeline.objective_settings_config(birdie.PAPER_SETTINGS)
     c.hooks.birdie_controller = bc.hook_config(
         every=2, kind="paper", eval_steps=(2,), warmup=5, width=16, num_layers=1,
         train_steps=5, num_candidates=32, top_k=4)
@@ -198,9 +211,8 @@ def test_paper_controller_warmup_is_uniform_then_it_chooses(paper_run):
     workdir, out = paper_run
     rows = _rows(workdir, "mixture")
     assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
-    uniform = birdie.uniform_mixture(bd.objective_set("birdie", birdie.ObjectiveSettings
-                                                      .from_mapping(_config().data
-                                                                    .objective_settings)))
+    uniform = birdie.uniform_mixture(bd.objective_set("birdie", birdie.PAPER_SETTINGS))
+    assert len(uniform) == 72 and len(rows[0]["mixture"]) == 72
     for r in rows[:2]:                                  # steps 2, 4: before the warm-up's end
         np.testing.assert_allclose(list(r["mixture"].values()), uniform, atol=1e-6)
         assert r["explored"] is False

@@ -99,13 +99,14 @@ def test_an_exploring_candidate_focuses_on_one_or_two_classes():
 
 
 def test_simple_kind_is_unchanged():
-    # a config without `kind` is the simple controller, and the simple arms' recipes are the
-    # ones from before the paper controller (hashes of recall_config at commit 672fea5)
+    # a config without `kind` is the simple controller, and the simple arms' CPU recipes are
+    # the ones from before the paper controller (hashes of recall_config at commit 672fea5); at
+    # paper size the paper's settings are actions since ObjectiveSettings.controlled (72 of them)
     assert "kind" not in bc.hook_config(every=10)
     for size, name, h in (("cpu", "gated_birdie", "1886ea74ada9"),
                           ("cpu", "transformer_birdie", "4ac2e9861528"),
                           ("quick", "gated_birdie", "4cd9fcdd1326"),
-                          ("paper", "gated_birdie", "7ee6e1aa91e1")):
+                          ("paper", "gated_birdie", "678a4cb0b79d")):
         assert config_identity.recipe_hash([birdie_config.recall_config(size, name, 0)]) == h
     hook = trainer.build_hooks(birdie_config.recall_config("cpu", "gated_birdie", 0))[0]
     assert hook.kind == "simple" and isinstance(hook.cfg, bc.ControllerConfig)

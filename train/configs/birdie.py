@@ -170,8 +170,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     if not ntp:   # Birdie's reward-driven mixture (paper: its settings; tiny: a smaller model)
         c.hooks = ml_collections.ConfigDict()
-        c.hooks.birdie_controller = (
-            birdie_controller.hook_config(every=1000) if paper else
+        c.hooks.birdie_controller = (   # paper: the paper's controller, schedule and actions
+            birdie_controller.hook_config(every=1000, kind="paper") if paper else
             birdie_controller.hook_config(every=10, hidden=32, train_steps=100,
                                           num_candidates=512))
 
@@ -434,8 +434,10 @@ def recall_config(size, name: str, seed: int) -> ml_collections.ConfigDict:
     c.data.objectives = "birdie"
     # The paper's objective settings at paper size; the CPU sizes (and custom ones) keep the
     # compact settings their recipes were tuned on.
-    c.data.objective_settings = pipeline.objective_settings_config(
-        birdie.PAPER_SETTINGS if size == "paper" else birdie.COMPACT_SETTINGS)
+    settings = birdie.PAPER_SETTINGS if size == "paper" else birdie.COMPACT_SETTINGS
+    if arm.controller == "paper":   # the paper's action space: its settings are actions too
+        settings = dataclasses.replace(settings, controlled=birdie.CONTROLLABLE)
+    c.data.objective_settings = pipeline.objective_settings_config(settings)
     c.data.with_prefix = arm.bidirectional   # causal models read no prefix
     c.data.data_seed = seed
     c.data.num_validation = 64

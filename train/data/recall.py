@@ -118,6 +118,9 @@ def objective_set(kind: str, length_bins: Sequence[int], row_length: int,
     fits a row."""
     if kind != "birdie":
         return birdie.ntp_objectives()
+    if row_length < 256:   # the short query's spans are fixed, so not the controller's to choose
+        settings = dataclasses.replace(settings, controlled=tuple(
+            c for c in settings.controlled if c != "selective_copying_spans"))
     objs = birdie.birdie_objectives(length_bins=length_bins, settings=settings)
     if row_length < 256:
         short = {"max_spans": 2, "delimiter_length": (1, 2), "span_length": (1, 4)}

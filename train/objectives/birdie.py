@@ -63,6 +63,10 @@ BIRDIE_TOKENS: dict[str, int] = {
 START_GENERATING = BIRDIE_TOKENS["START_GENERATING"]
 IGNORE = -1  # label of positions that carry no loss (the prompt)
 QUERY_POSITIONS = ("before", "after", "either")      # selective copying: query vs context
+# Objective settings the controller can choose, each value its own configuration (an action),
+# instead of their being drawn per example (ObjectiveSettings.controlled).
+CONTROLLABLE = ("length_bins", "copying_length", "selective_copying_context",
+                "selective_copying_query", "selective_copying_spans")
 PARADIGM_PLACEMENTS = ("prepend", "append", "either")  # paradigm token: first or last of prompt
 
 
@@ -304,25 +308,29 @@ def deshuffling(tokens, key, *, fraction: float = 1.0, mean_chunk: float = 8.0,
     return make_example(np.concatenate([[paradigm], shuffled]), text)
 
 
-def copying(tokens, key, *, max_length: Optional[int] = None,
+def copying(tokens, key, *, length_bins: Sequence[int] = (), max_length: Optional[int] = None,
             paradigm: int = BIRDIE_TOKENS["COPYING"]) -> Example:
-    """[COPY] text → text."""
+    """[COPY] text → text. length_bins: the text is first cut to a random bin's length (none:
+    the longest that fits)."""
     text = _text(tokens)
-    n = _largest_fit(text.size, 1, lambda n: 2 * n + 1, max_length, "copying")
-    text = _window(text, n, _rng(key))
+    rng = _rng(key)
+    n_max = _pick_length_bin(text.size, length_bins, rng)
+    n = _largest_fit(n_max, 1, lambda n: 2 * n + 1, max_length, "copying")
+    text = _window(text, n, rng)
     return make_example(np.concatenate([[paradigm], text]), text)
 
 
 def selective_copying(tokens, key, *, max_spans: int = 4, delimiter_length: tuple = (2, 6),
                       span_length: tuple = (2, 16), query_position: str = "before",
-                      max_length: Optional[int] = None,
+                      length_bins: Sequence[int] = (), max_length: Optional[int] = None,
                       paradigm: int = BIRDIE_TOKENS["SELECTIVE_COPYING"]) -> Example:
     """[SC] query [CONTEXT] text → span1 [SEP] span2 ... [DONE]; query: ([START] pre [END] post)*.
 
     1..max_spans spans of the text (non-overlapping, each with its pre/post delimiters) are asked
     in random order; span_i is the text between pre_i and post_i. query_position "after" puts
     the query after the context ([SC] [CONTEXT] text query), "either" draws one of the two,
-    half each (the paper's setting); the target is the same.
+    half each (the paper's setting); the target is the same. length_bins: the context is at
+    most a random bin's length (none: the longest that fits).
     """
     if query_position not in QUERY_POSITIONS:
         raise ValueError(f"selective_copying query_position={query_position!r} is not allowed; "
@@ -335,8 +343,9 @@ def selective_copying(tokens, key, *, max_spans: int = 4, delimiter_length: tupl
                          "max_spans >= 1")
     text = _text(tokens)
     rng = _rng(key)
+    n_max = max(_pick_length_bin(text.size, length_bins, rng), min(text.size, 2 * dmin + smin))
     worst = max_spans * (3 + 2 * dmax + smax) + 2   # query, separators, [CONTEXT], paradigm
-    n = _largest_fit(text.size, 2 * dmin + smin, lambda n: n + worst, max_length,
+    n = _largest_fit(n_max, 2 * dmin + smin, lambda n: n + worst, max_length,
                      "selective_copying")
     text = _window(text, n, rng)
     # Place windows pre|span|post left to right with random gaps, up to k of them.
@@ -424,6 +433,15 @@ class ObjectiveSettings:
     # UL2's S-denoiser: the prompt's share of the text, drawn uniformly in [low, high]; the
     # paper (and the package) split at 75 %.
     ul2_s_prefix: tuple = (0.75, 0.75)
+    # Settings the controller chooses rather than the data drawing them per example (the paper's
+    # action space: all of CONTROLLABLE): each value becomes a configuration of its own.
+    # "length_bins": infilling's text length, one configuration per length bin;
+    # "copying_length": copying's text length, per length bin (uncontrolled: the longest fit);
+    # "selective_copying_context": its context length, per length bin (uncontrolled: longest);
+    # "selective_copying_query": "either" becomes a "before" and an "after" configuration;
+    # "selective_copying_spans": span lengths in doubling ranges of selective_copying_spans
+    # (4-32: 4-7, 8-15, 16-32). A setting with one value gives the configuration as uncontrolled.
+    controlled: tuple = CONTROLLABLE
 
     def __post_init__(self):
         def bad(field, allowed):
@@ -465,6 +483,16 @@ class ObjectiveSettings:
             lo, hi = getattr(self, field)
             if not 1 <= lo <= hi:
                 raise bad(field, "a pair of integers 1 <= min <= max")
+        def names(v):
+            if isinstance(v, (str, bytes)):
+                raise ValueError
+            return tuple(str(x) for x in v)
+
+        controllable = f"a tuple of distinct names from {CONTROLLABLE}"
+        convert("controlled", names, controllable)
+        if len(set(self.controlled)) != len(self.controlled) \
+                or not set(self.controlled) <= set(CONTROLLABLE):
+            raise bad("controlled", controllable)
         convert("ul2_s_prefix", pair(float), "a pair of fractions 0 <= low <= high <= 1")
         lo, hi = self.ul2_s_prefix
         if not 0.0 <= lo <= hi <= 1.0:
@@ -491,7 +519,7 @@ PAPER_SETTINGS = ObjectiveSettings()
 COMPACT_SETTINGS = ObjectiveSettings(
     deshuffle_fractions=(1.0,), deshuffle_mean_chunk=8.0, selective_copying_query="before",
     selective_copying_spans=(2, 16), selective_copying_delimiters=(2, 6),
-    paradigm_placement="prepend", ul2_s_prefix=(0.0, 1.0))
+    paradigm_placement="prepend", ul2_s_prefix=(0.0, 1.0), controlled=())
 
 
 def _side_rng(key, stream: int) -> np.random.Generator:
@@ -559,17 +587,58 @@ def _placed(objs: Sequence[Objective], placement: str) -> tuple[Objective, ...]:
     return tuple(dataclasses.replace(o, placement=placement) for o in objs)
 
 
+def span_ranges(lo: int, hi: int) -> tuple:
+    """[lo, hi] cut into doubling ranges, the last one absorbing what would not double:
+    (4, 32) → ((4, 7), (8, 15), (16, 32)); (1, 4) → ((1, 1), (2, 4))."""
+    out, s = [], lo
+    while s <= hi:
+        e = 2 * s - 1
+        if e >= hi or 2 * (e + 1) - 1 > hi:
+            e = hi
+        out.append((s, e))
+        s = e + 1
+    return tuple(out)
+
+
+def _variants(name: str, kwargs: dict, choices: Sequence[tuple]) -> list[tuple[str, dict]]:
+    """(name, kwargs) of every combination of `choices` [(tag, key, values)]: a choice with one
+    value adds neither a name part nor (when its value is None) a keyword."""
+    out = [(name, dict(kwargs))]
+    for tag, key, values in choices:
+        values = list(values)
+        step = []
+        for n, kw in out:
+            for v in values:
+                shown = "-".join(map(str, v)) if isinstance(v, tuple) else v
+                part = "" if len(values) == 1 else f"_{tag}{shown}"
+                step.append((n + part, kw if v is None else {**kw, key: v}))
+        out = step
+    return out
+
+
 def birdie_objectives(*, length_bins: Sequence[int] = INFILL_LENGTH_BINS,
                       settings: ObjectiveSettings = PAPER_SETTINGS) -> tuple[Objective, ...]:
-    """Birdie's action space: 7 objective classes; 18 configurations plus one per deshuffling
-    fraction beyond the first (the paper's settings: 19, deshuffling 50 % and 100 %)."""
+    """Birdie's action space: 7 objective classes.
+
+    Uncontrolled (COMPACT_SETTINGS): 18 configurations plus one per deshuffling fraction beyond
+    the first. Each setting in `settings.controlled` multiplies its objective's configurations
+    by its values (ObjectiveSettings.controlled), the class staying the same: the paper's
+    settings with 4 length bins give 72."""
+    bins = tuple(int(b) for b in length_bins)
+    ctl = set(settings.controlled)
+
+    def per_bin(setting):   # one bin per configuration, or (when uncontrolled) as before
+        return [(b,) for b in bins] if setting in ctl and len(bins) > 1 else [None]
+
     objs = [Objective("next_token_prediction", "next_token_prediction", "next_token_prediction"),
             Objective("prefix_lm", "prefix_lm", "prefix_lm")]
+    infill_bins = per_bin("length_bins") if bins else [None]
     for rate in (0.05, 0.15, 0.5):
         for span in (3, 8, 32):
-            objs.append(Objective(f"infilling_r{int(rate * 100)}_s{span}", "infilling", "infilling",
-                                  (("corruption_rate", rate), ("mean_span", float(span)),
-                                   ("length_bins", tuple(length_bins)))))
+            base = {"corruption_rate": rate, "mean_span": float(span), "length_bins": bins}
+            for name, kw in _variants(f"infilling_r{int(rate * 100)}_s{span}", base,
+                                      [("b", "length_bins", infill_bins)]):
+                objs.append(Objective(name, "infilling", "infilling", tuple(kw.items())))
     for deshuffle in (False, True):
         for rate, span in ((0.15, 3), (0.5, 8)):
             tag = "autoencoding_deshuffling" if deshuffle else "autoencoding"
@@ -582,11 +651,20 @@ def birdie_objectives(*, length_bins: Sequence[int] = INFILL_LENGTH_BINS,
         name = "deshuffling" if len(fractions) == 1 else f"deshuffling_p{f * 100:g}"
         objs.append(Objective(name, "deshuffling", "deshuffling",
                               (("fraction", f), ("mean_chunk", settings.deshuffle_mean_chunk))))
-    objs += [Objective("copying", "copying", "copying"),
-             Objective("selective_copying", "selective_copying", "selective_copying",
-                       (("span_length", settings.selective_copying_spans),
-                        ("delimiter_length", settings.selective_copying_delimiters),
-                        ("query_position", settings.selective_copying_query)))]
+    for name, kw in _variants("copying", {}, [("b", "length_bins", per_bin("copying_length"))]):
+        objs.append(Objective(name, "copying", "copying", tuple(kw.items())))
+    query = settings.selective_copying_query
+    queries = (["before", "after"] if query == "either" and "selective_copying_query" in ctl
+               else [query])
+    spans = (span_ranges(*settings.selective_copying_spans)
+             if "selective_copying_spans" in ctl else (settings.selective_copying_spans,))
+    base = {"span_length": settings.selective_copying_spans,
+            "delimiter_length": settings.selective_copying_delimiters, "query_position": query}
+    for name, kw in _variants("selective_copying", base,
+                              [("q", "query_position", queries), ("s", "span_length", spans),
+                               ("c", "length_bins", per_bin("selective_copying_context"))]):
+        objs.append(Objective(name, "selective_copying", "selective_copying",
+                              tuple(kw.items())))
     return _placed(objs, settings.paradigm_placement)
 
 
