@@ -125,17 +125,18 @@ def _has_kernel(attention_impl, T=24, F=7):
 def test_auto_is_xla_on_cpu_and_pallas_on_gpu(monkeypatch):
     assert jax.default_backend() == "cpu"
     assert lmk.resolve_impl("auto", mem_freq=7) == "xla"
+    assert lmk.resolve_impl("pallas", mem_freq=7) == "pallas_gpu"   # interpret mode only
     assert not _has_kernel("auto")
     with pytest.raises(ValueError, match=r"impl='pallas' is not allowed on the cpu backend"):
         _has_kernel("pallas")
     # On a GPU backend (traced, not compiled): 'auto' and the model config select the kernels.
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert lmk.resolve_impl("auto", mem_freq=7) == "pallas"
+    assert lmk.resolve_impl("auto", mem_freq=7) == "pallas_gpu"
+    assert lmk.resolve_impl("pallas") == "pallas_gpu"
     assert lmk.resolve_impl("auto", mem_freq=None) == "xla"
     assert lmk.resolve_impl("auto", mem_freq=7, dropout=True) == "xla"
     assert _has_kernel("auto") and _has_kernel("pallas") and not _has_kernel("xla")
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    assert lmk.resolve_impl("auto", mem_freq=7) == "xla"     # Mosaic lowering not checked
+    # The TPU side: tests/models/test_landmark_pallas_tpu.py.
 
 
 def test_errors():
