@@ -5,9 +5,10 @@
 
 1. Training: forward+backward (grads of q, k, v) at each length T, B 1, H 8, D 64, mem_freq 63
    (a block is 64 tokens with its landmark), of
-   - `models.landmark.landmark_attention`, impl "xla" (blockwise) and impl "pallas" (the kernels
-     of models/landmark_pallas.py; GPU/TPU only: interpret mode on CPU is too slow to time, so
-     it is reported skipped there),
+   - `models.landmark.landmark_attention`, impl "xla" (blockwise) and impl "pallas" (the
+     backend's kernels: models/landmark_pallas.py on a GPU, models/landmark_pallas_tpu.py on a
+     TPU, recorded as "kernel"; GPU/TPU only: interpret mode on CPU is too slow to time, so it
+     is reported skipped there),
    - `jax.nn.dot_product_attention` causal (implementation "cudnn", FlashAttention in cuDNN,
      where it runs; else jax's default),
    - `models.layers.dot_product_attention` (dense causal XLA attention, the in-repo baseline),
@@ -173,7 +174,9 @@ def train_step_times(T: int, dtype, *, runs: int, warmup: int, pallas_blocks,
     if jax.default_backend() in ("gpu", "tpu"):
         out["landmark_pallas"] = run(fwd_bwd(lambda q, k, v: lmk.landmark_attention(
             q, k, v, is_lm, mem_freq=MEM_FREQ, impl="pallas", pallas_blocks=pallas_blocks)))
-        out["landmark_pallas"]["blocks"] = list(pallas_blocks)
+        kernel = lmk.resolve_impl("pallas")
+        out["landmark_pallas"]["kernel"] = kernel
+        out["landmark_pallas"]["blocks"] = list(pallas_blocks or lmk.PALLAS_BLOCKS[kernel])
     else:
         out["landmark_pallas"] = {"skipped": "no GPU/TPU: Pallas interpret mode on CPU is a "
                                              "correctness check (tests), too slow to time"}
@@ -231,7 +234,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="training inputs (default: bfloat16 on GPU/TPU, float32 on CPU)")
-    ap.add_argument("--pallas_blocks", default="64,64", help="Pallas query,key tile sizes")
+    ap.add_argument("--pallas_blocks", default=None,
+                    help="Pallas query,key tile sizes (default: the kernel's, "
+                         "models.landmark.PALLAS_BLOCKS)")
     ap.add_argument("--official_kernel", default=None,
                     help="path of epfml/landmark-attention's llama/ltriton/"
                          "flash_landmark_attention.py (needs torch + triton + CUDA)")
@@ -241,7 +246,7 @@ def main(argv=None):
     accel = jax.default_backend() in ("gpu", "tpu")
     lengths = ints(a.lengths or ("2048,8192,32768" if accel else "512,1024,2048"))
     dtype = jnp.dtype(a.dtype or ("bfloat16" if accel else "float32"))
-    blocks = tuple(ints(a.pallas_blocks))
+    blocks = tuple(ints(a.pallas_blocks)) if a.pallas_blocks else None
     parity = None
     if accel:   # the kernels' numbers on this device first: a wrong kernel is not worth timing
         parity = pallas_parity(1024, pallas_blocks=blocks)

@@ -7,8 +7,9 @@ Contents
   out densely; the reference for everything else.
 - `landmark_attention(q, k, v, is_landmark)`: the same numbers, blockwise over queries (causal key
   ranges, one rematerialised tile at a time), `LandmarkLM`'s attention "landmark": the one that
-  trains; `impl="pallas"` runs the training layout through the flash-style Pallas kernels of
-  models/landmark_pallas.py instead (`LandmarkConfig.attention_impl`).
+  trains; `impl="pallas"` runs the training layout through flash-style Pallas kernels instead:
+  models/landmark_pallas.py (GPU, the Triton lowering) or models/landmark_pallas_tpu.py (TPU,
+  Mosaic), by backend (`LandmarkConfig.attention_impl`).
 - `LandmarkConfig`, `official_gpt_config`, `LandmarkLM`, `insert_landmarks`, `landmark_targets`,
   `landmark_positions` (the paper's positional jumps), `make_landmark_batch`.
 - `config_from_dict`, `build_from_config`: the trainer's model builder (the objective is
@@ -245,7 +246,11 @@ def _periodic_tile(q_tile, k_keys, v_keys, start: int, block_len: int, segment_i
     return jnp.einsum("bhqk,bkhd->bqhd", w.astype(v_keys.dtype), v_keys).astype(q_tile.dtype)
 
 
-IMPLS = ("xla", "pallas", "auto")
+# impl values: "pallas" is the backend's kernel, "pallas_gpu" / "pallas_tpu" one of them by name
+# (either runs on CPU in interpret mode, which is how tests check both).
+IMPLS = ("xla", "pallas", "pallas_gpu", "pallas_tpu", "auto")
+PALLAS_IMPLS = ("pallas_gpu", "pallas_tpu")
+PALLAS_BLOCKS = {"pallas_gpu": (64, 64), "pallas_tpu": (128, 128)}    # each kernel's default tiles
 
 
 def _per_shard(kernel, q, k, v, segment_ids):
@@ -274,22 +279,26 @@ def _per_shard(kernel, q, k, v, segment_ids):
 
 
 def resolve_impl(impl: str, *, mem_freq=None, dropout: bool = False) -> str:
-    """'xla' or 'pallas' for `landmark_attention`'s impl: 'auto' is 'pallas' on the gpu backend
-    when the Pallas kernel serves the call (mem_freq given, no group dropout), else 'xla' (on
-    TPUs too: the kernels are written in the Triton style, and their Mosaic lowering has not
-    been made or checked; impl='pallas' still tries it there)."""
+    """'xla', 'pallas_gpu' or 'pallas_tpu' for `landmark_attention`'s impl. 'pallas' is the
+    backend's kernel: the Mosaic one (models/landmark_pallas_tpu.py) on the tpu backend, else
+    the Triton-style one (models/landmark_pallas.py; on CPU only in interpret mode). 'auto' is
+    'pallas' on the gpu and tpu backends when the kernels serve the call (mem_freq given, no
+    group dropout), else 'xla'."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
-    if impl != "auto":
-        return impl
-    on_gpu = jax.default_backend() == "gpu"
-    return "pallas" if on_gpu and mem_freq is not None and not dropout else "xla"
+    backend = jax.default_backend()
+    if impl == "auto":
+        serves = backend in ("gpu", "tpu") and mem_freq is not None and not dropout
+        impl = "pallas" if serves else "xla"
+    if impl == "pallas":
+        return "pallas_tpu" if backend == "tpu" else "pallas_gpu"
+    return impl
 
 
 def landmark_attention(q, k, v, is_landmark, *, segment_ids=None, q_block: int = 256,
                        mem_freq: Optional[int] = None, group_dropout: float = 0.0,
                        dropout_key=None, impl: str = "xla", interpret: bool = False,
-                       pallas_blocks: tuple[int, int] = (64, 64)):
+                       pallas_blocks: Optional[tuple[int, int]] = None):
     """Landmark attention y [B, T, H, D], blockwise over queries.
 
     Query tiles of `q_block` rows only score the causal key prefix [0, tile end), and each tile is
@@ -306,12 +315,16 @@ def landmark_attention(q, k, v, is_landmark, *, segment_ids=None, q_block: int =
     both paths and `landmark_attention_dense` draw the same scales for the same key.
 
     impl (static): "xla" (the default) is the above; "pallas" runs the training layout through
-    the flash-style kernels of models/landmark_pallas.py (forward and backward; the same numbers
-    to float32 rounding) and needs mem_freq, takes no group dropout, and sends any other
-    is_landmark to the general XLA path under the same lax.cond; "auto" is "pallas" on the gpu
-    backend when it serves the call, else "xla" (`resolve_impl`). interpret: run the kernels in
-    Pallas interpret mode (CPU; tests). pallas_blocks: the kernels' (query, key) tile sizes,
-    powers of two ≥ 16.
+    flash-style Pallas kernels (forward and backward; the same numbers to float32 rounding):
+    models/landmark_pallas_tpu.py (Mosaic) on the tpu backend, models/landmark_pallas.py
+    (Triton style) elsewhere; "pallas_tpu" / "pallas_gpu" name one of them whatever the backend
+    (off its backend only with interpret=True). A kernel needs mem_freq, takes no group
+    dropout, and sends any other is_landmark to the general XLA path under the same lax.cond;
+    "auto" is "pallas" on the gpu and tpu backends when it serves the call, else "xla"
+    (`resolve_impl`). interpret: run the kernels in Pallas interpret mode (CPU; tests; TPU
+    interpret mode for the Mosaic kernels). pallas_blocks: the kernel's (query, key) tile
+    sizes, powers of two ≥ 16 (the key tile ≥ 128 for the Mosaic kernels); None: the kernel's
+    default (`PALLAS_BLOCKS`).
     """
     is_landmark = check_qkv(q, k, v, is_landmark)
     if not isinstance(q_block, int) or q_block <= 0:
@@ -319,22 +332,28 @@ def landmark_attention(q, k, v, is_landmark, *, segment_ids=None, q_block: int =
     B, T, H, D = q.shape
     starts = list(range(0, T, q_block))
     dropout = _check_group_dropout(group_dropout, dropout_key)
+    requested = impl
     impl = resolve_impl(impl, mem_freq=mem_freq, dropout=dropout)
-    if impl == "pallas":
-        if not interpret and jax.default_backend() == "cpu":
-            raise ValueError("impl='pallas' is not allowed on the cpu backend without "
-                             "interpret=True (slow; tests); use impl='auto' (xla on CPU) or 'xla'")
+    if impl in PALLAS_IMPLS:
+        backend = jax.default_backend()
+        if not interpret and backend != {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}[impl]:
+            raise ValueError(f"impl={requested!r} is not allowed on the {backend} backend "
+                             "without interpret=True (slow; tests); use impl='auto' or 'xla'")
         if mem_freq is None:
-            raise ValueError("mem_freq=None is not allowed with impl='pallas': the kernel runs "
-                             "the training layout; pass mem_freq, or use impl='xla'")
+            raise ValueError(f"mem_freq=None is not allowed with impl={requested!r}: the kernel "
+                             "runs the training layout; pass mem_freq, or use impl='xla'")
         if dropout:
-            raise ValueError(f"group_dropout={group_dropout!r} is not allowed with impl='pallas'"
-                             " (no dropout in the kernel); use impl='xla' or group_dropout=0")
+            raise ValueError(f"group_dropout={group_dropout!r} is not allowed with "
+                             f"impl={requested!r} (no dropout in the kernel); use impl='xla' or "
+                             "group_dropout=0")
+        if pallas_blocks is None:
+            pallas_blocks = PALLAS_BLOCKS[impl]
+        min_k = 128 if impl == "pallas_tpu" else 16
         if (not isinstance(pallas_blocks, (tuple, list)) or len(pallas_blocks) != 2
-                or not all(isinstance(b, int) and b >= 16 and not b & (b - 1)
-                           for b in pallas_blocks)):
-            raise ValueError(f"pallas_blocks={pallas_blocks!r} must be two powers of two ≥ 16 "
-                             "(query tile, key tile)")
+                or not all(isinstance(b, int) and b >= m and not b & (b - 1)
+                           for b, m in zip(pallas_blocks, (16, min_k)))):
+            raise ValueError(f"pallas_blocks={pallas_blocks!r} must be two powers of two (query "
+                             f"tile ≥ 16, key tile ≥ {min_k}) for impl={requested!r}")
 
     def keep_of(start, end):
         if not dropout:
@@ -363,11 +382,13 @@ def landmark_attention(q, k, v, is_landmark, *, segment_ids=None, q_block: int =
     pad = ((0, 0), (0, T_pad - T), (0, 0), (0, 0))
 
     def periodic(q, k, v, is_landmark, segment_ids):
-        if impl == "pallas":
-            from models import landmark_pallas
-            kernel = functools.partial(
-                landmark_pallas.landmark_attention_pallas, mem_freq=S - 1,
-                block_q=pallas_blocks[0], block_k=pallas_blocks[1], interpret=interpret)
+        if impl in PALLAS_IMPLS:
+            if impl == "pallas_tpu":
+                from models.landmark_pallas_tpu import landmark_attention_pallas_tpu as fn
+            else:
+                from models.landmark_pallas import landmark_attention_pallas as fn
+            kernel = functools.partial(fn, mem_freq=S - 1, block_q=pallas_blocks[0],
+                                       block_k=pallas_blocks[1], interpret=interpret)
             return _per_shard(kernel, q, k, v, segment_ids)
         kp, vp = jnp.pad(k, pad), jnp.pad(v, pad)
         seg = None if segment_ids is None else jnp.pad(segment_ids, ((0, 0), (0, T_pad - T)),
@@ -494,10 +515,12 @@ class LandmarkConfig:
     group_dropout: float = 0.0             # training only: each earlier block dropped from a
                                            # query's attention with this probability (official
                                            # --group_dropout; 0 = off)
-    attention_impl: str = "xla"            # 'landmark' attention's implementation: 'xla'
-                                           # (blockwise), 'pallas' (models/landmark_pallas.py
-                                           # kernels; gpu) or 'auto' (pallas on gpu, else
-                                           # xla: a run evaluated on another backend)
+    attention_impl: str = "xla"            # 'landmark' attention's implementation (IMPLS):
+                                           # 'xla' (blockwise), 'pallas' (the backend's Pallas
+                                           # kernels: landmark_pallas_tpu.py on tpu,
+                                           # landmark_pallas.py on gpu), 'pallas_gpu' /
+                                           # 'pallas_tpu' (one by name) or 'auto' (pallas on
+                                           # gpu and tpu, else xla: a run evaluated on CPU)
 
     def __post_init__(self):
         _check_mem_freq(self.mem_freq)
@@ -506,11 +529,11 @@ class LandmarkConfig:
             raise ValueError(f"group_dropout={self.group_dropout!r} must be a number in [0, 1)")
         if self.attention_impl not in IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r} must be one of {IMPLS}")
-        if (self.attention_impl == "pallas" and self.group_dropout
+        if (self.attention_impl in ("pallas",) + PALLAS_IMPLS and self.group_dropout
                 and self.model.attention == "landmark"):
-            raise ValueError(f"attention_impl='pallas' is not allowed with group_dropout="
-                             f"{self.group_dropout} (no dropout in the kernel); use 'xla' or "
-                             "'auto'")
+            raise ValueError(f"attention_impl={self.attention_impl!r} is not allowed with "
+                             f"group_dropout={self.group_dropout} (no dropout in the kernel); "
+                             "use 'xla' or 'auto'")
         if not isinstance(self.pos_jump, int) or self.pos_jump < 0:
             raise ValueError(f"pos_jump={self.pos_jump!r} must be a non-negative integer")
         if self.model.attention not in ATTENTION_FNS:

@@ -10,7 +10,8 @@ grouped softmax of `grouped_softmax`): for query i in block qb = i // S, one sof
 its own block's regular keys j ≤ i and the landmarks ("gates") of earlier blocks; an earlier
 block's regular keys share its gate's probability through a softmax inside the block. Landmark
 values never reach the output. Callers that may hold another layout go through
-`models.landmark.landmark_attention(..., impl="pallas")`, which checks the layout at run time.
+`models.landmark.landmark_attention(..., impl="pallas")` (on a GPU; `impl="pallas_gpu"`
+anywhere), which checks the layout at run time.
 
 How the kernels tile it
 - Keys are laid out block-aligned: each landmark block of S keys is padded to Pb = next power of
@@ -36,9 +37,11 @@ Lowering: `pl.pallas_call` with static block shapes (block sizes are powers of t
 head dimension padded to a power of two ≥ 16) and loops of `lax.fori_loop` whose bounds are
 scalar functions of the program id, in the style of the Triton lowering (whole-sequence key
 blocks sliced with `pl.ds`, row statistics as 1-D vectors; compiler parameters are Triton's on
-GPU). A Mosaic (TPU) lowering would need TPU-shaped blocks (key tiles on the grid, row vectors
-as lane-aligned 2-D blocks) and has not been made. `interpret=True` runs the same kernels on CPU
-(what the tests do). One `pallas_call` is not partitioned across devices: under a mesh,
+GPU). The TPU kernels (models/landmark_pallas_tpu.py: key tiles on the grid, VMEM scratch,
+lane-replicated row statistics) share this module's geometry, padding and tile math
+(`_tile_masks`, `_tile_weights`, `_bwd_tile`), which is why those take their per-row values as
+columns [bq, 1] and their indices as broadcastable arrays. `interpret=True` runs the kernels on
+CPU (what the tests do). One `pallas_call` is not partitioned across devices: under a mesh,
 `models.landmark.landmark_attention` runs it per shard (`shard_map`).
 """
 from __future__ import annotations
@@ -105,57 +108,60 @@ class _Geometry:
                    scale=1.0 / math.sqrt(D))
 
 
-def _tile_masks(g: _Geometry, rows, seg_q, kt, seg_k):
-    """Masks [bq, bk] of query rows `rows` against key tile kt: own (regular keys of the row's
+def _tile_masks(g: _Geometry, rows, u, seg_q, seg_k, kt):
+    """Masks of query rows against key slots, broadcast together: own (regular keys of the row's
     block, j ≤ i), past (regular keys of earlier blocks), gate (landmarks of earlier blocks), and
-    the tile-local landmark-block index of each slot [bk] (0..R-1)."""
-    u = kt * g.bk + lax.iota(jnp.int32, g.bk)       # slot index
-    blk = lax.div(u, g.Pb)
-    t = u - blk * g.Pb
+    each slot's tile-local landmark-block index (0..R-1).
+
+    rows (query positions) and u (global key slot indices of tile kt) are int32 arrays that
+    broadcast to [bq, bk]: a column [bq, 1] and a row [1, bk] (the Triton kernels) or two full
+    [bq, bk] iotas (the Mosaic ones); seg_q, seg_k likewise, or None. Integer division only by
+    the power of two Pb (a shift), so the same code lowers where vector division does not."""
+    shift = g.Pb.bit_length() - 1
+    blk = jnp.right_shift(u, shift)
+    t = jnp.bitwise_and(u, g.Pb - 1)
     pos = blk * g.S + t                             # position in the unpadded sequence
     key_ok = (t < g.S) & (pos < g.T)
     is_lm = t == g.S - 1
-    qb = lax.div(rows, g.S)
-    row_ok = rows < g.T
-    vis = (pos[None, :] <= rows[:, None]) & key_ok[None, :] & row_ok[:, None]
+    vis = (pos <= rows) & key_ok & (rows < g.T)
     if seg_q is not None:
-        vis = vis & (seg_q[:, None] == seg_k[None, :])
-    same = blk[None, :] == qb[:, None]
-    earlier = blk[None, :] < qb[:, None]
-    own = vis & same & ~is_lm[None, :]
-    past = vis & earlier & ~is_lm[None, :]
-    gate = vis & earlier & is_lm[None, :]
+        vis = vis & (seg_q == seg_k)
+    # Block blk is earlier than the row's block (i // S) iff it ends at or before the row; a
+    # visible slot of a block that is not earlier is in the row's own block.
+    earlier = (blk + 1) * g.S <= rows
+    own = vis & ~earlier & ~is_lm
+    past = vis & earlier & ~is_lm
+    gate = vis & earlier & is_lm
     return own, past, gate, blk - kt * g.R
 
 
-def _per_block(g: _Geometry, local, x_rows_by_block):
-    """Per-(row, local block) values back on their slots: R vectors [bq] → [bq, bk]."""
-    if g.R == 1:
-        return x_rows_by_block[0][:, None]
-    out = x_rows_by_block[0][:, None]
+def _per_block(g: _Geometry, local, cols):
+    """Per-(row, local block) values back on their slots: R columns [bq, 1] → [bq, bk] (the
+    column itself when R = 1; it broadcasts)."""
+    out = cols[0]
     for r in range(1, g.R):
-        out = jnp.where((local == r)[None, :], x_rows_by_block[r][:, None], out)
+        out = jnp.where(local == r, cols[r], out)
     return out
 
 
 def _block_sum(g: _Geometry, local, x):
-    """Per-row sums of x [bq, bk] inside each local landmark block → list of R [bq] vectors."""
+    """Per-row sums of x [bq, bk] inside each local landmark block → list of R columns [bq, 1]."""
     if g.R == 1:
-        return [jnp.sum(x, axis=1)]
+        return [jnp.sum(x, axis=1, keepdims=True)]
     zero = jnp.zeros((), x.dtype)
-    return [jnp.sum(jnp.where((local == r)[None, :], x, zero), axis=1) for r in range(g.R)]
+    return [jnp.sum(jnp.where(local == r, x, zero), axis=1, keepdims=True) for r in range(g.R)]
 
 
 def _block_max(g: _Geometry, s, past, local):
-    """Per-slot maximum [bq, bk] of the row's past scores in the slot's landmark block (0 where
-    the block has none): the in-block softmax's stabiliser. Per block, not per row: an earlier
-    block's weight is set by its gate, not by its scores, so a block far below the row's other
-    scores must not underflow to nothing."""
+    """Per-slot maximum of the row's past scores in the slot's landmark block (0 where the block
+    has none): the in-block softmax's stabiliser. Per block, not per row: an earlier block's
+    weight is set by its gate, not by its scores, so a block far below the row's other scores
+    must not underflow to nothing."""
     ninf = jnp.asarray(-jnp.inf, s.dtype)
     if g.R == 1:
-        maxes = [jnp.max(jnp.where(past, s, ninf), axis=1)]
+        maxes = [jnp.max(jnp.where(past, s, ninf), axis=1, keepdims=True)]
     else:
-        maxes = [jnp.max(jnp.where(past & (local == r)[None, :], s, ninf), axis=1)
+        maxes = [jnp.max(jnp.where(past & (local == r), s, ninf), axis=1, keepdims=True)
                  for r in range(g.R)]
     return _per_block(g, local, [jnp.where(m > ninf, m, jnp.zeros((), s.dtype)) for m in maxes])
 
@@ -167,13 +173,28 @@ def _in_block_probs(g: _Geometry, e_past, local):
     return e_past / _per_block(g, local, d)
 
 
+def _tile_weights(g: _Geometry, s, own, past, gate, local, ref):
+    """The grouped softmax of one tile against a row reference ref [bq, 1] (the running max in
+    the forward pass, the row's log-sum-exp in the backward): p_top = exp(s − ref) on own keys
+    and gates, q_j the in-block probabilities of past keys, p_gate their gate's p_top on each
+    slot, and the value weights w = p_top on own keys + q_j · p_gate on past keys. One exp per
+    score: past keys against their block's max, the rest against ref (ref = inf → all 0)."""
+    zero = jnp.zeros((), s.dtype)
+    e = jnp.exp(s - jnp.where(past, _block_max(g, s, past, local), ref))
+    p_top = jnp.where(own | gate, e, zero)
+    qj = _in_block_probs(g, jnp.where(past, e, zero), local)
+    p_gate = _per_block(g, local, _block_sum(g, local, jnp.where(gate, e, zero)))
+    w = jnp.where(own, e, zero) + qj * p_gate
+    return w, p_top, qj, p_gate
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, sq_ref, sk_ref, o_ref, lse_ref, *, g: _Geometry,
                 segments: bool):
     iq = pl.program_id(0)
     q = q_ref[...]                                               # [bq, Dp]
     acc_t = jnp.promote_types(jnp.float32, q.dtype)
-    rows = iq * g.bq + lax.iota(jnp.int32, g.bq)
-    seg_q = sq_ref[...] if segments else None
+    rows = (iq * g.bq + lax.iota(jnp.int32, g.bq))[:, None]
+    seg_q = sq_ref[...][:, None] if segments else None
     ninf = jnp.asarray(-jnp.inf, acc_t)
     zero = jnp.zeros((), acc_t)
 
@@ -182,29 +203,21 @@ def _fwd_kernel(q_ref, k_ref, v_ref, sq_ref, sk_ref, o_ref, lse_ref, *, g: _Geom
         kslice = pl.ds(kt * g.bk, g.bk)
         k = k_ref[kslice, :]
         v = v_ref[kslice, :]
-        seg_k = sk_ref[kslice] if segments else None
+        seg_k = sk_ref[kslice][None, :] if segments else None
         s = _dot(q, k, trans_b=True) * g.scale                    # [bq, bk]
-        own, past, gate, local = _tile_masks(g, rows, seg_q, kt, seg_k)
-        top = own | gate
-        m_new = jnp.maximum(m, jnp.max(jnp.where(top, s, ninf), axis=1))
+        u = (kt * g.bk + lax.iota(jnp.int32, g.bk))[None, :]
+        own, past, gate, local = _tile_masks(g, rows, u, seg_q, seg_k, kt)
+        m_new = jnp.maximum(m, jnp.max(jnp.where(own | gate, s, ninf), axis=1))
         m_safe = jnp.where(m_new > ninf, m_new, zero)
         alpha = jnp.exp(m - m_safe)                              # 0 while m is -inf
-        # One exp per score: past keys against their block's max, the rest against the row's.
-        e = jnp.exp(s - jnp.where(past, _block_max(g, s, past, local), m_safe[:, None]))
-        e_top = jnp.where(top, e, zero)
-        e_gate = _block_sum(g, local, jnp.where(gate, e, zero))
-        qj = _in_block_probs(g, jnp.where(past, e, zero), local)
-        w = jnp.where(own, e, zero) + qj * _per_block(g, local, e_gate)
+        w, p_top, _, _ = _tile_weights(g, s, own, past, gate, local, m_safe[:, None])
         acc = alpha[:, None] * acc + _dot(w.astype(v.dtype), v)
-        l = alpha * l + jnp.sum(e_top, axis=1)
+        l = alpha * l + jnp.sum(p_top, axis=1)
         return acc, m_new, l
 
-    # Key tiles up to the one holding the landmark block of the tile's last query.
-    last_block = lax.div(iq * g.bq + (g.bq - 1), g.S)
-    n_kt = jnp.minimum(lax.div(last_block, g.R) + 1, g.NKT)
     init = (jnp.zeros((g.bq, g.Dp), acc_t), jnp.full((g.bq,), -jnp.inf, acc_t),
             jnp.zeros((g.bq,), acc_t))
-    acc, m, l = lax.fori_loop(0, n_kt, body, init)
+    acc, m, l = lax.fori_loop(0, _num_key_tiles(g, iq), body, init)
     has = l > 0                                  # a row with nothing to attend to outputs 0
     o_ref[...] = (acc / jnp.where(has, l, 1)[:, None]).astype(o_ref.dtype)
     m_safe = jnp.where(m > ninf, m, zero)
@@ -212,21 +225,28 @@ def _fwd_kernel(q_ref, k_ref, v_ref, sq_ref, sk_ref, o_ref, lse_ref, *, g: _Geom
         lse_ref.dtype)
 
 
-def _bwd_tile(g: _Geometry, q, k, v, do, lse, delta, rows, seg_q, kt, seg_k):
-    """Recomputed weights w [bq, bk] and score gradients ds [bq, bk] (before the 1/sqrt(D))."""
-    acc_t = lse.dtype
-    zero = jnp.zeros((), acc_t)
+def _num_key_tiles(g: _Geometry, iq):
+    """Key tiles query tile iq sees (a scalar): up to the one holding the landmark block of the
+    tile's last query; later tiles are causally masked."""
+    last_block = lax.div(iq * g.bq + (g.bq - 1), g.S)
+    return jnp.minimum(lax.div(last_block, g.R) + 1, g.NKT)
+
+
+def _first_query_tile(g: _Geometry, kt):
+    """The first query tile that sees key tile kt (a scalar; NQT or more when none does): the
+    one holding the tile's first key position."""
+    return lax.div(kt * (g.R * g.S), g.bq)
+
+
+def _bwd_tile(g: _Geometry, q, k, v, do, lse, delta, rows, u, seg_q, seg_k, kt):
+    """Recomputed weights w [bq, bk] and score gradients ds [bq, bk] (before the 1/sqrt(D));
+    lse, delta [bq, 1]; rows, u, seg_q, seg_k as `_tile_masks` takes them."""
     s = _dot(q, k, trans_b=True) * g.scale
-    own, past, gate, local = _tile_masks(g, rows, seg_q, kt, seg_k)
-    # One exp per score (as in the forward); lse = inf (a row with nothing to attend to) → 0.
-    e = jnp.exp(s - jnp.where(past, _block_max(g, s, past, local), lse[:, None]))
-    p_top = jnp.where(own | gate, e, zero)
-    qj = _in_block_probs(g, jnp.where(past, e, zero), local)
+    own, past, gate, local = _tile_masks(g, rows, u, seg_q, seg_k, kt)
+    w, p_top, qj, p_gate = _tile_weights(g, s, own, past, gate, local, lse)
     dp = _dot(do, v, trans_b=True)                                    # dy_i · v_j
-    p_gate = _per_block(g, local, _block_sum(g, local, jnp.where(gate, p_top, zero)))
     du = _per_block(g, local, _block_sum(g, local, qj * dp))          # dy_i · u_b
-    w = jnp.where(own, p_top, zero) + qj * p_gate
-    ds_top = p_top * (jnp.where(gate, du, dp) - delta[:, None])
+    ds_top = p_top * (jnp.where(gate, du, dp) - delta)
     ds = ds_top + p_gate * qj * (dp - du)
     return w, ds
 
@@ -236,7 +256,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, sq_ref, sk_ref, do_ref, lse_ref, delta_ref
     kt = pl.program_id(0)
     k = k_ref[...]                                               # [bk, Dp]
     v = v_ref[...]
-    seg_k = sk_ref[...] if segments else None
+    seg_k = sk_ref[...][None, :] if segments else None
+    u = (kt * g.bk + lax.iota(jnp.int32, g.bk))[None, :]
     acc_t = lse_ref.dtype
 
     def body(iq, carry):
@@ -244,18 +265,16 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, sq_ref, sk_ref, do_ref, lse_ref, delta_ref
         qslice = pl.ds(iq * g.bq, g.bq)
         q = q_ref[qslice, :]
         do = do_ref[qslice, :]
-        rows = iq * g.bq + lax.iota(jnp.int32, g.bq)
-        seg_q = sq_ref[qslice] if segments else None
-        w, ds = _bwd_tile(g, q, k, v, do, lse_ref[qslice], delta_ref[qslice], rows, seg_q, kt,
-                          seg_k)
+        rows = (iq * g.bq + lax.iota(jnp.int32, g.bq))[:, None]
+        seg_q = sq_ref[qslice][:, None] if segments else None
+        w, ds = _bwd_tile(g, q, k, v, do, lse_ref[qslice][:, None], delta_ref[qslice][:, None],
+                          rows, u, seg_q, seg_k, kt)
         dv = dv + _dot(w.astype(do.dtype), do, trans_a=True)
         dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
 
-    # Query tiles from the one holding the tile's first key position.
-    first_iq = lax.div(kt * (g.R * g.S), g.bq)
     init = (jnp.zeros((g.bk, g.Dp), acc_t), jnp.zeros((g.bk, g.Dp), acc_t))
-    dk, dv = lax.fori_loop(jnp.minimum(first_iq, g.NQT), g.NQT, body, init)
+    dk, dv = lax.fori_loop(jnp.minimum(_first_query_tile(g, kt), g.NQT), g.NQT, body, init)
     dk_ref[...] = (dk * g.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -265,21 +284,20 @@ def _dq_kernel(q_ref, k_ref, v_ref, sq_ref, sk_ref, do_ref, lse_ref, delta_ref, 
     iq = pl.program_id(0)
     q = q_ref[...]
     do = do_ref[...]
-    lse = lse_ref[...]
-    delta = delta_ref[...]
-    rows = iq * g.bq + lax.iota(jnp.int32, g.bq)
-    seg_q = sq_ref[...] if segments else None
+    lse = lse_ref[...][:, None]
+    delta = delta_ref[...][:, None]
+    rows = (iq * g.bq + lax.iota(jnp.int32, g.bq))[:, None]
+    seg_q = sq_ref[...][:, None] if segments else None
 
     def body(kt, dq):
         kslice = pl.ds(kt * g.bk, g.bk)
         k = k_ref[kslice, :]
-        seg_k = sk_ref[kslice] if segments else None
-        _, ds = _bwd_tile(g, q, k, v_ref[kslice, :], do, lse, delta, rows, seg_q, kt, seg_k)
+        seg_k = sk_ref[kslice][None, :] if segments else None
+        u = (kt * g.bk + lax.iota(jnp.int32, g.bk))[None, :]
+        _, ds = _bwd_tile(g, q, k, v_ref[kslice, :], do, lse, delta, rows, u, seg_q, seg_k, kt)
         return dq + _dot(ds.astype(k.dtype), k)
 
-    last_block = lax.div(iq * g.bq + (g.bq - 1), g.S)
-    n_kt = jnp.minimum(lax.div(last_block, g.R) + 1, g.NKT)
-    dq = lax.fori_loop(0, n_kt, body, jnp.zeros((g.bq, g.Dp), lse.dtype))
+    dq = lax.fori_loop(0, _num_key_tiles(g, iq), body, jnp.zeros((g.bq, g.Dp), lse.dtype))
     dq_ref[...] = (dq * g.scale).astype(dq_ref.dtype)
 
 
@@ -401,7 +419,7 @@ def landmark_attention_pallas(q, k, v, *, mem_freq: int, segment_ids=None, block
     (attention only within equal ids). block_q, block_k: query and key tile sizes (powers of two
     ≥ 16; a key tile grows to hold at least one landmark block). interpret: run the kernels in
     Pallas interpret mode (CPU). The landmark layout is assumed, not checked: use
-    `models.landmark.landmark_attention(..., impl="pallas")` when it may differ.
+    `models.landmark.landmark_attention(..., impl="pallas_gpu")` when it may differ.
     """
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v have shapes {q.shape}, {k.shape}, {v.shape}; they must be "

@@ -87,6 +87,28 @@ def test_impl_pallas_matches_xla_on_both_layouts(xla_reference):
         _assert_close(g, xla_reference(q, k, v, ct, is_lm, one_segment))
 
 
+def test_lowers_to_triton():
+    """Forward and both backward kernels lower through Pallas' Triton lowering for a GPU
+    (bfloat16, the benchmark's blocks of 64 with segments; an abstract H100, no GPU): every op
+    of the kernels, and of the tile math they share with the Mosaic kernels, has a Triton
+    lowering. Triton's own compiler runs only on a GPU."""
+    T = 500
+    a = jax.ShapeDtypeStruct((B, T, H, 64), jnp.bfloat16)
+
+    def fwd_bwd(q, k, v, seg):
+        y, vjp = jax.vjp(lambda q, k, v: lmp.landmark_attention_pallas(
+            q, k, v, mem_freq=63, segment_ids=seg), q, k, v)
+        return y, vjp(y)
+
+    gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                      platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
+                                                                  abstract_device=gpu)):
+        text = jax.jit(fwd_bwd).trace(a, a, a, jax.ShapeDtypeStruct((B, T), jnp.int32)).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 3
+
+
 def _tiny_body():
     return {"vocab_size": 32, "width": 32, "num_layers": 1, "num_heads": H}
 
@@ -103,17 +125,18 @@ def _has_kernel(attention_impl, T=24, F=7):
 def test_auto_is_xla_on_cpu_and_pallas_on_gpu(monkeypatch):
     assert jax.default_backend() == "cpu"
     assert lmk.resolve_impl("auto", mem_freq=7) == "xla"
+    assert lmk.resolve_impl("pallas", mem_freq=7) == "pallas_gpu"   # interpret mode only
     assert not _has_kernel("auto")
     with pytest.raises(ValueError, match=r"impl='pallas' is not allowed on the cpu backend"):
         _has_kernel("pallas")
     # On a GPU backend (traced, not compiled): 'auto' and the model config select the kernels.
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert lmk.resolve_impl("auto", mem_freq=7) == "pallas"
+    assert lmk.resolve_impl("auto", mem_freq=7) == "pallas_gpu"
+    assert lmk.resolve_impl("pallas") == "pallas_gpu"
     assert lmk.resolve_impl("auto", mem_freq=None) == "xla"
     assert lmk.resolve_impl("auto", mem_freq=7, dropout=True) == "xla"
     assert _has_kernel("auto") and _has_kernel("pallas") and not _has_kernel("xla")
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    assert lmk.resolve_impl("auto", mem_freq=7) == "xla"     # Mosaic lowering not checked
+    # The TPU side: tests/models/test_landmark_pallas_tpu.py.
 
 
 def test_errors():

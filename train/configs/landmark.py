@@ -37,7 +37,8 @@ rows at random offsets of it, a landmark after every 50th token of the stream, E
 targets masked; `official_optim`: no weight decay on norms and the embedding, no clipping,
 cosine to lr/5 as the official OneCycleLR). `model.group_dropout` (official --group_dropout) is
 0 (off) in every variant; `model.attention_impl` is 'xla' (the blockwise attention; 'pallas'
-runs the flash-style kernels of models/landmark_pallas.py on a GPU; 'auto' too). Differences from
+runs the backend's flash-style kernels, models/landmark_pallas.py on a GPU and
+models/landmark_pallas_tpu.py on a TPU; 'auto' too). Differences from
 the paper: byte tokens (V = 320) instead of GPT-2's BPE; a row holds 512 raw tokens (the
 official 512 count its landmarks). Any field can be overridden with --config.FIELD=VALUE.
 
@@ -134,8 +135,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         # this probability in training (models/landmark.py: group_keep); 0 (official None): off
         c.model.group_dropout = 0.0
         # 'landmark' attention's implementation (models.landmark.IMPLS): 'xla' blockwise,
-        # 'pallas' (flash-style kernels, models/landmark_pallas.py; GPU, no group dropout),
-        # 'auto' (pallas on a GPU, xla elsewhere)
+        # 'pallas' (the backend's flash-style kernels: models/landmark_pallas.py on a GPU,
+        # models/landmark_pallas_tpu.py on a TPU; no group dropout), 'pallas_gpu' /
+        # 'pallas_tpu' (one by name), 'auto' (pallas on a GPU or TPU, xla elsewhere)
         c.model.attention_impl = "xla"
 
     if paper:
