@@ -21,7 +21,8 @@ MICRO = dict(seq_len=112, width=16, num_layers=1, num_heads=2, batch_size=8, num
              train_lengths=(mb_data.PASSKEY_MIN, 106), train_entries=(1, 2),
              train_documents=(1, 2), eval_pairs=(4,), eval_lengths=(128,), eval_entries=(2,),
              eval_documents=(3,), eval_examples=4, mac_doc_length=48, mac_slots=2,
-             mac_prefix=1, mac_enc_width=16, mac_enc_layers=1, mac_agg_blocks=1)
+             mac_prefix=1, mac_enc_width=16, mac_enc_layers=1, mac_agg_blocks=1,
+             mac_mlp_ratio=1)
 
 
 @pytest.mark.parametrize("size", sorted(mbc.SIZES))

@@ -54,7 +54,8 @@ BIRDIE_MODELS = ("ssm_bidir", "transformer_birdie")   # prefix readers trained w
 # pairs, passkey prompt bytes up to 8 x T, phone-book entries, streaming-QA documents);
 # train_*: the mixture's ranges; eval_examples: test examples per setting; mac_*: MAC's
 # networks (models/mac.py MACConfig: doc_length S bytes per document, T slots, P prefix tokens
-# per layer, width and blocks of g's and h's encoder-decoders, h's aggregation blocks).
+# per layer, width and blocks of g's and h's encoder-decoders, h's aggregation blocks, the FFNs'
+# hidden ratio): at quick and cpu the networks hold about as many parameters as the LM.
 SIZES = {
     "quick": dict(seq_len=128, width=48, num_layers=2, num_heads=4, batch_size=16,
                   num_steps=400, lr=3e-3, init_std=0.125, mem_freq=15,
@@ -63,7 +64,7 @@ SIZES = {
                   eval_pairs=(2, 4, 8, 16, 32), eval_lengths=(128, 256, 512, 1024),
                   eval_entries=(1, 2, 4, 8, 16), eval_documents=(1, 2, 4, 8, 16),
                   eval_examples=32, mac_doc_length=48, mac_slots=4, mac_prefix=2,
-                  mac_enc_width=32, mac_enc_layers=1, mac_agg_blocks=2),
+                  mac_enc_width=16, mac_enc_layers=1, mac_agg_blocks=1, mac_mlp_ratio=1),
     "cpu": dict(seq_len=256, width=64, num_layers=2, num_heads=4, batch_size=16,
                 num_steps=400, lr=3e-3, init_std=0.125, mem_freq=31,
                 train_pairs=(1, 16), train_lengths=(mb_data.PASSKEY_MIN, 250),
@@ -71,7 +72,7 @@ SIZES = {
                 eval_pairs=(2, 4, 8, 16, 32, 48), eval_lengths=(256, 512, 1024, 2048),
                 eval_entries=(1, 2, 4, 8, 16, 32), eval_documents=(1, 2, 4, 8, 16, 32),
                 eval_examples=64, mac_doc_length=48, mac_slots=4, mac_prefix=2,
-                mac_enc_width=32, mac_enc_layers=2, mac_agg_blocks=2),
+                mac_enc_width=16, mac_enc_layers=1, mac_agg_blocks=1, mac_mlp_ratio=1),
     # Not run here: accelerator sizes.
     "paper": dict(seq_len=1024, width=512, num_layers=8, num_heads=8, batch_size=64,
                   num_steps=20000, lr=1e-3, init_std=0.044, mem_freq=63,
@@ -80,7 +81,7 @@ SIZES = {
                   eval_pairs=(4, 8, 16, 32, 64), eval_lengths=(1024, 2048, 4096, 8192),
                   eval_entries=(2, 8, 32, 64, 128), eval_documents=(2, 8, 32, 64, 128),
                   eval_examples=256, mac_doc_length=64, mac_slots=12, mac_prefix=2,
-                  mac_enc_width=256, mac_enc_layers=4, mac_agg_blocks=4),
+                  mac_enc_width=256, mac_enc_layers=4, mac_agg_blocks=4, mac_mlp_ratio=2),
 }
 BIRDIE_FRACTION = 0.25   # BIRDIE_MODELS: share of rows packed with Birdie's objectives
 TOP_K = 4          # landmark memory inference: blocks retrieved per token and head (paper: 2, 4)
@@ -157,7 +158,7 @@ def mac_model_config(size: str) -> ml_collections.ConfigDict:
     m.enc_heads = 4
     m.agg_blocks = s["mac_agg_blocks"]       # h's blocks over the bank (paper: 4)
     m.agg_heads = s["num_heads"]
-    m.mlp_ratio = 2                          # FFN hidden = 2 · width
+    m.mlp_ratio = s["mac_mlp_ratio"]         # FFN hidden = ratio · width
     m.prefix_hidden = s["mac_enc_width"]     # the per-row prefix FFN's hidden width
     m.init_scale = 1.0                       # MAC weights ~ N(0, 1/fan_in)
     m.prefix_gain_init = 0.0                 # start from the unmodulated LM
