@@ -23,7 +23,7 @@ greedy decoding would write). How each model reads a prompt:
 Costs, measured in the same run (`measure_costs`): training tokens/s (the median of the run's
 metrics.jsonl rows after the first), inference memory per token of context (the bytes of the
 cache / state a model keeps after reading the longest passkey prompt C, divided by C: a dense
-KV cache of C tokens, a window's T, the landmark block cache of C/mem_freq blocks, the SSMs'
+KV cache of C tokens, a window's ring of T, the landmark block cache of C/mem_freq blocks, the SSMs'
 fixed state) and seconds per generated token with that context (the median of one jitted
 one-token decoding step, batch 1).
 
@@ -223,9 +223,9 @@ def measure_costs(name: str, size: str, params, context: int, *, runs: int = 5) 
         cfg = model.cfg
         keep = min(context, cfg.window) if cfg.window else context
         state_bytes = _nbytes(jax.eval_shape(lambda: transformer.init_cache(cfg, 1, keep)))
-        # Decoding here masks a cache of every token read (no ring buffer for the window): the
-        # window model's time is the dense one's.
-        cache = transformer.init_cache(cfg, 1, context + 1)._replace(
+        # The window model decodes with a ring cache of its W slots (models/transformer.py
+        # KVCache): its time is that of W keys; the dense one's cache holds every token read.
+        cache = transformer.init_cache(cfg, 1, keep if cfg.window else context + 1)._replace(
             length=jnp.asarray(context, jnp.int32))
         step = jax.jit(lambda p, t, c: model.apply({"params": p}, t[:, None], kv_cache=c))
         fn = lambda: step(params, tok, cache)                          # noqa: E731

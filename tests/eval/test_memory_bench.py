@@ -5,6 +5,7 @@ import json
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -151,6 +152,29 @@ def test_sliding_window_attention():
     chex.assert_trees_all_close(last[:, 0], short[:, 11], atol=1e-5)
     with pytest.raises(ValueError, match="window=-1 is not allowed"):
         cfg.replace(window=-1)
+
+
+def test_ring_cache_decodes_as_the_window():
+    cfg = transformer.TransformerConfig(vocab_size=32, width=16, num_layers=1, num_heads=2,
+                                        window=3)
+    tokens = jax.random.randint(jax.random.key(0), (1, 8), 0, 32)
+    model = transformer.Transformer(cfg)
+    params = model.init(jax.random.key(1), tokens)["params"]
+
+    @jax.jit
+    def outputs(params, tokens):
+        apply = lambda *a, **k: model.apply({"params": params}, *a, **k)  # noqa: E731
+        cache = transformer.init_cache(cfg, 1, 3)          # W slots: a ring buffer
+        first, cache = apply(tokens[:, :5], kv_cache=cache)  # a chunk longer than the ring
+        steps = [first]
+        for t in range(5, 8):
+            out, cache = apply(tokens[:, t:t + 1], kv_cache=cache)
+            steps.append(out)
+        return apply(tokens), jnp.concatenate(steps, axis=1), cache
+
+    full, decoded, cache = outputs(params, tokens)
+    chex.assert_trees_all_close(decoded, full, atol=1e-5)
+    assert cache.k.shape[2] == 3 and int(cache.length) == 8
 
 
 def test_window_keeps_a_window_of_cache(monkeypatch):
