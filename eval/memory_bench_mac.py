@@ -47,16 +47,20 @@ def _fns(size: str):
     return cfg, amortize, answer
 
 
-def sweep_shapes(probe: str, size: str) -> dict:
-    """One padded shape for a probe's whole sweep (one compilation): N documents per bank,
+AXES = {"mqar": "eval_pairs", "passkey": "eval_lengths", "phonebook": "eval_entries",
+        "streamqa": "eval_documents"}
+
+
+@functools.lru_cache(maxsize=4)
+def sweep_shapes(size: str) -> dict:
+    """One padded shape for every probe's whole sweep (one compilation): N documents per bank,
     questions per bank, Q question and L qa tokens."""
     s = mbc.SIZES[size]
-    ds = s[{"mqar": "eval_pairs", "passkey": "eval_lengths", "phonebook": "eval_entries",
-            "streamqa": "eval_documents"}[probe]]
     S = s["mac_doc_length"]
-    lengths = [mac_data.question_lengths(probe, d) for d in ds]
-    return {"N": max(mac_data.max_documents(probe, d, S) for d in ds),
-            "per_bank": max(ds) if probe == "mqar" else 1,
+    sweep = [(p, d) for p, field in AXES.items() for d in s[field]]
+    lengths = [mac_data.question_lengths(p, d) for p, d in sweep]
+    return {"N": max(mac_data.max_documents(p, d, S) for p, d in sweep),
+            "per_bank": max(d if p == "mqar" else 1 for p, d in sweep),
             "Q": max(q for q, _ in lengths), "L": max(x for _, x in lengths)}
 
 
@@ -66,7 +70,7 @@ def probe_accuracy(params, probe: str, difficulty: int, num: int, seed: int,
     `num` test examples of (probe, difficulty), as eval/memory_bench.py probe_accuracy."""
     cfg, amortize, answer = _fns(size)
     S = mbc.SIZES[size]["mac_doc_length"]
-    shp = sweep_shapes(probe, size)
+    shp = sweep_shapes(size)
     N, R = shp["N"], EVAL_BATCH * shp["per_bank"]
     hits = total = exact = 0.0
     examples = []
@@ -114,20 +118,19 @@ def measure_costs(params, size: str, context: int, seconds) -> dict:
     1): state_bytes = the bank (its documents' modulations [N, T, D]), bytes_per_context_token =
     state_bytes / context; seconds_per_token = one jitted one-token decoding step of the frozen
     LM whose KV cache holds the P prefix rows and the question (the prefix rows are P cache
-    entries per layer); aggregate_seconds = h and the prefix network once per question, before
-    decoding. `seconds(fn)` times a call (eval/memory_bench.py _median_seconds)."""
+    entries per layer; h and the prefix network run once per question, before decoding).
+    `seconds(fn)` times a call (eval/memory_bench.py _median_seconds)."""
     from models import transformer
     cfg, amortize, answer = _fns(size)
     S = mbc.SIZES[size]["mac_doc_length"]
     ex = mb_data.probe_example("passkey", "test", context, 0, 0)
     docs, rows = mac_data.mac_parts("passkey", ex, S)
-    phi = amortize(params["mac"], docs)
+    # The evaluation's padded call (one compilation), its first docs.shape[0] rows the bank.
+    padded = np.full((EVAL_BATCH * sweep_shapes(size)["N"], S), tok.PAD, np.int32)
+    padded[:docs.shape[0]] = docs
+    phi = amortize(params["mac"], padded)[:docs.shape[0]]
     state_bytes = _nbytes(phi)
     q = rows[0]["question"][None]
-    mac = MAC(cfg)
-    agg = jax.jit(lambda p, phi, q: mac.apply(
-        {"params": p}, mac.apply({"params": p}, q, phi, method=MAC.aggregate),
-        method=MAC.prefix))
     lm = transformer.Transformer(cfg.lm)
     cache = transformer.init_cache(cfg.lm, 1, cfg.prefix_len + q.shape[1] + 1)._replace(
         length=jnp.asarray(cfg.prefix_len + q.shape[1], jnp.int32))
@@ -136,5 +139,4 @@ def measure_costs(params, size: str, context: int, seconds) -> dict:
     return {"context": context, "state_bytes": state_bytes,
             "bytes_per_context_token": state_bytes / context,
             "documents": int(docs.shape[0]),
-            "seconds_per_token": seconds(lambda: step(params["lm"], t, cache)),
-            "aggregate_seconds": seconds(lambda: agg(params["mac"], phi, jnp.asarray(q)))}
+            "seconds_per_token": seconds(lambda: step(params["lm"], t, cache))}
