@@ -30,7 +30,8 @@ one-token decoding step, batch 1).
 JSON: {"accuracy": {probe: {model: answer-token accuracy at the probe's hardest setting}},
 "exact_match" (the same for exact match), "curves": {probe: {"difficulty": [...],
 "no_binding": [...], model: {"accuracy": [...], "exact_match": [...]}}}, "cost": {model: {...}},
-"params": {model: count}, "tokens_seen": {model: tokens}, "no_binding": {probe: level at the
+"params": {model: count} (MAC: its frozen LM's), "mac_network_params" (MAC's g, h and prefix
+network), "tokens_seen": {model: tokens}, "no_binding": {probe: level at the
 hardest setting}, "final_loss": {model: loss}}.
 """
 from __future__ import annotations
