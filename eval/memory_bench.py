@@ -15,19 +15,23 @@ greedy decoding would write). How each model reads a prompt:
 - landmark: the block memory (`landmark_memory.memory_logits`: chunks of T/2 tokens, TOP_K
   blocks retrieved per token and head, a cache holding the whole prompt);
 - ssm_causal, hawk: one causal pass (the recurrence carries a fixed-size state);
-- ssm_bidir: one pass with the prompt as the bidirectional prefix (equal to prefill + decoding).
+- ssm_bidir, transformer_birdie: one pass with the prompt as the bidirectional prefix (equal to
+  prefill + decoding);
+- mac: the prompt's facts as documents of a bank, the question to its frozen LM
+  (eval/memory_bench_mac.py; its bytes per context token = the bank's bytes / the context).
 
 Costs, measured in the same run (`measure_costs`): training tokens/s (the median of the run's
 metrics.jsonl rows after the first), inference memory per token of context (the bytes of the
 cache / state a model keeps after reading the longest passkey prompt C, divided by C: a dense
-KV cache of C tokens, a window's T, the landmark block cache of C/mem_freq blocks, the SSMs'
+KV cache of C tokens, a window's ring of T, the landmark block cache of C/mem_freq blocks, the SSMs'
 fixed state) and seconds per generated token with that context (the median of one jitted
 one-token decoding step, batch 1).
 
 JSON: {"accuracy": {probe: {model: answer-token accuracy at the probe's hardest setting}},
 "exact_match" (the same for exact match), "curves": {probe: {"difficulty": [...],
 "no_binding": [...], model: {"accuracy": [...], "exact_match": [...]}}}, "cost": {model: {...}},
-"params": {model: count}, "tokens_seen": {model: tokens}, "no_binding": {probe: level at the
+"params": {model: count} (MAC: its frozen LM's), "mac_network_params" (MAC's g, h and prefix
+network), "tokens_seen": {model: tokens}, "no_binding": {probe: level at the
 hardest setting}, "final_loss": {model: loss}}.
 """
 from __future__ import annotations
@@ -45,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eval import cli, figures
+from eval import memory_bench_mac as mb_mac
 from train import config_identity
 from train import metrics as metrics_lib
 from train import trainer
@@ -53,7 +58,8 @@ from train.data import memory_bench as mb_data
 
 PROBE_AXES = {"mqar": ("eval_pairs", "key-value pairs"),
               "passkey": ("eval_lengths", "prompt length (bytes)"),
-              "phonebook": ("eval_entries", "phone-book entries")}
+              "phonebook": ("eval_entries", "phone-book entries"),
+              "streamqa": ("eval_documents", "documents in the stream")}
 EVAL_BATCH = 16
 
 
@@ -70,9 +76,11 @@ def validate_size(size: str) -> None:
     from train.data import pipeline
     pipeline.memory_bench_spec(c.data, c.seq_len)
     s = mbc.SIZES[size]
+    from train.data import memory_bench_mac
     for probe, (field, _) in PROBE_AXES.items():
         for d in s[field]:
-            mb_data.probe_example(probe, "test", d, 0, 0)   # raises for an impossible setting
+            ex = mb_data.probe_example(probe, "test", d, 0, 0)   # raises if impossible
+            memory_bench_mac.mac_parts(probe, ex, s["mac_doc_length"])
     if s["eval_examples"] < 1:
         raise ValueError(f"SIZES[{size!r}].eval_examples={s['eval_examples']} is not allowed; "
                          "use >= 1")
@@ -94,13 +102,24 @@ def run_dir(name: str, size: str, seed: int, out: pathlib.Path) -> pathlib.Path:
 def count_params(name: str, size: str) -> int:
     """Parameters of model `name` at `size`, from shapes only (jax.eval_shape: nothing is
     allocated)."""
-    if name == "sliding_window":       # the dense run's parameters
+    if name in ("sliding_window", "mac"):   # the dense run's parameters (MAC: its frozen LM)
         return count_params("dense", size)
     c = mbc.bench_config(name, size, 0)
     model = trainer.build_model(c.model)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                                jnp.zeros((1, c.seq_len), jnp.int32)))
     return int(sum(x.size for x in jax.tree_util.tree_leaves(shapes)))
+
+
+@functools.lru_cache(maxsize=None)
+def mac_network_params(size: str) -> int:
+    """Parameters of MAC's trained networks (g, h, the prefix FFN) at `size`, its frozen LM
+    left out (shapes only)."""
+    c = mbc.bench_config("mac", size, 0)
+    model = trainer.build_model(c.model)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                               jnp.zeros((1, c.seq_len), jnp.int32)))
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(shapes["params"]["mac"])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +158,7 @@ def logits_fn(name: str, size: str):
                 params, model.config, tokens, chunk_len=chunk, top_k=mbc.TOP_K,
                 cache_blocks=blocks))
         return fn
-    if name == "ssm_bidir":
+    if name in mbc.BIRDIE_MODELS:
         f = _jitted(model, True)
         return lambda params, tokens, prefix: np.asarray(f(params, tokens, prefix))
     f = _jitted(model, False)
@@ -201,13 +220,13 @@ def measure_costs(name: str, size: str, params, context: int, *, runs: int = 5) 
     from models import landmark_memory, ssm, transformer
     model = eval_model(name, size)
     tok = jnp.zeros((1,), jnp.int32)
-    if name in ("dense", "sliding_window"):
+    if name in ("dense", "sliding_window", "transformer_birdie"):
         cfg = model.cfg
         keep = min(context, cfg.window) if cfg.window else context
         state_bytes = _nbytes(jax.eval_shape(lambda: transformer.init_cache(cfg, 1, keep)))
-        # Decoding here masks a cache of every token read (no ring buffer for the window): the
-        # window model's time is the dense one's.
-        cache = transformer.init_cache(cfg, 1, context + 1)._replace(
+        # The window model decodes with a ring cache of its W slots (models/transformer.py
+        # KVCache): its time is that of W keys; the dense one's cache holds every token read.
+        cache = transformer.init_cache(cfg, 1, keep if cfg.window else context + 1)._replace(
             length=jnp.asarray(context, jnp.int32))
         step = jax.jit(lambda p, t, c: model.apply({"params": p}, t[:, None], kv_cache=c))
         fn = lambda: step(params, tok, cache)                          # noqa: E731
@@ -258,6 +277,13 @@ def run_bench(size: str, seed: int, out: pathlib.Path) -> dict:
     for name in mbc.MODELS:
         c = mbc.bench_config(name, size, seed)
         workdir = run_dir(name, size, seed, out)
+        if name == "mac":
+            # MAC's stage 1 is the dense run (config.base_lm = the dense config): linked, so the
+            # trainer finds it finished and starts params["lm"] from it.
+            workdir.mkdir(parents=True, exist_ok=True)
+            if not (workdir / "base_lm").exists():
+                (workdir / "base_lm").symlink_to(trained["dense"][1].resolve(),
+                                                 target_is_directory=True)
         summary = trainer.train(c, workdir)
         trained[name] = (jax.device_get(summary["state"].params), workdir)
         result["final_loss"][name] = float(summary.get("final_loss", float("nan")))
@@ -265,20 +291,30 @@ def run_bench(size: str, seed: int, out: pathlib.Path) -> dict:
     for name in mbc.EVAL_MODELS:
         params, workdir = trained["dense" if name == "sliding_window" else name]
         result["params"][name] = count_params(name, size)
+        # MAC: its frozen LM's tokens (the dense run's); g and h read the same examples.
         result["tokens_seen"][name] = s["num_steps"] * s["batch_size"] * s["seq_len"]
-        fn = logits_fn(name, size)
+        fn = None if name == "mac" else logits_fn(name, size)
         for probe, (field, _) in PROBE_AXES.items():
             curve = result["curves"].setdefault(probe, {"difficulty": list(s[field])})
             pad_to = max(mb_data.probe_length(probe, d) for d in s[field])
-            rows = [probe_accuracy(fn, params, probe, d, s["eval_examples"], seed, pad_to=pad_to)
-                    for d in s[field]]
+            if name == "mac":
+                rows = [mb_mac.probe_accuracy(params, probe, d, s["eval_examples"], seed, size)
+                        for d in s[field]]
+            else:
+                rows = [probe_accuracy(fn, params, probe, d, s["eval_examples"], seed,
+                                       pad_to=pad_to) for d in s[field]]
             curve[name] = {"accuracy": [r["accuracy"] for r in rows],
                            "exact_match": [r["exact_match"] for r in rows]}
             curve["no_binding"] = [r["no_binding"] for r in rows]
             result["accuracy"].setdefault(probe, {})[name] = rows[-1]["accuracy"]
             result["exact_match"].setdefault(probe, {})[name] = rows[-1]["exact_match"]
             result["no_binding"][probe] = rows[-1]["no_binding"]
-        cost = measure_costs(name, size, params, context)
+        if name == "mac":
+            result["mac_network_params"] = mac_network_params(size)
+            cost = mb_mac.measure_costs(params, size, context,
+                                        lambda f: _median_seconds(f, 5))
+        else:
+            cost = measure_costs(name, size, params, context)
         cost["train_tokens_per_s"] = train_tokens_per_s(workdir)
         result["cost"][name] = cost
     return result
@@ -288,7 +324,7 @@ def plot(result: dict, path: pathlib.Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    probes = list(PROBE_AXES)
+    probes = [p for p in PROBE_AXES if p in result["curves"]]
     fig, axes = plt.subplots(1, len(probes) + 1, figsize=(4.2 * (len(probes) + 1), 3.6))
     models = list(result["cost"])
     colors = {m: f"C{i}" for i, m in enumerate(models)}
@@ -347,22 +383,37 @@ def table(results: pathlib.Path, size: str = "cpu") -> str:
     if not docs:
         raise ValueError(f"results={str(results)!r} holds no memory_bench-{size}-seed*.json")
     seeds = [d["provenance"]["seed"] for d in docs]
-    probes = list(docs[0]["accuracy"])
-    hardest = {p: docs[0]["curves"][p]["difficulty"][-1] for p in probes}
+    # Files of an older model or probe set: what a file lacks is shown as absent ("—").
+    probes = [p for p in PROBE_AXES if any(p in d["accuracy"] for d in docs)]
+    probes += [p for d in docs for p in d["accuracy"] if p not in probes]
+    hardest = {p: next(d["curves"][p]["difficulty"][-1] for d in docs if p in d["curves"])
+               for p in probes}
+    models = []
+    for d in docs:
+        models += [m for m in d["cost"] if m not in models]
+
+    def acc(d, p, m):
+        v = d["accuracy"].get(p, {}).get(m)
+        return "—" if v is None else f"{v:.3f}"
+
+    def floor(d, p):
+        v = d["no_binding"].get(p)
+        return "—" if v is None else f"{v:.3f}"
     head = (["model", "params"] + [f"{p} @ {hardest[p]} (seeds {'/'.join(map(str, seeds))})"
                                    for p in probes]
             + ["train tok/s", "bytes / ctx token", "ms / token"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in docs[0]["cost"]:
-        cost = docs[0]["cost"][m]
-        cells = [m, f"{docs[0]['params'][m]:,}"]
-        cells += [" / ".join(f"{d['accuracy'][p][m]:.3f}" for d in docs) for p in probes]
+    for m in models:
+        first = next(d for d in docs if m in d["cost"])
+        cost = first["cost"][m]
+        cells = [m, f"{first['params'][m]:,}"]
+        cells += [" / ".join(acc(d, p, m) for d in docs) for p in probes]
         cells += [f"{cost['train_tokens_per_s']:,.0f}", f"{cost['bytes_per_context_token']:.2f}",
                   f"{1e3 * cost['seconds_per_token']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    floor = ["no binding", ""] + [" / ".join(f"{d['no_binding'][p]:.3f}" for d in docs)
-                                  for p in probes] + ["", "", ""]
-    lines.append("| " + " | ".join(floor) + " |")
+    floors = ["no binding", ""] + [" / ".join(floor(d, p) for d in docs)
+                                   for p in probes] + ["", "", ""]
+    lines.append("| " + " | ".join(floors) + " |")
     ctx = next(iter(docs[0]["cost"].values()))["context"]
     commits = sorted({d["provenance"]["git_commit"][:7] for d in docs
                       if d["provenance"].get("git_commit")})

@@ -255,7 +255,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           prefix_k: Optional[jax.Array] = None,
                           prefix_v: Optional[jax.Array] = None,
                           prefix_mask: Optional[jax.Array] = None,
-                          window: int = 0) -> jax.Array:
+                          window: int = 0,
+                          key_valid: Optional[jax.Array] = None) -> jax.Array:
     """Softmax attention, q, k, v [B, T, H, Dh] → [B, T, H, Dh]; scores and softmax in float32.
 
     q_offset (int or int32 scalar, causal only): the queries sit at key positions q_offset..
@@ -268,6 +269,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     sees (P-tuning v2 prefixes for MAC). A row with no visible key returns zeros.
     window (int, causal only; 0: off): each query sees only the `window` most recent keys, itself
     included (sliding-window attention; with `prompt`, the prompt's bidirectional part is kept).
+    key_valid [B or 1, S] bool: keys marked False are never attended (a ring cache's empty slots).
     """
     chex.assert_rank([q, k, v], 4)
     if window and not causal:
@@ -286,6 +288,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         raise ValueError("prompt (prefix-LM attention) needs causal=True")
     if segment_ids is not None:
         mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, None, :]
     if prefix_k is not None:
         if prefix_v is None or prefix_mask is None:
             raise ValueError("prefix_k needs prefix_v and prefix_mask")

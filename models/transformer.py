@@ -171,7 +171,11 @@ AttentionFn = Callable[..., jax.Array]
 class KVCache(NamedTuple):
     """Keys and values of the tokens decoded so far, for every layer: k, v [L, B, S, Hkv, Dh]
     (S: the most tokens the cache holds; keys rotated at their positions) and `length`, an int32
-    scalar: how many of the S slots hold tokens (the next token goes to slot `length`)."""
+    scalar: how many tokens were read (the next token goes to slot `length`).
+
+    With sliding-window attention (cfg.window = W) a cache of S = W slots is a ring buffer: token
+    p sits in slot p mod W, so the cache keeps the window's W tokens however many were read
+    (`length` then counts every token read and may exceed S)."""
     k: jax.Array
     v: jax.Array
     length: jax.Array
@@ -242,6 +246,8 @@ class Attention(nn.Module):
         names = ("batch", "length", "heads", "kv")
         q, k, v = (nn.with_logical_constraint(t, names) for t in (q, k, v))
         kwargs = dict(attention_kwargs or {})
+        if cache is not None and c.window and cache[0].shape[1] == c.window:
+            return self._ring(q, k, v, cache, kwargs)
         if cache is not None:
             k_all, v_all, start = cache
             k = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), start, axis=1)
@@ -256,6 +262,25 @@ class Attention(nn.Module):
                               **kwargs)
         y = self.out(nn.with_logical_constraint(y, names))
         return y if cache is None else (y, cache)
+
+    def _ring(self, q, k, v, cache, kwargs):
+        """Sliding-window decoding with a ring cache of W = cfg.window slots (see `KVCache`):
+        the ring, put in the order of its tokens' positions (length - W .. length - 1; slots of
+        positions < 0 are empty), then the T new keys; the queries attend with the window's
+        mask; the last W of those keys, back in slot order, are the new ring."""
+        c, (k_all, v_all, start) = self.cfg, cache
+        W, T = c.window, q.shape[1]
+        shift = jnp.mod(start, W)
+        k_cat = jnp.concatenate([jnp.roll(k_all, -shift, axis=1), k.astype(k_all.dtype)], axis=1)
+        v_cat = jnp.concatenate([jnp.roll(v_all, -shift, axis=1), v.astype(v_all.dtype)], axis=1)
+        valid = (start - W + jnp.arange(W + T) >= 0)[None]
+        group = c.num_heads // c.kv_heads
+        y = self.attention_fn(q, jnp.repeat(k_cat, group, axis=2),
+                              jnp.repeat(v_cat, group, axis=2),
+                              **{**kwargs, "q_offset": W, "key_valid": valid})
+        y = self.out(nn.with_logical_constraint(y, ("batch", "length", "heads", "kv")))
+        back = jnp.mod(start + T, W)
+        return y, (jnp.roll(k_cat[:, -W:], back, axis=1), jnp.roll(v_cat[:, -W:], back, axis=1))
 
 
 class Block(nn.Module):

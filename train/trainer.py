@@ -111,6 +111,7 @@ OBJECTIVES: dict[str, str] = {
     "transformer_xl": "train.objectives.transformer_xl:loss",
     "birdie": "train.objectives.birdie:trainer_loss",
     "mac_meta": "train.objectives.mac:meta_objective",
+    "mac_bench": "train.objectives.mac:bench_objective",
     "reconstruct": "train.objectives.encoders:reconstruct_loss",
     "classify": "train.objectives.encoders:classify_loss",
     "dkvb": "train.objectives.dkvb:dkvb_loss",

@@ -16,6 +16,13 @@ Probes (`difficulty` is the swept setting):
   the prompt's length in bytes; the answer is the key's digits.
 - "phonebook": a book of `difficulty` entries "Name Surname : XXX-XXX-XXXX" (train/data/
   phonebook.py: make_book), then "Name Surname?"; the answer is the asked number's digits.
+- "streamqa": streaming QA over a stream of `difficulty` one-fact documents, one a line, each
+  about its own invented entity (train/data/facts.py: "Bodaku lives in Lisbon."; the relation
+  drawn per document), then a question about one of them ("Where does Bodaku live?"); the answer
+  is " Lisbon", its first letter scored (within a relation every answer starts with its own
+  letter, so that letter decides the answer; the rest is spelled from it). The entities come
+  from facts.py's split: train examples name train entities, test examples test entities, so
+  no test fact was ever seen in training.
 
 Example i of split s ("train" | "test") under content seed S is drawn from
 `np.random.default_rng([S, PROBE_CODE, SPLIT_CODE, difficulty, i])`: the test split is another
@@ -24,7 +31,9 @@ checked against nothing: collisions with training examples are possible but impr
 (`heldout_overlap` counts them). `no_binding` gives each probe's honest floor: the answer-token
 accuracy of a model that reads the context's candidate answers but has not bound them to the
 query (MQAR: a value of the example's own pairs; phone book: a number of the example's own book;
-passkey: uniform digits, as its prompt holds one key only).
+passkey: uniform digits, as its prompt holds one key only; streaming QA: the attribute of one of
+the example's own documents of the asked relation, which the question names; the attribute
+prior, 1/20 per relation, is lower).
 
 `MixtureSource(spec, split)` is the training mixture (dataset "memory_bench" in
 train/data/pipeline.py): row i is one example of a probe drawn with `spec.weights`, at a
@@ -43,11 +52,13 @@ import functools
 
 import numpy as np
 
-from train.data import birdie_data, mqar, passkey_data, phonebook
+import re
+
+from train.data import birdie_data, facts, mqar, passkey_data, phonebook
 from train.data import tokenizer as tok
 from train.objectives import birdie
 
-PROBES = ("mqar", "passkey", "phonebook")
+PROBES = ("mqar", "passkey", "phonebook", "streamqa")
 SPLITS = ("train", "test")
 _PROBE_CODE = {p: i for i, p in enumerate(PROBES)}
 _SPLIT_CODE = {"train": 0, "test": 1}
@@ -58,6 +69,11 @@ MAX_PAIRS = MQAR_KEYS[1] - MQAR_KEYS[0]
 PASSKEY_DIGITS = 5
 PASSKEY_MIN = passkey_data.fixed_length(PASSKEY_DIGITS)   # shortest passkey prompt (bytes)
 PHONE_QUESTION = "{name}?"
+# streamqa: facts.py's relations (question, fact, answers); the test split's entities are few.
+STREAMQA_MAX_DOCUMENTS = len(facts.entity_names("test"))
+_FACT_PATTERNS = [re.compile("^" + re.escape(fact).replace(re.escape("{e}"), "(?P<e>[A-Za-z]+)")
+                             .replace(re.escape("{a}"), "(?P<a>[a-z]+|[A-Z][a-z]+)") + "$")
+                  for _, fact, _ in facts.RELATIONS]
 
 
 def _check(field: str, value, allowed: str, ok: bool) -> None:
@@ -120,12 +136,47 @@ def phonebook_probe(rng: np.random.Generator, entries: int) -> dict:
     return _pack(tok.encode(prompt), a, scored)
 
 
-GENERATORS = {"mqar": mqar_probe, "passkey": passkey_probe, "phonebook": phonebook_probe}
+def streamqa_probe(rng: np.random.Generator, documents: int, *, split: str = "train") -> dict:
+    """`documents` one-fact documents (distinct entities of facts.py's `split`: "test" for the
+    test split), one a line, then a question about a uniformly chosen one; answer " Attribute",
+    its first letter scored."""
+    names = facts.entity_names("test" if split == "test" else "train")
+    _check("documents", documents, f"1..{STREAMQA_MAX_DOCUMENTS}",
+           1 <= documents <= STREAMQA_MAX_DOCUMENTS)
+    picks = rng.choice(len(names), documents, replace=False)
+    lines, qas = [], []
+    for j in picks:
+        question, fact, answers = facts.RELATIONS[int(rng.integers(len(facts.RELATIONS)))]
+        a = answers[int(rng.integers(len(answers)))]
+        lines.append(fact.format(e=names[j], a=a))
+        qas.append((question.format(e=names[j]), a))
+    question, a = qas[int(rng.integers(documents))]
+    prompt = "".join(f"{ln}\n" for ln in lines) + question
+    answer = tok.encode(" " + a)
+    return _pack(tok.encode(prompt), answer, np.arange(answer.size) == 1)
+
+
+def streamqa_facts(text: str) -> list[tuple[int, str, str]]:
+    """The (relation, entity, attribute) of each document line of a streamqa prompt `text`."""
+    out = []
+    for line in text.split("\n")[:-1]:
+        hit = [(r, m) for r, m in enumerate(p.match(line) for p in _FACT_PATTERNS) if m]
+        _check("streamqa document", line, "a facts.RELATIONS fact", len(hit) == 1)
+        r, m = hit[0]
+        out.append((r, m["e"], m["a"]))
+    return out
+
+
+GENERATORS = {"mqar": mqar_probe, "passkey": passkey_probe, "phonebook": phonebook_probe,
+              "streamqa": streamqa_probe}
 
 
 def probe_example(probe: str, split: str, difficulty: int, index: int, seed: int) -> dict:
     """Example `index` of `probe` at `difficulty` in `split` (deterministic)."""
-    return GENERATORS[probe](example_rng(seed, probe, split, difficulty, index), int(difficulty))
+    rng = example_rng(seed, probe, split, difficulty, index)
+    if probe == "streamqa":
+        return streamqa_probe(rng, int(difficulty), split=split)
+    return GENERATORS[probe](rng, int(difficulty))
 
 
 def probe_length(probe: str, difficulty: int) -> int:
@@ -134,6 +185,12 @@ def probe_length(probe: str, difficulty: int) -> int:
         return 4 * difficulty + 1
     if probe == "passkey":
         return difficulty + 1 + PASSKEY_DIGITS
+    if probe == "streamqa":
+        entity = max(map(len, facts.entity_names("train") + facts.entity_names("test")))
+        fact = max(len(f) + max(map(len, a)) - 6 for _, f, a in facts.RELATIONS) + entity
+        question = max(len(q) - 3 for q, _, _ in facts.RELATIONS) + entity
+        answer = 1 + max(len(x) for _, _, a in facts.RELATIONS for x in a)
+        return difficulty * (fact + 1) + question + answer
     _check("probe", probe, str(PROBES), probe == "phonebook")
     name = max(map(len, phonebook.FIRST_NAMES)) + 1 + max(map(len, phonebook.LAST_NAMES))
     return difficulty * (name + 3 + 13) + name + 1 + 13
@@ -157,6 +214,17 @@ def no_binding(probe: str, examples: list[dict], seed: int | None = None) -> flo
             # A uniform key: the first digit 1 in 9, the others 1 in 10.
             hits += 1 / 9 + (PASSKEY_DIGITS - 1) / 10
             total += PASSKEY_DIGITS
+        elif probe == "streamqa":
+            # The asked relation's attributes among the example's own documents, one at random.
+            text = bytes(t[:ex["prefix_len"]].astype(np.uint8)).decode()
+            question = text.split("\n")[-1]
+            r = [i for i, (q, _, _) in enumerate(facts.RELATIONS)
+                 if question.startswith(q.split("{e}")[0]) and question.endswith(q.split("{e}")[1])]
+            _check("streamqa question", question, "a facts.RELATIONS question", len(r) == 1)
+            firsts = [a[0] for rel, _, a in streamqa_facts(text) if rel == r[0]]
+            asked = chr(int(t[m][0]))
+            hits += sum(f == asked for f in firsts) / len(firsts)
+            total += float(m.sum())
         else:
             _check("probe", probe, str(PROBES), probe == "phonebook")
             text = bytes(t[:ex["prefix_len"]].astype(np.uint8)).decode()
@@ -183,10 +251,11 @@ def heldout_overlap(probe: str, difficulty: int, num: int, seed: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class MixtureSpec:
     seq_len: int                                   # T: tokens per row
-    weights: tuple = (1.0, 1.0, 1.0)               # probability of each of PROBES (normalised)
+    weights: tuple = (1.0, 1.0, 1.0, 1.0)          # probability of each of PROBES (normalised)
     mqar_pairs: tuple = (1, 8)                     # training difficulty ranges (inclusive)
     passkey_lengths: tuple = (PASSKEY_MIN, 120)
     phonebook_entries: tuple = (1, 3)
+    streamqa_documents: tuple = (1, 3)
     num_train: int = 1_000_000                     # rows per split (generated when read)
     num_test: int = 256
     seed: int = 0                                  # content seed
@@ -199,7 +268,8 @@ class MixtureSpec:
         _check("weights", self.weights, f"{len(PROBES)} non-negative numbers, not all 0",
                len(w) == len(PROBES) and min(w) >= 0 and sum(w) > 0)
         object.__setattr__(self, "weights", w)
-        for probe, field in zip(PROBES, ("mqar_pairs", "passkey_lengths", "phonebook_entries")):
+        for probe, field in zip(PROBES, ("mqar_pairs", "passkey_lengths", "phonebook_entries",
+                                       "streamqa_documents")):
             lo, hi = (int(x) for x in getattr(self, field))
             object.__setattr__(self, field, (lo, hi))
             _check(field, getattr(self, field), "(lo, hi) with 1 <= lo <= hi", 1 <= lo <= hi)
@@ -211,7 +281,7 @@ class MixtureSpec:
 
     def train_range(self, probe: str) -> tuple[int, int]:
         return {"mqar": self.mqar_pairs, "passkey": self.passkey_lengths,
-                "phonebook": self.phonebook_entries}[probe]
+                "phonebook": self.phonebook_entries, "streamqa": self.streamqa_documents}[probe]
 
 
 class MixtureSource:
@@ -225,22 +295,30 @@ class MixtureSource:
     def __len__(self) -> int:
         return self._len
 
-    def _draw(self, rng: np.random.Generator) -> dict:
+    def _draw(self, rng: np.random.Generator) -> tuple[str, dict]:
         s = self._spec
         p = np.asarray(s.weights) / sum(s.weights)
         probe = PROBES[int(rng.choice(len(PROBES), p=p))]
         lo, hi = s.train_range(probe)
-        return GENERATORS[probe](rng, int(rng.integers(lo, hi + 1)))
+        return probe, GENERATORS[probe](rng, int(rng.integers(lo, hi + 1)))  # streamqa: train
+
+    def _rng(self, index: int) -> np.random.Generator:
+        s = self._spec
+        return np.random.default_rng([s.seed, len(PROBES), _SPLIT_CODE[self._split], int(index)])
+
+    def example(self, index: int) -> tuple[str, dict]:
+        """(probe, example) of row `index` (birdie_fraction 0: the example the row holds)."""
+        return self._draw(self._rng(index))
 
     def __getitem__(self, index: int) -> dict:
         s = self._spec
-        rng = np.random.default_rng([s.seed, len(PROBES), _SPLIT_CODE[self._split], int(index)])
+        rng = self._rng(index)
         if not s.birdie_fraction:
-            return row(self._draw(rng), s.seq_len)
+            return row(self._draw(rng)[1], s.seq_len)
         objectives = _birdie_objectives()
         K = len(objectives)
         if rng.random() >= s.birdie_fraction:
-            r = row(self._draw(rng), s.seq_len)
+            r = row(self._draw(rng)[1], s.seq_len)
             real = np.arange(s.seq_len) < int(np.nonzero(r["weights"])[0][-1]) + 1
             r["segment_ids"] = real.astype(np.int32)
             r["objective_ids"] = np.where(real, K, -1).astype(np.int32)
@@ -251,7 +329,7 @@ class MixtureSource:
             # A configuration whose shortest example does not fit T tokens is drawn again.
             for _ in range(64):
                 i = int(rng.choice(K, p=mixture))
-                text = self._draw(rng)["tokens"]
+                text = self._draw(rng)[1]["tokens"]
                 try:
                     return objectives[i](text, int(rng.integers(2**31)),
                                          max_length=s.seq_len), i

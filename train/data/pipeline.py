@@ -264,12 +264,17 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
     elif name == "memory_bench":
         # The memory benchmark's probe mixture (train/data/memory_bench.py), generated when read:
         # one probe example per row; weights 1 at the answer tokens; `prefix` marks the prompt.
-        # Probability of each probe (mqar, passkey, phonebook), normalised.
-        c.weights = (1.0, 1.0, 1.0)
-        # Training difficulty ranges (inclusive): MQAR pairs, passkey prompt bytes, book entries.
+        # Probability of each probe (mqar, passkey, phonebook, streamqa), normalised.
+        c.weights = (1.0, 1.0, 1.0, 1.0)
+        # Training difficulty ranges (inclusive): MQAR pairs, passkey prompt bytes, book entries,
+        # streaming-QA documents.
         c.mqar_pairs = (1, 8)
         c.passkey_lengths = (memory_bench.PASSKEY_MIN, 120)
         c.phonebook_entries = (1, 3)
+        c.streamqa_documents = (1, 3)
+        # > 0: MAC's rows instead (train/data/memory_bench_mac.py: the example's facts as
+        # documents of this many tokens, one question for the LM); 0: one LM row per example.
+        c.mac_doc_length = 0
         # Share of rows packed with Birdie's objectives over probe text instead (0: none).
         c.birdie_fraction = 0.0
         # Rows per split (generated on read); content seed.
@@ -468,6 +473,7 @@ def memory_bench_spec(data_config: ml_collections.ConfigDict,
         mqar_pairs=tuple(data_config.mqar_pairs),
         passkey_lengths=tuple(data_config.passkey_lengths),
         phonebook_entries=tuple(data_config.phonebook_entries),
+        streamqa_documents=tuple(data_config.streamqa_documents),
         num_train=data_config.num_train, num_test=data_config.num_test,
         seed=data_config.data_seed, birdie_fraction=data_config.birdie_fraction)
 
@@ -523,6 +529,10 @@ def make_source(
         return passkey_data.PasskeySource(spec, split), "examples"
     if name == "memory_bench":
         _check_choice("split", split, memory_bench.SPLITS)
+        if data_config.get("mac_doc_length", 0):
+            from train.data import memory_bench_mac
+            return memory_bench_mac.MacSource(memory_bench_spec(data_config, seq_len), split,
+                                              data_config.mac_doc_length), "fields"
         return memory_bench.MixtureSource(memory_bench_spec(data_config, seq_len), split), \
             "examples"
     if name in ("mac_lm", "mac_meta"):

@@ -513,3 +513,44 @@ def meta_objective(apply_fn, params, batch, rng, *, step=None, memory=None, rho:
     correct = metrics.pop("token_accuracy")
     return loss, {"weight": jnp.float32(1.0), "correct": correct,
                   "bank_size": bank_size.astype(jnp.float32), **metrics}
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory benchmark's adaptation (train/data/memory_bench_mac.py): one bank per example
+# ---------------------------------------------------------------------------------------------
+def example_banks(cfg: MACConfig, params, docs_BxNxS) -> tuple[jax.Array, jax.Array]:
+    """(the modulations of every example's documents [B·N, T, D], valid [B, B·N]: question b
+    reads only its own example's non-empty documents)."""
+    B, N, S = docs_BxNxS.shape
+    flat = docs_BxNxS.reshape(B * N, S)
+    phi = MAC(cfg).apply({"params": params}, flat, method=MAC.amortize)
+    own = jnp.arange(B * N)[None, :] // N == jnp.arange(B)[:, None]
+    return phi, own & (flat[:, 0] != cfg.pad_id)[None, :]
+
+
+def bench_logits(cfg: MACConfig, params, lm_params, docs_BxNxS, questions_BxQ, qa_BxL):
+    """The frozen LM's logits [B, L, V] on qa rows, each modulated by the aggregation of its own
+    example's bank (the documents docs[b]) for its question."""
+    phi, valid = example_banks(cfg, params, docs_BxNxS)
+    mac = MAC(cfg)
+    z0 = mac.apply({"params": params}, questions_BxQ, method=MAC.encode_question)
+    z = mac.apply({"params": params}, z0, phi, valid, method=MAC.aggregate_z0)
+    prefix_kv = mac.apply({"params": params}, z, method=MAC.prefix)
+    return modulated_logits(cfg, lm_params, qa_BxL, prefix_kv)
+
+
+def bench_objective(apply_fn, params, batch, rng, *, step=None, memory=None):
+    """train.trainer.OBJECTIVES["mac_bench"] on memory_bench MAC rows ({docs [B, N, S],
+    questions [B, Q], qa [B, L], qa_weights [B, L]}): the answer cross-entropy of the frozen LM
+    (params["lm"], under stop_gradient and frozen by the optimizer) modulated by each example's
+    own bank. Returns (mean loss, {"weight": 1, "correct": answer-token accuracy})."""
+    del rng, step, memory
+    model = getattr(apply_fn, "__self__", None)
+    if not isinstance(model, MetaModel):
+        raise ValueError("objective 'mac_bench' needs model.family='mac' (apply_fn of a "
+                         f"MetaModel); got {type(model).__name__}")
+    cfg = model.cfg
+    lm = jax.lax.stop_gradient(params["lm"])
+    logits = bench_logits(cfg, params["mac"], lm, batch["docs"], batch["questions"], batch["qa"])
+    loss, metrics = qa_loss(cfg, lm, logits, batch["qa"], batch["qa_weights"])
+    return loss, {"weight": jnp.float32(1.0), "correct": metrics["token_accuracy"]}
