@@ -410,6 +410,23 @@ def _segment_slots(g: _Geometry, seg_BxT):
     return sq, sk
 
 
+def _check_args(q, k, v, mem_freq, segment_ids):
+    """The kernels' shared argument checks (one [B, T, H, D] shape, a positive int mem_freq,
+    segment ids [B, T] or None) → the segment ids as int32, or None."""
+    if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v have shapes {q.shape}, {k.shape}, {v.shape}; they must be "
+                         "one [B, T, H, D] shape")
+    if (not isinstance(mem_freq, int) or isinstance(mem_freq, bool)) or mem_freq <= 0:
+        raise ValueError(f"mem_freq={mem_freq!r} must be a positive integer")
+    if segment_ids is None:
+        return None
+    segment_ids = jnp.asarray(segment_ids)
+    if segment_ids.shape != q.shape[:2]:
+        raise ValueError(f"segment_ids has shape {segment_ids.shape}; it must be [B, T]="
+                         f"{q.shape[:2]}")
+    return segment_ids.astype(jnp.int32)
+
+
 def landmark_attention_pallas(q, k, v, *, mem_freq: int, segment_ids=None, block_q: int = 64,
                               block_k: int = 64, interpret: bool = False):
     """Landmark attention y [B, T, H, D] for the training layout (a landmark at every
@@ -421,22 +438,14 @@ def landmark_attention_pallas(q, k, v, *, mem_freq: int, segment_ids=None, block
     Pallas interpret mode (CPU). The landmark layout is assumed, not checked: use
     `models.landmark.landmark_attention(..., impl="pallas_gpu")` when it may differ.
     """
-    if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v have shapes {q.shape}, {k.shape}, {v.shape}; they must be "
-                         "one [B, T, H, D] shape")
-    if (not isinstance(mem_freq, int) or isinstance(mem_freq, bool)) or mem_freq <= 0:
-        raise ValueError(f"mem_freq={mem_freq!r} must be a positive integer")
+    segment_ids = _check_args(q, k, v, mem_freq, segment_ids)
     _check_block("block_q", block_q)
     _check_block("block_k", block_k)
     B, T, H, D = q.shape
     g = _Geometry.make(T, mem_freq, D, block_q, block_k)
     segments = segment_ids is not None
     if segments:
-        segment_ids = jnp.asarray(segment_ids)
-        if segment_ids.shape != (B, T):
-            raise ValueError(f"segment_ids has shape {segment_ids.shape}; it must be [B, T]="
-                             f"{(B, T)}")
-        sq, sk = _segment_slots(g, segment_ids.astype(jnp.int32))
+        sq, sk = _segment_slots(g, segment_ids)
     else:
         sq = jnp.zeros((B, g.Tq), jnp.int32)
         sk = jnp.zeros((B, g.Kp), jnp.int32)

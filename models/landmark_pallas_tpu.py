@@ -280,11 +280,7 @@ def landmark_attention_pallas_tpu(q, k, v, *, mem_freq: int, segment_ids=None,
     statistics and accumulators are float32. The landmark layout is assumed, not checked: use
     `models.landmark.landmark_attention(..., impl="pallas_tpu")` when it may differ.
     """
-    if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v have shapes {q.shape}, {k.shape}, {v.shape}; they must be "
-                         "one [B, T, H, D] shape")
-    if (not isinstance(mem_freq, int) or isinstance(mem_freq, bool)) or mem_freq <= 0:
-        raise ValueError(f"mem_freq={mem_freq!r} must be a positive integer")
+    segment_ids = lp._check_args(q, k, v, mem_freq, segment_ids)
     _check_blocks(block_q, block_k)
     if q.dtype == jnp.float64:
         raise ValueError("q.dtype=float64 is not allowed on TPUs; use float32 or bfloat16")
@@ -292,11 +288,7 @@ def landmark_attention_pallas_tpu(q, k, v, *, mem_freq: int, segment_ids=None,
     g = lp._Geometry.make(T, mem_freq, D, block_q, block_k)
     segments = segment_ids is not None
     if segments:
-        segment_ids = jnp.asarray(segment_ids)
-        if segment_ids.shape != (B, T):
-            raise ValueError(f"segment_ids has shape {segment_ids.shape}; it must be [B, T]="
-                             f"{(B, T)}")
-        sq, sk = lp._segment_slots(g, segment_ids.astype(jnp.int32))
+        sq, sk = lp._segment_slots(g, segment_ids)
         sq = jnp.broadcast_to(sq[:, :, None], (B, g.Tq, LANES))
         sk = jnp.broadcast_to(sk[:, None, :], (B, SUBLANES, g.Kp))
     else:
