@@ -17,8 +17,9 @@ answer tokens only), with the same batch, steps and sequence length, so every mo
 - ssm_bidir    the same SSM with bidirectional layers ('bc'), reading the prompt both ways
                (prefix-LM, the `prefix` the mixture's rows carry), trained with Birdie: a
                BIRDIE_FRACTION of its rows are Birdie's objectives (compact settings) over
-               probe text, the rest the probes; which of Birdie's K = 18 configurations those
-               rows pack is chosen as training goes by Birdie's controller, the paper's
+               probe text, the rest the probes; which of Birdie's configurations those rows
+               pack (the K that fit a row: train/data/memory_bench.py birdie_objectives, 18;
+               17 at quick) is chosen as training goes by Birdie's controller, the paper's
                (`hooks.birdie_controller`, kind "paper", train/objectives/
                birdie_paper_controller.py: validation loss per configuration on the data's
                "validation" split, schedule CONTROLLER_SCHEDULE);
