@@ -14,7 +14,8 @@ version that wrote that JSON is recognised as matching when nothing changed.
 The identity is the flattened config (dotted names) without the fields in EXCLUDED below: those
 that say how a run is executed, not which model it trains, on which data, with which objective
 and optimizer. Every other field, present or absent, is part of it, except a field of
-ADDED_DEFAULTS at the value that runs stored before it existed had (so they still match).
+ADDED_DEFAULTS at the value that runs stored before it existed had (so they still match), and a
+field of DATASET_ADDED_DEFAULTS[name] likewise in a data section of that dataset.
 """
 from __future__ import annotations
 
@@ -86,6 +87,17 @@ ADDED_DEFAULTS = {
     "model.attention_impl": "xla",
 }
 
+# Data fields added to one dataset after its runs were stored, where another dataset has long had
+# a field of that name at that value (so a global ADDED_DEFAULTS entry would change that
+# dataset's runs): left out of the identity only in a data section (`data`, or a nested one such
+# as `base_lm.data`) whose `name` is the dataset, at the value given.
+DATASET_ADDED_DEFAULTS = {
+    # The memory benchmark's Birdie controller fields (train/data/memory_bench.py): the uniform
+    # Birdie mixture, no balanced rows and the controller's validation split's size, which
+    # leave every row of the runs before them as it was.
+    "memory_bench": {"mixture": [], "objective_per_row": False, "num_validation": 256},
+}
+
 ABSENT = "<absent>"
 
 
@@ -147,7 +159,18 @@ def identity(config: Any) -> dict[str, Any]:
     fields at their defaults, keys sorted."""
     flat = flatten(as_json(config))
     return {k: flat[k] for k in sorted(flat) if not any(_covers(e, k) for e in EXCLUDED)
-            and not (k in ADDED_DEFAULTS and _dumps(flat[k]) == _dumps(ADDED_DEFAULTS[k]))}
+            and not (k in ADDED_DEFAULTS and _dumps(flat[k]) == _dumps(ADDED_DEFAULTS[k]))
+            and not _dataset_default(flat, k)}
+
+
+def _dataset_default(flat: Mapping[str, Any], key: str) -> bool:
+    """`key` is "<section>data.<field>" of a dataset whose DATASET_ADDED_DEFAULTS hold <field>
+    at the value it has."""
+    section, dot, field = key.rpartition(".")
+    if not dot or not (section == "data" or section.endswith(".data")):
+        return False
+    defaults = DATASET_ADDED_DEFAULTS.get(flat.get(f"{section}.name"), {})
+    return field in defaults and _dumps(flat[key]) == _dumps(defaults[field])
 
 
 def _dumps(x: Any) -> str:

@@ -13,10 +13,13 @@ import pytest
 from eval import figures
 from eval import memory_bench as mb
 from models import transformer
+from train import config_identity
 from train.configs import memory_bench as mbc
-from train.data import facts
+from train.data import facts, pipeline
 from train.data import memory_bench as mb_data
 from train.data import memory_bench_mac as mb_mac_data
+from train.objectives import birdie_controller
+from train.objectives import birdie_paper_controller as paper_controller
 
 MICRO = dict(seq_len=112, width=16, num_layers=1, num_heads=2, batch_size=8, num_steps=3,
              lr=3e-3, init_std=0.125, mem_freq=15, train_pairs=(1, 4),
@@ -130,6 +133,79 @@ def test_mixture_rows_mark_answers_and_prompts():
     with pytest.raises(ValueError, match="phonebook_entries=.*fits seq_len=112"):
         mb_data.MixtureSpec(seq_len=112, passkey_lengths=(99, 106), phonebook_entries=(1, 8),
                             streamqa_documents=(1, 2))
+
+
+def test_birdie_rows_follow_the_mixture_and_validation_is_balanced():
+    spec = mb_data.MixtureSpec(seq_len=112, mqar_pairs=(1, 4), passkey_lengths=(99, 106),
+                               phonebook_entries=(1, 2), streamqa_documents=(1, 2),
+                               birdie_fraction=0.5)
+    K = len(mb_data.birdie_objectives(160))
+    spec = dataclasses.replace(spec, seq_len=160)
+    ids = lambda r: set(np.unique(r["objective_ids"][r["objective_ids"] >= 0]))  # noqa: E731
+    uniform = mb_data.MixtureSource(spec, "train")
+    onehot = mb_data.MixtureSource(dataclasses.replace(
+        spec, mixture=tuple(float(i == 7) for i in range(K))), "train")
+    # A one-hot mixture packs only that configuration into the Birdie rows; the probe rows (the
+    # same rows, the same examples) stay as they were.
+    probe_rows = 0
+    for i in range(8):
+        a, b = uniform[i], onehot[i]
+        if ids(a) == {K}:
+            probe_rows += 1
+            assert all(np.array_equal(a[k], b[k]) for k in a)
+        else:
+            assert ids(b) == {7} and K not in ids(a)
+    assert 0 < probe_rows < 8
+    # The controller's balanced rows: every row Birdie's, row i of configuration i % K only, on
+    # a validation stream that is neither the train nor the test stream.
+    val = mb_data.MixtureSource(dataclasses.replace(spec, objective_per_row=True), "validation")
+    assert len(val) == spec.num_validation
+    for i in (0, 5, K + 2):
+        assert ids(val[i]) == {i % K}
+    test = mb_data.MixtureSource(dataclasses.replace(spec, objective_per_row=True), "test")
+    assert not np.array_equal(val[0]["inputs"], test[0]["inputs"])
+    with pytest.raises(ValueError, match=rf"mixture=\(1.0,\) is not allowed; allowed: \(\) or {K}"):
+        dataclasses.replace(spec, mixture=(1.0,))
+    with pytest.raises(ValueError, match="birdie_fraction=0.0 is not allowed"):
+        dataclasses.replace(spec, birdie_fraction=0.0, objective_per_row=True)
+
+
+# Recipe hashes of the models without Birdie at 34a6bb0 (before the Birdie models' controller):
+# their runs, finished or in progress, are the figure's under any later change.
+RECIPE_HASHES = {
+    ("dense", "quick"): "c2d2b700658e", ("landmark", "quick"): "4e0f5dadc85a",
+    ("ssm_causal", "quick"): "42c2b31fd02b", ("hawk", "quick"): "bc771276448c",
+    ("mac", "quick"): "45c5dc14c0d2", ("dense", "cpu"): "d043a591d011",
+    ("landmark", "cpu"): "c8b6574eb87b", ("ssm_causal", "cpu"): "c320e2104c12",
+    ("hawk", "cpu"): "f4131e977462", ("mac", "cpu"): "68024942cb4d",
+}
+
+
+def test_birdie_models_get_the_paper_controller_and_the_others_keep_their_recipes():
+    for (name, size), h in RECIPE_HASHES.items():
+        assert config_identity.recipe_hash([mbc.bench_config(name, size, 0)]) == h, (name, size)
+    c = mbc.bench_config("dense", "quick", 0)
+    assert "hooks" not in c
+    with pytest.raises(ValueError, match="data.birdie_fraction=0.0 .* is not allowed"):
+        birdie_controller.action_space(c)
+    for name in mbc.BIRDIE_MODELS:
+        for size, steps in (("quick", [1, 5, 10, 20, 30, 40, 60]),
+                            ("paper", [10, 50, 250, 500, 1000, 1500, 2000, 3000])):
+            c = mbc.bench_config(name, size, 0)
+            hook = birdie_controller.make_hook(c.hooks.birdie_controller, c)
+            assert hook.kind == "paper" and hook.task_action is None
+            assert hook.names == tuple(o.name for o in mb_data.birdie_objectives(c.seq_len))
+            # Every configuration of the compact set fits but selective copying at T = 128.
+            assert len(hook.names) == len(hook.cfg.group_ids) == (17 if size == "quick" else 18)
+            # The paper's schedule, scaled to the run's steps below `paper` size.
+            due = [t for t in range(1, c.num_steps + 1)
+                   if paper_controller.should_update(hook.cfg, t)]
+            assert due[:len(steps)] == steps
+            assert hook.cfg.warmup_step == (5 if size == "quick" else 250)
+            # Its balanced validation rows fit the split the hook reads.
+            rows = len(hook.names) * hook.rows_per_objective
+            data = pipeline.resolve_data_config(c.data)
+            assert -(-rows // c.batch_size) * c.batch_size <= data.num_validation
 
 
 def test_sliding_window_attention():

@@ -16,12 +16,17 @@ answer tokens only), with the same batch, steps and sequence length, so every mo
                that the parameter count is within 10 % of the Transformer's);
 - ssm_bidir    the same SSM with bidirectional layers ('bc'), reading the prompt both ways
                (prefix-LM, the `prefix` the mixture's rows carry), trained with Birdie: a
-               BIRDIE_FRACTION of its rows are Birdie's objectives (compact settings, uniform
-               over the classes; no controller) over probe text, the rest the probes;
+               BIRDIE_FRACTION of its rows are Birdie's objectives (compact settings) over
+               probe text, the rest the probes; which of Birdie's configurations those rows
+               pack (the K that fit a row: train/data/memory_bench.py birdie_objectives, 18;
+               17 at quick) is chosen as training goes by Birdie's controller, the paper's
+               (`hooks.birdie_controller`, kind "paper", train/objectives/
+               birdie_paper_controller.py: validation loss per configuration on the data's
+               "validation" split, schedule CONTROLLER_SCHEDULE);
 - hawk         Griffin's RG-LRU blocks (mixer 'hawk') at the same parameter budget;
 - transformer_birdie  the dense Transformer with prefix-LM attention (train/configs/birdie.py's
                recall arm, `recall_model`), trained like ssm_bidir (the prompt as its prefix,
-               a BIRDIE_FRACTION of rows Birdie's objectives);
+               a BIRDIE_FRACTION of rows Birdie's objectives under the paper's controller);
 - mac          memory of amortized contexts (Tack et al. 2024): the dense run's Transformer,
                frozen (config.base_lm is the dense config: the trainer starts params["lm"] from
                WORKDIR/base_lm, which the figure links to the dense run), steered by an
@@ -42,6 +47,8 @@ from train.configs import birdie as birdie_configs
 from train.configs import common
 from train.data import memory_bench as mb_data
 from train.data import pipeline
+from train.objectives import birdie_controller
+from train.objectives import birdie_paper_controller as paper_controller
 
 # Training order: mac after dense (its frozen LM is the dense run).
 MODELS = ("dense", "landmark", "ssm_causal", "ssm_bidir", "hawk", "transformer_birdie", "mac")
@@ -84,6 +91,17 @@ SIZES = {
                   mac_enc_width=256, mac_enc_layers=4, mac_agg_blocks=4, mac_mlp_ratio=2),
 }
 BIRDIE_FRACTION = 0.25   # BIRDIE_MODELS: share of rows packed with Birdie's objectives
+# The paper controller's schedule below `paper` size: the paper's (updates at steps 10, 50, 250,
+# 500, 1000, 1500, 2000, then every 1000; uniform mixture for the first 250) as fractions of the
+# `paper` size's steps, which birdie_paper_controller.resolve_step scales to the run's: 400 steps
+# update at 1, 5, 10, 20, 30, 40, then every 20, uniform for 5. At `paper` size the paper's steps.
+# The exploration steps are the controller's defaults (fractions); the reward model the paper's.
+_PAPER = paper_controller.PaperControllerConfig
+CONTROLLER_SCHEDULE = dict(
+    eval_steps=tuple(v / SIZES["paper"]["num_steps"] for v in _PAPER.eval_steps),
+    every=_PAPER.eval_every / SIZES["paper"]["num_steps"],
+    warmup=_PAPER.warmup / SIZES["paper"]["num_steps"])
+CONTROLLER_ROWS = 2   # balanced validation rows per configuration at each controller update
 TOP_K = 4          # landmark memory inference: blocks retrieved per token and head (paper: 2, 4)
 
 
@@ -203,6 +221,12 @@ def bench_config(name: str, size: str, seed: int) -> ml_collections.ConfigDict:
     c.data.streamqa_documents = s["train_documents"]
     c.data.data_seed = seed
     c.data.birdie_fraction = BIRDIE_FRACTION if name in BIRDIE_MODELS else 0.0
+    if name in BIRDIE_MODELS:   # Birdie's reward-driven mixture over its configurations
+        sched = {} if size == "paper" else dict(CONTROLLER_SCHEDULE)
+        c.hooks = ml_collections.ConfigDict()
+        c.hooks.birdie_controller = birdie_controller.hook_config(
+            every=sched.pop("every", _PAPER.eval_every), kind="paper",
+            rows_per_objective=CONTROLLER_ROWS, **sched)
     c.optim = common.optim(lr=s["lr"], warmup_steps=max(1, s["num_steps"] // 20),
                            weight_decay=0.0)
     if name == "mac":

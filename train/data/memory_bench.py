@@ -40,10 +40,20 @@ train/data/pipeline.py): row i is one example of a probe drawn with `spec.weight
 difficulty drawn uniformly from the probe's training range, left-aligned in T + 1 tokens and
 padded with 0: {inputs, targets, weights, prefix} [T], weights 1 exactly at the answer targets.
 With `birdie_fraction` > 0 that share of the rows is instead packed with Birdie's objectives
-(train/objectives/birdie.py, the compact settings, uniform over its classes) over the text of
-probe examples drawn the same way (a configuration whose example cannot fit T tokens is drawn
-again), and every row also carries segment_ids and objective_ids
-(train/data/birdie_data.py's fields; a probe row: segment 1, objective K).
+(train/objectives/birdie.py, the compact settings) over the text of probe examples drawn the
+same way (an example that cannot fit T tokens is drawn again, with other text), and every row
+also carries segment_ids and objective_ids (train/data/birdie_data.py's fields; a probe row:
+segment 1, objective K). The K configurations are `birdie_objectives(T)`: those of the compact
+set whose shortest example fits T tokens (18; at T = 128 selective copying, whose shortest
+example needs 132, is left out: 17). Which configuration each packed example uses is drawn from
+`mixture` ([K] weights, set by Birdie's controller, train/objectives/birdie_controller.py; ():
+uniform over the classes); the mixture never changes which rows are Birdie rows nor the probe
+rows, so every model trained on the mixture sees the same probe rows.
+
+The "validation" split (`num_validation` rows) is the controller's: another stream of the same
+generator (streaming QA on train entities, as in training), disjoint by seed from "train" and
+from "test". With `objective_per_row` every row of a split is a Birdie row and row i packs
+configuration i % K only (the controller's balanced validation rows).
 """
 from __future__ import annotations
 
@@ -59,9 +69,9 @@ from train.data import tokenizer as tok
 from train.objectives import birdie
 
 PROBES = ("mqar", "passkey", "phonebook", "streamqa")
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "validation")
 _PROBE_CODE = {p: i for i, p in enumerate(PROBES)}
-_SPLIT_CODE = {"train": 0, "test": 1}
+_SPLIT_CODE = {"train": 0, "test": 1, "validation": 2}
 
 MQAR_KEYS = (128, 192)        # key ids [lo, hi)
 MQAR_VALUES = (192, 256)      # value ids [lo, hi)
@@ -260,10 +270,27 @@ class MixtureSpec:
     num_test: int = 256
     seed: int = 0                                  # content seed
     birdie_fraction: float = 0.0                   # share of rows of Birdie objectives
+    mixture: tuple = ()                            # [K] weights over birdie_objectives(T);
+                                                   # () uniform over the classes
+    num_validation: int = 256                      # rows of "validation" (the controller's)
+    objective_per_row: bool = False                # every row Birdie's, row i configuration i % K
 
     def __post_init__(self):
         _check("birdie_fraction", self.birdie_fraction, "a number in [0, 1]",
                0.0 <= self.birdie_fraction <= 1.0)
+        _check("num_validation", self.num_validation, "an integer >= 1",
+               int(self.num_validation) == self.num_validation and self.num_validation >= 1)
+        w = tuple(float(x) for x in self.mixture)
+        object.__setattr__(self, "mixture", w)
+        if w or self.objective_per_row:
+            _check("birdie_fraction", self.birdie_fraction,
+                   "> 0 with a mixture or objective_per_row (they choose Birdie's rows)",
+                   self.birdie_fraction > 0)
+        if w:
+            K = len(birdie_objectives(self.seq_len))
+            _check("mixture", self.mixture, f"() or {K} finite non-negative weights with a "
+                   "positive sum", len(w) == K and all(np.isfinite(w)) and min(w) >= 0
+                   and sum(w) > 0)
         w = tuple(float(x) for x in self.weights)
         _check("weights", self.weights, f"{len(PROBES)} non-negative numbers, not all 0",
                len(w) == len(PROBES) and min(w) >= 0 and sum(w) > 0)
@@ -290,7 +317,8 @@ class MixtureSource:
     def __init__(self, spec: MixtureSpec, split: str):
         _check("split", split, str(SPLITS), split in _SPLIT_CODE)
         self._spec, self._split = spec, split
-        self._len = spec.num_train if split == "train" else spec.num_test
+        self._len = {"train": spec.num_train, "test": spec.num_test,
+                     "validation": spec.num_validation}[split]
 
     def __len__(self) -> int:
         return self._len
@@ -315,20 +343,25 @@ class MixtureSource:
         rng = self._rng(index)
         if not s.birdie_fraction:
             return row(self._draw(rng)[1], s.seq_len)
-        objectives = _birdie_objectives()
+        objectives = birdie_objectives(s.seq_len)
         K = len(objectives)
-        if rng.random() >= s.birdie_fraction:
+        # objective_per_row: no probe rows (the draw below is kept so the stream is the same).
+        if rng.random() >= s.birdie_fraction and not s.objective_per_row:
             r = row(self._draw(rng)[1], s.seq_len)
             real = np.arange(s.seq_len) < int(np.nonzero(r["weights"])[0][-1]) + 1
             r["segment_ids"] = real.astype(np.int32)
             r["objective_ids"] = np.where(real, K, -1).astype(np.int32)
             return r
-        mixture = birdie.uniform_mixture(objectives)
+        if s.mixture:
+            mixture = np.asarray(s.mixture, np.float64) / sum(s.mixture)
+        else:
+            mixture = birdie.uniform_mixture(objectives)
 
         def draw():
-            # A configuration whose shortest example does not fit T tokens is drawn again.
+            # A configuration (objective_per_row: the row's) whose example from this text does
+            # not fit T tokens is drawn again with another text.
             for _ in range(64):
-                i = int(rng.choice(K, p=mixture))
+                i = int(index) % K if s.objective_per_row else int(rng.choice(K, p=mixture))
                 text = self._draw(rng)[1]["tokens"]
                 try:
                     return objectives[i](text, int(rng.integers(2**31)),
@@ -341,10 +374,24 @@ class MixtureSource:
         return birdie.pack_row(draw, s.seq_len, with_prefix=True)
 
 
-@functools.lru_cache(maxsize=1)
-def _birdie_objectives():
-    """Birdie's objective set under the compact settings (the CPU figures')."""
-    return birdie_data.objective_set("birdie", birdie.COMPACT_SETTINGS)
+@functools.lru_cache(maxsize=None)
+def birdie_objectives(seq_len: int) -> tuple:
+    """The K configurations of Birdie's objective set under the compact settings (the CPU
+    figures') whose shortest example fits `seq_len` tokens: what `mixture` weighs and the
+    controller chooses among (a configuration that never fits has no validation rows)."""
+    _check("seq_len", seq_len, "an integer >= 1", int(seq_len) == seq_len and seq_len >= 1)
+    text = (np.arange(4 * int(seq_len)) % 95 + 32).astype(np.int32)    # printable bytes
+
+    def fits(objective) -> bool:
+        try:
+            objective(text, 0, max_length=int(seq_len))
+        except ValueError as e:
+            if "is too small; the shortest example needs" in str(e):
+                return False
+            raise
+        return True
+    return tuple(o for o in birdie_data.objective_set("birdie", birdie.COMPACT_SETTINGS)
+                 if fits(o))
 
 
 def row(ex: dict, seq_len: int) -> dict:

@@ -277,9 +277,16 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
         c.mac_doc_length = 0
         # Share of rows packed with Birdie's objectives over probe text instead (0: none).
         c.birdie_fraction = 0.0
-        # Rows per split (generated on read); content seed.
+        # Weights over Birdie's K configurations (memory_bench.birdie_objectives()) that those
+        # rows pack; () = uniform over the classes. The Birdie controller (a trainer hook) sets it.
+        c.mixture = ()
+        # Every row a Birdie row, row i holding only configuration i % K (the controller's
+        # balanced validation rows).
+        c.objective_per_row = False
+        # Rows per split (generated on read; "validation" is the controller's); content seed.
         c.num_train = 1_000_000
         c.num_test = 256
+        c.num_validation = 256
         c.data_seed = 0
     elif name in ("mac_lm", "mac_meta"):
         # MAC's fact-stream documents (train/data/mac_data.py), generated in memory: "mac_lm"
@@ -467,7 +474,9 @@ def mqar_spec(data_config: ml_collections.ConfigDict, seq_len: int) -> mqar.Mqar
 
 def memory_bench_spec(data_config: ml_collections.ConfigDict,
                       seq_len: int) -> memory_bench.MixtureSpec:
-    """The `MixtureSpec` of a memory_bench data config at sequence length T."""
+    """The `MixtureSpec` of a memory_bench data config at sequence length T (fields it does not
+    set at their defaults)."""
+    data_config = resolve_data_config(data_config)
     return memory_bench.MixtureSpec(
         seq_len=seq_len, weights=tuple(data_config.weights),
         mqar_pairs=tuple(data_config.mqar_pairs),
@@ -475,7 +484,9 @@ def memory_bench_spec(data_config: ml_collections.ConfigDict,
         phonebook_entries=tuple(data_config.phonebook_entries),
         streamqa_documents=tuple(data_config.streamqa_documents),
         num_train=data_config.num_train, num_test=data_config.num_test,
-        seed=data_config.data_seed, birdie_fraction=data_config.birdie_fraction)
+        seed=data_config.data_seed, birdie_fraction=data_config.birdie_fraction,
+        mixture=tuple(data_config.mixture), num_validation=data_config.num_validation,
+        objective_per_row=bool(data_config.objective_per_row))
 
 
 def _check_choice(field: str, value: Any, allowed: Sequence[Any]) -> None:

@@ -29,7 +29,10 @@ action i % K only), updates, and sets the train data's `mixture`, so the trainer
 following rows from it; metrics.jsonl gets {"event": "birdie_controller", "mixture": {name:
 weight}, "controller_val_loss": {name: loss}}. The actions are the data's: dataset "birdie"
 (train/data/birdie_data.py) has its objective set's configurations; dataset "recall"
-(train/data/recall.py) has them and the task as one more action. With `finetune_at` (recall
+(train/data/recall.py) has them and the task as one more action; dataset "memory_bench"
+(train/data/memory_bench.py, with birdie_fraction > 0) has the K configurations of its Birdie
+rows (compact settings, those that fit a row: memory_bench.birdie_objectives) and no task action: the controller chooses what the Birdie share of the
+rows packs, not how large that share is. With `finetune_at` (recall
 data only) the controller chooses until that step, then sets the mixture to the task alone and
 stops: pre-training and fine-tuning in one run, under one learning-rate schedule.
 
@@ -58,7 +61,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from train.data import birdie_data, pipeline, recall
+from train.data import birdie_data, memory_bench, pipeline, recall
 from train.objectives import birdie
 from train.objectives import birdie_paper_controller as paper
 from train.objectives.birdie import reward_jnp
@@ -306,20 +309,32 @@ def action_space(config: ml_collections.ConfigDict) -> tuple[tuple, tuple, int |
         spec = recall.spec_from_config(data, config.seq_len)
         names = spec.action_names()
         return names, spec.group_sizes(), len(names) - 1
-    raise ValueError(f"hooks.birdie_controller needs data.name 'birdie' or 'recall', not "
-                     f"{data.name!r}")
+    if data.name == "memory_bench":
+        if not data.birdie_fraction or data.mac_doc_length:
+            raise ValueError(f"hooks.birdie_controller needs Birdie rows: data.birdie_fraction="
+                             f"{data.birdie_fraction} with data.mac_doc_length="
+                             f"{data.mac_doc_length} is not allowed; allowed: birdie_fraction "
+                             "> 0 and mac_doc_length 0")
+        objectives = memory_bench.birdie_objectives(config.seq_len)
+        return (tuple(o.name for o in objectives),
+                tuple(int(g) for g in birdie.group_sizes(objectives)), None)
+    raise ValueError(f"hooks.birdie_controller needs data.name 'birdie', 'recall' or "
+                     f"'memory_bench', not {data.name!r}")
 
 
 def action_groups(config: ml_collections.ConfigDict) -> tuple:
     """[K] the class index of each action of `action_space(config)` (the objective's `group`,
     the task a class of its own): what the paper controller's exploration focuses on."""
     data = pipeline.resolve_data_config(config.data)
-    settings = birdie.ObjectiveSettings.from_mapping(data.objective_settings)
     if data.name == "birdie":
+        settings = birdie.ObjectiveSettings.from_mapping(data.objective_settings)
         groups = [o.group for o in birdie_data.objective_set(data.objectives, settings)]
     elif data.name == "recall":
         spec = recall.spec_from_config(data, config.seq_len)
         groups = [o.group for o in spec.objective_set()] + ["task"]
+    elif data.name == "memory_bench":
+        action_space(config)          # raises the ValueError of a run without Birdie rows
+        groups = [o.group for o in memory_bench.birdie_objectives(config.seq_len)]
     else:
         action_space(config)          # raises the ValueError naming the data
     order = list(dict.fromkeys(groups))
