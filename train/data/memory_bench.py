@@ -59,10 +59,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import numpy as np
-
-import re
 
 from train.data import birdie_data, facts, mqar, passkey_data, phonebook
 from train.data import tokenizer as tok
