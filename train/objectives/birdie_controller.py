@@ -31,10 +31,11 @@ weight}, "controller_val_loss": {name: loss}}. The actions are the data's: datas
 (train/data/birdie_data.py) has its objective set's configurations; dataset "recall"
 (train/data/recall.py) has them and the task as one more action; dataset "memory_bench"
 (train/data/memory_bench.py, with birdie_fraction > 0) has the K configurations of its Birdie
-rows (compact settings, those that fit a row: memory_bench.birdie_objectives) and no task action: the controller chooses what the Birdie share of the
-rows packs, not how large that share is. With `finetune_at` (recall
-data only) the controller chooses until that step, then sets the mixture to the task alone and
-stops: pre-training and fine-tuning in one run, under one learning-rate schedule.
+rows (compact settings, those that fit a row: memory_bench.birdie_objectives) and no task
+action: the controller chooses what the Birdie share of the rows packs, not how large that
+share is. With `finetune_at` (recall data only) the controller chooses until that step, then
+sets the mixture to the task alone and stops: pre-training and fine-tuning in one run, under one
+learning-rate schedule.
 
 `hooks.birdie_controller.kind` picks the controller: "simple" (this module; a config without
 `kind` is simple) or "paper" (train/objectives/birdie_paper_controller.py: the sequence reward
