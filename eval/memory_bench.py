@@ -214,6 +214,15 @@ def train_tokens_per_s(workdir) -> float:
     return float(statistics.median(rows[1:] or rows))
 
 
+def final_loss(workdir) -> float:
+    """The training loss of a run's last metrics.jsonl row that has one (a finished run reused
+    from an earlier figure run included)."""
+    rows = [r["loss"] for r in metrics_lib.read_metrics(workdir) if "loss" in r]
+    if not rows:
+        raise ValueError(f"workdir={str(workdir)!r} has no training loss in metrics.jsonl")
+    return float(rows[-1])
+
+
 def measure_costs(name: str, size: str, params, context: int, *, runs: int = 5) -> dict:
     """{"bytes_per_context_token", "state_bytes", "seconds_per_token", "context"} of model
     `name` after reading `context` tokens (batch 1; see the module docstring)."""
@@ -286,7 +295,7 @@ def run_bench(size: str, seed: int, out: pathlib.Path) -> dict:
                                                  target_is_directory=True)
         summary = trainer.train(c, workdir)
         trained[name] = (jax.device_get(summary["state"].params), workdir)
-        result["final_loss"][name] = float(summary.get("final_loss", float("nan")))
+        result["final_loss"][name] = final_loss(workdir)
     context = max(s["eval_lengths"])
     for name in mbc.EVAL_MODELS:
         params, workdir = trained["dense" if name == "sliding_window" else name]

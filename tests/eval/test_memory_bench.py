@@ -293,6 +293,10 @@ def test_end_to_end_json_structure_and_ranges(micro_run):
     assert mac["documents"] == 2 and mac["state_bytes"] == 2 * 2 * 16 * 4
     assert doc["mac_network_params"] > 0
     assert len(set(doc["tokens_seen"].values())) == 1
+    # each run's last logged training loss (read from its metrics, so a reused run has one too)
+    for name in models:
+        loss = doc["final_loss"][name]
+        assert np.isfinite(loss) and loss == mb.final_loss(mb.run_dir(name, "quick", 5, out))
     assert (out / "memory_bench.png").stat().st_size > 0
     assert json.loads((out / "memory_bench.json").read_text())["provenance"]["figure"] == \
         "memory_bench"
