@@ -192,8 +192,7 @@ def test_objective_settings_reach_the_data_and_the_controller():
 # `straight` (one compiled train step) with the paper's controller, its reward model tiny
 # ---------------------------------------------------------------------------------------------
 def _paper_config():
-    c = _config()   # the paper's settings: its per-objective settings are actions (72)
-    c.data.objective_settings = pipeline.objective_settings_config(birdie.PAPER_SETTINGS)
+    c = _config()
     c.hooks.birdie_controller = bc.hook_config(
         every=2, kind="paper", eval_steps=(2,), warmup=5, width=16, num_layers=1,
         train_steps=5, num_candidates=32, top_k=4)
@@ -211,8 +210,9 @@ def test_paper_controller_warmup_is_uniform_then_it_chooses(paper_run):
     workdir, out = paper_run
     rows = _rows(workdir, "mixture")
     assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
-    uniform = birdie.uniform_mixture(bd.objective_set("birdie", birdie.PAPER_SETTINGS))
-    assert len(uniform) == 72 and len(rows[0]["mixture"]) == 72
+    uniform = birdie.uniform_mixture(bd.objective_set("birdie", birdie.ObjectiveSettings
+                                                      .from_mapping(_config().data
+                                                                    .objective_settings)))
     for r in rows[:2]:                                  # steps 2, 4: before the warm-up's end
         np.testing.assert_allclose(list(r["mixture"].values()), uniform, atol=1e-6)
         assert r["explored"] is False
