@@ -98,28 +98,32 @@ def run_dir(name: str, size: str, seed: int, out: pathlib.Path) -> pathlib.Path:
     return pathlib.Path(out) / "runs" / f"memory_bench-{name}-{size}-seed{seed}-{h}"
 
 
-@functools.lru_cache(maxsize=None)
-def count_params(name: str, size: str) -> int:
-    """Parameters of model `name` at `size`, from shapes only (jax.eval_shape: nothing is
-    allocated)."""
-    if name in ("sliding_window", "mac"):   # the dense run's parameters (MAC: its frozen LM)
-        return count_params("dense", size)
+def _param_shapes(name: str, size: str):
+    """The variables of model `name`'s trainer build at `size`, as shapes (jax.eval_shape:
+    nothing is allocated)."""
     c = mbc.bench_config(name, size, 0)
     model = trainer.build_model(c.model)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                               jnp.zeros((1, c.seq_len), jnp.int32)))
-    return int(sum(x.size for x in jax.tree_util.tree_leaves(shapes)))
+    return jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                             jnp.zeros((1, c.seq_len), jnp.int32)))
+
+
+def _size(tree) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+
+
+@functools.lru_cache(maxsize=None)
+def count_params(name: str, size: str) -> int:
+    """Parameters of model `name` at `size`, from shapes only."""
+    if name in ("sliding_window", "mac"):   # the dense run's parameters (MAC: its frozen LM)
+        return count_params("dense", size)
+    return _size(_param_shapes(name, size))
 
 
 @functools.lru_cache(maxsize=None)
 def mac_network_params(size: str) -> int:
     """Parameters of MAC's trained networks (g, h, the prefix FFN) at `size`, its frozen LM
     left out (shapes only)."""
-    c = mbc.bench_config("mac", size, 0)
-    model = trainer.build_model(c.model)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                               jnp.zeros((1, c.seq_len), jnp.int32)))
-    return int(sum(x.size for x in jax.tree_util.tree_leaves(shapes["params"]["mac"])))
+    return _size(_param_shapes("mac", size)["params"]["mac"])
 
 
 # ---------------------------------------------------------------------------------------------
