@@ -9,7 +9,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-BENCHMARKS = ("trainer", "landmark_attention", "ssm", "dkvb", "mac", "hf_load")
+BENCHMARKS = ("trainer", "landmark_attention", "ssm", "dkvb", "mac", "hf_load", "aot_compile")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -374,7 +374,24 @@ def hf_load_summary(d: dict) -> str:
             f"the checkpoint in {t['seconds']:.1f} s{base}")
 
 
+def aot_compile_summary(d: dict) -> str:
+    def cell(t):
+        if "cases" not in t:
+            return f"{t['topology']}: no topology"
+        cases = t["cases"]
+        ok = sum(c["ok"] for c in cases)
+        why = next((c["error"][0] for c in cases if not c["ok"]), "")
+        code = re.search(r"E\d{4}: \w+", why)
+        why = f" ({code.group(0) if code else why[:60]})" if why else ""
+        n = f" ×{t['devices']}" if t["devices"] > 1 else ""
+        return f"{t['device_kind']}{n} {ok}/{len(cases)}{why}"
+
+    return ("deviceless compile (no chip) of the Pallas kernels' forward + dk/dv + dq, cases "
+            "compiled: " + "; ".join(cell(t) for t in d["targets"]))
+
+
 BENCHMARK_SUMMARIES: dict[str, Callable[[dict], str]] = {
+    "aot_compile": aot_compile_summary,
     "hf_load": hf_load_summary,
     "trainer": trainer_summary,
     "trainer-125m": trainer_summary,

@@ -276,8 +276,10 @@ def landmark_attention_pallas_tpu(q, k, v, *, mem_freq: int, segment_ids=None,
 
     Arguments as `models.landmark_pallas.landmark_attention_pallas`, except: block_k a power of
     two ≥ 128 (key slots are the lanes of a score tile), and interpret=True runs TPU interpret
-    mode (`pltpu.InterpretParams`) on CPU. float32 or bfloat16 inputs (a TPU has no float64);
-    statistics and accumulators are float32. The landmark layout is assumed, not checked: use
+    mode (`pltpu.InterpretParams`) on CPU. float32 or bfloat16 inputs (a TPU has no float64;
+    bfloat16 needs TPU v4 or newer: Mosaic rejects bfloat16 matmuls on v3, "E2001:
+    CompileTimeMosaicUnsupportedRhsType", benchmarks/aot_compile.py); statistics and
+    accumulators are float32. The landmark layout is assumed, not checked: use
     `models.landmark.landmark_attention(..., impl="pallas_tpu")` when it may differ.
     """
     segment_ids = lp._check_args(q, k, v, mem_freq, segment_ids)
