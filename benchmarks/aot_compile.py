@@ -25,10 +25,10 @@ first lines; plus jax/jaxlib/libtpu/jax-cuda12-plugin versions (`benchmarks.harn
 "device" being the CPU host that compiled). Exits with a message when libtpu (for --tpu) or the
 CUDA plugin (for --gpu) is not installed. They are not project dependencies; in a separate venv:
 
-    python3.13 -m venv /work/aotvenv
-    /work/aotvenv/bin/pip install -c constraints.txt "jax[tpu]==0.12.0.1" \\
+    python3.13 -m venv /tmp/aotvenv
+    /tmp/aotvenv/bin/pip install -c constraints.txt "jax[tpu]==0.12.0.1" \\
         "jax-cuda12-plugin==0.12.0.1" chex flax   # jax[tpu] pins libtpu 0.0.50.*
-    PYTHONPATH=$PWD /work/aotvenv/bin/python -m benchmarks.aot_compile
+    PYTHONPATH=$PWD /tmp/aotvenv/bin/python -m benchmarks.aot_compile
 
 Host setup, found on a CPU-only machine: libtpu needs no environment variables for compile-only
 topologies (TPU_SKIP_MDS_QUERY=1 and TPU_WORKER_HOSTNAMES=localhost are set by default only to
@@ -175,6 +175,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     tpus, gpus = split(a.tpu), split(a.gpu)
+    if unknown := sorted(set(gpus) - set(GPU_TARGETS)):
+        sys.exit(f"aot_compile: GPU targets {unknown} are unknown; allowed: {sorted(GPU_TARGETS)}")
     if tpus and not _installed("libtpu"):
         sys.exit("aot_compile: libtpu is not installed, so there is no TPU compiler: "
                  'pip install "jax[tpu]==<your jax version>" (see this module\'s docstring), '
@@ -182,8 +184,6 @@ def main(argv=None):
     if gpus and not _installed("jax_plugins.xla_cuda12"):
         sys.exit("aot_compile: the CUDA plugin is not installed, so there is no GPU compiler: "
                  'pip install "jax-cuda12-plugin==<your jax version>", or pass --gpu \'\'')
-    if unknown := sorted(set(gpus) - set(GPU_TARGETS)):
-        sys.exit(f"aot_compile: GPU targets {unknown} are unknown; allowed: {sorted(GPU_TARGETS)}")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     jax.config.update("jax_platforms", "cpu")    # compile-only: no backend but the host's

@@ -1,4 +1,5 @@
 """The benchmark harness and `benchmarks.trainer` at a tiny size (a smoke test: no time asserted)."""
+import importlib.util
 import json
 import math
 
@@ -92,3 +93,16 @@ def test_trainer_benchmark_tiny(tmp_path):
     assert math.isclose(loop["mfu_measured_peak"],
                         loop["tokens_per_s"] * doc["flops_per_token"] / doc["peak_flops_per_s_total"])
     assert doc["mfu_spec"] is None and loop["mfu_spec"] is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu is installed")
+def test_aot_compile_names_the_missing_compiler(tmp_path):
+    """Without libtpu (a separate venv has it, see benchmarks/aot_compile.py) the deviceless
+    compile says what to install, before anything is written; an unknown GPU target is named."""
+    from benchmarks import aot_compile
+    out = tmp_path / "aot.json"
+    with pytest.raises(SystemExit, match=r"libtpu is not installed.*jax\[tpu\]"):
+        aot_compile.main(["--gpu", "", "--out", str(out)])
+    assert not out.exists()
+    with pytest.raises(SystemExit, match=r"GPU targets \['v100'\] are unknown; allowed"):
+        aot_compile.main(["--tpu", "", "--gpu", "v100", "--out", str(out)])
