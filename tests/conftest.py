@@ -20,6 +20,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+import background  # noqa: E402  (tests/background.py)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Reference vectors ship with the repo (tests/data/, see its README), so a plain clone runs every
 # parity test; MNEMAX_REFERENCE points the tests at another copy (e.g. regenerated vectors).
@@ -52,31 +54,45 @@ def repo_root() -> pathlib.Path:
     return REPO
 
 
-# Tests marked `background` (the notebook executions, tests/colabs/test_notebooks.py) run last;
-# their module starts their work in subprocesses as soon as collection is done, so that it runs
-# beside the in-process tests, which leave one of two cores mostly idle (XLA compiles on one
-# thread), and each such test then collects its result.
-def _background(items):
-    by_module = {}
-    for item in items:
-        if item.get_closest_marker("background"):
-            by_module.setdefault(item.module, []).append(item)
-    return by_module
-
-
+# Tests marked `background` run last: the work they wait for runs beside the in-process tests, on
+# one worker thread started as soon as collection is done (tests/background.py). A test made with
+# `background.beside(work)` gets its work's result as the fixture `beside`; the notebook
+# executions (tests/colabs/test_notebooks.py) queue their own through the module's
+# `start_in_background(items)`.
 def pytest_collection_modifyitems(config, items):
     late = [i for i in items if i.get_closest_marker("background")]
     if late:
         items[:] = [i for i in items if not i.get_closest_marker("background")] + late
 
 
+def _modules(items):
+    """The modules that queue their own background work, with their selected tests."""
+    by_module = {}
+    for item in items:
+        if item.get_closest_marker("background") and not hasattr(item.function,
+                                                                   "background_work"):
+            by_module.setdefault(item.module, []).append(item)
+    return by_module
+
+
 def pytest_collection_finish(session):
     if session.config.option.collectonly:
         return
-    for module, items in _background(session.items).items():
+    for item in session.items:
+        if hasattr(item.function, "background_work"):
+            background.start(item)
+    for module, items in _modules(session.items).items():
         module.start_in_background(items)
 
 
 def pytest_sessionfinish(session):
-    for module in _background(session.items):
+    for module in _modules(session.items):
         module.stop_background()
+    background.stop()
+
+
+@pytest.fixture
+def beside(request):
+    """The return value of this test's background work (tests/background.py)."""
+    background.start(request.node)
+    return background.result(request.node.nodeid)

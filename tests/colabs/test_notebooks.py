@@ -6,13 +6,11 @@ kernel (tests/colabs/execute_notebook.py in a subprocess) on one CPU device (XLA
 suite's compile-speed flags), in a temporary working directory, with MPLBACKEND=Agg, and must not
 download.
 
-The executions are the suite's longest tests and run mostly on one core, as do the in-process
-tests (XLA compiles on one thread), so they run beside them: `test_ipynb_executes` is marked
-`background`, tests/conftest.py calls `start_in_background` once collection is done (the runs
-then go one at a time in a worker thread) and orders these tests last, where each collects its
-notebook's result.
+The executions are the suite's longest tests, so they run beside the in-process tests
+(tests/background.py): `test_ipynb_executes` is marked `background`, tests/conftest.py calls
+`start_in_background` once collection is done (the runs then go one at a time on the background
+worker) and orders these tests last, where each collects its notebook's result.
 """
-import concurrent.futures
 import json
 import os
 import pathlib
@@ -26,6 +24,8 @@ import tomllib
 import jupytext
 import nbformat
 import pytest
+
+import background
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 COLABS = REPO / "colabs"
@@ -49,19 +49,17 @@ def _cells(nb):
 
 
 class Executions:
-    """Notebook runs in subprocesses, one at a time on a worker thread: `start(notebooks)`,
-    `result(notebook)` → (exit status, stderr), `stop()` kills what still runs."""
+    """Notebook runs in subprocesses, one at a time on the background worker:
+    `start(notebooks)`, `result(notebook)` → (exit status, stderr), `stop()` kills what still
+    runs."""
 
     def __init__(self):
-        self._pool = None
         self._root = None
-        self._futures: dict[pathlib.Path, concurrent.futures.Future] = {}
         self._procs: set = set()
         self._lock = threading.Lock()
-        self._environ: dict = {}
 
     def start(self, notebooks) -> None:
-        if self._pool is None:
+        if self._root is None:
             self._root = pathlib.Path(tempfile.mkdtemp(prefix="mnemax-notebooks-"))
             # A kernelspec whose argv is this interpreter (the venv's python), so nbclient never
             # picks another Python.
@@ -70,16 +68,16 @@ class Executions:
             (kernels / "kernel.json").write_text(json.dumps({
                 "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
                 "display_name": "mnemax test kernel", "language": "python"}))
-            self._pool = concurrent.futures.ThreadPoolExecutor(1, "notebooks")
-            # the environment now, not what a test running beside a notebook may set
-            self._environ = dict(os.environ)
         for py in notebooks:
-            if py not in self._futures:
-                self._futures[py] = self._pool.submit(self._run, py)
+            background.submit(self._key(py), self._run, py)
+
+    @staticmethod
+    def _key(py: pathlib.Path) -> str:
+        return f"notebook {py.name}"
 
     def _env(self, tmp: pathlib.Path) -> dict:
         """This repo importable, one device, no display; the kernel inherits it."""
-        env = dict(self._environ)
+        env = background.environ()   # as collection ended, not what a test beside it sets
         env.pop("MNEMAX_WORKDIR", None)
         env.update({
             "JUPYTER_PATH": str(self._root / "jupyter"),
@@ -94,9 +92,11 @@ class Executions:
         return env
 
     def _run(self, py: pathlib.Path) -> tuple[int, str]:
-        tmp = self._root / py.stem
-        (tmp / "work").mkdir(parents=True)
         with self._lock:
+            if self._root is None:
+                return -1, "stopped before it started"
+            tmp = self._root / py.stem
+            (tmp / "work").mkdir(parents=True)
             proc = subprocess.Popen(
                 [sys.executable, str(RUNNER), str(py.with_suffix(".ipynb")), str(tmp / "work"),
                  KERNEL_NAME], env=self._env(tmp), stdout=subprocess.PIPE,
@@ -115,20 +115,17 @@ class Executions:
 
     def result(self, py: pathlib.Path) -> tuple[int, str]:
         self.start([py])    # not started yet when collection bypassed the hook
-        return self._futures[py].result()
+        return background.result(self._key(py))
 
     def stop(self) -> None:
-        if self._pool is None:
+        """Kills the running notebook (tests/conftest.py then stops the worker)."""
+        if self._root is None:
             return
-        for f in self._futures.values():
-            f.cancel()
         with self._lock:
             for proc in self._procs:
                 proc.kill()
-        self._pool.shutdown(wait=True)
-        shutil.rmtree(self._root, ignore_errors=True)
-        self._pool = None
-        self._futures.clear()
+            shutil.rmtree(self._root, ignore_errors=True)
+            self._root = None
 
 
 EXECUTIONS = Executions()

@@ -5,7 +5,6 @@ the landmark model builder (models/landmark.py: build_from_config) and objective
 (train/objectives/landmark.py).
 """
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from train.configs import landmark as landmark_configs
 from train.data import passkey_data, pipeline
 from train.data import tokenizer as tok
 from train.objectives import landmark as landmark_objective
+
+from background import beside
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -210,15 +211,22 @@ def test_configs_validate():
         landmark_configs.get_config("huge")
 
 
-def test_tiny_cli_trains_two_steps_and_passkey_cli_reads_it(tmp_path, capsys):
-    workdir = tmp_path / "run"
+def _tiny_cli_run(tmp, env):
+    """Two steps of the tiny landmark config through `python -m train.main`, on one device."""
+    workdir = tmp / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "train.main", "--config", "train/configs/landmark.py:tiny",
          "--workdir", str(workdir), "--config.num_steps=2", "--config.progress=False"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "XLA_FLAGS": os.environ["MNEMAX_TEST_XLA_FLAGS"]})   # one device
+        env={**env, "XLA_FLAGS": env["MNEMAX_TEST_XLA_FLAGS"]})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    return workdir, proc.stdout
+
+
+@beside(_tiny_cli_run)      # the training run goes beside the in-process tests
+def test_tiny_cli_trains_two_steps_and_passkey_cli_reads_it(beside, capsys):
+    workdir, stdout = beside
+    summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["step"] == 2 and np.isfinite(summary["final_loss"])
     assert passkey.main(["--workdir", str(workdir), "--lengths", "120", "--trials", "2",
                          "--chunk_len", "64"]) == 0

@@ -1,6 +1,5 @@
 """train/dryrun.py: a config's train step compiled for N devices without allocating it."""
 import json
-import os
 import re
 import subprocess
 import sys
@@ -11,6 +10,8 @@ import pytest
 
 from train import dryrun, trainer
 from train.configs import lm
+
+from background import beside
 
 
 def test_fsdp_splits_parameters_and_optimizer_over_the_devices():
@@ -36,16 +37,22 @@ def _init(c):
     return model.init(jax.random.key(0), jnp.zeros((1, c.seq_len), jnp.int32))["params"]
 
 
+def _dryrun(tmp, env, args, says):
+    """`python -m train.dryrun ARGS` as a user runs it: no PYTHONPATH, no XLA flags."""
+    env = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+    return subprocess.run([sys.executable, "-m", "train.dryrun", *args], cwd=tmp, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.parametrize("args, says", [
     (["--config", "lm:tiny", "--num_devices", "4"], None),
     (["--config", "lm:tiny", "--num_devices", "0"], "--num_devices must be an integer >= 1"),
     (["--num_devices", "2"], "--config must be given"),
     (["--config", "lm:tiny", "--num_devices", "3"], "batch_size=32 must be a positive multiple"),
 ])
-def test_the_command_line(tmp_path, args, says):
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
-    out = subprocess.run([sys.executable, "-m", "train.dryrun", *args], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
+@beside(_dryrun)            # beside the in-process tests
+def test_the_command_line(beside, args, says):
+    out = beside
     if says is None:
         assert out.returncode == 0, out.stderr[-2000:]
         r = json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,7 +1,6 @@
 """The trainer: sharded vs single-device, resume, signals, NaN, checkpoints, bad configs."""
 import json
 import logging
-import os
 import pathlib
 import signal
 import subprocess
@@ -18,6 +17,8 @@ from train import config_identity
 from train import sharding as shd
 from train import trainer
 from train.configs import lm as lm_config
+
+from background import beside
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -221,12 +222,12 @@ CLI_OVERRIDES = ["--config.model.width=32", "--config.model.num_heads=4", "--con
                  "--config.optim.warmup_steps=1"]
 
 
-def cli(workdir, *extra, devices=1, installed=False, **kw):
-    """`python -m train.main --config train/configs/lm.py:tiny` in the checkout; installed=True:
-    the console script `mnemax-train --config lm:tiny`, run from `workdir`'s parent (outside the
-    checkout, without PYTHONPATH)."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (os.environ["MNEMAX_TEST_XLA_FLAGS"]
+def cli(workdir, env, *extra, devices=1, installed=False, **kw):
+    """`python -m train.main --config train/configs/lm.py:tiny` in the checkout, under `env` plus
+    this; installed=True: the console script `mnemax-train --config lm:tiny`, run from
+    `workdir`'s parent (outside the checkout, without PYTHONPATH)."""
+    env = dict(env)
+    env["XLA_FLAGS"] = (env["MNEMAX_TEST_XLA_FLAGS"]
                         + f" --xla_force_host_platform_device_count={devices}")
     if installed:
         env.pop("PYTHONPATH", None)
@@ -255,15 +256,24 @@ def final_state(workdir, config):
     return state, step, data_state
 
 
-def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
+# The subprocess runs go beside the in-process tests (tests/background.py); each test then checks
+# what they left.
+def _straight_and_killed(tmp, env):
+    """6 steps with checkpoints every 3, straight and SIGKILLed at step 4 then resumed."""
+    straight, killed = tmp / "straight", tmp / "killed"
     common = ["--config.num_steps=6", "--config.checkpoint_every=3"]
-    p1 = cli(straight, *common)
-    p2 = cli(killed, *common, "--config.debug.sigkill_at_step=4")
+    p1 = cli(straight, env, *common)
+    p2 = cli(killed, env, *common, "--config.debug.sigkill_at_step=4")
     assert p1.wait(timeout=180) == 0, p1.stderr.read()
     assert p2.wait(timeout=180) == -signal.SIGKILL
-    p3 = cli(killed, *common)
+    p3 = cli(killed, env, *common)
     assert p3.wait(timeout=180) == 0, p3.stderr.read()
+    return straight, killed
+
+
+@beside(_straight_and_killed)
+def test_sigkill_then_resume_is_bitwise_identical(beside):
+    straight, killed = beside
     starts = [m for m in metrics(killed) if m.get("event") == "start"]
     assert [s["resumed_from"] for s in starts] == [0, 3]
     c = tiny_config(num_steps=6)
@@ -278,52 +288,70 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     assert loss(straight) == {k: v for k, v in loss(killed).items()}
 
 
-def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
-    # the first run through the installed console script, from outside the checkout
-    tmp_path = tmp_path / "run"
-    p = cli(tmp_path, "--config.num_steps=100000", "--config.checkpoint_every=0", installed=True)
+def _sigterm_then_resume(tmp, env):
+    """The installed console script, from outside the checkout, SIGTERMed after 3 logged steps;
+    then a resume for 2 more steps. Returns the run and the steps saved after the SIGTERM."""
+    run = tmp / "run"
+    p = cli(run, env, "--config.num_steps=100000", "--config.checkpoint_every=0", installed=True)
     deadline = time.time() + 120
     while time.time() < deadline:
-        f = tmp_path / "metrics.jsonl"
-        if f.exists() and sum(1 for m in metrics(tmp_path) if "loss" in m) >= 3:
+        f = run / "metrics.jsonl"
+        if f.exists() and sum(1 for m in metrics(run) if "loss" in m) >= 3:
             break
         time.sleep(0.2)
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=120) == 0, p.stderr.read()
-    saved = ckpt_lib.Checkpointer(tmp_path)
-    steps = saved.all_steps()
-    saved.close()
+    steps = ckpt_lib.saved_steps(run)
+    p = cli(run, env, f"--config.num_steps={max(steps, default=0) + 2}",
+            "--config.checkpoint_every=0")
+    assert p.wait(timeout=180) == 0, p.stderr.read()
+    return run, steps
+
+
+@beside(_sigterm_then_resume)
+def test_sigterm_saves_and_exits_zero_then_resumes(beside):
+    run, steps = beside
     assert len(steps) == 1 and steps[0] >= 3
     stopped = steps[0]
-    p = cli(tmp_path, f"--config.num_steps={stopped + 2}", "--config.checkpoint_every=0")
-    assert p.wait(timeout=180) == 0, p.stderr.read()
-    starts = [m for m in metrics(tmp_path) if m.get("event") == "start"]
+    starts = [m for m in metrics(run) if m.get("event") == "start"]
     assert starts[-1]["resumed_from"] == stopped
-    assert max(m["step"] for m in metrics(tmp_path)) == stopped + 2
+    assert max(m["step"] for m in metrics(run)) == stopped + 2
 
 
-def test_cli_refuses_a_changed_config_in_one_line(tmp_path):
-    trainer.train(tiny_config(num_steps=2, checkpoint_every=2), tmp_path)   # = CLI_OVERRIDES
-    p = cli(tmp_path, "--config.num_steps=4", "--config.model.num_heads=8")
-    out, err = p.communicate(timeout=180)
-    assert p.returncode == 2, err
+def _changed_config_runs(tmp, env):
+    """2 steps with a checkpoint at 2; then 4 steps with 8 heads, refused; the same allowed by
+    name, which then finds no checkpoint that fits; 3 steps of the same config. Returns each
+    later run's (exit code, stdout, stderr)."""
+    p = cli(tmp, env, "--config.num_steps=2", "--config.checkpoint_every=2")
+    assert p.wait(timeout=180) == 0, p.stderr.read()
+    runs = []
+    for extra in (["--config.num_steps=4", "--config.model.num_heads=8"],
+                  ["--config.num_steps=4", "--config.model.num_heads=8",
+                   "--allow_config_change=model.num_heads"],
+                  ["--config.num_steps=3"]):
+        p = cli(tmp, env, *extra)
+        out, err = p.communicate(timeout=180)
+        runs.append((p.returncode, out, err))
+    return runs
+
+
+@beside(_changed_config_runs)
+def test_cli_refuses_a_changed_config_in_one_line(beside):
+    (code, out, err), (code_allowed, out_allowed, err_allowed), (code_same, out_same, err_same) = (
+        beside)
+    assert code == 2, err
     assert "Traceback" not in err
     lines = [l for l in err.splitlines() if l.startswith("error:")]
     assert len(lines) == 1, err
     assert "model.num_heads: 4 -> 8" in lines[0] and "--allow_config_change" in lines[0]
     assert out.strip() == ""
-    p = cli(tmp_path, "--config.num_steps=4", "--config.model.num_heads=8",
-            "--allow_config_change=model.num_heads")
-    out, err = p.communicate(timeout=180)
     # (After the failed restore, Orbax's async machinery may print "Event loop is closed" noise
     # from another thread, possibly into the middle of the trainer's line: look for the message,
     # not for a line that starts with it.)
-    assert p.returncode == 2, (p.returncode, err[-3000:])
-    assert "error: none of the checkpoints" in err, (out, err[-6000:])
-    p = cli(tmp_path, "--config.num_steps=3")                       # same config: resumes
-    out, err = p.communicate(timeout=180)
-    assert p.returncode == 0, err
-    assert json.loads(out.strip().splitlines()[-1])["step"] == 3
+    assert code_allowed == 2, (code_allowed, err_allowed[-3000:])
+    assert "error: none of the checkpoints" in err_allowed, (out_allowed, err_allowed[-6000:])
+    assert code_same == 0, err_same                              # same config: resumes
+    assert json.loads(out_same.strip().splitlines()[-1])["step"] == 3
 
 
 # ---------------------------------------------------------------------------------------------
