@@ -6,6 +6,8 @@ PYTHON ?= $(shell .ci/find-python)
 STAMP := $(VENV)/.installed
 FIG_OUT ?= figures
 SEED ?= 0
+# make test's pytest workers (pytest-xdist), each taking a test module at a time
+TEST_WORKERS ?= 2
 
 .PHONY: demo test figures bench venv lock clean
 
@@ -39,7 +41,7 @@ test: $(STAMP)
 	export JAX_COMPILATION_CACHE_DIR="$${JAX_COMPILATION_CACHE_DIR:-$$HOME/.cache/mnemax/jax-cache}" \
 	  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0 && \
 	mkdir -p "$$JAX_COMPILATION_CACHE_DIR" && \
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile
 
 # The figures at --size cpu (roughly 1.5 hours on 2 CPU cores; each result file's provenance holds
 # its figure's seconds); the numbers with their provenance

@@ -3,8 +3,9 @@
 The in-process tests keep one of the two cores mostly idle (XLA compiles on one thread), while
 the tests that drive subprocesses (notebooks, CLIs, multi-process runs) mostly wait. So such a
 test hands its subprocess part to this worker: tests/conftest.py starts every selected
-`background` test's work once collection is done, in collection order, and orders those tests
-last, where each collects its work's result.
+`background` test's work once collection is done, in collection order (under pytest-xdist, a
+module's work when the module's first test starts on its worker), and orders those tests last,
+where each collects its work's result.
 
 A test declares its work with `@beside(work)`; `work(tmp, env, **params)` gets a fresh directory,
 the environment as it was when collection ended (a test's monkeypatching cannot reach a

@@ -55,7 +55,9 @@ def repo_root() -> pathlib.Path:
 
 
 # Tests marked `background` run last: the work they wait for runs beside the in-process tests, on
-# one worker thread started as soon as collection is done (tests/background.py). A test made with
+# one worker thread (tests/background.py), started as soon as collection is done; under
+# pytest-xdist (`make test`: two workers, `--dist loadfile`, so a module's tests stay together),
+# a module's work starts with the module's first test on the worker that runs it. A test made with
 # `background.beside(work)` gets its work's result as the fixture `beside`; the notebook
 # executions (tests/colabs/test_notebooks.py) queue their own through the module's
 # `start_in_background(items)`.
@@ -75,14 +77,31 @@ def _modules(items):
     return by_module
 
 
-def pytest_collection_finish(session):
-    if session.config.option.collectonly:
-        return
-    for item in session.items:
+def _start_background(items):
+    for item in items:
         if hasattr(item.function, "background_work"):
             background.start(item)
-    for module, items in _modules(session.items).items():
-        module.start_in_background(items)
+    for module, selected in _modules(items).items():
+        module.start_in_background(selected)
+
+
+def _xdist_worker(config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_collection_finish(session):
+    if not session.config.option.collectonly and not _xdist_worker(session.config):
+        _start_background(session.items)
+
+
+_MODULES_STARTED: set = set()
+
+
+def pytest_runtest_setup(item):
+    if _xdist_worker(item.config) and item.module not in _MODULES_STARTED:
+        _MODULES_STARTED.add(item.module)
+        _start_background([i for i in item.session.items if i.module is item.module
+                           and i.get_closest_marker("background")])
 
 
 def pytest_sessionfinish(session):

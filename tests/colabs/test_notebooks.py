@@ -8,8 +8,9 @@ download.
 
 The executions are the suite's longest tests, so they run beside the in-process tests
 (tests/background.py): `test_ipynb_executes` is marked `background`, tests/conftest.py calls
-`start_in_background` once collection is done (the runs then go one at a time on the background
-worker) and orders these tests last, where each collects its notebook's result.
+`start_in_background` once collection is done (under pytest-xdist, when this module starts; the
+runs then go one at a time on the background worker) and orders these tests last, where each
+collects its notebook's result.
 """
 import json
 import os
