@@ -27,6 +27,20 @@ tracked code differed from it), the host and the jax/flax versions (results/dryr
 
 The compiled program is the CPU's: its scratch is indicative of an accelerator's, not equal to
 it (fusion and layouts differ); the parameter and optimizer shares are exact.
+
+`--topology NAME` (`v5e=4x4`, `v5p=2x2x1`, `v6e=2x2`; not with --num_devices) compiles for a
+TPU slice instead, without one: the mesh is over libtpu's compile-only devices of NAME and the
+step goes through XLA:TPU, so scratch and arguments (per device = per chip) are the TPU
+program's own. The report adds
+
+    device_kind                        the chip, as libtpu names it ("TPU v5 lite")
+    num_chips                          the slice's chips (= num_devices)
+
+and `fits` holds only that chip's entry (TPU_CHIPS → HBM_BYTES; empty for a chip not there).
+v4 and tpu7x are refused (exit 2): libtpu shows their chips as 2 devices each, which
+jax.make_mesh does not take. It needs libtpu, not a project dependency (exit 2 without it):
+
+    pip install "jax[tpu]==<the installed jax version>"     # pins the matching libtpu
 """
 from __future__ import annotations
 
@@ -136,23 +150,26 @@ def compile_train_step(config, devices=None):
 
 
 def tpu_devices(topology: str) -> list:
-    """libtpu's compile-only devices of a TPU slice (`v5e=4x4`, `v4=2x2x1`): compiling for them
-    runs XLA:TPU; nothing can run on them. ValueError when libtpu does not know the name."""
+    """libtpu's compile-only devices of a TPU slice (`v5e=4x4`, `v5p=2x2x1`), one a chip:
+    compiling for them runs XLA:TPU; nothing can run on them. ValueError when libtpu does not
+    know the name, or shows a chip as several devices (v4, tpu7x: jax.make_mesh takes one a
+    chip, "megacore", and libtpu's compile-only v4 shows its 2 cores)."""
     from jax.experimental import topologies
     try:
-        return list(topologies.get_topology_desc(topology, platform="tpu").devices)
+        devices = list(topologies.get_topology_desc(topology, platform="tpu").devices)
     except Exception as e:          # libtpu's errors are RuntimeErrors (XlaRuntimeError)
         raise ValueError(f"--topology={topology}: {str(e).splitlines()[0]}") from e
-
-
-def _chips(devices) -> int:
-    """How many chips `devices` span: v4 and tpu7x show each chip as 2 devices (same coords)."""
-    return len({(getattr(d, "slice_index", 0), tuple(d.coords)) for d in devices})
+    chips = {(getattr(d, "slice_index", 0), tuple(d.coords)) for d in devices}
+    if len(chips) != len(devices):
+        raise ValueError(f"--topology={topology}: libtpu shows each {devices[0].device_kind} "
+                         "chip as several devices and jax.make_mesh takes one a chip; "
+                         "v5e, v5p and v6e topologies work")
+    return devices
 
 
 def dry_run(config, devices=None) -> dict:
     """The report above for `config` on `devices` (default: every device); on TPU devices also
-    the chips, per chip totals and `fits` of that chip alone."""
+    the chip and `fits` of that chip alone."""
     from train import sharding as shd
     run, state, batch, compiled = compile_train_step(config, devices)
     mem = compiled.memory_analysis()
@@ -172,11 +189,9 @@ def dry_run(config, devices=None) -> dict:
     if devices[0].platform != "tpu":
         return report
     kind = devices[0].device_kind
-    chips = _chips(devices)
-    per_chip = total * len(devices) // chips
-    chip = TPU_CHIPS.get(kind)
-    return {**report, "device_kind": kind, "num_chips": chips, "total_bytes_per_chip": per_chip,
-            "fits": {} if chip is None else {chip: per_chip <= HBM_BYTES[chip]}}
+    chip = TPU_CHIPS.get(kind)        # tpu_devices: one device a chip
+    return {**report, "device_kind": kind, "num_chips": len(devices),
+            "fits": {} if chip is None else {chip: total <= HBM_BYTES[chip]}}
 
 
 def provenance(argv: Sequence[str]) -> dict:
@@ -263,6 +278,7 @@ def _devices_env(argv: Sequence[str]) -> None:
             _fail(f'--topology needs libtpu: pip install "jax[tpu]=={metadata.version("jax")}"')
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")      # no metadata server to ask
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chip to claim: no lock
         return
     try:
         n = int(_flag(argv, "num_devices") or _NUM_DEVICES.default)
