@@ -551,7 +551,8 @@ def _gb(nbytes: int, digits: int = 3) -> str:
 
 
 def dryrun_table(results: pathlib.Path) -> str:
-    """A row per dry run: the config (with any override but the mesh's), the devices and mesh,
+    """A row per dry run: the config (with any override but the mesh's), the devices (and the
+    TPU chip of a --topology run, whose scratch is XLA:TPU's, not the CPU's) and mesh,
     parameters (all, per device), Adam state, scratch and total per device, and the chips the
     total fits, ordered by DRYRUN_ORDER and device count."""
     paths = sorted((results / "dryrun").glob("*.json"))
@@ -574,15 +575,16 @@ def dryrun_table(results: pathlib.Path) -> str:
     rows = []
     for _, config, extra, d in sorted(docs, key=lambda x: x[0]):
         label = f"`{config}`" + (f" ({', '.join(f'`{e}`' for e in extra)})" if extra else "")
-        rows.append([label, f"{d['num_devices']} ({d['mesh'].replace(' × ', '×')})",
+        kind = f" {d['device_kind']}" if "device_kind" in d else ""
+        rows.append([label, f"{d['num_devices']}{kind} ({d['mesh'].replace(' × ', '×')})",
                      _gb(d["params_bytes_total"]), _gb(d["params_bytes_per_device"]),
                      _gb(d["optimizer_bytes_per_device"]), _gb(d["temp_bytes_per_device"], 1),
                      _gb(d["total_bytes_per_device"], 1),
                      ", ".join(k for k, v in d["fits"].items() if v) or "none"])
     commits = sorted({d["commit"] for *_, d in docs})
     return (markdown_table(["config", "devices (mesh)", "parameters, all", "parameters / device",
-                            "Adam state / device", "CPU scratch / device", "total / device",
-                            "fits (by the CPU total)"], rows) + "\n\n"
+                            "Adam state / device", "scratch / device (CPU's, or the TPU's named)",
+                            "total / device", "fits (by that total)"], rows) + "\n\n"
             + f"From `results/dryrun/CONFIG-N.json` (commit {', '.join(commits)}).")
 
 

@@ -27,6 +27,20 @@ tracked code differed from it), the host and the jax/flax versions (results/dryr
 
 The compiled program is the CPU's: its scratch is indicative of an accelerator's, not equal to
 it (fusion and layouts differ); the parameter and optimizer shares are exact.
+
+`--topology NAME` (`v5e=4x4`, `v5p=2x2x1`, `v6e=2x2`; not with --num_devices) compiles for a
+TPU slice instead, without one: the mesh is over libtpu's compile-only devices of NAME and the
+step goes through XLA:TPU, so scratch and arguments (per device = per chip) are the TPU
+program's own. The report adds
+
+    device_kind                        the chip, as libtpu names it ("TPU v5 lite")
+    num_chips                          the slice's chips (= num_devices)
+
+and `fits` holds only that chip's entry (TPU_CHIPS → HBM_BYTES; empty for a chip not there).
+v4 and tpu7x are refused (exit 2): libtpu shows their chips as 2 devices each, which
+jax.make_mesh does not take. It needs libtpu, not a project dependency (exit 2 without it):
+
+    pip install "jax[tpu]==<the installed jax version>"     # pins the matching libtpu
 """
 from __future__ import annotations
 
@@ -41,9 +55,17 @@ from train import main as train_main
 
 # HBM per chip, bytes (vendors' figures).
 HBM_BYTES = {"tpu_v4": 32 * 2**30, "tpu_v5e": 16 * 2**30, "tpu_v5p": 95 * 2**30,
-             "tpu_v6e": 32 * 2**30, "h100_80g": 80 * 10**9, "h200": 141 * 10**9}
+             "tpu_v6e": 32 * 2**30, "tpu7x": 192 * 2**30, "h100_80g": 80 * 10**9,
+             "h200": 141 * 10**9}
+
+# A TPU's device_kind (libtpu's) → its HBM_BYTES entry.
+TPU_CHIPS = {"TPU v4": "tpu_v4", "TPU v5 lite": "tpu_v5e", "TPU v5": "tpu_v5p",
+             "TPU v5p": "tpu_v5p", "TPU v6 lite": "tpu_v6e", "TPU v6e": "tpu_v6e",
+             "TPU7x": "tpu7x"}
 
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 8, "Fake CPU devices to compile for.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "A TPU slice (e.g. v5e=4x4) to compile for "
+                                "with libtpu's compiler on its compile-only devices.")
 _COMMAND: list[str] = []      # the command line as given (run() sets it), for --out
 _OUT = flags.DEFINE_string("out", None, "Also write the report to this JSON file, with the "
                            "command, the git commit and the versions it was made with.")
@@ -127,8 +149,27 @@ def compile_train_step(config, devices=None):
     return run, state, batch, trainer.make_train_step(run).lower(state, batch).compile()
 
 
+def tpu_devices(topology: str) -> list:
+    """libtpu's compile-only devices of a TPU slice (`v5e=4x4`, `v5p=2x2x1`), one a chip:
+    compiling for them runs XLA:TPU; nothing can run on them. ValueError when libtpu does not
+    know the name, or shows a chip as several devices (v4, tpu7x: jax.make_mesh takes one a
+    chip, "megacore", and libtpu's compile-only v4 shows its 2 cores)."""
+    from jax.experimental import topologies
+    try:
+        devices = list(topologies.get_topology_desc(topology, platform="tpu").devices)
+    except Exception as e:          # libtpu's errors are RuntimeErrors (XlaRuntimeError)
+        raise ValueError(f"--topology={topology}: {str(e).splitlines()[0]}") from e
+    chips = {(getattr(d, "slice_index", 0), tuple(d.coords)) for d in devices}
+    if len(chips) != len(devices):
+        raise ValueError(f"--topology={topology}: libtpu shows each {devices[0].device_kind} "
+                         "chip as several devices and jax.make_mesh takes one a chip; "
+                         "v5e, v5p and v6e topologies work")
+    return devices
+
+
 def dry_run(config, devices=None) -> dict:
-    """The report above for `config` on `devices` (default: every device)."""
+    """The report above for `config` on `devices` (default: every device); on TPU devices also
+    the chip and `fits` of that chip alone."""
     from train import sharding as shd
     run, state, batch, compiled = compile_train_step(config, devices)
     mem = compiled.memory_analysis()
@@ -137,13 +178,20 @@ def dry_run(config, devices=None) -> dict:
     if not args:
         args = tree_bytes(state, per_device=True) + tree_bytes(batch, per_device=True)
     total = args + temp
-    return {"num_devices": len(run.mesh.devices.flat), "mesh": shd.describe(run.mesh),
-            "params_bytes_total": tree_bytes(state.params),
-            "params_bytes_per_device": tree_bytes(state.params, per_device=True),
-            "optimizer_bytes_per_device": tree_bytes(state.opt_state, per_device=True),
-            "temp_bytes_per_device": temp, "argument_bytes_per_device": args,
-            "total_bytes_per_device": total,
-            "fits": {chip: total <= hbm for chip, hbm in HBM_BYTES.items()}}
+    devices = list(run.mesh.devices.flat)
+    report = {"num_devices": len(devices), "mesh": shd.describe(run.mesh),
+              "params_bytes_total": tree_bytes(state.params),
+              "params_bytes_per_device": tree_bytes(state.params, per_device=True),
+              "optimizer_bytes_per_device": tree_bytes(state.opt_state, per_device=True),
+              "temp_bytes_per_device": temp, "argument_bytes_per_device": args,
+              "total_bytes_per_device": total,
+              "fits": {chip: total <= hbm for chip, hbm in HBM_BYTES.items()}}
+    if devices[0].platform != "tpu":
+        return report
+    kind = devices[0].device_kind
+    chip = TPU_CHIPS.get(kind)        # tpu_devices: one device a chip
+    return {**report, "device_kind": kind, "num_chips": len(devices),
+            "fits": {} if chip is None else {chip: total <= HBM_BYTES[chip]}}
 
 
 def provenance(argv: Sequence[str]) -> dict:
@@ -170,10 +218,14 @@ def provenance(argv: Sequence[str]) -> dict:
         return r.stdout.strip() if r.returncode == 0 else None
 
     status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
+    topology = _flag(argv, "topology")
+    device = (f"cpu (fake host devices), {os.cpu_count()} cores" if topology is None else
+              f"tpu {topology} (libtpu {metadata.version('libtpu')}'s compile-only devices and "
+              f"XLA:TPU compiler, on a host of {os.cpu_count()} cores)")
     return {"command": " ".join(["python -m train.dryrun", *args]),
             "commit": git("rev-parse", "--short", "HEAD"),
             "dirty": None if status is None else bool(status),
-            "device": f"cpu (fake host devices), {os.cpu_count()} cores",
+            "device": device,
             "versions": {p: metadata.version(p) for p in ("jax", "flax")}}
 
 
@@ -187,7 +239,7 @@ def main(argv):
         return 2
     made_by = provenance(_COMMAND) if _OUT.value else None   # the checkout the run starts from
     try:
-        report = dry_run(config)
+        report = dry_run(config, tpu_devices(_TOPOLOGY.value) if _TOPOLOGY.value else None)
     except ValueError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
@@ -199,32 +251,53 @@ def main(argv):
     return 0
 
 
-def _num_devices(argv: Sequence[str]) -> int:
+def _flag(argv: Sequence[str], name: str) -> Optional[str]:
+    """--NAME's value in `argv` (`--NAME=V` or `--NAME V`), None when not given."""
     for i, a in enumerate(argv):
-        if a.startswith("--num_devices="):
-            return int(a.split("=", 1)[1])
-        if a == "--num_devices" and i + 1 < len(argv):
-            return int(argv[i + 1])
-    return _NUM_DEVICES.default
+        if a.startswith(f"--{name}="):
+            return a.split("=", 1)[1]
+        if a == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
 
 
-def run(argv: Optional[Sequence[str]] = None) -> None:
-    """`python -m train.dryrun`: fakes the devices before jax loads, then parses like
-    mnemax-train (configs by name or path, one-line errors)."""
-    argv = list(sys.argv if argv is None else argv)
-    _COMMAND[:] = argv
+def _fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _devices_env(argv: Sequence[str]) -> None:
+    """The environment jax must load in: N fake CPU devices, or (--topology) libtpu's
+    compile-only devices beside the CPU, which stays the default backend."""
+    from importlib import metadata, util
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if _flag(argv, "topology") is not None:
+        if _flag(argv, "num_devices") is not None:
+            _fail("--topology and --num_devices exclude each other: give one")
+        if util.find_spec("libtpu") is None:
+            _fail(f'--topology needs libtpu: pip install "jax[tpu]=={metadata.version("jax")}"')
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")      # no metadata server to ask
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chip to claim: no lock
+        return
     try:
-        n = _num_devices(argv)
+        n = int(_flag(argv, "num_devices") or _NUM_DEVICES.default)
     except ValueError:
         n = 0
     if n < 1:
-        print("error: --num_devices must be an integer >= 1", file=sys.stderr)
-        raise SystemExit(2)
+        _fail("--num_devices must be an integer >= 1")
     os.environ["XLA_FLAGS"] = " ".join(
         [f for f in os.environ.get("XLA_FLAGS", "").split()
          if not f.startswith("--xla_force_host_platform_device_count")]
         + [f"--xla_force_host_platform_device_count={n}"])
-    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def run(argv: Optional[Sequence[str]] = None) -> None:
+    """`python -m train.dryrun`: sets up the devices before jax loads, then parses like
+    mnemax-train (configs by name or path, one-line errors)."""
+    argv = list(sys.argv if argv is None else argv)
+    _COMMAND[:] = argv
+    _devices_env(argv)
     try:
         argv = train_main.resolve_config_flag(argv)
     except ValueError as e:

@@ -182,6 +182,11 @@ def test_dryrun_table_from_the_dry_runs_files(tmp_path):
     assert ("| `lm:paper` (`seq_len=64`) | 4 (data=1×fsdp=4×model=1) | 0.341 GB | 0.085 GB | "
             "0.170 GB | 12.1 GB | 12.4 GB | tpu_v4 |") in table      # the mesh flags left out
     assert "(commit abc1234)" in table
+    tpu = {**doc, "command": doc["command"].replace("--num_devices 4", "--topology v5e=2x2"),
+           "device_kind": "TPU v5 lite", "fits": {"tpu_v5e": True}}
+    (tmp_path / "dryrun" / "lm-paper-v5e-2x2.json").write_text(json.dumps(tpu))
+    assert "| 4 TPU v5 lite (data=1×fsdp=4×model=1) |" in report.BUILDERS["dryrun"](tmp_path)
+    (tmp_path / "dryrun" / "lm-paper-v5e-2x2.json").unlink()
     del doc["fits"]
     (tmp_path / "dryrun" / "lm-paper-4.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="lm-paper-4.json has no 'fits'"):

@@ -1,4 +1,6 @@
 """train/dryrun.py: a config's train step compiled for N devices without allocating it."""
+import importlib.metadata
+import importlib.util
 import json
 import re
 import subprocess
@@ -49,6 +51,12 @@ def _dryrun(tmp, env, args, says):
     (["--config", "lm:tiny", "--num_devices", "0"], "--num_devices must be an integer >= 1"),
     (["--num_devices", "2"], "--config must be given"),
     (["--config", "lm:tiny", "--num_devices", "3"], "batch_size=32 must be a positive multiple"),
+    (["--config", "lm:tiny", "--topology", "v5e=2x2", "--num_devices", "4"],
+     "--topology and --num_devices exclude each other"),
+    pytest.param(["--config", "lm:tiny", "--topology", "v5e=2x2"],
+                 'needs libtpu: pip install "jax[tpu]==' + importlib.metadata.version("jax"),
+                 marks=pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None,
+                                          reason="libtpu is installed: --topology can run")),
 ])
 @beside(_dryrun)            # beside the in-process tests
 def test_the_command_line(beside, args, says):
@@ -61,6 +69,25 @@ def test_the_command_line(beside, args, says):
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
         lines = [l for l in out.stderr.splitlines() if l.startswith("error:")]
         assert len(lines) == 1 and says in lines[0], out.stderr[-2000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
+def test_a_topology_is_compiled_for_its_chips():
+    """--topology: the chip, its count and `fits` for it alone; a v4 chip shows 2 devices,
+    which jax.make_mesh refuses: a one-line error."""
+    def dryrun_(topology):
+        return subprocess.run([sys.executable, "-m", "train.dryrun", "--config", "lm:tiny",
+                               "--topology", topology, "--config.mesh.fsdp=-1",
+                               "--config.mesh.data=1"], capture_output=True, text=True,
+                              timeout=300)
+    out = dryrun_("v5p=2x2x1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (r["device_kind"], r["num_devices"], r["num_chips"]) == ("TPU v5", 4, 4)
+    assert r["fits"] == {"tpu_v5p": True} and r["temp_bytes_per_device"] > 0
+    out = dryrun_("v4=2x2x1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "as several devices" in out.stderr
 
 
 def test_fsdp_keeps_the_batch_split_at_a_large_width():
