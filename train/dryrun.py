@@ -26,7 +26,9 @@ object:
                                        gives none (XLA:GPU's compile-only devices give none)
     analytic_step_flops                for an LM (model family "transformer", lm.py): the
                                        trainer benchmark's MFU numerator for the step,
-                                       flops_per_token (6·N + 12·L·T·D) × batch_size × seq_len
+                                       flops_per_token (6·N + 12·L·T·D) × batch_size × seq_len;
+                                       XLA's count adds the elementwise work and, under
+                                       model.remat, the recomputed forward pass
 
 `--out FILE` also writes it to FILE with what made it: the command, the git commit (and whether
 tracked code differed from it), the host and the jax/flax versions (results/dryrun/*.json).
