@@ -1,7 +1,7 @@
-"""Accelerator chips' dense matmul peaks from their specifications, for MFU (benchmarks/trainer.py,
-and eval/report.py for committed files), and XLA's target description of the GPUs that
-compile-only devices stand for (benchmarks/aot_compile.py, train/dryrun.py --gpu). No imports:
-anything may read it."""
+"""MFU's two sides: accelerator chips' dense matmul peaks from their specifications, and an LM's
+model FLOPs per token (benchmarks/trainer.py, train/dryrun.py; eval/report.py for committed
+files); and XLA's target description of the GPUs that compile-only devices stand for
+(benchmarks/aot_compile.py, train/dryrun.py --gpu). No imports at load: anything may read it."""
 from __future__ import annotations
 
 # Dense (no sparsity) matmul peaks from the vendors' specifications, FLOP/s per chip, by a
@@ -29,6 +29,31 @@ def spec_peak(device_kind: str, dtype: str) -> float | None:
         if key in kind:
             return peaks.get(dtype)
     return None
+
+
+def count_params(params) -> int:
+    """The number of parameters in a pytree of arrays (or ShapeDtypeStructs)."""
+    import math
+    import jax
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
+
+
+def matmul_flops_per_token(config, params) -> dict:
+    """An LM's model FLOPs per token, forward + backward, the standard estimate (Kaplan et al.
+    2020; PaLM, Chowdhery et al. 2022, appendix B): 6·N + 12·L·T·D. N counts the parameters that
+    take part in a matmul per token: every parameter except the input embedding table when
+    embeddings are untied (a lookup, not a matmul); with tied embeddings the table is the LM head
+    and is counted once. 12·L·T·D is attention's QKᵀ and AV, without the causal-mask saving.
+    Norm scales are counted in N (a negligible overcount)."""
+    m = config.model
+    n_total = count_params(params)
+    n_embed_lookup = 0 if m.tie_embeddings else m.vocab_size * m.width
+    n = n_total - n_embed_lookup
+    L, T, D = m.num_layers, config.seq_len, m.width
+    dense = 6 * n
+    attention = 12 * L * T * D
+    return {"n_params_total": n_total, "n_params_matmul": n, "dense_flops_per_token": dense,
+            "attention_flops_per_token": attention, "flops_per_token": dense + attention}
 
 
 # XLA's GpuTargetConfigProto of each chip (xla/tools/hlo_opt/gpu_specs/*.txtpb).

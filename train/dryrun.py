@@ -217,7 +217,7 @@ def analytic_step_flops(config, params) -> Optional[float]:
     "transformer"), None for other models."""
     if config.model.get("family") != "transformer":
         return None
-    from benchmarks.trainer import matmul_flops_per_token
+    from train.chips import matmul_flops_per_token
     per_token = matmul_flops_per_token(config, params)["flops_per_token"]
     return float(per_token * config.batch_size * config.seq_len)
 
