@@ -55,6 +55,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from benchmarks import harness
+from train.chips import GPU_TARGETS
 
 B, H = 1, 8
 MEM_FREQ = 63            # block of 64 tokens including its landmark
@@ -62,24 +63,6 @@ OUT = harness.RESULTS / "aot_compile.json"
 TPU_TOPOLOGIES = "v4=1x1x1,v5e=1x1,v5p=1x1x1,v6e=1x1,tpu7x=1x1x1,v3=1x1,v5e=2x2"
 KERNELS = re.compile(r"landmark_attention(?:_tpu)?_(fwd|dkdv|dq)")
 
-# XLA's GpuTargetConfigProto of each chip (xla/tools/hlo_opt/gpu_specs/*.txtpb).
-_GPU_INFO = """gpu_device_info {{ threads_per_block_limit: 1024 threads_per_warp: 32
-  shared_memory_per_block: 49152 shared_memory_per_core: {smem_core} threads_per_core_limit: 2048
-  core_count: {cores} fpus_per_core: {fpus} block_dim_limit_x: 2147483647
-  block_dim_limit_y: 65535 block_dim_limit_z: 65535 memory_bandwidth: {bandwidth}
-  l2_cache_size: {l2} clock_rate_ghz: {clock} device_memory_size: {memory}
-  shared_memory_per_block_optin: {smem_optin} cuda_compute_capability {{ major: {cc} }}
-  registers_per_core_limit: 65536 registers_per_block_limit: 65536 }}
-platform_name: "CUDA" device_description_str: "{name}"
-"""
-GPU_TARGETS = {
-    "h100": _GPU_INFO.format(smem_core=233472, cores=132, fpus=128, bandwidth=3352320000000,
-                             l2=52428800, clock=1.98, memory=84978434048, smem_optin=232448,
-                             cc=9, name="NVIDIA H100 80GB HBM3"),
-    "a100": _GPU_INFO.format(smem_core=167936, cores=108, fpus=64, bandwidth=2039040000000,
-                             l2=41943040, clock=1.41, memory=85100068864, smem_optin=166912,
-                             cc=8, name="NVIDIA A100-SXM4-80GB"),
-}
 
 
 def _first_lines(e: Exception, n: int = 4) -> list[str]:

@@ -21,15 +21,8 @@ Peak: the median time of a jitted [n, n] @ [n, n] matmul in the compute dtype on
 FLOP/s = 2n³ / t (n = `--peak-n`: 2048 on a CPU; on an accelerator 8192, chained 10 times in one
 call so dispatch does not count), measured before and after the train step (the higher kept). MFU = model FLOP/s / (peak × devices).
 
-Model FLOPs per token (forward + backward), the standard estimate (Kaplan et al. 2020; PaLM,
-Chowdhery et al. 2022, appendix B):
-
-    6·N + 12·L·T·D
-
-N counts the parameters that take part in a matmul per token: every parameter except the input
-embedding table when embeddings are untied (a lookup, not a matmul); with tied embeddings the table
-is the LM head and is counted once. 12·L·T·D is attention's QKᵀ and AV, counted without the
-causal-mask saving. Norm scales are counted in N (a negligible overcount).
+Model FLOPs per token (forward + backward): 6·N + 12·L·T·D, the standard estimate
+(`train.chips.matmul_flops_per_token`, which says what N counts).
 
 Writes `results/benchmarks/trainer-DEVICE.json` (`trainer-125m-DEVICE.json`, `trainer-350m-...` for
 the GPT-3 sizes; device, versions, shapes, times, ratios).
@@ -49,7 +42,7 @@ import numpy as np
 
 from benchmarks import harness
 from train import trainer
-from train.chips import spec_peak
+from train.chips import matmul_flops_per_token, spec_peak
 from train.configs import lm as lm_config
 
 # Sizes: the model and batch (per device) of each. "tiny" is train/configs/lm.py:tiny; "small" is
@@ -91,23 +84,6 @@ def make_config(size: str, *, dtype: str, num_devices: int):
     c.data.source = "memory"    # never read: the batch is synthetic
     c.mesh.update(dict(data=num_devices, fsdp=1, model=1))
     return c
-
-
-def count_params(params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
-
-
-def matmul_flops_per_token(config, params) -> dict:
-    """6·N + 12·L·T·D with N as in the module docstring."""
-    m = config.model
-    n_total = count_params(params)
-    n_embed_lookup = 0 if m.tie_embeddings else m.vocab_size * m.width
-    n = n_total - n_embed_lookup
-    L, T, D = m.num_layers, config.seq_len, m.width
-    dense = 6 * n
-    attention = 12 * L * T * D
-    return {"n_params_total": n_total, "n_params_matmul": n, "dense_flops_per_token": dense,
-            "attention_flops_per_token": attention, "flops_per_token": dense + attention}
 
 
 def measure_peak(n: int, dtype, device, *, reps: int = 1, runs: int = 5) -> dict:

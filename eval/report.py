@@ -550,11 +550,18 @@ def _gb(nbytes: int, digits: int = 3) -> str:
     return f"{nbytes / 1e9:.{digits if nbytes >= 1e9 else 3}f} GB"
 
 
+def _flop_ratio(d: dict) -> str:
+    """XLA's step FLOPs over the analytic count, "—" where either is missing."""
+    xla, analytic = d.get("step_flops"), d.get("analytic_step_flops")
+    return f"{xla / analytic:.2f}" if xla and analytic else "—"
+
+
 def dryrun_table(results: pathlib.Path) -> str:
     """A row per dry run: the config (with any override but the mesh's), the devices (and the
-    TPU chip of a --topology run, whose scratch is XLA:TPU's, not the CPU's) and mesh,
-    parameters (all, per device), Adam state, scratch and total per device, and the chips the
-    total fits, ordered by DRYRUN_ORDER and device count."""
+    chip of a --topology or --gpu run, whose scratch is XLA:TPU's or XLA:GPU's, not the CPU's)
+    and mesh, parameters (all, per device), Adam state, scratch and total per device, the chips
+    the total fits, and XLA's step FLOPs over the trainer benchmark's analytic count (an LM's,
+    where both were reported; "—" otherwise), ordered by DRYRUN_ORDER and device count."""
     paths = sorted((results / "dryrun").glob("*.json"))
     if not paths:
         return "`dryrun`: no committed results yet (`results/dryrun/CONFIG-N.json`)."
@@ -580,11 +587,13 @@ def dryrun_table(results: pathlib.Path) -> str:
                      _gb(d["params_bytes_total"]), _gb(d["params_bytes_per_device"]),
                      _gb(d["optimizer_bytes_per_device"]), _gb(d["temp_bytes_per_device"], 1),
                      _gb(d["total_bytes_per_device"], 1),
-                     ", ".join(k for k, v in d["fits"].items() if v) or "none"])
+                     ", ".join(k for k, v in d["fits"].items() if v) or "none",
+                     _flop_ratio(d)])
     commits = sorted({d["commit"] for *_, d in docs})
     return (markdown_table(["config", "devices (mesh)", "parameters, all", "parameters / device",
-                            "Adam state / device", "scratch / device (CPU's, or the TPU's named)",
-                            "total / device", "fits (by that total)"], rows) + "\n\n"
+                            "Adam state / device", "scratch / device (CPU's, or the chip named)",
+                            "total / device", "fits (by that total)",
+                            "XLA / analytic step FLOPs"], rows) + "\n\n"
             + f"From `results/dryrun/CONFIG-N.json` (commit {', '.join(commits)}).")
 
 

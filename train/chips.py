@@ -1,5 +1,7 @@
-"""Accelerator chips' dense matmul peaks from their specifications, for MFU (benchmarks/trainer.py,
-and eval/report.py for committed files). No imports: anything may read it."""
+"""MFU's two sides: accelerator chips' dense matmul peaks from their specifications, and an LM's
+model FLOPs per token (benchmarks/trainer.py, train/dryrun.py; eval/report.py for committed
+files); and XLA's target description of the GPUs that compile-only devices stand for
+(benchmarks/aot_compile.py, train/dryrun.py --gpu). No imports at load: anything may read it."""
 from __future__ import annotations
 
 # Dense (no sparsity) matmul peaks from the vendors' specifications, FLOP/s per chip, by a
@@ -27,3 +29,48 @@ def spec_peak(device_kind: str, dtype: str) -> float | None:
         if key in kind:
             return peaks.get(dtype)
     return None
+
+
+def count_params(params) -> int:
+    """The number of parameters in a pytree of arrays (or ShapeDtypeStructs)."""
+    import math
+    import jax
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
+
+
+def matmul_flops_per_token(config, params) -> dict:
+    """An LM's model FLOPs per token, forward + backward, the standard estimate (Kaplan et al.
+    2020; PaLM, Chowdhery et al. 2022, appendix B): 6·N + 12·L·T·D. N counts the parameters that
+    take part in a matmul per token: every parameter except the input embedding table when
+    embeddings are untied (a lookup, not a matmul); with tied embeddings the table is the LM head
+    and is counted once. 12·L·T·D is attention's QKᵀ and AV, without the causal-mask saving.
+    Norm scales are counted in N (a negligible overcount)."""
+    m = config.model
+    n_total = count_params(params)
+    n_embed_lookup = 0 if m.tie_embeddings else m.vocab_size * m.width
+    n = n_total - n_embed_lookup
+    L, T, D = m.num_layers, config.seq_len, m.width
+    dense = 6 * n
+    attention = 12 * L * T * D
+    return {"n_params_total": n_total, "n_params_matmul": n, "dense_flops_per_token": dense,
+            "attention_flops_per_token": attention, "flops_per_token": dense + attention}
+
+
+# XLA's GpuTargetConfigProto of each chip (xla/tools/hlo_opt/gpu_specs/*.txtpb).
+_GPU_INFO = """gpu_device_info {{ threads_per_block_limit: 1024 threads_per_warp: 32
+  shared_memory_per_block: 49152 shared_memory_per_core: {smem_core} threads_per_core_limit: 2048
+  core_count: {cores} fpus_per_core: {fpus} block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535 block_dim_limit_z: 65535 memory_bandwidth: {bandwidth}
+  l2_cache_size: {l2} clock_rate_ghz: {clock} device_memory_size: {memory}
+  shared_memory_per_block_optin: {smem_optin} cuda_compute_capability {{ major: {cc} }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536 }}
+platform_name: "CUDA" device_description_str: "{name}"
+"""
+GPU_TARGETS = {
+    "h100": _GPU_INFO.format(smem_core=233472, cores=132, fpus=128, bandwidth=3352320000000,
+                             l2=52428800, clock=1.98, memory=84978434048, smem_optin=232448,
+                             cc=9, name="NVIDIA H100 80GB HBM3"),
+    "a100": _GPU_INFO.format(smem_core=167936, cores=108, fpus=64, bandwidth=2039040000000,
+                             l2=41943040, clock=1.41, memory=85100068864, smem_optin=166912,
+                             cc=8, name="NVIDIA A100-SXM4-80GB"),
+}

@@ -21,6 +21,14 @@ object:
     argument_bytes_per_device          the step's inputs (state and batch) on one device
     total_bytes_per_device             arguments + scratch: what one chip must hold
     fits                               {chip: total ≤ its HBM} for common chips (HBM_BYTES)
+    step_flops                         XLA's FLOP count of the compiled step (cost_analysis: one
+                                       device's program × the devices), null where the backend
+                                       gives none (XLA:GPU's compile-only devices give none)
+    analytic_step_flops                for an LM (model family "transformer", lm.py): the
+                                       trainer benchmark's MFU numerator for the step,
+                                       flops_per_token (6·N + 12·L·T·D) × batch_size × seq_len;
+                                       XLA's count adds the elementwise work and, under
+                                       model.remat, the recomputed forward pass
 
 `--out FILE` also writes it to FILE with what made it: the command, the git commit (and whether
 tracked code differed from it), the host and the jax/flax versions (results/dryrun/*.json).
@@ -41,6 +49,15 @@ v4 and tpu7x are refused (exit 2): libtpu shows their chips as 2 devices each, w
 jax.make_mesh does not take. It needs libtpu, not a project dependency (exit 2 without it):
 
     pip install "jax[tpu]==<the installed jax version>"     # pins the matching libtpu
+
+`--gpu NAME` (h100, a100: train.chips.GPU_TARGETS; not with --topology or --num_devices)
+compiles for `--gpu_count N` (default 1) GPUs of that kind instead, without one: the CUDA
+plugin's compile-only devices (topology 1x1xN) given XLA's target description of the chip, the
+step through XLA:GPU, so scratch and arguments are the GPU program's own. The report adds
+device_kind ("NVIDIA H100 80GB HBM3") and num_chips, and `fits` holds that chip's entry alone
+(GPU_CHIPS → HBM_BYTES). It needs the CUDA plugin (exit 2 without it), not a CUDA install:
+
+    pip install "jax-cuda12-plugin==<the installed jax version>"
 """
 from __future__ import annotations
 
@@ -56,16 +73,22 @@ from train import main as train_main
 # HBM per chip, bytes (vendors' figures).
 HBM_BYTES = {"tpu_v4": 32 * 2**30, "tpu_v5e": 16 * 2**30, "tpu_v5p": 95 * 2**30,
              "tpu_v6e": 32 * 2**30, "tpu7x": 192 * 2**30, "h100_80g": 80 * 10**9,
-             "h200": 141 * 10**9}
+             "h200": 141 * 10**9, "a100_80g": 80 * 10**9}
 
 # A TPU's device_kind (libtpu's) → its HBM_BYTES entry.
 TPU_CHIPS = {"TPU v4": "tpu_v4", "TPU v5 lite": "tpu_v5e", "TPU v5": "tpu_v5p",
              "TPU v5p": "tpu_v5p", "TPU v6 lite": "tpu_v6e", "TPU v6e": "tpu_v6e",
              "TPU7x": "tpu7x"}
 
+# A GPU's device_kind (its GPU_TARGETS description) → its HBM_BYTES entry.
+GPU_CHIPS = {"NVIDIA H100 80GB HBM3": "h100_80g", "NVIDIA A100-SXM4-80GB": "a100_80g"}
+
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 8, "Fake CPU devices to compile for.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "A TPU slice (e.g. v5e=4x4) to compile for "
                                 "with libtpu's compiler on its compile-only devices.")
+_GPU = flags.DEFINE_string("gpu", None, "A GPU (h100, a100) to compile for with XLA:GPU on "
+                           "the CUDA plugin's compile-only devices.")
+_GPU_COUNT = flags.DEFINE_integer("gpu_count", 1, "With --gpu: how many GPUs.")
 _COMMAND: list[str] = []      # the command line as given (run() sets it), for --out
 _OUT = flags.DEFINE_string("out", None, "Also write the report to this JSON file, with the "
                            "command, the git commit and the versions it was made with.")
@@ -167,9 +190,41 @@ def tpu_devices(topology: str) -> list:
     return devices
 
 
+def gpu_devices(name: str, count: int = 1) -> list:
+    """The CUDA plugin's `count` compile-only devices of GPU `name` (a GPU_TARGETS key), one
+    node (topology 1x1xCOUNT): compiling for them runs XLA:GPU; nothing can run on them.
+    ValueError for a count below 1."""
+    from jax.experimental import topologies
+    from train.chips import GPU_TARGETS
+    if count < 1:
+        raise ValueError(f"--gpu_count={count} must be >= 1")
+    return list(topologies.get_topology_desc(platform="cuda", topology=f"1x1x{count}",
+                                             target_config=GPU_TARGETS[name]).devices)
+
+
+def step_flops(compiled, num_devices: int) -> Optional[float]:
+    """XLA's FLOP count of `compiled` (one device's SPMD program) × `num_devices`, or None where
+    the backend gives no cost analysis."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):       # older jax: one dict per program
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return None if flops is None else float(flops) * num_devices
+
+
+def analytic_step_flops(config, params) -> Optional[float]:
+    """The trainer benchmark's MFU numerator for one step of `config` (an LM: model family
+    "transformer"), None for other models."""
+    if config.model.get("family") != "transformer":
+        return None
+    from train.chips import matmul_flops_per_token
+    per_token = matmul_flops_per_token(config, params)["flops_per_token"]
+    return float(per_token * config.batch_size * config.seq_len)
+
+
 def dry_run(config, devices=None) -> dict:
-    """The report above for `config` on `devices` (default: every device); on TPU devices also
-    the chip and `fits` of that chip alone."""
+    """The report above for `config` on `devices` (default: every device); on TPU or GPU
+    devices also the chip and `fits` of that chip alone."""
     from train import sharding as shd
     run, state, batch, compiled = compile_train_step(config, devices)
     mem = compiled.memory_analysis()
@@ -185,11 +240,13 @@ def dry_run(config, devices=None) -> dict:
               "optimizer_bytes_per_device": tree_bytes(state.opt_state, per_device=True),
               "temp_bytes_per_device": temp, "argument_bytes_per_device": args,
               "total_bytes_per_device": total,
-              "fits": {chip: total <= hbm for chip, hbm in HBM_BYTES.items()}}
-    if devices[0].platform != "tpu":
+              "fits": {chip: total <= hbm for chip, hbm in HBM_BYTES.items()},
+              "step_flops": step_flops(compiled, len(devices)),
+              "analytic_step_flops": analytic_step_flops(run.config, state.params)}
+    if devices[0].platform == "cpu":
         return report
     kind = devices[0].device_kind
-    chip = TPU_CHIPS.get(kind)        # tpu_devices: one device a chip
+    chip = {**TPU_CHIPS, **GPU_CHIPS}.get(kind)     # tpu_devices, gpu_devices: one device a chip
     return {**report, "device_kind": kind, "num_chips": len(devices),
             "fits": {} if chip is None else {chip: total <= HBM_BYTES[chip]}}
 
@@ -218,10 +275,14 @@ def provenance(argv: Sequence[str]) -> dict:
         return r.stdout.strip() if r.returncode == 0 else None
 
     status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
-    topology = _flag(argv, "topology")
-    device = (f"cpu (fake host devices), {os.cpu_count()} cores" if topology is None else
-              f"tpu {topology} (libtpu {metadata.version('libtpu')}'s compile-only devices and "
-              f"XLA:TPU compiler, on a host of {os.cpu_count()} cores)")
+    topology, gpu = _flag(argv, "topology"), _flag(argv, "gpu")
+    host = f"on a host of {os.cpu_count()} cores"
+    device = (f"tpu {topology} (libtpu {metadata.version('libtpu')}'s compile-only devices and "
+              f"XLA:TPU compiler, {host})" if topology is not None else
+              f"gpu {gpu} x{_flag(argv, 'gpu_count') or 1} (jax-cuda12-plugin "
+              f"{metadata.version('jax-cuda12-plugin')}'s compile-only devices and XLA:GPU "
+              f"compiler, {host})" if gpu is not None else
+              f"cpu (fake host devices), {os.cpu_count()} cores")
     return {"command": " ".join(["python -m train.dryrun", *args]),
             "commit": git("rev-parse", "--short", "HEAD"),
             "dirty": None if status is None else bool(status),
@@ -239,7 +300,9 @@ def main(argv):
         return 2
     made_by = provenance(_COMMAND) if _OUT.value else None   # the checkout the run starts from
     try:
-        report = dry_run(config, tpu_devices(_TOPOLOGY.value) if _TOPOLOGY.value else None)
+        devices = (tpu_devices(_TOPOLOGY.value) if _TOPOLOGY.value else
+                   gpu_devices(_GPU.value, _GPU_COUNT.value) if _GPU.value else None)
+        report = dry_run(config, devices)
     except ValueError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
@@ -267,10 +330,25 @@ def _fail(message: str):
 
 
 def _devices_env(argv: Sequence[str]) -> None:
-    """The environment jax must load in: N fake CPU devices, or (--topology) libtpu's
-    compile-only devices beside the CPU, which stays the default backend."""
+    """The environment jax must load in: N fake CPU devices, or (--topology, --gpu) libtpu's or
+    the CUDA plugin's compile-only devices beside the CPU, which stays the default backend (and
+    spares the plugin its CUDA checks)."""
     from importlib import metadata, util
+    from train.chips import GPU_TARGETS
     os.environ["JAX_PLATFORMS"] = "cpu"
+    if (gpu := _flag(argv, "gpu")) is not None:
+        if _flag(argv, "topology") is not None or _flag(argv, "num_devices") is not None:
+            _fail("--gpu excludes --topology and --num_devices: give one")
+        if gpu not in GPU_TARGETS:
+            _fail(f"--gpu={gpu} is unknown; use one of {', '.join(sorted(GPU_TARGETS))}")
+        try:
+            found = util.find_spec("jax_plugins.xla_cuda12") is not None
+        except ModuleNotFoundError:         # no jax_plugins package at all
+            found = False
+        if not found:
+            _fail("--gpu needs the CUDA plugin: "
+                  f'pip install "jax-cuda12-plugin=={metadata.version("jax")}"')
+        return
     if _flag(argv, "topology") is not None:
         if _flag(argv, "num_devices") is not None:
             _fail("--topology and --num_devices exclude each other: give one")

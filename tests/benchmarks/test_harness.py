@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks import harness
 from benchmarks import trainer as bench
+from train import chips
 
 
 def test_time_fn_calls_warmup_plus_runs():
@@ -39,11 +40,11 @@ def test_flops_per_token_formula():
     c = bench.make_config("tiny", dtype="float32", num_devices=1)
     V, D, L, T = c.model.vocab_size, c.model.width, c.model.num_layers, c.seq_len
     params = {"embed": np.zeros((V, D)), "w": np.zeros((D, 3 * D))}
-    tied = bench.matmul_flops_per_token(c, params)
+    tied = chips.matmul_flops_per_token(c, params)
     assert tied["n_params_matmul"] == V * D + 3 * D * D
     assert tied["flops_per_token"] == 6 * (V * D + 3 * D * D) + 12 * L * T * D
     c.model.tie_embeddings = False
-    untied = bench.matmul_flops_per_token(c, {**params, "head": np.zeros((D, V))})
+    untied = chips.matmul_flops_per_token(c, {**params, "head": np.zeros((D, V))})
     assert untied["n_params_total"] == 2 * V * D + 3 * D * D
     assert untied["n_params_matmul"] == V * D + 3 * D * D
 

@@ -2,6 +2,7 @@
 import importlib.metadata
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -39,9 +40,22 @@ def _init(c):
     return model.init(jax.random.key(0), jnp.zeros((1, c.seq_len), jnp.int32))["params"]
 
 
+# The checkout whose train.dryrun these tests import: the subprocesses run the same code.
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(dryrun.__file__)))
+
+
+def _cuda_plugin() -> bool:
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def _dryrun(tmp, env, args, says):
-    """`python -m train.dryrun ARGS` as a user runs it: no PYTHONPATH, no XLA flags."""
-    env = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+    """`python -m train.dryrun ARGS` as a user runs it: no XLA flags, outside the checkout (which
+    is on PYTHONPATH, so that it is this checkout's code whichever one the venv installed)."""
+    env = {k: v for k, v in env.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = CHECKOUT
     return subprocess.run([sys.executable, "-m", "train.dryrun", *args], cwd=tmp, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -57,6 +71,16 @@ def _dryrun(tmp, env, args, says):
                  'needs libtpu: pip install "jax[tpu]==' + importlib.metadata.version("jax"),
                  marks=pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None,
                                           reason="libtpu is installed: --topology can run")),
+    (["--config", "lm:tiny", "--gpu", "h100", "--num_devices", "4"],
+     "--gpu excludes --topology and --num_devices"),
+    (["--config", "lm:tiny", "--gpu", "h100", "--topology", "v5e=2x2"],
+     "--gpu excludes --topology and --num_devices"),
+    (["--config", "lm:tiny", "--gpu", "v100"], "--gpu=v100 is unknown; use one of a100, h100"),
+    pytest.param(["--config", "lm:tiny", "--gpu", "h100"],
+                 'needs the CUDA plugin: pip install "jax-cuda12-plugin=='
+                 + importlib.metadata.version("jax"),
+                 marks=pytest.mark.skipif(_cuda_plugin(),
+                                          reason="the CUDA plugin is installed: --gpu can run")),
 ])
 @beside(_dryrun)            # beside the in-process tests
 def test_the_command_line(beside, args, says):
@@ -88,6 +112,34 @@ def test_a_topology_is_compiled_for_its_chips():
     out = dryrun_("v4=2x2x1")
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "as several devices" in out.stderr
+
+
+@pytest.mark.skipif(not _cuda_plugin(), reason="needs jax-cuda12-plugin")
+def test_a_gpu_is_compiled_for():
+    """--gpu h100 --gpu_count 2: XLA:GPU's program for 2 compile-only H100s, `fits` for the
+    H100 alone; XLA:GPU's compile-only devices give no cost analysis (step_flops null)."""
+    out = subprocess.run([sys.executable, "-m", "train.dryrun", "--config", "lm:tiny", "--gpu",
+                          "h100", "--gpu_count", "2", "--config.mesh.fsdp=-1",
+                          "--config.mesh.data=1"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": CHECKOUT})
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (r["device_kind"], r["num_devices"]) == ("NVIDIA H100 80GB HBM3", 2)
+    assert r["fits"] == {"h100_80g": True} and r["temp_bytes_per_device"] > 0
+    assert r["step_flops"] is None and r["analytic_step_flops"] > 0
+
+
+def test_step_flops_against_the_analytic_count():
+    """XLA's FLOPs of the CPU step and the trainer benchmark's MFU numerator agree for the tiny
+    LM: XLA counts a little more (1.12 measured at 2 devices: the norms, softmax, GELU, loss and
+    Adam's elementwise work, which 6·N + 12·L·T·D leaves out, weigh most at width 64); a
+    non-LM gets no analytic count."""
+    c = lm.get_config("tiny")
+    c.mesh.data, c.mesh.fsdp = 1, -1
+    r = dryrun.dry_run(c, devices=jax.devices()[:2])
+    assert 1.0 <= r["step_flops"] / r["analytic_step_flops"] <= 1.25, r
+    c.model.family = "not_an_lm"
+    assert dryrun.analytic_step_flops(c, None) is None
 
 
 def test_fsdp_keeps_the_batch_split_at_a_large_width():
