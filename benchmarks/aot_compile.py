@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as md
-import importlib.util
 import json
-import os
 import pathlib
 import re
 import sys
@@ -55,7 +53,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from benchmarks import harness
-from train.chips import GPU_TARGETS
+from train import chips
 
 B, H = 1, 8
 MEM_FREQ = 63            # block of 64 tokens including its landmark
@@ -109,14 +107,10 @@ def compile_target(platform: str, name: str, cases, blocks: dict) -> dict:
     from jax.experimental import topologies
     out = {"platform": platform, "topology": name}
     try:
-        if platform == "tpu":
-            topo = topologies.get_topology_desc(name, platform="tpu")
-        else:
-            topo = topologies.get_topology_desc(platform="cuda", topology="1x1x1",
-                                                target_config=GPU_TARGETS[name])
+        devices = (topologies.get_topology_desc(name, platform="tpu").devices
+                   if platform == "tpu" else chips.gpu_devices(name))
     except Exception as e:  # noqa: BLE001
         return {**out, "ok": False, "error": _first_lines(e)}
-    devices = topo.devices
     out.update(device_kind=devices[0].device_kind, devices=len(devices))
     print(f"{platform} {name}: {devices[0].device_kind} x{len(devices)}", flush=True)
     results = []
@@ -125,13 +119,6 @@ def compile_target(platform: str, name: str, cases, blocks: dict) -> dict:
         print("  ", json.dumps(r)[:300], flush=True)
         results.append(r)
     return {**out, "ok": all(r["ok"] for r in results), "cases": results}
-
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:     # its parent package is missing
-        return False
 
 
 def _versions() -> dict:
@@ -147,8 +134,8 @@ def _versions() -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tpu", default=TPU_TOPOLOGIES, help="TPU topology names ('' for none)")
-    ap.add_argument("--gpu", default=",".join(GPU_TARGETS),
-                    help=f"GPU targets among {sorted(GPU_TARGETS)} ('' for none)")
+    ap.add_argument("--gpu", default=",".join(chips.GPU_TARGETS),
+                    help=f"GPU targets among {sorted(chips.GPU_TARGETS)} ('' for none)")
     ap.add_argument("--lengths", default="2048,8192")
     ap.add_argument("--head_dims", default="64,128")
     ap.add_argument("--dtypes", default="bfloat16,float32")
@@ -158,17 +145,17 @@ def main(argv=None):
     a = ap.parse_args(argv)
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     tpus, gpus = split(a.tpu), split(a.gpu)
-    if unknown := sorted(set(gpus) - set(GPU_TARGETS)):
-        sys.exit(f"aot_compile: GPU targets {unknown} are unknown; allowed: {sorted(GPU_TARGETS)}")
-    if tpus and not _installed("libtpu"):
+    if unknown := sorted(set(gpus) - set(chips.GPU_TARGETS)):
+        sys.exit(f"aot_compile: GPU targets {unknown} are unknown; "
+                 f"allowed: {sorted(chips.GPU_TARGETS)}")
+    if tpus and not chips.has_compiler("tpu"):
         sys.exit("aot_compile: libtpu is not installed, so there is no TPU compiler: "
                  'pip install "jax[tpu]==<your jax version>" (see this module\'s docstring), '
                  "or pass --tpu ''")
-    if gpus and not _installed("jax_plugins.xla_cuda12"):
+    if gpus and not chips.has_compiler("gpu"):
         sys.exit("aot_compile: the CUDA plugin is not installed, so there is no GPU compiler: "
                  'pip install "jax-cuda12-plugin==<your jax version>", or pass --gpu \'\'')
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    chips.compile_only_env()
     jax.config.update("jax_platforms", "cpu")    # compile-only: no backend but the host's
     blocks = {}
     if a.blocks:

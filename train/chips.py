@@ -1,7 +1,8 @@
 """MFU's two sides: accelerator chips' dense matmul peaks from their specifications, and an LM's
 model FLOPs per token (benchmarks/trainer.py, train/dryrun.py; eval/report.py for committed
 files); and XLA's target description of the GPUs that compile-only devices stand for
-(benchmarks/aot_compile.py, train/dryrun.py --gpu). No imports at load: anything may read it."""
+(benchmarks/aot_compile.py, train/dryrun.py --gpu), with what builds compile-only devices on a
+host without the chips. No imports at load: anything may read it."""
 from __future__ import annotations
 
 # Dense (no sparsity) matmul peaks from the vendors' specifications, FLOP/s per chip, by a
@@ -74,3 +75,36 @@ GPU_TARGETS = {
                              l2=41943040, clock=1.41, memory=85100068864, smem_optin=166912,
                              cc=8, name="NVIDIA A100-SXM4-80GB"),
 }
+
+
+# The module that brings each platform's compiler to a host without its chips.
+COMPILERS = {"tpu": "libtpu", "gpu": "jax_plugins.xla_cuda12"}
+
+
+def has_compiler(platform: str) -> bool:
+    """Whether `platform`'s compiler ("tpu": libtpu; "gpu": the CUDA plugin) is installed."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec(COMPILERS[platform]) is not None
+    except ModuleNotFoundError:     # its parent package (jax_plugins) is missing
+        return False
+
+
+def compile_only_env() -> None:
+    """Sets (by default) what libtpu needs on a host without TPUs: no metadata server to ask,
+    no multi-process lock to take (no chip is claimed). Call before jax loads its backends."""
+    import os
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def gpu_devices(name: str, count: int = 1) -> list:
+    """The CUDA plugin's `count` compile-only devices of GPU `name` (a GPU_TARGETS key), one
+    node (topology 1x1xCOUNT): compiling for them runs XLA:GPU; nothing can run on them.
+    ValueError for a count below 1."""
+    from jax.experimental import topologies
+    if count < 1:
+        raise ValueError(f"--gpu_count={count} must be >= 1")
+    return list(topologies.get_topology_desc(platform="cuda", topology=f"1x1x{count}",
+                                             target_config=GPU_TARGETS[name]).devices)

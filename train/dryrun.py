@@ -68,6 +68,7 @@ from typing import Optional, Sequence
 
 from absl import app, flags
 
+from train import chips
 from train import main as train_main
 
 # HBM per chip, bytes (vendors' figures).
@@ -190,18 +191,6 @@ def tpu_devices(topology: str) -> list:
     return devices
 
 
-def gpu_devices(name: str, count: int = 1) -> list:
-    """The CUDA plugin's `count` compile-only devices of GPU `name` (a GPU_TARGETS key), one
-    node (topology 1x1xCOUNT): compiling for them runs XLA:GPU; nothing can run on them.
-    ValueError for a count below 1."""
-    from jax.experimental import topologies
-    from train.chips import GPU_TARGETS
-    if count < 1:
-        raise ValueError(f"--gpu_count={count} must be >= 1")
-    return list(topologies.get_topology_desc(platform="cuda", topology=f"1x1x{count}",
-                                             target_config=GPU_TARGETS[name]).devices)
-
-
 def step_flops(compiled, num_devices: int) -> Optional[float]:
     """XLA's FLOP count of `compiled` (one device's SPMD program) × `num_devices`, or None where
     the backend gives no cost analysis."""
@@ -301,7 +290,7 @@ def main(argv):
     made_by = provenance(_COMMAND) if _OUT.value else None   # the checkout the run starts from
     try:
         devices = (tpu_devices(_TOPOLOGY.value) if _TOPOLOGY.value else
-                   gpu_devices(_GPU.value, _GPU_COUNT.value) if _GPU.value else None)
+                   chips.gpu_devices(_GPU.value, _GPU_COUNT.value) if _GPU.value else None)
         report = dry_run(config, devices)
     except ValueError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -333,30 +322,24 @@ def _devices_env(argv: Sequence[str]) -> None:
     """The environment jax must load in: N fake CPU devices, or (--topology, --gpu) libtpu's or
     the CUDA plugin's compile-only devices beside the CPU, which stays the default backend (and
     spares the plugin its CUDA checks)."""
-    from importlib import metadata, util
-    from train.chips import GPU_TARGETS
+    from importlib import metadata
+    from train.chips import GPU_TARGETS, compile_only_env, has_compiler
     os.environ["JAX_PLATFORMS"] = "cpu"
     if (gpu := _flag(argv, "gpu")) is not None:
         if _flag(argv, "topology") is not None or _flag(argv, "num_devices") is not None:
             _fail("--gpu excludes --topology and --num_devices: give one")
         if gpu not in GPU_TARGETS:
             _fail(f"--gpu={gpu} is unknown; use one of {', '.join(sorted(GPU_TARGETS))}")
-        try:
-            found = util.find_spec("jax_plugins.xla_cuda12") is not None
-        except ModuleNotFoundError:         # no jax_plugins package at all
-            found = False
-        if not found:
+        if not has_compiler("gpu"):
             _fail("--gpu needs the CUDA plugin: "
                   f'pip install "jax-cuda12-plugin=={metadata.version("jax")}"')
         return
     if _flag(argv, "topology") is not None:
         if _flag(argv, "num_devices") is not None:
             _fail("--topology and --num_devices exclude each other: give one")
-        if util.find_spec("libtpu") is None:
+        if not has_compiler("tpu"):
             _fail(f'--topology needs libtpu: pip install "jax[tpu]=={metadata.version("jax")}"')
-        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")      # no metadata server to ask
-        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chip to claim: no lock
+        compile_only_env()
         return
     try:
         n = int(_flag(argv, "num_devices") or _NUM_DEVICES.default)

@@ -1,5 +1,4 @@
 """The benchmark harness and `benchmarks.trainer` at a tiny size (a smoke test: no time asserted)."""
-import importlib.util
 import json
 import math
 
@@ -96,7 +95,7 @@ def test_trainer_benchmark_tiny(tmp_path):
     assert doc["mfu_spec"] is None and loop["mfu_spec"] is None
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu is installed")
+@pytest.mark.skipif(chips.has_compiler("tpu"), reason="libtpu is installed")
 def test_aot_compile_names_the_missing_compiler(tmp_path):
     """Without libtpu (a separate venv has it, see benchmarks/aot_compile.py) the deviceless
     compile says what to install, before anything is written; an unknown GPU target is named."""

@@ -1,6 +1,5 @@
 """train/dryrun.py: a config's train step compiled for N devices without allocating it."""
 import importlib.metadata
-import importlib.util
 import json
 import os
 import re
@@ -11,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from train import dryrun, trainer
+from train import chips, dryrun, trainer
 from train.configs import lm
 
 from background import beside
@@ -44,13 +43,6 @@ def _init(c):
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(dryrun.__file__)))
 
 
-def _cuda_plugin() -> bool:
-    try:
-        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
-    except ModuleNotFoundError:
-        return False
-
-
 def _dryrun(tmp, env, args, says):
     """`python -m train.dryrun ARGS` as a user runs it: no XLA flags, outside the checkout (which
     is on PYTHONPATH, so that it is this checkout's code whichever one the venv installed)."""
@@ -69,7 +61,7 @@ def _dryrun(tmp, env, args, says):
      "--topology and --num_devices exclude each other"),
     pytest.param(["--config", "lm:tiny", "--topology", "v5e=2x2"],
                  'needs libtpu: pip install "jax[tpu]==' + importlib.metadata.version("jax"),
-                 marks=pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None,
+                 marks=pytest.mark.skipif(chips.has_compiler("tpu"),
                                           reason="libtpu is installed: --topology can run")),
     (["--config", "lm:tiny", "--gpu", "h100", "--num_devices", "4"],
      "--gpu excludes --topology and --num_devices"),
@@ -79,7 +71,7 @@ def _dryrun(tmp, env, args, says):
     pytest.param(["--config", "lm:tiny", "--gpu", "h100"],
                  'needs the CUDA plugin: pip install "jax-cuda12-plugin=='
                  + importlib.metadata.version("jax"),
-                 marks=pytest.mark.skipif(_cuda_plugin(),
+                 marks=pytest.mark.skipif(chips.has_compiler("gpu"),
                                           reason="the CUDA plugin is installed: --gpu can run")),
 ])
 @beside(_dryrun)            # beside the in-process tests
@@ -95,7 +87,7 @@ def test_the_command_line(beside, args, says):
         assert len(lines) == 1 and says in lines[0], out.stderr[-2000:]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
+@pytest.mark.skipif(not chips.has_compiler("tpu"), reason="needs libtpu")
 def test_a_topology_is_compiled_for_its_chips():
     """--topology: the chip, its count and `fits` for it alone; a v4 chip shows 2 devices,
     which jax.make_mesh refuses: a one-line error."""
@@ -114,7 +106,7 @@ def test_a_topology_is_compiled_for_its_chips():
     assert "as several devices" in out.stderr
 
 
-@pytest.mark.skipif(not _cuda_plugin(), reason="needs jax-cuda12-plugin")
+@pytest.mark.skipif(not chips.has_compiler("gpu"), reason="needs jax-cuda12-plugin")
 def test_a_gpu_is_compiled_for():
     """--gpu h100 --gpu_count 2: XLA:GPU's program for 2 compile-only H100s, `fits` for the
     H100 alone; XLA:GPU's compile-only devices give no cost analysis (step_flops null)."""
