@@ -32,13 +32,6 @@ def spec_peak(device_kind: str, dtype: str) -> float | None:
     return None
 
 
-def count_params(params) -> int:
-    """The number of parameters in a pytree of arrays (or ShapeDtypeStructs)."""
-    import math
-    import jax
-    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
-
-
 def matmul_flops_per_token(config, params) -> dict:
     """An LM's model FLOPs per token, forward + backward, the standard estimate (Kaplan et al.
     2020; PaLM, Chowdhery et al. 2022, appendix B): 6·N + 12·L·T·D. N counts the parameters that
@@ -46,8 +39,9 @@ def matmul_flops_per_token(config, params) -> dict:
     embeddings are untied (a lookup, not a matmul); with tied embeddings the table is the LM head
     and is counted once. 12·L·T·D is attention's QKᵀ and AV, without the causal-mask saving.
     Norm scales are counted in N (a negligible overcount)."""
+    from models.transformer import num_params
     m = config.model
-    n_total = count_params(params)
+    n_total = int(num_params(params))
     n_embed_lookup = 0 if m.tie_embeddings else m.vocab_size * m.width
     n = n_total - n_embed_lookup
     L, T, D = m.num_layers, config.seq_len, m.width
