@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import transformer
+from models import layers, transformer
 
 # ---------------------------------------------------------------------------------------------
 # The grouped softmax on scores
@@ -283,10 +283,11 @@ def resolve_impl(impl: str, *, mem_freq=None, dropout: bool = False) -> str:
     backend's kernel: the Mosaic one (models/landmark_pallas_tpu.py) on the tpu backend, else
     the Triton-style one (models/landmark_pallas.py; on CPU only in interpret mode). 'auto' is
     'pallas' on the gpu and tpu backends when the kernels serve the call (mem_freq given, no
-    group dropout), else 'xla'."""
+    group dropout), else 'xla'. The backend is the one traced for (`layers.target_backend`: the
+    mesh's devices where one is set, so a dry run for a GPU or TPU picks their kernels)."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
-    backend = jax.default_backend()
+    backend = layers.target_backend()
     if impl == "auto":
         serves = backend in ("gpu", "tpu") and mem_freq is not None and not dropout
         impl = "pallas" if serves else "xla"
@@ -335,7 +336,7 @@ def landmark_attention(q, k, v, is_landmark, *, segment_ids=None, q_block: int =
     requested = impl
     impl = resolve_impl(impl, mem_freq=mem_freq, dropout=dropout)
     if impl in PALLAS_IMPLS:
-        backend = jax.default_backend()
+        backend = layers.target_backend()
         if not interpret and backend != {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}[impl]:
             raise ValueError(f"impl={requested!r} is not allowed on the {backend} backend "
                              "without interpret=True (slow; tests); use impl='auto' or 'xla'")

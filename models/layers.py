@@ -1,4 +1,5 @@
-"""Shared layers: embeddings, norms, MLPs, RoPE, dense causal attention.
+"""Shared layers: embeddings, norms, MLPs, RoPE, dense causal attention (XLA, or cuDNN's fused
+kernel).
 
 Layouts: activations x [B, T, D]; attention heads [B, T, H, Dh]. Every parameter carries logical axis
 names (see `train/sharding.py` for the rules that map them onto the mesh).
@@ -6,6 +7,7 @@ names (see `train/sharding.py` for the rules that map them onto the mesh).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Optional
 
@@ -302,6 +304,99 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     p = jax.nn.softmax(s, axis=-1)
     p = jnp.where(mask.any(-1, keepdims=True), p, 0.0)
     y = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)
+    return y.astype(q.dtype)
+
+
+# Implementations of the dense causal attention (TransformerConfig.attention_impl): "xla" is
+# `dot_product_attention` above (the [B, H, T, T] scores materialised); "cudnn" is cuDNN's fused
+# flash attention through `jax.nn.dot_product_attention` (GPUs; bfloat16 or float16); "auto" is
+# "cudnn" on the gpu backend where it serves the call, else "xla".
+DENSE_IMPLS = ("xla", "cudnn", "auto")
+CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_MAX_HEAD_DIM = 128     # and a multiple of 8 (every cuDNN GPU; Hopper also takes 256)
+
+
+def target_backend() -> str:
+    """The platform ("cpu", "gpu", "tpu") a computation being traced is for: that of the mesh set
+    by `jax.sharding.use_abstract_mesh` or `jax.set_mesh` (the trainer sets one; a dry run's
+    is over compile-only GPU or TPU devices while the host's backend is the CPU), else
+    `jax.default_backend()`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    return getattr(device, "platform", None) or jax.default_backend()
+
+
+def dense_attention(impl: str) -> Callable:
+    """The dense causal attention function of `impl` (DENSE_IMPLS): `dot_product_attention`
+    for "xla", else `fused_attention` with that impl."""
+    if impl not in DENSE_IMPLS:
+        raise ValueError(f"attention_impl={impl!r} is not allowed; use one of {DENSE_IMPLS}")
+    if impl == "xla":
+        return dot_product_attention
+    return functools.partial(fused_attention, impl=impl)
+
+
+def cudnn_serves(dtype, head_dim: int) -> str:
+    """'' when cuDNN's flash attention takes heads of this dtype and size, else why not."""
+    if jnp.dtype(dtype).name not in CUDNN_DTYPES:
+        return f"dtype={jnp.dtype(dtype).name} (cuDNN takes {' or '.join(CUDNN_DTYPES)})"
+    if head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM:
+        return (f"head_dim={head_dim} (cuDNN takes a multiple of 8 up to "
+                f"{CUDNN_MAX_HEAD_DIM})")
+    return ""
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "cudnn",
+                    kernel: str = "cudnn", causal: bool = True, q_offset=0,
+                    segment_ids: Optional[jax.Array] = None,
+                    prompt: Optional[jax.Array] = None,
+                    prefix_k: Optional[jax.Array] = None,
+                    prefix_v: Optional[jax.Array] = None,
+                    prefix_mask: Optional[jax.Array] = None,
+                    window: int = 0,
+                    key_valid: Optional[jax.Array] = None) -> jax.Array:
+    """`dot_product_attention`'s contract, with the training layout (causal self-attention over
+    the whole row, optionally sliding-window: `window` maps to local_window_size=(window-1, 0))
+    through `jax.nn.dot_product_attention(implementation=kernel)`, cuDNN's flash attention: no
+    [B, H, T, T] scores in memory, and the causal half skipped.
+
+    impl "cudnn": that kernel or a ValueError: on a backend other than gpu (with kernel
+    "cudnn"), and for segment_ids, prompt, prefix keys, non-causal attention or heads cuDNN does
+    not take (`cudnn_serves`). impl "auto": the kernel where it serves the call on the gpu
+    backend, else `dot_product_attention`. Under either, decoding (a KV cache: q_offset other than
+    0, keys longer than the queries, key_valid) runs `dot_product_attention`: one new token
+    against the cache leaves nothing to fuse.
+    kernel: jax's implementation name; "xla" runs jax's unfused reference of the same call (how
+    tests check the mapping on CPU)."""
+    xla = functools.partial(dot_product_attention, q, k, v, causal=causal, q_offset=q_offset,
+                            segment_ids=segment_ids, prompt=prompt, prefix_k=prefix_k,
+                            prefix_v=prefix_v, prefix_mask=prefix_mask, window=window,
+                            key_valid=key_valid)
+    decoding = (key_valid is not None or q.shape[1] != k.shape[1]
+                or not isinstance(q_offset, int) or q_offset != 0)
+    if decoding:
+        return xla()
+    unfused = [f"{name} (the kernel runs plain causal self-attention)" for name, x in
+               (("segment_ids", segment_ids), ("prompt", prompt), ("prefix_k", prefix_k),
+                ("causal=False", not causal or None)) if x is not None]
+    backend = target_backend()
+    runs_here = kernel != "cudnn" or backend == "gpu"
+    why = unfused[0] if unfused else (cudnn_serves(q.dtype, q.shape[-1]) if kernel == "cudnn"
+                                      else "")
+    if impl == "cudnn":
+        if not runs_here:
+            raise ValueError(f"attention_impl='cudnn' needs the gpu backend, not {backend}; "
+                             "use 'auto' (cuDNN on GPUs, else xla) or 'xla'")
+        if why:
+            raise ValueError(f"attention_impl='cudnn' is not allowed with {why}; use 'auto' "
+                             "(xla where cuDNN does not serve) or 'xla'")
+    elif impl != "auto":
+        raise ValueError(f"impl={impl!r} is not allowed; use 'cudnn' or 'auto'")
+    if why or not runs_here:
+        return xla()
+    y = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                     local_window_size=(window - 1, 0) if window else None,
+                                     implementation=kernel)
     return y.astype(q.dtype)
 
 

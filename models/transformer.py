@@ -56,6 +56,10 @@ class TransformerConfig:
                                                        # RopeScaling's fields is accepted)
     attention: str = "dense"           # 'dense' (Transformer); 'landmark' | 'landmark_dense'
                                        # (models.landmark.LandmarkLM)
+    attention_impl: str = "xla"        # dense attention's implementation (layers.DENSE_IMPLS):
+                                       # 'xla' (scores materialised), 'cudnn' (cuDNN's flash
+                                       # attention; GPUs, bfloat16/float16) or 'auto' (cudnn on
+                                       # GPUs where it serves the call, else xla)
     dtype: Any = jnp.float32           # compute dtype (bfloat16 on accelerators)
     param_dtype: Any = jnp.float32     # parameters stay float32 (float64 for parity runs)
     remat: bool = False                # rematerialise each block in the backward pass
@@ -102,6 +106,19 @@ class TransformerConfig:
             raise ValueError(f"remat_policy={self.remat_policy!r} is not allowed; use one of "
                              f"{sorted(REMAT_POLICIES)}")
         layers.check_init_std(self.init_std)
+        if self.attention_impl not in layers.DENSE_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r} is not allowed; use one of "
+                             f"{layers.DENSE_IMPLS}")
+        if self.attention != "dense" and self.attention_impl != "xla":
+            raise ValueError(f"attention_impl={self.attention_impl!r} is for dense attention; "
+                             f"attention={self.attention!r} takes its implementation from "
+                             "models.landmark.LandmarkConfig.attention_impl")
+        if self.attention_impl == "cudnn":
+            why = ("prefix_lm=True (the kernel runs plain causal self-attention)"
+                   if self.prefix_lm else layers.cudnn_serves(as_dtype(self.dtype), self.hd))
+            if why:
+                raise ValueError(f"attention_impl='cudnn' is not allowed with {why}; use 'auto' "
+                                 "(xla where cuDNN does not serve) or 'xla'")
         if not isinstance(self.window, int) or self.window < 0:
             raise ValueError(f"window={self.window!r} is not allowed; use an integer >= 0 "
                              "(0: full causal attention)")
@@ -318,7 +335,8 @@ class Transformer(nn.Module):
     prefix-LM Transformer; packed samples stay isolated by segment_ids),
     prefix_kv [L, 2, B, P, H, Dh] with prefix_mask [B, P]: per-layer prefix keys/values (not rotated),
     attention_kwargs: passed to the attention function (e.g. {"is_landmark": [B,T] bool}).
-    attention_fn: every block's attention (`AttentionFn`); None: dense (`cfg.attention` 'dense').
+    attention_fn: every block's attention (`AttentionFn`); None: dense (`cfg.attention` 'dense', by
+    `cfg.attention_impl`).
     kv_cache (`KVCache`, dense attention only): decode T new tokens after the cache's `length`
     (positions default to length..length+T-1); returns (logits, the updated cache).
     """
@@ -360,7 +378,8 @@ class Transformer(nn.Module):
         return decoder_forward(c, tokens_BxT, positions=positions, segment_ids=segment_ids,
                                prefix_kv=prefix_kv, prefix_mask=prefix_mask,
                                attention_kwargs=attention_kwargs, return_hidden=return_hidden,
-                               attention_fn=self.attention_fn or layers.dot_product_attention,
+                               attention_fn=(self.attention_fn
+                                             or layers.dense_attention(c.attention_impl)),
                                kv_cache=kv_cache)
 
 

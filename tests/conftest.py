@@ -50,6 +50,15 @@ def reference_dir() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def h100_mesh():
+    """A one-device abstract mesh of an H100: what a model traces under in a dry run for a GPU
+    (`train.dryrun --gpu`), so the kernels a GPU would run are selected on this CPU host."""
+    from jax._src.mesh import AbstractDevice, AbstractMesh
+    device = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    return AbstractMesh((1,), ("data",), (jax.sharding.AxisType.Auto,), abstract_device=device)
+
+
+@pytest.fixture(scope="session")
 def repo_root() -> pathlib.Path:
     return REPO
 

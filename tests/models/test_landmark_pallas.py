@@ -129,13 +129,16 @@ def _has_kernel(attention_impl, T=24, F=7, marker="pallas_call"):
     return marker in str(jax.make_jaxpr(lambda p: model.apply(p, tokens))(params))
 
 
-def test_auto_is_xla_on_cpu_and_pallas_on_gpu(monkeypatch):
+def test_auto_is_xla_on_cpu_and_pallas_on_gpu(monkeypatch, h100_mesh):
     assert jax.default_backend() == "cpu"
     assert lmk.resolve_impl("auto", mem_freq=7) == "xla"
     assert lmk.resolve_impl("pallas", mem_freq=7) == "pallas_gpu"   # interpret mode only
     assert not _has_kernel("auto")
     with pytest.raises(ValueError, match=r"impl='pallas' is not allowed on the cpu backend"):
         _has_kernel("pallas")
+    # Traced for a GPU mesh on this CPU host (a dry run's compile-only devices): the GPU kernels.
+    with jax.sharding.use_abstract_mesh(h100_mesh):
+        assert lmk.resolve_impl("auto", mem_freq=7) == "pallas_gpu"
     # On a GPU backend (traced, not compiled): 'auto' and the model config select the kernels.
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert lmk.resolve_impl("auto", mem_freq=7) == "pallas_gpu"
