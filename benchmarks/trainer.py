@@ -14,6 +14,10 @@ What is timed, in one run:
   steps, an asynchronous checkpoint every `--checkpoint-every` steps), tokens/s the median of its
   metrics rows' `tokens_per_s` after the first (which holds the compilation).
 
+Attention (`--attention`, the model's `attention_impl`): "auto" by default, cuDNN's flash
+attention on a GPU (bfloat16), the XLA path elsewhere. Where the model runs cuDNN's kernel, the
+same step with the XLA attention is timed in the same run (`step_with_xla_attention`).
+
 MFU against two peaks: the device's specification (dense, no sparsity; `train/chips.py`, by
 `device_kind`; none for a CPU) and the matmul peak measured in the same run (below).
 
@@ -41,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
+from models import layers
 from train import trainer
 from train.chips import matmul_flops_per_token, spec_peak
 from train.configs import lm as lm_config
@@ -63,10 +68,14 @@ SIZES = {
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def make_config(size: str, *, dtype: str, num_devices: int):
-    """The lm.py config at `size`: data-parallel over `num_devices`, no checkpoints or evals."""
+def make_config(size: str, *, dtype: str, num_devices: int, attention: str = "auto"):
+    """The lm.py config at `size`: data-parallel over `num_devices`, no checkpoints or evals,
+    dense attention by `attention` (layers.DENSE_IMPLS)."""
     if size not in SIZES:
         raise ValueError(f"size={size!r} is not allowed; use one of {sorted(SIZES)}")
+    if attention not in layers.DENSE_IMPLS:
+        raise ValueError(f"attention={attention!r} is not allowed; use one of "
+                         f"{layers.DENSE_IMPLS}")
     s = SIZES[size]
     c = lm_config.get_config("tiny")
     c.model.width = s["width"]
@@ -75,6 +84,7 @@ def make_config(size: str, *, dtype: str, num_devices: int):
     c.model.vocab_size = s.get("vocab_size", c.model.vocab_size)
     c.model.dtype = dtype
     c.model.remat = False
+    c.model.attention_impl = attention
     c.seq_len = s["seq_len"]
     c.batch_size = s["batch_size"] * num_devices
     c.num_steps = 1000          # only shapes the LR schedule; steps are driven here
@@ -114,6 +124,45 @@ def synthetic_batch(config, rng: np.random.Generator) -> dict:
             "weights": np.ones((B, T), np.float32)}
 
 
+def attention_used(config, platform: str) -> str:
+    """The dense attention the model runs on `platform`: "cudnn" or "xla" (see
+    `layers.fused_attention`; the training layout: causal self-attention, no packing)."""
+    m = config.model
+    impl = m.attention_impl
+    if impl == "xla" or (impl == "auto" and (platform != "gpu" or layers.cudnn_serves(
+            m.dtype, m.get("head_dim") or m.width // m.num_heads))):
+        return "xla"
+    return "cudnn"
+
+
+def time_step(config, devices, *, steps: int, warmup: int) -> dict:
+    """One jitted, donated train step of `config` on a fixed synthetic batch already on the
+    devices: {"time": harness.time_fn's median of `steps` runs after `warmup`, "compile_and_init_s",
+    "loss" (the last step's), "flops": `matmul_flops_per_token`}. The state is freed on return."""
+    t0 = time.perf_counter()
+    r = trainer.setup(config, devices=devices)
+    state = trainer.init_state(r)
+    step_fn = trainer.make_train_step(r)
+    batch = trainer.to_device(synthetic_batch(config, np.random.default_rng(0)), r.batch_sharding)
+    flops = matmul_flops_per_token(config, state.params)
+    box = {"state": state}
+    del state
+
+    def one_step():
+        # The step donates its state, so each call consumes the previous call's output.
+        box["state"], metrics = step_fn(box["state"], batch)
+        return metrics
+
+    jax.block_until_ready(one_step())   # compile
+    compile_s = time.perf_counter() - t0
+    t = harness.time_fn(one_step, warmup=warmup, runs=steps)
+    loss = float(one_step()["loss"])
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"benchmark train step produced loss={loss}")
+    box.clear()
+    return {"time": t, "compile_and_init_s": compile_s, "loss": loss, "flops": flops}
+
+
 def real_loop(config, devices, *, steps: int, log_every: int, checkpoint_every: int,
               workdir: str) -> dict:
     """Tokens/s of `trainer.train` on the `text` dataset for `steps` steps (see the module
@@ -136,7 +185,8 @@ def real_loop(config, devices, *, steps: int, log_every: int, checkpoint_every: 
 
 def run(size: str = "small", *, steps: int = 5, warmup: int = 2, devices: int = 1,
         dtype: str | None = None, peak_n: int | None = None, out_dir=None,
-        loop_steps: int = 20, log_every: int = 5, checkpoint_every: int = 10) -> dict:
+        loop_steps: int = 20, log_every: int = 5, checkpoint_every: int = 10,
+        attention: str = "auto") -> dict:
     """Measures and writes the benchmark; returns the JSON payload (without harness fields)."""
     all_devices = jax.devices()
     if devices < 0 or devices > len(all_devices):
@@ -158,29 +208,16 @@ def run(size: str = "small", *, steps: int = 5, warmup: int = 2, devices: int = 
     # shared machine contention only ever lowers a measurement.
     peak_before = measure_peak(peak_n, _DTYPES[dtype], devs[0], reps=peak_reps)
 
-    config = make_config(size, dtype=dtype, num_devices=len(devs))
-    t0 = time.perf_counter()
-    r = trainer.setup(config, devices=devs)
-    state = trainer.init_state(r)
-    step_fn = trainer.make_train_step(r)
-    batch = trainer.to_device(synthetic_batch(config, np.random.default_rng(0)), r.batch_sharding)
-    flops = matmul_flops_per_token(config, state.params)
-
-    box = {"state": state}
-
-    def one_step():
-        # The step donates its state, so each call consumes the previous call's output.
-        box["state"], metrics = step_fn(box["state"], batch)
-        return metrics
-
-    jax.block_until_ready(one_step())   # compile
-    compile_s = time.perf_counter() - t0
-    t = harness.time_fn(one_step, warmup=warmup, runs=steps)
-    loss = float(one_step()["loss"])
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"benchmark train step produced loss={loss}")
-
-    box.clear()   # the step's state (the first `state` was donated): freed before the real loop
+    config = make_config(size, dtype=dtype, num_devices=len(devs), attention=attention)
+    step = time_step(config, devs, steps=steps, warmup=warmup)
+    t, flops = step["time"], step["flops"]
+    # The same step with the XLA attention, where the kernel is another (cuDNN's on a GPU): the
+    # baseline of the attention's share, timed in the same run.
+    used = attention_used(config, devs[0].platform)
+    xla_step = None
+    if used != "xla":
+        xla_step = time_step(make_config(size, dtype=dtype, num_devices=len(devs),
+                                         attention="xla"), devs, steps=steps, warmup=warmup)
     with tempfile.TemporaryDirectory() as workdir:
         loop = real_loop(config, devs, steps=loop_steps, log_every=log_every,
                          checkpoint_every=checkpoint_every, workdir=workdir)
@@ -200,12 +237,25 @@ def run(size: str = "small", *, steps: int = 5, warmup: int = 2, devices: int = 
     loop["mfu_spec"] = loop["model_flops_per_s"] / spec_total if spec_total else None
     loop["mfu_measured_peak"] = loop["model_flops_per_s"] / peak_total
     m = config.model
+    baseline = None
+    if xla_step is not None:
+        xla_tps = tokens_per_step / xla_step["time"]["median_s"]
+        baseline = {"attention": "xla", "step_time": xla_step["time"],
+                    "compile_and_init_s": xla_step["compile_and_init_s"],
+                    "tokens_per_s": xla_tps,
+                    "mfu_spec": (xla_tps * flops["flops_per_token"] / spec_total
+                                 if spec_total else None),
+                    "mfu": xla_tps * flops["flops_per_token"] / peak_total,
+                    # > 1: the step with `attention_used` is that much faster
+                    "speedup": xla_step["time"]["median_s"] / t["median_s"]}
     payload = {
         "size": size,
         "shapes": {"batch_size": config.batch_size, "seq_len": config.seq_len,
                    "width": m.width, "num_layers": m.num_layers, "num_heads": m.num_heads,
                    "mlp": m.mlp, "vocab_size": m.vocab_size, "tie_embeddings": m.tie_embeddings,
                    "compute_dtype": dtype, "param_dtype": "float32",
+                   "attention_impl": m.attention_impl,
+                   "attention_used": used,
                    "devices_used": len(devs), "mesh": dict(config.mesh)},
         "flops_formula": ("6*N + 12*L*T*D per token (forward+backward; N = parameters in "
                           "matmuls, input embedding excluded when untied; attention counted "
@@ -213,7 +263,7 @@ def run(size: str = "small", *, steps: int = 5, warmup: int = 2, devices: int = 
         **flops,
         "peak": peak,
         "step_time": t,
-        "compile_and_init_s": compile_s,
+        "compile_and_init_s": step["compile_and_init_s"],
         "tokens_per_step": tokens_per_step,
         "tokens_per_s": tokens_per_s,
         "model_flops_per_s": model_flops_per_s,
@@ -224,7 +274,9 @@ def run(size: str = "small", *, steps: int = 5, warmup: int = 2, devices: int = 
         "spec_peak_flops_per_s_total": spec_total,
         "mfu_spec": model_flops_per_s / spec_total if spec_total else None,
         "real_loop": loop,
-        "last_loss": loss,
+        "last_loss": step["loss"],
+        # the same step with the XLA attention (only where `attention_used` is another)
+        "step_with_xla_attention": baseline,
     }
     # the GPT-3 sizes write files of their own (trainer-125m-DEVICE.json), so one machine keeps both
     name = f"trainer-{size}" if size in ("125m", "350m") else "trainer"
@@ -246,11 +298,14 @@ def main(argv=None) -> int:
     p.add_argument("--log-every", type=int, default=5, help="real loop: steps between rows")
     p.add_argument("--checkpoint-every", type=int, default=10,
                    help="real loop: steps between (asynchronous) checkpoints")
+    p.add_argument("--attention", default="auto", choices=layers.DENSE_IMPLS,
+                   help="dense attention: auto (cuDNN's flash attention on GPUs, else xla), "
+                        "cudnn or xla")
     p.add_argument("--out", default=None, help="results folder (default results/benchmarks)")
     a = p.parse_args(argv)
     res = run(a.size, steps=a.steps, warmup=a.warmup, devices=a.devices, dtype=a.dtype,
               peak_n=a.peak_n, out_dir=a.out, loop_steps=a.loop_steps, log_every=a.log_every,
-              checkpoint_every=a.checkpoint_every)
+              checkpoint_every=a.checkpoint_every, attention=a.attention)
     spec = (f", MFU {100 * res['mfu_spec']:.1f}% of the specification"
             if res["mfu_spec"] is not None else "")
     print(f"{res['size']}: step {res['tokens_per_s']:,.0f} tokens/s, "
@@ -259,6 +314,9 @@ def main(argv=None) -> int:
           f"MFU {100 * res['mfu']:.1f}%{spec}; real loop "
           f"{res['real_loop']['tokens_per_s']:,.0f} tokens/s "
           f"(MFU {100 * res['real_loop']['mfu_measured_peak']:.1f}% of the measured peak)")
+    if res["step_with_xla_attention"] is not None:
+        print(f"{res['shapes']['attention_used']} attention: step "
+              f"{res['step_with_xla_attention']['speedup']:.2f}x that with the XLA attention")
     return 0
 
 

@@ -303,10 +303,14 @@ def trainer_summary(d: dict) -> str:
     loop = (f"; the real loop (data, metrics, checkpoints) {loop['tokens_per_s']:,.0f} tokens/s, "
             f"MFU {loop['mfu_measured_peak']:.2f}"
             + (f" / {loop['mfu_spec']:.2f}" if loop.get("mfu_spec") else "") if loop else "")
+    xla = d.get("step_with_xla_attention")
+    xla = (f"; {xla['speedup']:.2f}× the step with the XLA attention "
+           f"({xla['tokens_per_s']:,.0f} tokens/s)" if xla else "")
+    attention = f", {s['attention_used']} attention" if "attention_used" in s else ""
     return (f"step {d['tokens_per_s']:,.0f} tokens/s, MFU {d['mfu']:.2f} of the measured "
-            f"{si(d['peak_flops_per_s_total'], 'FLOP/s')}{spec}{loop} "
+            f"{si(d['peak_flops_per_s_total'], 'FLOP/s')}{spec}{loop}{xla} "
             f"({d['n_params_total']:,} parameters, width {s['width']}, {s['num_layers']} layers, "
-            f"T {s['seq_len']}, {s['compute_dtype']})")
+            f"T {s['seq_len']}, {s['compute_dtype']}{attention})")
 
 
 def dkvb_summary(d: dict) -> str:

@@ -93,6 +93,33 @@ def test_trainer_benchmark_tiny(tmp_path):
     assert math.isclose(loop["mfu_measured_peak"],
                         loop["tokens_per_s"] * doc["flops_per_token"] / doc["peak_flops_per_s_total"])
     assert doc["mfu_spec"] is None and loop["mfu_spec"] is None
+    # 'auto' attention is the XLA path on a CPU: no second step to compare with
+    assert (s["attention_impl"], s["attention_used"]) == ("auto", "xla")
+    assert doc["step_with_xla_attention"] is None
+
+
+def test_attention_used_by_platform():
+    cfg = lambda **kw: bench.make_config("350m", num_devices=1, **kw)  # noqa: E731
+    assert bench.attention_used(cfg(dtype="bfloat16"), "gpu") == "cudnn"
+    assert bench.attention_used(cfg(dtype="bfloat16", attention="cudnn"), "gpu") == "cudnn"
+    assert bench.attention_used(cfg(dtype="bfloat16"), "tpu") == "xla"
+    assert bench.attention_used(cfg(dtype="float32"), "gpu") == "xla"     # cuDNN: 16-bit only
+    assert bench.attention_used(cfg(dtype="bfloat16", attention="xla"), "gpu") == "xla"
+    with pytest.raises(ValueError, match=r"attention='flash' is not allowed; use one of"):
+        cfg(dtype="bfloat16", attention="flash")
+
+
+def test_trainer_benchmark_times_the_xla_attention_beside_a_kernel(tmp_path, monkeypatch):
+    # Where the model runs a fused kernel (cuDNN's, on a GPU), the same step with the XLA
+    # attention is timed in the same run; here both steps are XLA's, so the speedup is ~1.
+    monkeypatch.setattr(bench, "attention_used", lambda config, platform: "cudnn")
+    bench.run("tiny", steps=2, warmup=1, devices=1, peak_n=256, out_dir=tmp_path,
+              loop_steps=4, log_every=2, checkpoint_every=0)
+    doc = json.loads((tmp_path / f"trainer-{harness.device_tag()}.json").read_text())
+    base = doc["step_with_xla_attention"]
+    assert base["attention"] == "xla" and base["step_time"]["runs"] == 2
+    assert math.isclose(base["speedup"], base["step_time"]["median_s"] / doc["step_time"]["median_s"])
+    assert math.isclose(base["tokens_per_s"], 32 * 64 / base["step_time"]["median_s"])
 
 
 @pytest.mark.skipif(chips.has_compiler("tpu"), reason="libtpu is installed")

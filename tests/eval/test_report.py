@@ -191,3 +191,18 @@ def test_dryrun_table_from_the_dry_runs_files(tmp_path):
     (tmp_path / "dryrun" / "lm-paper-4.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="lm-paper-4.json has no 'fits'"):
         report.BUILDERS["dryrun"](tmp_path)
+
+
+def test_trainer_summary_names_the_attention_and_its_xla_baseline():
+    d = {"shapes": {"width": 1024, "num_layers": 24, "seq_len": 2048, "compute_dtype": "bfloat16",
+                    "devices_used": 1, "attention_used": "cudnn"},
+         "device": {"device_kind": "NVIDIA H100 80GB HBM3"}, "tokens_per_s": 100_000.0,
+         "mfu": 0.5, "model_flops_per_s": 4.0e14, "peak_flops_per_s_total": 8.0e14,
+         "spec_peak_flops_per_s_total": 1.0e15, "n_params_total": 354_000_000,
+         "step_with_xla_attention": {"speedup": 1.6, "tokens_per_s": 62_500.0}}
+    text = report.trainer_summary(d)
+    assert "; 1.60× the step with the XLA attention (62,500 tokens/s)" in text
+    assert text.endswith("T 2048, bfloat16, cudnn attention)")
+    # a file from before either field: as it was
+    del d["step_with_xla_attention"], d["shapes"]["attention_used"]
+    assert report.trainer_summary(d).endswith("T 2048, bfloat16)")
