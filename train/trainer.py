@@ -321,7 +321,10 @@ def setup(config: ml_collections.ConfigDict, *, devices=None) -> Run:
                           memory=memory)
 
     seed_key = jax.random.key(config.seed)
-    abstract = jax.eval_shape(init_fn, seed_key)
+    # Traced for the mesh's devices, as the init and the step are (a model picks its kernels by
+    # the platform traced for: layers.target_backend).
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        abstract = jax.eval_shape(init_fn, seed_key)
     shardings = shd.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
     shd.check_divisible(nn.unbox(abstract), shardings)
     return Run(config=config, mesh=mesh, rules=rules, model=model, tx=tx, schedule=schedule,
@@ -351,7 +354,8 @@ def init_state(run: Run) -> TrainState:
 
 
 def abstract_state(run: Run) -> TrainState:
-    abstract = nn.unbox(jax.eval_shape(run.init_fn, jax.random.key(run.config.seed)))
+    with jax.sharding.use_abstract_mesh(run.mesh.abstract_mesh):    # as in `setup`
+        abstract = nn.unbox(jax.eval_shape(run.init_fn, jax.random.key(run.config.seed)))
     return ckpt_lib.abstract_like(abstract, run.state_shardings)
 
 
