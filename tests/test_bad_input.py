@@ -224,6 +224,15 @@ def test_vocab_smaller_than_the_tokenizer(cli_in_process, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_cudnn_attention_in_float32(cli_in_process, tmp_path):
+    code, line = cli_in_process("--config", "lm:tiny", "--workdir", str(tmp_path / "run"),
+                                "--config.model.attention_impl=cudnn")
+    assert code == 2 and line == (
+        "error: attention_impl='cudnn' is not allowed with dtype=float32 (cuDNN takes bfloat16 "
+        "or float16); use 'auto' (xla where cuDNN does not serve) or 'xla'")
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_dataset_name(cli_in_process, tmp_path):
     code, line = cli_in_process("--config", "lm:tiny", "--workdir", str(tmp_path / "run"),
                                 "--config.data.name=nope")

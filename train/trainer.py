@@ -240,6 +240,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"model.vocab_size={vocab} is not allowed: data.name="
                              f"{config.data.name!r}{with_tok} produces token ids up to "
                              f"{need - 1}; use >= {need}")
+    if family in ("transformer", "landmark"):   # their model configs check their own fields
+        build_model(config.model)
     mem_freq = config.model.get("mem_freq")
     if config.model.get("family") == "landmark" and mem_freq and config.get("seq_len"):
         if config.seq_len < mem_freq:   # a row must hold a whole block and its landmark
