@@ -15,8 +15,9 @@ What is timed, in one run:
   metrics rows' `tokens_per_s` after the first (which holds the compilation).
 
 Attention (`--attention`, the model's `attention_impl`): "auto" by default, cuDNN's flash
-attention on a GPU (bfloat16), the XLA path elsewhere. Where the model runs cuDNN's kernel, the
-same step with the XLA attention is timed in the same run (`step_with_xla_attention`).
+attention on a GPU (bfloat16), the splash kernel on a TPU, the XLA path elsewhere. Where the
+model runs a fused kernel, the same step with the XLA attention is timed in the same run
+(`step_with_xla_attention`).
 
 MFU against two peaks: the device's specification (dense, no sparsity; `train/chips.py`, by
 `device_kind`; none for a CPU) and the matmul peak measured in the same run (below).
@@ -125,14 +126,17 @@ def synthetic_batch(config, rng: np.random.Generator) -> dict:
 
 
 def attention_used(config, platform: str) -> str:
-    """The dense attention the model runs on `platform`: "cudnn" or "xla" (see
+    """The dense attention the model runs on `platform`: "cudnn", "splash" or "xla" (see
     `layers.fused_attention`; the training layout: causal self-attention, no packing)."""
     m = config.model
-    impl = m.attention_impl
-    if impl == "xla" or (impl == "auto" and (platform != "gpu" or layers.cudnn_serves(
-            m.dtype, m.get("head_dim") or m.width // m.num_heads))):
+    kernel = {b: k for k, b in layers.KERNEL_BACKENDS.items()}.get(platform)
+    if m.attention_impl in layers.KERNEL_BACKENDS:
+        return m.attention_impl
+    if m.attention_impl == "xla" or kernel is None:
         return "xla"
-    return "cudnn"
+    why = (layers.cudnn_serves(m.dtype, m.get("head_dim") or m.width // m.num_heads)
+           if kernel == "cudnn" else layers.splash_serves(config.seq_len))
+    return "xla" if why else kernel
 
 
 def time_step(config, devices, *, steps: int, warmup: int) -> dict:
@@ -211,8 +215,8 @@ def run(size: str = "small", *, steps: int = 5, warmup: int = 2, devices: int = 
     config = make_config(size, dtype=dtype, num_devices=len(devs), attention=attention)
     step = time_step(config, devs, steps=steps, warmup=warmup)
     t, flops = step["time"], step["flops"]
-    # The same step with the XLA attention, where the kernel is another (cuDNN's on a GPU): the
-    # baseline of the attention's share, timed in the same run.
+    # The same step with the XLA attention, where the model runs a fused kernel (cuDNN's on a
+    # GPU, splash on a TPU): the baseline of the attention's share, timed in the same run.
     used = attention_used(config, devs[0].platform)
     xla_step = None
     if used != "xla":
@@ -299,8 +303,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint-every", type=int, default=10,
                    help="real loop: steps between (asynchronous) checkpoints")
     p.add_argument("--attention", default="auto", choices=layers.DENSE_IMPLS,
-                   help="dense attention: auto (cuDNN's flash attention on GPUs, else xla), "
-                        "cudnn or xla")
+                   help="dense attention: auto (cuDNN's flash attention on GPUs, splash on "
+                        "TPUs, else xla), cudnn, splash or xla")
     p.add_argument("--out", default=None, help="results folder (default results/benchmarks)")
     a = p.parse_args(argv)
     res = run(a.size, steps=a.steps, warmup=a.warmup, devices=a.devices, dtype=a.dtype,

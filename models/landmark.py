@@ -253,31 +253,6 @@ PALLAS_IMPLS = ("pallas_gpu", "pallas_tpu")
 PALLAS_BLOCKS = {"pallas_gpu": (64, 64), "pallas_tpu": (128, 128)}    # each kernel's default tiles
 
 
-def _per_shard(kernel, q, k, v, segment_ids):
-    """kernel(q, k, v, segment_ids=...) on each device's shard of the batch and heads when a mesh
-    with more than one device is set (`jax.set_mesh` / `use_abstract_mesh`): a `pallas_call` is
-    not partitioned by the compiler, so it runs under `shard_map` with q, k, v split as the
-    logical axes 'batch' and 'heads' say (flax's current rules; an axis that does not divide
-    stays whole). Without such a mesh: kernel(...) as is."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return kernel(q, k, v, segment_ids=segment_ids)
-    B, _, H, _ = q.shape
-    axes = []
-    for name, n in zip(("batch", "heads"), (B, H)):
-        a = nn.logical_to_mesh_axes((name,))[0]
-        size = math.prod(mesh.shape[x] for x in ((a,) if isinstance(a, str) else a or ()))
-        axes.append(a if n % size == 0 else None)
-    spec = jax.sharding.PartitionSpec(axes[0], None, axes[1], None)
-    if segment_ids is None:
-        return jax.shard_map(lambda q, k, v: kernel(q, k, v, segment_ids=None), mesh=mesh,
-                             in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
-    seg_spec = jax.sharding.PartitionSpec(axes[0], None)
-    return jax.shard_map(lambda q, k, v, s: kernel(q, k, v, segment_ids=s), mesh=mesh,
-                         in_specs=(spec,) * 3 + (seg_spec,), out_specs=spec,
-                         check_vma=False)(q, k, v, segment_ids)
-
-
 def resolve_impl(impl: str, *, mem_freq=None, dropout: bool = False) -> str:
     """'xla', 'pallas_gpu' or 'pallas_tpu' for `landmark_attention`'s impl. 'pallas' is the
     backend's kernel: the Mosaic one (models/landmark_pallas_tpu.py) on the tpu backend, else
@@ -390,7 +365,7 @@ def landmark_attention(q, k, v, is_landmark, *, segment_ids=None, q_block: int =
                 from models.landmark_pallas import landmark_attention_pallas as fn
             kernel = functools.partial(fn, mem_freq=S - 1, block_q=pallas_blocks[0],
                                        block_k=pallas_blocks[1], interpret=interpret)
-            return _per_shard(kernel, q, k, v, segment_ids)
+            return layers.per_shard(kernel, q, k, v, segment_ids)
         kp, vp = jnp.pad(k, pad), jnp.pad(v, pad)
         seg = None if segment_ids is None else jnp.pad(segment_ids, ((0, 0), (0, T_pad - T)),
                                                        constant_values=-1)

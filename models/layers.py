@@ -309,11 +309,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
 # Implementations of the dense causal attention (TransformerConfig.attention_impl): "xla" is
 # `dot_product_attention` above (the [B, H, T, T] scores materialised); "cudnn" is cuDNN's fused
-# flash attention through `jax.nn.dot_product_attention` (GPUs; bfloat16 or float16); "auto" is
-# "cudnn" on the gpu backend where it serves the call, else "xla".
-DENSE_IMPLS = ("xla", "cudnn", "auto")
+# flash attention through `jax.nn.dot_product_attention` (GPUs; bfloat16 or float16); "splash"
+# is the Pallas TPU splash attention (jax.experimental.pallas.ops.tpu; Mosaic); "auto" is cudnn
+# on the gpu backend and splash on the tpu backend where they serve the call, else "xla".
+DENSE_IMPLS = ("xla", "cudnn", "splash", "auto")
+KERNEL_BACKENDS = {"cudnn": "gpu", "splash": "tpu"}
 CUDNN_DTYPES = ("bfloat16", "float16")
 CUDNN_MAX_HEAD_DIM = 128     # and a multiple of 8 (every cuDNN GPU; Hopper also takes 256)
+SPLASH_BLOCKS = (512, 256, 128)   # the splash kernel's tile: the largest of these dividing T
 
 
 def target_backend() -> str:
@@ -346,8 +349,15 @@ def cudnn_serves(dtype, head_dim: int) -> str:
     return ""
 
 
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "cudnn",
-                    kernel: str = "cudnn", causal: bool = True, q_offset=0,
+def splash_serves(seq_len: int) -> str:
+    """'' when the splash kernel tiles a row of `seq_len` tokens, else why not."""
+    if seq_len % SPLASH_BLOCKS[-1]:
+        return f"seq_len={seq_len} (the splash kernel takes multiples of {SPLASH_BLOCKS[-1]})"
+    return ""
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "auto",
+                    interpret: bool = False, causal: bool = True, q_offset=0,
                     segment_ids: Optional[jax.Array] = None,
                     prompt: Optional[jax.Array] = None,
                     prefix_k: Optional[jax.Array] = None,
@@ -356,48 +366,113 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "cu
                     window: int = 0,
                     key_valid: Optional[jax.Array] = None) -> jax.Array:
     """`dot_product_attention`'s contract, with the training layout (causal self-attention over
-    the whole row, optionally sliding-window: `window` maps to local_window_size=(window-1, 0))
-    through `jax.nn.dot_product_attention(implementation=kernel)`, cuDNN's flash attention: no
-    [B, H, T, T] scores in memory, and the causal half skipped.
-
-    impl "cudnn": that kernel or a ValueError: on a backend other than gpu (with kernel
-    "cudnn"), and for segment_ids, prompt, prefix keys, non-causal attention or heads cuDNN does
-    not take (`cudnn_serves`). impl "auto": the kernel where it serves the call on the gpu
-    backend, else `dot_product_attention`. Under either, decoding (a KV cache: q_offset other than
-    0, keys longer than the queries, key_valid) runs `dot_product_attention`: one new token
-    against the cache leaves nothing to fuse.
-    kernel: jax's implementation name; "xla" runs jax's unfused reference of the same call (how
-    tests check the mapping on CPU)."""
+    the whole row, optionally sliding-window) through a fused kernel: no [B, H, T, T] scores in
+    memory, and the blocks above the diagonal (or outside the window) skipped.
+    - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, the window as its
+      local_window_size (window - 1, 0); no packed rows.
+    - "splash": the Pallas TPU splash attention with a causal (or local) mask, packed rows as
+      its segment ids, under `shard_map` over the batch and heads where a mesh is set.
+    impl "cudnn" / "splash": that kernel, or a ValueError on another backend (the kernel's: gpu,
+    tpu) and for calls it does not serve (prompt, prefix keys, non-causal attention; cuDNN:
+    segment_ids and `cudnn_serves`; splash: `splash_serves`). "auto": the backend's kernel where
+    it serves the call, else `dot_product_attention`. Under every impl, decoding (a KV cache:
+    q_offset other than 0, keys longer than the queries, key_valid) runs `dot_product_attention`:
+    one new token against the cache leaves nothing to fuse.
+    interpret: run the kernel's reference on any backend (tests on CPU): splash in Pallas
+    interpret mode, cuDNN's call through jax's unfused implementation ("xla") of it (which takes
+    float32 and any head size)."""
     xla = functools.partial(dot_product_attention, q, k, v, causal=causal, q_offset=q_offset,
                             segment_ids=segment_ids, prompt=prompt, prefix_k=prefix_k,
                             prefix_v=prefix_v, prefix_mask=prefix_mask, window=window,
                             key_valid=key_valid)
-    decoding = (key_valid is not None or q.shape[1] != k.shape[1]
-                or not isinstance(q_offset, int) or q_offset != 0)
-    if decoding:
+    if (key_valid is not None or q.shape[1] != k.shape[1] or not isinstance(q_offset, int)
+            or q_offset != 0):
         return xla()
-    unfused = [f"{name} (the kernel runs plain causal self-attention)" for name, x in
-               (("segment_ids", segment_ids), ("prompt", prompt), ("prefix_k", prefix_k),
-                ("causal=False", not causal or None)) if x is not None]
     backend = target_backend()
-    runs_here = kernel != "cudnn" or backend == "gpu"
-    why = unfused[0] if unfused else (cudnn_serves(q.dtype, q.shape[-1]) if kernel == "cudnn"
-                                      else "")
-    if impl == "cudnn":
+    if impl == "auto":
+        kernel = {b: name for name, b in KERNEL_BACKENDS.items()}.get(backend)
+        if kernel is None:
+            return xla()
+    elif impl in KERNEL_BACKENDS:
+        kernel = impl
+    else:
+        raise ValueError(f"impl={impl!r} is not allowed; use one of "
+                         f"{tuple(KERNEL_BACKENDS) + ('auto',)}")
+    unfused = [name for name, x in (("prompt", prompt), ("prefix_k", prefix_k)) if x is not None]
+    if not causal:
+        unfused.append("causal=False")
+    if kernel == "cudnn" and segment_ids is not None:
+        unfused.append("segment_ids")
+    why = (f"{unfused[0]} (the kernel runs causal self-attention)" if unfused
+           else splash_serves(q.shape[1]) if kernel == "splash"
+           else "" if interpret else cudnn_serves(q.dtype, q.shape[-1]))
+    runs_here = interpret or backend == KERNEL_BACKENDS[kernel]
+    if impl != "auto":
         if not runs_here:
-            raise ValueError(f"attention_impl='cudnn' needs the gpu backend, not {backend}; "
-                             "use 'auto' (cuDNN on GPUs, else xla) or 'xla'")
+            raise ValueError(f"attention_impl={impl!r} needs the {KERNEL_BACKENDS[impl]} "
+                             f"backend, not {backend}; use 'auto' (the backend's kernel, else "
+                             "xla) or 'xla'")
         if why:
-            raise ValueError(f"attention_impl='cudnn' is not allowed with {why}; use 'auto' "
-                             "(xla where cuDNN does not serve) or 'xla'")
-    elif impl != "auto":
-        raise ValueError(f"impl={impl!r} is not allowed; use 'cudnn' or 'auto'")
+            raise ValueError(f"attention_impl={impl!r} is not allowed with {why}; use 'auto' "
+                             "(xla where the kernel does not serve) or 'xla'")
     if why or not runs_here:
         return xla()
-    y = jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                     local_window_size=(window - 1, 0) if window else None,
-                                     implementation=kernel)
-    return y.astype(q.dtype)
+    if kernel == "cudnn":
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                         local_window_size=(window - 1, 0) if window else None,
+                                         implementation="xla" if interpret else "cudnn")
+        return y.astype(q.dtype)
+    kernel_fn = functools.partial(_splash, window=window, interpret=interpret)
+    return per_shard(kernel_fn, q, k, v, segment_ids)
+
+
+def _splash(q, k, v, *, segment_ids=None, window: int = 0, interpret: bool = False):
+    """The splash kernel on q, k, v [B, T, H, Dh] (one device's shard): causal, or local with
+    `window`; segment_ids [B, T] keep packed rows apart."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    B, T, H, Dh = q.shape
+    b = next(b for b in SPLASH_BLOCKS if T % b == 0)
+    mask = (sm.LocalMask((T, T), window_size=(window - 1, 0), offset=0) if window
+            else sm.CausalMask((T, T)))
+    blocks = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
+                           block_kv_dkv=b, block_kv_dkv_compute=b, use_fused_bwd_kernel=True)
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([mask] * H), block_sizes=blocks, head_shards=1,
+                                q_seq_shards=1, interpret=interpret)
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)     # noqa: E731  [B, H, T, Dh]
+    q = heads_first(q) * jnp.asarray(1.0 / math.sqrt(Dh), q.dtype)   # the kernel does not scale
+    k, v = heads_first(k), heads_first(v)
+    if segment_ids is None:
+        y = jax.vmap(kernel)(q, k, v)
+    else:
+        y = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(s, s)))(
+            q, k, v, segment_ids)
+    return heads_first(y).astype(q.dtype)
+
+
+def per_shard(kernel, q, k, v, segment_ids):
+    """kernel(q, k, v, segment_ids=...) on each device's shard of the batch and heads when a mesh
+    with more than one device is set (`jax.set_mesh` / `use_abstract_mesh`): a `pallas_call` is
+    not partitioned by the compiler, so it runs under `shard_map` with q, k, v split as the
+    logical axes 'batch' and 'heads' say (flax's current rules; an axis that does not divide
+    stays whole). Without such a mesh: kernel(...) as is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(q, k, v, segment_ids=segment_ids)
+    B, _, H, _ = q.shape
+    axes = []
+    for name, n in zip(("batch", "heads"), (B, H)):
+        a = nn.logical_to_mesh_axes((name,))[0]
+        size = math.prod(mesh.shape[x] for x in ((a,) if isinstance(a, str) else a or ()))
+        axes.append(a if n % size == 0 else None)
+    spec = jax.sharding.PartitionSpec(axes[0], None, axes[1], None)
+    if segment_ids is None:
+        return jax.shard_map(lambda q, k, v: kernel(q, k, v, segment_ids=None), mesh=mesh,
+                             in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
+    seg_spec = jax.sharding.PartitionSpec(axes[0], None)
+    return jax.shard_map(lambda q, k, v, s: kernel(q, k, v, segment_ids=s), mesh=mesh,
+                         in_specs=(spec,) * 3 + (seg_spec,), out_specs=spec,
+                         check_vma=False)(q, k, v, segment_ids)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,8 +58,9 @@ class TransformerConfig:
                                        # (models.landmark.LandmarkLM)
     attention_impl: str = "xla"        # dense attention's implementation (layers.DENSE_IMPLS):
                                        # 'xla' (scores materialised), 'cudnn' (cuDNN's flash
-                                       # attention; GPUs, bfloat16/float16) or 'auto' (cudnn on
-                                       # GPUs where it serves the call, else xla)
+                                       # attention; GPUs, bfloat16/float16), 'splash' (Pallas
+                                       # TPU splash attention) or 'auto' (the backend's kernel
+                                       # where it serves the call, else xla)
     dtype: Any = jnp.float32           # compute dtype (bfloat16 on accelerators)
     param_dtype: Any = jnp.float32     # parameters stay float32 (float64 for parity runs)
     remat: bool = False                # rematerialise each block in the backward pass
@@ -113,12 +114,14 @@ class TransformerConfig:
             raise ValueError(f"attention_impl={self.attention_impl!r} is for dense attention; "
                              f"attention={self.attention!r} takes its implementation from "
                              "models.landmark.LandmarkConfig.attention_impl")
-        if self.attention_impl == "cudnn":
-            why = ("prefix_lm=True (the kernel runs plain causal self-attention)"
-                   if self.prefix_lm else layers.cudnn_serves(as_dtype(self.dtype), self.hd))
+        if self.attention_impl in layers.KERNEL_BACKENDS:
+            why = ("prefix_lm=True (the kernel runs causal self-attention)" if self.prefix_lm
+                   else layers.cudnn_serves(as_dtype(self.dtype), self.hd)
+                   if self.attention_impl == "cudnn" else "")
             if why:
-                raise ValueError(f"attention_impl='cudnn' is not allowed with {why}; use 'auto' "
-                                 "(xla where cuDNN does not serve) or 'xla'")
+                raise ValueError(f"attention_impl={self.attention_impl!r} is not allowed with "
+                                 f"{why}; use 'auto' (xla where the kernel does not serve) or "
+                                 "'xla'")
         if not isinstance(self.window, int) or self.window < 0:
             raise ValueError(f"window={self.window!r} is not allowed; use an integer >= 0 "
                              "(0: full causal attention)")

@@ -49,13 +49,24 @@ def reference_dir() -> pathlib.Path:
     return REFERENCE
 
 
+def _chip_mesh(device_kind: str, num_cores: int, platform: str):
+    """A one-device abstract mesh of a chip: what a model traces under in a dry run for it
+    (`train.dryrun --gpu / --topology`), so the kernels that chip would run are selected on this
+    CPU host (tracing and lowering only)."""
+    device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=num_cores,
+                                         platform=platform)
+    return jax.sharding.AbstractMesh((1,), ("data",), (jax.sharding.AxisType.Auto,),
+                                     abstract_device=device)
+
+
 @pytest.fixture(scope="session")
 def h100_mesh():
-    """A one-device abstract mesh of an H100: what a model traces under in a dry run for a GPU
-    (`train.dryrun --gpu`), so the kernels a GPU would run are selected on this CPU host."""
-    from jax._src.mesh import AbstractDevice, AbstractMesh
-    device = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-    return AbstractMesh((1,), ("data",), (jax.sharding.AxisType.Auto,), abstract_device=device)
+    return _chip_mesh("NVIDIA H100 80GB HBM3", 132, "gpu")
+
+
+@pytest.fixture(scope="session")
+def v5e_mesh():
+    return _chip_mesh("TPU v5 lite", 1, "tpu")
 
 
 @pytest.fixture(scope="session")

@@ -102,7 +102,8 @@ def test_attention_used_by_platform():
     cfg = lambda **kw: bench.make_config("350m", num_devices=1, **kw)  # noqa: E731
     assert bench.attention_used(cfg(dtype="bfloat16"), "gpu") == "cudnn"
     assert bench.attention_used(cfg(dtype="bfloat16", attention="cudnn"), "gpu") == "cudnn"
-    assert bench.attention_used(cfg(dtype="bfloat16"), "tpu") == "xla"
+    assert bench.attention_used(cfg(dtype="bfloat16"), "tpu") == "splash"
+    assert bench.attention_used(cfg(dtype="bfloat16"), "cpu") == "xla"
     assert bench.attention_used(cfg(dtype="float32"), "gpu") == "xla"     # cuDNN: 16-bit only
     assert bench.attention_used(cfg(dtype="bfloat16", attention="xla"), "gpu") == "xla"
     with pytest.raises(ValueError, match=r"attention='flash' is not allowed; use one of"):

@@ -66,7 +66,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.remat_policy = "full"            # what remat keeps: 'full' (nothing), 'dots', ...
     c.model.scan_layers = False              # blocks as one nn.scan (one block compiled)
     # dense attention: 'xla' (scores materialised), 'cudnn' (cuDNN's flash attention: GPUs,
-    # bfloat16) or 'auto' (cudnn on GPUs where it serves the call, else xla)
+    # bfloat16), 'splash' (Pallas splash attention: TPUs) or 'auto' (the backend's kernel
+    # where it serves the call, else xla)
     c.model.attention_impl = "auto" if paper else "xla"
 
     # Data: MQAR for tiny (learnable in a minute), the local prose corpus for paper.
