@@ -7,7 +7,9 @@
 #    jax.nn.dot_product_attention (cuDNN where it runs) and dense causal XLA attention, plus the
 #    official Triton kernel when its file is given and torch + triton import;
 # 2. the trainer's step and real loop at GPT-3 Small and Medium (125M, 350M parameters), bf16,
-#    MFU against the chip's specification and against the matmul peak measured in the same run.
+#    MFU against the chip's specification and against the matmul peak measured in the same run;
+#    attention 'auto' (cuDNN's flash attention on a GPU), with the same step on the XLA attention
+#    timed beside it.
 # Each writes results/benchmarks/NAME-DEVICE.json; `python -m eval.report` puts them in the README.
 set -euo pipefail
 cd "$(dirname "$0")/.."
