@@ -229,7 +229,7 @@ def test_cudnn_attention_in_float32(cli_in_process, tmp_path):
                                 "--config.model.attention_impl=cudnn")
     assert code == 2 and line == (
         "error: attention_impl='cudnn' is not allowed with dtype=float32 (cuDNN takes bfloat16 "
-        "or float16); use 'auto' (xla where cuDNN does not serve) or 'xla'")
+        "or float16); use 'auto' (xla where the kernel does not serve) or 'xla'")
     assert not (tmp_path / "run").exists()
 
 
