@@ -1,23 +1,61 @@
 #!/usr/bin/env bash
-# The issue-22 benchmarks on one accelerator, in one go (about 10 minutes on an H100/H200):
+# The issue-22 benchmarks on one accelerator (an H100/H200), in one go or a step at a time:
 #
-#     bash benchmarks/accelerator.sh [PATH/TO/flash_landmark_attention.py]
+#     bash benchmarks/accelerator.sh [--official PATH/TO/flash_landmark_attention.py] [STEP ...]
 #
-# 1. landmark training attention fwd+bwd at T = 2k / 8k / 32k: the Pallas kernel, the XLA path,
-#    jax.nn.dot_product_attention (cuDNN where it runs) and dense causal XLA attention, plus the
-#    official Triton kernel when its file is given and torch + triton import;
-# 2. the trainer's step and real loop at GPT-3 Small and Medium (125M, 350M parameters), bf16,
-#    MFU against the chip's specification and against the matmul peak measured in the same run;
-#    attention 'auto' (cuDNN's flash attention on a GPU), with the same step on the XLA attention
-#    timed beside it.
-# Each writes results/benchmarks/NAME-DEVICE.json; `python -m eval.report` puts them in the README.
-set -euo pipefail
+# Steps (all, in this order, when none is named):
+#   attention  landmark training attention fwd+bwd at T = 2k / 8k / 32k: the Pallas kernel, the
+#              XLA path, jax.nn.dot_product_attention (cuDNN where it runs) and dense causal XLA
+#              attention, plus the official Triton kernel when --official names its file and
+#              torch + triton import (JAX does not preallocate GPU memory here, so torch has room);
+#   125m, 350m the trainer's step and real loop at GPT-3 Small / Medium, bf16, attention 'auto'
+#              (cuDNN's flash attention on a GPU) with the same step on the XLA attention timed
+#              beside it; MFU against the chip's specification and the matmul peak measured in
+#              the same run.
+# Each step writes NAME-DEVICE.json into $RESULTS (default: $OUT where set, the lent machine's
+# folder that comes back, else results/benchmarks); `python -m eval.report` puts the committed
+# ones in the README. A failed step does not stop the next; the script exits 1 naming them.
+#
+# On the lent GPU machines (no network): their image lacks some packages the benchmarks import;
+# run `bash benchmarks/device_wheels.sh` on a host with the package index first and carry `.whl`:
+# this script installs it into /tmp/site. The official kernel is not part of this repository:
+# copy llama/ltriton/flash_landmark_attention.py of github.com/epfml/landmark-attention into a
+# git-ignored folder, carry that folder and pass the file with --official.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-python}
+PY=${PY:-python3}
+RESULTS=${RESULTS:-${OUT:-results/benchmarks}}
 official=()
-if [[ $# -ge 1 ]]; then official=(--official_kernel "$1"); fi
-$PY -m benchmarks.landmark_attention --runs 10 "${official[@]}"
-$PY -m benchmarks.trainer --size 125m --devices 0 --steps 10 --loop-steps 40 --log-every 10 \
-    --checkpoint-every 20
-$PY -m benchmarks.trainer --size 350m --devices 0 --steps 10 --loop-steps 40 --log-every 10 \
-    --checkpoint-every 20
+if [[ ${1:-} == --official ]]; then
+    official=(--official_kernel "$2")
+    shift 2
+fi
+steps=("$@")
+[[ ${#steps[@]} -gt 0 ]] || steps=(attention 125m 350m)
+for s in "${steps[@]}"; do
+    case $s in attention|125m|350m) ;; *) echo "error: step '$s' is unknown; use attention, 125m or 350m" >&2; exit 2;; esac
+done
+if [[ -d .whl ]]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "error: installing the carried .whl/ failed" >&2; exit 2; }
+    export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
+mkdir -p "$RESULTS"
+failed=()
+for s in "${steps[@]}"; do
+    echo "== $s ($(date -u +%H:%M:%S))"
+    case $s in
+        attention)
+            XLA_PYTHON_CLIENT_PREALLOCATE=false $PY -m benchmarks.landmark_attention --runs 10 \
+                --out_dir "$RESULTS" "${official[@]}" || failed+=("$s");;
+        125m|350m)
+            $PY -m benchmarks.trainer --size "$s" --devices 0 --steps 10 --loop-steps 40 \
+                --log-every 10 --checkpoint-every 20 --out "$RESULTS" || failed+=("$s");;
+    esac
+done
+echo "== done ($(date -u +%H:%M:%S))"
+if [[ ${#failed[@]} -gt 0 ]]; then
+    echo "error: failed steps: ${failed[*]}" >&2
+    exit 1
+fi

@@ -134,3 +134,13 @@ def test_aot_compile_names_the_missing_compiler(tmp_path):
     assert not out.exists()
     with pytest.raises(SystemExit, match=r"GPU targets \['v100'\] are unknown; allowed"):
         aot_compile.main(["--tpu", "", "--gpu", "v100", "--out", str(out)])
+
+
+def test_accelerator_script_refuses_an_unknown_step(repo_root):
+    # The GPU run is one shot on a lent machine: a misspelt step fails at once, before any
+    # benchmark or install runs.
+    import subprocess
+    r = subprocess.run(["bash", str(repo_root / "benchmarks" / "accelerator.sh"), "attention",
+                        "350M"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == "error: step '350M' is unknown; use attention, 125m or 350m\n"
