@@ -754,10 +754,6 @@ def greedy_generate(model: BiSSMLM, params, prompt_BxP, first_token_B, num_token
     return jnp.moveaxis(out, 0, 1)
 
 
-def num_params(params) -> int:
-    return sum(x.size for x in jax.tree_util.tree_leaves(params))
-
-
 def build_from_config(model_cfg: dict) -> BiSSMLM:
     """The trainer's builder (train/trainer.py MODELS['ssm']): a dict of SSMConfig fields
     (plus 'family') → BiSSMLM."""
