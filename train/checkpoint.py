@@ -178,6 +178,13 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        # Orbax's close() does not wait for the clean-up of old temporary folders that the
+        # manager's constructor starts in a thread: a process exiting right after (a refused
+        # resume) could then print that thread's traceback ("cannot schedule new futures after
+        # interpreter shutdown") under its one-line error. Wait for it first.
+        await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
         self.manager.wait_until_finished()
         self.manager.close()
 

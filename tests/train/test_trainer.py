@@ -156,6 +156,24 @@ def test_truncated_newest_checkpoint_is_moved_aside_and_training_saves_that_step
     assert starts == [0, 10]
 
 
+def test_close_waits_for_orbaxs_temporary_folder_cleanup(tmp_path, monkeypatch):
+    # The manager starts cleaning old temporary folders in a thread; orbax's own close() does not
+    # wait for it, and a process exiting right after (a refused resume) printed that thread's
+    # traceback under its one-line error. Checkpointer.close() returns after it.
+    import asyncio
+    from orbax.checkpoint._src.path import temporary_paths
+    done = []
+
+    async def slow_cleanup(*args, **kwargs):
+        await asyncio.sleep(0.5)
+        done.append(True)
+
+    monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths", slow_cleanup)
+    ckpt = ckpt_lib.Checkpointer(tmp_path)
+    ckpt.close()
+    assert done == [True]
+
+
 def test_changed_model_field_is_refused_before_anything_is_touched(tmp_path):
     c = tiny_config(num_steps=4, checkpoint_every=2)
     trainer.train(c, tmp_path)
