@@ -31,7 +31,7 @@ def _assert_close(got, want, tol=1e-5):
         np.testing.assert_allclose(g, w, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("T,window", [(16, 0), (33, 0), (33, 5), (24, 1)])
+@pytest.mark.parametrize("T,window", [(33, 0), (33, 5)])
 def test_the_cudnn_call_is_dense_causal_attention(T, window):
     # The arguments fused_attention gives cuDNN's kernel (is_causal, the window as its
     # local_window_size), run by jax's unfused reference: the XLA path's numbers.
@@ -51,11 +51,10 @@ def _packed(T):
             + (pos >= jnp.array([[200], [300]])).astype(jnp.int32))
 
 
-@pytest.mark.parametrize("T,window,packed", [(256, 0, False), (384, 0, False), (256, 37, False),
-                                             (256, 0, True)])
+@pytest.mark.parametrize("T,window,packed", [(384, 0, False), (256, 37, False), (256, 0, True)])
 def test_splash_matches_the_xla_path(T, window, packed):
-    # The splash kernel in interpret mode (tiles of 256 at T 256, of 128 at T 384): outputs and
-    # gradients of the XLA path to 1e-5 in float32, with a window and with packed rows.
+    # The splash kernel in interpret mode (tiles of 128 at T 384, of 256 at T 256): outputs and
+    # gradients of the XLA path to 1e-5 in float32, causal, with a window and with packed rows.
     q, k, v = _qkv(T, H=2, Dh=64)
     kw = dict(window=window, segment_ids=_packed(T) if packed else None)
     want = _value_and_grads(layers.dot_product_attention, q, k, v, **kw)
