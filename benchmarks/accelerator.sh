@@ -16,6 +16,8 @@
 # folder that comes back, else results/benchmarks); `python -m eval.report` puts the committed
 # ones in the README. A failed step does not stop the next; the script exits 1 naming them.
 #
+# A lent machine runs one command for at most 10 minutes: give it two, `attention`, then
+# `125m 350m` at once (the machine stays warm for 30 s between calls).
 # On the lent GPU machines (no network): their image lacks some packages the benchmarks import;
 # run `bash benchmarks/device_wheels.sh` on a host with the package index first and carry `.whl`:
 # this script installs it into /tmp/site. The official kernel is not part of this repository:
