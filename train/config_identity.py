@@ -47,6 +47,10 @@ EXCLUDED = (
     # Recomputing each block in the backward pass (and what it keeps): the same function,
     # parameters and gradients, traded for memory.
     "model.remat", "model.remat_policy",
+    # Which kernel computes the attention (the XLA path, cuDNN's, the splash or landmark Pallas
+    # kernels): the same function to float rounding, so a run trained on one chip resumes on
+    # another (tests/models/test_fused_attention.py, tests/models/test_landmark_pallas.py).
+    "model.attention_impl",
     # Where the same TFDS build lives (a local copy, a bucket) and whether TFDS may prepare it.
     "data.data_dir", "data.download", "data.stream_dir",
     # Reader threads and read-ahead: grain yields records in the same order whatever they are.
@@ -83,8 +87,6 @@ ADDED_DEFAULTS = {
     # Landmark attention's group dropout (models/landmark.py): off, as before it existed
     # (0.0 in a config; its JSON round trip writes 0).
     "model.group_dropout": 0,
-    # Landmark attention's implementation (models/landmark.py): the blockwise XLA path, as before.
-    "model.attention_impl": "xla",
 }
 
 # Data fields added to one dataset after its runs were stored, where another dataset has long had

@@ -30,7 +30,7 @@ def test_identity_leaves_out_run_control_and_keeps_the_rest():
     ident = ci.identity(c)
     for f in ("num_steps", "checkpoint_every", "eval_every", "log_every", "keep_checkpoints",
               "async_checkpoints", "progress", "name", "mesh.data", "debug.nan_at_step",
-              "eval.num_batches", "model.remat"):
+              "eval.num_batches", "model.remat", "model.attention_impl"):
         assert f not in ident
     for f in ("seed", "batch_size", "seq_len", "objective", "model.num_heads", "model.mem_freq",
               "data.min_length", "data.answer_weight", "optim.lr", "optim.min_lr_ratio"):
@@ -38,6 +38,7 @@ def test_identity_leaves_out_run_control_and_keeps_the_rest():
     d = landmark.get_config("tiny")
     d.num_steps, d.checkpoint_every, d.mesh.data, d.progress = 9, 3, 2, False
     d.debug.sigkill_at_step, d.eval.num_batches, d.name = 5, 1, "other"
+    d.model.attention_impl = "auto"      # another kernel, the same run (a resume on a GPU)
     assert ci.config_hash(d) == ci.config_hash(c) and ci.changed_fields(c, d) == []
 
 
