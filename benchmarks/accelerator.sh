@@ -35,7 +35,10 @@ fi
 steps=("$@")
 [[ ${#steps[@]} -gt 0 ]] || steps=(attention 125m 350m)
 for s in "${steps[@]}"; do
-    case $s in attention|125m|350m) ;; *) echo "error: step '$s' is unknown; use attention, 125m or 350m" >&2; exit 2;; esac
+    case $s in
+        attention|125m|350m) ;;
+        *) echo "error: step '$s' is unknown; use attention, 125m or 350m" >&2; exit 2;;
+    esac
 done
 if [[ -d .whl ]]; then
     $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \

@@ -9,10 +9,11 @@ What is timed, in one run:
 - the step: one jitted, donated train step of `train.trainer` (forward, backward, AdamW update)
   on a fixed batch already on the device, median of `--steps` runs after warm-up
   (`benchmarks.harness.time_fn`);
-- the real loop: `trainer.train` itself for `--loop-steps` steps on the `text` dataset (grain
-  pipeline, host-to-device copies, metrics read one step late and written every `--log-every`
-  steps, an asynchronous checkpoint every `--checkpoint-every` steps), tokens/s the median of its
-  metrics rows' `tokens_per_s` after the first (which holds the compilation).
+- the real loop: `trainer.train` itself for `--loop-steps` steps on the config's data (the tiny
+  LM config's MQAR rows, generated as read: `data.source="memory"`) through the grain pipeline
+  (shuffle, batching), with host-to-device copies, metrics read one step late and written every
+  `--log-every` steps and an asynchronous checkpoint every `--checkpoint-every` steps; tokens/s
+  the median of its metrics rows' `tokens_per_s` after the first (which holds the compilation).
 
 Attention (`--attention`, the model's `attention_impl`): "auto" by default, cuDNN's flash
 attention on a GPU (bfloat16), the splash kernel on a TPU, the XLA path elsewhere. Where the
@@ -169,7 +170,7 @@ def time_step(config, devices, *, steps: int, warmup: int) -> dict:
 
 def real_loop(config, devices, *, steps: int, log_every: int, checkpoint_every: int,
               workdir: str) -> dict:
-    """Tokens/s of `trainer.train` on the `text` dataset for `steps` steps (see the module
+    """Tokens/s of `trainer.train` on the config's data for `steps` steps (see the module
     docstring): the median of its metrics rows' tokens_per_s after the first."""
     c = config.copy_and_resolve_references()
     c.num_steps, c.log_every, c.checkpoint_every = steps, log_every, checkpoint_every
