@@ -130,14 +130,14 @@ def attention_used(config, platform: str) -> str:
     """The dense attention the model runs on `platform`: "cudnn", "splash" or "xla" (see
     `layers.fused_attention`; the training layout: causal self-attention, no packing)."""
     m = config.model
-    kernel = {b: k for k, b in layers.KERNEL_BACKENDS.items()}.get(platform)
-    if m.attention_impl in layers.KERNEL_BACKENDS:
-        return m.attention_impl
-    if m.attention_impl == "xla" or kernel is None:
+    if m.attention_impl == "xla":
         return "xla"
-    why = (layers.cudnn_serves(m.dtype, m.get("head_dim") or m.width // m.num_heads)
-           if kernel == "cudnn" else layers.splash_serves(config.seq_len))
-    return "xla" if why else kernel
+    kernel, why = layers.dense_kernel(m.attention_impl, platform, dtype=m.dtype,
+                                      head_dim=m.get("head_dim") or m.width // m.num_heads,
+                                      seq_len=config.seq_len)
+    # an explicit kernel that does not serve refuses the step (fused_attention): it is the
+    # kernel asked for; under "auto" the XLA path runs instead
+    return "xla" if why and m.attention_impl == "auto" else kernel
 
 
 def time_step(config, devices, *, steps: int, warmup: int) -> dict:

@@ -356,6 +356,29 @@ def splash_serves(seq_len: int) -> str:
     return ""
 
 
+def dense_kernel(impl: str, backend: str, *, dtype, head_dim: int, seq_len: int,
+                 segments: bool = False, interpret: bool = False) -> tuple[str, str]:
+    """(kernel, why) for causal self-attention over whole rows of `seq_len` tokens: the kernel
+    `impl` names ("cudnn", "splash"; under "auto" the `backend`'s, "xla" where it has none) and
+    '' when that kernel takes these heads (`segments`: packed rows), else why not. interpret:
+    the kernel's reference (`fused_attention`), for which cuDNN's dtype and size limits do not
+    hold."""
+    if impl == "auto":
+        kernel = {b: name for name, b in KERNEL_BACKENDS.items()}.get(backend, "xla")
+    elif impl in KERNEL_BACKENDS:
+        kernel = impl
+    else:
+        raise ValueError(f"impl={impl!r} is not allowed; use one of "
+                         f"{tuple(KERNEL_BACKENDS) + ('auto',)}")
+    if kernel == "splash":
+        return kernel, splash_serves(seq_len)
+    if kernel == "cudnn":
+        if segments:
+            return kernel, "segment_ids (the kernel runs causal self-attention)"
+        return kernel, "" if interpret else cudnn_serves(dtype, head_dim)
+    return kernel, ""
+
+
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "auto",
                     interpret: bool = False, causal: bool = True, q_offset=0,
                     segment_ids: Optional[jax.Array] = None,
@@ -389,23 +412,16 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "au
             or q_offset != 0):
         return xla()
     backend = target_backend()
-    if impl == "auto":
-        kernel = {b: name for name, b in KERNEL_BACKENDS.items()}.get(backend)
-        if kernel is None:
-            return xla()
-    elif impl in KERNEL_BACKENDS:
-        kernel = impl
-    else:
-        raise ValueError(f"impl={impl!r} is not allowed; use one of "
-                         f"{tuple(KERNEL_BACKENDS) + ('auto',)}")
+    kernel, why = dense_kernel(impl, backend, dtype=q.dtype, head_dim=q.shape[-1],
+                               seq_len=q.shape[1], segments=segment_ids is not None,
+                               interpret=interpret)
+    if kernel == "xla":
+        return xla()
     unfused = [name for name, x in (("prompt", prompt), ("prefix_k", prefix_k)) if x is not None]
     if not causal:
         unfused.append("causal=False")
-    if kernel == "cudnn" and segment_ids is not None:
-        unfused.append("segment_ids")
-    why = (f"{unfused[0]} (the kernel runs causal self-attention)" if unfused
-           else splash_serves(q.shape[1]) if kernel == "splash"
-           else "" if interpret else cudnn_serves(q.dtype, q.shape[-1]))
+    if unfused:
+        why = f"{unfused[0]} (the kernel runs causal self-attention)"
     runs_here = interpret or backend == KERNEL_BACKENDS[kernel]
     if impl != "auto":
         if not runs_here:
