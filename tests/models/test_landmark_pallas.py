@@ -90,6 +90,25 @@ def test_impl_pallas_matches_xla_on_both_layouts(xla_reference):
         _assert_close(g, xla_reference(q, k, v, ct, is_lm, one_segment))
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu", "pallas_tpu"])
+def test_every_path_computes_the_official_triton_kernel(reference_dir, impl):
+    """The official fused Triton kernel (epfml/landmark-attention's flash_landmark_attention.py,
+    which benchmarks/landmark_attention.py times ours against on a GPU) run in Triton's CPU
+    interpreter (tests/data/landmark/README.md, case G): the XLA path and both Pallas kernels at
+    their default tiles give its outputs and q, k, v gradients, landmark rows included. Blocks of
+    16 (T 64) and of 32 (T 96: not a multiple of the kernels' tiles)."""
+    ref = np.load(reference_dir / "landmark" / "G_official_triton_kernel.npz")
+    for case in ("b16", "b32"):
+        q, k, v, ct, *want = (jnp.asarray(ref[f"{case}/{n}"]).transpose(0, 2, 1, 3)
+                              for n in ("q", "k", "v", "cotangent", "y", "dq", "dk", "dv"))
+        F = int(ref[f"{case}/mem_freq"])
+        is_lm = jnp.broadcast_to(jnp.arange(q.shape[1]) % (F + 1) == F, q.shape[:2])
+        run = _value_and_grads(lambda q, k, v: lmk.landmark_attention(
+            q, k, v, is_lm, mem_freq=F, impl=impl, interpret=True))
+        y, grads = run(q, k, v, ct)
+        _assert_close((y, *grads), want)
+
+
 def test_lowers_to_triton():
     """Forward and both backward kernels lower through Pallas' Triton lowering for a GPU
     (bfloat16, the benchmark's blocks of 64 with segments; an abstract H100, no GPU): every op
