@@ -64,12 +64,18 @@ def versions() -> dict:
     return out
 
 
-def write_result(name: str, payload: dict, *, out_dir: pathlib.Path | None = None) -> pathlib.Path:
+def write_result(name: str, payload: dict, *, out_dir: pathlib.Path | None = None,
+                 echo: bool = True) -> pathlib.Path:
+    """Writes results/benchmarks/NAME-DEVICE.json (or OUT_DIR/...): `payload` with the device,
+    the versions and the time; prints the document (`echo`) or else one line naming the file.
+    Writing again replaces the file (a benchmark that saves as it goes)."""
     out_dir = pathlib.Path(out_dir or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}-{device_tag()}.json"
     doc = {"benchmark": name, "device": device_info(), "versions": versions(),
            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **payload}
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-    print(json.dumps(doc))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)        # a run killed mid-write leaves the previous file whole
+    print(json.dumps(doc) if echo else f"wrote {path}")
     return path

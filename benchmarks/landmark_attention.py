@@ -23,7 +23,8 @@
    `models.landmark_memory.memory_attention` with a block cache holding the whole context
    (context/64 blocks, top-k 4) vs one query against a full KV cache of the same context with
    dense attention.
-Writes results/benchmarks/landmark_attention-DEVICE.json (medians, ratios) via the harness.
+Writes results/benchmarks/landmark_attention-DEVICE.json (medians, ratios) via the harness, after
+every length and context ("complete": false until the last).
 """
 from __future__ import annotations
 
@@ -251,16 +252,28 @@ def main(argv=None):
     if accel:   # the kernels' numbers on this device first: a wrong kernel is not worth timing
         parity = pallas_parity(1024, pallas_blocks=blocks)
         print(json.dumps({"pallas_parity_float32": parity}), flush=True)
-    train = [train_step_times(T, dtype, runs=a.runs, warmup=a.warmup, pallas_blocks=blocks,
-                              official_kernel=a.official_kernel) for T in lengths]
-    infer = [inference_token_times(c, top_k=a.top_k, runs=a.runs, warmup=a.warmup)
-             for c in ints(a.contexts)]
-    payload = {"shapes": {"B": B, "H": H, "D": D, "block": MEM_FREQ + 1,
-                          "training_dtype": dtype.name},
-               "training_fwd_bwd": train, "inference_per_token": infer}
-    if parity is not None:
-        payload["pallas_parity_float32"] = parity
-    return harness.write_result("landmark_attention", payload, out_dir=a.out_dir)
+    train, infer = [], []
+
+    def save(complete: bool):
+        payload = {"shapes": {"B": B, "H": H, "D": D, "block": MEM_FREQ + 1,
+                              "training_dtype": dtype.name},
+                   "training_fwd_bwd": train, "inference_per_token": infer,
+                   "complete": complete}
+        if parity is not None:
+            payload["pallas_parity_float32"] = parity
+        return harness.write_result("landmark_attention", payload, out_dir=a.out_dir,
+                                    echo=complete)
+
+    # Saved after every length and context: a run stopped part-way (a lent machine's time
+    # limit) leaves what it measured, marked "complete": false.
+    for T in lengths:
+        train.append(train_step_times(T, dtype, runs=a.runs, warmup=a.warmup,
+                                      pallas_blocks=blocks, official_kernel=a.official_kernel))
+        save(False)
+    for c in ints(a.contexts):
+        infer.append(inference_token_times(c, top_k=a.top_k, runs=a.runs, warmup=a.warmup))
+        save(False)
+    return save(True)
 
 
 if __name__ == "__main__":

@@ -353,17 +353,25 @@ def ssm_summary(d: dict) -> str:
 
 def landmark_attention_summary(d: dict) -> str:
     tr, inf = d["training_fwd_bwd"], d["inference_per_token"]
-    train_ratios = " / ".join(f"{r['ratio']:.2f}" for r in tr)
-    infer_ratios = " / ".join(f"{r['ratio']:.3f}" for r in inf)
+
+    def cells(rows, key, digits):   # "—" where a candidate failed (e.g. out of memory)
+        return " / ".join("—" if r.get(key) is None else f"{r[key]:.{digits}f}" for r in rows)
+
     pallas = ""
     for key, label in (("pallas_over_dot_product_attention", "jax.nn.dot_product_attention"),
                        ("pallas_over_official_triton", "the official Triton kernel")):
         if any(r.get(key) is not None for r in tr):
-            cells = " / ".join("—" if r.get(key) is None else f"{r[key]:.2f}" for r in tr)
-            pallas += f"; Pallas ÷ {label} {cells}"
-    return (f"training fwd+bwd ÷ dense causal {train_ratios} at "
-            f"T {' / '.join(str(r['T']) for r in tr)}{pallas}; per-token memory inference ÷ "
-            f"full KV {infer_ratios} at {' / '.join(kilo(r['context']) for r in inf)} context")
+            pallas += f"; Pallas ÷ {label} {cells(tr, key, 2)}"
+    parts = []
+    if tr:
+        parts.append(f"training fwd+bwd ÷ dense causal {cells(tr, 'ratio', 2)} at "
+                     f"T {' / '.join(str(r['T']) for r in tr)}{pallas}")
+    if inf:
+        parts.append(f"per-token memory inference ÷ full KV {cells(inf, 'ratio', 3)} at "
+                     f"{' / '.join(kilo(r['context']) for r in inf)} context")
+    if d.get("complete") is False:
+        parts.append("**the run stopped part-way**: these are the lengths it finished")
+    return "; ".join(parts) or "no length finished"
 
 
 def hf_load_summary(d: dict) -> str:

@@ -34,6 +34,35 @@ def test_write_result(tmp_path):
     assert "jax" in doc["versions"] and "python" in doc["versions"]
 
 
+def test_landmark_attention_benchmark_runs_and_saves_as_it_goes(tmp_path, monkeypatch):
+    """The attention benchmark on CPU at one tiny length and context (no time asserted): every
+    candidate recorded (Pallas and the official kernel skipped with a reason). Then a run
+    stopped during its second length: the file holds the first, marked incomplete."""
+    from benchmarks import landmark_attention as bla
+    bla.main(["--lengths", "128", "--contexts", "256", "--runs", "1", "--warmup", "0",
+              "--out_dir", str(tmp_path)])
+    path = tmp_path / f"landmark_attention-{harness.device_tag()}.json"
+    doc = json.loads(path.read_text())
+    assert doc["complete"] is True and [p.name for p in tmp_path.iterdir()] == [path.name]
+    (row,), (inf,) = doc["training_fwd_bwd"], doc["inference_per_token"]
+    assert row["T"] == 128 and inf["context"] == 256 and inf["cache_blocks"] == 4
+    for key in ("dense_causal", "landmark_xla", "dot_product_attention"):
+        assert row[key]["min_s"] <= row[key]["median_s"], key
+    assert "skipped" in row["landmark_pallas"] and "skipped" in row["official_triton"]
+    assert row["ratio"] == row["landmark_s"] / row["dense_causal_s"]
+
+    def stop_at_256(T, *args, **kwargs):
+        if T == 256:
+            raise KeyboardInterrupt    # what a lent machine's time limit does
+        return {"T": T, "ratio": 0.5}
+    monkeypatch.setattr(bla, "train_step_times", stop_at_256)
+    with pytest.raises(KeyboardInterrupt):
+        bla.main(["--lengths", "128,256", "--out_dir", str(tmp_path)])
+    doc = json.loads(path.read_text())
+    assert doc["complete"] is False and doc["training_fwd_bwd"] == [{"T": 128, "ratio": 0.5}]
+    assert doc["inference_per_token"] == []
+
+
 def test_flops_per_token_formula():
     """6·N + 12·L·T·D, with the input table left out of N only when embeddings are untied."""
     c = bench.make_config("tiny", dtype="float32", num_devices=1)

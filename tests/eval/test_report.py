@@ -92,6 +92,19 @@ def test_benchmarks_table(results):
         "(variant tiny, D 64, L 2) | 2026-01-02, jax 0.12.0 | `results/benchmarks/mac-cpu.json` |")
 
 
+def test_landmark_attention_summary_marks_failed_candidates_and_a_partial_run():
+    """A candidate that failed (dense attention out of memory at 32k) reads "—"; a run stopped
+    part-way (a lent machine's time limit) says so."""
+    d = {"training_fwd_bwd": [
+        {"T": 2048, "ratio": 0.8, "pallas_over_dot_product_attention": 1.25},
+        {"T": 32768, "ratio": None, "pallas_over_dot_product_attention": 1.1}],
+        "inference_per_token": [], "complete": False}
+    assert report.landmark_attention_summary(d) == (
+        "training fwd+bwd ÷ dense causal 0.80 / — at T 2048 / 32768; Pallas ÷ "
+        "jax.nn.dot_product_attention 1.25 / 1.10; **the run stopped part-way**: these are the "
+        "lengths it finished")
+
+
 def test_render_fills_markers_and_rejects_bad_ones(results):
     readme = "intro\n<!-- report:lm_mqar -->\nold numbers\n<!-- /report:lm_mqar -->\nend\n"
     new = report.render(readme, results)
