@@ -221,8 +221,13 @@ def run(size: str = "small", *, steps: int = 5, warmup: int = 2, devices: int = 
     used = attention_used(config, devs[0].platform)
     xla_step = None
     if used != "xla":
-        xla_step = time_step(make_config(size, dtype=dtype, num_devices=len(devs),
-                                         attention="xla"), devs, steps=steps, warmup=warmup)
+        # A baseline that fails (out of memory: the XLA attention's [B, H, T, T] scores) is
+        # recorded with its error; the measurement of the run's own step is kept.
+        try:
+            xla_step = time_step(make_config(size, dtype=dtype, num_devices=len(devs),
+                                             attention="xla"), devs, steps=steps, warmup=warmup)
+        except Exception as e:  # noqa: BLE001 - a failed baseline is a result, not a crash
+            xla_step = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
     with tempfile.TemporaryDirectory() as workdir:
         loop = real_loop(config, devs, steps=loop_steps, log_every=log_every,
                          checkpoint_every=checkpoint_every, workdir=workdir)
@@ -243,7 +248,9 @@ def run(size: str = "small", *, steps: int = 5, warmup: int = 2, devices: int = 
     loop["mfu_measured_peak"] = loop["model_flops_per_s"] / peak_total
     m = config.model
     baseline = None
-    if xla_step is not None:
+    if xla_step is not None and "error" in xla_step:
+        baseline = {"attention": "xla", **xla_step}
+    elif xla_step is not None:
         xla_tps = tokens_per_step / xla_step["time"]["median_s"]
         baseline = {"attention": "xla", "step_time": xla_step["time"],
                     "compile_and_init_s": xla_step["compile_and_init_s"],

@@ -304,8 +304,11 @@ def trainer_summary(d: dict) -> str:
             f"MFU {loop['mfu_measured_peak']:.2f}"
             + (f" / {loop['mfu_spec']:.2f}" if loop.get("mfu_spec") else "") if loop else "")
     xla = d.get("step_with_xla_attention")
-    xla = (f"; {xla['speedup']:.2f}× the step with the XLA attention "
-           f"({xla['tokens_per_s']:,.0f} tokens/s)" if xla else "")
+    if xla and "error" in xla:
+        xla = f"; the step with the XLA attention failed ({xla['error'][:80]})"
+    else:
+        xla = (f"; {xla['speedup']:.2f}× the step with the XLA attention "
+               f"({xla['tokens_per_s']:,.0f} tokens/s)" if xla else "")
     attention = f", {s['attention_used']} attention" if "attention_used" in s else ""
     return (f"step {d['tokens_per_s']:,.0f} tokens/s, MFU {d['mfu']:.2f} of the measured "
             f"{si(d['peak_flops_per_s_total'], 'FLOP/s')}{spec}{loop}{xla} "

@@ -152,6 +152,29 @@ def test_trainer_benchmark_times_the_xla_attention_beside_a_kernel(tmp_path, mon
     assert math.isclose(base["tokens_per_s"], 32 * 64 / base["step_time"]["median_s"])
 
 
+def test_a_failed_xla_attention_baseline_keeps_the_run(tmp_path, monkeypatch):
+    """On one GPU the 350M step with the XLA attention may run out of memory where cuDNN's
+    fits: the baseline's error is recorded and the run's own step and loop are kept."""
+    from eval import report
+    monkeypatch.setattr(bench, "attention_used", lambda config, platform: "cudnn")
+    time_step = bench.time_step
+
+    def xla_runs_out_of_memory(config, *args, **kwargs):
+        if config.model.attention_impl == "xla":
+            raise MemoryError("RESOURCE_EXHAUSTED: Out of memory allocating 34359738368 bytes.")
+        return time_step(config, *args, **kwargs)
+    monkeypatch.setattr(bench, "time_step", xla_runs_out_of_memory)
+    bench.run("tiny", steps=1, warmup=0, devices=1, peak_n=256, out_dir=tmp_path,
+              loop_steps=2, log_every=1, checkpoint_every=0)
+    doc = json.loads((tmp_path / f"trainer-{harness.device_tag()}.json").read_text())
+    assert doc["step_with_xla_attention"] == {
+        "attention": "xla",
+        "error": "MemoryError: RESOURCE_EXHAUSTED: Out of memory allocating 34359738368 bytes."}
+    assert doc["tokens_per_s"] > 0 and doc["real_loop"]["tokens_per_s"] > 0
+    assert "; the step with the XLA attention failed (MemoryError: RESOURCE_EXHAUSTED" in (
+        report.trainer_summary(doc))
+
+
 @pytest.mark.skipif(chips.has_compiler("tpu"), reason="libtpu is installed")
 def test_aot_compile_names_the_missing_compiler(tmp_path):
     """Without libtpu (a separate venv has it, see benchmarks/aot_compile.py) the deviceless
