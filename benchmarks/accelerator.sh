@@ -8,7 +8,7 @@
 #              XLA path, jax.nn.dot_product_attention (cuDNN where it runs) and dense causal XLA
 #              attention, plus the official Triton kernel when --official names its file and
 #              torch + triton import (JAX does not preallocate GPU memory here, so torch has room);
-#   125m, 350m the trainer's step and real loop at GPT-3 Small / Medium, bf16, attention 'auto'
+#   350m, 125m the trainer's step and real loop at GPT-3 Medium / Small, bf16, attention 'auto'
 #              (cuDNN's flash attention on a GPU) with the same step on the XLA attention timed
 #              beside it; MFU against the chip's specification and the matmul peak measured in
 #              the same run.
@@ -19,7 +19,9 @@
 # does not stop the next; the script exits 1 naming them.
 #
 # A lent machine runs one command for at most 10 minutes: give it two, `attention`, then
-# `125m 350m` at once (the machine stays warm for 30 s between calls).
+# `350m 125m` at once (the machine stays warm for 30 s between calls). The 350M step, the MFU
+# goal's, goes first: each size compiles its step three times (cuDNN's attention, the XLA
+# baseline, the real loop), and a time limit then costs the 125M file, not the 350M one.
 # On the lent GPU machines (no network): their image lacks some packages the benchmarks import;
 # run `bash benchmarks/device_wheels.sh` on a host with the package index first and carry `.whl`:
 # this script installs it into /tmp/site. The official kernel is not part of this repository:
@@ -35,7 +37,7 @@ if [[ ${1:-} == --official ]]; then
     shift 2
 fi
 steps=("$@")
-[[ ${#steps[@]} -gt 0 ]] || steps=(attention 125m 350m)
+[[ ${#steps[@]} -gt 0 ]] || steps=(attention 350m 125m)
 for s in "${steps[@]}"; do
     case $s in
         attention|125m|350m) ;;
