@@ -228,72 +228,81 @@ def run(size: str = "small", *, steps: int = 5, warmup: int = 2, devices: int = 
                                              attention="xla"), devs, steps=steps, warmup=warmup)
         except Exception as e:  # noqa: BLE001 - a failed baseline is a result, not a crash
             xla_step = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    tokens_per_step = config.batch_size * config.seq_len
+    spec = spec_peak(devs[0].device_kind, dtype)
+    spec_total = spec * len(devs) if spec else None
+    # the GPT-3 sizes write files of their own (trainer-125m-DEVICE.json), so one machine keeps both
+    name = f"trainer-{size}" if size in ("125m", "350m") else "trainer"
+
+    def save(peak_after, loop) -> dict:
+        """Writes the file from what is measured so far: before the real loop (peak_after and
+        loop None: "complete": false, so a run stopped there by a time limit keeps its step),
+        then again once the loop and the second peak are in."""
+        peaks = [p for p in (peak_before, peak_after) if p is not None]
+        peak = max(peaks, key=lambda p: p["flops_per_s"])
+        peak = {**peak, "flops_per_s_before": peak_before["flops_per_s"],
+                "flops_per_s_after": peak_after and peak_after["flops_per_s"]}
+        tokens_per_s = tokens_per_step / t["median_s"]
+        model_flops_per_s = tokens_per_s * flops["flops_per_token"]
+        peak_total = peak["flops_per_s"] * len(devs)
+        if loop is not None:
+            loop = {**loop, "model_flops_per_s": loop["tokens_per_s"] * flops["flops_per_token"]}
+            loop["mfu_spec"] = loop["model_flops_per_s"] / spec_total if spec_total else None
+            loop["mfu_measured_peak"] = loop["model_flops_per_s"] / peak_total
+        m = config.model
+        baseline = None
+        if xla_step is not None and "error" in xla_step:
+            baseline = {"attention": "xla", **xla_step}
+        elif xla_step is not None:
+            xla_tps = tokens_per_step / xla_step["time"]["median_s"]
+            baseline = {"attention": "xla", "step_time": xla_step["time"],
+                        "compile_and_init_s": xla_step["compile_and_init_s"],
+                        "tokens_per_s": xla_tps,
+                        "mfu_spec": (xla_tps * flops["flops_per_token"] / spec_total
+                                     if spec_total else None),
+                        "mfu": xla_tps * flops["flops_per_token"] / peak_total,
+                        # > 1: the step with `attention_used` is that much faster
+                        "speedup": xla_step["time"]["median_s"] / t["median_s"]}
+        payload = {
+            "size": size,
+            "shapes": {"batch_size": config.batch_size, "seq_len": config.seq_len,
+                       "width": m.width, "num_layers": m.num_layers, "num_heads": m.num_heads,
+                       "mlp": m.mlp, "vocab_size": m.vocab_size,
+                       "tie_embeddings": m.tie_embeddings, "compute_dtype": dtype,
+                       "param_dtype": "float32", "attention_impl": m.attention_impl,
+                       "attention_used": used,
+                       "devices_used": len(devs), "mesh": dict(config.mesh)},
+            "flops_formula": ("6*N + 12*L*T*D per token (forward+backward; N = parameters in "
+                              "matmuls, input embedding excluded when untied; attention counted "
+                              "without the causal saving)"),
+            **flops,
+            "peak": peak,
+            "step_time": t,
+            "compile_and_init_s": step["compile_and_init_s"],
+            "tokens_per_step": tokens_per_step,
+            "tokens_per_s": tokens_per_s,
+            "model_flops_per_s": model_flops_per_s,
+            "peak_flops_per_s_total": peak_total,
+            # The ratio: model FLOP/s over the matmul peak measured above.
+            "mfu": model_flops_per_s / peak_total,
+            # ... and over the chip's specification (train/chips.py; null where none is listed).
+            "spec_peak_flops_per_s_total": spec_total,
+            "mfu_spec": model_flops_per_s / spec_total if spec_total else None,
+            "real_loop": loop,
+            "last_loss": step["loss"],
+            # the same step with the XLA attention (only where `attention_used` is another)
+            "step_with_xla_attention": baseline,
+            "complete": loop is not None,
+        }
+        harness.write_result(name, payload, out_dir=out_dir, echo=loop is not None)
+        return payload
+
+    save(None, None)
     with tempfile.TemporaryDirectory() as workdir:
         loop = real_loop(config, devs, steps=loop_steps, log_every=log_every,
                          checkpoint_every=checkpoint_every, workdir=workdir)
-
     peak_after = measure_peak(peak_n, _DTYPES[dtype], devs[0], reps=peak_reps)
-    peak = max(peak_before, peak_after, key=lambda p: p["flops_per_s"])
-    peak = {**peak, "flops_per_s_before": peak_before["flops_per_s"],
-            "flops_per_s_after": peak_after["flops_per_s"]}
-
-    tokens_per_step = config.batch_size * config.seq_len
-    tokens_per_s = tokens_per_step / t["median_s"]
-    model_flops_per_s = tokens_per_s * flops["flops_per_token"]
-    peak_total = peak["flops_per_s"] * len(devs)
-    spec = spec_peak(devs[0].device_kind, dtype)
-    spec_total = spec * len(devs) if spec else None
-    loop["model_flops_per_s"] = loop["tokens_per_s"] * flops["flops_per_token"]
-    loop["mfu_spec"] = loop["model_flops_per_s"] / spec_total if spec_total else None
-    loop["mfu_measured_peak"] = loop["model_flops_per_s"] / peak_total
-    m = config.model
-    baseline = None
-    if xla_step is not None and "error" in xla_step:
-        baseline = {"attention": "xla", **xla_step}
-    elif xla_step is not None:
-        xla_tps = tokens_per_step / xla_step["time"]["median_s"]
-        baseline = {"attention": "xla", "step_time": xla_step["time"],
-                    "compile_and_init_s": xla_step["compile_and_init_s"],
-                    "tokens_per_s": xla_tps,
-                    "mfu_spec": (xla_tps * flops["flops_per_token"] / spec_total
-                                 if spec_total else None),
-                    "mfu": xla_tps * flops["flops_per_token"] / peak_total,
-                    # > 1: the step with `attention_used` is that much faster
-                    "speedup": xla_step["time"]["median_s"] / t["median_s"]}
-    payload = {
-        "size": size,
-        "shapes": {"batch_size": config.batch_size, "seq_len": config.seq_len,
-                   "width": m.width, "num_layers": m.num_layers, "num_heads": m.num_heads,
-                   "mlp": m.mlp, "vocab_size": m.vocab_size, "tie_embeddings": m.tie_embeddings,
-                   "compute_dtype": dtype, "param_dtype": "float32",
-                   "attention_impl": m.attention_impl,
-                   "attention_used": used,
-                   "devices_used": len(devs), "mesh": dict(config.mesh)},
-        "flops_formula": ("6*N + 12*L*T*D per token (forward+backward; N = parameters in "
-                          "matmuls, input embedding excluded when untied; attention counted "
-                          "without the causal saving)"),
-        **flops,
-        "peak": peak,
-        "step_time": t,
-        "compile_and_init_s": step["compile_and_init_s"],
-        "tokens_per_step": tokens_per_step,
-        "tokens_per_s": tokens_per_s,
-        "model_flops_per_s": model_flops_per_s,
-        "peak_flops_per_s_total": peak_total,
-        # The ratio: model FLOP/s over the matmul peak measured above.
-        "mfu": model_flops_per_s / peak_total,
-        # ... and over the chip's specification (train/chips.py; null where none is listed).
-        "spec_peak_flops_per_s_total": spec_total,
-        "mfu_spec": model_flops_per_s / spec_total if spec_total else None,
-        "real_loop": loop,
-        "last_loss": step["loss"],
-        # the same step with the XLA attention (only where `attention_used` is another)
-        "step_with_xla_attention": baseline,
-    }
-    # the GPT-3 sizes write files of their own (trainer-125m-DEVICE.json), so one machine keeps both
-    name = f"trainer-{size}" if size in ("125m", "350m") else "trainer"
-    harness.write_result(name, payload, out_dir=out_dir)
-    return payload
+    return save(peak_after, loop)
 
 
 def main(argv=None) -> int:

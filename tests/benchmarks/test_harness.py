@@ -102,6 +102,7 @@ def test_trainer_benchmark_tiny(tmp_path):
     for key in ("device", "versions", "shapes", "step_time", "peak", "tokens_per_s", "mfu",
                 "flops_per_token", "flops_formula"):
         assert key in doc, key
+    assert doc["complete"] is True and doc["peak"]["flops_per_s_after"] > 0
     s = doc["shapes"]
     assert (s["batch_size"], s["seq_len"], s["width"], s["devices_used"]) == (32, 64, 64, 1)
     # The tiny LM (train/configs/lm.py:tiny): tied 320×64 table, 2 blocks of 4·D² attention,
@@ -173,6 +174,22 @@ def test_a_failed_xla_attention_baseline_keeps_the_run(tmp_path, monkeypatch):
     assert doc["tokens_per_s"] > 0 and doc["real_loop"]["tokens_per_s"] > 0
     assert "; the step with the XLA attention failed (MemoryError: RESOURCE_EXHAUSTED" in (
         report.trainer_summary(doc))
+
+
+def test_trainer_benchmark_keeps_its_step_when_stopped_in_the_real_loop(tmp_path, monkeypatch):
+    """The file is written before the real loop ("complete": false) and again after it: a run
+    stopped by a lent machine's time limit during the loop keeps its step's numbers."""
+    from eval import report
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "real_loop", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run("tiny", steps=1, warmup=0, devices=1, peak_n=256, out_dir=tmp_path)
+    doc = json.loads((tmp_path / f"trainer-{harness.device_tag()}.json").read_text())
+    assert doc["complete"] is False and doc["real_loop"] is None and doc["tokens_per_s"] > 0
+    assert doc["peak"]["flops_per_s_after"] is None
+    assert "**the run stopped before its real loop ended**" in report.trainer_summary(doc)
 
 
 @pytest.mark.skipif(chips.has_compiler("tpu"), reason="libtpu is installed")
