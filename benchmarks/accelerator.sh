@@ -14,9 +14,9 @@
 #              the same run.
 # Each step writes NAME-DEVICE.json into $RESULTS (default: $OUT where set, the lent machine's
 # folder that comes back, else results/benchmarks); `python -m eval.report` puts the committed
-# ones in the README. The attention step saves after every length ("complete": false until
-# it ends), so one stopped by the time limit still returns what it measured. A failed step
-# does not stop the next; the script exits 1 naming them.
+# ones in the README. The attention step saves after every length, a trainer step before its
+# real loop ("complete": false until each ends), so one stopped by the time limit still returns
+# what it measured. A failed step does not stop the next; the script exits 1 naming them.
 #
 # A lent machine runs one command for at most 10 minutes: give it two, `attention`, then
 # `350m 125m` at once (the machine stays warm for 30 s between calls). The 350M step, the MFU
