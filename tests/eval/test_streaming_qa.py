@@ -50,14 +50,16 @@ def test_greedy_answer_matches_reference_loop(setup):
     got = sqa.answer(CFG, s["params"], s["lm_params"], qs, memory=bank.values, valid=bank.valid,
                      max_new=3, q_len=Q_LEN)
     mac = MAC(CFG)
+    # Jitted (a compilation per prompt length instead of op-by-op dispatch per length)
+    prefix = jax.jit(lambda p, q, m: mac.apply(
+        {"params": p}, mac.apply({"params": p}, q, m, method=MAC.aggregate), method=MAC.prefix))
+    logits_of = jax.jit(lambda lm, ids, kv: modulated_logits(CFG, lm, ids, kv))
     for q, g in zip(qs, got):
-        z = mac.apply({"params": s["params"]}, jnp.asarray(facts.encode_questions([q], Q_LEN)),
-                      bank.values, method=MAC.aggregate)
-        kv = mac.apply({"params": s["params"]}, z, method=MAC.prefix)
+        kv = prefix(s["params"], jnp.asarray(facts.encode_questions([q], Q_LEN)), bank.values)
         ids = list(np.concatenate([tok.encode(q), [tok.SEP]]))
         out = []
         for _ in range(3):
-            logits = modulated_logits(CFG, s["lm_params"], jnp.asarray([ids]), kv)
+            logits = logits_of(s["lm_params"], jnp.asarray([ids]), kv)
             nxt = int(jnp.argmax(logits[0, -1]))
             if nxt >= tok.NUM_BYTES:
                 break
