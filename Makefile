@@ -12,9 +12,14 @@ TEST_WORKERS ?= 2
 .PHONY: demo test figures bench venv lock clean
 
 # mnemax and its test extra at the exact versions the tests passed with (constraints.txt).
+# pip compiles the packages' bytecode one file at a time; compileall does it on every core
+# (a fresh venv in about 35 s instead of 45 s on 2 cores). A file that does not compile is skipped,
+# as pip skips it.
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --no-compile -c constraints.txt -e '.[test]'
+	$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+	  > /dev/null || echo "compileall: some installed files did not compile (pip skips them too)"
 	@touch $(STAMP)
 
 venv: $(STAMP)

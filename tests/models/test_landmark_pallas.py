@@ -96,9 +96,10 @@ def test_every_path_computes_the_official_triton_kernel(reference_dir, impl):
     which benchmarks/landmark_attention.py times ours against on a GPU) run in Triton's CPU
     interpreter (tests/data/landmark/README.md, case G): the XLA path and both Pallas kernels at
     their default tiles give its outputs and q, k, v gradients, landmark rows included. Blocks of
-    16 (T 64) and of 32 (T 96: not a multiple of the kernels' tiles)."""
+    16 (T 64) and of 32 (T 96: not a multiple of the kernels' tiles); the Mosaic kernel, whose
+    key tile of 128 holds either case whole, takes the second only (TPU interpret mode is slow)."""
     ref = np.load(reference_dir / "landmark" / "G_official_triton_kernel.npz")
-    for case in ("b16", "b32"):
+    for case in ("b32",) if impl == "pallas_tpu" else ("b16", "b32"):
         q, k, v, ct, *want = (jnp.asarray(ref[f"{case}/{n}"]).transpose(0, 2, 1, 3)
                               for n in ("q", "k", "v", "cotangent", "y", "dq", "dk", "dv"))
         F = int(ref[f"{case}/mem_freq"])
