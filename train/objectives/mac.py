@@ -269,13 +269,18 @@ def readout_losses(readouts: dict, phi_KxTxD, z0_kxTxD, z_kxTxD, doc_answers_kxR
 
 def meta_loss(cfg: MACConfig, params, lm_params, batch, rho: float, bank_size=None,
               readouts: Optional[dict] = None, readout_weight: float = 0.0,
-              hierarchical_window: int = 0, hierarchical_weight: float = 0.0):
+              hierarchical_window: int | Sequence[int] = 0, hierarchical_weight: float = 0.0,
+              window_index=0):
     """Stage-2 loss: amortize the K documents (the last K-⌊ρK⌋ without gradients), score the
     first ⌊ρK⌋ questions against the whole bank; with `readouts` (init_readouts) and
     readout_weight > 0, plus readout_weight · `readout_losses` (g's and h's readouts and the
     retrieval loss) on the first ⌊ρK⌋ documents and questions. hierarchical_window W > 0 and
     hierarchical_weight > 0 add weight · the answer loss through hierarchical aggregation with
-    chunks of W documents (`hierarchical_loss`), and h's readout of its output."""
+    chunks of W documents (`hierarchical_loss`), and h's readout of its output.
+
+    hierarchical_window may also be a tuple of windows, of which `window_index` (an int, or a
+    traced one: the trainer's step) picks one under `lax.switch`; only the hierarchical term is
+    inside the switch, so the rest of the loss is traced and compiled once."""
     K = batch["docs"].shape[0]
     k = num_scored(rho, K)
     mac = MAC(cfg)
@@ -295,15 +300,27 @@ def meta_loss(cfg: MACConfig, params, lm_params, batch, rho: float, bank_size=No
         aux, m = readout_losses(readouts, phi, z0, z, batch["doc_answers"][:k], answers)
         loss = loss + readout_weight * aux
         metrics.update(m)
-    if hierarchical_window and hierarchical_weight > 0:
-        h_loss, m, z_h = hierarchical_loss(cfg, params, jax.lax.stop_gradient(lm_params), phi,
-                                           z0, batch, hierarchical_window, bank_size)
+    windows = (tuple(hierarchical_window) if isinstance(hierarchical_window, (tuple, list))
+               else (hierarchical_window,))
+    if all(windows) and windows and hierarchical_weight > 0:
+        def term(window):
+            def f(params, readouts, phi, z0):
+                h_loss, m, z_h = hierarchical_loss(cfg, params, jax.lax.stop_gradient(lm_params),
+                                                   phi, z0, batch, window, bank_size)
+                extra = (_h_readout(readouts, z_h, answers)[0] if use_readouts
+                         else jnp.zeros((), h_loss.dtype))
+                return h_loss, m["token_accuracy"], extra
+            return f
+        operands = (params, readouts if use_readouts else {}, phi, z0)
+        if len(windows) == 1:
+            h_loss, h_accuracy, h_readout = term(windows[0])(*operands)
+        else:
+            h_loss, h_accuracy, h_readout = jax.lax.switch(
+                window_index % len(windows), [term(w) for w in windows], *operands)
         loss = loss + hierarchical_weight * h_loss
-        metrics.update(hierarchical_qa_loss=h_loss,
-                       hierarchical_token_accuracy=m["token_accuracy"])
+        metrics.update(hierarchical_qa_loss=h_loss, hierarchical_token_accuracy=h_accuracy)
         if use_readouts:
-            loss = loss + readout_weight * hierarchical_weight * _h_readout(readouts, z_h,
-                                                                             answers)[0]
+            loss = loss + readout_weight * hierarchical_weight * h_readout
     return loss, metrics
 
 
@@ -497,18 +514,13 @@ def meta_objective(apply_fn, params, batch, rng, *, step=None, memory=None, rho:
     bank_size = (jnp.int32(K) if step is None
                  else curriculum_bank_size(step, K, curriculum_start, curriculum_steps))
     windows = tuple(int(w) for w in hierarchical_windows) if hierarchical_weight > 0 else (0,)
-
-    def loss_with(window):
-        return lambda p: meta_loss(cfg, p["mac"], p["lm"], asked, rho, bank_size,
-                                   readouts=p.get("readouts"), readout_weight=readout_weight,
-                                   hierarchical_window=window,
-                                   hierarchical_weight=hierarchical_weight)
-
-    if len(windows) == 1 or step is None:
-        loss, metrics = loss_with(windows[0])(params)
-    else:
-        loss, metrics = jax.lax.switch(step % len(windows), [loss_with(w) for w in windows],
-                                       params)
+    if step is None:
+        windows = windows[:1]
+    loss, metrics = meta_loss(cfg, params["mac"], params["lm"], asked, rho, bank_size,
+                              readouts=params.get("readouts"), readout_weight=readout_weight,
+                              hierarchical_window=windows,
+                              hierarchical_weight=hierarchical_weight,
+                              window_index=0 if step is None else step)
     metrics = dict(metrics)
     correct = metrics.pop("token_accuracy")
     return loss, {"weight": jnp.float32(1.0), "correct": correct,
