@@ -2,7 +2,7 @@
 and a `jax.custom_vjp` tying them together.
 
     landmark_attention_pallas(q, k, v, mem_freq=F, segment_ids=None, block_q=64, block_k=64,
-                              interpret=False) -> y [B, T, H, D]
+                              num_warps=None, num_stages=2, interpret=False) -> y [B, T, H, D]
 
 The layout is the training one (`models.landmark.insert_landmarks`): a landmark at every
 t % S == S - 1, S = mem_freq + 1. The numbers are `models.landmark.landmark_attention`'s (the
@@ -301,14 +301,24 @@ def _dq_kernel(q_ref, k_ref, v_ref, sq_ref, sk_ref, do_ref, lse_ref, delta_ref, 
     dq_ref[...] = (dq * g.scale).astype(dq_ref.dtype)
 
 
-def _compiler_params(interpret: bool):
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """How the three kernels run (hashable: a custom_vjp static argument): in Pallas interpret
+    mode, or compiled by Triton with `num_warps` warps per program and a `num_stages`-deep
+    software pipeline."""
+    interpret: bool
+    num_warps: int
+    num_stages: int
+
+
+def _compiler_params(launch: _Launch):
     """Triton's parameters whenever the kernels are lowered for a GPU, also from a host without
     one (the tests' lowering checks, deviceless compilation: benchmarks/aot_compile.py), so those
     see the shared-memory use of the pipeline a GPU runs (Triton's default is 3 stages)."""
-    if interpret:
+    if launch.interpret:
         return None
     from jax.experimental.pallas import triton as plgpu
-    return plgpu.CompilerParams(num_warps=4, num_stages=2)
+    return plgpu.CompilerParams(num_warps=launch.num_warps, num_stages=launch.num_stages)
 
 
 def _specs(g: _Geometry):
@@ -327,7 +337,7 @@ def _specs(g: _Geometry):
     return q_tile, q_all, k_tile, k_all, sq_tile, sq_all, sk_tile, sk_all, row_tile, row_all
 
 
-def _forward(g, segments, interpret, qp, kp, vp, sq, sk):
+def _forward(g, segments, launch, qp, kp, vp, sq, sk):
     B, H = qp.shape[:2]
     q_tile, _, _, k_all, sq_tile, _, _, sk_all, row_tile, _ = _specs(g)
     acc_t = jnp.promote_types(jnp.float32, qp.dtype)
@@ -338,15 +348,15 @@ def _forward(g, segments, interpret, qp, kp, vp, sq, sk):
         out_specs=[q_tile, row_tile],
         out_shape=[jax.ShapeDtypeStruct(qp.shape, qp.dtype),
                    jax.ShapeDtypeStruct((B, H, g.Tq), acc_t)],
-        compiler_params=_compiler_params(interpret), interpret=interpret,
+        compiler_params=_compiler_params(launch), interpret=launch.interpret,
         name="landmark_attention_fwd")(qp, kp, vp, sq, sk)
 
 
-def _backward(g, segments, interpret, qp, kp, vp, sq, sk, op, lse, dop):
+def _backward(g, segments, launch, qp, kp, vp, sq, sk, op, lse, dop):
     B, H = qp.shape[:2]
     q_tile, q_all, k_tile, k_all, sq_tile, sq_all, sk_tile, sk_all, row_tile, row_all = _specs(g)
     delta = jnp.sum(op.astype(lse.dtype) * dop.astype(lse.dtype), axis=-1)   # δ_i = dy_i · y_i
-    cp = _compiler_params(interpret)
+    cp = _compiler_params(launch)
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, g=g, segments=segments),
         grid=(g.NKT, B, H),
@@ -354,7 +364,7 @@ def _backward(g, segments, interpret, qp, kp, vp, sq, sk, op, lse, dop):
         out_specs=[k_tile, k_tile],
         out_shape=[jax.ShapeDtypeStruct(kp.shape, kp.dtype),
                    jax.ShapeDtypeStruct(vp.shape, vp.dtype)],
-        compiler_params=cp, interpret=interpret,
+        compiler_params=cp, interpret=launch.interpret,
         name="landmark_attention_dkdv")(qp, kp, vp, sq, sk, dop, lse, delta)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, g=g, segments=segments),
@@ -362,24 +372,24 @@ def _backward(g, segments, interpret, qp, kp, vp, sq, sk, op, lse, dop):
         in_specs=[q_tile, k_all, k_all, sq_tile, sk_all, q_tile, row_tile, row_tile],
         out_specs=q_tile,
         out_shape=jax.ShapeDtypeStruct(qp.shape, qp.dtype),
-        compiler_params=cp, interpret=interpret,
+        compiler_params=cp, interpret=launch.interpret,
         name="landmark_attention_dq")(qp, kp, vp, sq, sk, dop, lse, delta)
     return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _attention(g, segments, interpret, qp, kp, vp, sq, sk):
-    return _forward(g, segments, interpret, qp, kp, vp, sq, sk)[0]
+def _attention(g, segments, launch, qp, kp, vp, sq, sk):
+    return _forward(g, segments, launch, qp, kp, vp, sq, sk)[0]
 
 
-def _attention_fwd(g, segments, interpret, qp, kp, vp, sq, sk):
-    op, lse = _forward(g, segments, interpret, qp, kp, vp, sq, sk)
+def _attention_fwd(g, segments, launch, qp, kp, vp, sq, sk):
+    op, lse = _forward(g, segments, launch, qp, kp, vp, sq, sk)
     return op, (qp, kp, vp, sq, sk, op, lse)
 
 
-def _attention_bwd(g, segments, interpret, res, dop):
+def _attention_bwd(g, segments, launch, res, dop):
     qp, kp, vp, sq, sk, op, lse = res
-    dq, dk, dv = _backward(g, segments, interpret, qp, kp, vp, sq, sk, op, lse, dop)
+    dq, dk, dv = _backward(g, segments, launch, qp, kp, vp, sq, sk, op, lse, dop)
     return dq, dk, dv, None, None
 
 
@@ -431,20 +441,32 @@ def _check_args(q, k, v, mem_freq, segment_ids):
 
 
 def landmark_attention_pallas(q, k, v, *, mem_freq: int, segment_ids=None, block_q: int = 64,
-                              block_k: int = 64, interpret: bool = False):
+                              block_k: int = 64, num_warps: int | None = None,
+                              num_stages: int = 2, interpret: bool = False):
     """Landmark attention y [B, T, H, D] for the training layout (a landmark at every
     t % (mem_freq + 1) == mem_freq), by the Pallas kernels; differentiable in q, k, v.
 
     q, k, v [B, T, H, D] (already rotated; v's D equal to q's); segment_ids [B, T] int or None
     (attention only within equal ids). block_q, block_k: query and key tile sizes (powers of two
-    ≥ 16; a key tile grows to hold at least one landmark block). interpret: run the kernels in
-    Pallas interpret mode (CPU). The landmark layout is assumed, not checked: use
+    ≥ 16; a key tile grows to hold at least one landmark block). num_warps (a power of two, 1 to
+    16; None: 4 for D ≤ 64, else 8, the official kernel's rule) and num_stages (≥ 1): Triton's
+    warps per program and pipeline depth, for all three kernels (unused in interpret mode).
+    interpret: run the kernels in Pallas interpret mode (CPU). The landmark layout is assumed, not checked: use
     `models.landmark.landmark_attention(..., impl="pallas_gpu")` when it may differ.
     """
     segment_ids = _check_args(q, k, v, mem_freq, segment_ids)
     _check_block("block_q", block_q)
     _check_block("block_k", block_k)
     B, T, H, D = q.shape
+    if num_warps is None:
+        # With 4 warps, the dk/dv kernel spills at D 128 on an H100 (120-380 bytes at blocks of
+        # 64); with 8 none of the three does (results/benchmarks/aot_compile-h100-tiles.json).
+        num_warps = 4 if D <= 64 else 8
+    if (not isinstance(num_warps, int) or isinstance(num_warps, bool)
+            or num_warps not in (1, 2, 4, 8, 16)):
+        raise ValueError(f"num_warps={num_warps!r} must be one of 1, 2, 4, 8, 16")
+    if not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1:
+        raise ValueError(f"num_stages={num_stages!r} must be a positive integer")
     g = _Geometry.make(T, mem_freq, D, block_q, block_k)
     segments = segment_ids is not None
     if segments:
@@ -452,7 +474,6 @@ def landmark_attention_pallas(q, k, v, *, mem_freq: int, segment_ids=None, block
     else:
         sq = jnp.zeros((B, g.Tq), jnp.int32)
         sk = jnp.zeros((B, g.Kp), jnp.int32)
-    y = _attention(g, segments, bool(interpret), _queries(g, q), _keys(g, k), _keys(g, v), sq,
-                   sk)
+    launch = _Launch(bool(interpret), num_warps, num_stages)
+    y = _attention(g, segments, launch, _queries(g, q), _keys(g, k), _keys(g, v), sq, sk)
     return jnp.swapaxes(y[:, :, :T, :D], 1, 2)
-

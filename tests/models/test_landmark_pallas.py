@@ -114,25 +114,35 @@ def test_lowers_to_triton():
     """Forward and both backward kernels lower through Pallas' Triton lowering for a GPU
     (bfloat16, the benchmark's blocks of 64 with segments; an abstract H100, no GPU): every op
     of the kernels, and of the tile math they share with the Mosaic kernels, has a Triton
-    lowering, and each call carries the pipeline a GPU run uses (2 stages, 4 warps: Triton's
-    default 3 stages overflow an A100's shared memory at D 128 in float32). Triton's own
-    compiler runs in benchmarks/aot_compile.py (the CUDA plugin, outside the test venv)."""
+    lowering, and each call carries the pipeline a GPU run uses (by default 2 stages and 4 warps,
+    8 above D 64: Triton's default 3 stages overflow an A100's shared memory at D 128 in
+    float32, and with 4 warps dk/dv spills at D 128; the tile sweep's num_warps and num_stages
+    reach all three). Triton's own compiler runs in benchmarks/aot_compile.py (the CUDA plugin,
+    outside the test venv)."""
     T = 500
-    a = jax.ShapeDtypeStruct((B, T, H, 64), jnp.bfloat16)
-
-    def fwd_bwd(q, k, v, seg):
-        y, vjp = jax.vjp(lambda q, k, v: lmp.landmark_attention_pallas(
-            q, k, v, mem_freq=63, segment_ids=seg), q, k, v)
-        return y, vjp(y)
-
     gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
                                       platform="gpu")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
-                                                                  abstract_device=gpu)):
-        text = jax.jit(fwd_bwd).trace(a, a, a, jax.ShapeDtypeStruct((B, T), jnp.int32)).lower(
-            lowering_platforms=("cuda",)).as_text()
+
+    def lowered(seg=None, D=64, **launch):
+        a = jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16)
+
+        def fwd_bwd(q, k, v, *seg):
+            y, vjp = jax.vjp(lambda q, k, v: lmp.landmark_attention_pallas(
+                q, k, v, mem_freq=63, segment_ids=seg[0] if seg else None, **launch), q, k, v)
+            return y, vjp(y)
+
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
+                                                                      abstract_device=gpu)):
+            return jax.jit(fwd_bwd).trace(a, a, a, *[seg] * (seg is not None)).lower(
+                lowering_platforms=("cuda",)).as_text()
+
+    text = lowered(jax.ShapeDtypeStruct((B, T), jnp.int32))
     assert text.count("xla.gpu.triton") == 3
     assert text.count("num_stages = 2 : i32") == text.count("num_warps = 4 : i32") == 3
+    text = lowered(num_warps=8, num_stages=3)
+    assert text.count("num_stages = 3 : i32") == text.count("num_warps = 8 : i32") == 3
+    text = lowered(D=128)
+    assert text.count("num_stages = 2 : i32") == text.count("num_warps = 8 : i32") == 3
 
 
 def _tiny_body():
@@ -187,6 +197,10 @@ def test_errors():
         lmp.landmark_attention_pallas(q, k, v, mem_freq=7, block_k=8)
     with pytest.raises(ValueError, match=r"segment_ids has shape \(1, 23\)"):
         lmp.landmark_attention_pallas(q, k, v, mem_freq=7, segment_ids=jnp.zeros((1, 23)))
+    with pytest.raises(ValueError, match=r"num_warps=3 must be one of 1, 2, 4, 8, 16"):
+        lmp.landmark_attention_pallas(q, k, v, mem_freq=7, num_warps=3)
+    with pytest.raises(ValueError, match=r"num_stages=0 must be a positive integer"):
+        lmp.landmark_attention_pallas(q, k, v, mem_freq=7, num_stages=0)
     body = transformer.TransformerConfig(**_tiny_body(), attention="landmark")
     with pytest.raises(ValueError, match=r"attention_impl='cuda' must be one of"):
         lmk.LandmarkConfig(model=body, mem_freq=7, attention_impl="cuda")
