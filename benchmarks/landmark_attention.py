@@ -2,6 +2,7 @@
 
     python -m benchmarks.landmark_attention [--lengths 512,1024,2048] [--contexts 4096,...,32768]
         [--official_kernel PATH/landmark-attention/llama/ltriton/flash_landmark_attention.py]
+        [--tile_length 8192]
 
 1. Training: forward+backward (grads of q, k, v) at each length T, B 1, H 8, D 64, mem_freq 63
    (a block is 64 tokens with its landmark), of
@@ -19,6 +20,12 @@
    of memory: dense attention at 32k) is recorded with its error instead of a time. On an
    accelerator the Pallas kernels are first checked against the XLA path (float32, T 1024:
    largest differences of y and the gradients, `pallas_parity_float32`).
+   Then, on a GPU or TPU, the Pallas kernel's tile sweep at T = --tile_length (8192): fwd+bwd
+   per configuration of `GPU_TILES` (block_q, block_k, num_warps, num_stages; the shipped
+   default first) or `TPU_TILES` (block_q, block_k), with `jax.nn.dot_product_attention` timed
+   beside; the fastest configuration and its ratio to it ("tile_sweep"). The compile-only
+   resources of the GPU ones (registers, spills, shared memory) come from
+   `benchmarks.aot_compile --gpu_launch`.
 2. Inference: one generated token (a chunk of one query) through
    `models.landmark_memory.memory_attention` with a block cache holding the whole context
    (context/64 blocks, top-k 4) vs one query against a full KV cache of the same context with
@@ -46,6 +53,13 @@ from models import layers
 
 B, H, D = 1, 8, 64
 MEM_FREQ = 63            # block of 64 tokens including its landmark
+# The tile sweep's configurations, the kernels' defaults first (models.landmark.PALLAS_BLOCKS,
+# models.landmark_pallas's 4 warps and 2 stages). GPU: block_q, block_k, num_warps, num_stages,
+# among those that compile for an H100 at T 8192, D 64 without spilling more than a few bytes
+# (results/benchmarks/aot_compile-h100-tiles.json); TPU: block_q, block_k.
+GPU_TILES = ((64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 3),
+             (128, 64, 8, 2))
+TPU_TILES = ((128, 128), (256, 128), (128, 256), (256, 256))
 
 
 def _timed(fn, *, runs: int, warmup: int) -> dict:
@@ -151,11 +165,16 @@ def pallas_parity(T: int, *, pallas_blocks, interpret: bool = False) -> dict:
                                      for n, a, b in zip(names, got, want)}}
 
 
-def train_step_times(T: int, dtype, *, runs: int, warmup: int, pallas_blocks,
-                     official_kernel=None) -> dict:
+def _training_inputs(T: int, dtype):
+    """q, k, v [B, T, H, D] in `dtype` and a float32 cotangent, drawn from T."""
     keys = jax.random.split(jax.random.key(T), 4)
     q, k, v, ct = (jax.random.normal(kk, (B, T, H, D), jnp.float32).astype(dtype) for kk in keys)
-    ct = ct.astype(jnp.float32)
+    return q, k, v, ct.astype(jnp.float32)
+
+
+def train_step_times(T: int, dtype, *, runs: int, warmup: int, pallas_blocks,
+                     official_kernel=None) -> dict:
+    q, k, v, ct = _training_inputs(T, dtype)
     is_lm = jnp.asarray((np.arange(T) % (MEM_FREQ + 1) == MEM_FREQ)[None])
 
     def fwd_bwd(fn):
@@ -201,6 +220,44 @@ def train_step_times(T: int, dtype, *, runs: int, warmup: int, pallas_blocks,
     return out
 
 
+def tile_sweep(T: int, dtype, *, kernel: str, tiles, runs: int, warmup: int,
+               interpret: bool = False) -> dict:
+    """fwd+bwd of the Pallas kernel `kernel` ("pallas_gpu" / "pallas_tpu") at length T for each
+    tile configuration (GPU: block_q, block_k, num_warps, num_stages; TPU: block_q, block_k),
+    called directly (the training layout), with `jax.nn.dot_product_attention` at the same T
+    timed beside: every configuration's times (or its error), the fastest, and the ratios of
+    the fastest and of the first (the default) to dot_product_attention."""
+    q, k, v, ct = _training_inputs(T, dtype)
+    if kernel == "pallas_tpu":
+        from models.landmark_pallas_tpu import landmark_attention_pallas_tpu as fn
+        names = ("block_q", "block_k")
+    else:
+        from models.landmark_pallas import landmark_attention_pallas as fn
+        names = ("block_q", "block_k", "num_warps", "num_stages")
+    rows = []
+    for tile in tiles:
+        args = dict(zip(names, tile))
+        step = jax.jit(jax.grad(lambda q, k, v, args=args: jnp.sum(fn(
+            q, k, v, mem_freq=MEM_FREQ, interpret=interpret, **args).astype(jnp.float32) * ct),
+            argnums=(0, 1, 2)))
+        rows.append({**args, **_timed(lambda: step(q, k, v), runs=runs, warmup=warmup)})
+    out = {"T": T, "kernel": kernel, "configs": rows}
+    try:
+        dpa, impl = _cudnn_dpa(q, k, v, ct)
+        out["dot_product_attention"] = {**_timed(lambda: dpa(q, k, v), runs=runs,
+                                                 warmup=warmup), "implementation": impl}
+    except RuntimeError as e:
+        out["dot_product_attention"] = {"error": str(e)}
+    timed = [r for r in rows if "median_s" in r]
+    if timed:
+        out["best"] = min(timed, key=lambda r: r["median_s"])
+        out["best_over_dot_product_attention"] = _ratio(out["best"],
+                                                        out["dot_product_attention"])
+        out["default_over_dot_product_attention"] = _ratio(rows[0],
+                                                           out["dot_product_attention"])
+    return out
+
+
 def inference_token_times(context: int, *, top_k: int, runs: int, warmup: int) -> dict:
     S = MEM_FREQ + 1
     n_blocks = context // S
@@ -241,6 +298,8 @@ def main(argv=None):
     ap.add_argument("--official_kernel", default=None,
                     help="path of epfml/landmark-attention's llama/ltriton/"
                          "flash_landmark_attention.py (needs torch + triton + CUDA)")
+    ap.add_argument("--tile_length", type=int, default=8192,
+                    help="GPU/TPU: the length of the Pallas kernel's tile sweep (0: none)")
     ap.add_argument("--out_dir", default=None)
     a = ap.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
@@ -252,7 +311,7 @@ def main(argv=None):
     if accel:   # the kernels' numbers on this device first: a wrong kernel is not worth timing
         parity = pallas_parity(1024, pallas_blocks=blocks)
         print(json.dumps({"pallas_parity_float32": parity}), flush=True)
-    train, infer = [], []
+    train, infer, sweep = [], [], []
 
     def save(complete: bool):
         payload = {"shapes": {"B": B, "H": H, "D": D, "block": MEM_FREQ + 1,
@@ -261,6 +320,8 @@ def main(argv=None):
                    "complete": complete}
         if parity is not None:
             payload["pallas_parity_float32"] = parity
+        if sweep:
+            payload["tile_sweep"] = sweep[0]
         return harness.write_result("landmark_attention", payload, out_dir=a.out_dir,
                                     echo=complete)
 
@@ -269,6 +330,12 @@ def main(argv=None):
     for T in lengths:
         train.append(train_step_times(T, dtype, runs=a.runs, warmup=a.warmup,
                                       pallas_blocks=blocks, official_kernel=a.official_kernel))
+        save(False)
+    if accel and a.tile_length:
+        kernel = lmk.resolve_impl("pallas")
+        sweep.append(tile_sweep(a.tile_length, dtype, kernel=kernel, runs=a.runs,
+                                warmup=a.warmup,
+                                tiles=TPU_TILES if kernel == "pallas_tpu" else GPU_TILES))
         save(False)
     for c in ints(a.contexts):
         infer.append(inference_token_times(c, top_k=a.top_k, runs=a.runs, warmup=a.warmup))

@@ -356,6 +356,23 @@ def ssm_summary(d: dict) -> str:
             f"SSM forward at 4k {d['transformer_over_ssm']['4096']:.0f}×")
 
 
+def _tile_sweep(sw: dict) -> str:
+    """The Pallas kernel's tile sweep: its fastest configuration, and it and the default (the
+    first) against jax.nn.dot_product_attention."""
+    def ratio(key):
+        return "—" if sw.get(key) is None else f"{sw[key]:.2f}"
+
+    if "best" not in sw:
+        return f"tile sweep at T {sw['T']}: no configuration ran"
+    best = sw["best"]
+    tiles = f"{best['block_q']}×{best['block_k']} tiles"
+    if "num_warps" in best:
+        tiles += f", {best['num_warps']} warps, {best['num_stages']} stages"
+    return (f"tile sweep at T {sw['T']} ({len(sw['configs'])} configurations): fastest {tiles}, "
+            f"÷ jax.nn.dot_product_attention {ratio('best_over_dot_product_attention')} "
+            f"(default {ratio('default_over_dot_product_attention')})")
+
+
 def landmark_attention_summary(d: dict) -> str:
     tr, inf = d["training_fwd_bwd"], d["inference_per_token"]
 
@@ -371,6 +388,8 @@ def landmark_attention_summary(d: dict) -> str:
     if tr:
         parts.append(f"training fwd+bwd ÷ dense causal {cells(tr, 'ratio', 2)} at "
                      f"T {' / '.join(str(r['T']) for r in tr)}{pallas}")
+    if sweep := d.get("tile_sweep"):
+        parts.append(_tile_sweep(sweep))
     if inf:
         parts.append(f"per-token memory inference ÷ full KV {cells(inf, 'ratio', 3)} at "
                      f"{' / '.join(kilo(r['context']) for r in inf)} context")
@@ -391,6 +410,31 @@ def hf_load_summary(d: dict) -> str:
             f"the checkpoint in {t['seconds']:.1f} s{base}")
 
 
+def _gpu_resources(t: dict) -> str:
+    """A GPU target's launch (when not the kernels' default) and, per dtype over its cases, the
+    most registers a thread of a kernel uses and each kernel's largest spill."""
+    launch = t.get("launch")
+    label = ""
+    if isinstance(launch, dict) and launch:
+        label = (f"{launch['block_q']}×{launch['block_k']} tiles, {launch['num_warps']} warps, "
+                 f"{launch['num_stages']} stages")
+    by_dtype: dict = {}
+    for c in t["cases"]:
+        for k, r in c.get("resources", {}).items():
+            if "registers" in r:
+                by_dtype.setdefault(c["dtype"], []).append((k, r))
+    parts = []
+    for dtype, res in by_dtype.items():
+        spills: dict = {}
+        for k, r in res:
+            spills[k] = max(spills.get(k, 0), r["spill_stores"])
+        spilled = ", ".join(f"{k} {v} B" for k, v in sorted(spills.items()) if v) or "none"
+        parts.append(f"{dtype} ≤ {max(r['registers'] for _, r in res)} registers, spill stores "
+                     f"{spilled}")
+    inner = ": ".join(x for x in (label, "; ".join(parts)) if x)
+    return f" ({inner})" if inner else ""
+
+
 def aot_compile_summary(d: dict) -> str:
     def cell(t):
         if "cases" not in t:
@@ -401,7 +445,7 @@ def aot_compile_summary(d: dict) -> str:
         code = re.search(r"E\d{4}: \w+", why)
         why = f" ({code.group(0) if code else why[:60]})" if why else ""
         n = f" ×{t['devices']}" if t["devices"] > 1 else ""
-        return f"{t['device_kind']}{n} {ok}/{len(cases)}{why}"
+        return f"{t['device_kind']}{n} {ok}/{len(cases)}{why}{_gpu_resources(t)}"
 
     return ("deviceless compile (no chip) of the Pallas kernels' forward + dk/dv + dq, cases "
             "compiled: " + "; ".join(cell(t) for t in d["targets"]))

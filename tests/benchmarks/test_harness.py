@@ -205,6 +205,83 @@ def test_aot_compile_names_the_missing_compiler(tmp_path):
         aot_compile.main(["--tpu", "", "--gpu", "v100", "--out", str(out)])
 
 
+# ptxas -v as XLA logs it (TF_CPP_VMODULE=subprocess_compilation=3) and XLA's thunk sequence,
+# excerpts of a deviceless H100 compile (benchmarks.aot_compile, T 8192, D 64, with segments).
+PTXAS_LOG = """\
+I1207 04:37:49.002223   10796 subprocess_compilation.cc:356] ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'wrapped_transpose' for 'sm_90a'
+ptxas info    : Function properties for wrapped_transpose
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 12 registers, used 0 barriers
+I1207 04:34:28.485984    9249 subprocess_compilation.cc:349] ptxas warning : Registers are \
+spilled to local memory in function 'landmark_attention_dkdv', 16 bytes spill stores, 16 bytes \
+spill loads
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'landmark_attention_dkdv' for 'sm_90a'
+ptxas info    : Function properties for landmark_attention_dkdv
+    16 bytes stack frame, 16 bytes spill stores, 16 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 16 bytes cumulative stack size
+I1207 04:34:34.756512    9320 subprocess_compilation.cc:356] ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'landmark_attention_fwd' for 'sm_90a'
+ptxas info    : Function properties for landmark_attention_fwd
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 160 registers, used 1 barriers
+"""
+THUNKS = """\
+002: kCustomKernel [source       | next=006 (4)] wrapped_transpose grid: [8192, 1, 1] threads: \
+[128, 1, 1]  shared_memory: 0 bytes
+006: kCustomKernel [prev=004 (2) | next=007 (1)] landmark_attention_fwd grid: [128, 1, 8] \
+threads: [128, 1, 1]  shared_memory: 41216 bytes
+009: kCustomKernel [prev=008 (1) | next=011 (2)] landmark_attention_dq grid: [128, 1, 8] \
+threads: [128, 1, 1]  shared_memory: 49408 bytes
+010: kCustomKernel [prev=007 (3) | next=011 (1)] landmark_attention_dkdv grid: [128, 1, 8] \
+threads: [128, 1, 1]  shared_memory: 58624 bytes
+"""
+
+
+def test_gpu_kernel_resources_read_from_ptxas_and_the_thunk_sequence():
+    """Each landmark kernel's registers and spills (ptxas) and launch (XLA), other kernels left
+    out; a kernel ptxas did not report (dq here) keeps its launch."""
+    from benchmarks import aot_compile
+    got = aot_compile.gpu_kernel_resources(PTXAS_LOG, THUNKS)
+    launch = {"threads": [128, 1, 1], "grid": [128, 1, 8]}
+    assert got == {
+        "dkdv": {"registers": 255, "spill_stores": 16, "spill_loads": 16, "stack_frame": 16,
+                 **launch, "shared_memory": 58624},
+        "dq": {**launch, "shared_memory": 49408},
+        "fwd": {"registers": 160, "spill_stores": 0, "spill_loads": 0, "stack_frame": 0,
+                **launch, "shared_memory": 41216}}
+
+
+def test_aot_compile_refuses_a_bad_gpu_launch(tmp_path):
+    from benchmarks import aot_compile
+    out = tmp_path / "aot.json"
+    with pytest.raises(SystemExit, match=r"--gpu_launch entries \['64,64,4', '64,64,w,2'\] are "
+                                         r"not four integers block_q,block_k,num_warps,"):
+        aot_compile.main(["--tpu", "", "--gpu", "h100", "--out", str(out),
+                          "--gpu_launch", "64,64,4,2;64,64,4;64,64,w,2"])
+    assert not out.exists()
+
+
+def test_tile_sweep_times_each_configuration_and_picks_the_fastest():
+    """The GPU kernel's sweep in interpret mode on CPU (no time asserted): each configuration
+    reaches the kernel and is timed, the fastest is the best, the ratios are against the
+    dot_product_attention timed beside; a configuration the kernel refuses is an error row."""
+    from benchmarks import landmark_attention as bla
+    tiles = ((16, 16, 4, 2), (32, 16, 8, 1), (16, 16, 3, 2))
+    out = bla.tile_sweep(64, jax.numpy.float32, kernel="pallas_gpu", tiles=tiles, runs=1,
+                         warmup=0, interpret=True)
+    ok, bad = out["configs"][:2], out["configs"][2]
+    assert [tuple(r[k] for k in ("block_q", "block_k", "num_warps", "num_stages"))
+            for r in out["configs"]] == list(tiles)
+    assert all(r["min_s"] <= r["median_s"] for r in ok)
+    assert bad["error"] == "ValueError: num_warps=3 must be one of 1, 2, 4, 8, 16"
+    assert out["best"] == min(ok, key=lambda r: r["median_s"])
+    dpa = out["dot_product_attention"]["median_s"]
+    assert out["best_over_dot_product_attention"] == out["best"]["median_s"] / dpa
+    assert out["default_over_dot_product_attention"] == ok[0]["median_s"] / dpa
+
+
 def test_accelerator_script_refuses_an_unknown_step(repo_root):
     # The GPU run is one shot on a lent machine: a misspelt step fails at once, before any
     # benchmark or install runs.

@@ -105,6 +105,35 @@ def test_landmark_attention_summary_marks_failed_candidates_and_a_partial_run():
         "lengths it finished")
 
 
+def test_tile_sweep_and_kernel_resources_in_the_benchmark_rows():
+    """The tile sweep's fastest configuration with its ratio and the default's; a GPU target's
+    launch, its most registers and each kernel's largest spill ("none" without)."""
+    row = {"block_q": 64, "block_k": 64, "num_warps": 8, "num_stages": 2, "median_s": 1.0}
+    d = {"training_fwd_bwd": [], "inference_per_token": [], "complete": True,
+         "tile_sweep": {"T": 8192, "configs": [{"error": "x"}, row], "best": row,
+                        "best_over_dot_product_attention": 1.234,
+                        "default_over_dot_product_attention": None}}
+    assert report.landmark_attention_summary(d) == (
+        "tile sweep at T 8192 (2 configurations): fastest 64×64 tiles, 8 warps, 2 stages, ÷ "
+        "jax.nn.dot_product_attention 1.23 (default —)")
+
+    def case(dkdv_spill, dtype="bfloat16"):
+        r = {"registers": 200, "spill_stores": 0, "shared_memory": 1}
+        return {"ok": True, "dtype": dtype, "resources": {
+            "fwd": r, "dkdv": {**r, "registers": 255, "spill_stores": dkdv_spill}}}
+    gpu = {"topology": "h100", "device_kind": "NVIDIA H100 80GB HBM3", "devices": 1,
+           "launch": {"block_q": 32, "block_k": 64, "num_warps": 4, "num_stages": 3},
+           "cases": [case(0), case(120), case(3000, "float32")]}
+    tpu = {"topology": "v4", "device_kind": "TPU v4", "devices": 2, "cases": [{"ok": True}]}
+    assert report.aot_compile_summary({"targets": [tpu, gpu, {**gpu, "launch": "default",
+                                                               "cases": [case(0)]}]}) == (
+        "deviceless compile (no chip) of the Pallas kernels' forward + dk/dv + dq, cases "
+        "compiled: TPU v4 ×2 1/1; NVIDIA H100 80GB HBM3 3/3 (32×64 tiles, 4 warps, 3 stages: "
+        "bfloat16 ≤ 255 registers, spill stores dkdv 120 B; float32 ≤ 255 registers, spill "
+        "stores dkdv 3000 B); NVIDIA H100 80GB HBM3 1/1 (bfloat16 ≤ 255 registers, spill "
+        "stores none)")
+
+
 def test_render_fills_markers_and_rejects_bad_ones(results):
     readme = "intro\n<!-- report:lm_mqar -->\nold numbers\n<!-- /report:lm_mqar -->\nend\n"
     new = report.render(readme, results)
