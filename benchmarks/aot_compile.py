@@ -50,7 +50,6 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -79,6 +78,7 @@ PTXAS_ENTRY = re.compile(r"Compiling entry function 'landmark_attention_(fwd|dkd
 PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
                          r"(\d+) bytes spill loads")
 PTXAS_REGS = re.compile(r"Used (\d+) registers")
+PTXAS_RUN = re.compile(r"\] (\S*ptxas) \S+ -o ")          # the ptxas XLA ran
 THUNK = re.compile(r"landmark_attention_(fwd|dkdv|dq) grid: \[([\d, ]+)\] "
                    r"threads: \[([\d, ]+)\]\s+shared_memory: (\d+) bytes")
 
@@ -122,13 +122,14 @@ def gpu_kernel_resources(ptxas_log: str, thunk_sequence: str) -> dict:
     return dict(sorted(out.items()))
 
 
-def _ptxas_version() -> str | None:
-    """The first ptxas on PATH (where XLA looks first) and its release line."""
-    ptxas = shutil.which("ptxas")
-    if ptxas is None:
-        return None
-    lines = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout
-    return f"{ptxas}: {' '.join(lines.strip().splitlines()[-1:])}"
+def _ptxas_versions(targets: list) -> dict:
+    """{path: release line} of each ptxas XLA ran for the GPU cases."""
+    paths = sorted({c["ptxas"] for t in targets for c in t.get("cases", []) if c.get("ptxas")})
+    out = {}
+    for path in paths:
+        lines = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
+        out[path] = " ".join(lines.strip().splitlines()[-1:])
+    return out
 
 
 def compile_case(devices, platform: str, T: int, D: int, dtype, segments: bool,
@@ -173,7 +174,10 @@ def compile_case(devices, platform: str, T: int, D: int, dtype, segments: bool,
                "kernels": sorted(set(KERNELS.findall(compiled.as_text())))}
         if platform == "gpu":
             thunks = "".join(f.read_text() for f in (tmp / "dump").glob("*thunk_sequence.txt"))
-            out["resources"] = gpu_kernel_resources(log.read_text(errors="replace"), thunks)
+            text = log.read_text(errors="replace")
+            out["resources"] = gpu_kernel_resources(text, thunks)
+            if ran := PTXAS_RUN.search(text):
+                out["ptxas"] = ran[1]
     return out
 
 
@@ -198,15 +202,15 @@ def compile_target(platform: str, name: str, cases, kernel_args: dict) -> dict:
     return {**out, "ok": all(r["ok"] for r in results), "cases": results}
 
 
-def _versions(gpu: bool) -> dict:
+def _versions(targets: list) -> dict:
     out = harness.versions()
     for pkg in ("libtpu", "jax-cuda12-plugin"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
-    if gpu:
-        out["ptxas"] = _ptxas_version()
+    if ptxas := _ptxas_versions(targets):
+        out["ptxas"] = ptxas
     return out
 
 
@@ -257,7 +261,7 @@ def main(argv=None):
                + [{**compile_target("gpu", g, cases, launch), "launch": launch or "default"}
                   for g in gpus for launch in launches])
     doc = {"benchmark": "aot_compile", "device": harness.device_info(),
-           "versions": _versions(bool(gpus)),
+           "versions": _versions(targets),
            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "shapes": {"B": B, "H": H, "mem_freq": MEM_FREQ, "blocks": blocks or "default"},
            "targets": targets}

@@ -208,6 +208,9 @@ def test_aot_compile_names_the_missing_compiler(tmp_path):
 # ptxas -v as XLA logs it (TF_CPP_VMODULE=subprocess_compilation=3) and XLA's thunk sequence,
 # excerpts of a deviceless H100 compile (benchmarks.aot_compile, T 8192, D 64, with segments).
 PTXAS_LOG = """\
+I1207 04:34:34.431020    9295 subprocess_compilation.cc:313] /usr/local/bin/ptxas /tmp/tempfile-\
+vm-ba6de25e5c48e927-9295-66203be1f9d3c -o /tmp/tempfile-vm-ba6de25e5c48e927-9295-66203be1f9dce \
+-arch=sm_90a --warn-on-spills -v -v
 I1207 04:37:49.002223   10796 subprocess_compilation.cc:356] ptxas info    : 0 bytes gmem
 ptxas info    : Compiling entry function 'wrapped_transpose' for 'sm_90a'
 ptxas info    : Function properties for wrapped_transpose
@@ -241,8 +244,9 @@ threads: [128, 1, 1]  shared_memory: 58624 bytes
 
 def test_gpu_kernel_resources_read_from_ptxas_and_the_thunk_sequence():
     """Each landmark kernel's registers and spills (ptxas) and launch (XLA), other kernels left
-    out; a kernel ptxas did not report (dq here) keeps its launch."""
+    out; a kernel ptxas did not report (dq here) keeps its launch. And which ptxas XLA ran."""
     from benchmarks import aot_compile
+    assert aot_compile.PTXAS_RUN.search(PTXAS_LOG)[1] == "/usr/local/bin/ptxas"
     got = aot_compile.gpu_kernel_resources(PTXAS_LOG, THUNKS)
     launch = {"threads": [128, 1, 1], "grid": [128, 1, 8]}
     assert got == {
