@@ -53,10 +53,11 @@ from models import layers
 
 B, H, D = 1, 8, 64
 MEM_FREQ = 63            # block of 64 tokens including its landmark
-# The tile sweep's configurations, the kernels' defaults first (models.landmark.PALLAS_BLOCKS,
-# models.landmark_pallas's 4 warps and 2 stages). GPU: block_q, block_k, num_warps, num_stages,
-# among those that compile for an H100 at T 8192, D 64 without spilling more than a few bytes
-# (results/benchmarks/aot_compile-h100-tiles.json); TPU: block_q, block_k.
+# The tile sweep's configurations, the kernels' defaults at D 64 first (models.landmark.
+# PALLAS_BLOCKS; models.landmark_pallas: 4 warps, 2 stages). GPU: block_q, block_k, num_warps,
+# num_stages, among those that compile for an H100 at T 8192, D 64 spilling at most 16 bytes
+# (results/benchmarks/aot_compile-h100-tiles.json); TPU: block_q, block_k (each compiles for
+# a v4 and a v5e: benchmarks.aot_compile --blocks).
 GPU_TILES = ((64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 3),
              (128, 64, 8, 2))
 TPU_TILES = ((128, 128), (256, 128), (128, 256), (256, 256))
