@@ -8,7 +8,8 @@
 #              XLA path, jax.nn.dot_product_attention (cuDNN where it runs) and dense causal XLA
 #              attention, plus the official Triton kernel when --official names its file and
 #              torch + triton import (JAX does not preallocate GPU memory here, so torch has room);
-#              then the Pallas kernel's tile sweep at 8k (six launches, each beside cuDNN's);
+#              then the Pallas kernel's tile sweep at 8k (six launches at D 64 and at D 128,
+#              each beside cuDNN's);
 #   350m, 125m the trainer's step and real loop at GPT-3 Medium / Small, bf16, attention 'auto'
 #              (cuDNN's flash attention on a GPU) with the same step on the XLA attention timed
 #              beside it; MFU against the chip's specification and the matmul peak measured in

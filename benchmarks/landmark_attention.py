@@ -2,7 +2,7 @@
 
     python -m benchmarks.landmark_attention [--lengths 512,1024,2048] [--contexts 4096,...,32768]
         [--official_kernel PATH/landmark-attention/llama/ltriton/flash_landmark_attention.py]
-        [--tile_length 8192]
+        [--tile_length 8192] [--tile_head_dims 64,128]
 
 1. Training: forward+backward (grads of q, k, v) at each length T, B 1, H 8, D 64, mem_freq 63
    (a block is 64 tokens with its landmark), of
@@ -20,10 +20,11 @@
    of memory: dense attention at 32k) is recorded with its error instead of a time. On an
    accelerator the Pallas kernels are first checked against the XLA path (float32, T 1024:
    largest differences of y and the gradients, `pallas_parity_float32`).
-   Then, on a GPU or TPU, the Pallas kernel's tile sweep at T = --tile_length (8192): fwd+bwd
-   per configuration of `GPU_TILES` (block_q, block_k, num_warps, num_stages; the shipped
-   default first) or `TPU_TILES` (block_q, block_k), with `jax.nn.dot_product_attention` timed
-   beside; the fastest configuration and its ratio to it ("tile_sweep"). The compile-only
+   Then, on a GPU or TPU, the Pallas kernel's tile sweep at T = --tile_length (8192), for each
+   head dimension of --tile_head_dims (64, 128): fwd+bwd per configuration of `GPU_TILES`
+   (block_q, block_k, num_warps, num_stages) or `TPU_TILES` (block_q, block_k), the kernel's
+   default for that D first, with `jax.nn.dot_product_attention` timed beside; the fastest
+   configuration and its ratio to it ("tile_sweep", one entry per D). The compile-only
    resources of the GPU ones (registers, spills, shared memory) come from
    `benchmarks.aot_compile --gpu_launch`.
 2. Inference: one generated token (a chunk of one query) through
@@ -53,11 +54,12 @@ from models import layers
 
 B, H, D = 1, 8, 64
 MEM_FREQ = 63            # block of 64 tokens including its landmark
-# The tile sweep's configurations, the kernels' defaults at D 64 first (models.landmark.
-# PALLAS_BLOCKS; models.landmark_pallas: 4 warps, 2 stages). GPU: block_q, block_k, num_warps,
-# num_stages, among those that compile for an H100 at T 8192, D 64 spilling at most 16 bytes
-# (results/benchmarks/aot_compile-h100-tiles.json); TPU: block_q, block_k (each compiles for
-# a v4 and a v5e: benchmarks.aot_compile --blocks).
+# The tile sweep's configurations (the kernel's default for the head dimension goes first,
+# `sweep_tiles`). GPU: block_q, block_k, num_warps, num_stages, those that compile for an H100
+# at T 8192, D 64 spilling at most 16 bytes (results/benchmarks/aot_compile-h100-tiles.json;
+# at D 128 every 4-warp launch spills 120-392 bytes in dk/dv and the 8-warp ones at most 20,
+# which the sweep at D 128 puts to the test); TPU: block_q, block_k (each compiles for a v4 and
+# a v5e: benchmarks.aot_compile --blocks).
 GPU_TILES = ((64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 3),
              (128, 64, 8, 2))
 TPU_TILES = ((128, 128), (256, 128), (128, 256), (256, 256))
@@ -166,11 +168,23 @@ def pallas_parity(T: int, *, pallas_blocks, interpret: bool = False) -> dict:
                                      for n, a, b in zip(names, got, want)}}
 
 
-def _training_inputs(T: int, dtype):
-    """q, k, v [B, T, H, D] in `dtype` and a float32 cotangent, drawn from T."""
+def _training_inputs(T: int, dtype, head_dim: int = D):
+    """q, k, v [B, T, H, head_dim] in `dtype` and a float32 cotangent, drawn from T."""
     keys = jax.random.split(jax.random.key(T), 4)
-    q, k, v, ct = (jax.random.normal(kk, (B, T, H, D), jnp.float32).astype(dtype) for kk in keys)
+    shape = (B, T, H, head_dim)
+    q, k, v, ct = (jax.random.normal(kk, shape, jnp.float32).astype(dtype) for kk in keys)
     return q, k, v, ct.astype(jnp.float32)
+
+
+def sweep_tiles(kernel: str, head_dim: int) -> list[tuple]:
+    """The sweep's configurations for `kernel` at `head_dim`, the kernel's default first."""
+    if kernel == "pallas_tpu":
+        default, tiles = lmk.PALLAS_BLOCKS[kernel], TPU_TILES
+    else:
+        from models.landmark_pallas import default_num_warps
+        default = (*lmk.PALLAS_BLOCKS[kernel], default_num_warps(head_dim), 2)
+        tiles = GPU_TILES
+    return [tuple(default)] + [t for t in tiles if tuple(t) != tuple(default)]
 
 
 def train_step_times(T: int, dtype, *, runs: int, warmup: int, pallas_blocks,
@@ -221,14 +235,15 @@ def train_step_times(T: int, dtype, *, runs: int, warmup: int, pallas_blocks,
     return out
 
 
-def tile_sweep(T: int, dtype, *, kernel: str, tiles, runs: int, warmup: int,
+def tile_sweep(T: int, dtype, *, kernel: str, tiles, runs: int, warmup: int, head_dim: int = D,
                interpret: bool = False) -> dict:
-    """fwd+bwd of the Pallas kernel `kernel` ("pallas_gpu" / "pallas_tpu") at length T for each
-    tile configuration (GPU: block_q, block_k, num_warps, num_stages; TPU: block_q, block_k),
-    called directly (the training layout), with `jax.nn.dot_product_attention` at the same T
-    timed beside: every configuration's times (or its error), the fastest, and the ratios of
-    the fastest and of the first (the default) to dot_product_attention."""
-    q, k, v, ct = _training_inputs(T, dtype)
+    """fwd+bwd of the Pallas kernel `kernel` ("pallas_gpu" / "pallas_tpu") at length T and
+    head dimension head_dim for each tile configuration (GPU: block_q, block_k, num_warps,
+    num_stages; TPU: block_q, block_k), called directly (the training layout), with
+    `jax.nn.dot_product_attention` at the same shape timed beside: every configuration's times
+    (or its error), the fastest, and the ratios of the fastest and of the first (the default)
+    to dot_product_attention."""
+    q, k, v, ct = _training_inputs(T, dtype, head_dim)
     if kernel == "pallas_tpu":
         from models.landmark_pallas_tpu import landmark_attention_pallas_tpu as fn
         names = ("block_q", "block_k")
@@ -242,7 +257,7 @@ def tile_sweep(T: int, dtype, *, kernel: str, tiles, runs: int, warmup: int,
             q, k, v, mem_freq=MEM_FREQ, interpret=interpret, **args).astype(jnp.float32) * ct),
             argnums=(0, 1, 2)))
         rows.append({**args, **_timed(lambda: step(q, k, v), runs=runs, warmup=warmup)})
-    out = {"T": T, "kernel": kernel, "configs": rows}
+    out = {"T": T, "D": head_dim, "kernel": kernel, "configs": rows}
     try:
         dpa, impl = _cudnn_dpa(q, k, v, ct)
         out["dot_product_attention"] = {**_timed(lambda: dpa(q, k, v), runs=runs,
@@ -301,6 +316,8 @@ def main(argv=None):
                          "flash_landmark_attention.py (needs torch + triton + CUDA)")
     ap.add_argument("--tile_length", type=int, default=8192,
                     help="GPU/TPU: the length of the Pallas kernel's tile sweep (0: none)")
+    ap.add_argument("--tile_head_dims", default="64,128",
+                    help="GPU/TPU: the head dimensions of the tile sweep")
     ap.add_argument("--out_dir", default=None)
     a = ap.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
@@ -322,7 +339,7 @@ def main(argv=None):
         if parity is not None:
             payload["pallas_parity_float32"] = parity
         if sweep:
-            payload["tile_sweep"] = sweep[0]
+            payload["tile_sweep"] = sweep
         return harness.write_result("landmark_attention", payload, out_dir=a.out_dir,
                                     echo=complete)
 
@@ -334,10 +351,11 @@ def main(argv=None):
         save(False)
     if accel and a.tile_length:
         kernel = lmk.resolve_impl("pallas")
-        sweep.append(tile_sweep(a.tile_length, dtype, kernel=kernel, runs=a.runs,
-                                warmup=a.warmup,
-                                tiles=TPU_TILES if kernel == "pallas_tpu" else GPU_TILES))
-        save(False)
+        for head_dim in ints(a.tile_head_dims):
+            sweep.append(tile_sweep(a.tile_length, dtype, kernel=kernel, head_dim=head_dim,
+                                    tiles=sweep_tiles(kernel, head_dim), runs=a.runs,
+                                    warmup=a.warmup))
+            save(False)
     for c in ints(a.contexts):
         infer.append(inference_token_times(c, top_k=a.top_k, runs=a.runs, warmup=a.warmup))
         save(False)

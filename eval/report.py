@@ -357,19 +357,20 @@ def ssm_summary(d: dict) -> str:
 
 
 def _tile_sweep(sw: dict) -> str:
-    """The Pallas kernel's tile sweep: its fastest configuration, and it and the default (the
-    first) against jax.nn.dot_product_attention."""
+    """One head dimension of the Pallas kernel's tile sweep: its fastest configuration, and it
+    and the default (the first) against jax.nn.dot_product_attention."""
     def ratio(key):
         return "—" if sw.get(key) is None else f"{sw[key]:.2f}"
 
+    where = f"tile sweep at T {sw['T']}, D {sw['D']}"
     if "best" not in sw:
-        return f"tile sweep at T {sw['T']}: no configuration ran"
+        return f"{where}: no configuration ran"
     best = sw["best"]
     tiles = f"{best['block_q']}×{best['block_k']} tiles"
     if "num_warps" in best:
         tiles += f", {best['num_warps']} warps, {best['num_stages']} stages"
-    return (f"tile sweep at T {sw['T']} ({len(sw['configs'])} configurations): fastest {tiles}, "
-            f"÷ jax.nn.dot_product_attention {ratio('best_over_dot_product_attention')} "
+    return (f"{where} ({len(sw['configs'])} configurations): fastest {tiles}, ÷ "
+            f"jax.nn.dot_product_attention {ratio('best_over_dot_product_attention')} "
             f"(default {ratio('default_over_dot_product_attention')})")
 
 
@@ -388,8 +389,7 @@ def landmark_attention_summary(d: dict) -> str:
     if tr:
         parts.append(f"training fwd+bwd ÷ dense causal {cells(tr, 'ratio', 2)} at "
                      f"T {' / '.join(str(r['T']) for r in tr)}{pallas}")
-    if sweep := d.get("tile_sweep"):
-        parts.append(_tile_sweep(sweep))
+    parts += [_tile_sweep(sw) for sw in d.get("tile_sweep", [])]
     if inf:
         parts.append(f"per-token memory inference ÷ full KV {cells(inf, 'ratio', 3)} at "
                      f"{' / '.join(kilo(r['context']) for r in inf)} context")

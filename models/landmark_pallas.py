@@ -440,6 +440,13 @@ def _check_args(q, k, v, mem_freq, segment_ids):
     return segment_ids.astype(jnp.int32)
 
 
+def default_num_warps(head_dim: int) -> int:
+    """Triton warps per program when the caller names none: 4 up to D 64, 8 above (the official
+    kernel's rule). With 4, the dk/dv kernel spills at D 128 on an H100 (120-380 bytes at blocks
+    of 64); with 8 none of the three does (results/benchmarks/aot_compile-h100-tiles.json)."""
+    return 4 if head_dim <= 64 else 8
+
+
 def landmark_attention_pallas(q, k, v, *, mem_freq: int, segment_ids=None, block_q: int = 64,
                               block_k: int = 64, num_warps: int | None = None,
                               num_stages: int = 2, interpret: bool = False):
@@ -459,9 +466,7 @@ def landmark_attention_pallas(q, k, v, *, mem_freq: int, segment_ids=None, block
     _check_block("block_k", block_k)
     B, T, H, D = q.shape
     if num_warps is None:
-        # With 4 warps, the dk/dv kernel spills at D 128 on an H100 (120-380 bytes at blocks of
-        # 64); with 8 none of the three does (results/benchmarks/aot_compile-h100-tiles.json).
-        num_warps = 4 if D <= 64 else 8
+        num_warps = default_num_warps(D)
     if (not isinstance(num_warps, int) or isinstance(num_warps, bool)
             or num_warps not in (1, 2, 4, 8, 16)):
         raise ValueError(f"num_warps={num_warps!r} must be one of 1, 2, 4, 8, 16")

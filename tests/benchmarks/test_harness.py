@@ -272,9 +272,15 @@ def test_tile_sweep_times_each_configuration_and_picks_the_fastest():
     reaches the kernel and is timed, the fastest is the best, the ratios are against the
     dot_product_attention timed beside; a configuration the kernel refuses is an error row."""
     from benchmarks import landmark_attention as bla
+    # The sweep's lists: the kernel's default for the head dimension first, no repeats.
+    assert bla.sweep_tiles("pallas_gpu", 64) == list(bla.GPU_TILES)
+    assert bla.sweep_tiles("pallas_gpu", 128)[0] == (64, 64, 8, 2)
+    assert sorted(bla.sweep_tiles("pallas_gpu", 128)) == sorted(bla.GPU_TILES)
+    assert bla.sweep_tiles("pallas_tpu", 64) == list(bla.TPU_TILES)
     tiles = ((16, 16, 4, 2), (32, 16, 8, 1), (16, 16, 3, 2))
     out = bla.tile_sweep(64, jax.numpy.float32, kernel="pallas_gpu", tiles=tiles, runs=1,
-                         warmup=0, interpret=True)
+                         warmup=0, head_dim=32, interpret=True)
+    assert out["D"] == 32
     ok, bad = out["configs"][:2], out["configs"][2]
     assert [tuple(r[k] for k in ("block_q", "block_k", "num_warps", "num_stages"))
             for r in out["configs"]] == list(tiles)

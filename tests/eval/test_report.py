@@ -110,12 +110,14 @@ def test_tile_sweep_and_kernel_resources_in_the_benchmark_rows():
     launch, its most registers and each kernel's largest spill ("none" without)."""
     row = {"block_q": 64, "block_k": 64, "num_warps": 8, "num_stages": 2, "median_s": 1.0}
     d = {"training_fwd_bwd": [], "inference_per_token": [], "complete": True,
-         "tile_sweep": {"T": 8192, "configs": [{"error": "x"}, row], "best": row,
-                        "best_over_dot_product_attention": 1.234,
-                        "default_over_dot_product_attention": None}}
+         "tile_sweep": [{"T": 8192, "D": 64, "configs": [{"error": "x"}, row], "best": row,
+                         "best_over_dot_product_attention": 1.234,
+                         "default_over_dot_product_attention": None},
+                        {"T": 8192, "D": 128, "configs": [{"error": "x"}]}]}
     assert report.landmark_attention_summary(d) == (
-        "tile sweep at T 8192 (2 configurations): fastest 64×64 tiles, 8 warps, 2 stages, ÷ "
-        "jax.nn.dot_product_attention 1.23 (default —)")
+        "tile sweep at T 8192, D 64 (2 configurations): fastest 64×64 tiles, 8 warps, 2 stages, "
+        "÷ jax.nn.dot_product_attention 1.23 (default —); tile sweep at T 8192, D 128: no "
+        "configuration ran")
 
     def case(dkdv_spill, dtype="bfloat16"):
         r = {"registers": 200, "spill_stores": 0, "shared_memory": 1}
