@@ -74,20 +74,34 @@ def _timed(fn, *, runs: int, warmup: int) -> dict:
     return {"median_s": t["median_s"], "min_s": t["min_s"]}
 
 
+def _fwd_bwd(attention, ct):
+    """The jitted q, k, v gradients of sum(attention(q, k, v) · ct): one forward + backward."""
+    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v).astype(jnp.float32) * ct),
+                            argnums=(0, 1, 2)))
+
+
 def _cudnn_dpa(q, k, v, ct):
     """(fn, implementation) for jax.nn.dot_product_attention: cuDNN's where it compiles."""
     for impl in ("cudnn", None):
         if impl == "cudnn" and jax.default_backend() != "gpu":
             continue
-        fn = jax.jit(jax.grad(lambda q, k, v, impl=impl: jnp.sum(jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, implementation=impl).astype(jnp.float32) * ct),
-            argnums=(0, 1, 2)))
+        fn = _fwd_bwd(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation=impl), ct)
         try:
             harness.block(fn(q, k, v))
         except Exception:  # noqa: BLE001 - cuDNN unavailable for this shape/dtype/device
             continue
         return fn, impl or "default"
     raise RuntimeError("jax.nn.dot_product_attention did not compile")
+
+
+def _dot_product_attention_times(q, k, v, ct, *, runs: int, warmup: int) -> dict:
+    """fwd+bwd times of `_cudnn_dpa`'s function with its implementation, or {"error": why}."""
+    try:
+        dpa, impl = _cudnn_dpa(q, k, v, ct)
+    except RuntimeError as e:
+        return {"error": str(e)}
+    return {**_timed(lambda: dpa(q, k, v), runs=runs, warmup=warmup), "implementation": impl}
 
 
 def official_triton_times(path, T: int, dtype, *, runs: int, warmup: int) -> dict:
@@ -192,34 +206,28 @@ def train_step_times(T: int, dtype, *, runs: int, warmup: int, pallas_blocks,
     q, k, v, ct = _training_inputs(T, dtype)
     is_lm = jnp.asarray((np.arange(T) % (MEM_FREQ + 1) == MEM_FREQ)[None])
 
-    def fwd_bwd(fn):
-        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * ct),
-                                argnums=(0, 1, 2)))
-
-    def run(fn):
-        return _timed(lambda: fn(q, k, v), warmup=warmup, runs=runs)
+    def run(attention):   # fwd+bwd times
+        step = _fwd_bwd(attention, ct)
+        return _timed(lambda: step(q, k, v), warmup=warmup, runs=runs)
 
     out = {"T": T}
-    out["dense_causal"] = run(fwd_bwd(lambda q, k, v: layers.dot_product_attention(q, k, v)))
+    out["dense_causal"] = run(lambda q, k, v: layers.dot_product_attention(q, k, v))
     # The XLA path's query tiles unroll in Python: at most 32 of them keeps 32k compilable.
     q_block = max(256, T // 32)
-    out["landmark_xla"] = run(fwd_bwd(lambda q, k, v: lmk.landmark_attention(
-        q, k, v, is_lm, mem_freq=MEM_FREQ, q_block=q_block)))
+    out["landmark_xla"] = run(lambda q, k, v: lmk.landmark_attention(
+        q, k, v, is_lm, mem_freq=MEM_FREQ, q_block=q_block))
     out["landmark_xla"]["q_block"] = q_block
     if jax.default_backend() in ("gpu", "tpu"):
-        out["landmark_pallas"] = run(fwd_bwd(lambda q, k, v: lmk.landmark_attention(
-            q, k, v, is_lm, mem_freq=MEM_FREQ, impl="pallas", pallas_blocks=pallas_blocks)))
+        out["landmark_pallas"] = run(lambda q, k, v: lmk.landmark_attention(
+            q, k, v, is_lm, mem_freq=MEM_FREQ, impl="pallas", pallas_blocks=pallas_blocks))
         kernel = lmk.resolve_impl("pallas")
         out["landmark_pallas"]["kernel"] = kernel
         out["landmark_pallas"]["blocks"] = list(pallas_blocks or lmk.PALLAS_BLOCKS[kernel])
     else:
         out["landmark_pallas"] = {"skipped": "no GPU/TPU: Pallas interpret mode on CPU is a "
                                              "correctness check (tests), too slow to time"}
-    try:
-        dpa, impl = _cudnn_dpa(q, k, v, ct)
-        out["dot_product_attention"] = {**run(dpa), "implementation": impl}
-    except RuntimeError as e:
-        out["dot_product_attention"] = {"error": str(e)}
+    out["dot_product_attention"] = _dot_product_attention_times(q, k, v, ct, runs=runs,
+                                                                warmup=warmup)
     out["official_triton"] = official_triton_times(official_kernel, T, dtype, runs=runs,
                                                    warmup=warmup)
     # Kept as before: "landmark_s" and "ratio" are the XLA landmark path against dense causal.
@@ -253,17 +261,12 @@ def tile_sweep(T: int, dtype, *, kernel: str, tiles, runs: int, warmup: int, hea
     rows = []
     for tile in tiles:
         args = dict(zip(names, tile))
-        step = jax.jit(jax.grad(lambda q, k, v, args=args: jnp.sum(fn(
-            q, k, v, mem_freq=MEM_FREQ, interpret=interpret, **args).astype(jnp.float32) * ct),
-            argnums=(0, 1, 2)))
+        step = _fwd_bwd(lambda q, k, v, args=args: fn(
+            q, k, v, mem_freq=MEM_FREQ, interpret=interpret, **args), ct)
         rows.append({**args, **_timed(lambda: step(q, k, v), runs=runs, warmup=warmup)})
     out = {"T": T, "D": head_dim, "kernel": kernel, "configs": rows}
-    try:
-        dpa, impl = _cudnn_dpa(q, k, v, ct)
-        out["dot_product_attention"] = {**_timed(lambda: dpa(q, k, v), runs=runs,
-                                                 warmup=warmup), "implementation": impl}
-    except RuntimeError as e:
-        out["dot_product_attention"] = {"error": str(e)}
+    out["dot_product_attention"] = _dot_product_attention_times(q, k, v, ct, runs=runs,
+                                                                warmup=warmup)
     timed = [r for r in rows if "median_s" in r]
     if timed:
         out["best"] = min(timed, key=lambda r: r["median_s"])
