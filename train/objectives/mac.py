@@ -302,7 +302,7 @@ def meta_loss(cfg: MACConfig, params, lm_params, batch, rho: float, bank_size=No
         metrics.update(m)
     windows = (tuple(hierarchical_window) if isinstance(hierarchical_window, (tuple, list))
                else (hierarchical_window,))
-    if all(windows) and windows and hierarchical_weight > 0:
+    if windows and all(windows) and hierarchical_weight > 0:
         def term(window):
             def f(params, readouts, phi, z0):
                 h_loss, m, z_h = hierarchical_loss(cfg, params, jax.lax.stop_gradient(lm_params),
