@@ -18,7 +18,10 @@ What is timed, in one run:
 Attention (`--attention`, the model's `attention_impl`): "auto" by default, cuDNN's flash
 attention on a GPU (bfloat16), the splash kernel on a TPU, the XLA path elsewhere. Where the
 model runs a fused kernel, the same step with the XLA attention is timed in the same run
-(`step_with_xla_attention`).
+(`step_with_xla_attention`), after the real loop.
+
+The file is written after the step, after the real loop and at the end ("complete": true), so a
+run stopped by a time limit keeps what it measured.
 
 MFU against two peaks: the device's specification (dense, no sparsity; `train/chips.py`, by
 `device_kind`; none for a CPU) and the matmul peak measured in the same run (below).
@@ -216,28 +219,17 @@ def run(size: str = "small", *, steps: int = 5, warmup: int = 2, devices: int = 
     config = make_config(size, dtype=dtype, num_devices=len(devs), attention=attention)
     step = time_step(config, devs, steps=steps, warmup=warmup)
     t, flops = step["time"], step["flops"]
-    # The same step with the XLA attention, where the model runs a fused kernel (cuDNN's on a
-    # GPU, splash on a TPU): the baseline of the attention's share, timed in the same run.
     used = attention_used(config, devs[0].platform)
-    xla_step = None
-    if used != "xla":
-        # A baseline that fails (out of memory: the XLA attention's [B, H, T, T] scores) is
-        # recorded with its error; the measurement of the run's own step is kept.
-        try:
-            xla_step = time_step(make_config(size, dtype=dtype, num_devices=len(devs),
-                                             attention="xla"), devs, steps=steps, warmup=warmup)
-        except Exception as e:  # noqa: BLE001 - a failed baseline is a result, not a crash
-            xla_step = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
     tokens_per_step = config.batch_size * config.seq_len
     spec = spec_peak(devs[0].device_kind, dtype)
     spec_total = spec * len(devs) if spec else None
     # the GPT-3 sizes write files of their own (trainer-125m-DEVICE.json), so one machine keeps both
     name = f"trainer-{size}" if size in ("125m", "350m") else "trainer"
 
-    def save(peak_after, loop) -> dict:
-        """Writes the file from what is measured so far: before the real loop (peak_after and
-        loop None: "complete": false, so a run stopped there by a time limit keeps its step),
-        then again once the loop and the second peak are in."""
+    def save(peak_after, loop, xla_step, complete: bool) -> dict:
+        """Writes the file from what is measured so far: after the step, after the real loop,
+        and once the baseline and the second peak are in ("complete": true), so a run stopped
+        by a time limit keeps what it measured."""
         peaks = [p for p in (peak_before, peak_after) if p is not None]
         peak = max(peaks, key=lambda p: p["flops_per_s"])
         peak = {**peak, "flops_per_s_before": peak_before["flops_per_s"],
@@ -292,17 +284,31 @@ def run(size: str = "small", *, steps: int = 5, warmup: int = 2, devices: int = 
             "last_loss": step["loss"],
             # the same step with the XLA attention (only where `attention_used` is another)
             "step_with_xla_attention": baseline,
-            "complete": loop is not None,
+            "complete": complete,
         }
-        harness.write_result(name, payload, out_dir=out_dir, echo=loop is not None)
+        harness.write_result(name, payload, out_dir=out_dir, echo=complete)
         return payload
 
-    save(None, None)
+    # The real loop (the MFU goal's measurement) before the baseline below: a time limit then
+    # costs the comparison, not the loop.
+    save(None, None, None, complete=False)
     with tempfile.TemporaryDirectory() as workdir:
         loop = real_loop(config, devs, steps=loop_steps, log_every=log_every,
                          checkpoint_every=checkpoint_every, workdir=workdir)
+    # The same step with the XLA attention, where the model runs a fused kernel (cuDNN's on a
+    # GPU, splash on a TPU): the baseline of the attention's share, timed in the same run.
+    xla_step = None
+    if used != "xla":
+        save(None, loop, None, complete=False)
+        # A baseline that fails (out of memory: the XLA attention's [B, H, T, T] scores) is
+        # recorded with its error; the measurement of the run's own step is kept.
+        try:
+            xla_step = time_step(make_config(size, dtype=dtype, num_devices=len(devs),
+                                             attention="xla"), devs, steps=steps, warmup=warmup)
+        except Exception as e:  # noqa: BLE001 - a failed baseline is a result, not a crash
+            xla_step = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
     peak_after = measure_peak(peak_n, _DTYPES[dtype], devs[0], reps=peak_reps)
-    return save(peak_after, loop)
+    return save(peak_after, loop, xla_step, complete=True)
 
 
 def main(argv=None) -> int:

@@ -310,8 +310,10 @@ def trainer_summary(d: dict) -> str:
         xla = (f"; {xla['speedup']:.2f}× the step with the XLA attention "
                f"({xla['tokens_per_s']:,.0f} tokens/s)" if xla else "")
     attention = f", {s['attention_used']} attention" if "attention_used" in s else ""
-    stopped = ("; **the run stopped before its real loop ended**"
-               if d.get("complete") is False else "")
+    stopped = ""
+    if d.get("complete") is False:
+        stopped = ("; **the run stopped before its real loop ended**" if not d.get("real_loop")
+                   else "; **the run stopped before the step with the XLA attention ended**")
     return (f"step {d['tokens_per_s']:,.0f} tokens/s, MFU {d['mfu']:.2f} of the measured "
             f"{si(d['peak_flops_per_s_total'], 'FLOP/s')}{spec}{loop}{xla}{stopped} "
             f"({d['n_params_total']:,} parameters, width {s['width']}, {s['num_layers']} layers, "

@@ -192,6 +192,30 @@ def test_trainer_benchmark_keeps_its_step_when_stopped_in_the_real_loop(tmp_path
     assert "**the run stopped before its real loop ended**" in report.trainer_summary(doc)
 
 
+def test_trainer_benchmark_keeps_its_real_loop_when_stopped_in_the_baseline(tmp_path,
+                                                                           monkeypatch):
+    """The real loop (the MFU goal's measurement) runs before the step with the XLA attention:
+    a run stopped by a time limit during that baseline keeps its step and its loop."""
+    from eval import report
+    monkeypatch.setattr(bench, "attention_used", lambda config, platform: "cudnn")
+    time_step = bench.time_step
+
+    def stopped_in_the_baseline(config, *args, **kwargs):
+        if config.model.attention_impl == "xla":
+            raise KeyboardInterrupt
+        return time_step(config, *args, **kwargs)
+    monkeypatch.setattr(bench, "time_step", stopped_in_the_baseline)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run("tiny", steps=1, warmup=0, devices=1, peak_n=256, out_dir=tmp_path,
+                  loop_steps=2, log_every=1, checkpoint_every=0)
+    doc = json.loads((tmp_path / f"trainer-{harness.device_tag()}.json").read_text())
+    assert doc["complete"] is False and doc["step_with_xla_attention"] is None
+    assert doc["tokens_per_s"] > 0 and doc["real_loop"]["tokens_per_s"] > 0
+    summary = report.trainer_summary(doc)
+    assert "; the real loop (data, metrics, checkpoints)" in summary
+    assert "**the run stopped before the step with the XLA attention ended**" in summary
+
+
 @pytest.mark.skipif(chips.has_compiler("tpu"), reason="libtpu is installed")
 def test_aot_compile_names_the_missing_compiler(tmp_path):
     """Without libtpu (a separate venv has it, see benchmarks/aot_compile.py) the deviceless
