@@ -54,6 +54,10 @@ if [[ -d .whl ]]; then
     export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1
+# JAX's persistent compilation cache: a trainer size's real loop then finds the step its
+# fixed-batch timing compiled (benchmarks/trainer.py makes them one program) instead of compiling
+# it again, and the tile sweep finds the 8k attention rows' programs.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/mnemax-jax-cache}
 mkdir -p "$RESULTS"
 failed=()
 for s in "${steps[@]}"; do

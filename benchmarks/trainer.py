@@ -8,7 +8,8 @@
 What is timed, in one run:
 - the step: one jitted, donated train step of `train.trainer` (forward, backward, AdamW update)
   on a fixed batch already on the device, median of `--steps` runs after warm-up
-  (`benchmarks.harness.time_fn`);
+  (`benchmarks.harness.time_fn`); its learning-rate schedule is the real loop's, so the two are
+  one program and, with JAX's persistent compilation cache on, the loop does not compile again;
 - the real loop: `trainer.train` itself for `--loop-steps` steps on the config's data (the tiny
   LM config's MQAR rows, generated as read: `data.source="memory"`) through the grain pipeline
   (shuffle, batching), with host-to-device copies, metrics read one step late and written every
@@ -73,9 +74,11 @@ SIZES = {
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def make_config(size: str, *, dtype: str, num_devices: int, attention: str = "auto"):
+def make_config(size: str, *, dtype: str, num_devices: int, attention: str = "auto",
+                num_steps: int = 1000):
     """The lm.py config at `size`: data-parallel over `num_devices`, no checkpoints or evals,
-    dense attention by `attention` (layers.DENSE_IMPLS)."""
+    dense attention by `attention` (layers.DENSE_IMPLS). num_steps only shapes the learning-rate
+    schedule: the steps are driven by the caller."""
     if size not in SIZES:
         raise ValueError(f"size={size!r} is not allowed; use one of {sorted(SIZES)}")
     if attention not in layers.DENSE_IMPLS:
@@ -92,7 +95,7 @@ def make_config(size: str, *, dtype: str, num_devices: int, attention: str = "au
     c.model.attention_impl = attention
     c.seq_len = s["seq_len"]
     c.batch_size = s["batch_size"] * num_devices
-    c.num_steps = 1000          # only shapes the LR schedule; steps are driven here
+    c.num_steps = num_steps
     c.checkpoint_every = 0
     c.eval_every = 0
     c.progress = False
@@ -216,7 +219,12 @@ def run(size: str = "small", *, steps: int = 5, warmup: int = 2, devices: int = 
     # shared machine contention only ever lowers a measurement.
     peak_before = measure_peak(peak_n, _DTYPES[dtype], devs[0], reps=peak_reps)
 
-    config = make_config(size, dtype=dtype, num_devices=len(devs), attention=attention)
+    # The real loop's length shapes the learning-rate schedule of the fixed-batch step too: the
+    # schedule's length is a constant in the compiled step, so both are then one program, and
+    # with JAX's persistent compilation cache on (benchmarks/accelerator.sh) the loop does not
+    # compile it again.
+    config = make_config(size, dtype=dtype, num_devices=len(devs), attention=attention,
+                         num_steps=loop_steps)
     step = time_step(config, devs, steps=steps, warmup=warmup)
     t, flops = step["time"], step["flops"]
     used = attention_used(config, devs[0].platform)
@@ -304,7 +312,8 @@ def run(size: str = "small", *, steps: int = 5, warmup: int = 2, devices: int = 
         # recorded with its error; the measurement of the run's own step is kept.
         try:
             xla_step = time_step(make_config(size, dtype=dtype, num_devices=len(devs),
-                                             attention="xla"), devs, steps=steps, warmup=warmup)
+                                             attention="xla", num_steps=loop_steps),
+                                 devs, steps=steps, warmup=warmup)
         except Exception as e:  # noqa: BLE001 - a failed baseline is a result, not a crash
             xla_step = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
     peak_after = measure_peak(peak_n, _DTYPES[dtype], devs[0], reps=peak_reps)

@@ -128,6 +128,28 @@ def test_trainer_benchmark_tiny(tmp_path):
     assert doc["step_with_xla_attention"] is None
 
 
+def test_trainer_benchmark_step_and_real_loop_are_one_program(tmp_path, monkeypatch):
+    """The fixed-batch step and the real loop's step lower to the same program, so that JAX's
+    persistent compilation cache (on in benchmarks/accelerator.sh) spares the loop a compile of
+    the 350M step on a lent GPU."""
+    make_train_step = bench.trainer.make_train_step
+    programs = []
+
+    def recording(run):
+        step = make_train_step(run)
+
+        def first_call_lowers(state, batch):
+            if not getattr(first_call_lowers, "lowered", False):
+                first_call_lowers.lowered = True
+                programs.append(step.lower(state, batch).as_text())
+            return step(state, batch)
+        return first_call_lowers
+    monkeypatch.setattr(bench.trainer, "make_train_step", recording)
+    bench.run("tiny", steps=1, warmup=0, devices=1, peak_n=256, out_dir=tmp_path,
+              loop_steps=2, log_every=1, checkpoint_every=0)
+    assert len(programs) == 2 and programs[0] == programs[1]
+
+
 def test_attention_used_by_platform():
     cfg = lambda **kw: bench.make_config("350m", num_devices=1, **kw)  # noqa: E731
     assert bench.attention_used(cfg(dtype="bfloat16"), "gpu") == "cudnn"
