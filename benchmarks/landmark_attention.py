@@ -195,8 +195,8 @@ def sweep_tiles(kernel: str, head_dim: int) -> list[tuple]:
     if kernel == "pallas_tpu":
         default, tiles = lmk.PALLAS_BLOCKS[kernel], TPU_TILES
     else:
-        from models.landmark_pallas import default_num_warps
-        default = (*lmk.PALLAS_BLOCKS[kernel], default_num_warps(head_dim), 2)
+        from models.landmark_pallas import DEFAULT_NUM_STAGES, default_num_warps
+        default = (*lmk.PALLAS_BLOCKS[kernel], default_num_warps(head_dim), DEFAULT_NUM_STAGES)
         tiles = GPU_TILES
     return [tuple(default)] + [t for t in tiles if tuple(t) != tuple(default)]
 

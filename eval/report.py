@@ -358,6 +358,14 @@ def ssm_summary(d: dict) -> str:
             f"SSM forward at 4k {d['transformer_over_ssm']['4096']:.0f}×")
 
 
+def _launch_label(launch: dict) -> str:
+    """A Pallas kernel's launch: its tiles, and on a GPU its warps and pipeline stages."""
+    label = f"{launch['block_q']}×{launch['block_k']} tiles"
+    if "num_warps" in launch:
+        label += f", {launch['num_warps']} warps, {launch['num_stages']} stages"
+    return label
+
+
 def _tile_sweep(sw: dict) -> str:
     """One head dimension of the Pallas kernel's tile sweep: its fastest configuration, and it
     and the default (the first) against jax.nn.dot_product_attention."""
@@ -367,11 +375,8 @@ def _tile_sweep(sw: dict) -> str:
     where = f"tile sweep at T {sw['T']}, D {sw['D']}"
     if "best" not in sw:
         return f"{where}: no configuration ran"
-    best = sw["best"]
-    tiles = f"{best['block_q']}×{best['block_k']} tiles"
-    if "num_warps" in best:
-        tiles += f", {best['num_warps']} warps, {best['num_stages']} stages"
-    return (f"{where} ({len(sw['configs'])} configurations): fastest {tiles}, ÷ "
+    return (f"{where} ({len(sw['configs'])} configurations): fastest "
+            f"{_launch_label(sw['best'])}, ÷ "
             f"jax.nn.dot_product_attention {ratio('best_over_dot_product_attention')} "
             f"(default {ratio('default_over_dot_product_attention')})")
 
@@ -416,10 +421,7 @@ def _gpu_resources(t: dict) -> str:
     """A GPU target's launch (when not the kernels' default) and, per dtype over its cases, the
     most registers a thread of a kernel uses and each kernel's largest spill."""
     launch = t.get("launch")
-    label = ""
-    if isinstance(launch, dict) and launch:
-        label = (f"{launch['block_q']}×{launch['block_k']} tiles, {launch['num_warps']} warps, "
-                 f"{launch['num_stages']} stages")
+    label = _launch_label(launch) if isinstance(launch, dict) and launch else ""
     by_dtype: dict = {}
     for c in t["cases"]:
         for k, r in c.get("resources", {}).items():

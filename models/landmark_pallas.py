@@ -440,6 +440,11 @@ def _check_args(q, k, v, mem_freq, segment_ids):
     return segment_ids.astype(jnp.int32)
 
 
+# Triton's pipeline depth when the caller names none: its own default of 3 overflows an A100's
+# shared memory at D 128 in float32.
+DEFAULT_NUM_STAGES = 2
+
+
 def default_num_warps(head_dim: int) -> int:
     """Triton warps per program when the caller names none: 4 up to D 64, 8 above (the official
     kernel's rule). With 4, the dk/dv kernel spills at D 128 on an H100 (120-380 bytes at blocks
@@ -449,7 +454,7 @@ def default_num_warps(head_dim: int) -> int:
 
 def landmark_attention_pallas(q, k, v, *, mem_freq: int, segment_ids=None, block_q: int = 64,
                               block_k: int = 64, num_warps: int | None = None,
-                              num_stages: int = 2, interpret: bool = False):
+                              num_stages: int = DEFAULT_NUM_STAGES, interpret: bool = False):
     """Landmark attention y [B, T, H, D] for the training layout (a landmark at every
     t % (mem_freq + 1) == mem_freq), by the Pallas kernels; differentiable in q, k, v.
 
@@ -458,8 +463,9 @@ def landmark_attention_pallas(q, k, v, *, mem_freq: int, segment_ids=None, block
     ≥ 16; a key tile grows to hold at least one landmark block). num_warps (a power of two, 1 to
     16; None: 4 for D ≤ 64, else 8, the official kernel's rule) and num_stages (≥ 1): Triton's
     warps per program and pipeline depth, for all three kernels (unused in interpret mode).
-    interpret: run the kernels in Pallas interpret mode (CPU). The landmark layout is assumed, not checked: use
-    `models.landmark.landmark_attention(..., impl="pallas_gpu")` when it may differ.
+    interpret: run the kernels in Pallas interpret mode (CPU). The landmark layout is assumed,
+    not checked: use `models.landmark.landmark_attention(..., impl="pallas_gpu")` when it may
+    differ.
     """
     segment_ids = _check_args(q, k, v, mem_freq, segment_ids)
     _check_block("block_q", block_q)
